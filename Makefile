@@ -1,0 +1,47 @@
+# Two commands on a fresh Debian machine, as root, from the checkout:
+#   make run    install what is missing, then run the daemon with etc/nflogd.yaml
+#   make test   install what is missing, then the checks and the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+CONFIG ?= etc/nflogd.yaml
+# Debian packages: the NFLOG and netlink libraries with headers, a compiler and Python
+# headers for the CFFI module, nft and ip for the tests, tcpdump for the bench.
+DEBS := libnetfilter-log-dev libmnl-dev gcc libc6-dev pkg-config python3-dev python3-venv \
+        nftables iproute2 tcpdump
+DEV_PKGS := pytest pytest-timeout hypothesis ruff
+SOURCES := pyproject.toml setup.py client/pyproject.toml nflogd/_nflog.h nflogd/_nflog.c nflogd/ffi_build.py
+
+.PHONY: all deps debs run test check bench clean
+all: test
+
+debs:
+	@missing=$$(for p in $(DEBS); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:" $$missing; \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+$(VENV)/.installed: $(SOURCES) | debs
+	[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check -e ./client -e . $(DEV_PKGS)
+	touch $@
+
+deps: debs $(VENV)/.installed
+
+run: deps
+	$(VENV)/bin/nflogd -c $(CONFIG)
+
+check: deps
+	$(VENV)/bin/ruff check nflogd client tests bench
+
+test: check
+	$(VPY) -m pytest -q -p no:cacheprovider tests
+
+bench: deps
+	$(VPY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info client/*.egg-info nflogd/_nflog_cffi*.so
