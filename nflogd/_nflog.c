@@ -1,0 +1,373 @@
+/* nflogd's NFLOG reader: one netlink socket per group, one call parses a whole receive buffer.
+ *
+ * Built by ffi_build.py (CFFI API mode, out of line) against libnetfilter_log's libmnl-based
+ * interface and libmnl. The kernel side is net/netfilter/nfnetlink_log.c: it queues packets of
+ * a group into one skb (up to the instance's nlbufsiz or qthreshold packets, or until its flush
+ * timer fires) and sends that skb as one multipart netlink message: one recv() is one batch.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <endian.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <linux/capability.h>
+#include <linux/netlink.h>
+#include <linux/netfilter/nfnetlink.h>
+#include <libmnl/libmnl.h>
+#include <libnetfilter_log/libnetfilter_log.h>
+
+#include "_nflog.h"
+
+/* The kernel's batch skb is at most 128 KiB (nfulnl_set_nlbufsiz: "has to be <= 128k due to
+ * slab restrictions"), or one packet's message where that is larger: copy range caps at
+ * NFULNL_COPY_RANGE_MAX = 0xffff - NLA_HDRLEN, plus headers and attributes. */
+#define RXBUF_SIZE (256 * 1024)
+/* The smallest packet message: nlmsghdr (16) + nfgenmsg (4) + NFULA_PACKET_HDR (8). */
+#define MIN_PACKET_MSG 28
+
+#if __BYTE_ORDER != __LITTLE_ENDIAN
+#error "the record table is the wire format's little-endian layout: add byte swapping first"
+#endif
+
+struct nflogd_reader *nflogd_reader_new(uint16_t group)
+{
+    struct nflogd_reader *r = calloc(1, sizeof(*r));
+    if (!r)
+        return NULL;
+    r->fd = -1;
+    r->group = group;
+    r->rxbuf_size = RXBUF_SIZE;
+    r->max_records = RXBUF_SIZE / MIN_PACKET_MSG + 1;
+    r->data_cap = RXBUF_SIZE;
+    r->rxbuf = malloc(r->rxbuf_size);
+    r->records = calloc(r->max_records, sizeof(struct nflogd_record));
+    r->data = malloc(r->data_cap);
+    if (!r->rxbuf || !r->records || !r->data)
+        goto fail;
+
+    struct mnl_socket *nl = mnl_socket_open(NETLINK_NETFILTER);
+    if (!nl)
+        goto fail;
+    if (mnl_socket_bind(nl, 0, MNL_SOCKET_AUTOPID) < 0) {
+        int err = errno;
+        mnl_socket_close(nl);
+        errno = err;
+        goto fail;
+    }
+    r->nl = nl;
+    r->fd = mnl_socket_get_fd(nl);
+    r->portid = mnl_socket_get_portid(nl);
+    r->nl_seq = (uint32_t)time(NULL);
+    return r;
+
+fail:;
+    int err = errno ? errno : ENOMEM;
+    free(r->rxbuf);
+    free(r->records);
+    free(r->data);
+    free(r);
+    errno = err;
+    return NULL;
+}
+
+void nflogd_reader_free(struct nflogd_reader *r)
+{
+    if (!r)
+        return;
+    if (r->nl)
+        mnl_socket_close(r->nl);
+    free(r->rxbuf);
+    free(r->records);
+    free(r->data);
+    free(r);
+}
+
+int nflogd_set_rcvbuf(struct nflogd_reader *r, int bytes)
+{
+    /* SO_RCVBUFFORCE passes net.core.rmem_max (needs CAP_NET_ADMIN, which binding needs too). */
+    if (setsockopt(r->fd, SOL_SOCKET, SO_RCVBUFFORCE, &bytes, sizeof(bytes)) == 0)
+        return 0;
+    if (setsockopt(r->fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof(bytes)) == 0)
+        return 0;
+    return -errno;
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* The real length from the captured IP header: NFLOG has no original-length attribute. */
+static uint32_t real_length(const uint8_t *p, uint32_t caplen, uint16_t proto, uint16_t *present)
+{
+    if (proto == 0x0800 && caplen >= 4 && (p[0] >> 4) == 4) {
+        uint32_t tot = ((uint32_t)p[2] << 8) | p[3];   /* iphdr.tot_len */
+        if (tot >= caplen) {                            /* 0 for some GSO packets: keep caplen */
+            *present |= NFLOGD_F_LEN_FROM_HEADER;
+            return tot;
+        }
+    } else if (proto == 0x86dd && caplen >= 6 && (p[0] >> 4) == 6) {
+        uint32_t plen = ((uint32_t)p[4] << 8) | p[5];  /* ipv6hdr.payload_len; 0: jumbogram */
+        if (plen && plen + 40 >= caplen) {
+            *present |= NFLOGD_F_LEN_FROM_HEADER;
+            return plen + 40;
+        }
+    }
+    return caplen;
+}
+
+static inline uint32_t attr_be32(const struct nlattr *a)
+{
+    return ntohl(mnl_attr_get_u32(a));
+}
+
+/* One NFULNL_MSG_PACKET message into the next record. See __build_packet_message(). */
+static void parse_packet(struct nflogd_reader *r, const struct nlmsghdr *nlh, uint64_t rx_ns)
+{
+    struct nlattr *attr[NFULA_MAX + 1] = { 0 };
+    if (r->count >= r->max_records)
+        return;  /* cannot happen: max_records covers a full buffer of minimal messages */
+    if (nflog_nlmsg_parse(nlh, attr) < 0)
+        return;
+
+    const struct nfgenmsg *nfg = mnl_nlmsg_get_payload(nlh);
+    struct nflogd_record *rec = &r->records[r->count];
+    memset(rec, 0, sizeof(*rec));
+    uint16_t present = 0;
+
+    if (attr[NFULA_PACKET_HDR]) {
+        const struct nfulnl_msg_packet_hdr *ph = mnl_attr_get_payload(attr[NFULA_PACKET_HDR]);
+        rec->hw_protocol = ntohs(ph->hw_protocol);
+        rec->hook = ph->hook;
+    }
+    if (!rec->hw_protocol) {  /* nfgen_family is the packet's family (NFPROTO_*) */
+        if (nfg->nfgen_family == AF_INET)
+            rec->hw_protocol = 0x0800;
+        else if (nfg->nfgen_family == AF_INET6)
+            rec->hw_protocol = 0x86dd;
+    }
+    if (attr[NFULA_TIMESTAMP]) {
+        const struct nfulnl_msg_packet_timestamp *ts = mnl_attr_get_payload(attr[NFULA_TIMESTAMP]);
+        rec->ts_ns = be64toh(ts->sec) * 1000000000ull + be64toh(ts->usec) * 1000ull;
+        present |= NFLOGD_F_TS_KERNEL;
+    } else {
+        rec->ts_ns = rx_ns;  /* none at OUTPUT and POSTROUTING: skb->tstamp is not set yet */
+    }
+#define OPT32(ATTR, FIELD, BIT)                     \
+    if (attr[ATTR]) {                               \
+        rec->FIELD = attr_be32(attr[ATTR]);         \
+        present |= BIT;                             \
+    }
+    OPT32(NFULA_MARK, mark, NFLOGD_F_MARK)
+    OPT32(NFULA_IFINDEX_INDEV, indev, NFLOGD_F_INDEV)
+    OPT32(NFULA_IFINDEX_OUTDEV, outdev, NFLOGD_F_OUTDEV)
+    OPT32(NFULA_IFINDEX_PHYSINDEV, physindev, NFLOGD_F_PHYSINDEV)
+    OPT32(NFULA_IFINDEX_PHYSOUTDEV, physoutdev, NFLOGD_F_PHYSOUTDEV)
+    OPT32(NFULA_UID, uid, NFLOGD_F_UID)
+    OPT32(NFULA_GID, gid, NFLOGD_F_GID)
+    OPT32(NFULA_SEQ, kernel_seq, NFLOGD_F_KSEQ)
+#undef OPT32
+    if (attr[NFULA_HWADDR]) {
+        const struct nfulnl_msg_packet_hw *hw = mnl_attr_get_payload(attr[NFULA_HWADDR]);
+        uint16_t n = ntohs(hw->hw_addrlen);
+        if (n > sizeof(rec->hwaddr))
+            n = sizeof(rec->hwaddr);
+        memcpy(rec->hwaddr, hw->hw_addr, n);
+        rec->hwaddr_len = (uint8_t)n;
+        present |= NFLOGD_F_HWADDR;
+    }
+
+    rec->data_off = r->data_len;
+    if (attr[NFULA_PAYLOAD]) {
+        uint32_t n = mnl_attr_get_payload_len(attr[NFULA_PAYLOAD]);
+        const uint8_t *p = mnl_attr_get_payload(attr[NFULA_PAYLOAD]);
+        memcpy(r->data + r->data_len, p, n);
+        r->data_len += n;
+        rec->caplen = n;
+        rec->len = real_length(p, n, rec->hw_protocol, &present);
+        present |= NFLOGD_F_PAYLOAD;
+    }
+    if (attr[NFULA_PREFIX]) {  /* NUL-terminated (nla_put with strlen + 1) */
+        const char *s = mnl_attr_get_str(attr[NFULA_PREFIX]);
+        uint32_t n = strnlen(s, mnl_attr_get_payload_len(attr[NFULA_PREFIX]));
+        memcpy(r->data + r->data_len, s, n);
+        rec->prefix_off = r->data_len;
+        rec->prefix_len = (uint16_t)n;
+        r->data_len += n;
+        present |= NFLOGD_F_PREFIX;
+    }
+    rec->present = present;
+
+    /* Loss from NFULA_SEQ: the instance numbers every packet it queues, from 0 at bind, so a
+     * batch the socket could not take shows as a gap. Unsigned subtraction handles the wrap. */
+    if (present & NFLOGD_F_KSEQ) {
+        r->lost += (uint32_t)(rec->kernel_seq - r->next_seq);
+        r->next_seq = rec->kernel_seq + 1;
+    }
+    r->batch_bytes += rec->len;
+    if (rec->caplen < rec->len)
+        r->batch_truncated++;
+    r->count++;
+}
+
+/* Walk every netlink message in buf. Returns 1 when the ack for seq was seen (its errno, if
+ * any, in *ack_err), else 0. Packet messages are appended to the batch. */
+static int parse_buffer(struct nflogd_reader *r, const char *buf, int len, uint32_t seq, int *ack_err)
+{
+    const struct nlmsghdr *nlh = (const struct nlmsghdr *)buf;
+    uint64_t rx_ns = now_ns();
+    int acked = 0;
+    while (mnl_nlmsg_ok(nlh, len)) {
+        if (nlh->nlmsg_type == ((NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET)) {
+            parse_packet(r, nlh, rx_ns);
+        } else if (nlh->nlmsg_type == NLMSG_ERROR) {
+            const struct nlmsgerr *e = mnl_nlmsg_get_payload(nlh);
+            if (seq && nlh->nlmsg_seq == seq) {
+                acked = 1;
+                *ack_err = -e->error;
+            } else if (e->error) {
+                r->last_error = -e->error;  /* a reconfigure sent without ack that failed */
+            }
+        }
+        /* NLMSG_DONE closes a multipart batch; NLMSG_NOOP: nothing to do. */
+        nlh = mnl_nlmsg_next(nlh, &len);
+    }
+    return acked;
+}
+
+static void reset_batch(struct nflogd_reader *r)
+{
+    r->count = 0;
+    r->data_len = 0;
+    r->batch_bytes = 0;
+    r->batch_truncated = 0;
+}
+
+int nflogd_configure(struct nflogd_reader *r, int bind, uint32_t copy_range, uint32_t qthresh,
+                     uint32_t timeout_cs, uint32_t nlbufsiz)
+{
+    char buf[MNL_SOCKET_BUFFER_SIZE];
+    struct nlmsghdr *nlh = nflog_nlmsg_put_header(buf, NFULNL_MSG_CONFIG, AF_UNSPEC, r->group);
+    uint32_t seq = ++r->nl_seq;
+    nlh->nlmsg_seq = seq;
+    nlh->nlmsg_flags |= NLM_F_ACK;
+
+    /* nfulnl_recv_config() runs the command first, then applies every other attribute to the
+     * (new) instance, so a bind and its settings travel in one message. No PF_BIND: the
+     * kernel has not needed it since 2.6.29 and it changes the namespace's nf_log for all. */
+    if (bind)
+        nflog_attr_put_cfg_cmd(nlh, NFULNL_CFG_CMD_BIND);
+    if (copy_range)
+        nflog_attr_put_cfg_mode(nlh, NFULNL_COPY_PACKET, copy_range);
+    else
+        nflog_attr_put_cfg_mode(nlh, NFULNL_COPY_META, 0);
+    mnl_attr_put_u32(nlh, NFULA_CFG_QTHRESH, htonl(qthresh));
+    mnl_attr_put_u32(nlh, NFULA_CFG_TIMEOUT, htonl(timeout_cs));   /* 1/100 s */
+    if (nlbufsiz)
+        mnl_attr_put_u32(nlh, NFULA_CFG_NLBUFSIZ, htonl(nlbufsiz));
+    mnl_attr_put_u16(nlh, NFULA_CFG_FLAGS, htons(NFULNL_CFG_F_SEQ));
+
+    if (mnl_socket_sendto(r->nl, nlh, nlh->nlmsg_len) < 0)
+        return -errno;
+
+    /* Wait for the ack. A packet batch may come first once the group is bound: keep its
+     * records for the next nflogd_read() instead of dropping them. */
+    if (!r->pending)
+        reset_batch(r);
+    for (;;) {
+        struct pollfd pfd = { .fd = r->fd, .events = POLLIN };
+        int rc = poll(&pfd, 1, 5000);
+        if (rc == 0)
+            return -ETIMEDOUT;
+        if (rc < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        ssize_t n = recv(r->fd, r->rxbuf, r->rxbuf_size, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR || errno == EAGAIN)
+                continue;
+            if (errno == ENOBUFS) {
+                r->overflows++;
+                continue;
+            }
+            return -errno;
+        }
+        int err = 0;
+        int acked = parse_buffer(r, r->rxbuf, (int)n, seq, &err);
+        if (r->count)
+            r->pending = 1;
+        if (acked)
+            return -err;
+    }
+}
+
+int nflogd_unbind(struct nflogd_reader *r)
+{
+    char buf[MNL_SOCKET_BUFFER_SIZE];
+    struct nlmsghdr *nlh = nflog_nlmsg_put_header(buf, NFULNL_MSG_CONFIG, AF_UNSPEC, r->group);
+    nlh->nlmsg_seq = ++r->nl_seq;
+    nflog_attr_put_cfg_cmd(nlh, NFULNL_CFG_CMD_UNBIND);
+    if (mnl_socket_sendto(r->nl, nlh, nlh->nlmsg_len) < 0)
+        return -errno;
+    return 0;
+}
+
+int nflogd_read(struct nflogd_reader *r, int timeout_ms)
+{
+    if (r->pending) {  /* records that arrived while configure() waited for its ack */
+        r->pending = 0;
+        return (int)r->count;
+    }
+    reset_batch(r);
+    if (timeout_ms != 0) {
+        struct pollfd pfd = { .fd = r->fd, .events = POLLIN };
+        int rc = poll(&pfd, 1, timeout_ms);
+        if (rc == 0)
+            return 0;
+        if (rc < 0)
+            return errno == EINTR ? 0 : -errno;
+    }
+    ssize_t n = recv(r->fd, r->rxbuf, r->rxbuf_size, MSG_DONTWAIT | MSG_TRUNC);
+    if (n < 0) {
+        if (errno == EAGAIN || errno == EINTR)
+            return 0;
+        if (errno == ENOBUFS)
+            r->overflows++;
+        return -errno;
+    }
+    if ((size_t)n > r->rxbuf_size) {  /* cannot happen with the kernel's 128 KiB cap */
+        r->truncated_msgs++;
+        n = r->rxbuf_size;
+    }
+    int err = 0;
+    parse_buffer(r, r->rxbuf, (int)n, 0, &err);
+    return (int)r->count;
+}
+
+int nflogd_set_keepcaps(int on)
+{
+    return prctl(PR_SET_KEEPCAPS, on ? 1 : 0, 0, 0, 0) == 0 ? 0 : -errno;
+}
+
+int nflogd_keep_net_admin(void)
+{
+    struct __user_cap_header_struct hdr = { .version = _LINUX_CAPABILITY_VERSION_3, .pid = 0 };
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof(data));
+    data[CAP_TO_INDEX(CAP_NET_ADMIN)].effective = CAP_TO_MASK(CAP_NET_ADMIN);
+    data[CAP_TO_INDEX(CAP_NET_ADMIN)].permitted = CAP_TO_MASK(CAP_NET_ADMIN);
+    if (syscall(SYS_capset, &hdr, data) != 0)
+        return -errno;
+    prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0);
+    return 0;
+}
