@@ -43,8 +43,9 @@ struct nflogd_reader *nflogd_reader_new(uint16_t group)
     r->fd = -1;
     r->group = group;
     r->rxbuf_size = RXBUF_SIZE;
-    r->max_records = RXBUF_SIZE / MIN_PACKET_MSG + 1;
-    r->data_cap = RXBUF_SIZE;
+    /* Room for two receive buffers: a bind's ack may follow a first batch (see configure). */
+    r->max_records = 2 * (RXBUF_SIZE / MIN_PACKET_MSG + 1);
+    r->data_cap = 2 * RXBUF_SIZE;
     r->rxbuf = malloc(r->rxbuf_size);
     r->records = calloc(r->max_records, sizeof(struct nflogd_record));
     r->data = malloc(r->data_cap);
@@ -133,10 +134,17 @@ static inline uint32_t attr_be32(const struct nlattr *a)
 static void parse_packet(struct nflogd_reader *r, const struct nlmsghdr *nlh, uint64_t rx_ns)
 {
     struct nlattr *attr[NFULA_MAX + 1] = { 0 };
-    if (r->count >= r->max_records)
-        return;  /* cannot happen: max_records covers a full buffer of minimal messages */
     if (nflog_nlmsg_parse(nlh, attr) < 0)
         return;
+    uint32_t need = (attr[NFULA_PAYLOAD] ? mnl_attr_get_payload_len(attr[NFULA_PAYLOAD]) : 0)
+                  + (attr[NFULA_PREFIX] ? mnl_attr_get_payload_len(attr[NFULA_PREFIX]) : 0);
+    if (r->count >= r->max_records || r->data_len + need > r->data_cap) {
+        /* Only while a bind waits for its ack behind more than one batch: count, don't keep. */
+        r->lost++;
+        if (attr[NFULA_SEQ])
+            r->next_seq = attr_be32(attr[NFULA_SEQ]) + 1;
+        return;
+    }
 
     const struct nfgenmsg *nfg = mnl_nlmsg_get_payload(nlh);
     struct nflogd_record *rec = &r->records[r->count];
@@ -258,7 +266,8 @@ int nflogd_configure(struct nflogd_reader *r, int bind, uint32_t copy_range, uin
     struct nlmsghdr *nlh = nflog_nlmsg_put_header(buf, NFULNL_MSG_CONFIG, AF_UNSPEC, r->group);
     uint32_t seq = ++r->nl_seq;
     nlh->nlmsg_seq = seq;
-    nlh->nlmsg_flags |= NLM_F_ACK;
+    if (bind)
+        nlh->nlmsg_flags |= NLM_F_ACK;
 
     /* nfulnl_recv_config() runs the command first, then applies every other attribute to the
      * (new) instance, so a bind and its settings travel in one message. No PF_BIND: the
@@ -277,6 +286,10 @@ int nflogd_configure(struct nflogd_reader *r, int bind, uint32_t copy_range, uin
 
     if (mnl_socket_sendto(r->nl, nlh, nlh->nlmsg_len) < 0)
         return -errno;
+    /* A bound group's socket may hold megabytes of batches ahead of an ack: a reconfigure
+     * is not acked, and an error the kernel sends for it lands in last_error. */
+    if (!bind)
+        return 0;
 
     /* Wait for the ack. A packet batch may come first once the group is bound: keep its
      * records for the next nflogd_read() instead of dropping them. */

@@ -81,8 +81,9 @@ void nflogd_reader_free(struct nflogd_reader *r);
 int nflogd_set_rcvbuf(struct nflogd_reader *r, int bytes);
 
 /* Bind the group and configure it in one NFULNL_MSG_CONFIG message, waiting for the ack;
- * bind=0 only reconfigures an already bound group. copy_range 0 copies metadata only.
- * timeout_cs is in 1/100 s. Returns 0 or -errno (EPERM: group busy or no CAP_NET_ADMIN). */
+ * bind=0 only reconfigures an already bound group, without waiting (a kernel error for it
+ * shows in last_error). copy_range 0 copies metadata only. timeout_cs is in 1/100 s.
+ * Returns 0 or -errno (EPERM: group busy or no CAP_NET_ADMIN). */
 int nflogd_configure(struct nflogd_reader *r, int bind, uint32_t copy_range, uint32_t qthresh,
                      uint32_t timeout_cs, uint32_t nlbufsiz);
 

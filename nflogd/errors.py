@@ -71,6 +71,4 @@ class NoPermission(NFLogError):
 
     def __init__(self, group: int):
         self.group = group
-        super().__init__(
-            _errno.EPERM, f"group {group}: binding NFLOG groups needs CAP_NET_ADMIN"
-        )
+        super().__init__(_errno.EPERM, f"group {group}: binding NFLOG groups needs CAP_NET_ADMIN")

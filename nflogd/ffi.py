@@ -84,7 +84,9 @@ class NflogSocket:
         r = lib.nflogd_reader_new(group)
         if r == ffi.NULL:
             err = ffi.errno
-            raise NFLogError(err, f"group {group}: cannot open a netfilter netlink socket: {os.strerror(err)}")
+            raise NFLogError(
+                err, f"group {group}: cannot open a netfilter netlink socket: {os.strerror(err)}"
+            )
         self._r = ffi.gc(r, lib.nflogd_reader_free)
         self.bound = False
 
