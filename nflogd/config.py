@@ -1,0 +1,474 @@
+"""The daemon's configuration: YAML in, frozen dataclasses out, every mistake a ``ConfigError``.
+
+::
+
+    from nflogd import config
+    from nflogd.errors import ConfigError
+
+    cfg = config.load("/etc/nflogd.yaml")     # or config.parse(text, source="<stdin>")
+    for g in cfg.groups:                      # GroupConfig(group=0, copy_range=65535, ...)
+        print(g.group, g.copy_range, g.flush_ms)
+    cfg.publish.bind                          # ("ipc:///run/nflogd/feed.sock",)
+    cfg.metrics                               # MetricsConfig(host="127.0.0.1", port=9477), or None
+    cfg.user                                  # "nflogd", or None: stay as the starting user
+
+    try:
+        config.parse("groups: [{group: 2, copy_range: 70000}]")
+    except ConfigError as err:
+        print(err)    # groups[0].copy_range: must be an integer 0..65535, got 70000
+
+Every error is ``nflogd.errors.ConfigError`` with a one-line message that starts with the key path
+(``groups[2].copy_range``, ``publish.bind[1]``, ``metrics.listen``) or, for problems with the file
+as a whole, with its name (``/etc/nflogd.yaml: invalid YAML at line 3 column 7: ...``).
+Units are in the names (``flush_ms``, ``rcvbuf`` in bytes); ``ffi.py`` turns them into kernel units.
+``etc/nflogd.yaml`` documents every key.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import pwd
+import re
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import yaml
+
+from nflogd.errors import ConfigError
+
+__all__ = ["Config", "GroupConfig", "PublishConfig", "MetricsConfig", "load", "parse"]
+
+_DEFAULT_BIND = ("ipc:///run/nflogd/feed.sock",)
+_DEFAULT_HWM = 100_000
+_DEFAULT_METRICS_HOST = "127.0.0.1"
+_DEFAULT_METRICS_PORT = 9477
+
+# Inclusive ranges of the integer settings of one group; the keys are also the YAML keys.
+_GROUP_RANGES: dict[str, tuple[int, int]] = {
+    "group": (0, 65535),  # u16 group number of the NFLOG target (--nflog-group)
+    "copy_range": (0, 65535),  # bytes of each packet copied; 0 = metadata only
+    "queue_threshold": (1, 65535),  # packets the kernel queues before sending a batch
+    "flush_ms": (1, 60_000),  # longest a queued packet waits; the kernel counts 1/100 s
+    "rcvbuf": (4096, 1 << 30),  # netlink socket receive buffer, bytes
+}
+_HWM_RANGE = (1, 10_000_000)
+_PORT_RANGE = (1, 65535)
+_NODE_MAX_BYTES = 255
+_IPC_PATH_MAX_BYTES = 107  # sizeof(sockaddr_un.sun_path) - 1 for the terminating NUL
+
+_TOP_KEYS = ("groups", "metrics", "node", "publish", "user")
+_PUBLISH_KEYS = ("bind", "hwm")
+_METRICS_KEYS = ("listen",)
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
+_ENDPOINT_FORMS = "tcp://HOST:PORT or ipc:///absolute/path"
+
+
+# --- the dataclasses ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """One NFLOG group to capture, and how the kernel should batch it.
+
+    ``GroupConfig(5, copy_range=256)`` validates like the YAML does: a field out of range raises
+    ``ConfigError("copy_range: must be an integer 0..65535, got 70000")``.
+    """
+
+    group: int
+    copy_range: int = 65535
+    queue_threshold: int = 64
+    flush_ms: int = 10
+    rcvbuf: int = 8 * 2**20
+
+    def __post_init__(self) -> None:
+        for name, (lo, hi) in _GROUP_RANGES.items():
+            _check_int(name, getattr(self, name), lo, hi)
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    """Where the ZeroMQ PUB socket binds, and how many messages it queues per subscriber."""
+
+    bind: tuple[str, ...] = _DEFAULT_BIND
+    hwm: int = _DEFAULT_HWM
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bind, tuple):
+            raise ConfigError(f"bind: must be a tuple of endpoint strings, got {_show(self.bind)}")
+        _check_endpoints("bind", self.bind)
+        _check_int("hwm", self.hwm, *_HWM_RANGE)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The Prometheus HTTP listener; ``host`` is an address or name, IPv6 without brackets."""
+
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str):
+            raise ConfigError(f"host: must be a string, got {_show(self.host)}")
+        if self.host.startswith("[") and self.host.endswith("]"):
+            raise ConfigError(f"host: must be an IPv6 address without brackets, got {_show(self.host)}")
+        _check_host("host", self.host, allow_wildcard=False)
+        _check_int("port", self.port, *_PORT_RANGE)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration; ``metrics`` is None when turned off, ``user`` None to keep the user."""
+
+    node: str
+    groups: tuple[GroupConfig, ...]
+    publish: PublishConfig
+    metrics: MetricsConfig | None
+    user: str | None
+
+
+# --- entry points --------------------------------------------------------------------------------
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and parse the YAML file at ``path``; errors name the file or the key path."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        why = f"[Errno {e.errno}] {e.strerror}" if e.errno is not None else str(e)
+        raise ConfigError(f"{source}: cannot read: {why}") from None
+    except UnicodeDecodeError as e:
+        bad = e.object[e.start : e.start + 1].hex()
+        raise ConfigError(f"{source}: cannot read: not UTF-8 (byte 0x{bad} at offset {e.start})") from None
+    except ValueError as e:  # e.g. a NUL in the path
+        raise ConfigError(f"{source}: cannot read: {e}") from None
+    return parse(text, source)
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    """Parse configuration YAML; ``source`` names the text in errors about the document as a whole."""
+    data = _load_yaml(text, source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of settings, got {_show(data)}")
+    _check_keys(source, data, _TOP_KEYS)
+
+    node = data["node"] if "node" in data else socket.gethostname()
+    _check_text("node", node, 1, _NODE_MAX_BYTES)
+
+    if "groups" not in data:
+        raise ConfigError("groups: is required, a non-empty list of NFLOG group numbers")
+    groups = _parse_groups("groups", data["groups"])
+
+    publish = _parse_section("publish", data, _PUBLISH_KEYS, _parse_publish)
+    metrics = _parse_section("metrics", data, _METRICS_KEYS, _parse_metrics)
+    user = _parse_user("user", data.get("user"))
+    return Config(node=node, groups=groups, publish=publish, metrics=metrics, user=user)
+
+
+# --- YAML ----------------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects a key given twice in one mapping instead of keeping the last."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # "<<: *base" may be overridden; that is what merge keys are for
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    break  # an unhashable key: the base class reports it with its position
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping",
+                        node.start_mark,
+                        f"duplicate key {_show(key)} (first at line {first.line + 1})",
+                        key_node.start_mark,
+                    )
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` plus duplicate-key rejection, with every failure as one ConfigError line."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        what = e.problem or e.context or "syntax error"
+        if e.problem and e.context and e.problem.startswith("but "):
+            what = f"{e.context}, {e.problem}"  # "expected a single document ..., but found another ..."
+        what = _one_line(what)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}: invalid YAML{where}: {what}") from None
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        what = f"unacceptable character #x{e.character:04x}: {e.reason}"
+        raise ConfigError(f"{source}: invalid YAML at line {line} column {column}: {what}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {_one_line(str(e))}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
+    except (ValueError, TypeError, OverflowError) as e:
+        # PyYAML's constructors let these through for scalars that match an implicit tag but not
+        # its range, e.g. the timestamp 2020-13-45 ("month must be in 1..12") or "!!int abc".
+        raise ConfigError(f"{source}: invalid YAML: {_one_line(str(e))}") from None
+
+
+# --- sections ------------------------------------------------------------------------------------
+
+
+def _parse_groups(path: str, value: Any) -> tuple[GroupConfig, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: must be a list of NFLOG group numbers, got {_show(value)}")
+    if not value:
+        raise ConfigError(f"{path}: must not be empty; list at least one NFLOG group")
+    groups: list[GroupConfig] = []
+    first_at: dict[int, int] = {}
+    for i, item in enumerate(value):
+        item_path = f"{path}[{i}]"
+        group = _parse_group(item_path, item)
+        if group.group in first_at:
+            raise ConfigError(
+                f"{item_path}: group {group.group} is listed twice (also {path}[{first_at[group.group]}])"
+            )
+        first_at[group.group] = i
+        groups.append(group)
+    return tuple(groups)
+
+
+def _parse_group(path: str, item: Any) -> GroupConfig:
+    if isinstance(item, dict):
+        _check_keys(path, item, tuple(_GROUP_RANGES))
+        if "group" not in item:
+            raise ConfigError(f"{path}: missing key 'group', the NFLOG group number 0..65535")
+        for name, (lo, hi) in _GROUP_RANGES.items():
+            if name in item:
+                _check_int(f"{path}.{name}", item[name], lo, hi)
+        return GroupConfig(**item)
+    if _is_int(item):
+        _check_int(path, item, *_GROUP_RANGES["group"])
+        return GroupConfig(item)
+    raise ConfigError(
+        f"{path}: must be a group number 0..65535 or a mapping with a 'group' key, got {_show(item)}"
+    )
+
+
+def _parse_section(
+    path: str, data: dict[Any, Any], keys: tuple[str, ...], build: Callable[[dict[Any, Any]], Any]
+) -> Any:
+    """An optional mapping: absent means all defaults, anything but a mapping is an error."""
+    section = data.get(path, {})
+    if not isinstance(section, dict):
+        hint = " (to turn metrics off, write 'listen: null' under it)" if path == "metrics" else ""
+        raise ConfigError(f"{path}: must be a mapping, got {_show(section)}{hint}")
+    _check_keys(path, section, keys)
+    return build(section)
+
+
+def _parse_publish(section: dict[Any, Any]) -> PublishConfig:
+    bind = section.get("bind", list(_DEFAULT_BIND))
+    if isinstance(bind, str):
+        bind = [bind]
+    elif not isinstance(bind, list):
+        raise ConfigError(f"publish.bind: must be an endpoint string or a list of them, got {_show(bind)}")
+    if not bind:
+        raise ConfigError(f"publish.bind: must not be empty; give at least one of {_ENDPOINT_FORMS}")
+    _check_endpoints("publish.bind", bind)
+    hwm = section.get("hwm", _DEFAULT_HWM)
+    _check_int("publish.hwm", hwm, *_HWM_RANGE)
+    return PublishConfig(bind=tuple(bind), hwm=hwm)
+
+
+def _parse_metrics(section: dict[Any, Any]) -> MetricsConfig | None:
+    listen = section.get("listen", f"{_DEFAULT_METRICS_HOST}:{_DEFAULT_METRICS_PORT}")
+    if listen is None:
+        return None
+    path = "metrics.listen"
+    if not isinstance(listen, str):
+        raise ConfigError(f'{path}: must be "host:port" or null to turn metrics off, got {_show(listen)}')
+    host, port = _split_host_port(path, listen, listen, allow_wildcard=False)
+    return MetricsConfig(host=host, port=port)
+
+
+def _parse_user(path: str, user: Any) -> str | None:
+    if user is None:
+        return None
+    if not isinstance(user, str):
+        raise ConfigError(f"{path}: must be a user name or null, got {_show(user)}")
+    try:
+        pwd.getpwnam(user)
+    except (KeyError, ValueError):  # ValueError: a NUL or an unencodable character in the name
+        raise ConfigError(f"{path}: no such user {_show(user)}") from None
+    return user
+
+
+# --- endpoints and hosts -------------------------------------------------------------------------
+
+
+def _check_endpoints(path: str, endpoints: list[Any] | tuple[Any, ...]) -> None:
+    first_at: dict[str, int] = {}
+    for i, endpoint in enumerate(endpoints):
+        item_path = f"{path}[{i}]"
+        _check_endpoint(item_path, endpoint)
+        if endpoint in first_at:
+            raise ConfigError(
+                f"{item_path}: {_show(endpoint)} is listed twice (also {path}[{first_at[endpoint]}])"
+            )
+        first_at[endpoint] = i
+
+
+def _check_endpoint(path: str, endpoint: Any) -> None:
+    """Accept ``tcp://HOST:PORT`` and ``ipc:///absolute/path``, the two transports a PUB feed needs."""
+    if not isinstance(endpoint, str):
+        raise ConfigError(f"{path}: must be an endpoint string like {_ENDPOINT_FORMS}, got {_show(endpoint)}")
+    transport, sep, address = endpoint.partition("://")
+    if not sep:
+        raise ConfigError(f"{path}: must be an endpoint like {_ENDPOINT_FORMS}, got {_show(endpoint)}")
+    if transport == "tcp":
+        _split_host_port(path, address, endpoint, allow_wildcard=True)
+    elif transport == "ipc":
+        if not address.startswith("/"):
+            raise ConfigError(f"{path}: ipc path must be absolute (ipc:///run/...), got {_show(endpoint)}")
+        if "\0" in address:
+            raise ConfigError(f"{path}: ipc path must not contain a NUL character, got {_show(endpoint)}")
+        size = _utf8_len(path, address)
+        if size > _IPC_PATH_MAX_BYTES:
+            raise ConfigError(
+                f"{path}: ipc path is {size} bytes, "
+                f"at most {_IPC_PATH_MAX_BYTES} fit in a Unix socket address"
+            )
+    else:
+        raise ConfigError(f"{path}: unsupported transport {_show(transport)}; expected {_ENDPOINT_FORMS}")
+
+
+def _split_host_port(path: str, address: str, whole: str, *, allow_wildcard: bool) -> tuple[str, int]:
+    """Split ``host:port`` or ``[v6addr]:port``; return the host without brackets and the port."""
+    if address.startswith("["):
+        inside, bracket, rest = address[1:].partition("]")
+        if not bracket:
+            raise ConfigError(f"{path}: missing ']' after the IPv6 address in {_show(whole)}")
+        try:
+            ipaddress.IPv6Address(inside)
+        except ValueError:
+            raise ConfigError(f"{path}: not an IPv6 address in brackets: {_show(inside)}") from None
+        if not rest.startswith(":"):
+            raise ConfigError(f"{path}: missing ':PORT' after ']' in {_show(whole)}")
+        host, port_text = inside, rest[1:]
+    else:
+        host, colon, port_text = address.rpartition(":")
+        if not colon:
+            raise ConfigError(f"{path}: missing ':PORT' in {_show(whole)}")
+        if ":" in host:
+            raise ConfigError(
+                f"{path}: an IPv6 address needs brackets, like [::1]:{port_text}; got {_show(whole)}"
+            )
+        _check_host(path, host, allow_wildcard=allow_wildcard)
+    if port_text == "*":
+        raise ConfigError(f"{path}: a wildcard port is not allowed; name a port 1..65535")
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ConfigError(f"{path}: port must be an integer 1..65535, got {_show(port_text)}")
+    port = int(port_text)
+    if not _PORT_RANGE[0] <= port <= _PORT_RANGE[1]:
+        raise ConfigError(f"{path}: port must be an integer 1..65535, got {port}")
+    return host, port
+
+
+def _check_host(path: str, host: str, *, allow_wildcard: bool) -> None:
+    """An IPv4 address, a bare IPv6 address, ``*`` if allowed, or a DNS/interface name."""
+    if not host:
+        hint = "'*' or 0.0.0.0 for all addresses" if allow_wildcard else "0.0.0.0 for all addresses"
+        raise ConfigError(f"{path}: missing host before ':PORT' (use {hint})")
+    if host == "*":
+        if allow_wildcard:
+            return
+        raise ConfigError(f"{path}: '*' is not a host here; use 0.0.0.0 or [::] for all addresses")
+    if re.fullmatch(r"[0-9.]+", host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ConfigError(f"{path}: not a valid IPv4 address: {_show(host)}") from None
+        return
+    if ":" in host:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"{path}: not a valid IPv6 address: {_show(host)}") from None
+        return
+    name = host[:-1] if host.endswith(".") else host
+    if len(name) > 253 or not all(_HOST_LABEL.match(label) for label in name.split(".")):
+        raise ConfigError(
+            f"{path}: not an IP address or host name: {_show(host)} "
+            "(names are dot-separated labels of letters, digits, '-' and '_')"
+        )
+
+
+# --- scalars -------------------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(path: str, value: Any, lo: int, hi: int) -> int:
+    """The one integer check: ``bool`` is not an integer, and the range is inclusive."""
+    if not _is_int(value) or not lo <= value <= hi:
+        raise ConfigError(f"{path}: must be an integer {lo}..{hi}, got {_show(value)}")
+    return value
+
+
+def _check_text(path: str, value: Any, lo: int, hi: int) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: must be a string of {lo}..{hi} UTF-8 bytes, got {_show(value)}")
+    size = _utf8_len(path, value)
+    if not lo <= size <= hi:
+        raise ConfigError(f"{path}: must be a string of {lo}..{hi} UTF-8 bytes, got {size} bytes")
+    return value
+
+
+def _utf8_len(path: str, text: str) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise ConfigError(
+            f"{path}: not encodable as UTF-8: character {text[e.start]!r} at offset {e.start}"
+        ) from None
+
+
+def _check_keys(path: str, mapping: dict[Any, Any], allowed: tuple[str, ...]) -> None:
+    for key in mapping:
+        if key not in allowed:
+            raise ConfigError(
+                f"{path}: unknown key {_show(key)}; expected one of {', '.join(sorted(allowed))}"
+            )
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value as the message's "got ...": YAML spelling for scalars, a kind for containers."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int) and value.bit_length() > 192:
+        return f"a {value.bit_length()}-bit integer"  # str() of a huge int is slow, or refused
+    if isinstance(value, (int, float, str)):
+        text = repr(value) if isinstance(value, (str, float)) else str(value)
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

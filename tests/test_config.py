@@ -1,0 +1,592 @@
+"""nflogd.config: the shipped file, defaults, every error message, and no exception but ConfigError."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nflogd import config
+from nflogd.config import Config, GroupConfig, MetricsConfig, PublishConfig
+from nflogd.errors import ConfigError, NflogdError
+
+ETC = Path(__file__).resolve().parent.parent / "etc" / "nflogd.yaml"
+NO_SUCH_USER = "nflogd-test-no-such-user"
+
+
+def test_public_names():
+    assert sorted(config.__all__) == sorted(
+        ["Config", "GroupConfig", "PublishConfig", "MetricsConfig", "load", "parse"]
+    )
+
+
+# --- valid configurations ------------------------------------------------------------------------
+
+
+def test_shipped_config_loads():
+    cfg = config.load(ETC)
+    assert cfg == Config(
+        node=socket.gethostname(),
+        groups=(GroupConfig(0), GroupConfig(5, copy_range=65535, queue_threshold=64, flush_ms=10)),
+        publish=PublishConfig(bind=("ipc:///run/nflogd/feed.sock",), hwm=100000),
+        metrics=MetricsConfig(host="127.0.0.1", port=9477),
+        user=None,
+    )
+
+
+def test_shipped_config_parses_from_text_with_its_name():
+    assert config.parse(ETC.read_text(), source=str(ETC)) == config.load(ETC)
+
+
+def test_minimal_config_gets_every_default():
+    cfg = config.parse("groups: [0]")
+    assert cfg.node == socket.gethostname()
+    assert cfg.groups == (GroupConfig(0),)
+    g = cfg.groups[0]
+    assert (g.group, g.copy_range, g.queue_threshold, g.flush_ms, g.rcvbuf) == (0, 65535, 64, 10, 8388608)
+    assert cfg.publish.bind == ("ipc:///run/nflogd/feed.sock",)
+    assert cfg.publish.hwm == 100000
+    assert cfg.metrics == MetricsConfig("127.0.0.1", 9477)
+    assert cfg.user is None
+
+
+def test_bare_and_mapping_groups_keep_their_order():
+    cfg = config.parse(
+        """
+        groups:
+          - 7
+          - group: 5
+            copy_range: 0
+            queue_threshold: 1
+            flush_ms: 60000
+            rcvbuf: 4096
+          - {group: 65535, copy_range: 128}
+        """
+    )
+    assert cfg.groups == (
+        GroupConfig(7),
+        GroupConfig(5, copy_range=0, queue_threshold=1, flush_ms=60000, rcvbuf=4096),
+        GroupConfig(65535, copy_range=128),
+    )
+    assert isinstance(cfg.groups, tuple)
+
+
+def test_full_config():
+    cfg = config.parse(
+        """
+        node: router1
+        groups: [1]
+        publish:
+          bind: ["ipc:///run/nflogd/feed.sock", "tcp://127.0.0.1:5555", "tcp://[::1]:5556",
+                 "tcp://*:5557", "tcp://feed.example.net:5558"]
+          hwm: 10000000
+        metrics: {listen: "[::]:9100"}
+        user: root
+        """
+    )
+    assert cfg.node == "router1"
+    assert cfg.publish == PublishConfig(
+        bind=(
+            "ipc:///run/nflogd/feed.sock",
+            "tcp://127.0.0.1:5555",
+            "tcp://[::1]:5556",
+            "tcp://*:5557",
+            "tcp://feed.example.net:5558",
+        ),
+        hwm=10000000,
+    )
+    assert cfg.metrics == MetricsConfig(host="::", port=9100)
+    assert cfg.user == "root"
+
+
+def test_bind_may_be_one_string():
+    cfg = config.parse("groups: [0]\npublish: {bind: 'tcp://0.0.0.0:5555'}")
+    assert cfg.publish.bind == ("tcp://0.0.0.0:5555",)
+
+
+def test_ipc_path_of_107_bytes_fits():
+    path = "/" + "a" * 106
+    assert config.parse(f"groups: [0]\npublish: {{bind: 'ipc://{path}'}}").publish.bind == (f"ipc://{path}",)
+
+
+def test_metrics_listen_null_turns_metrics_off():
+    assert config.parse("groups: [0]\nmetrics: {listen: null}").metrics is None
+
+
+def test_metrics_host_name():
+    assert config.parse("groups: [0]\nmetrics: {listen: 'localhost:1'}").metrics == MetricsConfig(
+        "localhost", 1
+    )
+
+
+def test_empty_sections_take_defaults():
+    cfg = config.parse("groups: [0]\npublish: {}\nmetrics: {}\nuser: null")
+    assert cfg.publish == PublishConfig()
+    assert cfg.metrics == MetricsConfig("127.0.0.1", 9477)
+    assert cfg.user is None
+
+
+def test_node_of_255_utf8_bytes():
+    node = "é" * 127 + "x"  # 2 * 127 + 1 = 255 bytes
+    assert config.parse(f"groups: [0]\nnode: {node}").node == node
+
+
+# --- every error, on its message -----------------------------------------------------------------
+
+BAD = [
+    # top level
+    ("", "<config>: top level must be a mapping of settings, got null"),
+    ("- 0", "<config>: top level must be a mapping of settings, got a list"),
+    ("just text", "<config>: top level must be a mapping of settings, got 'just text'"),
+    (
+        "groups: [0]\ngroup: [1]",
+        "<config>: unknown key 'group'; expected one of groups, metrics, node, publish, user",
+    ),
+    ("node: r1", "groups: is required, a non-empty list of NFLOG group numbers"),
+    # groups
+    ("groups: []", "groups: must not be empty; list at least one NFLOG group"),
+    ("groups: null", "groups: must be a list of NFLOG group numbers, got null"),
+    ("groups: 0", "groups: must be a list of NFLOG group numbers, got 0"),
+    ("groups: '0'", "groups: must be a list of NFLOG group numbers, got '0'"),
+    ("groups: {group: 0}", "groups: must be a list of NFLOG group numbers, got a mapping"),
+    ("groups: [0, 65536]", "groups[1]: must be an integer 0..65535, got 65536"),
+    ("groups: [-1]", "groups[0]: must be an integer 0..65535, got -1"),
+    (
+        "groups: [true]",
+        "groups[0]: must be a group number 0..65535 or a mapping with a 'group' key, got true",
+    ),
+    (
+        "groups: ['5']",
+        "groups[0]: must be a group number 0..65535 or a mapping with a 'group' key, got '5'",
+    ),
+    ("groups: [1.5]", "groups[0]: must be a group number 0..65535 or a mapping with a 'group' key, got 1.5"),
+    (
+        "groups: [[1]]",
+        "groups[0]: must be a group number 0..65535 or a mapping with a 'group' key, got a list",
+    ),
+    (
+        "groups: [0, 1, {flush: 3, group: 2}]",
+        "groups[2]: unknown key 'flush'; "
+        "expected one of copy_range, flush_ms, group, queue_threshold, rcvbuf",
+    ),
+    ("groups: [{copy_range: 1}]", "groups[0]: missing key 'group', the NFLOG group number 0..65535"),
+    ("groups: [{group: 70000}]", "groups[0].group: must be an integer 0..65535, got 70000"),
+    ("groups: [{group: false}]", "groups[0].group: must be an integer 0..65535, got false"),
+    ("groups: [{group: null}]", "groups[0].group: must be an integer 0..65535, got null"),
+    (
+        "groups: [0, 1, {group: 2, copy_range: 70000}]",
+        "groups[2].copy_range: must be an integer 0..65535, got 70000",
+    ),
+    ("groups: [{group: 2, copy_range: true}]", "groups[0].copy_range: must be an integer 0..65535, got true"),
+    (
+        "groups: [{group: 2, copy_range: '256'}]",
+        "groups[0].copy_range: must be an integer 0..65535, got '256'",
+    ),
+    (
+        "groups: [{group: 2, queue_threshold: 0}]",
+        "groups[0].queue_threshold: must be an integer 1..65535, got 0",
+    ),
+    ("groups: [{group: 2, flush_ms: 0}]", "groups[0].flush_ms: must be an integer 1..60000, got 0"),
+    ("groups: [{group: 2, flush_ms: 60001}]", "groups[0].flush_ms: must be an integer 1..60000, got 60001"),
+    ("groups: [{group: 2, flush_ms: 1.0}]", "groups[0].flush_ms: must be an integer 1..60000, got 1.0"),
+    ("groups: [{group: 2, rcvbuf: 4095}]", "groups[0].rcvbuf: must be an integer 4096..1073741824, got 4095"),
+    (
+        "groups: [{group: 2, rcvbuf: 1073741825}]",
+        "groups[0].rcvbuf: must be an integer 4096..1073741824, got 1073741825",
+    ),
+    ("groups: [0, 5, 1, {group: 5}]", "groups[3]: group 5 is listed twice (also groups[1])"),
+    ("groups: [0, 0]", "groups[1]: group 0 is listed twice (also groups[0])"),
+    # node
+    ("groups: [0]\nnode: ''", "node: must be a string of 1..255 UTF-8 bytes, got 0 bytes"),
+    ("groups: [0]\nnode: " + "é" * 128, "node: must be a string of 1..255 UTF-8 bytes, got 256 bytes"),
+    ("groups: [0]\nnode: 12", "node: must be a string of 1..255 UTF-8 bytes, got 12"),
+    ("groups: [0]\nnode: null", "node: must be a string of 1..255 UTF-8 bytes, got null"),
+    ("groups: [0]\nnode: [a]", "node: must be a string of 1..255 UTF-8 bytes, got a list"),
+    ('groups: [0]\nnode: "\\ud800"', "node: not encodable as UTF-8: character '\\ud800' at offset 0"),
+    # publish
+    ("groups: [0]\npublish: null", "publish: must be a mapping, got null"),
+    ("groups: [0]\npublish: [tcp://a:1]", "publish: must be a mapping, got a list"),
+    ("groups: [0]\npublish: {hmw: 5}", "publish: unknown key 'hmw'; expected one of bind, hwm"),
+    ("groups: [0]\npublish: {hwm: 0}", "publish.hwm: must be an integer 1..10000000, got 0"),
+    ("groups: [0]\npublish: {hwm: 10000001}", "publish.hwm: must be an integer 1..10000000, got 10000001"),
+    ("groups: [0]\npublish: {hwm: true}", "publish.hwm: must be an integer 1..10000000, got true"),
+    (
+        "groups: [0]\npublish: {bind: []}",
+        "publish.bind: must not be empty; give at least one of tcp://HOST:PORT or ipc:///absolute/path",
+    ),
+    (
+        "groups: [0]\npublish: {bind: 5555}",
+        "publish.bind: must be an endpoint string or a list of them, got 5555",
+    ),
+    (
+        "groups: [0]\npublish: {bind: null}",
+        "publish.bind: must be an endpoint string or a list of them, got null",
+    ),
+    (
+        "groups: [0]\npublish: {bind: [ipc:///a, 5555]}",
+        "publish.bind[1]: must be an endpoint string like tcp://HOST:PORT or ipc:///absolute/path, got 5555",
+    ),
+    (
+        "groups: [0]\npublish: {bind: [ipc:///a, 127.0.0.1:5555]}",
+        "publish.bind[1]: must be an endpoint like tcp://HOST:PORT or ipc:///absolute/path, "
+        "got '127.0.0.1:5555'",
+    ),
+    (
+        "groups: [0]\npublish: {bind: ['inproc://feed']}",
+        "publish.bind[0]: unsupported transport 'inproc'; expected tcp://HOST:PORT or ipc:///absolute/path",
+    ),
+    (
+        "groups: [0]\npublish: {bind: ['TCP://1.2.3.4:5']}",
+        "publish.bind[0]: unsupported transport 'TCP'; expected tcp://HOST:PORT or ipc:///absolute/path",
+    ),
+    (
+        "groups: [0]\npublish: {bind: ['tcp://*:*']}",
+        "publish.bind[0]: a wildcard port is not allowed; name a port 1..65535",
+    ),
+    (
+        "groups: [0]\npublish: {bind: ['tcp://127.0.0.1']}",
+        "publish.bind[0]: missing ':PORT' in 'tcp://127.0.0.1'",
+    ),
+    (
+        "groups: [0]\npublish: {bind: ['tcp://1.2.3.4:0']}",
+        "publish.bind[0]: port must be an integer 1..65535, got 0",
+    ),
+    (
+        "groups: [0]\npublish: {bind: ['tcp://1.2.3.4:65536']}",
+        "publish.bind[0]: port must be an integer 1..65535, got 65536",
+    ),
+    (
+        "groups: [0]\npublish: {bind: ['tcp://1.2.3.4:http']}",
+        "publish.bind[0]: port must be an integer 1..65535, got 'http'",
+    ),
+    (
+        "groups: [0]\npublish: {bind: ['tcp://:5555']}",
+        "publish.bind[0]: missing host before ':PORT' (use '*' or 0.0.0.0 for all addresses)",
+    ),
+    (
+        "groups: [0]\npublish: {bind: ['tcp://999.1.1.1:5555']}",
+        "publish.bind[0]: not a valid IPv4 address: '999.1.1.1'",
+    ),
+    (
+        "groups: [0]\npublish: {bind: ['tcp://::1:5555']}",
+        "publish.bind[0]: an IPv6 address needs brackets, like [::1]:5555; got 'tcp://::1:5555'",
+    ),
+    (
+        "groups: [0]\npublish: {bind: ['tcp://[::g]:5555']}",
+        "publish.bind[0]: not an IPv6 address in brackets: '::g'",
+    ),
+    (
+        "groups: [0]\npublish: {bind: ['tcp://[::1:5555']}",
+        "publish.bind[0]: missing ']' after the IPv6 address in 'tcp://[::1:5555'",
+    ),
+    (
+        "groups: [0]\npublish: {bind: ['tcp://[::1]']}",
+        "publish.bind[0]: missing ':PORT' after ']' in 'tcp://[::1]'",
+    ),
+    (
+        "groups: [0]\npublish: {bind: ['tcp://bad host:5555']}",
+        "publish.bind[0]: not an IP address or host name: 'bad host' "
+        "(names are dot-separated labels of letters, digits, '-' and '_')",
+    ),
+    (
+        "groups: [0]\npublish: {bind: ['tcp://-lead.example:5555']}",
+        "publish.bind[0]: not an IP address or host name: '-lead.example' "
+        "(names are dot-separated labels of letters, digits, '-' and '_')",
+    ),
+    (
+        "groups: [0]\npublish: {bind: ['ipc://run/feed.sock']}",
+        "publish.bind[0]: ipc path must be absolute (ipc:///run/...), got 'ipc://run/feed.sock'",
+    ),
+    (
+        "groups: [0]\npublish: {bind: ['ipc:///" + "a" * 107 + "']}",
+        "publish.bind[0]: ipc path is 108 bytes, at most 107 fit in a Unix socket address",
+    ),
+    (
+        'groups: [0]\npublish: {bind: ["ipc:///a\\0b"]}',
+        "publish.bind[0]: ipc path must not contain a NUL character, got 'ipc:///a\\x00b'",
+    ),
+    (
+        "groups: [0]\npublish: {bind: ['tcp://127.0.0.1:5555', 'ipc:///a', 'tcp://127.0.0.1:5555']}",
+        "publish.bind[2]: 'tcp://127.0.0.1:5555' is listed twice (also publish.bind[0])",
+    ),
+    # metrics
+    (
+        "groups: [0]\nmetrics: null",
+        "metrics: must be a mapping, got null (to turn metrics off, write 'listen: null' under it)",
+    ),
+    ("groups: [0]\nmetrics: {port: 9}", "metrics: unknown key 'port'; expected one of listen"),
+    (
+        "groups: [0]\nmetrics: {listen: 9477}",
+        'metrics.listen: must be "host:port" or null to turn metrics off, got 9477',
+    ),
+    ("groups: [0]\nmetrics: {listen: 'localhost'}", "metrics.listen: missing ':PORT' in 'localhost'"),
+    (
+        "groups: [0]\nmetrics: {listen: '127.0.0.1:0'}",
+        "metrics.listen: port must be an integer 1..65535, got 0",
+    ),
+    (
+        "groups: [0]\nmetrics: {listen: '*:9477'}",
+        "metrics.listen: '*' is not a host here; use 0.0.0.0 or [::] for all addresses",
+    ),
+    (
+        "groups: [0]\nmetrics: {listen: ':9477'}",
+        "metrics.listen: missing host before ':PORT' (use 0.0.0.0 for all addresses)",
+    ),
+    (
+        "groups: [0]\nmetrics: {listen: '::1:9477'}",
+        "metrics.listen: an IPv6 address needs brackets, like [::1]:9477; got '::1:9477'",
+    ),
+    # user
+    ("groups: [0]\nuser: " + NO_SUCH_USER, f"user: no such user '{NO_SUCH_USER}'"),
+    ("groups: [0]\nuser: 0", "user: must be a user name or null, got 0"),
+    # YAML itself
+    (
+        "groups: [0\n",
+        "<config>: invalid YAML at line 2 column 1: expected ',' or ']', but got '<stream end>'",
+    ),
+    (
+        "groups: [0]\nnode: a: b",
+        "<config>: invalid YAML at line 2 column 8: mapping values are not allowed here",
+    ),
+    (
+        "groups: [0]\nnode: a\x00",
+        "<config>: invalid YAML at line 2 column 8: "
+        "unacceptable character #x0000: special characters are not allowed",
+    ),
+    (
+        "groups: [0]\ngroups: [1]",
+        "<config>: invalid YAML at line 2 column 1: duplicate key 'groups' (first at line 1)",
+    ),
+    (
+        "groups: [{group: 1, group: 2}]",
+        "<config>: invalid YAML at line 1 column 21: duplicate key 'group' (first at line 1)",
+    ),
+    (
+        "groups: !!python/object:os.system [0]",
+        "<config>: invalid YAML at line 1 column 9: could not determine a constructor for the tag "
+        "'tag:yaml.org,2002:python/object:os.system'",
+    ),
+    (
+        "groups: [0]\n---\ngroups: [1]",
+        "<config>: invalid YAML at line 2 column 1: "
+        "expected a single document in the stream, but found another document",
+    ),
+    ("node: 2020-13-45\ngroups: [0]", "<config>: invalid YAML: month must be in 1..12"),
+    ("[" * 5000, "<config>: invalid YAML: nested too deeply"),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), BAD, ids=[m.split(":")[0] + " " + m[-30:] for _, m in BAD])
+def test_bad_config_message(text, message):
+    with pytest.raises(ConfigError) as info:
+        config.parse(text)
+    assert str(info.value) == message
+    assert "\n" not in str(info.value)
+
+
+def test_config_error_is_the_shared_one():
+    with pytest.raises(ConfigError) as info:
+        config.parse("groups: []")
+    assert isinstance(info.value, NflogdError)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(ConfigError) as info:
+        config.parse("groups: [0")
+    assert info.value.__suppress_context__  # "from None": no yaml traceback chained behind it
+
+
+def test_merge_key_may_override():
+    cfg = config.parse("groups: [&base {group: 1, flush_ms: 20}, {<<: *base, group: 2}]")
+    assert cfg.groups == (GroupConfig(1, flush_ms=20), GroupConfig(2, flush_ms=20))
+
+
+def test_source_names_the_text():
+    with pytest.raises(ConfigError, match=r"^stdin: top level must be a mapping of settings, got 5$"):
+        config.parse("5", source="stdin")
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def test_load_reads_a_file(tmp_path):
+    path = tmp_path / "nflogd.yaml"
+    path.write_text("groups: [3]\nnode: n1\n")
+    assert config.load(path) == config.load(str(path)) == config.parse("groups: [3]\nnode: n1\n")
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}: cannot read: [Errno 2] No such file or directory"
+
+
+def test_directory_is_not_a_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        config.load(tmp_path)
+    assert str(info.value) == f"{tmp_path}: cannot read: [Errno 21] Is a directory"
+
+
+def test_not_utf8(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"groups: [0]\nnode: caf\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == f"{path}: cannot read: not UTF-8 (byte 0xe9 at offset 21)"
+
+
+def test_yaml_error_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("groups: [0]\npublish:\n  bind: [\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value).startswith(f"{path}: invalid YAML at line 4 column 1: ")
+
+
+def test_key_errors_name_the_key_not_the_file(tmp_path):
+    path = tmp_path / "range.yaml"
+    path.write_text("groups:\n  - group: 1\n    copy_range: 70000\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert str(info.value) == "groups[0].copy_range: must be an integer 0..65535, got 70000"
+
+
+# --- the dataclasses from Python -----------------------------------------------------------------
+
+
+def test_group_config_from_keywords():
+    g = GroupConfig(group=3, copy_range=0, queue_threshold=1, flush_ms=60000, rcvbuf=1 << 30)
+    assert (g.group, g.copy_range, g.queue_threshold, g.flush_ms, g.rcvbuf) == (3, 0, 1, 60000, 1 << 30)
+    assert GroupConfig(3) == GroupConfig(
+        group=3, copy_range=65535, queue_threshold=64, flush_ms=10, rcvbuf=8388608
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"group": 65536}, "group: must be an integer 0..65535, got 65536"),
+        ({"group": True}, "group: must be an integer 0..65535, got true"),
+        ({"group": "1"}, "group: must be an integer 0..65535, got '1'"),
+        ({"group": 1, "copy_range": 70000}, "copy_range: must be an integer 0..65535, got 70000"),
+        ({"group": 1, "queue_threshold": 0}, "queue_threshold: must be an integer 1..65535, got 0"),
+        ({"group": 1, "flush_ms": 10.0}, "flush_ms: must be an integer 1..60000, got 10.0"),
+        ({"group": 1, "rcvbuf": None}, "rcvbuf: must be an integer 4096..1073741824, got null"),
+        (
+            {"group": 1, "rcvbuf": 10**400},
+            "rcvbuf: must be an integer 4096..1073741824, got a 1329-bit integer",
+        ),
+    ],
+)
+def test_group_config_validates(kwargs, message):
+    with pytest.raises(ConfigError) as info:
+        GroupConfig(**kwargs)
+    assert str(info.value) == message
+
+
+def test_publish_and_metrics_validate_from_python():
+    with pytest.raises(ConfigError, match=r"^bind: must be a tuple of endpoint strings, got a list$"):
+        PublishConfig(bind=["ipc:///a"])
+    with pytest.raises(ConfigError, match=r"^bind\[0\]: ipc path must be absolute"):
+        PublishConfig(bind=("ipc://a",))
+    with pytest.raises(ConfigError, match=r"^hwm: must be an integer 1\.\.10000000, got 0$"):
+        PublishConfig(hwm=0)
+    with pytest.raises(ConfigError, match=r"^port: must be an integer 1\.\.65535, got 0$"):
+        MetricsConfig("127.0.0.1", 0)
+    with pytest.raises(ConfigError, match=r"^host: must be an IPv6 address without brackets, got '\[::1\]'$"):
+        MetricsConfig("[::1]", 9477)
+    assert MetricsConfig("::1", 9477).host == "::1"
+
+
+def test_frozen():
+    cfg = config.parse("groups: [0]")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.node = "other"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.groups[0].copy_range = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.publish.hwm = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.metrics.port = 1  # type: ignore[misc,union-attr]
+    assert isinstance(cfg.publish.bind, tuple)
+    assert hash(cfg) == hash(config.parse("groups: [0]"))
+
+
+# --- users ---------------------------------------------------------------------------------------
+
+
+def test_user_root_exists():
+    assert config.parse("groups: [0]\nuser: root").user == "root"
+
+
+def test_user_that_does_not_exist():
+    with pytest.raises(ConfigError) as info:
+        config.parse(f"groups: [0]\nuser: {NO_SUCH_USER}")
+    assert str(info.value) == f"user: no such user '{NO_SUCH_USER}'"
+
+
+# --- nothing but Config or ConfigError ----------------------------------------------------------
+
+
+def _parse_or_config_error(text: str) -> None:
+    try:
+        result = config.parse(text)
+    except ConfigError as e:
+        message = str(e)
+        assert message and "\n" not in message
+        assert ": " in message
+    else:
+        assert isinstance(result, Config)
+        assert result.groups and all(isinstance(g, GroupConfig) for g in result.groups)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_any_text_is_config_or_config_error(text):
+    _parse_or_config_error(text)
+
+
+_KEYS = st.sampled_from(
+    [
+        "groups",
+        "group",
+        "node",
+        "publish",
+        "bind",
+        "hwm",
+        "metrics",
+        "listen",
+        "user",
+        "copy_range",
+        "flush_ms",
+    ]
+)
+_SCALARS = st.none() | st.booleans() | st.integers() | st.text(max_size=20)
+_TREES = st.recursive(
+    _SCALARS,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(_KEYS | st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_TREES)
+def test_any_structure_is_config_or_config_error(tree):
+    _parse_or_config_error(yaml.safe_dump(tree))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {"groups": st.lists(st.integers(0, 65535) | st.fixed_dictionaries({"group": st.integers(0, 65535)}))},
+        optional={"publish": st.dictionaries(_KEYS, _TREES, max_size=2), "metrics": _TREES, "node": _SCALARS},
+    )
+)
+def test_near_valid_structure_is_config_or_config_error(tree):
+    _parse_or_config_error(yaml.safe_dump(tree))
