@@ -1,0 +1,276 @@
+"""The feed: one ZeroMQ XPUB socket that every kernel batch goes out on.
+
+Use::
+
+    ctx = zmq.Context()
+    pub = Publisher(ctx, cfg.publish, node=cfg.node)      # binds every endpoint now
+    poller.register(pub.socket, zmq.POLLIN)              # subscriptions arrive here
+    poller.register(pub.monitor, zmq.POLLIN)             # connects and disconnects
+    ...
+    pub.publish(batch, kernel_dropped=counters.kernel_dropped)
+    pub.subscribers                                       # peers connected right now
+    pub.close()
+
+Delivery: ``SNDHWM = publish.hwm`` messages per subscriber and ``XPUB_NODROP``
+off, so a subscriber that does not keep up loses its own messages at its high
+water mark (it sees a gap in ``seq``) and capture never waits for anyone.
+
+Sequence numbers: each group's feed counts packets from 0 in each epoch (the
+daemon's start time in ns); the ``first_seq`` of a message is the previous
+message's ``first_seq + count``. A batch sent while nobody listens still moves
+the sequence on, so ``seq`` counts packets captured, not packets delivered.
+
+The subscriber gauge comes from a socket monitor, not from subscription
+messages: XPUB passes on only the first subscription to each topic and cannot
+say which peer sent one, so subscriptions cannot count peers. The monitor
+reports ``EVENT_ACCEPTED`` and ``EVENT_DISCONNECTED`` with the connection's fd;
+the gauge is the set of fds accepted and not yet disconnected (``EVENT_CLOSED``
+is a listener closing, not a peer leaving). A peer counts from its TCP/ipc
+connect, before it has subscribed to anything.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+from typing import Iterable
+
+import zmq
+from nflogd_client import wire
+
+from .errors import NflogdError
+
+__all__ = ["Publisher", "check_ipc_path", "ipc_path"]
+
+log = logging.getLogger(__name__)
+
+#: How long close() lets queued messages drain to connected subscribers, in ms.
+LINGER_MS = 250
+
+# A monitor message's first frame: event (u16) and value (u32, the fd for
+# ACCEPTED/DISCONNECTED), native byte order (zmq_socket_monitor(3)).
+_EVENT = struct.Struct("=HI")
+
+
+def ipc_path(endpoint: str) -> str | None:
+    """The filesystem path of an ``ipc://`` endpoint; None for other transports and
+    abstract names (``ipc://@name``), which have no file."""
+    if not endpoint.startswith("ipc://"):
+        return None
+    path = endpoint[len("ipc://") :]
+    if path.startswith("@") or not path:
+        return None
+    return path
+
+
+def check_ipc_path(endpoint: str, path: str) -> None:
+    """Refuse a path another process is serving; libzmq would unlink it and take over.
+
+    A socket file nobody accepts on (connect refused) is left behind by a
+    process that died: fine, libzmq replaces it. A file that is not a socket is
+    refused too, since libzmq would delete it.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise NflogdError(f"publish.bind: {endpoint}: {e.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise NflogdError(f"publish.bind: {endpoint}: {path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return  # stale
+    except (socket.timeout, TimeoutError, BlockingIOError):
+        pass  # a full accept backlog: someone is serving, just busy
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.ETIMEDOUT):
+            raise NflogdError(f"publish.bind: {endpoint}: cannot probe {path}: {e.strerror or e}") from None
+    finally:
+        probe.close()
+    raise NflogdError(f"publish.bind: {endpoint}: another process is serving this path")
+
+
+def _make_parent(endpoint: str, path: str) -> None:
+    """Create a missing parent directory, mode 0750 (clients in our group may enter)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(parent):
+        return
+    try:
+        os.makedirs(parent, mode=0o750)
+        os.chmod(parent, 0o750)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise NflogdError(f"publish.bind: {endpoint}: cannot create {parent}: {e.strerror}") from None
+
+
+class Publisher:
+    """One XPUB socket bound to every endpoint of ``publish`` (a PublishConfig).
+
+    Binding errors raise :class:`NflogdError` naming the endpoint; nothing is
+    left bound then.
+    """
+
+    def __init__(self, ctx: zmq.Context, publish, node: str = "", epoch: int | None = None):
+        self.node = node
+        self.epoch = time.time_ns() if epoch is None else epoch
+        self.hwm = publish.hwm
+        self.endpoints: list[str] = []
+        self.sent = 0  # messages handed to ZeroMQ
+        self.unsent = 0  # messages ZeroMQ refused (never expected with XPUB_NODROP off)
+        self._seq: dict[int, int] = {}
+        self._peers: set[int] = set()
+        self.socket = ctx.socket(zmq.XPUB)
+        self.monitor = None
+        try:
+            self.socket.setsockopt(zmq.LINGER, LINGER_MS)
+            self.socket.setsockopt(zmq.SNDHWM, publish.hwm)
+            self.socket.setsockopt(zmq.XPUB_NODROP, 0)
+            self.monitor = self.socket.get_monitor_socket(
+                zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+            )
+            for endpoint in publish.bind:
+                self.bind(endpoint)
+        except BaseException:
+            self.close(linger=0)
+            raise
+
+    # -- endpoints -------------------------------------------------------------
+
+    def bind(self, endpoint: str) -> None:
+        """Bind one more endpoint; ipc files get mode 0660 in a 0750 directory."""
+        path = ipc_path(endpoint)
+        if path is not None:
+            check_ipc_path(endpoint, path)
+            _make_parent(endpoint, path)
+            old = os.umask(0o117)  # the socket file: rw for owner and group, nothing else
+        try:
+            self.socket.bind(endpoint)
+        except zmq.ZMQError as e:
+            raise NflogdError(f"publish.bind: {endpoint}: {e.strerror}") from None
+        finally:
+            if path is not None:
+                os.umask(old)
+        self.endpoints.append(endpoint)
+        log.info("publishing on %s", endpoint)
+
+    def unbind(self, endpoint: str) -> None:
+        """Stop listening on an endpoint; peers already connected through it stay."""
+        try:
+            self.socket.unbind(endpoint)
+        except zmq.ZMQError as e:
+            log.warning("publish.bind: %s: unbind failed: %s", endpoint, e.strerror)
+        if endpoint in self.endpoints:
+            self.endpoints.remove(endpoint)
+
+    def rebind(self, endpoints: Iterable[str]) -> None:
+        """Bind the endpoints not bound yet, then unbind those no longer wanted.
+
+        If a new one fails, the ones bound by this call are unbound again and the
+        error is raised: the old set stays in force.
+        """
+        wanted = list(endpoints)
+        added: list[str] = []
+        try:
+            for ep in wanted:
+                if ep not in self.endpoints:
+                    self.bind(ep)
+                    added.append(ep)
+        except NflogdError:
+            for ep in added:
+                self.unbind(ep)
+            raise
+        for ep in list(self.endpoints):
+            if ep not in wanted:
+                self.unbind(ep)
+                log.info("no longer publishing on %s", ep)
+
+    def set_hwm(self, hwm: int) -> None:
+        """Change SNDHWM; libzmq applies it to subscribers that connect afterwards."""
+        self.socket.setsockopt(zmq.SNDHWM, hwm)
+        self.hwm = hwm
+
+    # -- messages --------------------------------------------------------------
+
+    def next_seq(self, group: int) -> int:
+        """The ``first_seq`` the group's next message will carry."""
+        return self._seq.get(group, 0)
+
+    def publish(self, batch, kernel_dropped: int = 0) -> bool:
+        """Send one capture Batch; True if ZeroMQ took it. Never blocks."""
+        count = batch.count
+        if not count:
+            return False
+        group = batch.group
+        first_seq = self._seq.get(group, 0)
+        self._seq[group] = first_seq + count
+        msg = wire.frames(
+            group, self.node, self.epoch, first_seq, kernel_dropped, count, batch.table, batch.data
+        )
+        try:
+            self.socket.send_multipart(msg, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self.unsent += 1
+            return False
+        self.sent += 1
+        return True
+
+    def handle_incoming(self) -> None:
+        """Drain subscription messages (XPUB queues them until read) and log them."""
+        sock = self.socket
+        while True:
+            try:
+                msg = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if msg[:1] in (b"\x00", b"\x01"):
+                what = "subscribe" if msg[:1] == b"\x01" else "unsubscribe"
+                log.debug("%s %r", what, msg[1:].hex() or "(all)")
+
+    # -- subscriber gauge ------------------------------------------------------
+
+    def handle_monitor(self) -> None:
+        """Apply queued monitor events to the subscriber gauge."""
+        mon = self.monitor
+        if mon is None:
+            return
+        while True:
+            try:
+                frames = mon.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if not frames or len(frames[0]) < _EVENT.size:
+                continue
+            event, fd = _EVENT.unpack_from(frames[0])
+            if event == zmq.EVENT_ACCEPTED:
+                self._peers.add(fd)
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._peers.discard(fd)
+
+    @property
+    def subscribers(self) -> int:
+        """Peers connected now (as of the last handle_monitor())."""
+        return len(self._peers)
+
+    # -- end -------------------------------------------------------------------
+
+    def close(self, linger: int | None = None) -> None:
+        """Close the socket (queued messages get ``linger`` ms, default LINGER_MS)."""
+        if self.monitor is not None:
+            try:
+                self.socket.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self.monitor.close(linger=0)
+            self.monitor = None
+        if not self.socket.closed:
+            self.socket.close(linger=LINGER_MS if linger is None else linger)
