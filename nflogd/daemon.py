@@ -1,0 +1,461 @@
+"""The daemon: NFLOG groups in, one ZeroMQ feed out, Prometheus counters on the side.
+
+Command line::
+
+    nflogd [-c PATH] [--check] [--log-level LEVEL]      # also: python -m nflogd
+
+``--check`` loads the config and exits 0, or prints ``nflogd: <error>`` and
+exits 2. Exit status otherwise: 0 after SIGTERM/SIGINT, 1 for a runtime
+failure (a group another process holds, an endpoint in use), 2 for a bad config.
+
+Start-up order: load the config; bind every group; drop privileges (config
+``user``) while the process has one thread; umask 0o007; the ZeroMQ context
+and the publisher; the metrics HTTP server; ``READY=1``. Then one poll loop
+over the groups' netlink sockets, the feed socket, its monitor and a
+signal wakeup socket; signal handlers do nothing but wake it.
+
+SIGHUP rereads the config. An invalid one is logged on one line and the
+running config stays. Otherwise, applied without a restart:
+
+- groups: new ones bound, removed ones closed, changed ones ``reconfigure()``d
+  (no rebind: groups left as they were lose nothing). Their feed ``seq`` and
+  counters carry on within the epoch if a group is removed and added back.
+- ``publish.bind``: new endpoints bound, dropped ones unbound (peers connected
+  through a dropped endpoint stay connected).
+- ``publish.hwm``: applies to subscribers that connect afterwards (libzmq).
+- ``node``: applies to the next message; ``epoch`` and ``seq`` carry on.
+- ``metrics``: the server is restarted on the new address, or started/stopped.
+- ``user``: needs a restart (root is gone); a change is logged and ignored.
+
+If a new group, endpoint or metrics address cannot be bound, nothing of the
+new config is applied and the error is logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+import zmq
+from prometheus_client.registry import CollectorRegistry
+
+from . import privileges
+from .errors import ConfigError, NflogdError
+from .metrics import Collector, MetricsServer
+from .publish import Publisher
+from .sdnotify import Notifier
+
+__all__ = ["main", "Daemon", "DEFAULT_CONFIG"]
+
+log = logging.getLogger("nflogd")
+
+DEFAULT_CONFIG = "/etc/nflogd.yaml"
+
+#: Kernel batches read from one group before the loop looks at the others.
+BATCHES_PER_TURN = 32
+
+_COUNTER_FIELDS = ("packets", "bytes", "truncated", "kernel_dropped", "overflows")
+
+
+class _Totals:
+    """Counters of a group's closed readers (a group removed by a reload), or a sum."""
+
+    __slots__ = _COUNTER_FIELDS
+
+    def __init__(self):
+        for f in _COUNTER_FIELDS:
+            setattr(self, f, 0)
+
+    def add(self, counters) -> _Totals:
+        for f in _COUNTER_FIELDS:
+            setattr(self, f, getattr(self, f) + int(getattr(counters, f, 0) or 0))
+        return self
+
+
+def _group_error(group: int, err: Exception) -> str:
+    """The error's text, naming the group if it does not already."""
+    text = str(err)
+    return text if f"group {group}" in text else f"group {group}: {text}"
+
+
+class Daemon:
+    """One run of the daemon over one config; ``start()``, ``run()``, ``close()``."""
+
+    def __init__(self, cfg, path: str, notifier: Notifier | None = None):
+        self.cfg = cfg
+        self.path = path
+        self.notifier = notifier if notifier is not None else Notifier.from_environ()
+        self.readers: dict = {}  # group -> GroupReader; replaced, never mutated (metrics reads it)
+        self.retired: dict[int, _Totals] = {}
+        self.ctx: zmq.Context | None = None
+        self.publisher: Publisher | None = None
+        self.registry: CollectorRegistry | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.poller = zmq.Poller()
+        self._stop = False
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._old_handlers: dict = {}
+        self._old_wakeup: int | None = None
+
+    # -- start -----------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        """SIGTERM/SIGINT/SIGHUP only write their number to a socketpair the loop polls."""
+        self._wake_r, self._wake_w = socket.socketpair()
+        for s in (self._wake_r, self._wake_w):
+            s.setblocking(False)
+        self._old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self._old_handlers[signum] = signal.signal(signum, _ignore)
+
+    def start(self) -> None:
+        cfg = self.cfg
+        for settings in cfg.groups:
+            self.readers = {**self.readers, settings.group: self._open_reader(settings)}
+        if cfg.user:
+            privileges.drop(cfg.user)
+        os.umask(0o007)
+        self.ctx = zmq.Context()
+        self.publisher = Publisher(self.ctx, cfg.publish, node=cfg.node)
+        self.registry = CollectorRegistry()
+        publisher = self.publisher
+        Collector(self.group_counters, lambda: publisher.subscribers, registry=self.registry)
+        if cfg.metrics is not None:
+            self.metrics_server = MetricsServer(cfg.metrics.host, cfg.metrics.port, self.registry)
+        self.poller.register(self._wake_r, zmq.POLLIN)
+        self.poller.register(publisher.socket, zmq.POLLIN)
+        self.poller.register(publisher.monitor, zmq.POLLIN)
+        for reader in self.readers.values():
+            self.poller.register(reader, zmq.POLLIN)
+        log.info("capturing %s", self._groups_text())
+        self.notifier.ready(self._status())
+
+    def _open_reader(self, settings):
+        from .capture import GroupReader
+
+        try:
+            reader = GroupReader(settings)
+        except NflogdError as e:
+            raise NflogdError(_group_error(settings.group, e)) from None
+        log.debug("group %d bound", settings.group)
+        return reader
+
+    # -- loop ------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Poll until SIGTERM/SIGINT."""
+        interval = self.notifier.watchdog_interval
+        next_wd = time.monotonic() + interval if interval else None
+        publisher = self.publisher
+        assert publisher is not None
+        while not self._stop:
+            if next_wd is None:
+                timeout = None
+            else:
+                timeout = max(0.0, (next_wd - time.monotonic()) * 1000)
+            for obj, _ in self.poller.poll(timeout):
+                if obj is self._wake_r:
+                    self._handle_signals()
+                elif obj is publisher.socket:
+                    publisher.handle_incoming()
+                elif obj is publisher.monitor:
+                    publisher.handle_monitor()
+                elif self.readers.get(obj.group) is obj:  # not closed by a reload this turn
+                    self._drain(obj)
+            if next_wd is not None and time.monotonic() >= next_wd:
+                self.notifier.watchdog()
+                next_wd = time.monotonic() + interval
+
+    def _drain(self, reader) -> None:
+        publisher = self.publisher
+        base = self.retired.get(reader.group)
+        for _ in range(BATCHES_PER_TURN):
+            try:
+                batch = reader.read(0)
+            except NflogdError as e:
+                raise NflogdError(_group_error(reader.group, e)) from None
+            if batch is None:
+                return
+            dropped = reader.counters.kernel_dropped
+            if base is not None:
+                dropped += base.kernel_dropped
+            publisher.publish(batch, dropped)
+
+    def _handle_signals(self) -> None:
+        try:
+            data = self._wake_r.recv(4096)
+        except BlockingIOError:
+            return
+        signums = set(data)
+        if signums & {signal.SIGTERM, signal.SIGINT}:
+            name = "SIGTERM" if signal.SIGTERM in signums else "SIGINT"
+            log.info("%s: stopping", name)
+            self._stop = True
+        elif signal.SIGHUP in signums:
+            self.reload()
+
+    # -- reload ----------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Reread the config and apply it (module docstring); False if it was not applied."""
+        from . import config
+
+        self.notifier.reloading()
+        try:
+            new = config.load(self.path)
+        except ConfigError as e:
+            return self._reload_failed(str(e))
+        except OSError as e:
+            return self._reload_failed(f"{self.path}: {e.strerror or e}")
+        try:
+            self._apply(new)
+        except NflogdError as e:
+            return self._reload_failed(str(e))
+        log.info("reloaded %s: capturing %s", self.path, self._groups_text())
+        self.notifier.ready(self._status())
+        return True
+
+    def _reload_failed(self, why: str) -> bool:
+        log.error("reload: %s; keeping the running configuration", why)
+        self.notifier.ready(f"{self._status()}; last reload failed: {why}")
+        return False
+
+    def _apply(self, new) -> None:
+        old = self.cfg
+        publisher = self.publisher
+        wanted = {g.group: g for g in new.groups}
+        # 1. everything that can fail, undone if a later step fails
+        added = {}
+        try:
+            for g, settings in wanted.items():
+                if g not in self.readers:
+                    added[g] = self._open_reader(settings)
+            old_endpoints = list(publisher.endpoints)
+            publisher.rebind(new.publish.bind)
+            try:
+                old_server = self._swap_metrics(old.metrics, new.metrics)
+            except NflogdError:
+                publisher.rebind(old_endpoints)
+                raise
+        except NflogdError:
+            for reader in added.values():
+                reader.close()
+            raise
+        # 2. what cannot fail
+        if old_server is not None:
+            old_server.close()
+        if new.user != old.user:
+            log.warning("reload: user changed to %r: takes effect at the next restart", new.user)
+        if new.node != old.node:
+            publisher.node = new.node
+            log.info("reload: node is now %r", new.node)
+        if new.publish.hwm != publisher.hwm:
+            publisher.set_hwm(new.publish.hwm)
+            log.info("reload: publish.hwm %d applies to subscribers connecting from now on", new.publish.hwm)
+        readers = dict(self.readers)
+        for g in [g for g in readers if g not in wanted]:
+            reader = readers.pop(g)
+            self.poller.unregister(reader)
+            self.retired[g] = self.retired.get(g, _Totals()).add(reader.counters)
+            self._close_reader(reader)
+            log.info("group %d closed", g)
+        for g, reader in readers.items():
+            if reader.settings != wanted[g]:
+                try:
+                    reader.reconfigure(wanted[g])
+                    log.info("group %d reconfigured", g)
+                except NflogdError as e:
+                    log.error("reload: %s; group %d keeps its settings", _group_error(g, e), g)
+        for g, reader in added.items():
+            readers[g] = reader
+            self.poller.register(reader, zmq.POLLIN)
+            log.info("group %d added", g)
+        self.readers = {g: readers[g] for g in wanted if g in readers}
+        self.cfg = new
+
+    def _swap_metrics(self, old, new) -> MetricsServer | None:
+        """Start the server for ``new`` if it differs; return the old server to close."""
+        if old == new:
+            return None
+        current = self.metrics_server
+        if new is None:
+            self.metrics_server = None
+            return current
+        try:
+            self.metrics_server = MetricsServer(new.host, new.port, self.registry)
+            return current
+        except NflogdError:
+            if current is None:
+                raise
+        # the old server may hold the port (same port, other address): free it and retry
+        current.close()
+        try:
+            self.metrics_server = MetricsServer(new.host, new.port, self.registry)
+            return None
+        except NflogdError:
+            try:
+                self.metrics_server = MetricsServer(old.host, old.port, self.registry)
+            except NflogdError as e:
+                self.metrics_server = None
+                log.error("reload: could not restart the old metrics server: %s", e)
+            raise
+
+    # -- state -----------------------------------------------------------------
+
+    def group_counters(self):
+        """(group, counters) for every group seen since start, closed readers included."""
+        readers = self.readers
+        retired = self.retired
+        out = []
+        for g in sorted(set(readers) | set(retired)):
+            reader = readers.get(g)
+            base = retired.get(g)
+            if base is None:
+                out.append((g, reader.counters))
+            else:
+                total = _Totals().add(base)
+                if reader is not None:
+                    total.add(reader.counters)
+                out.append((g, total))
+        return out
+
+    def _groups_text(self) -> str:
+        groups = sorted(self.readers)
+        return ("groups " + ", ".join(map(str, groups))) if groups else "no groups"
+
+    def _status(self) -> str:
+        return f"capturing {self._groups_text()}"
+
+    # -- stop ------------------------------------------------------------------
+
+    def _close_reader(self, reader) -> None:
+        try:
+            reader.close()
+        except Exception as e:  # closing must go on with the others
+            log.warning("group %d: close failed: %s", reader.group, e)
+
+    def close(self) -> None:
+        """Unbind the groups and release everything; safe after a failed start."""
+        self.notifier.stopping()
+        readers, self.readers = self.readers, {}
+        for reader in readers.values():
+            self._close_reader(reader)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+        if self.publisher is not None:
+            self.publisher.close()
+            self.publisher = None
+        if self.ctx is not None:
+            self.ctx.term()
+            self.ctx = None
+        if self._wake_w is not None:
+            signal.set_wakeup_fd(self._old_wakeup if self._old_wakeup is not None else -1)
+            for signum, handler in self._old_handlers.items():
+                signal.signal(signum, handler)
+            self._wake_r.close()
+            self._wake_w.close()
+            self._wake_r = self._wake_w = None
+        self.notifier.close()
+
+
+def _ignore(signum, frame) -> None:
+    """The handler of SIGTERM/SIGINT/SIGHUP: the wakeup fd carries the signal to the loop."""
+
+
+# -- command line -----------------------------------------------------------------
+
+
+class _Formatter(logging.Formatter):
+    """``LEVEL: message``; under journald also the ``<N>`` priority prefix of sd-daemon(3)."""
+
+    _PRIO = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+    def __init__(self, journal: bool):
+        super().__init__("%(levelname)s: %(message)s")
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if self.journal:
+            text = f"<{self._PRIO.get(record.levelname, 6)}>" + text.replace("\n", " ")
+        return text
+
+
+def _stderr_is_journal() -> bool:
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in stream.split(":"))
+        st = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(_stderr_is_journal()))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nflogd", description="Capture NFLOG groups and publish them on a ZeroMQ feed."
+    )
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="PATH",
+                   help=f"configuration file (default {DEFAULT_CONFIG})")  # fmt: skip
+    p.add_argument("--check", action="store_true", help="validate the configuration and exit (0 ok, 2 bad)")
+    p.add_argument("--log-level", default="info", metavar="LEVEL", type=str.lower,
+                   choices=["debug", "info", "warning", "error"],
+                   help="debug, info (default), warning or error")  # fmt: skip
+    return p
+
+
+def _fail(message, status: int) -> int:
+    print(f"nflogd: {message}", file=sys.stderr, flush=True)
+    return status
+
+
+def _os_text(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    from . import config
+
+    try:
+        cfg = config.load(args.config)
+    except ConfigError as e:
+        return _fail(e, 2)
+    except OSError as e:
+        return _fail(f"{args.config}: {e.strerror or e}", 2)
+    if args.check:
+        return 0
+    daemon = Daemon(cfg, args.config)
+    try:
+        daemon.install_signals()
+        daemon.start()
+        daemon.run()
+    except ConfigError as e:
+        return _fail(e, 2)
+    except NflogdError as e:
+        return _fail(e, 1)
+    except zmq.ZMQError as e:
+        return _fail(f"zmq: {e}", 1)
+    except OSError as e:
+        return _fail(_os_text(e), 1)
+    finally:
+        daemon.close()
+    log.info("stopped")
+    return 0
