@@ -123,7 +123,7 @@ class Packet:
         hook: int = 0,
         hwaddr: bytes | None = None,
         kernel_seq: int | None = None,
-    ) -> "Packet":
+    ) -> Packet:
         """A packet from its fields (for tests and tools); absent attributes stay ``None``."""
         present = F_PAYLOAD if data else 0
         if ts_kernel:
@@ -138,6 +138,8 @@ class Packet:
         if prefix is not None:
             present |= F_PREFIX
         if hwaddr is not None:
+            if builtins_len(hwaddr) > 8:
+                raise ValueError(f"hwaddr is {builtins_len(hwaddr)} bytes, at most 8 fit the record")
             present |= F_HWADDR
         hw = hwaddr or b""
         raw = (
@@ -264,6 +266,8 @@ def frames(
 ) -> list[bytes]:
     """The four frames of one message around an already packed record table."""
     node_b = node.encode() if isinstance(node, str) else node
+    if builtins_len(node_b) > MAX_NODE:
+        raise ValueError(f"node name is {builtins_len(node_b)} bytes in UTF-8, at most {MAX_NODE}")
     header = HEADER.pack(
         MAGIC, VERSION, 0, group, count, RECORD.size, builtins_len(node_b),
         epoch, first_seq, kernel_dropped,
@@ -311,8 +315,8 @@ def decode(msg: Sequence[bytes]) -> Batch:
     topic_b, header, table, data = (bytes(f) if not isinstance(f, bytes) else f for f in msg)
     if builtins_len(header) < HEADER.size:
         raise WireError(f"header is {builtins_len(header)} bytes, expected at least {HEADER.size}")
-    (magic, version, _flags, group, count, rsize, node_len, epoch, first_seq, kdrop) = (
-        HEADER.unpack_from(header)
+    (magic, version, _flags, group, count, rsize, node_len, epoch, first_seq, kdrop) = HEADER.unpack_from(
+        header
     )
     if magic != MAGIC:
         raise WireError(f"bad magic {magic!r}, expected {MAGIC!r}")
@@ -320,6 +324,8 @@ def decode(msg: Sequence[bytes]) -> Batch:
         raise WireError(f"unsupported version {version}, this decoder reads {VERSION}")
     if topic_b != TOPIC.pack(group):
         raise WireError(f"topic {topic_b.hex()} does not match header group {group}")
+    if node_len > MAX_NODE:
+        raise WireError(f"node_len {node_len} exceeds {MAX_NODE}")
     if builtins_len(header) != HEADER.size + node_len:
         raise WireError(f"header is {builtins_len(header)} bytes, node_len says {HEADER.size + node_len}")
     try:
@@ -340,12 +346,16 @@ def decode(msg: Sequence[bytes]) -> Batch:
     for r in RECORD.iter_unpack(table):
         off = r[1]
         end = off + r[2]
-        if end > dlen:
-            raise WireError(f"record {seq - first_seq}: payload {off}+{r[2]} beyond data ({dlen} bytes)")
+        if end > dlen or r[16] > 8:
+            if end > dlen:
+                raise WireError(f"record {seq - first_seq}: payload {off}+{r[2]} beyond data ({dlen} bytes)")
+            raise WireError(f"record {seq - first_seq}: hwaddr_len {r[16]} exceeds the 8-byte hwaddr field")
         if r[15] & F_PREFIX:
             pend = r[12] + r[13]
             if pend > dlen:
-                raise WireError(f"record {seq - first_seq}: prefix beyond data")
+                raise WireError(
+                    f"record {seq - first_seq}: prefix {r[12]}+{r[13]} beyond data ({dlen} bytes)"
+                )
             try:
                 prefix = data[r[12] : pend].decode()
             except UnicodeDecodeError:
