@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import pwd
 import signal
 import socket
 import sys
@@ -47,7 +49,7 @@ from prometheus_client.registry import CollectorRegistry
 from . import privileges
 from .errors import ConfigError, NflogdError
 from .metrics import Collector, MetricsServer
-from .publish import Publisher
+from .publish import Publisher, make_ipc_dirs
 from .sdnotify import Notifier
 
 __all__ = ["main", "Daemon", "DEFAULT_CONFIG"]
@@ -97,6 +99,7 @@ class Daemon:
         self.registry: CollectorRegistry | None = None
         self.metrics_server: MetricsServer | None = None
         self.poller = zmq.Poller()
+        self._by_fd: dict = {}  # netlink fd -> GroupReader (the poller reports plain fds as ints)
         self._stop = False
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
@@ -119,6 +122,9 @@ class Daemon:
         for settings in cfg.groups:
             self.readers = {**self.readers, settings.group: self._open_reader(settings)}
         if cfg.user:
+            if os.geteuid() == 0:
+                pw = pwd.getpwnam(cfg.user)
+                make_ipc_dirs(cfg.publish.bind, (pw.pw_uid, pw.pw_gid))
             privileges.drop(cfg.user)
         os.umask(0o007)
         self.ctx = zmq.Context()
@@ -128,11 +134,11 @@ class Daemon:
         Collector(self.group_counters, lambda: publisher.subscribers, registry=self.registry)
         if cfg.metrics is not None:
             self.metrics_server = MetricsServer(cfg.metrics.host, cfg.metrics.port, self.registry)
-        self.poller.register(self._wake_r, zmq.POLLIN)
+        self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
         self.poller.register(publisher.socket, zmq.POLLIN)
         self.poller.register(publisher.monitor, zmq.POLLIN)
         for reader in self.readers.values():
-            self.poller.register(reader, zmq.POLLIN)
+            self._watch(reader)
         log.info("capturing %s", self._groups_text())
         self.notifier.ready(self._status())
 
@@ -146,6 +152,16 @@ class Daemon:
         log.debug("group %d bound", settings.group)
         return reader
 
+    def _watch(self, reader) -> None:
+        fd = reader.fileno()
+        self._by_fd[fd] = reader
+        self.poller.register(fd, zmq.POLLIN)
+
+    def _unwatch(self, reader) -> None:
+        fd = reader.fileno()
+        self._by_fd.pop(fd, None)
+        self.poller.unregister(fd)
+
     # -- loop ------------------------------------------------------------------
 
     def run(self) -> None:
@@ -153,21 +169,25 @@ class Daemon:
         interval = self.notifier.watchdog_interval
         next_wd = time.monotonic() + interval if interval else None
         publisher = self.publisher
-        assert publisher is not None
+        assert publisher is not None and self._wake_r is not None
+        wake_fd = self._wake_r.fileno()
+        by_fd = self._by_fd
         while not self._stop:
             if next_wd is None:
                 timeout = None
             else:
-                timeout = max(0.0, (next_wd - time.monotonic()) * 1000)
+                timeout = max(0, math.ceil((next_wd - time.monotonic()) * 1000))
             for obj, _ in self.poller.poll(timeout):
-                if obj is self._wake_r:
-                    self._handle_signals()
-                elif obj is publisher.socket:
+                if obj is publisher.socket:
                     publisher.handle_incoming()
                 elif obj is publisher.monitor:
                     publisher.handle_monitor()
-                elif self.readers.get(obj.group) is obj:  # not closed by a reload this turn
-                    self._drain(obj)
+                elif obj == wake_fd:
+                    self._handle_signals()
+                else:
+                    reader = by_fd.get(obj)  # None: closed by a reload earlier this turn
+                    if reader is not None:
+                        self._drain(reader)
             if next_wd is not None and time.monotonic() >= next_wd:
                 self.notifier.watchdog()
                 next_wd = time.monotonic() + interval
@@ -261,7 +281,7 @@ class Daemon:
         readers = dict(self.readers)
         for g in [g for g in readers if g not in wanted]:
             reader = readers.pop(g)
-            self.poller.unregister(reader)
+            self._unwatch(reader)
             self.retired[g] = self.retired.get(g, _Totals()).add(reader.counters)
             self._close_reader(reader)
             log.info("group %d closed", g)
@@ -274,7 +294,7 @@ class Daemon:
                     log.error("reload: %s; group %d keeps its settings", _group_error(g, e), g)
         for g, reader in added.items():
             readers[g] = reader
-            self.poller.register(reader, zmq.POLLIN)
+            self._watch(reader)
             log.info("group %d added", g)
         self.readers = {g: readers[g] for g in wanted if g in readers}
         self.cfg = new

@@ -45,7 +45,7 @@ from nflogd_client import wire
 
 from .errors import NflogdError
 
-__all__ = ["Publisher", "check_ipc_path", "ipc_path"]
+__all__ = ["Publisher", "check_ipc_path", "ipc_path", "make_ipc_dirs"]
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +99,33 @@ def check_ipc_path(endpoint: str, path: str) -> None:
     raise NflogdError(f"publish.bind: {endpoint}: another process is serving this path")
 
 
-def _make_parent(endpoint: str, path: str) -> None:
-    """Create a missing parent directory, mode 0750 (clients in our group may enter)."""
+def _make_parent(endpoint: str, path: str, owner: tuple[int, int] | None = None) -> None:
+    """Create a missing parent directory, mode 0750 (clients in our group may enter),
+    owned by ``owner`` (uid, gid) if given."""
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(parent):
         return
     try:
         os.makedirs(parent, mode=0o750)
         os.chmod(parent, 0o750)
+        if owner is not None:
+            os.chown(parent, *owner)
     except FileExistsError:
         pass
     except OSError as e:
         raise NflogdError(f"publish.bind: {endpoint}: cannot create {parent}: {e.strerror}") from None
+
+
+def make_ipc_dirs(endpoints: Iterable[str], owner: tuple[int, int]) -> None:
+    """Create the missing parent directories of ipc endpoints for ``owner`` (uid, gid).
+
+    The daemon calls this as root before it drops privileges, so that the user it
+    becomes can create its sockets under /run even without systemd's RuntimeDirectory.
+    """
+    for endpoint in endpoints:
+        path = ipc_path(endpoint)
+        if path is not None:
+            _make_parent(endpoint, path, owner)
 
 
 class Publisher:
@@ -135,6 +150,8 @@ class Publisher:
             self.socket.setsockopt(zmq.LINGER, LINGER_MS)
             self.socket.setsockopt(zmq.SNDHWM, publish.hwm)
             self.socket.setsockopt(zmq.XPUB_NODROP, 0)
+            # every subscribe reaches handle_incoming(), not only a topic's first: debug logs show all
+            self.socket.setsockopt(zmq.XPUB_VERBOSE, 1)
             self.monitor = self.socket.get_monitor_socket(
                 zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
             )
