@@ -342,15 +342,17 @@ int nflogd_read(struct nflogd_reader *r, int timeout_ms)
         return (int)r->count;
     }
     reset_batch(r);
-    if (timeout_ms != 0) {
+    /* Under load a batch is usually waiting: try it first, and poll only when there is none. */
+    ssize_t n = recv(r->fd, r->rxbuf, r->rxbuf_size, MSG_DONTWAIT | MSG_TRUNC);
+    if (n < 0 && errno == EAGAIN && timeout_ms != 0) {
         struct pollfd pfd = { .fd = r->fd, .events = POLLIN };
         int rc = poll(&pfd, 1, timeout_ms);
         if (rc == 0)
             return 0;
         if (rc < 0)
             return errno == EINTR ? 0 : -errno;
+        n = recv(r->fd, r->rxbuf, r->rxbuf_size, MSG_DONTWAIT | MSG_TRUNC);
     }
-    ssize_t n = recv(r->fd, r->rxbuf, r->rxbuf_size, MSG_DONTWAIT | MSG_TRUNC);
     if (n < 0) {
         if (errno == EAGAIN || errno == EINTR)
             return 0;

@@ -1,0 +1,248 @@
+"""nflogd's bench: nflogd side by side with ``tcpdump -i nflog:N -w /dev/null`` on the same traffic.
+
+One nft rule logs every packet to two groups, ours and tcpdump's, so both read the very
+same packets in the same run. Figures are ratios and per-packet costs, never pass/fail.
+
+    .venv/bin/python bench/run.py               # everything (make bench)
+    .venv/bin/python bench/run.py capture       # one part: capture, daemon, latency, client
+
+Traffic stays on the loopback of a namespace made for the run and deleted after it.
+Results go to stdout and bench/results/latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from nsutil import NetNS  # noqa: E402
+
+PY = sys.executable
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+OURS, THEIRS = 1, 2  # the groups: ours, tcpdump's
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a live process, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def wait_line(proc: subprocess.Popen, stream, pattern: str, timeout: float = 10) -> str:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        line = stream.readline()
+        if not line:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args[3:]} exited: {proc.returncode}")
+            continue
+        if re.search(pattern, line):
+            return line
+    raise RuntimeError(f"no {pattern!r} from {proc.args[3:]} within {timeout}s")
+
+
+class Tcpdump:
+    """tcpdump reading an nflog group into /dev/null, its CPU and count read at stop."""
+
+    def __init__(self, ns: NetNS, group: int):
+        self.proc = ns.popen(
+            "tcpdump", "-i", f"nflog:{group}", "-w", "/dev/null", "-B", "8192", "-q",
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        wait_line(self.proc, self.proc.stderr, "listening on")
+        self.cpu0 = cpu_seconds(self.proc.pid)
+
+    def stop(self) -> dict:
+        cpu = cpu_seconds(self.proc.pid) - self.cpu0
+        self.proc.send_signal(signal.SIGINT)
+        err = self.proc.communicate(timeout=10)[1]
+        m = re.search(r"(\d+) packets? captured", err)
+        return {"packets": int(m.group(1)) if m else 0, "cpu": cpu}
+
+
+class CaptureReader:
+    """bench/capture_reader.py: our capture reader alone."""
+
+    def __init__(self, ns: NetNS, group: int, qthresh: int):
+        self.proc = ns.popen(
+            PY, os.path.join(HERE, "capture_reader.py"), "--group", str(group), "--qthresh", str(qthresh),
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        wait_line(self.proc, self.proc.stdout, "^ready")
+
+    def stop(self) -> dict:
+        self.proc.send_signal(signal.SIGTERM)
+        out = self.proc.communicate(timeout=10)[0]
+        return json.loads(out.strip().splitlines()[-1])
+
+
+def flood(ns: NetNS, count: int, rate: float, size: int = 64) -> dict:
+    res = ns.run(
+        PY, os.path.join(HERE, "flood.py"), "--count", str(count), "--rate", str(rate), "--size", str(size)
+    )
+    return json.loads(res.stdout)
+
+
+def namespace() -> NetNS:
+    ns = NetNS("nflbench")
+    ns.nft(
+        "table inet bench {\n  chain c {\n    type filter hook output priority 0;\n"
+        f"    udp dport 9999 log group {OURS} log group {THEIRS}\n  }}\n}}\n"
+    )
+    return ns
+
+
+def row(name: str, sent: int, seconds: float, ours: dict, theirs: dict) -> dict:
+    us = lambda d: 1e6 * d["cpu"] / max(d["packets"], 1)  # noqa: E731
+    r = {
+        "case": name,
+        "sent": sent,
+        "rate_pps": round(sent / seconds),
+        "ours_packets": ours["packets"],
+        "ours_lost": sent - ours["packets"],
+        "ours_us_per_pkt": round(us(ours), 3),
+        "tcpdump_packets": theirs["packets"],
+        "tcpdump_lost": sent - theirs["packets"],
+        "tcpdump_us_per_pkt": round(us(theirs), 3),
+    }
+    r["cpu_ratio"] = round(r["ours_us_per_pkt"] / r["tcpdump_us_per_pkt"], 2) if theirs["cpu"] else None
+    for key in ("kernel_dropped", "overflows"):
+        if key in ours:
+            r["ours_" + key] = ours[key]
+    return r
+
+
+def bench_capture(args) -> list[dict]:
+    """The capture reader vs tcpdump: a fixed rate, then flat out, across queue thresholds."""
+    cases = [("fixed", 64, args.rate, args.rate * 3)] + [
+        (f"top q={q}", q, 0, args.count) for q in (1, 16, 64, 256)
+    ]
+    rows = []
+    for name, qthresh, rate, count in cases:
+        ns = namespace()
+        try:
+            ours = CaptureReader(ns, OURS, qthresh)
+            theirs = Tcpdump(ns, THEIRS)
+            sent = flood(ns, int(count), rate)
+            time.sleep(0.5)  # both drain what the kernel queued
+            rows.append(row(f"capture {name}", sent["sent"], sent["seconds"], ours.stop(), theirs.stop()))
+        finally:
+            ns.close()
+        print_row(rows[-1])
+    return rows
+
+
+def daemon_config(tmp: str, endpoint: str, qthresh: int = 64) -> str:
+    path = os.path.join(tmp, "nflogd.yaml")
+    with open(path, "w") as f:
+        f.write(
+            f"node: bench\ngroups:\n  - group: {OURS}\n    queue_threshold: {qthresh}\n"
+            f"publish:\n  bind: [{json.dumps(endpoint)}]\nmetrics:\n  listen: null\n"
+        )
+    return path
+
+
+class Daemon:
+    """The real nflogd in the namespace, and a counting subscriber outside it (ipc)."""
+
+    def __init__(self, ns: NetNS, tmp: str, qthresh: int = 64, latency: bool = False):
+        endpoint = f"ipc://{tmp}/feed.sock"
+        cfg = daemon_config(tmp, endpoint, qthresh)
+        nflogd = os.path.join(os.path.dirname(PY), "nflogd")
+        self.proc = ns.popen(nflogd, "-c", cfg, stderr=subprocess.PIPE, text=True)
+        wait_line(self.proc, self.proc.stderr, "ready|READY|publishing")
+        cmd = [PY, os.path.join(HERE, "subscriber_count.py"), endpoint, str(OURS)]
+        if latency:
+            cmd.append("--latency")
+        self.sub = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        wait_line(self.sub, self.sub.stdout, "^ready")
+
+    def stop(self) -> tuple[dict, dict]:
+        cpu = cpu_seconds(self.proc.pid)
+        self.sub.send_signal(signal.SIGTERM)
+        sub = json.loads(self.sub.communicate(timeout=10)[0].strip().splitlines()[-1])
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.communicate(timeout=10)
+        return {"packets": sub["packets"], "cpu": cpu, "lost_on_feed": sub["lost"]}, sub
+
+
+def bench_daemon(args) -> list[dict]:
+    """The daemon and a subscriber vs tcpdump, end to end."""
+    rows = []
+    for name, rate, count in (("fixed", args.rate, args.rate * 3), ("top", 0, args.count)):
+        ns = namespace()
+        tmp = tempfile.mkdtemp(prefix="nflbench-")
+        try:
+            daemon = Daemon(ns, tmp)
+            theirs = Tcpdump(ns, THEIRS)
+            sent = flood(ns, int(count), rate)
+            time.sleep(0.5)
+            ours, _ = daemon.stop()
+            rows.append(row(f"daemon {name}", sent["sent"], sent["seconds"], ours, theirs.stop()))
+        finally:
+            ns.close()
+        print_row(rows[-1])
+    return rows
+
+
+def bench_latency(args) -> list[dict]:
+    """Send-to-subscriber latency at 1000 packets/s with the default config."""
+    ns = namespace()
+    tmp = tempfile.mkdtemp(prefix="nflbench-")
+    try:
+        daemon = Daemon(ns, tmp, latency=True)
+        sent = flood(ns, 3000, 1000)
+        time.sleep(0.5)
+        ours, sub = daemon.stop()
+    finally:
+        ns.close()
+    r = {"case": "latency 1000 pps", "sent": sent["sent"], "received": ours["packets"]} | sub["latency_ms"]
+    print_row(r)
+    return [r]
+
+
+def bench_client(args) -> list[dict]:
+    res = subprocess.run(
+        [PY, os.path.join(HERE, "client_decode.py")], capture_output=True, text=True, check=True
+    )
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    for r in rows:
+        print_row(r)
+    return rows
+
+
+def print_row(r: dict) -> None:
+    print("  ".join(f"{k}={v}" for k, v in r.items()), flush=True)
+
+
+PARTS = {"capture": bench_capture, "daemon": bench_daemon, "latency": bench_latency, "client": bench_client}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("parts", nargs="*", choices=[*PARTS, []], help="default: all")
+    ap.add_argument("--rate", type=int, default=20000, help="the fixed rate, packets/s (3 s of it)")
+    ap.add_argument("--count", type=int, default=300000, help="packets sent flat out")
+    args = ap.parse_args()
+    results = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
+    for part in args.parts or PARTS:
+        print(f"== {part}", flush=True)
+        results[part] = PARTS[part](args)
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", "latest.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
