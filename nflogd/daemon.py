@@ -46,7 +46,8 @@ import time
 import zmq
 from prometheus_client.registry import CollectorRegistry
 
-from . import privileges
+from . import config, privileges
+from .capture import GroupReader
 from .errors import ConfigError, NflogdError
 from .metrics import Collector, MetricsServer
 from .publish import Publisher, make_ipc_dirs
@@ -143,8 +144,6 @@ class Daemon:
         self.notifier.ready(self._status())
 
     def _open_reader(self, settings):
-        from .capture import GroupReader
-
         try:
             reader = GroupReader(settings)
         except NflogdError as e:
@@ -224,8 +223,6 @@ class Daemon:
 
     def reload(self) -> bool:
         """Reread the config and apply it (module docstring); False if it was not applied."""
-        from . import config
-
         self.notifier.reloading()
         try:
             new = config.load(self.path)
@@ -452,8 +449,6 @@ def _os_text(e: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.log_level)
-    from . import config
-
     try:
         cfg = config.load(args.config)
     except ConfigError as e:

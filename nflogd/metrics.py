@@ -28,6 +28,7 @@ scrape gets what could be read.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import socket
 import threading
@@ -64,11 +65,8 @@ GroupsSource = Callable[[], Iterable[Tuple[int, object]]]
 def version() -> str:
     """The installed nflogd version (the package's ``__version__`` in a bare checkout)."""
     try:
-        from importlib.metadata import PackageNotFoundError
-        from importlib.metadata import version as _version
-
-        return _version("nflogd")
-    except (ImportError, PackageNotFoundError):
+        return importlib.metadata.version("nflogd")
+    except importlib.metadata.PackageNotFoundError:
         from . import __version__
 
         return __version__

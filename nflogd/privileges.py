@@ -21,15 +21,21 @@ without doing anything when the process already is that user.
 from __future__ import annotations
 
 import grp
+import importlib
 import logging
 import os
 import pwd
 
 from .errors import ConfigError, NflogdError
 
-__all__ = ["drop"]
+__all__ = ["drop", "PRELOAD"]
 
 log = logging.getLogger(__name__)
+
+#: Modules Python imports lazily on paths the daemon takes after the drop: host names go
+#: through the idna codec, HTTP headers through latin-1. Imported while still root, since
+#: the interpreter may live where the user cannot read (a pyenv under /root, say).
+PRELOAD = ("encodings.idna", "encodings.latin_1", "encodings.ascii", "importlib.metadata")
 
 
 def _threads() -> int:
@@ -51,7 +57,9 @@ def drop(user: str) -> None:
     if _threads() != 1:
         raise NflogdError("user: cannot drop privileges: threads are already running")
     groups = os.getgrouplist(user, pw.pw_gid)
-    from . import ffi  # the compiled module; imported here so --check never needs it
+    for name in PRELOAD:
+        importlib.import_module(name)
+    from . import ffi  # the compiled module (already loaded by capture when groups are bound)
 
     try:
         ffi.set_keepcaps(True)

@@ -144,6 +144,7 @@ class Publisher:
         self.unsent = 0  # messages ZeroMQ refused (never expected with XPUB_NODROP off)
         self._seq: dict[int, int] = {}
         self._peers: set[int] = set()
+        self._files: dict[str, tuple[str, int, int]] = {}  # endpoint -> (path, st_dev, st_ino)
         self.socket = ctx.socket(zmq.XPUB)
         self.monitor = None
         try:
@@ -177,17 +178,37 @@ class Publisher:
         finally:
             if path is not None:
                 os.umask(old)
+        if path is not None:
+            try:
+                st = os.stat(path)
+                self._files[endpoint] = (path, st.st_dev, st.st_ino)
+            except OSError:
+                pass
         self.endpoints.append(endpoint)
         log.info("publishing on %s", endpoint)
 
     def unbind(self, endpoint: str) -> None:
-        """Stop listening on an endpoint; peers already connected through it stay."""
+        """Stop listening on an endpoint (removing its ipc file); peers connected through it stay."""
         try:
             self.socket.unbind(endpoint)
         except zmq.ZMQError as e:
             log.warning("publish.bind: %s: unbind failed: %s", endpoint, e.strerror)
         if endpoint in self.endpoints:
             self.endpoints.remove(endpoint)
+        self._remove_file(endpoint)
+
+    def _remove_file(self, endpoint: str) -> None:
+        """Unlink our ipc socket file (libzmq leaves it), unless another process replaced it."""
+        entry = self._files.pop(endpoint, None)
+        if entry is None:
+            return
+        path, dev, ino = entry
+        try:
+            st = os.stat(path)
+            if (st.st_dev, st.st_ino) == (dev, ino):
+                os.unlink(path)
+        except OSError:
+            pass
 
     def rebind(self, endpoints: Iterable[str]) -> None:
         """Bind the endpoints not bound yet, then unbind those no longer wanted.
@@ -291,3 +312,5 @@ class Publisher:
             self.monitor = None
         if not self.socket.closed:
             self.socket.close(linger=LINGER_MS if linger is None else linger)
+        for endpoint in list(self._files):
+            self._remove_file(endpoint)

@@ -37,13 +37,9 @@ class Notifier:
         self.watchdog_interval: float | None = (
             watchdog_usec / 2 / 1e6 if watchdog_usec and watchdog_usec > 0 else None
         )
-        self._sock: socket.socket | None = None
+        self._sock: socket.socket | None = None  # made on the first message
         self._failed = False
-        if address:
-            target = "\0" + address[1:] if address.startswith("@") else address
-            self._target = target
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self._sock.setblocking(False)
+        self._target = ("\0" + address[1:] if address.startswith("@") else address) if address else None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None, pid: int | None = None) -> Notifier:
@@ -60,13 +56,16 @@ class Notifier:
 
     @property
     def enabled(self) -> bool:
-        return self._sock is not None
+        return self._target is not None
 
     def notify(self, *lines: str) -> bool:
         """Send ``KEY=VALUE`` lines in one datagram; True if it went out."""
-        if self._sock is None:
+        if self._target is None:
             return False
         try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._sock.setblocking(False)
             self._sock.sendto("\n".join(lines).encode(), self._target)
         except OSError as e:
             level = logging.DEBUG if self._failed else logging.WARNING

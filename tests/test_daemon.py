@@ -1,0 +1,526 @@
+"""The real daemon in a network namespace: feed, metrics, loss accounting, signals, reload, sd_notify."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+from daemonutil import REPO, DaemonError, NflogdProcess, nflogd_command, packet_count, receive
+
+from nflogd.sdnotify import Notifier
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def ctx():
+    c = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+def by_group(batches) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for b in batches:
+        out.setdefault(b.group, []).append(b)
+    return out
+
+
+def assert_contiguous(batches, start: int = 0) -> int:
+    """Each batch starts where the previous ended; returns the next seq."""
+    seq = start
+    for b in batches:
+        assert b.first_seq == seq, f"feed gap: expected seq {seq}, got {b!r}"
+        seq = b.next_seq
+    return seq
+
+
+def proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def wait_until(pred, timeout: float = 5.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def bound_groups(netns) -> set[int]:
+    """Groups bound in the namespace, from the kernel's own list."""
+    out = netns.run("cat", "/proc/net/netfilter/nfnetlink_log").stdout
+    return {int(line.split()[0]) for line in out.splitlines() if line.strip()}
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("nflogd: ")]
+
+
+# -- the feed and the metrics ---------------------------------------------------
+
+
+def check_ipv4(data: bytes, payload: bytes, dport: int) -> None:
+    assert data[0] == 0x45
+    assert struct.unpack_from(">H", data, 2)[0] == len(data)
+    assert data[9] == 17
+    assert data[12:16] == data[16:20] == socket.inet_aton("127.0.0.1")
+    assert struct.unpack_from(">HH", data, 22) == (dport, 8 + len(payload))
+    assert data[28:] == payload
+
+
+def check_ipv6(data: bytes, payload: bytes, dport: int) -> None:
+    assert data[0] >> 4 == 6
+    assert struct.unpack_from(">H", data, 4)[0] == 8 + len(payload) == len(data) - 40
+    assert data[6] == 17
+    assert data[8:24] == data[24:40] == socket.inet_pton(socket.AF_INET6, "::1")
+    assert struct.unpack_from(">HH", data, 42) == (dport, 8 + len(payload))
+    assert data[48:] == payload
+
+
+def test_feed_ipv4_ipv6_and_metrics(netns, tmp_path, ctx):
+    ports = {1: 9991, 2: 9992}
+    for g, port in ports.items():
+        netns.log_rule(g, match=f"udp dport {port}")
+    with NflogdProcess(netns, tmp_path, groups=[1, 2], node="r1") as d:
+        assert d.ready_msg["READY"] == "1" and "groups 1, 2" in d.ready_msg["STATUS"]
+        sub = d.subscribe(ctx)
+        sent: dict[int, list[tuple[int, bytes]]] = {1: [], 2: []}
+        for g, port in ports.items():
+            for i in range(12):
+                p4 = f"g{g} v4 #{i} ".encode() + bytes(range(256))[: 17 * i]
+                p6 = f"g{g} v6 #{i} ".encode() + bytes(range(255, -1, -1))[: 13 * i]
+                netns.send_udp([p4], "127.0.0.1", port)
+                netns.send_udp([p6], "::1", port)
+                sent[g] += [(4, p4), (6, p6)]
+        total = sum(len(v) for v in sent.values())
+        batches = receive(sub, lambda bs: packet_count(bs) >= total)
+        assert packet_count(batches) == total
+        epochs = {b.epoch for b in batches}
+        assert len(epochs) == 1 and epochs.pop() > 0
+        groups = by_group(batches)
+        for g, port in ports.items():
+            assert assert_contiguous(groups[g]) == len(sent[g])
+            pkts = [p for b in groups[g] for p in b.packets]
+            assert [p.seq for p in pkts] == list(range(len(sent[g])))
+            for pkt, (family, payload) in zip(pkts, sent[g]):
+                assert (pkt.node, pkt.group) == ("r1", g)
+                assert pkt.len == pkt.caplen == len(pkt.data) and not pkt.truncated
+                (check_ipv4 if family == 4 else check_ipv6)(pkt.data, payload, port)
+                assert pkt.hw_protocol == (0x0800 if family == 4 else 0x86DD)
+                assert abs(pkt.ts - time.time()) < 60
+            assert all(b.kernel_dropped == 0 for b in groups[g])
+
+            m = d.scrape()
+            label = (("group", str(g)),)
+            assert m[("nflogd_packets_total", label)] == len(sent[g])
+            assert m[("nflogd_bytes_total", label)] == sum(p.len for p in pkts)
+            assert m[("nflogd_kernel_dropped_packets_total", label)] == 0
+            assert m[("nflogd_truncated_packets_total", label)] == 0
+            assert m[("nflogd_overflows_total", label)] == 0
+        assert m[("nflogd_subscribers", ())] == 1
+        assert [k for k in m if k[0] == "nflogd_build_info"]
+        sub.close(linger=0)
+    assert d.returncode == 0
+
+
+def test_flood_while_stopped_loss_is_exact(netns, tmp_path, ctx):
+    """SIGSTOP under a flood overruns a small rcvbuf; every packet is published or counted lost."""
+    netns.log_rule(1, match="udp dport 9999")
+    with NflogdProcess(netns, tmp_path, groups=[{"group": 1, "rcvbuf": 32768}]) as d:
+        sub = d.subscribe(ctx)
+        d.send_signal(signal.SIGSTOP)
+        wait_until(lambda: proc_state(d.pid) == "T", what="the daemon to stop")
+        sent = netns.send_udp([b"flood %06d " % i + b"x" * 200 for i in range(5000)])
+        d.send_signal(signal.SIGCONT)
+        batches: list = []
+
+        def settle(quiet: float = 0.3) -> None:
+            while True:
+                more = receive(sub, lambda bs: False, timeout=quiet)
+                if not more:
+                    return
+                batches.extend(more)
+
+        settle()  # the daemon has read what the socket held, and met the overrun
+        def accounted(bs) -> bool:
+            every = batches + bs
+            return bool(every) and packet_count(every) + every[-1].kernel_dropped >= sent
+
+        for _ in range(20):  # a few more packets show the kernel's sequence gap
+            sent += netns.send_udp([b"after %d" % i for i in range(3)])
+            batches += receive(sub, accounted, timeout=1.0)
+            if accounted([]):
+                break
+        published = packet_count(batches)
+        dropped = batches[-1].kernel_dropped
+        assert dropped > 0, "the flood did not overrun the buffer; the test proves nothing"
+        assert published + dropped == sent
+        assert assert_contiguous(batches) == published
+        assert [b.kernel_dropped for b in batches] == sorted(b.kernel_dropped for b in batches)
+
+        m = d.scrape()
+        label = (("group", "1"),)
+        assert m[("nflogd_packets_total", label)] == published
+        assert m[("nflogd_kernel_dropped_packets_total", label)] == dropped
+        assert m[("nflogd_packets_total", label)] + m[("nflogd_kernel_dropped_packets_total", label)] == sent
+        assert m[("nflogd_overflows_total", label)] >= 1
+        sub.close(linger=0)
+    assert d.returncode == 0
+    assert "receive buffer overrun" in d.stderr
+
+
+# -- command line ---------------------------------------------------------------
+
+
+def run_cli(*args: str, module: bool = False) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "nflogd"] if module else nflogd_command()
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=30, cwd=REPO)
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["script", "python-m"])
+def test_check_documented_config(module):
+    res = run_cli("--check", "-c", str(REPO / "etc" / "nflogd.yaml"), module=module)
+    assert (res.returncode, res.stderr) == (0, "")
+
+
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        ("groups: [{group: 2, copy_range: 70000}]\n", "groups[0].copy_range"),
+        ("groups: [1]\nbogus: 1\n", "bogus"),
+        ("groups: [1\n", "invalid YAML"),
+        ("groups: [1]\npublish: {bind: ['ftp://x']}\n", "publish.bind[0]"),
+        (None, "cannot read"),
+    ],
+    ids=["range", "unknown-key", "yaml", "endpoint", "missing-file"],
+)
+def test_check_bad_config(tmp_path, text, expect):
+    path = tmp_path / "nflogd.yaml"
+    if text is not None:
+        path.write_text(text)
+    res = run_cli("--check", "-c", str(path))
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nflogd: ") and expect in lines[0], res.stderr
+    assert res.stdout == ""
+
+
+def test_bad_config_at_start_exits_2(netns, tmp_path):
+    d = NflogdProcess(netns, tmp_path)
+    d.write_config("groups: []\n")
+    d.start(wait_ready=False)
+    try:
+        assert d.wait(10) == 2
+    finally:
+        d.stop()
+    assert error_lines(d.stderr) == [line for line in d.stderr.splitlines() if line.strip()]
+    assert "groups: must not be empty" in d.stderr
+
+
+def test_group_held_by_another_process(netns, tmp_path):
+    with NflogdProcess(netns, tmp_path / "a", groups=[7], metrics=False):
+        b = NflogdProcess(netns, tmp_path / "b", groups=[8, 7], metrics=False, log_level="warning")
+        b.start(wait_ready=False)
+        try:
+            assert b.wait(10) == 1
+        finally:
+            b.stop()
+        lines = b.stderr.splitlines()
+        assert len(lines) == 1 and "Traceback" not in b.stderr, b.stderr
+        assert lines[0].startswith("nflogd: group 7 is already bound"), lines[0]
+        assert bound_groups(netns) == {7}  # b let go of group 8 again
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_within_a_second(netns, tmp_path, signum):
+    netns.log_rule(3, match="udp dport 9999")
+    with NflogdProcess(netns, tmp_path, groups=[3, 4]) as d:
+        assert bound_groups(netns) == {3, 4}
+        sock_path = d.endpoint[len("ipc://") :]
+        assert os.path.exists(sock_path)
+        t0 = time.monotonic()
+        d.send_signal(signum)
+        rc = d.wait(5)
+        elapsed = time.monotonic() - t0
+        assert d.notify.wait("STOPPING", timeout=1)
+    assert rc == 0 and elapsed < 1.0, (rc, elapsed, d.stderr)
+    assert "Traceback" not in d.stderr
+    assert bound_groups(netns) == set()
+    assert not os.path.exists(sock_path)
+
+
+def test_ipc_file_modes(netns, tmp_path):
+    with NflogdProcess(netns, tmp_path, metrics=False) as d:
+        path = Path(d.endpoint[len("ipc://") :])
+        assert oct(path.stat().st_mode & 0o777) == oct(0o660)
+        assert oct(path.parent.stat().st_mode & 0o777) == oct(0o750)
+
+
+def test_second_daemon_on_same_ipc_path_refused(netns, tmp_path):
+    with NflogdProcess(netns, tmp_path / "a", groups=[1], metrics=False) as a:
+        b = NflogdProcess(
+            netns, tmp_path / "b", groups=[2], metrics=False, log_level="warning",
+            extra={"publish": {"bind": [a.endpoint]}},
+        )  # fmt: skip
+        b.start(wait_ready=False)
+        try:
+            assert b.wait(10) == 1
+        finally:
+            b.stop()
+        assert b.stderr.splitlines() == [
+            f"nflogd: publish.bind: {a.endpoint}: another process is serving this path"
+        ]
+        assert a.alive() and os.path.exists(a.endpoint[len("ipc://") :])
+        a.send_signal(signal.SIGKILL)  # leaves its socket file behind
+        a.wait(5)
+    # a stale file is taken over
+    with NflogdProcess(
+        netns, tmp_path / "c", groups=[1], metrics=False, extra={"publish": {"bind": [a.endpoint]}}
+    ) as c:
+        assert c.alive()
+
+
+def test_metrics_port_in_use(netns, tmp_path):
+    holder = netns.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        holder.bind(("127.0.0.1", 9477))
+        holder.listen()
+        d = NflogdProcess(netns, tmp_path, log_level="warning")
+        d.start(wait_ready=False)
+        try:
+            assert d.wait(10) == 1
+        finally:
+            d.stop()
+        assert d.stderr.splitlines() == ["nflogd: metrics: 127.0.0.1:9477: Address already in use"]
+    finally:
+        holder.close()
+
+
+# -- reload ---------------------------------------------------------------------
+
+
+class Sender(threading.Thread):
+    """Sends to several ports round-robin in the namespace until stopped; counts per port."""
+
+    def __init__(self, netns, ports, interval=0.0005, size=100):
+        super().__init__(daemon=True)
+        self.netns, self.ports, self.interval, self.size = netns, ports, interval, size
+        self.sent = dict.fromkeys(ports, 0)
+        self.halt = threading.Event()
+
+    def run(self):
+        with self.netns.socket() as s:
+            i = 0
+            while not self.halt.is_set():
+                for port in self.ports:
+                    s.sendto((b"steady %d " % i).ljust(self.size, b"."), ("127.0.0.1", port))
+                    self.sent[port] += 1
+                i += 1
+                time.sleep(self.interval)
+
+    def stop(self):
+        self.halt.set()
+        self.join(5)
+
+
+def test_sighup_adds_removes_and_reconfigures_groups_under_traffic(netns, tmp_path, ctx):
+    for g in (1, 2, 3, 4):
+        netns.log_rule(g, match=f"udp dport {9990 + g}")
+    with NflogdProcess(netns, tmp_path, groups=[1, 2, 4]) as d:
+        sub = d.subscribe(ctx)
+        sender = Sender(netns, [9991, 9992, 9994])
+        sender.start()
+        try:
+            batches = receive(sub, lambda bs: packet_count(bs) >= 150)
+            cfg = d.make_config(groups=[1, 3, {"group": 4, "copy_range": 40}])
+            d.write_config(cfg)
+            ready = d.reload()
+            assert "failed" not in ready["STATUS"] and "groups 1, 3, 4" in ready["STATUS"]
+            batches += receive(sub, lambda bs: packet_count(bs) >= 150)
+        finally:
+            sender.stop()
+        sent = sender.sent
+        assert bound_groups(netns) == {1, 3, 4}
+        after = netns.send_udp([b"new group %d" % i for i in range(5)], port=9993)
+        netns.send_udp([b"to removed group"], port=9992)
+
+        def complete(bs):
+            g = by_group(batches + bs)
+            return (
+                packet_count(g.get(1, [])) >= sent[9991]
+                and packet_count(g.get(4, [])) >= sent[9994]
+                and packet_count(g.get(3, [])) >= after
+            )
+
+        batches += receive(sub, complete)
+        groups = by_group(batches)
+        # untouched group 1 and reconfigured group 4: nothing lost, seq contiguous
+        for g, port in ((1, 9991), (4, 9994)):
+            assert assert_contiguous(groups[g]) == packet_count(groups[g]) == sent[port]
+            assert groups[g][-1].kernel_dropped == 0
+        pkts4 = [p for b in groups[4] for p in b.packets]
+        assert not pkts4[0].truncated and pkts4[-1].truncated and pkts4[-1].caplen == 40
+        # added group 3 gets what was sent after the reload; removed group 2 gets nothing more
+        assert [p.data[28:] for b in groups[3] for p in b.packets] == [b"new group %d" % i for i in range(5)]
+        assert packet_count(groups[2]) < sent[9992]
+        assert receive(sub, lambda bs: False, timeout=0.3) == []
+
+        m = d.scrape()
+        assert m[("nflogd_packets_total", (("group", "1"),))] == sent[9991]
+        assert m[("nflogd_packets_total", (("group", "2"),))] == packet_count(groups[2])  # kept
+        assert m[("nflogd_packets_total", (("group", "3"),))] == after
+        assert m[("nflogd_truncated_packets_total", (("group", "4"),))] >= 1
+        sub.close(linger=0)
+    assert d.returncode == 0
+
+
+def test_sighup_with_invalid_config_keeps_running(netns, tmp_path, ctx):
+    netns.log_rule(1, match="udp dport 9999")
+    with NflogdProcess(netns, tmp_path, groups=[1]) as d:
+        sub = d.subscribe(ctx)
+        d.write_config("groups: [1\n")
+        ready = d.reload()
+        assert "last reload failed" in ready["STATUS"]
+        errors = [line for line in d.stderr.splitlines() if line.startswith("ERROR: reload:")]
+        assert len(errors) == 1 and errors[0].endswith("keeping the running configuration")
+        netns.send_udp([b"still here"])
+        batches = receive(sub, lambda bs: packet_count(bs) >= 1)
+        assert batches[0].packets[0].data[28:] == b"still here"
+        assert bound_groups(netns) == {1}
+        sub.close(linger=0)
+    assert d.returncode == 0
+
+
+def test_sighup_group_busy_applies_nothing(netns, tmp_path):
+    with NflogdProcess(netns, tmp_path / "a", groups=[5], metrics=False):
+        with NflogdProcess(netns, tmp_path / "b", groups=[1]) as d:
+            d.write_config(d.make_config(groups=[2, 5], metrics=False))
+            ready = d.reload()
+            assert "last reload failed: group 5 is already bound" in ready["STATUS"]
+            assert bound_groups(netns) == {1, 5}
+            assert d.metric("nflogd_packets_total", group="1") == 0  # metrics stayed on
+
+
+def test_sighup_changes_endpoints_node_and_metrics(netns, tmp_path, ctx):
+    netns.log_rule(1, match="udp dport 9999")
+    with NflogdProcess(netns, tmp_path, groups=[1]) as d:
+        second = f"ipc://{tmp_path}/run2/feed.sock"
+        cfg = d.make_config(groups=[1], node="renamed")
+        cfg["publish"] = {"bind": [second]}
+        cfg["metrics"] = {"listen": "127.0.0.1:9478"}
+        d.write_config(cfg)
+        d.reload()
+        assert not os.path.exists(d.endpoint[len("ipc://") :])
+        d.endpoint = second
+        sub = d.subscribe(ctx)
+        netns.send_udp([b"x"])
+        (batch,) = receive(sub, lambda bs: packet_count(bs) >= 1)
+        assert batch.node == "renamed"
+        with netns.entered():
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", 9477), timeout=2).close()
+            import http.client
+
+            conn = http.client.HTTPConnection("127.0.0.1", 9478, timeout=5)
+            conn.request("GET", "/metrics")
+            body = conn.getresponse().read().decode()
+            conn.close()
+        assert 'nflogd_packets_total{group="1"} 1.0' in body
+        sub.close(linger=0)
+
+
+# -- privileges -----------------------------------------------------------------
+
+
+def test_drops_to_user_keeping_net_admin(netns, ctx):
+    """user: nobody -> uid 65534 with CAP_NET_ADMIN only; a reload can still bind a new group."""
+    netns.log_rule(2, match="udp dport 9999")
+    workdir = Path(tempfile.mkdtemp(prefix="nflogd-priv-", dir="/tmp"))
+    try:
+        os.chmod(workdir, 0o755)  # nobody must reach its config and the notify socket
+        with NflogdProcess(netns, workdir, groups=[1], extra={"user": "nobody"}) as d:
+            status = Path(f"/proc/{d.pid}/status").read_text()
+            fields = dict(line.split(":", 1) for line in status.splitlines())
+            assert fields["Uid"].split() == ["65534"] * 4
+            assert int(fields["CapEff"], 16) == int(fields["CapPrm"], 16) == 1 << 12
+            run = workdir / "run"
+            assert (run.stat().st_uid, oct(run.stat().st_mode & 0o777)) == (65534, oct(0o750))
+            d.write_config(d.make_config(groups=[1, 2]) | {"user": "nobody"})
+            os.chmod(d.config_path, 0o644)
+            assert "failed" not in d.reload()["STATUS"]
+            assert bound_groups(netns) == {1, 2}
+            sub = d.subscribe(ctx)
+            netns.send_udp([b"as nobody"])
+            (batch,) = receive(sub, lambda bs: packet_count(bs) >= 1)
+            assert (batch.group, batch.packets[0].data[28:]) == (2, b"as nobody")
+            assert d.metric("nflogd_packets_total", group="2") == 1
+            sub.close(linger=0)
+        assert d.returncode == 0
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+# -- sd_notify ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("own_pid", [True, False], ids=["ours", "other-pid"])
+def test_watchdog(netns, tmp_path, own_pid):
+    env = {"WATCHDOG_USEC": "200000"}  # every 0.1 s
+    if not own_pid:
+        env["WATCHDOG_PID"] = "1"
+    with NflogdProcess(netns, tmp_path, metrics=False, env=env) as d:
+        time.sleep(0.6)
+        n = sum(1 for m in d.notify.drain(0.05) if m.get("WATCHDOG") == "1")
+    assert (n >= 3) if own_pid else (n == 0), n
+
+
+def test_notifier_without_socket_is_a_noop():
+    n = Notifier.from_environ({})
+    assert not n.enabled and n.watchdog_interval is None and n.ready() is False
+
+
+def test_notifier_abstract_socket_and_watchdog_pid():
+    name = f"nflogd-test-{os.getpid()}-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as srv:
+        srv.bind("\0" + name)
+        n = Notifier.from_environ({"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "30000000"}, pid=42)
+        assert n.watchdog_interval == 15.0
+        assert n.ready("up") and n.watchdog() and n.stopping()
+        srv.settimeout(1)
+        assert [srv.recv(100) for _ in range(3)] == [b"READY=1\nSTATUS=up", b"WATCHDOG=1", b"STOPPING=1"]
+        n.close()
+    env = {"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "41"}
+    assert Notifier.from_environ(env, pid=42).watchdog_interval is None
+    assert Notifier.from_environ({**env, "WATCHDOG_PID": "42"}, pid=42).watchdog_interval == 15.0
+
+
+def test_notifier_vanished_socket_does_not_raise(tmp_path):
+    n = Notifier(str(tmp_path / "gone.sock"))
+    assert n.ready() is False and n.watchdog() is False
+    n.close()
+
+
+def test_daemon_error_names_stderr(netns, tmp_path):
+    """The helper's own failure report carries the daemon's stderr."""
+    d = NflogdProcess(netns, tmp_path, ready_timeout=5)
+    d.write_config("groups: [1]\nbogus: 1\n")
+    with pytest.raises(DaemonError, match="bogus"):
+        with d:
+            pass
