@@ -174,7 +174,7 @@ class Publisher:
         try:
             self.socket.bind(endpoint)
         except zmq.ZMQError as e:
-            raise NflogdError(f"publish.bind: {endpoint}: {e.strerror}") from None
+            raise NflogdError(f"publish.bind: {endpoint}: {zmq.strerror(e.errno)}") from None
         finally:
             if path is not None:
                 os.umask(old)
@@ -192,7 +192,7 @@ class Publisher:
         try:
             self.socket.unbind(endpoint)
         except zmq.ZMQError as e:
-            log.warning("publish.bind: %s: unbind failed: %s", endpoint, e.strerror)
+            log.warning("publish.bind: %s: unbind failed: %s", endpoint, zmq.strerror(e.errno))
         if endpoint in self.endpoints:
             self.endpoints.remove(endpoint)
         self._remove_file(endpoint)
