@@ -1,5 +1,40 @@
-"""Client library for the nflogd feed."""
+"""Client library for the nflogd feed.
 
+``Subscriber`` gives raw packets (``Packet``, in ``Batch``es) with loss accounting;
+``ZMQNFLOGSocket`` and ``install_zmq_listener`` give scapy packets. The scapy names are
+loaded on first use, so importing this package does not import scapy.
+"""
+
+from importlib import import_module as _import_module
+
+from .subscriber import DEFAULT_ENDPOINT, Subscriber
 from .wire import Batch, Packet, WireError
 
-__all__ = ["Batch", "Packet", "WireError"]
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "Batch",
+    "Packet",
+    "Subscriber",
+    "WireError",
+    "ZMQNFLOGSocket",
+    "install_zmq_listener",
+]
+
+# Public names that live in modules importing scapy: name -> module, imported on first access.
+_LAZY = {
+    "ZMQNFLOGSocket": "scapy_socket",
+    "install_zmq_listener": "scapy_socket",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY))

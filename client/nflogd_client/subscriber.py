@@ -1,0 +1,268 @@
+"""The raw-record client of the nflogd feed: one ZeroMQ SUB socket, packets out, loss counted.
+
+Use::
+
+    from nflogd_client import Subscriber
+
+    with Subscriber("ipc:///run/nflogd/feed.sock", groups=[5, 6]) as sub:
+        for pkt in sub:                       # waits forever; recv(timeout=...) to wait less
+            print(pkt.node, pkt.group, pkt.seq, pkt.ts, pkt.len, pkt.prefix, pkt.data[:20])
+
+    sub = Subscriber(["tcp://r1:5555", "tcp://r2:5555"])  # several daemons, all groups, merged
+    batch = sub.recv_batch(timeout=1.0)      # seconds; one whole message, or None
+    sub.lost, sub.total_lost                  # {(node, group): packets the feed lost}
+    sub.kernel_dropped                        # {(node, group): the kernel's own loss, latest}
+    sub.restarts, sub.malformed               # daemon restarts seen, messages skipped
+    sub.close()
+
+``endpoints`` defaults to ``$NFLOGD_ENDPOINT`` (one endpoint, or several separated by
+commas or whitespace), else ``ipc:///run/nflogd/feed.sock``. ``groups`` subscribes at the
+publisher, so other groups never reach this process. ZeroMQ connects in the background and
+reconnects by itself when a daemon restarts; nothing here fails while a daemon is away.
+(libzmq resends the subscriptions of a reconnected socket when the socket is next used, so
+a restarted daemon's first batches reach a client that is waiting in ``recv()``; what the
+new run sent before that is counted as lost.)
+
+Loss: every message carries the feed sequence number of its first packet, per (node,
+group) and epoch (one run of the daemon). A gap is counted in ``lost``; a new epoch counts
+one restart per node and, as lost, the packets the new run sent before this client saw it.
+Messages that are not version-1 batches are skipped and counted in ``malformed`` (the
+first one is logged as a warning), never raised. ``docs/wire-format.md`` has the details.
+
+To wait on several sockets, register ``sub.socket`` with a ``zmq.Poller``, but call
+``recv()`` while ``sub.pending()`` is non-zero first: packets already received do not make
+the socket readable. A Subscriber belongs to one thread, like its socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+
+import zmq
+
+from . import wire
+from .wire import Batch, Packet, WireError
+
+__all__ = ["DEFAULT_ENDPOINT", "Subscriber"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINT = "ipc:///run/nflogd/feed.sock"
+
+
+def _endpoints(endpoints: str | Iterable[str] | None) -> list[str]:
+    if endpoints is None:
+        env = os.environ.get("NFLOGD_ENDPOINT", "").strip()
+        return re.split(r"[\s,]+", env) if env else [DEFAULT_ENDPOINT]
+    if isinstance(endpoints, str):
+        return [endpoints]
+    result = list(endpoints)
+    if not result:
+        raise ValueError("endpoints: empty list; give at least one, or None for the default")
+    for e in result:
+        if not isinstance(e, str):
+            raise TypeError(f"endpoints: expected str, got {e!r}")
+    return result
+
+
+def _topics(groups: int | Iterable[int] | None) -> list[bytes]:
+    if groups is None:
+        return [b""]
+    if isinstance(groups, int):
+        groups = [groups]
+    elif isinstance(groups, (str, bytes)) or not isinstance(groups, Iterable):
+        raise TypeError(f"groups: expected an int, an iterable of ints or None, got {groups!r}")
+    topics = []
+    for g in groups:
+        if not isinstance(g, int) or isinstance(g, bool) or not 0 <= g <= 0xFFFF:
+            raise ValueError(f"groups: NFLOG groups are integers 0..65535, got {g!r}")
+        t = wire.topic(g)
+        if t not in topics:
+            topics.append(t)
+    if not topics:
+        raise ValueError("groups: empty; give at least one group, or None for all")
+    return topics
+
+
+class Subscriber:
+    """Packets from one or more nflogd feeds, with per-(node, group) loss accounting.
+
+    ``endpoints``: a ZeroMQ endpoint or a list of them (``ipc://...``, ``tcp://host:port``);
+    ``None`` means ``$NFLOGD_ENDPOINT`` or ``DEFAULT_ENDPOINT``. ``groups``: an NFLOG group,
+    several, or ``None`` for all. ``context``: a ``zmq.Context`` (default: the process-wide
+    instance). ``rcvhwm``: messages (kernel batches) queued in this process before ZeroMQ
+    drops more; the daemon also queues up to its own high-water mark for each subscriber.
+    """
+
+    def __init__(
+        self,
+        endpoints: str | Iterable[str] | None = None,
+        groups: int | Iterable[int] | None = None,
+        *,
+        context: zmq.Context | None = None,
+        rcvhwm: int = 100_000,
+    ):
+        self.endpoints = _endpoints(endpoints)
+        topics = _topics(groups)
+        ctx = context if context is not None else zmq.Context.instance()
+        #: The SUB socket, for a ``zmq.Poller``.
+        self.socket = ctx.socket(zmq.SUB)
+        try:
+            self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
+            for t in topics:
+                self.socket.setsockopt(zmq.SUBSCRIBE, t)
+            for e in self.endpoints:
+                self.socket.connect(e)
+        except BaseException:
+            self.socket.close(linger=0)
+            raise
+        #: Packets the feed lost, per (node, group), from sequence gaps and restarts.
+        self.lost: dict[tuple[str, int], int] = {}
+        #: The latest ``kernel_dropped`` header value per (node, group).
+        self.kernel_dropped: dict[tuple[str, int], int] = {}
+        #: Epoch changes seen, counted once per node (one daemon restart).
+        self.restarts = 0
+        #: Messages skipped as not decodable.
+        self.malformed = 0
+        #: Packets decoded: returned, or buffered for ``recv()``.
+        self.received = 0
+        self._streams: dict[tuple[str, int], tuple[int, int]] = {}  # key -> (epoch, next_seq)
+        self._epochs: dict[str, int] = {}  # node -> latest epoch seen
+        self._batch: Batch | None = None  # the batch recv() is serving
+        self._index = 0  # its next packet
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def recv(self, timeout: float | None = None) -> Packet | None:
+        """The next packet, or ``None`` after ``timeout`` seconds (``None``: wait forever).
+
+        Packets of a batch already received are returned first, without touching the socket.
+        """
+        batch = self._batch
+        if batch is not None:
+            packets = batch.packets
+            i = self._index
+            if i < len(packets):
+                self._index = i + 1
+                return packets[i]
+            self._batch = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            batch = self._next_message(deadline)
+            if batch is None:
+                return None
+            if batch.packets:
+                self._batch = batch
+                self._index = 1
+                return batch.packets[0]
+
+    def recv_batch(self, timeout: float | None = None) -> Batch | None:
+        """One whole message as a ``Batch``, or ``None`` after ``timeout`` seconds.
+
+        If ``recv()`` left part of a batch, that part comes first, as a ``Batch`` whose
+        ``first_seq`` is its first packet's. A message may carry no packets.
+        """
+        batch = self._batch
+        if batch is not None:
+            self._batch = None
+            i = self._index
+            if i < len(batch.packets):
+                rest = batch.packets[i:]
+                return Batch(batch.group, batch.node, batch.epoch, rest[0].seq, batch.kernel_dropped, rest)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._next_message(deadline)
+
+    def pending(self) -> int:
+        """Packets received but not yet returned by ``recv()``."""
+        batch = self._batch
+        return 0 if batch is None else len(batch.packets) - self._index
+
+    def __iter__(self) -> Iterator[Packet]:
+        """Every packet, forever (``recv(None)``)."""
+        while True:
+            yield self.recv(None)  # type: ignore[misc]  # never None without a timeout
+
+    def _next_message(self, deadline: float | None) -> Batch | None:
+        """Receive until a decodable message arrives (accounted) or the deadline passes."""
+        sock = self.socket
+        while True:
+            if deadline is None:
+                msg = sock.recv_multipart()
+            else:
+                remaining = deadline - time.monotonic()
+                if not sock.poll(max(0, int(remaining * 1000 + 0.999))):
+                    return None
+                try:
+                    msg = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:  # pragma: no cover - poll said readable
+                    continue
+            try:
+                batch = wire.decode(msg)
+            except WireError as e:
+                self._malformed(msg, e)
+                continue
+            self._account(batch)
+            return batch
+
+    def _malformed(self, msg: list[bytes], err: WireError) -> None:
+        self.malformed += 1
+        if self.malformed == 1:
+            log.warning(
+                "nflogd feed: skipped a message that is not a version-%d batch (%d frames: %s);"
+                " further ones are only counted in Subscriber.malformed",
+                wire.VERSION,
+                len(msg),
+                err,
+            )
+
+    def _account(self, batch: Batch) -> None:
+        node = batch.node
+        key = (node, batch.group)
+        epoch = batch.epoch
+        if self._epochs.get(node, epoch) != epoch:
+            self.restarts += 1
+        self._epochs[node] = epoch
+        state = self._streams.get(key)
+        if state is None:  # first message of this (node, group): the baseline
+            self.lost.setdefault(key, 0)
+        elif state[0] != epoch:  # a restart: what the new run sent before this message is lost
+            self.lost[key] += batch.first_seq
+        elif batch.first_seq > state[1]:
+            self.lost[key] += batch.first_seq - state[1]
+        # first_seq < expected in the same epoch: the sequence was reset; a new baseline
+        self._streams[key] = (epoch, batch.next_seq)
+        self.kernel_dropped[key] = batch.kernel_dropped
+        self.received += len(batch.packets)
+
+    # -- accounting and lifetime --------------------------------------------------------------
+
+    @property
+    def total_lost(self) -> int:
+        """Packets the feed lost, over every (node, group)."""
+        return sum(self.lost.values())
+
+    @property
+    def closed(self) -> bool:
+        return self.socket.closed
+
+    def close(self, linger: int = 0) -> None:
+        """Close the socket (``linger`` ms for nothing: a SUB socket sends only subscriptions)."""
+        if not self.socket.closed:
+            self.socket.close(linger=linger)
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.socket.closed else "open"
+        return (
+            f"<Subscriber {state} {' '.join(self.endpoints)} received={self.received}"
+            f" lost={self.total_lost} malformed={self.malformed} restarts={self.restarts}>"
+        )
