@@ -7,9 +7,10 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 CONFIG ?= etc/nflogd.yaml
 # Debian packages: the NFLOG and netlink libraries with headers, a compiler and Python
-# headers for the CFFI module, nft and ip for the tests, tcpdump for the bench.
+# headers for the CFFI module, nft and ip for the tests, tcpdump for the bench, systemd for
+# systemd-analyze verify and systemd-sysusers on the unit files.
 DEBS := libnetfilter-log-dev libmnl-dev gcc libc6-dev pkg-config python3-dev python3-venv \
-        nftables iproute2 tcpdump
+        nftables iproute2 tcpdump systemd
 DEV_PKGS := pytest pytest-timeout hypothesis ruff
 SOURCES := pyproject.toml setup.py client/pyproject.toml nflogd/_nflog.h nflogd/_nflog.c nflogd/ffi_build.py
 
