@@ -437,7 +437,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(message, status: int) -> int:
-    print(f"nflogd: {message}", file=sys.stderr, flush=True)
+    """Print ``nflogd: <message>`` on one line (priority err under journald); return ``status``."""
+    prefix = "<3>" if _stderr_is_journal() else ""
+    text = " ".join(str(message).split())
+    print(f"{prefix}nflogd: {text}", file=sys.stderr, flush=True)
     return status
 
 
