@@ -103,7 +103,7 @@ class NFLOG:
         Keywords:
             extra_attrs: names from ``EXTRA_ATTRS`` ('len', 'ts', 'prefix', ...); with them
                 each packet is a tuple ``(payload, *attrs)``, without them the payload bytes.
-            qthresh (packets): the kernel sends a batch once this many are queued (default 64).
+            qthresh (packets): the kernel sends a batch once this many are queued (default 256).
             timeout (seconds): the kernel sends a batch at least this often (default 0.01).
             nlbufsiz (bytes): the netlink socket's receive buffer (default 8 MiB).
             copy_range (bytes): bytes of each packet to copy, 0..65535.

@@ -79,7 +79,7 @@ class GroupConfig:
 
     group: int
     copy_range: int = 65535
-    queue_threshold: int = 64
+    queue_threshold: int = 256
     flush_ms: int = 10
     rcvbuf: int = 8 * 2**20
 

@@ -47,7 +47,9 @@ class NetNS:
         if res.returncode:
             raise RuntimeError(f"nft failed: {res.stderr.strip()}")
 
-    def log_rule(self, group: int, *, hook: str = "output", match: str = "udp", extra: str = "") -> None:
+    def log_rule(
+        self, group: int, *, hook: str = "output", match: str = "meta l4proto udp", extra: str = ""
+    ) -> None:
         """Add one ``log group N`` rule for ``match`` (an nft expression) at ``hook``."""
         table = f"t{group}_{hook}"
         self.nft(

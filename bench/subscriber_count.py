@@ -1,0 +1,56 @@
+"""A counting subscriber for the bench: ENDPOINT GROUP [--latency]; counts until SIGTERM.
+
+Prints "ready" once its subscription is in place, then one JSON line: packets, feed loss,
+and with --latency the send-to-receive delay percentiles (from bench/flood.c's stamps).
+"""
+
+import argparse
+import json
+import signal
+import struct
+import time
+
+from nflogd_client import Subscriber
+
+STAMP = struct.Struct(">Q")
+UDP_PAYLOAD = {0x0800: 28, 0x86DD: 48}  # IP + UDP header bytes before flood.c's stamp
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("endpoint")
+    ap.add_argument("group", type=int)
+    ap.add_argument("--latency", action="store_true")
+    a = ap.parse_args()
+    stop = False
+
+    def on_term(*_):
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    packets = 0
+    delays = []
+    with Subscriber(a.endpoint, groups=a.group) as sub:
+        time.sleep(0.3)  # let the subscription reach the publisher
+        print("ready", flush=True)
+        while not stop:
+            batch = sub.recv_batch(timeout=0.1)
+            if batch is None:
+                continue
+            packets += len(batch.packets)
+            if a.latency:
+                now = time.time_ns()
+                for p in batch.packets:
+                    off = UDP_PAYLOAD.get(p.hw_protocol, 28)
+                    delays.append((now - STAMP.unpack_from(p.data, off)[0]) / 1e6)
+        out = {"packets": packets, "lost": sub.total_lost}
+    if delays:
+        delays.sort()
+        pick = lambda q: round(delays[min(len(delays) - 1, int(q * len(delays)))], 2)  # noqa: E731
+        out["latency_ms"] = {"p50": pick(0.5), "p99": pick(0.99), "max": round(delays[-1], 2)}
+    print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
