@@ -165,11 +165,12 @@ def bench_capture(args) -> list[dict]:
     return rows
 
 
-def daemon_config(tmp: str, endpoint: str, qthresh: int = 64) -> str:
+def daemon_config(tmp: str, endpoint: str) -> str:
+    """The daemon's defaults, but for the endpoint and no metrics server."""
     path = os.path.join(tmp, "nflogd.yaml")
     with open(path, "w") as f:
         f.write(
-            f"node: bench\ngroups:\n  - group: {OURS}\n    queue_threshold: {qthresh}\n"
+            f"node: bench\ngroups:\n  - {OURS}\n"
             f"publish:\n  bind: [{json.dumps(endpoint)}]\nmetrics:\n  listen: null\n"
         )
     return path
@@ -178,20 +179,21 @@ def daemon_config(tmp: str, endpoint: str, qthresh: int = 64) -> str:
 class Daemon:
     """The real nflogd in the namespace, and a counting subscriber outside it (ipc)."""
 
-    def __init__(self, ns: NetNS, tmp: str, qthresh: int = 64, latency: bool = False):
+    def __init__(self, ns: NetNS, tmp: str, latency: bool = False):
         endpoint = f"ipc://{tmp}/feed.sock"
-        cfg = daemon_config(tmp, endpoint, qthresh)
+        cfg = daemon_config(tmp, endpoint)
         nflogd = os.path.join(os.path.dirname(PY), "nflogd")
         self.proc = ns.popen(nflogd, "-c", cfg, stderr=subprocess.PIPE, text=True)
-        wait_line(self.proc, self.proc.stderr, "ready|READY|publishing")
+        wait_line(self.proc, self.proc.stderr, "capturing")
         cmd = [PY, os.path.join(HERE, "subscriber_count.py"), endpoint, str(OURS)]
         if latency:
             cmd.append("--latency")
         self.sub = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         wait_line(self.sub, self.sub.stdout, "^ready")
+        self.cpu0 = cpu_seconds(self.proc.pid)
 
     def stop(self) -> tuple[dict, dict]:
-        cpu = cpu_seconds(self.proc.pid)
+        cpu = cpu_seconds(self.proc.pid) - self.cpu0
         self.sub.send_signal(signal.SIGTERM)
         sub = json.loads(self.sub.communicate(timeout=10)[0].strip().splitlines()[-1])
         self.proc.send_signal(signal.SIGTERM)
