@@ -1,0 +1,371 @@
+"""Scapy on the nflogd feed: ``ZMQNFLOGSocket``, a listen-only SuperSocket driving one Subscriber.
+
+Every way scapy sniffs works::
+
+    from scapy.all import AsyncSniffer, sniff
+    from nflogd_client.scapy_socket import ZMQNFLOGSocket, install_zmq_listener
+
+    # 1. name the socket class; sniff passes iface= and unknown keywords (endpoint=) to it
+    sniff(L2socket=ZMQNFLOGSocket, iface="nflog:5,6", count=10, prn=lambda p: p.summary())
+    sniff(L2socket=ZMQNFLOGSocket, endpoint="tcp://r1:5555", count=10)
+
+    # 2. an opened socket; it stays open after sniff() and keeps its loss counters
+    with ZMQNFLOGSocket("ipc:///run/nflogd/feed.sock", groups=[5, 6]) as sock:
+        pkts = sniff(opened_socket=sock, timeout=5)
+        print(sock.total_lost, sock.lost)         # {(node, group): packets lost}
+
+    # 3. in the background; stop() returns at once, traffic or not
+    t = AsyncSniffer(L2socket=ZMQNFLOGSocket, iface="nflog:5")
+    t.start(); ...; pkts = t.stop()
+
+    # 4. plain sniff(): conf.L2listen reads the feed (endpoint and default groups given once)
+    install_zmq_listener("tcp://r1:5555", groups=5)
+    sniff(count=10)                   # groups=5, as installed
+    sniff(iface="nflog:6", count=10)  # group 6 of the same feed
+
+    # 5. nothing installed: "nflog" names resolve to this socket on $NFLOGD_ENDPOINT
+    #    (or ipc:///run/nflogd/feed.sock), as libpcap's "nflog" device does in tcpdump
+    sniff(iface="nflog:5", count=10)
+
+Each packet is ``IP`` (hw_protocol 0x0800), ``IPv6`` (0x86dd), ``ARP`` (0x0806) or
+``conf.raw_layer``, dissected from the captured bytes, with ``.time`` the capture time
+(``EDecimal`` seconds, exact to the nanosecond), ``.wirelen`` the real length (more than
+``len(raw(p))`` when the copy range truncated it) and the feed's ``nflog_group``,
+``nflog_node``, ``nflog_seq``, ``nflog_prefix`` attributes; ``nflog_packet`` is the
+``wire.Packet`` with every other NFLOG attribute (mark, indev, uid, hook, ...).
+
+Interface names, libpcap style: ``"nflog"`` is every group, ``"nflog:5,6"`` groups 5 and
+6; an explicit ``iface`` of that form overrides ``groups``. The default interface scapy
+passes when none is given (``conf.iface``) is ignored; naming another interface (``"eth0"``)
+is an error, since this socket reads nothing but the feed. Importing this module registers
+a hidden scapy interface provider that makes every ``"nflog..."`` name resolve here; with
+``conf.use_pcap`` libpcap's own ``"nflog"`` device (the kernel, directly) takes that name.
+
+Groups are chosen at the publisher, so BPF ``filter=`` is refused (there is no packet
+socket to attach it to): select traffic in the ruleset that logs to the group, by group,
+or with ``sniff(lfilter=...)``. ``type``, ``promisc``, ``nofilter``, ``monitor`` and
+``quiet``, which sniff may pass to any L2 listener, are accepted and ignored. ``send()``
+raises: the feed is one-way.
+
+The socket belongs to one thread at a time; stop a sniffer with ``AsyncSniffer.stop()``,
+not by closing its socket from another thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+from typing import Any, Iterable
+
+import zmq
+from scapy.config import conf
+from scapy.data import MTU
+from scapy.interfaces import InterfaceProvider, NetworkInterface
+from scapy.layers.inet import IP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import ARP
+from scapy.supersocket import SuperSocket
+from scapy.utils import EDecimal
+
+from .subscriber import Subscriber
+from .wire import Packet as WirePacket
+
+__all__ = ["ZMQNFLOGSocket", "install_zmq_listener"]
+
+#: hw_protocol (the ethertype in NFULA_PACKET_HDR) -> the layer the captured bytes start with.
+LAYERS = {0x0800: IP, 0x86DD: IPv6, 0x0806: ARP}
+
+IFACE = "nflog"
+
+# Keywords sniff() may hand any L2 listener (scapy's L2ListenSocket, L2pcapListenSocket,
+# L2ListenTcpdump): meaningless for the feed, so accepted and dropped.
+_IGNORED_KWARGS = frozenset({"type", "promisc", "nofilter", "monitor", "quiet", "prog"})
+
+_NS = 1_000_000_000
+
+
+def _parse_iface(name: str) -> tuple[int, ...] | None:
+    """``"nflog"`` -> None (every group); ``"nflog:5,6"`` -> (5, 6); ValueError otherwise."""
+    if name == IFACE:
+        return None
+    if not name.startswith(IFACE + ":"):
+        raise ValueError(
+            f"ZMQNFLOGSocket: iface {name!r} is not an NFLOG name; the socket reads the nflogd"
+            " feed only: use 'nflog' (every group) or 'nflog:5,6' (groups 5 and 6)"
+        )
+    groups: list[int] = []
+    for part in name[len(IFACE) + 1 :].split(","):
+        part = part.strip()
+        if not part.isdigit() or int(part) > 0xFFFF:
+            raise ValueError(f"ZMQNFLOGSocket: iface {name!r}: group {part!r} is not an integer 0..65535")
+        if int(part) not in groups:
+            groups.append(int(part))
+    return tuple(groups)
+
+
+def _iface_name(groups: int | Iterable[int] | None) -> str:
+    if groups is None:
+        return IFACE
+    if isinstance(groups, int):
+        groups = [groups]
+    return IFACE + ":" + ",".join(str(g) for g in groups)
+
+
+def _unsupported(what: str) -> OSError:
+    return OSError(errno.EOPNOTSUPP, f"ZMQNFLOGSocket only listens to the nflogd feed; it cannot {what}")
+
+
+class ZMQNFLOGSocket(SuperSocket):
+    """A scapy listen socket on the nflogd feed (see the module docstring for every use).
+
+    ``endpoint``: a ZeroMQ endpoint or a list of them, default ``$NFLOGD_ENDPOINT`` or
+    ``ipc:///run/nflogd/feed.sock``. ``groups``: an NFLOG group, several, or ``None`` for
+    all; ``iface="nflog:5,6"`` says the same and wins. ``context`` and ``rcvhwm`` go to the
+    ``Subscriber`` (``self.subscriber``), whose loss counters ``lost`` and ``total_lost``
+    are also readable here.
+    """
+
+    desc = "read IP packets from the nflogd feed (ZeroMQ), listen only"
+    nonblocking_socket = False
+
+    #: Defaults for ``endpoint`` and ``groups``; install_zmq_listener() sets them on a subclass.
+    default_endpoint: str | list[str] | None = None
+    default_groups: int | tuple[int, ...] | None = None
+
+    def __init__(
+        self,
+        endpoint: str | Iterable[str] | None = None,
+        groups: int | Iterable[int] | None = None,
+        iface: Any = None,
+        *,
+        context: zmq.Context | None = None,
+        rcvhwm: int = 100_000,
+        filter: str | None = None,  # noqa: A002 - scapy's name for it
+        **scapy_kwargs: Any,
+    ):
+        self.closed = True  # until the Subscriber exists: close() and __del__ have nothing to do
+        self.ins = self.outs = None  # type: ignore[assignment]  # no OS socket of its own
+        unknown = sorted(set(scapy_kwargs) - _IGNORED_KWARGS)
+        if unknown:
+            raise TypeError(f"ZMQNFLOGSocket() got unexpected keyword argument(s): {', '.join(unknown)}")
+        if filter:
+            raise ValueError(
+                f"ZMQNFLOGSocket: BPF filter {filter!r} is not supported: the feed is filtered by"
+                " NFLOG group (iface='nflog:5,6' or groups=); select traffic in the ruleset that"
+                " logs to the group, or in Python with sniff(lfilter=...)"
+            )
+        if isinstance(iface, str):
+            groups = _parse_iface(iface)
+        elif isinstance(iface, NetworkInterface) and iface.name == IFACE:
+            groups = _parse_iface(iface.network_name)
+        else:  # None, or the conf.iface default that sniff() passes when given no iface
+            if groups is None:
+                groups = self.default_groups
+        if endpoint is None:
+            endpoint = self.default_endpoint
+        self.subscriber = Subscriber(endpoint, groups, context=context, rcvhwm=rcvhwm)
+        self.closed = False
+        self.iface = _iface_name(groups)  # type: ignore[assignment]
+        self._ready = False  # select() saw the socket readable: recv() must not block
+
+    # -- receiving: the per-packet path, kept short ------------------------------------------
+
+    def recv(self, x: int = MTU, timeout: float | None = None, **kwargs: Any):  # type: ignore[override]
+        """The next packet as a scapy packet, or ``None`` after ``timeout`` seconds.
+
+        ``timeout=None`` waits for one, except right after ``select()`` reported this socket
+        (as in sniff()), where a message that holds no packet returns ``None`` at once.
+        ``x`` is ignored (the feed delivers whole captures). A closed socket raises EOFError.
+        """
+        if self._ready:
+            self._ready = False
+            timeout = 0
+        if self.closed:
+            raise EOFError("ZMQNFLOGSocket is closed")
+        p = self.subscriber.recv(timeout)
+        if p is None:
+            return None
+        data = p.data
+        try:
+            pkt = LAYERS.get(p.hw_protocol, conf.raw_layer)(data, **kwargs)
+        except KeyboardInterrupt:
+            raise
+        except Exception:
+            if conf.debug_dissector:
+                raise
+            pkt = conf.raw_layer(data)
+        pkt.time = EDecimal(p.ts_ns) / _NS
+        pkt.wirelen = p.len
+        d = pkt.__dict__  # plain attributes: Packet.__setattr__ would look for fields first
+        d["nflog_group"] = p.group
+        d["nflog_node"] = p.node
+        d["nflog_seq"] = p.seq
+        d["nflog_prefix"] = p.prefix
+        d["nflog_packet"] = p
+        return pkt
+
+    def recv_raw(self, x: int = MTU):  # type: ignore[override]
+        """``(layer class, captured bytes, timestamp)``, or ``(None, None, None)`` if nothing came."""
+        p: WirePacket | None = self.subscriber.recv(0 if self._ready else None)
+        self._ready = False
+        if p is None:
+            return None, None, None
+        return LAYERS.get(p.hw_protocol, conf.raw_layer), p.data, p.ts
+
+    @staticmethod
+    def select(sockets: list[Any], remain: float | None = None) -> list[Any]:
+        """The sockets with something to read, waiting at most ``remain`` seconds (None: no limit).
+
+        Sockets already holding received packets are returned at once. Otherwise one
+        ``zmq.Poller`` waits on the SUB sockets (their ZMQ_FD is edge-triggered, so
+        ``select.select`` on it can stall with messages queued) and on any other object with
+        a ``fileno()`` in the list, such as the ObjectPipe sniff() stops itself with.
+        """
+        ready = [s for s in sockets if isinstance(s, ZMQNFLOGSocket) and s.subscriber.pending()]
+        if ready:
+            return ready
+        poller = zmq.Poller()
+        owners: dict[Any, Any] = {}  # zmq socket -> its ZMQNFLOGSocket
+        others: dict[int, Any] = {}  # fd -> any other object with a fileno()
+        for s in sockets:
+            if isinstance(s, ZMQNFLOGSocket):
+                if s.closed:  # recv() raises EOFError, and sniff() drops the socket
+                    return [s]
+                owners[s.subscriber.socket] = s
+                poller.register(s.subscriber.socket, zmq.POLLIN)
+            else:  # the poller reports a plain fd back as the int
+                try:
+                    fd = s.fileno()
+                except (OSError, ValueError):  # closed
+                    continue
+                if fd >= 0:
+                    others[fd] = s
+                    poller.register(fd, zmq.POLLIN)
+        timeout = None if remain is None else max(0, math.ceil(remain * 1000))
+        ready_others = []
+        for obj, _ in poller.poll(timeout):
+            owner = owners.get(obj)
+            if owner is None:
+                ready_others.append(others[obj])
+            else:
+                owner._ready = True
+                ready.append(owner)
+        return ready_others + ready  # sniff()'s stop pipe first: stop() acts before more reading
+
+    def fileno(self) -> int:
+        """The SUB socket's ZMQ_FD: edge-triggered; wait with ``select()`` or a zmq.Poller instead."""
+        return self.subscriber.socket.getsockopt(zmq.FD)
+
+    # -- the rest of SuperSocket ---------------------------------------------------------------
+
+    def send(self, x: Any) -> int:
+        raise _unsupported("send packets")
+
+    @property
+    def lost(self) -> dict[tuple[str, int], int]:
+        """Packets the feed lost, per (node, group)."""
+        return self.subscriber.lost
+
+    @property
+    def total_lost(self) -> int:
+        """Packets the feed lost, in all."""
+        return self.subscriber.total_lost
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.subscriber.close(linger=0)
+
+    def __repr__(self) -> str:
+        if not hasattr(self, "subscriber"):
+            return f"<{type(self).__name__} (not connected)>"
+        state = "closed" if self.closed else "open"
+        return f"<{type(self).__name__} {state} {self.iface} {' '.join(self.subscriber.endpoints)}>"
+
+
+def install_zmq_listener(
+    endpoint: str | Iterable[str] | None = None,
+    groups: int | Iterable[int] | None = None,
+) -> type[ZMQNFLOGSocket]:
+    """Make plain ``sniff()`` read the nflogd feed: set ``conf.L2listen``; return the class set.
+
+    ``endpoint`` and ``groups`` become the defaults of every socket sniff() opens;
+    ``sniff(iface="nflog:6")`` still picks other groups. Undo with
+    ``conf.L2listen = previous`` (save it first), or ``conf.use_pcap = conf.use_pcap``.
+    """
+    if isinstance(endpoint, str) or endpoint is None:
+        ep: str | list[str] | None = endpoint
+    else:
+        ep = list(endpoint)
+    gr = groups if groups is None or isinstance(groups, int) else tuple(groups)
+    cls = type(
+        "ZMQNFLOGSocket",
+        (ZMQNFLOGSocket,),
+        {"default_endpoint": ep, "default_groups": gr, "__doc__": ZMQNFLOGSocket.__doc__},
+    )
+    conf.L2listen = cls
+    return cls  # type: ignore[return-value]
+
+
+# -- "nflog" interface names in scapy ----------------------------------------------------------
+#
+# sniff(iface=X) without L2socket= resolves X with scapy.interfaces.resolve_iface(), which
+# matches X against the name of every interface its providers listed, then opens the
+# provider's L2listen class with iface=X (the name as given). libpcap lists a single "nflog"
+# device and accepts "nflog:<groups>" when opening it; here the one listed interface's name
+# compares equal to "nflog" and to every "nflog:..." name, so resolve_iface() finds it for
+# any group list and the socket parses the groups from X.
+
+
+class _NFLOGName(str):
+    """The listed interface name: equal to "nflog" and to every "nflog:<groups>"."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and (str.__eq__(other, IFACE) or other.startswith(IFACE + ":"))
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
+
+    __hash__ = str.__hash__
+
+
+class _FeedProvider(InterfaceProvider):
+    name = "nflogd"
+    headers = ("Name", "Description")
+
+    def load(self) -> dict[str, NetworkInterface]:
+        data = {
+            "name": _NFLOGName(IFACE),
+            "description": "nflogd feed (nflog = every group, nflog:5,6 = groups 5 and 6)",
+            "network_name": IFACE,
+            "index": -1,
+            "flags": 0,
+        }
+        return {IFACE: NetworkInterface(self, data)}
+
+    def _listener(self) -> type[SuperSocket]:
+        cls = conf.L2listen
+        if isinstance(cls, type) and issubclass(cls, ZMQNFLOGSocket):
+            return cls  # install_zmq_listener()'s endpoint
+        return ZMQNFLOGSocket
+
+    def _l2listen(self, dev: NetworkInterface) -> type[SuperSocket]:
+        return self._listener()
+
+    def _l2socket(self, dev: NetworkInterface) -> type[SuperSocket]:
+        return self._listener()  # whose send() says why nothing can be sent here
+
+    def _l3socket(self, dev: NetworkInterface, ipv6: bool) -> type[SuperSocket]:
+        return self._listener()
+
+    def _is_valid(self, dev: NetworkInterface) -> bool:
+        return False  # never picked as conf.iface; shown by conf.ifaces.show(hidden=True)
+
+    def _format(self, dev: NetworkInterface, **kwargs: Any) -> tuple[str, ...]:
+        return (IFACE, dev.description)
+
+
+conf.ifaces.register_provider(_FeedProvider)
