@@ -1,0 +1,336 @@
+"""nflog-tap: the nflogd feed as a pcap stream, or one line per packet.
+
+Usage::
+
+    nflog-tap                                   # print every packet of every group
+    nflog-tap -e tcp://r1:5555 -g 5 -g 6 -c 100 # 100 packets of groups 5 and 6 of one daemon
+    nflog-tap -w capture.pcap                   # until Ctrl-C; the file is complete
+    nflog-tap -w - | tcpdump -r - -n            # live into tcpdump (each packet is flushed)
+    nflog-tap -w - | wireshark -k -i -
+    nflog-tap --linktype nflog -w x.pcap        # with prefix, mark, ifindexes, uid, ...
+
+``-e`` defaults to ``$NFLOGD_ENDPOINT`` or ``ipc:///run/nflogd/feed.sock``; ``-g`` to every
+group. ``--linktype ip`` (the default) writes LINKTYPE_RAW (101): the captured IPv4/IPv6
+bytes, with the original length so that truncation by the copy range shows.
+``--linktype nflog`` writes LINKTYPE_NFLOG (239), the record libpcap's own ``nflog``
+device produces (https://www.tcpdump.org/linktypes/LINKTYPE_NFLOG.html): a 4-byte header
+(address family, version 0, group as big-endian resource id) and the kernel's NFULA_*
+attributes as TLVs, the payload last; as there, the record's length is its captured
+length, and a truncated packet shows by its IP header's length.
+
+At the end (``-c`` reached, Ctrl-C, SIGTERM, or the reader of ``-w -`` gone) one line goes
+to stderr: packets written and packets the feed lost; the exit status is 0. An endpoint
+ZeroMQ rejects ends it at once with status 2 and one line naming the endpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import struct
+import sys
+import time
+from typing import BinaryIO, Callable
+
+import zmq
+
+from . import subscriber as _subscriber
+from .subscriber import Subscriber
+from .wire import Packet
+
+__all__ = ["LINKTYPE_NFLOG", "LINKTYPE_RAW", "main", "nflog_record"]
+
+LINKTYPE_RAW = 101  # raw IPv4 or IPv6, told apart by the version nibble
+LINKTYPE_NFLOG = 239
+SNAPLEN = 262144  # libpcap's MAXIMUM_SNAPLEN: the file header never truncates a record
+_NS = 1_000_000_000
+
+# The LINKTYPE_NFLOG record (libpcap pcap/nflog.h, tcpdump print-nflog.c). Its header is
+# the kernel's struct nfgenmsg: family u8, version u8, res_id (the group) big-endian u16.
+_HDR = struct.Struct(">BBH")
+# Each attribute is a TLV whose length (header included, padding excluded) and type are in
+# host byte order, padded to 4 bytes like the kernel's NLA_ALIGN; values are big-endian.
+_TLV = struct.Struct("=HH")
+_BE32 = struct.Struct(">I")
+_PACKET_HDR = struct.Struct(">HBx")  # struct nfulnl_msg_packet_hdr: hw_protocol, hook, pad
+_TIMESTAMP = struct.Struct(">QQ")  # struct nfulnl_msg_packet_timestamp: sec, usec
+_HWADDR = struct.Struct(">H2x8s")  # struct nfulnl_msg_packet_hw: hw_addrlen, pad, hw_addr[8]
+
+# enum nfulnl_attr_type, include/uapi/linux/netfilter/nfnetlink_log.h
+NFULA_PACKET_HDR = 1
+NFULA_MARK = 2
+NFULA_TIMESTAMP = 3
+NFULA_IFINDEX_INDEV = 4
+NFULA_IFINDEX_OUTDEV = 5
+NFULA_IFINDEX_PHYSINDEV = 6
+NFULA_IFINDEX_PHYSOUTDEV = 7
+NFULA_HWADDR = 8
+NFULA_PAYLOAD = 9
+NFULA_PREFIX = 10
+NFULA_UID = 11
+NFULA_SEQ = 12
+NFULA_GID = 14
+
+#: hw_protocol -> the header's family: AF_INET, AF_INET6; AF_UNSPEC for anything else.
+FAMILY = {0x0800: 2, 0x86DD: 10}
+
+
+def _tlv(kind: int, value: bytes) -> bytes:
+    n = _TLV.size + len(value)
+    return _TLV.pack(n, kind) + value + b"\0" * (-n % 4)
+
+
+def nflog_record(p: Packet) -> bytes:
+    """One LINKTYPE_NFLOG record: the attributes the kernel sent, in the kernel's order."""
+    parts = [
+        _HDR.pack(FAMILY.get(p.hw_protocol, 0), 0, p.group),
+        _tlv(NFULA_PACKET_HDR, _PACKET_HDR.pack(p.hw_protocol, p.hook)),
+    ]
+    if p.prefix is not None:  # NUL-terminated, the count including the NUL
+        parts.append(_tlv(NFULA_PREFIX, p.prefix.encode() + b"\0"))
+    for kind, value in (
+        (NFULA_IFINDEX_INDEV, p.indev),
+        (NFULA_IFINDEX_PHYSINDEV, p.physindev),
+        (NFULA_IFINDEX_OUTDEV, p.outdev),
+        (NFULA_IFINDEX_PHYSOUTDEV, p.physoutdev),
+        (NFULA_MARK, p.mark),
+    ):
+        if value is not None:
+            parts.append(_tlv(kind, _BE32.pack(value)))
+    hw = p.hwaddr
+    if hw is not None:
+        parts.append(_tlv(NFULA_HWADDR, _HWADDR.pack(len(hw), hw)))
+    if p.ts_kernel:  # the daemon's receive time is no kernel timestamp: only in the pcap header
+        sec, ns = divmod(p.ts_ns, _NS)
+        parts.append(_tlv(NFULA_TIMESTAMP, _TIMESTAMP.pack(sec, ns // 1000)))
+    for kind, value in ((NFULA_UID, p.uid), (NFULA_GID, p.gid), (NFULA_SEQ, p.kernel_seq)):
+        if value is not None:
+            parts.append(_tlv(kind, _BE32.pack(value)))
+    if p.caplen:
+        parts.append(_tlv(NFULA_PAYLOAD, p.data))
+    return b"".join(parts)
+
+
+def _group(text: str) -> int:
+    try:
+        g = int(text)
+    except ValueError:
+        g = -1
+    if not 0 <= g <= 0xFFFF:
+        raise argparse.ArgumentTypeError(f"NFLOG groups are integers 0..65535, got {text!r}")
+    return g
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"a packet count is a positive integer, got {text!r}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="nflog-tap",
+        description="Write the nflogd feed as pcap (-w), or print one line per packet.",
+        epilog="Default endpoint: $NFLOGD_ENDPOINT, else " + _subscriber.DEFAULT_ENDPOINT + ".",
+    )
+    ap.add_argument(
+        "-e",
+        "--endpoint",
+        action="append",
+        metavar="ENDPOINT",
+        help="ZeroMQ endpoint of a daemon's feed (ipc://..., tcp://host:port); repeat for several",
+    )
+    ap.add_argument(
+        "-g",
+        "--group",
+        action="append",
+        type=_group,
+        metavar="GROUP",
+        help="NFLOG group; repeat; default all",
+    )
+    ap.add_argument("-c", "--count", type=_count, metavar="COUNT", help="stop after COUNT packets")
+    ap.add_argument("-w", "--write", metavar="FILE", help="write pcap to FILE, '-' for stdout")
+    ap.add_argument(
+        "--linktype",
+        choices=("ip", "nflog"),
+        default="ip",
+        help="ip: LINKTYPE_RAW, the packets (default); nflog: LINKTYPE_NFLOG, with the NFLOG attributes",
+    )
+    return ap
+
+
+def _connect(endpoints: list[str] | None, groups: list[int] | None) -> Subscriber:
+    """The Subscriber; a rejected endpoint raises SystemExit(2) after one line naming it."""
+    try:
+        return Subscriber(endpoints, groups)
+    except (zmq.ZMQError, ValueError, TypeError) as e:
+        err: BaseException = e
+    # Subscriber connects all endpoints on one socket: find the culprit on a throwaway one.
+    culprit = None
+    ctx = zmq.Context.instance()
+    for ep in _subscriber._endpoints(endpoints):
+        probe = ctx.socket(zmq.SUB)
+        try:
+            probe.connect(ep)
+        except zmq.ZMQError as e:
+            culprit, err = ep, e
+            break
+        finally:
+            probe.close(linger=0)
+    where = f"endpoint {culprit!r}: " if culprit is not None else ""
+    reason = zmq.strerror(err.errno) if isinstance(err, zmq.ZMQError) else err  # without "(addr=...)"
+    print(f"nflog-tap: {where}{reason}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+class _Signals:
+    """SIGINT and SIGTERM end the capture between packets, never in the middle of a record.
+
+    While the tap waits for the feed the handler raises KeyboardInterrupt to leave the
+    blocking receive; otherwise it only sets ``stop``, seen after the current packet.
+    """
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.waiting = False
+        self._saved: dict[int, object] = {}
+
+    def _handler(self, signum, frame) -> None:
+        self.stop = True
+        if self.waiting:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> _Signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._saved[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._saved.items():
+            signal.signal(sig, old)  # type: ignore[arg-type]
+
+
+def _pcap_writer(out: BinaryIO, linktype: str) -> Callable[[Packet], None]:
+    from scapy.utils import PcapWriter
+
+    writer = PcapWriter(
+        out, linktype=LINKTYPE_NFLOG if linktype == "nflog" else LINKTYPE_RAW, snaplen=SNAPLEN
+    )
+    writer.write_header(None)  # at once: an empty capture is still a valid file
+    write = writer.write_packet
+
+    if linktype == "nflog":
+
+        def emit(p: Packet) -> None:
+            sec, ns = divmod(p.ts_ns, _NS)
+            record = nflog_record(p)
+            n = len(record)  # as libpcap's nflog device: len == caplen, the IP header tells the rest
+            write(record, sec=sec, usec=ns // 1000, caplen=n, wirelen=n)
+
+    else:
+
+        def emit(p: Packet) -> None:
+            sec, ns = divmod(p.ts_ns, _NS)
+            write(p.data, sec=sec, usec=ns // 1000, caplen=p.caplen, wirelen=max(p.len, p.caplen))
+
+    return emit
+
+
+def _printer(out) -> Callable[[Packet], None]:
+    from scapy.config import conf
+
+    from .scapy_socket import LAYERS
+
+    def emit(p: Packet) -> None:
+        sec, ns = divmod(p.ts_ns, _NS)
+        when = time.strftime("%H:%M:%S", time.localtime(sec)) + f".{ns // 1000:06d}"
+        length = f"{p.len}" if p.caplen == p.len else f"{p.len} (captured {p.caplen})"
+        prefix = "" if p.prefix is None else f" prefix {p.prefix!r}"
+        try:
+            summary = LAYERS.get(p.hw_protocol, conf.raw_layer)(p.data).summary()
+        except Exception:
+            summary = f"{len(p.data)} bytes, hw_protocol {p.hw_protocol:#06x}"
+        out.write(f"{when} {p.node or '-'} group {p.group} seq {p.seq} len {length}{prefix} {summary}\n")
+
+    return emit
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with _Signals() as signals:
+        return _run(args, signals)
+
+
+def _run(args: argparse.Namespace, signals: _Signals) -> int:
+    sub = _connect(args.endpoint, args.group)
+    out = None
+    try:
+        if args.write is None:
+            out = sys.stdout
+            emit = _printer(out)
+            done = "printed"
+        else:
+            if args.write == "-":
+                out = sys.stdout.buffer
+            else:
+                try:
+                    out = open(args.write, "wb")
+                except OSError as e:
+                    print(f"nflog-tap: cannot write {args.write!r}: {e.strerror}", file=sys.stderr)
+                    return 1
+            emit = _pcap_writer(out, args.linktype)
+            out.flush()
+            done = "written"
+        n = flushed = 0  # packets emitted; of those, flushed out of this process
+        limit = args.count
+        try:
+            try:
+                while not signals.stop and (limit is None or n < limit):
+                    if not sub.pending():
+                        out.flush()  # before waiting: every packet received so far is out
+                        flushed = n
+                        signals.waiting = True
+                        try:
+                            if signals.stop:
+                                break
+                            p = sub.recv()
+                        finally:
+                            signals.waiting = False
+                    else:
+                        p = sub.recv()
+                    if p is None:
+                        continue
+                    emit(p)
+                    n += 1
+            except KeyboardInterrupt:  # a signal while waiting: nothing is half written
+                pass
+            out.flush()
+            flushed = n
+        except BrokenPipeError:  # the reader went away: the end, quietly
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, out.fileno())  # what is left in the buffer goes nowhere, without an error
+            os.close(devnull)
+        print(f"nflog-tap: {flushed} packets {done}, {sub.total_lost} lost" + _extra(sub), file=sys.stderr)
+        return 0
+    finally:
+        if out is not None and args.write not in (None, "-"):
+            out.close()
+        sub.close()
+
+
+def _extra(sub: Subscriber) -> str:
+    extra = ""
+    if sub.malformed:
+        extra += f", {sub.malformed} malformed messages skipped"
+    if sub.restarts:
+        extra += f", {sub.restarts} daemon restarts"
+    return extra
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

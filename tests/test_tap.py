@@ -1,0 +1,424 @@
+"""nflog-tap as a subprocess against an in-process XPUB feed; files read back by tcpdump and scapy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+from nflogd_client import tap, wire
+from scapy.compat import raw
+from scapy.layers.inet import IP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.utils import RawPcapReader, rdpcap
+
+pytestmark = pytest.mark.timeout(120)
+
+WAIT = 30.0  # seconds: the bound on a subprocess step (it imports scapy first)
+TCPDUMP = shutil.which("tcpdump") or ("/usr/bin/tcpdump" if os.path.exists("/usr/bin/tcpdump") else None)
+needs_tcpdump = pytest.mark.skipif(TCPDUMP is None, reason="tcpdump is not installed")
+
+V4 = raw(IP(src="192.0.2.1", dst="198.51.100.2") / UDP(sport=40000, dport=40001) / b"payload-v4")
+V6 = raw(IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=40000, dport=40002) / b"payload-v6")
+V4_BIG = raw(IP(src="192.0.2.1", dst="198.51.100.3") / UDP(sport=40000, dport=40003) / (b"z" * 400))
+TS = 1_700_000_000_123_456_789  # ns; pcap keeps microseconds
+SEC, USEC = 1_700_000_000, 123_456
+
+
+def tap_command() -> list[str]:
+    script = Path(sys.executable).parent / "nflog-tap"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "nflogd_client.tap"]
+
+
+def rec(group: int, data: bytes, ts_ns: int = TS, **kw) -> wire.Packet:
+    hw = 0x86DD if data[:1] == b"\x60" else 0x0800
+    return wire.Packet.build(group, data, ts_ns, **{"hw_protocol": hw, **kw})
+
+
+def msg(group: int, *packets: wire.Packet, first_seq: int = 0) -> list[bytes]:
+    return wire.encode(group, "r1", 1, first_seq, list(packets))
+
+
+def topics(*groups: int) -> set[bytes]:
+    return {wire.topic(g) for g in groups} if groups else {b""}
+
+
+class Feed:
+    """An XPUB publisher bound on an ipc path; publishes once the tap has subscribed."""
+
+    def __init__(self, path):
+        self.endpoint = f"ipc://{path}"
+        self.ctx = zmq.Context()
+        self.pub = self.ctx.socket(zmq.XPUB)
+        self.pub.bind(self.endpoint)
+        self._seen: set[bytes] = set()
+        self._thread: threading.Thread | None = None
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def wait_subscribed(self, want: set[bytes], timeout: float = WAIT) -> None:
+        deadline = time.monotonic() + timeout
+        while not want <= self._seen:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.pub.poll(int(remaining * 1000) + 1):
+                raise TimeoutError(f"no subscription to {want - self._seen} within {timeout}s")
+            m = self.pub.recv()
+            if m[:1] == b"\x01":
+                self._seen.add(m[1:])
+
+    def _start(self, body) -> None:
+        def run():
+            try:
+                body()
+            except BaseException as e:  # reported by join()
+                self.error = e
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def publish_when_subscribed(self, want: set[bytes], *messages: list[bytes]) -> None:
+        def body():
+            self.wait_subscribed(want)
+            for m in messages:
+                self.pub.send_multipart(m)
+
+        self._start(body)
+
+    def stream_when_subscribed(self, want: set[bytes], group: int = 5, batch: int = 8) -> None:
+        """Publish batches until ``stop`` is set."""
+
+        def body():
+            self.wait_subscribed(want)
+            seq = 0
+            while not self.stop.is_set():
+                self.pub.send_multipart(msg(group, *[rec(group, V4)] * batch, first_seq=seq))
+                seq += batch
+                time.sleep(0.001)
+
+        self._start(body)
+
+    def join(self) -> None:
+        self.stop.set()
+        if self._thread is not None:
+            self._thread.join(WAIT)
+            assert not self._thread.is_alive(), "publisher thread stuck"
+            self._thread = None
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        try:
+            self.join()
+        finally:
+            self.pub.close(linger=0)
+            self.ctx.term()
+
+
+@pytest.fixture
+def feed(tmp_path):
+    f = Feed(tmp_path / "feed.sock")
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+@pytest.fixture
+def procs():
+    """Subprocesses a test starts; killed if still running at the end."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.wait(WAIT)
+        for f in (p.stdin, p.stdout, p.stderr):
+            if f is not None:
+                f.close()
+
+
+def run_tap(procs, *args: str, **kw) -> subprocess.Popen:
+    kw.setdefault("stdout", subprocess.PIPE)
+    p = subprocess.Popen([*tap_command(), *args], stderr=subprocess.PIPE, **kw)
+    procs.append(p)
+    return p
+
+
+def finish(p: subprocess.Popen) -> tuple[bytes, str]:
+    out, err = p.communicate(timeout=WAIT)
+    return out, err.decode()
+
+
+def tcpdump(*args: str, stdin=None) -> list[str]:
+    r = subprocess.run([TCPDUMP, "-n", *args], stdin=stdin, capture_output=True, timeout=WAIT)
+    assert r.returncode == 0, r.stderr
+    assert b"truncated" not in r.stderr, r.stderr  # "truncated dump file": a half-written record
+    return r.stdout.decode().splitlines()
+
+
+def standard_feed(feed: Feed) -> None:
+    """Group 7 (not subscribed: never arrives), then 3 packets of groups 5 and 6."""
+    feed.publish_when_subscribed(
+        topics(5, 6),
+        msg(7, rec(7, V4)),
+        msg(5, rec(5, V4, prefix="in: ", mark=3, uid=1000, indev=2), rec(5, V4_BIG[:60], len=len(V4_BIG))),
+        msg(6, rec(6, V6, outdev=4, gid=100), first_seq=9),
+    )
+
+
+def parse_nflog(record: bytes) -> tuple[tuple[int, int, int], dict[int, bytes]]:
+    """The LINKTYPE_NFLOG header and TLVs, read independently of tap.py."""
+    header = struct.unpack(">BBH", record[:4])
+    tlvs: dict[int, bytes] = {}
+    off = 4
+    while off < len(record):
+        length, kind = struct.unpack("=HH", record[off : off + 4])
+        assert length >= 4
+        tlvs[kind] = record[off + 4 : off + length]
+        off += (length + 3) & ~3
+    assert off == len(record)
+    return header, tlvs
+
+
+# -- pcap output -----------------------------------------------------------------------------------
+
+
+@needs_tcpdump
+def test_write_linktype_ip(feed, procs, tmp_path):
+    out = tmp_path / "ip.pcap"
+    standard_feed(feed)
+    p = run_tap(procs, "-e", feed.endpoint, "-g", "5", "-g", "6", "-c", "3", "-w", str(out))
+    _, err = finish(p)
+    assert p.returncode == 0
+    assert err == "nflog-tap: 3 packets written, 0 lost\n"
+    with RawPcapReader(str(out)) as r:
+        assert r.linktype == tap.LINKTYPE_RAW == 101
+        records = list(r)
+    assert [data for data, _ in records] == [V4, V4_BIG[:60], V6]
+    meta = [m for _, m in records]
+    assert [(m.sec, m.usec) for m in meta] == [(SEC, USEC)] * 3
+    # The original length stays: the truncated packet shows as such.
+    assert [(m.caplen, m.wirelen) for m in meta] == [(38, 38), (60, len(V4_BIG)), (58, 58)]
+    pkts = rdpcap(str(out))
+    assert len(pkts) == 3
+    assert type(pkts[0]) is IP and type(pkts[2]) is IPv6 and raw(pkts[2]) == V6
+    lines = tcpdump("-r", str(out))
+    assert len(lines) == 3
+    assert "IP 192.0.2.1.40000 > 198.51.100.2.40001: UDP, length 10" in lines[0]
+    assert "IP6 2001:db8::1.40000 > 2001:db8::2.40002: UDP, length 10" in lines[2]
+
+
+@needs_tcpdump
+def test_write_linktype_nflog(feed, procs, tmp_path):
+    out = tmp_path / "nflog.pcap"
+    standard_feed(feed)
+    p = run_tap(
+        procs, "-e", feed.endpoint, "-g", "5", "-g", "6", "-c", "3", "-w", str(out), "--linktype", "nflog"
+    )
+    _, err = finish(p)
+    assert p.returncode == 0 and err == "nflog-tap: 3 packets written, 0 lost\n"
+    with RawPcapReader(str(out)) as r:
+        assert r.linktype == tap.LINKTYPE_NFLOG == 239
+        records = list(r)
+    assert len(rdpcap(str(out))) == 3
+    (h0, t0), (h1, t1), (h2, t2) = (parse_nflog(data) for data, _ in records)
+    assert (h0, h1, h2) == ((2, 0, 5), (2, 0, 5), (10, 0, 6))  # AF_INET, AF_INET6; group = resource id
+    assert t0[tap.NFULA_PACKET_HDR] == b"\x08\x00\x00\x00"  # hw_protocol BE, hook 0, pad
+    assert t0[tap.NFULA_PREFIX] == b"in: \0"
+    assert t0[tap.NFULA_MARK] == struct.pack(">I", 3)
+    assert t0[tap.NFULA_UID] == struct.pack(">I", 1000)
+    assert t0[tap.NFULA_IFINDEX_INDEV] == struct.pack(">I", 2)
+    assert t0[tap.NFULA_TIMESTAMP] == struct.pack(">QQ", SEC, USEC)
+    assert t0[tap.NFULA_PAYLOAD] == V4
+    assert list(t0)[-1] == tap.NFULA_PAYLOAD
+    assert t1[tap.NFULA_PAYLOAD] == V4_BIG[:60] and tap.NFULA_PREFIX not in t1 and tap.NFULA_MARK not in t1
+    assert t2[tap.NFULA_PACKET_HDR][:2] == b"\x86\xdd" and t2[tap.NFULA_PAYLOAD] == V6
+    assert t2[tap.NFULA_IFINDEX_OUTDEV] == struct.pack(">I", 4)
+    assert t2[tap.NFULA_GID] == struct.pack(">I", 100)
+    # As libpcap's nflog device: the record's length is its captured length.
+    assert all(m.caplen == m.wirelen == len(d) for d, m in records)
+    # tcpdump finds the payload TLV (host-order lengths, padding) and prints the packet inside.
+    lines = tcpdump("-r", str(out))
+    assert len(lines) == 3
+    assert "IP 192.0.2.1.40000 > 198.51.100.2.40001: UDP, length 10" in lines[0]
+    assert "truncated-ip - 368 bytes missing" in lines[1]
+    assert "IP6 2001:db8::1.40000 > 2001:db8::2.40002: UDP, length 10" in lines[2]
+    assert all("resource ID" in line for line in tcpdump("-e", "-r", str(out)))
+    # The prefix is in the record tcpdump reads (and names in Wireshark's dissector, if installed).
+    dump = tcpdump("-XX", "-r", str(out), "-c", "1")
+    assert dump[2].split("  ")[-1].startswith("in:.")  # bytes 16..31: the prefix and its NUL
+    if shutil.which("tshark"):
+        r = subprocess.run(
+            ["tshark", "-r", str(out), "-T", "fields", "-e", "nflog.prefix", "-e", "nflog.uid"],
+            capture_output=True,
+            timeout=WAIT,
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.decode().splitlines() == ["in: \t1000", "\t", "\t"]
+
+
+def test_nflog_record_layout():
+    p = rec(
+        5,
+        b"\x45" + b"\0" * 19,
+        prefix="abc",
+        hook=1,
+        hwaddr=b"\x02\x00\x00\x00\x00\x01",
+        kernel_seq=77,
+        physindev=9,
+        ts_kernel=False,
+    )
+    r = tap.nflog_record(p)
+    le = sys.byteorder == "little"
+
+    def tlv(length: int, kind: int) -> bytes:
+        return struct.pack("<HH" if le else ">HH", length, kind)
+
+    assert r == (
+        b"\x02\x00\x00\x05"
+        + tlv(8, 1) + b"\x08\x00\x01\x00"
+        + tlv(8, 10) + b"abc\0"
+        + tlv(8, 6) + b"\0\0\0\x09"
+        + tlv(16, 8) + b"\x00\x06\0\0" + b"\x02\x00\x00\x00\x00\x01\0\0"
+        + tlv(8, 12) + b"\0\0\0\x4d"
+        + tlv(24, 9) + b"\x45" + b"\0" * 19
+    )  # fmt: skip
+    # Odd lengths are padded to 4 bytes, the length field excluding the padding.
+    odd = tap.nflog_record(rec(5, b"\x45" * 21, prefix="ab"))
+    _, tlvs = parse_nflog(odd)
+    assert tlvs[tap.NFULA_PREFIX] == b"ab\0" and tlvs[tap.NFULA_PAYLOAD] == b"\x45" * 21
+
+
+@needs_tcpdump
+def test_stdout_into_tcpdump(feed, procs):
+    standard_feed(feed)
+    p = run_tap(procs, "-e", feed.endpoint, "-g", "5", "-g", "6", "-c", "3", "-w", "-")
+    lines = tcpdump("-r", "-", stdin=p.stdout)
+    _, err = finish(p)
+    assert p.returncode == 0 and err == "nflog-tap: 3 packets written, 0 lost\n"
+    assert len(lines) == 3 and "IP6 2001:db8::1.40000" in lines[2]
+
+
+@needs_tcpdump
+def test_stdout_is_live_and_ends_when_the_reader_goes(feed, procs):
+    """tcpdump -c 2 ends while the tap still runs: every packet is flushed as it comes."""
+    feed.publish_when_subscribed(topics(5), msg(5, rec(5, V4)), msg(5, rec(5, V6), first_seq=1))
+    p = run_tap(procs, "-e", feed.endpoint, "-g", "5", "-w", "-")
+    lines = tcpdump("-r", "-", "-c", "2", stdin=p.stdout)
+    assert len(lines) == 2
+    assert p.poll() is None
+    # The reader is gone (tcpdump exited, and this process lets go of the pipe): the next
+    # packet fails to go out, and the tap ends quietly, counting what did go out.
+    p.stdout.close()
+    feed.join()
+    feed.pub.send_multipart(msg(5, rec(5, V4), first_seq=2))
+    _, err = finish(p)
+    assert p.returncode == 0 and err == "nflog-tap: 2 packets written, 0 lost\n"
+
+
+# -- ending ----------------------------------------------------------------------------------------
+
+
+@needs_tcpdump
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_under_traffic_leaves_a_complete_file(feed, procs, tmp_path, sig):
+    out = tmp_path / "live.pcap"
+    feed.stream_when_subscribed(topics(5))
+    p = run_tap(procs, "-e", feed.endpoint, "-g", "5", "-w", str(out))
+    deadline = time.monotonic() + WAIT
+    while (not out.exists() or out.stat().st_size < 24 + 50 * (16 + len(V4))) and time.monotonic() < deadline:
+        assert p.poll() is None
+        time.sleep(0.02)
+    p.send_signal(sig)  # while packets keep coming
+    _, err = finish(p)
+    feed.join()
+    assert p.returncode == 0
+    assert err.count("\n") == 1 and err.startswith("nflog-tap: ") and "Traceback" not in err
+    written = int(err.split()[1])
+    assert written >= 50
+    pkts = rdpcap(str(out))
+    assert len(pkts) == written and all(raw(x) == V4 for x in pkts)
+    assert len(tcpdump("-r", str(out))) == written
+
+
+@needs_tcpdump
+def test_signal_while_idle_leaves_an_empty_valid_file(feed, procs, tmp_path):
+    out = tmp_path / "idle.pcap"
+    p = run_tap(procs, "-e", feed.endpoint, "-w", str(out), "--linktype", "nflog")
+    feed.wait_subscribed(topics())  # running and waiting
+    p.send_signal(signal.SIGINT)
+    _, err = finish(p)
+    assert p.returncode == 0 and err == "nflog-tap: 0 packets written, 0 lost\n"
+    assert len(rdpcap(str(out))) == 0
+    with RawPcapReader(str(out)) as r:
+        assert r.linktype == 239
+    assert tcpdump("-r", str(out)) == []
+
+
+def test_loss_in_summary(feed, procs):
+    feed.publish_when_subscribed(topics(5), msg(5, rec(5, V4), rec(5, V4)), msg(5, rec(5, V4), first_seq=5))
+    p = run_tap(procs, "-e", feed.endpoint, "-g", "5", "-c", "3", "-w", os.devnull)
+    _, err = finish(p)
+    assert p.returncode == 0 and err == "nflog-tap: 3 packets written, 3 lost\n"
+
+
+# -- printing and arguments ------------------------------------------------------------------------
+
+
+def test_print_lines(feed, procs):
+    standard_feed(feed)
+    p = run_tap(procs, "-e", feed.endpoint, "-g", "5", "-g", "6", "-c", "3")
+    out, err = finish(p)
+    assert p.returncode == 0 and err == "nflog-tap: 3 packets printed, 0 lost\n"
+    lines = out.decode().splitlines()
+    assert len(lines) == 3
+    when = time.strftime("%H:%M:%S", time.localtime(SEC)) + f".{USEC:06d}"
+    assert lines[0] == (
+        f"{when} r1 group 5 seq 0 len 38 prefix 'in: ' IP / UDP 192.0.2.1:40000 > 198.51.100.2:40001 / Raw"
+    )
+    assert lines[1].startswith(f"{when} r1 group 5 seq 1 len {len(V4_BIG)} (captured 60) IP / UDP")
+    assert lines[2].startswith(f"{when} r1 group 6 seq 9 len {len(V6)} IPv6 / UDP 2001:db8::1:40000 >")
+
+
+@pytest.mark.parametrize(
+    "endpoints, culprit",
+    [(["bogus://x"], "bogus://x"), (["ipc:///tmp/nflog-tap-ok.sock", "nonsense"], "nonsense")],
+)
+def test_bad_endpoint_one_line_exit_2(procs, endpoints, culprit):
+    args = [a for e in endpoints for a in ("-e", e)]
+    p = run_tap(procs, *args, "-c", "1")
+    out, err = finish(p)
+    assert p.returncode == 2 and out == b""
+    assert err.count("\n") == 1 and err.startswith(f"nflog-tap: endpoint '{culprit}': ")
+    assert "Traceback" not in err and "addr=" not in err
+
+
+def test_bad_endpoint_from_environment(procs):
+    env = {**os.environ, "NFLOGD_ENDPOINT": "bogus://env"}
+    p = run_tap(procs, "-c", "1", env=env)
+    _, err = finish(p)
+    assert p.returncode == 2 and err == "nflog-tap: endpoint 'bogus://env': Protocol not supported\n"
+
+
+@pytest.mark.parametrize(
+    "args", [["-c", "0"], ["-c", "x"], ["-g", "70000"], ["-g", "five"], ["--linktype", "eth"], ["--bogus"]]
+)
+def test_bad_arguments(procs, args):
+    p = run_tap(procs, "-e", "ipc:///tmp/nflog-tap-unused.sock", *args)
+    out, err = finish(p)
+    assert p.returncode == 2 and out == b""
+    assert err.startswith("usage: nflog-tap") and "Traceback" not in err
+
+
+def test_unwritable_file(feed, procs, tmp_path):
+    p = run_tap(procs, "-e", feed.endpoint, "-w", str(tmp_path / "no" / "such" / "dir.pcap"))
+    _, err = finish(p)
+    assert p.returncode == 1 and err.startswith("nflog-tap: cannot write ") and err.count("\n") == 1
