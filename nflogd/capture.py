@@ -26,6 +26,7 @@ import time
 
 from nflogd_client import wire
 
+from . import netns
 from .errors import BufferOverflow
 from .ffi import NflogSocket
 
@@ -82,9 +83,14 @@ class GroupReader:
     """One NFLOG group, bound at construction.
 
     ``settings`` is a ``nflogd.config.GroupConfig`` (group, copy_range, queue_threshold,
-    flush_ms, rcvbuf). Raises ``GroupBusy`` when another socket holds the group,
-    ``NoPermission`` without CAP_NET_ADMIN, ``NFLogError`` otherwise. ``warn_overflow=False``
-    logs overruns at debug level only (they are counted either way).
+    flush_ms, rcvbuf, netns). Raises ``GroupBusy`` when another socket holds the group,
+    ``NoPermission`` without CAP_NET_ADMIN, ``NamespaceError`` when ``netns`` cannot be
+    entered, ``NFLogError`` otherwise. ``warn_overflow=False`` logs overruns at debug level
+    only (they are counted either way).
+
+    With ``settings.netns`` set, the socket is opened and bound inside that namespace and
+    stays there; the calling thread is back in its own before the constructor returns.
+    ``netns_id`` is the namespace's ``netns.identity()`` then (None for the thread's own).
     """
 
     def __init__(self, settings, *, warn_overflow: bool = True):
@@ -93,14 +99,18 @@ class GroupReader:
         self.counters = GroupCounters()
         self.warn_overflow = warn_overflow
         self._last_overflow: float | None = None
-        self._sock = NflogSocket(self.group)
-        self._portid = self._sock.portid
-        try:
-            self._sock.set_rcvbuf(settings.rcvbuf)
-            self._configure(settings, bind=True)
-        except BaseException:
-            self._sock.close()
-            raise
+        self._sock = None
+        # Bind inside too, so that a GroupBusy names the holder from that namespace's /proc.
+        with netns.entered(getattr(settings, "netns", None)) as self.netns_id:
+            self._sock = NflogSocket(self.group)
+            self._portid = self._sock.portid
+            try:
+                self._sock.set_rcvbuf(settings.rcvbuf)
+                self._configure(settings, bind=True)
+            except BaseException:
+                self._sock.close()
+                self._sock = None
+                raise
 
     def _configure(self, s, bind: bool) -> None:
         self._sock.configure(
@@ -158,7 +168,10 @@ class GroupReader:
             )  # fmt: skip
 
     def reconfigure(self, settings) -> None:
-        """Apply new settings to the bound group without rebinding: no packet is lost."""
+        """Apply new settings to the bound group without rebinding: no packet is lost.
+
+        The socket stays in the namespace it was opened in; ``settings.netns`` is not looked at.
+        """
         if settings.group != self.group:
             raise ValueError(f"reader of group {self.group} cannot take settings of group {settings.group}")
         if settings.rcvbuf != self.settings.rcvbuf:

@@ -9,8 +9,10 @@
     for g in cfg.groups:                      # GroupConfig(group=0, copy_range=65535, ...)
         print(g.group, g.copy_range, g.flush_ms)
     cfg.publish.bind                          # ("ipc:///run/nflogd/feed.sock",)
+    cfg.publish.curve                         # CurveConfig(secret_key_file=..., ...), or None
     cfg.metrics                               # MetricsConfig(host="127.0.0.1", port=9477), or None
     cfg.user                                  # "nflogd", or None: stay as the starting user
+    cfg.groups[0].netns                       # "blue" (/run/netns/blue), a path, or None: our own
 
     try:
         config.parse("groups: [{group: 2, copy_range: 70000}]")
@@ -26,19 +28,21 @@ Units are in the names (``flush_ms``, ``rcvbuf`` in bytes); ``ffi.py`` turns the
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
 import pwd
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import yaml
+from nflogd_client import curve as _curve
 
 from nflogd.errors import ConfigError
 
-__all__ = ["Config", "GroupConfig", "PublishConfig", "MetricsConfig", "load", "parse"]
+__all__ = ["Config", "GroupConfig", "PublishConfig", "CurveConfig", "MetricsConfig", "load", "parse"]
 
 _DEFAULT_BIND = ("ipc:///run/nflogd/feed.sock",)
 _DEFAULT_HWM = 100_000
@@ -56,10 +60,15 @@ _GROUP_RANGES: dict[str, tuple[int, int]] = {
 _HWM_RANGE = (1, 10_000_000)
 _PORT_RANGE = (1, 65535)
 _NODE_MAX_BYTES = 255
+_NETNS_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # what `ip netns add` makes under /run/netns
+_NAME_MAX = 255
+_PATH_MAX = 4095
 _IPC_PATH_MAX_BYTES = 107  # sizeof(sockaddr_un.sun_path) - 1 for the terminating NUL
 
 _TOP_KEYS = ("groups", "metrics", "node", "publish", "user")
-_PUBLISH_KEYS = ("bind", "hwm")
+_PUBLISH_KEYS = ("bind", "curve", "hwm", "insecure", "ipc_filter_groups")
+_CURVE_KEYS = ("authorized_keys_dir", "secret_key_file")
+_GID_MAX = 2**32 - 2  # (gid_t)-1 means "no group"
 _METRICS_KEYS = ("listen",)
 
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
@@ -75,6 +84,12 @@ class GroupConfig:
 
     ``GroupConfig(5, copy_range=256)`` validates like the YAML does: a field out of range raises
     ``ConfigError("copy_range: must be an integer 0..65535, got 70000")``.
+
+    ``netns`` opens the group in another network namespace: a name under /run/netns
+    (``ip netns add blue``: ``"blue"``) or an absolute path to a namespace file
+    (``"/proc/4242/ns/net"``); None is the daemon's own. Only the form is checked here: a
+    namespace comes and goes with its container, so whether it exists is found out when the
+    group is opened (``nflogd.netns``).
     """
 
     group: int
@@ -82,24 +97,58 @@ class GroupConfig:
     queue_threshold: int = 256
     flush_ms: int = 10
     rcvbuf: int = 8 * 2**20
+    netns: str | None = None
 
     def __post_init__(self) -> None:
         for name, (lo, hi) in _GROUP_RANGES.items():
             _check_int(name, getattr(self, name), lo, hi)
+        _check_netns("netns", self.netns)
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """CURVE on the tcp endpoints: the daemon's key pair and the directory of admitted clients.
+
+    ``public_key``/``secret_key`` are Z85 text read from ``secret_key_file`` (``parse`` reads
+    it, and checks that ``authorized_keys_dir`` can be read and holds valid ``*.key`` files);
+    the secret key is left out of ``repr()``.
+    """
+
+    secret_key_file: str
+    authorized_keys_dir: str
+    public_key: bytes
+    secret_key: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("public_key", "secret_key"):
+            try:
+                _curve.check_z85(getattr(self, name), name)
+            except _curve.KeyFileError as e:
+                raise ConfigError(str(e)) from None
 
 
 @dataclass(frozen=True)
 class PublishConfig:
-    """Where the ZeroMQ PUB socket binds, and how many messages it queues per subscriber."""
+    """Where the ZeroMQ PUB socket binds, and how many messages it queues per subscriber.
+
+    ``curve``: CURVE on every tcp endpoint, or None. ``insecure``: allow tcp endpoints other
+    hosts can reach without CURVE. ``ipc_filter_gids``: IPC_FILTER_GID for the ipc endpoints.
+    """
 
     bind: tuple[str, ...] = _DEFAULT_BIND
     hwm: int = _DEFAULT_HWM
+    curve: CurveConfig | None = None
+    insecure: bool = False
+    ipc_filter_gids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.bind, tuple):
             raise ConfigError(f"bind: must be a tuple of endpoint strings, got {_show(self.bind)}")
         _check_endpoints("bind", self.bind)
         _check_int("hwm", self.hwm, *_HWM_RANGE)
+        if not isinstance(self.insecure, bool):
+            raise ConfigError(f"insecure: must be true or false, got {_show(self.insecure)}")
+        _check_exposure("bind", self.bind, self.curve, self.insecure)
 
 
 @dataclass(frozen=True)
@@ -238,9 +287,12 @@ def _parse_groups(path: str, value: Any) -> tuple[GroupConfig, ...]:
         item_path = f"{path}[{i}]"
         group = _parse_group(item_path, item)
         if group.group in first_at:
-            raise ConfigError(
-                f"{item_path}: group {group.group} is listed twice (also {path}[{first_at[group.group]}])"
-            )
+            j = first_at[group.group]
+            why = ""
+            if group.netns != groups[j].netns:
+                # The feed's topic and the metrics' label are the group number alone.
+                why = "; a group number may be used once across all namespaces"
+            raise ConfigError(f"{item_path}: group {group.group} is listed twice (also {path}[{j}]){why}")
         first_at[group.group] = i
         groups.append(group)
     return tuple(groups)
@@ -248,12 +300,13 @@ def _parse_groups(path: str, value: Any) -> tuple[GroupConfig, ...]:
 
 def _parse_group(path: str, item: Any) -> GroupConfig:
     if isinstance(item, dict):
-        _check_keys(path, item, tuple(_GROUP_RANGES))
+        _check_keys(path, item, (*_GROUP_RANGES, "netns"))
         if "group" not in item:
             raise ConfigError(f"{path}: missing key 'group', the NFLOG group number 0..65535")
         for name, (lo, hi) in _GROUP_RANGES.items():
             if name in item:
                 _check_int(f"{path}.{name}", item[name], lo, hi)
+        _check_netns(f"{path}.netns", item.get("netns"))
         return GroupConfig(**item)
     if _is_int(item):
         _check_int(path, item, *_GROUP_RANGES["group"])
@@ -286,7 +339,76 @@ def _parse_publish(section: dict[Any, Any]) -> PublishConfig:
     _check_endpoints("publish.bind", bind)
     hwm = section.get("hwm", _DEFAULT_HWM)
     _check_int("publish.hwm", hwm, *_HWM_RANGE)
-    return PublishConfig(bind=tuple(bind), hwm=hwm)
+    insecure = section.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"publish.insecure: must be true or false, got {_show(insecure)}")
+    curve = _parse_curve("publish.curve", section.get("curve"))
+    _check_exposure("publish.bind", bind, curve, insecure)
+    gids = _parse_ipc_groups("publish.ipc_filter_groups", section.get("ipc_filter_groups"))
+    return PublishConfig(bind=tuple(bind), hwm=hwm, curve=curve, insecure=insecure, ipc_filter_gids=gids)
+
+
+def _parse_curve(path: str, section: Any) -> CurveConfig | None:
+    """``publish.curve``: read the secret key and check the client key directory now."""
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ConfigError(
+            f"{path}: must be a mapping with secret_key_file and authorized_keys_dir, got {_show(section)}"
+        )
+    _check_keys(path, section, _CURVE_KEYS)
+    for key in _CURVE_KEYS:
+        if key not in section:
+            raise ConfigError(f"{path}: missing key {key!r}")
+        value = section[key]
+        if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+            raise ConfigError(f"{path}.{key}: must be an absolute path, got {_show(value)}")
+    if not _zmq_has_curve():
+        raise ConfigError(f"{path}: this libzmq was built without CURVE support")
+    secret_file, clients_dir = section["secret_key_file"], section["authorized_keys_dir"]
+    try:
+        public, secret = _curve.keypair(secret_file)
+    except _curve.KeyFileError as e:
+        raise ConfigError(f"{path}.secret_key_file: {e}") from None
+    try:
+        _curve.authorized_keys(clients_dir)
+    except _curve.KeyFileError as e:
+        raise ConfigError(f"{path}.authorized_keys_dir: {e}") from None
+    return CurveConfig(
+        secret_key_file=secret_file, authorized_keys_dir=clients_dir, public_key=public, secret_key=secret
+    )
+
+
+def _zmq_has_curve() -> bool:
+    import zmq
+
+    return bool(zmq.has("curve"))
+
+
+def _parse_ipc_groups(path: str, value: Any) -> tuple[int, ...]:
+    """Group names (looked up now) or gids, for IPC_FILTER_GID; absent or empty: no filter."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: must be a group name or gid, or a list of them, got {_show(value)}")
+    gids: list[int] = []
+    for i, item in enumerate(value):
+        item_path = f"{path}[{i}]"
+        if _is_int(item):
+            _check_int(item_path, item, 0, _GID_MAX)
+            gid = item
+        elif isinstance(item, str):
+            try:
+                gid = grp.getgrnam(item).gr_gid
+            except (KeyError, ValueError):
+                raise ConfigError(f"{item_path}: no such group {_show(item)}") from None
+        else:
+            raise ConfigError(f"{item_path}: must be a group name or a gid, got {_show(item)}")
+        if gid not in gids:
+            gids.append(gid)
+    return tuple(gids)
 
 
 def _parse_metrics(section: dict[Any, Any]) -> MetricsConfig | None:
@@ -412,6 +534,35 @@ def _check_host(path: str, host: str, *, allow_wildcard: bool) -> None:
         )
 
 
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (or ::ffff:127.x.y.z) and the name ``localhost``; not ``*``, not names."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _check_exposure(path: str, bind: Any, curve: CurveConfig | None, insecure: bool) -> None:
+    """Refuse a tcp endpoint other hosts can reach when nothing protects it."""
+    if curve is not None or insecure:
+        return
+    for i, endpoint in enumerate(bind):
+        if not endpoint.startswith("tcp://"):
+            continue
+        host, _ = _split_host_port(f"{path}[{i}]", endpoint[len("tcp://") :], endpoint, allow_wildcard=True)
+        if not _is_loopback(host):
+            raise ConfigError(
+                f"{path}[{i}]: {endpoint} is not a loopback address and publish.curve is not set: "
+                "every host that reaches it could read the feed; set publish.curve "
+                "(docs/security.md) or publish.insecure: true"
+            )
+
+
 # --- scalars -------------------------------------------------------------------------------------
 
 
@@ -433,6 +584,30 @@ def _check_text(path: str, value: Any, lo: int, hi: int) -> str:
     if not lo <= size <= hi:
         raise ConfigError(f"{path}: must be a string of {lo}..{hi} UTF-8 bytes, got {size} bytes")
     return value
+
+
+def _check_netns(path: str, value: Any) -> None:
+    """None, a name as ``ip netns`` makes them, or an absolute path of a namespace file."""
+    if value is None:
+        return
+    form = "a name under /run/netns or an absolute path like /proc/PID/ns/net"
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{path}: must be {form}, got {_show(value)}")
+    if "\0" in value:
+        raise ConfigError(f"{path}: must not contain a NUL character, got {_show(value)}")
+    size = _utf8_len(path, value)
+    if "/" in value:
+        if not value.startswith("/"):
+            raise ConfigError(
+                f"{path}: a path must be absolute (/run/netns/NAME, /proc/PID/ns/net), got {_show(value)}"
+            )
+        if size > _PATH_MAX:
+            raise ConfigError(f"{path}: path is {size} bytes, at most {_PATH_MAX}")
+    elif value in (".", "..") or not _NETNS_NAME.fullmatch(value) or size > _NAME_MAX:
+        raise ConfigError(
+            f"{path}: not a namespace name: {_show(value)} "
+            f"(up to {_NAME_MAX} letters, digits, '_', '-', '.'; or an absolute path)"
+        )
 
 
 def _utf8_len(path: str, text: str) -> int:

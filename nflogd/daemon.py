@@ -20,12 +20,18 @@ running config stays. Otherwise, applied without a restart:
 - groups: new ones bound, removed ones closed, changed ones ``reconfigure()``d
   (no rebind: groups left as they were lose nothing). Their feed ``seq`` and
   counters carry on within the epoch if a group is removed and added back.
+  A group whose ``netns`` changed, or whose namespace name now stands for
+  another namespace (a restarted container), is reopened there.
 - ``publish.bind``: new endpoints bound, dropped ones unbound (peers connected
   through a dropped endpoint stay connected).
 - ``publish.hwm``: applies to subscribers that connect afterwards (libzmq).
 - ``node``: applies to the next message; ``epoch`` and ``seq`` carry on.
 - ``metrics``: the server is restarted on the new address, or started/stopped.
 - ``user``: needs a restart (root is gone); a change is logged and ignored.
+
+Groups with ``netns`` are opened by entering the namespace, which needs
+CAP_SYS_ADMIN: after ``user`` dropped it, a reload that would open one fails
+with that said (a restart opens it), while the groups already open go on.
 
 If a new group, endpoint or metrics address cannot be bound, nothing of the
 new config is applied and the error is logged.
@@ -34,6 +40,7 @@ new config is applied and the error is logged.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import os
@@ -46,9 +53,9 @@ import time
 import zmq
 from prometheus_client.registry import CollectorRegistry
 
-from . import config, privileges
+from . import config, netns, privileges
 from .capture import GroupReader
-from .errors import ConfigError, NflogdError
+from .errors import ConfigError, NamespaceError, NflogdError
 from .metrics import Collector, MetricsServer
 from .publish import Publisher, make_ipc_dirs
 from .sdnotify import Notifier
@@ -147,9 +154,26 @@ class Daemon:
         try:
             reader = GroupReader(settings)
         except NflogdError as e:
-            raise NflogdError(_group_error(settings.group, e)) from None
-        log.debug("group %d bound", settings.group)
+            text = _group_error(settings.group, e)
+            if isinstance(e, NamespaceError) and e.errno == errno.EPERM and self.publisher is not None:
+                text += " (not held after start: restart nflogd to open this group)"
+            raise NflogdError(text) from None
+        log.debug("group %d bound%s", settings.group, f" in netns {settings.netns}" if settings.netns else "")
         return reader
+
+    def _moved(self, reader, settings) -> bool:
+        """Whether the group must be reopened elsewhere: its ``netns`` names another namespace
+        than the one its socket is in (changed in the config, or a restarted container's)."""
+        new = settings.netns
+        if new is None or reader.netns_id is None:
+            return new is not None or reader.netns_id is not None
+        try:
+            return netns.identity(new) != reader.netns_id
+        except NamespaceError as e:
+            if new != reader.settings.netns:
+                return True  # opening it fails and names the namespace
+            log.warning("reload: group %d: %s; it stays open where it was opened", reader.group, e)
+            return False
 
     def _watch(self, reader) -> None:
         fd = reader.fileno()
@@ -247,11 +271,12 @@ class Daemon:
         old = self.cfg
         publisher = self.publisher
         wanted = {g.group: g for g in new.groups}
+        moved = {g for g, r in self.readers.items() if g in wanted and self._moved(r, wanted[g])}
         # 1. everything that can fail, undone if a later step fails
         added = {}
         try:
             for g, settings in wanted.items():
-                if g not in self.readers:
+                if g not in self.readers or g in moved:
                     added[g] = self._open_reader(settings)
             old_endpoints = list(publisher.endpoints)
             publisher.rebind(new.publish.bind)
@@ -276,12 +301,12 @@ class Daemon:
             publisher.set_hwm(new.publish.hwm)
             log.info("reload: publish.hwm %d applies to subscribers connecting from now on", new.publish.hwm)
         readers = dict(self.readers)
-        for g in [g for g in readers if g not in wanted]:
+        for g in [g for g in readers if g not in wanted or g in moved]:
             reader = readers.pop(g)
             self._unwatch(reader)
             self.retired[g] = self.retired.get(g, _Totals()).add(reader.counters)
             self._close_reader(reader)
-            log.info("group %d closed", g)
+            log.info("group %d closed%s", g, " (moving namespaces)" if g in moved else "")
         for g, reader in readers.items():
             if reader.settings != wanted[g]:
                 try:
@@ -343,8 +368,12 @@ class Daemon:
         return out
 
     def _groups_text(self) -> str:
+        def name(g: int) -> str:
+            ns = self.readers[g].settings.netns
+            return f"{g} (netns {ns})" if ns else str(g)
+
         groups = sorted(self.readers)
-        return ("groups " + ", ".join(map(str, groups))) if groups else "no groups"
+        return ("groups " + ", ".join(map(name, groups))) if groups else "no groups"
 
     def _status(self) -> str:
         return f"capturing {self._groups_text()}"

@@ -4,13 +4,15 @@
 
     NflogdError                   everything below; the daemon prints str(err) on one line
     ├── ConfigError               (also ValueError) a bad config: message starts with the key path
+    ├── NamespaceError            (also OSError) a group's netns cannot be opened or entered
     └── NFLogError                (also OSError) the kernel said no; .errno is kept
         ├── BufferOverflow        ENOBUFS: the socket's receive buffer overran, packets were lost
         ├── GroupBusy             EPERM on bind: another netlink socket holds the group
         └── NoPermission          EPERM without CAP_NET_ADMIN
 
 ``ffi.py`` maps errno to these in one place (``check()``); ``capture.py`` counts
-``BufferOverflow`` and goes on; ``daemon.py`` catches ``NflogdError`` once.
+``BufferOverflow`` and goes on; ``netns.py`` raises ``NamespaceError``; ``daemon.py``
+catches ``NflogdError`` once.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 __all__ = [
     "NflogdError",
     "ConfigError",
+    "NamespaceError",
     "NFLogError",
     "BufferOverflow",
     "GroupBusy",
@@ -34,6 +37,21 @@ class NflogdError(Exception):
 
 class ConfigError(NflogdError, ValueError):
     """The configuration is invalid: ``str(err)`` is ``"<key path>: <what was expected>"``."""
+
+
+class NamespaceError(NflogdError, OSError):
+    """A group's network namespace is missing, not one, or may not be entered; ``errno`` kept.
+
+    ``str(err)`` names it: ``netns 'blue' (/run/netns/blue): no such network namespace``;
+    ``err.netns`` is the config's value.
+    """
+
+    def __init__(self, errno: int, message: str, netns: str):
+        super().__init__(errno, message)
+        self.netns = netns
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class NFLogError(NflogdError, OSError):

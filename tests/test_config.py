@@ -172,7 +172,7 @@ BAD = [
     (
         "groups: [0, 1, {flush: 3, group: 2}]",
         "groups[2]: unknown key 'flush'; "
-        "expected one of copy_range, flush_ms, group, queue_threshold, rcvbuf",
+        "expected one of copy_range, flush_ms, group, netns, queue_threshold, rcvbuf",
     ),
     ("groups: [{copy_range: 1}]", "groups[0]: missing key 'group', the NFLOG group number 0..65535"),
     ("groups: [{group: 70000}]", "groups[0].group: must be an integer 0..65535, got 70000"),
@@ -458,6 +458,51 @@ def test_key_errors_name_the_key_not_the_file(tmp_path):
 # --- the dataclasses from Python -----------------------------------------------------------------
 
 
+def test_netns_names_and_paths():
+    cfg = config.parse(
+        "groups: [{group: 1, netns: blue}, {group: 2, netns: /proc/1/ns/net}, {group: 3, netns: null}, 4]"
+    )
+    assert [g.netns for g in cfg.groups] == ["blue", "/proc/1/ns/net", None, None]
+    # only the form is checked: a namespace comes and goes with its container
+    assert config.parse("groups: [{group: 1, netns: no-such-ns.0}]").groups[0].netns == "no-such-ns.0"
+
+
+NETNS_FORM = "must be a name under /run/netns or an absolute path like /proc/PID/ns/net"
+NETNS_NAME = "(up to 255 letters, digits, '_', '-', '.'; or an absolute path)"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("''", f"{NETNS_FORM}, got ''"),
+        ("5", f"{NETNS_FORM}, got 5"),
+        ("[a]", f"{NETNS_FORM}, got a list"),
+        ("run/netns/a", "a path must be absolute (/run/netns/NAME, /proc/PID/ns/net), got 'run/netns/a'"),
+        ("'a b'", f"not a namespace name: 'a b' {NETNS_NAME}"),
+        ("..", f"not a namespace name: '..' {NETNS_NAME}"),
+        ('"a\\0"', "must not contain a NUL character, got 'a\\x00'"),
+        ("/" + "a" * 4095, "path is 4096 bytes, at most 4095"),
+    ],
+)
+def test_netns_bad_form(value, message):
+    with pytest.raises(ConfigError) as info:
+        config.parse(f"groups: [{{group: 1, netns: {value}}}]")
+    assert str(info.value) == f"groups[0].netns: {message}"
+
+
+def test_group_number_once_across_namespaces():
+    """The feed's topic and the metrics' label are the group number: one per number."""
+    with pytest.raises(ConfigError) as info:
+        config.parse("groups: [{group: 5, netns: a}, {group: 5, netns: b}]")
+    assert str(info.value) == (
+        "groups[1]: group 5 is listed twice (also groups[0]); "
+        "a group number may be used once across all namespaces"
+    )
+    with pytest.raises(ConfigError) as info:
+        config.parse("groups: [{group: 5, netns: a}, {group: 5, netns: a}]")
+    assert str(info.value) == "groups[1]: group 5 is listed twice (also groups[0])"
+
+
 def test_group_config_from_keywords():
     g = GroupConfig(group=3, copy_range=0, queue_threshold=1, flush_ms=60000, rcvbuf=1 << 30)
     assert (g.group, g.copy_range, g.queue_threshold, g.flush_ms, g.rcvbuf) == (3, 0, 1, 60000, 1 << 30)
@@ -476,6 +521,10 @@ def test_group_config_from_keywords():
         ({"group": 1, "queue_threshold": 0}, "queue_threshold: must be an integer 1..65535, got 0"),
         ({"group": 1, "flush_ms": 10.0}, "flush_ms: must be an integer 1..60000, got 10.0"),
         ({"group": 1, "rcvbuf": None}, "rcvbuf: must be an integer 4096..1073741824, got null"),
+        (
+            {"group": 1, "netns": "x/y"},
+            "netns: a path must be absolute (/run/netns/NAME, /proc/PID/ns/net), got 'x/y'",
+        ),
         (
             {"group": 1, "rcvbuf": 10**400},
             "rcvbuf: must be an integer 4096..1073741824, got a 1329-bit integer",

@@ -1,0 +1,108 @@
+"""Entering another network namespace just long enough to open a socket there.
+
+A netlink socket belongs to the namespace it was created in for its whole life, whichever
+namespace the thread reading it is in later. So a group of another namespace (a container,
+a VRF-style router's namespace) is opened like this::
+
+    with netns.entered("blue"):               # /run/netns/blue (ip netns add blue)
+        sock = NflogSocket(5)                  # lives in "blue" until closed
+    with netns.entered("/proc/4242/ns/net"):   # or any file that is a network namespace
+        ...
+    netns.entered(None)                        # stays where it is: the daemon's own namespace
+
+setns(2) moves the calling thread only: other threads (ZeroMQ's, the metrics server's) never
+leave the daemon's namespace, and the thread comes back before ``entered`` returns, also when
+the body raises. Entering needs CAP_SYS_ADMIN (in the user namespace that owns the target);
+``NamespaceError`` says so, naming the namespace, as it does for one that does not exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+from typing import Iterator
+
+from .errors import NamespaceError
+
+__all__ = ["RUN_NETNS", "path_of", "identity", "entered"]
+
+#: Where ``ip netns add NAME`` (and ``ip netns attach NAME PID``) pin named namespaces.
+RUN_NETNS = "/run/netns"
+
+CLONE_NEWNET = 0x40000000  # <sched.h>: setns()'s nstype for a network namespace
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def path_of(netns: str) -> str:
+    """The file behind a config's ``netns``: a bare name is under /run/netns, a path is itself."""
+    return netns if "/" in netns else f"{RUN_NETNS}/{netns}"
+
+
+def identity(netns: str) -> tuple[int, int]:
+    """(st_dev, st_ino) of the namespace ``netns`` names now: equal means the same namespace."""
+    try:
+        st = os.stat(path_of(netns))
+    except OSError as e:
+        raise _error(netns, e.errno or errno.EIO) from None
+    return st.st_dev, st.st_ino
+
+
+def _setns(fd: int) -> None:
+    setns = getattr(os, "setns", None)  # Python 3.12+
+    if setns is not None:
+        setns(fd, CLONE_NEWNET)
+    elif _libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _error(netns: str, err: int) -> NamespaceError:
+    path = path_of(netns)
+    where = f"netns {netns!r}" + (f" ({path})" if path != netns else "")
+    if err == errno.ENOENT:
+        what = "no such network namespace"
+    elif err == errno.EINVAL:
+        what = "not a network namespace"
+    elif err == errno.EPERM:
+        what = "entering a network namespace needs CAP_SYS_ADMIN"
+    else:
+        what = os.strerror(err)
+    return NamespaceError(err, f"{where}: {what}", netns)
+
+
+@contextlib.contextmanager
+def entered(netns: str | None) -> Iterator[tuple[int, int] | None]:
+    """Run the body in the network namespace ``netns`` (None: where the thread is).
+
+    Yields the namespace's ``identity()`` (None for None). Raises ``NamespaceError`` if the
+    namespace cannot be opened or entered; the thread is then where it was.
+    """
+    if netns is None:
+        yield None
+        return
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            target = os.open(path_of(netns), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise _error(netns, e.errno or errno.EIO) from None
+        try:
+            st = os.fstat(target)
+            try:
+                _setns(target)
+            except OSError as e:
+                raise _error(netns, e.errno or errno.EIO) from None
+        finally:
+            os.close(target)
+        try:
+            yield st.st_dev, st.st_ino
+        finally:
+            try:
+                _setns(own)
+            except OSError as e:  # cannot happen with the rights that got us in; never stay there
+                raise SystemExit(f"nflogd: cannot return from netns {netns!r}: {e.strerror}") from None
+    finally:
+        os.close(own)

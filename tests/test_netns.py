@@ -1,0 +1,221 @@
+"""Groups in other network namespaces: nflogd.netns, GroupReader(netns=...), the daemon with ``netns:``.
+
+The layout of the daemon tests: namespace A is where the traffic (and the log rule) is, the daemon
+runs in namespace B and captures A's group through ``netns: A``; B itself binds nothing for it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import zmq
+from daemonutil import NflogdProcess, packet_count, receive
+from nsutil import NetNS
+
+from nflogd import netns as nsmod
+from nflogd.capture import GroupReader
+from nflogd.config import GroupConfig
+from nflogd.errors import GroupBusy, NamespaceError, NflogdError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def own_netns() -> int:
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+def bound_groups(ns) -> set[int]:
+    out = ns.run("cat", "/proc/net/netfilter/nfnetlink_log").stdout
+    return {int(line.split()[0]) for line in out.splitlines() if line.strip()}
+
+
+@pytest.fixture
+def other():
+    """A second namespace, for the daemon to run in."""
+    ns = NetNS("nflb")
+    try:
+        yield ns
+    finally:
+        ns.close()
+
+
+@pytest.fixture
+def ctx():
+    c = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+# -- nflogd.netns -----------------------------------------------------------------
+
+
+def test_entered_by_name_and_by_path_and_back(netns):
+    home = own_netns()
+    target = os.stat(netns.path)
+    with netns.entered():  # the test helper's way in agrees on what "inside" is
+        inside = own_netns()
+    for spec in (netns.name, netns.path):
+        with nsmod.entered(spec) as ident:
+            assert own_netns() == inside == target.st_ino
+            assert ident == (target.st_dev, target.st_ino) == nsmod.identity(spec)
+        assert own_netns() == home
+    with nsmod.entered(None) as ident:
+        assert ident is None and own_netns() == home
+
+
+def test_body_raising_still_returns(netns):
+    home = own_netns()
+    with pytest.raises(KeyError):
+        with nsmod.entered(netns.name):
+            raise KeyError("x")
+    assert own_netns() == home
+
+
+@pytest.mark.parametrize(
+    ("spec", "err", "text"),
+    [
+        ("nflt-no-such-ns", errno.ENOENT,
+         "netns 'nflt-no-such-ns' (/run/netns/nflt-no-such-ns): no such network namespace"),
+        ("/proc/self/ns/uts", errno.EINVAL, "netns '/proc/self/ns/uts': not a network namespace"),
+        ("/etc/hostname", errno.EINVAL, "netns '/etc/hostname': not a network namespace"),
+    ],
+)  # fmt: skip
+def test_errors_name_the_namespace(spec, err, text):
+    home = own_netns()
+    with pytest.raises(NamespaceError) as info:
+        with nsmod.entered(spec):
+            pytest.fail("entered")
+    assert (info.value.errno, str(info.value), info.value.netns) == (err, text, spec)
+    assert isinstance(info.value, NflogdError) and isinstance(info.value, OSError)
+    assert own_netns() == home
+
+
+def test_entering_needs_cap_sys_admin(netns):
+    """Without CAP_SYS_ADMIN (here: root with only CAP_NET_ADMIN), the error says what is missing."""
+    code = (
+        "from nflogd import netns\n"
+        "try:\n"
+        f"    netns.entered({netns.name!r}).__enter__()\n"
+        "except Exception as e:\n"
+        "    print(type(e).__name__, e)\n"
+    )
+    res = subprocess.run(
+        ["setpriv", "--inh-caps=-all", "--bounding-set=-all,+net_admin", sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert res.stdout.strip() == (
+        f"NamespaceError netns {netns.name!r} ({netns.path}): "
+        "entering a network namespace needs CAP_SYS_ADMIN"
+    ), res.stderr
+
+
+# -- GroupReader ------------------------------------------------------------------
+
+
+def test_reader_opens_in_the_namespace_and_the_thread_comes_back(netns):
+    netns.log_rule(7, match="udp dport 9999")
+    home = own_netns()
+    with GroupReader(GroupConfig(group=7, netns=netns.name)) as reader:
+        assert own_netns() == home
+        assert reader.netns_id == nsmod.identity(netns.name)
+        assert bound_groups(netns) == {7}
+        netns.send_udp([b"over there"])
+        batch = reader.read(5.0)
+        assert batch is not None and batch.packets()[0].data[28:] == b"over there"
+    assert bound_groups(netns) == set()
+
+
+def test_busy_group_in_the_namespace_comes_back_too(netns):
+    home = own_netns()
+    with GroupReader(GroupConfig(group=8, netns=netns.path)):
+        with pytest.raises(GroupBusy, match="group 8 is already bound by netlink port"):
+            GroupReader(GroupConfig(group=8, netns=netns.path))
+        assert own_netns() == home
+
+
+# -- the daemon -------------------------------------------------------------------
+
+
+def test_daemon_captures_a_group_of_another_namespace(netns, other, tmp_path, ctx):
+    """Daemon in B; group 3 in A through ``netns``, group 4 in B. A's packets arrive, B binds only 4."""
+    netns.log_rule(3, match="udp dport 9999")
+    other.log_rule(4, match="udp dport 9999")
+    groups = [{"group": 3, "netns": netns.name}, 4]
+    with NflogdProcess(other, tmp_path, groups=groups) as d:
+        assert d.ready_msg["STATUS"] == f"capturing groups 3 (netns {netns.name}), 4"
+        assert (bound_groups(netns), bound_groups(other)) == ({3}, {4})
+        sub = d.subscribe(ctx)
+        netns.send_udp([b"in A"])
+        other.send_udp([b"in B"])
+        batches = receive(sub, lambda bs: packet_count(bs) >= 2)
+        got = {b.group: b.packets[0].data[28:] for b in batches}
+        assert got == {3: b"in A", 4: b"in B"}
+        assert d.metric("nflogd_packets_total", group="3") == 1
+
+        # The container restarts: the same name, a new namespace. A reload reopens group 3 there.
+        subprocess.run(["ip", "netns", "del", netns.name], check=True)
+        subprocess.run(["ip", "netns", "add", netns.name], check=True)
+        netns.run("ip", "link", "set", "lo", "up")
+        netns.log_rule(3, match="udp dport 9999")
+        assert "failed" not in d.reload()["STATUS"]
+        assert "group 3 closed (moving namespaces)" in d.stderr
+        assert bound_groups(netns) == {3}
+        netns.send_udp([b"in the new A"])
+        batches = receive(sub, lambda bs: packet_count(bs) >= 1)
+        assert [b.packets[0].data[28:] for b in batches] == [b"in the new A"]
+        assert d.metric("nflogd_packets_total", group="3") == 2
+        sub.close(linger=0)
+    assert d.returncode == 0
+    assert (bound_groups(netns), bound_groups(other)) == (set(), set())
+
+
+def test_missing_namespace_at_start_is_one_line(other, tmp_path):
+    d = NflogdProcess(other, tmp_path, groups=[1, {"group": 3, "netns": "nflt-not-there"}])
+    d.start(wait_ready=False)
+    assert d.wait(10) == 1
+    lines = [line for line in d.stderr.splitlines() if line.startswith("nflogd: ")]
+    assert lines == [
+        "nflogd: group 3: netns 'nflt-not-there' (/run/netns/nflt-not-there): no such network namespace"
+    ]
+    assert "Traceback" not in d.stderr
+    d.stop()
+
+
+def test_dropped_user_keeps_namespace_groups_but_cannot_add_one(netns, other, ctx):
+    """user: nobody: groups with netns are opened as root at start; after the drop (CAP_NET_ADMIN
+    only) a reload that would enter a namespace fails, saying why, and the rest keeps running."""
+    netns.log_rule(3, match="udp dport 9999")
+    workdir = Path(tempfile.mkdtemp(prefix="nflogd-netns-", dir="/tmp"))
+    try:
+        os.chmod(workdir, 0o755)
+        groups = [{"group": 3, "netns": netns.name}]
+        with NflogdProcess(other, workdir, groups=groups, extra={"user": "nobody"}) as d:
+            status = dict(
+                line.split(":", 1) for line in Path(f"/proc/{d.pid}/status").read_text().splitlines()
+            )
+            assert int(status["CapEff"], 16) == 1 << 12  # CAP_NET_ADMIN alone
+            d.write_config(
+                d.make_config(groups=[*groups, {"group": 5, "netns": netns.name}]) | {"user": "nobody"}
+            )
+            os.chmod(d.config_path, 0o644)
+            status = d.reload()["STATUS"]
+            assert status.endswith(
+                f"last reload failed: group 5: netns {netns.name!r} ({netns.path}): entering a network "
+                "namespace needs CAP_SYS_ADMIN (not held after start: restart nflogd to open this group)"
+            ), status
+            assert bound_groups(netns) == {3}
+            sub = d.subscribe(ctx)
+            netns.send_udp([b"still here"])
+            (batch,) = receive(sub, lambda bs: packet_count(bs) >= 1)
+            assert (batch.group, batch.packets[0].data[28:]) == (3, b"still here")
+            sub.close(linger=0)
+        assert d.returncode == 0
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
