@@ -265,6 +265,25 @@ def test_arguments(feed, sockets):
     assert explicit.iface == "nflog"
 
 
+def test_subscriber_keywords_pass_through(feed, sockets):
+    ctx = zmq.Context()
+    try:
+        sock = ZMQNFLOGSocket(feed.endpoint, context=ctx, rcvhwm=123)
+        sockets.append(sock)
+        assert sock.subscriber.socket.context is ctx
+        assert sock.subscriber.socket.getsockopt(zmq.RCVHWM) == 123
+        cls = install_zmq_listener(feed.endpoint, 5, rcvhwm=77)
+        with cls() as installed:
+            assert installed.subscriber.socket.getsockopt(zmq.RCVHWM) == 77
+            assert installed.iface == "nflog:5"
+        with pytest.raises(TypeError, match="rcvhw"):
+            install_zmq_listener(feed.endpoint, rcvhw=1)
+    finally:
+        for s in sockets:
+            s.close()
+        ctx.term()
+
+
 def test_close(feed):
     with ZMQNFLOGSocket(feed.endpoint) as sock:
         assert not sock.closed

@@ -54,6 +54,7 @@ not by closing its socket from another thread.
 from __future__ import annotations
 
 import errno
+import inspect
 import math
 from typing import Any, Iterable
 
@@ -80,6 +81,8 @@ IFACE = "nflog"
 # Keywords sniff() may hand any L2 listener (scapy's L2ListenSocket, L2pcapListenSocket,
 # L2ListenTcpdump): meaningless for the feed, so accepted and dropped.
 _IGNORED_KWARGS = frozenset({"type", "promisc", "nofilter", "monitor", "quiet", "prog"})
+# Keywords passed on to the Subscriber: whatever it takes besides endpoints and groups.
+_SUBSCRIBER_KWARGS = frozenset(inspect.signature(Subscriber).parameters) - {"endpoints", "groups"}
 
 _NS = 1_000_000_000
 
@@ -120,17 +123,20 @@ class ZMQNFLOGSocket(SuperSocket):
 
     ``endpoint``: a ZeroMQ endpoint or a list of them, default ``$NFLOGD_ENDPOINT`` or
     ``ipc:///run/nflogd/feed.sock``. ``groups``: an NFLOG group, several, or ``None`` for
-    all; ``iface="nflog:5,6"`` says the same and wins. ``context`` and ``rcvhwm`` go to the
-    ``Subscriber`` (``self.subscriber``), whose loss counters ``lost`` and ``total_lost``
-    are also readable here.
+    all; ``iface="nflog:5,6"`` says the same and wins. Every other keyword the
+    ``Subscriber`` takes (``context``, ``rcvhwm``, its CURVE keys, ...) goes to it
+    (``self.subscriber``), whose loss counters ``lost`` and ``total_lost`` are also readable
+    here.
     """
 
     desc = "read IP packets from the nflogd feed (ZeroMQ), listen only"
     nonblocking_socket = False
 
-    #: Defaults for ``endpoint`` and ``groups``; install_zmq_listener() sets them on a subclass.
+    #: Defaults for ``endpoint``, ``groups`` and Subscriber keywords; install_zmq_listener()
+    #: sets them on a subclass.
     default_endpoint: str | list[str] | None = None
     default_groups: int | tuple[int, ...] | None = None
+    default_options: dict[str, Any] = {}
 
     def __init__(
         self,
@@ -138,14 +144,14 @@ class ZMQNFLOGSocket(SuperSocket):
         groups: int | Iterable[int] | None = None,
         iface: Any = None,
         *,
-        context: zmq.Context | None = None,
-        rcvhwm: int = 100_000,
         filter: str | None = None,  # noqa: A002 - scapy's name for it
-        **scapy_kwargs: Any,
+        **kwargs: Any,
     ):
         self.closed = True  # until the Subscriber exists: close() and __del__ have nothing to do
         self.ins = self.outs = None  # type: ignore[assignment]  # no OS socket of its own
-        unknown = sorted(set(scapy_kwargs) - _IGNORED_KWARGS)
+        options = {**self.default_options}
+        options.update((k, kwargs.pop(k)) for k in list(kwargs) if k in _SUBSCRIBER_KWARGS)
+        unknown = sorted(set(kwargs) - _IGNORED_KWARGS)
         if unknown:
             raise TypeError(f"ZMQNFLOGSocket() got unexpected keyword argument(s): {', '.join(unknown)}")
         if filter:
@@ -163,7 +169,7 @@ class ZMQNFLOGSocket(SuperSocket):
                 groups = self.default_groups
         if endpoint is None:
             endpoint = self.default_endpoint
-        self.subscriber = Subscriber(endpoint, groups, context=context, rcvhwm=rcvhwm)
+        self.subscriber = Subscriber(endpoint, groups, **options)
         self.closed = False
         self.iface = _iface_name(groups)  # type: ignore[assignment]
         self._ready = False  # select() saw the socket readable: recv() must not block
@@ -287,13 +293,17 @@ class ZMQNFLOGSocket(SuperSocket):
 def install_zmq_listener(
     endpoint: str | Iterable[str] | None = None,
     groups: int | Iterable[int] | None = None,
+    **options: Any,
 ) -> type[ZMQNFLOGSocket]:
     """Make plain ``sniff()`` read the nflogd feed: set ``conf.L2listen``; return the class set.
 
-    ``endpoint`` and ``groups`` become the defaults of every socket sniff() opens;
-    ``sniff(iface="nflog:6")`` still picks other groups. Undo with
-    ``conf.L2listen = previous`` (save it first), or ``conf.use_pcap = conf.use_pcap``.
+    ``endpoint``, ``groups`` and ``options`` (Subscriber keywords: ``rcvhwm``, CURVE keys)
+    become the defaults of every socket sniff() opens; ``sniff(iface="nflog:6")`` still
+    picks other groups. Undo with ``conf.L2listen = previous`` (save it first).
     """
+    bad = sorted(set(options) - _SUBSCRIBER_KWARGS)
+    if bad:
+        raise TypeError(f"install_zmq_listener() got unexpected keyword argument(s): {', '.join(bad)}")
     if isinstance(endpoint, str) or endpoint is None:
         ep: str | list[str] | None = endpoint
     else:
@@ -302,7 +312,12 @@ def install_zmq_listener(
     cls = type(
         "ZMQNFLOGSocket",
         (ZMQNFLOGSocket,),
-        {"default_endpoint": ep, "default_groups": gr, "__doc__": ZMQNFLOGSocket.__doc__},
+        {
+            "default_endpoint": ep,
+            "default_groups": gr,
+            "default_options": options,
+            "__doc__": ZMQNFLOGSocket.__doc__,
+        },
     )
     conf.L2listen = cls
     return cls  # type: ignore[return-value]
