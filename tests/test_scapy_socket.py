@@ -303,7 +303,7 @@ def test_nflog_interface_names_resolve():
     assert conf.iface != "nflog"
     with pytest.raises(ValueError):
         resolve_iface("nflogd")
-    assert scapy_socket.__all__ == ["ZMQNFLOGSocket", "install_zmq_listener"]
+    assert scapy_socket.__all__ == ["LAYERS", "ZMQNFLOGSocket", "install_zmq_listener"]
 
 
 # -- each way of sniffing --------------------------------------------------------------------------

@@ -34,12 +34,13 @@ Each packet is ``IP`` (hw_protocol 0x0800), ``IPv6`` (0x86dd), ``ARP`` (0x0806) 
 ``nflog_node``, ``nflog_seq``, ``nflog_prefix`` attributes; ``nflog_packet`` is the
 ``wire.Packet`` with every other NFLOG attribute (mark, indev, uid, hook, ...).
 
-Interface names, libpcap style: ``"nflog"`` is every group, ``"nflog:5,6"`` groups 5 and
-6; an explicit ``iface`` of that form overrides ``groups``. The default interface scapy
+Interface names, libpcap style: ``"nflog"`` is every group (libpcap's bare ``nflog`` is
+group 0), ``"nflog:5,6"`` groups 5 and 6; an explicit ``iface`` of that form overrides ``groups``. The default interface scapy
 passes when none is given (``conf.iface``) is ignored; naming another interface (``"eth0"``)
 is an error, since this socket reads nothing but the feed. Importing this module registers
-a hidden scapy interface provider that makes every ``"nflog..."`` name resolve here; with
-``conf.use_pcap`` libpcap's own ``"nflog"`` device (the kernel, directly) takes that name.
+a hidden scapy interface provider that makes every ``"nflog..."`` name resolve here. (With
+``conf.use_pcap`` libpcap lists its own ``"nflog"`` device, the kernel read directly, and
+scapy lets it take the name: pass ``L2socket=ZMQNFLOGSocket`` then.)
 
 Groups are chosen at the publisher, so BPF ``filter=`` is refused (there is no packet
 socket to attach it to): select traffic in the ruleset that logs to the group, by group,
@@ -71,12 +72,12 @@ from scapy.utils import EDecimal
 from .subscriber import Subscriber
 from .wire import Packet as WirePacket
 
-__all__ = ["ZMQNFLOGSocket", "install_zmq_listener"]
+__all__ = ["LAYERS", "ZMQNFLOGSocket", "install_zmq_listener"]
 
 #: hw_protocol (the ethertype in NFULA_PACKET_HDR) -> the layer the captured bytes start with.
 LAYERS = {0x0800: IP, 0x86DD: IPv6, 0x0806: ARP}
 
-IFACE = "nflog"
+_IFACE = "nflog"
 
 # Keywords sniff() may hand any L2 listener (scapy's L2ListenSocket, L2pcapListenSocket,
 # L2ListenTcpdump): meaningless for the feed, so accepted and dropped.
@@ -89,15 +90,15 @@ _NS = 1_000_000_000
 
 def _parse_iface(name: str) -> tuple[int, ...] | None:
     """``"nflog"`` -> None (every group); ``"nflog:5,6"`` -> (5, 6); ValueError otherwise."""
-    if name == IFACE:
+    if name == _IFACE:
         return None
-    if not name.startswith(IFACE + ":"):
+    if not name.startswith(_IFACE + ":"):
         raise ValueError(
             f"ZMQNFLOGSocket: iface {name!r} is not an NFLOG name; the socket reads the nflogd"
             " feed only: use 'nflog' (every group) or 'nflog:5,6' (groups 5 and 6)"
         )
     groups: list[int] = []
-    for part in name[len(IFACE) + 1 :].split(","):
+    for part in name[len(_IFACE) + 1 :].split(","):
         part = part.strip()
         if not part.isdigit() or int(part) > 0xFFFF:
             raise ValueError(f"ZMQNFLOGSocket: iface {name!r}: group {part!r} is not an integer 0..65535")
@@ -108,10 +109,10 @@ def _parse_iface(name: str) -> tuple[int, ...] | None:
 
 def _iface_name(groups: int | Iterable[int] | None) -> str:
     if groups is None:
-        return IFACE
+        return _IFACE
     if isinstance(groups, int):
         groups = [groups]
-    return IFACE + ":" + ",".join(str(g) for g in groups)
+    return _IFACE + ":" + ",".join(str(g) for g in groups)
 
 
 def _unsupported(what: str) -> OSError:
@@ -162,7 +163,7 @@ class ZMQNFLOGSocket(SuperSocket):
             )
         if isinstance(iface, str):
             groups = _parse_iface(iface)
-        elif isinstance(iface, NetworkInterface) and iface.name == IFACE:
+        elif isinstance(iface, NetworkInterface) and iface.name == _IFACE:
             groups = _parse_iface(iface.network_name)
         else:  # None, or the conf.iface default that sniff() passes when given no iface
             if groups is None:
@@ -339,7 +340,7 @@ class _NFLOGName(str):
     __slots__ = ()
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, str) and (str.__eq__(other, IFACE) or other.startswith(IFACE + ":"))
+        return isinstance(other, str) and (str.__eq__(other, _IFACE) or other.startswith(_IFACE + ":"))
 
     def __ne__(self, other: object) -> bool:
         return not self.__eq__(other)
@@ -353,13 +354,13 @@ class _FeedProvider(InterfaceProvider):
 
     def load(self) -> dict[str, NetworkInterface]:
         data = {
-            "name": _NFLOGName(IFACE),
+            "name": _NFLOGName(_IFACE),
             "description": "nflogd feed (nflog = every group, nflog:5,6 = groups 5 and 6)",
-            "network_name": IFACE,
+            "network_name": _IFACE,
             "index": -1,
             "flags": 0,
         }
-        return {IFACE: NetworkInterface(self, data)}
+        return {_IFACE: NetworkInterface(self, data)}
 
     def _listener(self) -> type[SuperSocket]:
         cls = conf.L2listen
@@ -380,7 +381,7 @@ class _FeedProvider(InterfaceProvider):
         return False  # never picked as conf.iface; shown by conf.ifaces.show(hidden=True)
 
     def _format(self, dev: NetworkInterface, **kwargs: Any) -> tuple[str, ...]:
-        return (IFACE, dev.description)
+        return (_IFACE, dev.description)
 
 
 conf.ifaces.register_provider(_FeedProvider)

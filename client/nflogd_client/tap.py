@@ -39,7 +39,28 @@ from . import subscriber as _subscriber
 from .subscriber import Subscriber
 from .wire import Packet
 
-__all__ = ["LINKTYPE_NFLOG", "LINKTYPE_RAW", "main", "nflog_record"]
+__all__ = [
+    "FAMILY",
+    "LINKTYPE_NFLOG",
+    "LINKTYPE_RAW",
+    "NFULA_GID",
+    "NFULA_HWADDR",
+    "NFULA_IFINDEX_INDEV",
+    "NFULA_IFINDEX_OUTDEV",
+    "NFULA_IFINDEX_PHYSINDEV",
+    "NFULA_IFINDEX_PHYSOUTDEV",
+    "NFULA_MARK",
+    "NFULA_PACKET_HDR",
+    "NFULA_PAYLOAD",
+    "NFULA_PREFIX",
+    "NFULA_SEQ",
+    "NFULA_TIMESTAMP",
+    "NFULA_UID",
+    "SNAPLEN",
+    "build_parser",
+    "main",
+    "nflog_record",
+]
 
 LINKTYPE_RAW = 101  # raw IPv4 or IPv6, told apart by the version nibble
 LINKTYPE_NFLOG = 239
