@@ -35,9 +35,10 @@ Each packet is ``IP`` (hw_protocol 0x0800), ``IPv6`` (0x86dd), ``ARP`` (0x0806) 
 ``wire.Packet`` with every other NFLOG attribute (mark, indev, uid, hook, ...).
 
 Interface names, libpcap style: ``"nflog"`` is every group (libpcap's bare ``nflog`` is
-group 0), ``"nflog:5,6"`` groups 5 and 6; an explicit ``iface`` of that form overrides ``groups``. The default interface scapy
-passes when none is given (``conf.iface``) is ignored; naming another interface (``"eth0"``)
-is an error, since this socket reads nothing but the feed. Importing this module registers
+group 0), ``"nflog:5,6"`` groups 5 and 6; an explicit ``iface`` of that form overrides
+``groups``. The default interface scapy passes when none is given (``conf.iface``) is
+ignored; naming another interface (``"eth0"``) is an error, since this socket reads
+nothing but the feed. Importing this module registers
 a hidden scapy interface provider that makes every ``"nflog..."`` name resolve here. (With
 ``conf.use_pcap`` libpcap lists its own ``"nflog"`` device, the kernel read directly, and
 scapy lets it take the name: pass ``L2socket=ZMQNFLOGSocket`` then.)
