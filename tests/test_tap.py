@@ -23,8 +23,7 @@ from scapy.utils import RawPcapReader, rdpcap
 pytestmark = pytest.mark.timeout(120)
 
 WAIT = 30.0  # seconds: the bound on a subprocess step (it imports scapy first)
-TCPDUMP = shutil.which("tcpdump") or ("/usr/bin/tcpdump" if os.path.exists("/usr/bin/tcpdump") else None)
-needs_tcpdump = pytest.mark.skipif(TCPDUMP is None, reason="tcpdump is not installed")
+TCPDUMP = shutil.which("tcpdump") or "/usr/bin/tcpdump"  # the Makefile installs tcpdump and tshark
 
 V4 = raw(IP(src="192.0.2.1", dst="198.51.100.2") / UDP(sport=40000, dport=40001) / b"payload-v4")
 V6 = raw(IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=40000, dport=40002) / b"payload-v6")
@@ -191,7 +190,6 @@ def parse_nflog(record: bytes) -> tuple[tuple[int, int, int], dict[int, bytes]]:
 # -- pcap output -----------------------------------------------------------------------------------
 
 
-@needs_tcpdump
 def test_write_linktype_ip(feed, procs, tmp_path):
     out = tmp_path / "ip.pcap"
     standard_feed(feed)
@@ -216,7 +214,6 @@ def test_write_linktype_ip(feed, procs, tmp_path):
     assert "IP6 2001:db8::1.40000 > 2001:db8::2.40002: UDP, length 10" in lines[2]
 
 
-@needs_tcpdump
 def test_write_linktype_nflog(feed, procs, tmp_path):
     out = tmp_path / "nflog.pcap"
     standard_feed(feed)
@@ -255,14 +252,13 @@ def test_write_linktype_nflog(feed, procs, tmp_path):
     # The prefix is in the record tcpdump reads (and names in Wireshark's dissector, if installed).
     dump = tcpdump("-XX", "-r", str(out), "-c", "1")
     assert dump[2].split("  ")[-1].startswith("in:.")  # bytes 16..31: the prefix and its NUL
-    if shutil.which("tshark"):
-        r = subprocess.run(
-            ["tshark", "-r", str(out), "-T", "fields", "-e", "nflog.prefix", "-e", "nflog.uid"],
-            capture_output=True,
-            timeout=WAIT,
-        )
-        assert r.returncode == 0, r.stderr
-        assert r.stdout.decode().splitlines() == ["in: \t1000", "\t", "\t"]
+    r = subprocess.run(
+        ["tshark", "-r", str(out), "-T", "fields", "-e", "nflog.prefix", "-e", "nflog.uid"],
+        capture_output=True,
+        timeout=WAIT,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode().splitlines() == ["in: \t1000", "\t", "\t"]
 
 
 def test_nflog_record_layout():
@@ -297,7 +293,6 @@ def test_nflog_record_layout():
     assert tlvs[tap.NFULA_PREFIX] == b"ab\0" and tlvs[tap.NFULA_PAYLOAD] == b"\x45" * 21
 
 
-@needs_tcpdump
 def test_stdout_into_tcpdump(feed, procs):
     standard_feed(feed)
     p = run_tap(procs, "-e", feed.endpoint, "-g", "5", "-g", "6", "-c", "3", "-w", "-")
@@ -307,7 +302,6 @@ def test_stdout_into_tcpdump(feed, procs):
     assert len(lines) == 3 and "IP6 2001:db8::1.40000" in lines[2]
 
 
-@needs_tcpdump
 def test_stdout_is_live_and_ends_when_the_reader_goes(feed, procs):
     """tcpdump -c 2 ends while the tap still runs: every packet is flushed as it comes."""
     feed.publish_when_subscribed(topics(5), msg(5, rec(5, V4)), msg(5, rec(5, V6), first_seq=1))
@@ -327,7 +321,6 @@ def test_stdout_is_live_and_ends_when_the_reader_goes(feed, procs):
 # -- ending ----------------------------------------------------------------------------------------
 
 
-@needs_tcpdump
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_under_traffic_leaves_a_complete_file(feed, procs, tmp_path, sig):
     out = tmp_path / "live.pcap"
@@ -349,7 +342,6 @@ def test_signal_under_traffic_leaves_a_complete_file(feed, procs, tmp_path, sig)
     assert len(tcpdump("-r", str(out))) == written
 
 
-@needs_tcpdump
 def test_signal_while_idle_leaves_an_empty_valid_file(feed, procs, tmp_path):
     out = tmp_path / "idle.pcap"
     p = run_tap(procs, "-e", feed.endpoint, "-w", str(out), "--linktype", "nflog")
