@@ -7,10 +7,15 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 CONFIG ?= etc/nflogd.yaml
 # Debian packages: the NFLOG and netlink libraries with headers, a compiler and Python
-# headers for the CFFI module, nft and ip for the tests, tcpdump for the bench, systemd for
-# systemd-analyze verify and systemd-sysusers on the unit files.
+# headers for the CFFI module, nft and ip for the tests, tcpdump for the bench and (with
+# tshark) to read back nflog-tap's pcap files in the tests, systemd for
+# systemd-analyze verify and systemd-sysusers on the unit files, iptables for the rules in
+# docs/operations.md.
 DEBS := libnetfilter-log-dev libmnl-dev gcc libc6-dev pkg-config python3-dev python3-venv \
-        nftables iproute2 tcpdump systemd
+        nftables iproute2 tcpdump tshark systemd iptables
+# promtool checks contrib/prometheus/: taken out of Debian's prometheus package into the venv,
+# since installing that package would also enable and start a Prometheus server.
+PROMTOOL := $(VENV)/bin/promtool
 DEV_PKGS := pytest pytest-timeout hypothesis ruff
 SOURCES := pyproject.toml setup.py client/pyproject.toml nflogd/_nflog.h nflogd/_nflog.c nflogd/ffi_build.py
 
@@ -30,7 +35,13 @@ $(VENV)/.installed: $(SOURCES) | debs
 	$(VPY) -m pip install -q --disable-pip-version-check -e ./client -e . $(DEV_PKGS)
 	touch $@
 
-deps: debs $(VENV)/.installed
+$(PROMTOOL): | $(VENV)/.installed
+	tmp=$$(mktemp -d) && chmod 755 $$tmp && cd $$tmp && \
+	{ apt-get download -q prometheus || { apt-get update -q && apt-get download -q prometheus; }; } && \
+	dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > $(CURDIR)/$@.tmp && \
+	chmod 755 $(CURDIR)/$@.tmp && mv $(CURDIR)/$@.tmp $(CURDIR)/$@; rc=$$?; rm -rf $$tmp; exit $$rc
+
+deps: debs $(VENV)/.installed $(PROMTOOL)
 
 run: deps
 	$(VENV)/bin/nflogd -c $(CONFIG)
