@@ -29,6 +29,19 @@ one restart per node and, as lost, the packets the new run sent before this clie
 Messages that are not version-1 batches are skipped and counted in ``malformed`` (the
 first one is logged as a warning), never raised. ``docs/wire-format.md`` has the details.
 
+CURVE: a daemon's tcp endpoints are encrypted and admit only the clients whose public key
+it holds (``docs/security.md``). Pass the daemon's public key and this client's secret key
+file, which ``nflogd-keygen DIR NAME`` writes::
+
+    Subscriber("tcp://r1:5555", server_public_key="/etc/nflogd/curve/r1.key",  # or its Z85 text
+               client_secret_key_file="/home/alice/.curve/alice.key_secret")
+
+The keys apply to every endpoint of the Subscriber, so give it the CURVE endpoints of one
+daemon (its ipc endpoints stay without CURVE); use one Subscriber per daemon key. A client
+whose key the daemon does not hold is refused at the handshake and receives nothing; ZeroMQ
+retries in the background, so that shows as silence, not as an error (the daemon logs the
+refusal at debug level).
+
 To wait on several sockets, register ``sub.socket`` with a ``zmq.Poller``, but call
 ``recv()`` while ``sub.pending()`` is non-zero first: packets already received do not make
 the socket readable. A Subscriber belongs to one thread, like its socket.
@@ -44,7 +57,7 @@ from collections.abc import Iterable, Iterator
 
 import zmq
 
-from . import wire
+from . import curve, wire
 from .wire import Batch, Packet, WireError
 
 __all__ = ["DEFAULT_ENDPOINT", "Subscriber"]
@@ -88,6 +101,30 @@ def _topics(groups: int | Iterable[int] | None) -> list[bytes]:
     return topics
 
 
+def _curve_keys(server_public_key, client_secret_key_file) -> tuple[bytes, bytes, bytes] | None:
+    """(server public, client public, client secret) in Z85, or None without CURVE."""
+    if server_public_key is None and client_secret_key_file is None:
+        return None
+    if server_public_key is None:
+        raise ValueError("client_secret_key_file: needs server_public_key, the daemon's public key")
+    if client_secret_key_file is None:
+        raise ValueError(
+            "server_public_key: needs client_secret_key_file, this client's NAME.key_secret "
+            "(the daemon admits only the clients whose public key it holds)"
+        )
+    if not zmq.has("curve"):
+        raise ValueError("server_public_key: this libzmq was built without CURVE support")
+    try:
+        server = curve.public_key(server_public_key)
+    except curve.KeyFileError as e:
+        raise curve.KeyFileError(f"server_public_key: {e}") from None
+    try:
+        public, secret = curve.keypair(client_secret_key_file)
+    except curve.KeyFileError as e:
+        raise curve.KeyFileError(f"client_secret_key_file: {e}") from None
+    return server, public, secret
+
+
 class Subscriber:
     """Packets from one or more nflogd feeds, with per-(node, group) loss accounting.
 
@@ -96,6 +133,10 @@ class Subscriber:
     several, or ``None`` for all. ``context``: a ``zmq.Context`` (default: the process-wide
     instance). ``rcvhwm``: messages (kernel batches) queued in this process before ZeroMQ
     drops more; the daemon also queues up to its own high-water mark for each subscriber.
+    ``server_public_key``: the daemon's public key, a ``.key`` file or its 40 Z85 characters;
+    ``client_secret_key_file``: this client's ``NAME.key_secret`` file. Both or neither; with
+    them every connection uses CURVE. A key that cannot be read raises
+    ``curve.KeyFileError`` (a ``ValueError``) naming the file.
     """
 
     def __init__(
@@ -105,14 +146,22 @@ class Subscriber:
         *,
         context: zmq.Context | None = None,
         rcvhwm: int = 100_000,
+        server_public_key: str | bytes | os.PathLike[str] | None = None,
+        client_secret_key_file: str | os.PathLike[str] | None = None,
     ):
         self.endpoints = _endpoints(endpoints)
         topics = _topics(groups)
+        keys = _curve_keys(server_public_key, client_secret_key_file)
         ctx = context if context is not None else zmq.Context.instance()
         #: The SUB socket, for a ``zmq.Poller``.
         self.socket = ctx.socket(zmq.SUB)
         try:
             self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
+            if keys is not None:
+                server, public, secret = keys
+                self.socket.setsockopt(zmq.CURVE_SERVERKEY, server)
+                self.socket.setsockopt(zmq.CURVE_PUBLICKEY, public)
+                self.socket.setsockopt(zmq.CURVE_SECRETKEY, secret)
             for t in topics:
                 self.socket.setsockopt(zmq.SUBSCRIBE, t)
             for e in self.endpoints:
