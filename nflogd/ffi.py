@@ -21,7 +21,9 @@ import os
 from ._nflog_cffi import ffi, lib
 from .errors import BufferOverflow, GroupBusy, NFLogError, NoPermission
 
-__all__ = ["NflogSocket", "check", "set_keepcaps", "keep_net_admin", "RECORD_SIZE", "KERNEL_NLBUFSIZ"]
+__all__ = [
+    "NflogSocket", "check", "set_keepcaps", "keep_net_admin", "confine", "RECORD_SIZE", "KERNEL_NLBUFSIZ",
+]  # fmt: skip
 
 RECORD_SIZE = ffi.sizeof("struct nflogd_record")
 
@@ -177,3 +179,10 @@ def keep_net_admin() -> None:
     rc = lib.nflogd_keep_net_admin()
     if rc < 0:
         raise OSError(-rc, f"capset(CAP_NET_ADMIN): {os.strerror(-rc)}")
+
+
+def confine() -> None:
+    """Bounding set down to CAP_NET_ADMIN (where CAP_SETPCAP allows) and PR_SET_NO_NEW_PRIVS."""
+    rc = lib.nflogd_confine()
+    if rc < 0:
+        raise OSError(-rc, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(-rc)}")
