@@ -9,6 +9,7 @@
     for g in cfg.groups:                      # GroupConfig(group=0, copy_range=65535, ...)
         print(g.group, g.copy_range, g.flush_ms)
     cfg.publish.bind                          # ("ipc:///run/nflogd/feed.sock",)
+    cfg.publish.curve                         # CurveConfig(secret_key_file=..., ...), or None
     cfg.metrics                               # MetricsConfig(host="127.0.0.1", port=9477), or None
     cfg.user                                  # "nflogd", or None: stay as the starting user
     cfg.groups[0].netns                       # "blue" (/run/netns/blue), a path, or None: our own
@@ -27,19 +28,21 @@ Units are in the names (``flush_ms``, ``rcvbuf`` in bytes); ``ffi.py`` turns the
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
 import pwd
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import yaml
+from nflogd_client import curve as _curve
 
 from nflogd.errors import ConfigError
 
-__all__ = ["Config", "GroupConfig", "PublishConfig", "MetricsConfig", "load", "parse"]
+__all__ = ["Config", "GroupConfig", "PublishConfig", "CurveConfig", "MetricsConfig", "load", "parse"]
 
 _DEFAULT_BIND = ("ipc:///run/nflogd/feed.sock",)
 _DEFAULT_HWM = 100_000
@@ -63,7 +66,9 @@ _PATH_MAX = 4095
 _IPC_PATH_MAX_BYTES = 107  # sizeof(sockaddr_un.sun_path) - 1 for the terminating NUL
 
 _TOP_KEYS = ("groups", "metrics", "node", "publish", "user")
-_PUBLISH_KEYS = ("bind", "hwm")
+_PUBLISH_KEYS = ("bind", "curve", "hwm", "insecure", "ipc_filter_groups")
+_CURVE_KEYS = ("authorized_keys_dir", "secret_key_file")
+_GID_MAX = 2**32 - 2  # (gid_t)-1 means "no group"
 _METRICS_KEYS = ("listen",)
 
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
@@ -101,17 +106,49 @@ class GroupConfig:
 
 
 @dataclass(frozen=True)
+class CurveConfig:
+    """CURVE on the tcp endpoints: the daemon's key pair and the directory of admitted clients.
+
+    ``public_key``/``secret_key`` are Z85 text read from ``secret_key_file`` (``parse`` reads
+    it, and checks that ``authorized_keys_dir`` can be read and holds valid ``*.key`` files);
+    the secret key is left out of ``repr()``.
+    """
+
+    secret_key_file: str
+    authorized_keys_dir: str
+    public_key: bytes
+    secret_key: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("public_key", "secret_key"):
+            try:
+                _curve.check_z85(getattr(self, name), name)
+            except _curve.KeyFileError as e:
+                raise ConfigError(str(e)) from None
+
+
+@dataclass(frozen=True)
 class PublishConfig:
-    """Where the ZeroMQ PUB socket binds, and how many messages it queues per subscriber."""
+    """Where the ZeroMQ PUB socket binds, and how many messages it queues per subscriber.
+
+    ``curve``: CURVE on every tcp endpoint, or None. ``insecure``: allow tcp endpoints other
+    hosts can reach without CURVE. ``ipc_filter_gids``: IPC_FILTER_GID for the ipc endpoints.
+    """
 
     bind: tuple[str, ...] = _DEFAULT_BIND
     hwm: int = _DEFAULT_HWM
+    curve: CurveConfig | None = None
+    insecure: bool = False
+    ipc_filter_gids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.bind, tuple):
             raise ConfigError(f"bind: must be a tuple of endpoint strings, got {_show(self.bind)}")
         _check_endpoints("bind", self.bind)
         _check_int("hwm", self.hwm, *_HWM_RANGE)
+        if not isinstance(self.insecure, bool):
+            raise ConfigError(f"insecure: must be true or false, got {_show(self.insecure)}")
+        _check_exposure("bind", self.bind, self.curve, self.insecure)
 
 
 @dataclass(frozen=True)
@@ -302,7 +339,76 @@ def _parse_publish(section: dict[Any, Any]) -> PublishConfig:
     _check_endpoints("publish.bind", bind)
     hwm = section.get("hwm", _DEFAULT_HWM)
     _check_int("publish.hwm", hwm, *_HWM_RANGE)
-    return PublishConfig(bind=tuple(bind), hwm=hwm)
+    insecure = section.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"publish.insecure: must be true or false, got {_show(insecure)}")
+    curve = _parse_curve("publish.curve", section.get("curve"))
+    _check_exposure("publish.bind", bind, curve, insecure)
+    gids = _parse_ipc_groups("publish.ipc_filter_groups", section.get("ipc_filter_groups"))
+    return PublishConfig(bind=tuple(bind), hwm=hwm, curve=curve, insecure=insecure, ipc_filter_gids=gids)
+
+
+def _parse_curve(path: str, section: Any) -> CurveConfig | None:
+    """``publish.curve``: read the secret key and check the client key directory now."""
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ConfigError(
+            f"{path}: must be a mapping with secret_key_file and authorized_keys_dir, got {_show(section)}"
+        )
+    _check_keys(path, section, _CURVE_KEYS)
+    for key in _CURVE_KEYS:
+        if key not in section:
+            raise ConfigError(f"{path}: missing key {key!r}")
+        value = section[key]
+        if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+            raise ConfigError(f"{path}.{key}: must be an absolute path, got {_show(value)}")
+    if not _zmq_has_curve():
+        raise ConfigError(f"{path}: this libzmq was built without CURVE support")
+    secret_file, clients_dir = section["secret_key_file"], section["authorized_keys_dir"]
+    try:
+        public, secret = _curve.keypair(secret_file)
+    except _curve.KeyFileError as e:
+        raise ConfigError(f"{path}.secret_key_file: {e}") from None
+    try:
+        _curve.authorized_keys(clients_dir)
+    except _curve.KeyFileError as e:
+        raise ConfigError(f"{path}.authorized_keys_dir: {e}") from None
+    return CurveConfig(
+        secret_key_file=secret_file, authorized_keys_dir=clients_dir, public_key=public, secret_key=secret
+    )
+
+
+def _zmq_has_curve() -> bool:
+    import zmq
+
+    return bool(zmq.has("curve"))
+
+
+def _parse_ipc_groups(path: str, value: Any) -> tuple[int, ...]:
+    """Group names (looked up now) or gids, for IPC_FILTER_GID; absent or empty: no filter."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: must be a group name or gid, or a list of them, got {_show(value)}")
+    gids: list[int] = []
+    for i, item in enumerate(value):
+        item_path = f"{path}[{i}]"
+        if _is_int(item):
+            _check_int(item_path, item, 0, _GID_MAX)
+            gid = item
+        elif isinstance(item, str):
+            try:
+                gid = grp.getgrnam(item).gr_gid
+            except (KeyError, ValueError):
+                raise ConfigError(f"{item_path}: no such group {_show(item)}") from None
+        else:
+            raise ConfigError(f"{item_path}: must be a group name or a gid, got {_show(item)}")
+        if gid not in gids:
+            gids.append(gid)
+    return tuple(gids)
 
 
 def _parse_metrics(section: dict[Any, Any]) -> MetricsConfig | None:
@@ -426,6 +532,35 @@ def _check_host(path: str, host: str, *, allow_wildcard: bool) -> None:
             f"{path}: not an IP address or host name: {_show(host)} "
             "(names are dot-separated labels of letters, digits, '-' and '_')"
         )
+
+
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 (or ::ffff:127.x.y.z) and the name ``localhost``; not ``*``, not names."""
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def _check_exposure(path: str, bind: Any, curve: CurveConfig | None, insecure: bool) -> None:
+    """Refuse a tcp endpoint other hosts can reach when nothing protects it."""
+    if curve is not None or insecure:
+        return
+    for i, endpoint in enumerate(bind):
+        if not endpoint.startswith("tcp://"):
+            continue
+        host, _ = _split_host_port(f"{path}[{i}]", endpoint[len("tcp://") :], endpoint, allow_wildcard=True)
+        if not _is_loopback(host):
+            raise ConfigError(
+                f"{path}[{i}]: {endpoint} is not a loopback address and publish.curve is not set: "
+                "every host that reaches it could read the feed; set publish.curve "
+                "(docs/security.md) or publish.insecure: true"
+            )
 
 
 # --- scalars -------------------------------------------------------------------------------------

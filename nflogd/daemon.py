@@ -9,8 +9,10 @@ exits 2. Exit status otherwise: 0 after SIGTERM/SIGINT, 1 for a runtime
 failure (a group another process holds, an endpoint in use), 2 for a bad config.
 
 Start-up order: load the config; bind every group; drop privileges (config
-``user``) while the process has one thread; umask 0o007; the ZeroMQ context
-and the publisher; the metrics HTTP server; ``READY=1``. Then one poll loop
+``user``; without one, CAP_NET_ADMIN at most all the same) while the process
+has one thread; umask 0o007; the ZeroMQ context; the CURVE authenticator
+(``publish.curve``; before the CURVE socket binds); the publisher; the metrics
+HTTP server; ``READY=1``. Every thread starts after the drop. Then one poll loop
 over the groups' netlink sockets, the feed socket, its monitor and a
 signal wakeup socket; signal handlers do nothing but wake it.
 
@@ -25,6 +27,11 @@ running config stays. Otherwise, applied without a restart:
 - ``publish.bind``: new endpoints bound, dropped ones unbound (peers connected
   through a dropped endpoint stay connected).
 - ``publish.hwm``: applies to subscribers that connect afterwards (libzmq).
+- ``publish.curve.authorized_keys_dir``: its ``*.key`` files are read again, so
+  a client whose key was added is admitted from its next connection attempt (a
+  removed key stops new connections; one already connected stays). Turning
+  CURVE on or off, another server key, or other ``ipc_filter_groups`` need a
+  restart: such a reload is refused as a whole.
 - ``node``: applies to the next message; ``epoch`` and ``seq`` carry on.
 - ``metrics``: the server is restarted on the new address, or started/stopped.
 - ``user``: needs a restart (root is gone); a change is logged and ignored.
@@ -54,6 +61,7 @@ import zmq
 from prometheus_client.registry import CollectorRegistry
 
 from . import config, netns, privileges
+from .access import CurveAccess
 from .capture import GroupReader
 from .errors import ConfigError, NamespaceError, NflogdError
 from .metrics import Collector, MetricsServer
@@ -104,6 +112,7 @@ class Daemon:
         self.retired: dict[int, _Totals] = {}
         self.ctx: zmq.Context | None = None
         self.publisher: Publisher | None = None
+        self.access: CurveAccess | None = None
         self.registry: CollectorRegistry | None = None
         self.metrics_server: MetricsServer | None = None
         self.poller = zmq.Poller()
@@ -134,8 +143,12 @@ class Daemon:
                 pw = pwd.getpwnam(cfg.user)
                 make_ipc_dirs(cfg.publish.bind, (pw.pw_uid, pw.pw_gid))
             privileges.drop(cfg.user)
+        else:
+            privileges.confine()
         os.umask(0o007)
         self.ctx = zmq.Context()
+        if cfg.publish.curve is not None:
+            self.access = CurveAccess(self.ctx, cfg.publish.curve)  # before the CURVE socket binds
         self.publisher = Publisher(self.ctx, cfg.publish, node=cfg.node)
         self.registry = CollectorRegistry()
         publisher = self.publisher
@@ -143,8 +156,8 @@ class Daemon:
         if cfg.metrics is not None:
             self.metrics_server = MetricsServer(cfg.metrics.host, cfg.metrics.port, self.registry)
         self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
-        self.poller.register(publisher.socket, zmq.POLLIN)
-        self.poller.register(publisher.monitor, zmq.POLLIN)
+        for sock in (*publisher.sockets, *publisher.monitors):
+            self.poller.register(sock, zmq.POLLIN)
         for reader in self.readers.values():
             self._watch(reader)
         log.info("capturing %s", self._groups_text())
@@ -194,6 +207,7 @@ class Daemon:
         publisher = self.publisher
         assert publisher is not None and self._wake_r is not None
         wake_fd = self._wake_r.fileno()
+        feed_sockets, feed_monitors = publisher.sockets, publisher.monitors
         by_fd = self._by_fd
         while not self._stop:
             if next_wd is None:
@@ -201,9 +215,9 @@ class Daemon:
             else:
                 timeout = max(0, math.ceil((next_wd - time.monotonic()) * 1000))
             for obj, _ in self.poller.poll(timeout):
-                if obj is publisher.socket:
+                if obj in feed_sockets:
                     publisher.handle_incoming()
-                elif obj is publisher.monitor:
+                elif obj in feed_monitors:
                     publisher.handle_monitor()
                 elif obj == wake_fd:
                     self._handle_signals()
@@ -270,6 +284,7 @@ class Daemon:
     def _apply(self, new) -> None:
         old = self.cfg
         publisher = self.publisher
+        _check_restart_only(old.publish, new.publish)
         wanted = {g.group: g for g in new.groups}
         moved = {g for g, r in self.readers.items() if g in wanted and self._moved(r, wanted[g])}
         # 1. everything that can fail, undone if a later step fails
@@ -292,6 +307,11 @@ class Daemon:
         # 2. what cannot fail
         if old_server is not None:
             old_server.close()
+        if self.access is not None:
+            try:
+                self.access.configure(new.publish.curve)
+            except NflogdError as e:  # only if the directory changed since config.load read it
+                log.error("reload: %s; the authorized keys loaded before stay", e)
         if new.user != old.user:
             log.warning("reload: user changed to %r: takes effect at the next restart", new.user)
         if new.node != old.node:
@@ -398,6 +418,9 @@ class Daemon:
         if self.publisher is not None:
             self.publisher.close()
             self.publisher = None
+        if self.access is not None:  # after the CURVE socket: libzmq admits all without a handler
+            self.access.close()
+            self.access = None
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
@@ -409,6 +432,20 @@ class Daemon:
             self._wake_w.close()
             self._wake_r = self._wake_w = None
         self.notifier.close()
+
+
+def _check_restart_only(old, new) -> None:
+    """Refuse a reload that changes what the feed's sockets took at start (PublishConfig)."""
+    if (old.curve is None) != (new.curve is None):
+        what = "turning CURVE on" if new.curve is not None else "turning CURVE off"
+        raise NflogdError(f"publish.curve: {what} needs a restart (systemctl restart nflogd)")
+    if old.curve is not None and (old.curve.public_key, old.curve.secret_key) != (
+        new.curve.public_key,
+        new.curve.secret_key,
+    ):
+        raise NflogdError("publish.curve.secret_key_file: a new server key needs a restart")
+    if old.ipc_filter_gids != new.ipc_filter_gids:
+        raise NflogdError("publish.ipc_filter_groups: a change needs a restart")
 
 
 def _ignore(signum, frame) -> None:

@@ -1,15 +1,28 @@
-"""The feed: one ZeroMQ XPUB socket that every kernel batch goes out on.
+"""The feed: the ZeroMQ XPUB socket(s) that every kernel batch goes out on.
 
 Use::
 
     ctx = zmq.Context()
     pub = Publisher(ctx, cfg.publish, node=cfg.node)      # binds every endpoint now
-    poller.register(pub.socket, zmq.POLLIN)              # subscriptions arrive here
-    poller.register(pub.monitor, zmq.POLLIN)             # connects and disconnects
+    for sock in pub.sockets:
+        poller.register(sock, zmq.POLLIN)                 # subscriptions: pub.handle_incoming()
+    for mon in pub.monitors:
+        poller.register(mon, zmq.POLLIN)                  # connects, disconnects: handle_monitor()
     ...
     pub.publish(batch, kernel_dropped=counters.kernel_dropped)
     pub.subscribers                                       # peers connected right now
     pub.close()
+
+Two sockets when ``publish.curve`` is set: ``socket`` (NULL mechanism) holds the ipc
+endpoints, ``curve_socket`` (CURVE server, ZAP domain ``ZAP_DOMAIN``) every tcp endpoint.
+CURVE is a per-socket option in ZeroMQ, and ipc clients are admitted by the socket file's
+mode and group, so they keep working without keys. Each message is sent on both sockets,
+the same frames with the same ``seq``: a client sees one feed whichever it connects to.
+The ZAP handler (``nflogd.access``) must run before ``curve_socket`` binds: libzmq admits
+every CURVE client when no handler is there. Without ``publish.curve`` there is one socket
+and ``curve_socket`` is None. ``publish.ipc_filter_gids`` sets ``IPC_FILTER_GID`` on
+``socket``: libzmq then accepts an ipc peer only if its gid is listed or its user is a
+member of a listed group (the group database, not the peer's supplementary groups).
 
 Delivery: ``SNDHWM = publish.hwm`` messages per subscriber and ``XPUB_NODROP``
 off, so a subscriber that does not keep up loses its own messages at its high
@@ -45,12 +58,15 @@ from nflogd_client import wire
 
 from .errors import NflogdError
 
-__all__ = ["Publisher", "check_ipc_path", "ipc_path", "make_ipc_dirs"]
+__all__ = ["Publisher", "ZAP_DOMAIN", "check_ipc_path", "ipc_path", "make_ipc_dirs"]
 
 log = logging.getLogger(__name__)
 
 #: How long close() lets queued messages drain to connected subscribers, in ms.
 LINGER_MS = 250
+
+#: ZAP domain of the CURVE socket; ``nflogd.access`` configures the authorized keys for it.
+ZAP_DOMAIN = "nflogd"
 
 # A monitor message's first frame: event (u16) and value (u32, the fd for
 # ACCEPTED/DISCONNECTED), native byte order (zmq_socket_monitor(3)).
@@ -129,7 +145,7 @@ def make_ipc_dirs(endpoints: Iterable[str], owner: tuple[int, int]) -> None:
 
 
 class Publisher:
-    """One XPUB socket bound to every endpoint of ``publish`` (a PublishConfig).
+    """The XPUB socket(s) bound to every endpoint of ``publish`` (a PublishConfig).
 
     Binding errors raise :class:`NflogdError` naming the endpoint; nothing is
     left bound then.
@@ -143,24 +159,52 @@ class Publisher:
         self.sent = 0  # messages handed to ZeroMQ
         self.unsent = 0  # messages ZeroMQ refused (never expected with XPUB_NODROP off)
         self._seq: dict[int, int] = {}
-        self._peers: set[int] = set()
+        self._peers: dict[zmq.Socket, set[int]] = {}  # monitor -> fds connected through it
         self._files: dict[str, tuple[str, int, int]] = {}  # endpoint -> (path, st_dev, st_ino)
-        self.socket = ctx.socket(zmq.XPUB)
+        self._bound: dict[str, zmq.Socket] = {}  # endpoint -> the socket bound to it
+        curve = getattr(publish, "curve", None)
+        #: Every XPUB socket, the NULL one first; and their monitors, in the same order.
+        self.sockets: list[zmq.Socket] = []
+        self.monitors: list[zmq.Socket] = []
         self.monitor = None
+        self.curve_socket = None
+        self.curve_monitor = None
+        self.socket = ctx.socket(zmq.XPUB)
         try:
-            self.socket.setsockopt(zmq.LINGER, LINGER_MS)
-            self.socket.setsockopt(zmq.SNDHWM, publish.hwm)
-            self.socket.setsockopt(zmq.XPUB_NODROP, 0)
-            # every subscribe reaches handle_incoming(), not only a topic's first: debug logs show all
-            self.socket.setsockopt(zmq.XPUB_VERBOSE, 1)
-            self.monitor = self.socket.get_monitor_socket(
-                zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
-            )
+            self.monitor = self._setup(self.socket, publish.hwm)
+            for gid in getattr(publish, "ipc_filter_gids", ()):
+                self.socket.setsockopt(zmq.IPC_FILTER_GID, gid)
+            if curve is not None:
+                self.curve_socket = ctx.socket(zmq.XPUB)
+                self.curve_monitor = self._setup(self.curve_socket, publish.hwm)
+                self.curve_socket.setsockopt(zmq.CURVE_SERVER, 1)
+                self.curve_socket.setsockopt(zmq.CURVE_PUBLICKEY, curve.public_key)
+                self.curve_socket.setsockopt(zmq.CURVE_SECRETKEY, curve.secret_key)
+                self.curve_socket.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
             for endpoint in publish.bind:
                 self.bind(endpoint)
         except BaseException:
             self.close(linger=0)
             raise
+
+    def _setup(self, sock: zmq.Socket, hwm: int) -> zmq.Socket:
+        """Options common to both sockets; returns the socket's monitor."""
+        self.sockets.append(sock)
+        sock.setsockopt(zmq.LINGER, LINGER_MS)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.XPUB_NODROP, 0)
+        # every subscribe reaches handle_incoming(), not only a topic's first: debug logs show all
+        sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+        monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.monitors.append(monitor)
+        self._peers[monitor] = set()
+        return monitor
+
+    def _socket_for(self, endpoint: str) -> zmq.Socket:
+        """tcp endpoints go to the CURVE socket when there is one; everything else to ``socket``."""
+        if self.curve_socket is not None and endpoint.startswith("tcp://"):
+            return self.curve_socket
+        return self.socket
 
     # -- endpoints -------------------------------------------------------------
 
@@ -171,8 +215,9 @@ class Publisher:
             check_ipc_path(endpoint, path)
             _make_parent(endpoint, path)
             old = os.umask(0o117)  # the socket file: rw for owner and group, nothing else
+        sock = self._socket_for(endpoint)
         try:
-            self.socket.bind(endpoint)
+            sock.bind(endpoint)
         except zmq.ZMQError as e:
             raise NflogdError(f"publish.bind: {endpoint}: {zmq.strerror(e.errno)}") from None
         finally:
@@ -185,12 +230,13 @@ class Publisher:
             except OSError:
                 pass
         self.endpoints.append(endpoint)
-        log.info("publishing on %s", endpoint)
+        self._bound[endpoint] = sock
+        log.info("publishing on %s%s", endpoint, " (CURVE)" if sock is self.curve_socket else "")
 
     def unbind(self, endpoint: str) -> None:
         """Stop listening on an endpoint (removing its ipc file); peers connected through it stay."""
         try:
-            self.socket.unbind(endpoint)
+            self._bound.pop(endpoint, self.socket).unbind(endpoint)
         except zmq.ZMQError as e:
             log.warning("publish.bind: %s: unbind failed: %s", endpoint, zmq.strerror(e.errno))
         if endpoint in self.endpoints:
@@ -234,7 +280,8 @@ class Publisher:
 
     def set_hwm(self, hwm: int) -> None:
         """Change SNDHWM; libzmq applies it to subscribers that connect afterwards."""
-        self.socket.setsockopt(zmq.SNDHWM, hwm)
+        for sock in self.sockets:
+            sock.setsockopt(zmq.SNDHWM, hwm)
         self.hwm = hwm
 
     # -- messages --------------------------------------------------------------
@@ -244,7 +291,7 @@ class Publisher:
         return self._seq.get(group, 0)
 
     def publish(self, batch, kernel_dropped: int = 0) -> bool:
-        """Send one capture Batch; True if ZeroMQ took it. Never blocks."""
+        """Send one capture Batch on every socket; True if ZeroMQ took it. Never blocks."""
         count = batch.count
         if not count:
             return False
@@ -254,9 +301,13 @@ class Publisher:
         msg = wire.frames(
             group, self.node, self.epoch, first_seq, kernel_dropped, count, batch.table, batch.data
         )
-        try:
-            self.socket.send_multipart(msg, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
+        taken = True
+        for sock in self.sockets:
+            try:
+                sock.send_multipart(msg, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                taken = False
+        if not taken:
             self.unsent += 1
             return False
         self.sent += 1
@@ -264,53 +315,59 @@ class Publisher:
 
     def handle_incoming(self) -> None:
         """Drain subscription messages (XPUB queues them until read) and log them."""
-        sock = self.socket
-        while True:
-            try:
-                msg = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if msg[:1] in (b"\x00", b"\x01"):
-                what = "subscribe" if msg[:1] == b"\x01" else "unsubscribe"
-                log.debug("%s %r", what, msg[1:].hex() or "(all)")
+        for sock in self.sockets:
+            while True:
+                try:
+                    msg = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if msg[:1] in (b"\x00", b"\x01"):
+                    what = "subscribe" if msg[:1] == b"\x01" else "unsubscribe"
+                    via = " (CURVE)" if sock is self.curve_socket else ""
+                    log.debug("%s %r%s", what, msg[1:].hex() or "(all)", via)
 
     # -- subscriber gauge ------------------------------------------------------
 
     def handle_monitor(self) -> None:
         """Apply queued monitor events to the subscriber gauge."""
-        mon = self.monitor
-        if mon is None:
-            return
-        while True:
-            try:
-                frames = mon.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if not frames or len(frames[0]) < _EVENT.size:
-                continue
-            event, fd = _EVENT.unpack_from(frames[0])
-            if event == zmq.EVENT_ACCEPTED:
-                self._peers.add(fd)
-            elif event == zmq.EVENT_DISCONNECTED:
-                self._peers.discard(fd)
+        for mon, peers in self._peers.items():
+            while True:
+                try:
+                    frames = mon.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if not frames or len(frames[0]) < _EVENT.size:
+                    continue
+                event, fd = _EVENT.unpack_from(frames[0])
+                if event == zmq.EVENT_ACCEPTED:
+                    peers.add(fd)
+                elif event == zmq.EVENT_DISCONNECTED:
+                    peers.discard(fd)
 
     @property
     def subscribers(self) -> int:
-        """Peers connected now (as of the last handle_monitor())."""
-        return len(self._peers)
+        """Peers connected now (as of the last handle_monitor()), over both sockets.
+
+        A CURVE peer counts from its TCP connect, before the handshake: one the ZAP handler
+        refuses counts until libzmq drops the connection.
+        """
+        return sum(len(peers) for peers in self._peers.values())
 
     # -- end -------------------------------------------------------------------
 
     def close(self, linger: int | None = None) -> None:
-        """Close the socket (queued messages get ``linger`` ms, default LINGER_MS)."""
-        if self.monitor is not None:
-            try:
-                self.socket.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            self.monitor.close(linger=0)
-            self.monitor = None
-        if not self.socket.closed:
-            self.socket.close(linger=LINGER_MS if linger is None else linger)
+        """Close the sockets (queued messages get ``linger`` ms, default LINGER_MS)."""
+        for sock, mon in zip(self.sockets, self.monitors):
+            if not mon.closed:
+                try:
+                    sock.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+                mon.close(linger=0)
+        self.monitor = self.curve_monitor = None
+        self._peers = {}
+        for sock in [self.socket, *self.sockets]:
+            if not sock.closed:
+                sock.close(linger=LINGER_MS if linger is None else linger)
         for endpoint in list(self._files):
             self._remove_file(endpoint)

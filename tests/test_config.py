@@ -21,7 +21,7 @@ NO_SUCH_USER = "nflogd-test-no-such-user"
 
 def test_public_names():
     assert sorted(config.__all__) == sorted(
-        ["Config", "GroupConfig", "PublishConfig", "MetricsConfig", "load", "parse"]
+        ["Config", "GroupConfig", "PublishConfig", "CurveConfig", "MetricsConfig", "load", "parse"]
     )
 
 
@@ -85,6 +85,7 @@ def test_full_config():
           bind: ["ipc:///run/nflogd/feed.sock", "tcp://127.0.0.1:5555", "tcp://[::1]:5556",
                  "tcp://*:5557", "tcp://feed.example.net:5558"]
           hwm: 10000000
+          insecure: true
         metrics: {listen: "[::]:9100"}
         user: root
         """
@@ -99,13 +100,14 @@ def test_full_config():
             "tcp://feed.example.net:5558",
         ),
         hwm=10000000,
+        insecure=True,
     )
     assert cfg.metrics == MetricsConfig(host="::", port=9100)
     assert cfg.user == "root"
 
 
 def test_bind_may_be_one_string():
-    cfg = config.parse("groups: [0]\npublish: {bind: 'tcp://0.0.0.0:5555'}")
+    cfg = config.parse("groups: [0]\npublish: {bind: 'tcp://0.0.0.0:5555', insecure: true}")
     assert cfg.publish.bind == ("tcp://0.0.0.0:5555",)
 
 
@@ -211,7 +213,10 @@ BAD = [
     # publish
     ("groups: [0]\npublish: null", "publish: must be a mapping, got null"),
     ("groups: [0]\npublish: [tcp://a:1]", "publish: must be a mapping, got a list"),
-    ("groups: [0]\npublish: {hmw: 5}", "publish: unknown key 'hmw'; expected one of bind, hwm"),
+    (
+        "groups: [0]\npublish: {hmw: 5}",
+        "publish: unknown key 'hmw'; expected one of bind, curve, hwm, insecure, ipc_filter_groups",
+    ),
     ("groups: [0]\npublish: {hwm: 0}", "publish.hwm: must be an integer 1..10000000, got 0"),
     ("groups: [0]\npublish: {hwm: 10000001}", "publish.hwm: must be an integer 1..10000000, got 10000001"),
     ("groups: [0]\npublish: {hwm: true}", "publish.hwm: must be an integer 1..10000000, got true"),

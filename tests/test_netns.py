@@ -159,18 +159,22 @@ def test_daemon_captures_a_group_of_another_namespace(netns, other, tmp_path, ct
         assert got == {3: b"in A", 4: b"in B"}
         assert d.metric("nflogd_packets_total", group="3") == 1
 
-        # The container restarts: the same name, a new namespace. A reload reopens group 3 there.
+        # The container restarts: the same name, a new namespace. Once running, the daemon holds
+        # CAP_NET_ADMIN at most even as root (docs/security.md), so a reload cannot enter it and
+        # says so; a restart opens group 3 there.
         subprocess.run(["ip", "netns", "del", netns.name], check=True)
         subprocess.run(["ip", "netns", "add", netns.name], check=True)
         netns.run("ip", "link", "set", "lo", "up")
         netns.log_rule(3, match="udp dport 9999")
-        assert "failed" not in d.reload()["STATUS"]
-        assert "group 3 closed (moving namespaces)" in d.stderr
+        assert d.reload()["STATUS"].endswith("(not held after start: restart nflogd to open this group)")
+        sub.close(linger=0)
+        d.stop()
+        d.start()
         assert bound_groups(netns) == {3}
+        sub = d.subscribe(ctx)
         netns.send_udp([b"in the new A"])
         batches = receive(sub, lambda bs: packet_count(bs) >= 1)
         assert [b.packets[0].data[28:] for b in batches] == [b"in the new A"]
-        assert d.metric("nflogd_packets_total", group="3") == 2
         sub.close(linger=0)
     assert d.returncode == 0
     assert (bound_groups(netns), bound_groups(other)) == (set(), set())

@@ -1,0 +1,104 @@
+"""Who may read the CURVE feed: ``zmq.auth.ThreadAuthenticator`` over ``publish.curve``.
+
+Use (after the privilege drop: the authenticator is a thread, and must not run as root)::
+
+    ctx = zmq.Context()
+    access = CurveAccess(ctx, cfg.publish.curve)   # ZAP handler running, keys loaded
+    pub = Publisher(ctx, cfg.publish)              # only now the CURVE socket binds
+    ...
+    access.configure(new_cfg.publish.curve)        # SIGHUP: the authorized keys again
+    pub.close(); access.close()
+
+The policy is pyzmq's (``configure_curve``: a client is admitted if its public key is one of
+the ``*.key`` files of ``authorized_keys_dir``); this module only refuses to run it on keys it
+cannot read. ``zmq.auth`` logs a directory it fails to load and then rejects every client;
+here that is a ``ConfigError`` naming the key (``publish.curve.authorized_keys_dir: cannot read
+/etc/nflogd/curve/clients: [Errno 13] Permission denied``), before anything is applied. The
+files are read as the user the daemon runs as, so a key root could read at ``--check`` but the
+service user cannot is found at start, not at the first SIGHUP.
+
+Order matters: libzmq admits every CURVE client when no ZAP handler is bound in the context,
+so the handler starts before the CURVE socket binds and stops after it closes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import zmq
+from nflogd_client import curve
+from zmq.auth.thread import ThreadAuthenticator
+
+from .errors import ConfigError
+from .publish import ZAP_DOMAIN
+
+__all__ = ["CurveAccess", "check_keys"]
+
+log = logging.getLogger(__name__)
+
+
+def check_keys(settings) -> dict[bytes, str]:
+    """Read ``settings`` (a CurveConfig) now: its secret key file must still hold the same key,
+    and the authorized keys are returned as ``{Z85 key: file}``; ConfigError naming the key."""
+    try:
+        pair = curve.keypair(settings.secret_key_file)
+    except curve.KeyFileError as e:
+        raise ConfigError(f"publish.curve.secret_key_file: {e}") from None
+    if pair != (settings.public_key, settings.secret_key):
+        raise ConfigError(
+            f"publish.curve.secret_key_file: {settings.secret_key_file} changed since the config was read"
+        )
+    try:
+        return curve.authorized_keys(settings.authorized_keys_dir)
+    except curve.KeyFileError as e:
+        raise ConfigError(f"publish.curve.authorized_keys_dir: {e}") from None
+
+
+class CurveAccess:
+    """The context's ZAP handler, admitting the CURVE clients of ``settings.authorized_keys_dir``."""
+
+    def __init__(self, ctx: zmq.Context, settings):
+        self.settings = settings
+        self.authorized: dict[bytes, str] = {}
+        self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("nflogd.auth"))
+        self.auth.start()
+        try:
+            self.configure(settings)
+        except BaseException:
+            self.close()
+            raise
+
+    def configure(self, settings) -> int:
+        """Load the authorized keys of ``settings`` (start, SIGHUP); the number of keys.
+
+        On a ConfigError nothing changes: the keys loaded before stay in force.
+        """
+        keys = check_keys(settings)
+        before = self.auth.certs.get(ZAP_DOMAIN)
+        self.auth.configure_curve(domain=ZAP_DOMAIN, location=settings.authorized_keys_dir)
+        loaded = self.auth.certs.get(ZAP_DOMAIN)
+        if loaded is None or set(loaded) != set(keys):  # the directory changed under us
+            if before is None:
+                self.auth.certs.pop(ZAP_DOMAIN, None)
+            else:
+                self.auth.certs[ZAP_DOMAIN] = before
+            raise ConfigError(
+                f"publish.curve.authorized_keys_dir: {settings.authorized_keys_dir} changed while "
+                "it was read; try again"
+            )
+        self.settings = settings
+        self.authorized = keys
+        if keys:
+            log.info(
+                "CURVE: %d authorized client key%s in %s",
+                len(keys), "" if len(keys) == 1 else "s", settings.authorized_keys_dir,
+            )  # fmt: skip
+        else:
+            log.warning("CURVE: no *.key file in %s: no client is admitted", settings.authorized_keys_dir)
+        return len(keys)
+
+    def close(self) -> None:
+        """Stop the ZAP handler (after the CURVE socket is closed)."""
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
