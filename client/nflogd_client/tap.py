@@ -8,6 +8,7 @@ Usage::
     nflog-tap -w - | tcpdump -r - -n            # live into tcpdump (each packet is flushed)
     nflog-tap -w - | wireshark -k -i -
     nflog-tap --linktype nflog -w x.pcap        # with prefix, mark, ifindexes, uid, ...
+    nflog-tap -e tcp://r1:5555 --server-key r1.key --client-key ~/.curve/alice.key_secret
 
 ``-e`` defaults to ``$NFLOGD_ENDPOINT`` or ``ipc:///run/nflogd/feed.sock``; ``-g`` to every
 group. ``--linktype ip`` (the default) writes LINKTYPE_RAW (101): the captured IPv4/IPv6
@@ -182,13 +183,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="ip",
         help="ip: LINKTYPE_RAW, the packets (default); nflog: LINKTYPE_NFLOG, with the NFLOG attributes",
     )
+    ap.add_argument(
+        "--server-key",
+        metavar="KEY",
+        help="CURVE: the daemon's public key, its .key file or 40 Z85 characters (with --client-key)",
+    )
+    ap.add_argument(
+        "--client-key", metavar="FILE", help="CURVE: this client's NAME.key_secret file (with --server-key)"
+    )
     return ap
 
 
-def _connect(endpoints: list[str] | None, groups: list[int] | None) -> Subscriber:
-    """The Subscriber; a rejected endpoint raises SystemExit(2) after one line naming it."""
+def _connect(endpoints: list[str] | None, groups: list[int] | None, **keys) -> Subscriber:
+    """The Subscriber; a rejected endpoint or key raises SystemExit(2) after one line naming it."""
     try:
-        return Subscriber(endpoints, groups)
+        return Subscriber(endpoints, groups, **keys)
     except (zmq.ZMQError, ValueError, TypeError) as e:
         err: BaseException = e
     # Subscriber connects all endpoints on one socket: find the culprit on a throwaway one.
@@ -288,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, signals: _Signals) -> int:
-    sub = _connect(args.endpoint, args.group)
+    if (args.server_key is None) != (args.client_key is None):
+        build_parser().error("--server-key and --client-key go together")
+    sub = _connect(
+        args.endpoint, args.group, server_public_key=args.server_key, client_secret_key_file=args.client_key
+    )
     out = None
     try:
         if args.write is None:
