@@ -245,6 +245,19 @@ class _StrictLoader(yaml.SafeLoader):
                 seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (IndexError, KeyError, AttributeError):
+            # PyYAML's scalar constructors fail so on explicitly tagged values they cannot
+            # read: !!int "" (IndexError), !!bool maybe (KeyError), !!timestamp x
+            # (AttributeError). Report them where they are, like any other YAML error.
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            what = _show(node.value) if isinstance(node, yaml.ScalarNode) else "this node"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{tag} cannot read {what}", node.start_mark
+            ) from None
+
 
 def _load_yaml(text: str, source: str) -> Any:
     """``yaml.safe_load`` plus duplicate-key rejection, with every failure as one ConfigError line."""
