@@ -228,6 +228,25 @@ def test_check_and_sighup_with_a_bad_tagged_value(netns, tmp_path):
     assert d.returncode == 0 and "Traceback" not in d.stderr
 
 
+# -- the encoder on what the decoder accepts -------------------------------------------------------
+
+
+def test_reencoding_a_long_latin1_prefix_is_a_value_error_naming_it():
+    """The decoder reads a non-UTF-8 prefix as Latin-1; 40,000 such bytes are 80,000 in
+    UTF-8, more than prefix_len (u16) holds. The encoder must refuse that by name, as it
+    does an oversized node or hwaddr, not fail inside struct."""
+    frames = wire.encode(1, "n", 1, 0, [Packet.build(1, b"x", prefix="a" * 40_000)])
+    frames[3] = frames[3][:1] + b"\xe9" * 40_000
+    batch = wire.decode(frames)
+    assert batch.packets[0].prefix == "\xe9" * 40_000
+    with pytest.raises(ValueError, match="prefix is 80000 bytes in UTF-8, at most 65535"):
+        wire.encode(batch.group, batch.node, batch.epoch, batch.first_seq, batch.packets)
+    with pytest.raises(ValueError, match="prefix is 65536 bytes"):
+        wire.encode(1, "n", 1, 0, [Packet.build(1, b"", prefix="p" * 65536)])
+    long = wire.encode(1, "n", 1, 0, [Packet.build(1, b"", prefix="p" * 65535)])
+    assert wire.decode(long).packets[0].prefix == "p" * 65535
+
+
 # -- the kernel's boundary records, through the daemon and a Subscriber ------------------------
 
 # NFULNL_COPY_RANGE_MAX (nfnetlink_log.c): 0xFFFF - NLA_HDRLEN; nfulnl_set_mode() caps

@@ -286,6 +286,8 @@ def pack_records(packets: Iterable[Packet]) -> tuple[int, bytes, bytes]:
         data += p.data
         if p.prefix is not None:
             prefix = p.prefix.encode()
+            if builtins_len(prefix) > 0xFFFF:  # prefix_len is a u16
+                raise ValueError(f"prefix is {builtins_len(prefix)} bytes in UTF-8, at most 65535")
             r[12], r[13] = builtins_len(data), builtins_len(prefix)
             data += prefix
         else:
