@@ -1,4 +1,5 @@
-"""The daemon's configuration: YAML in, frozen dataclasses out, every mistake a ``ConfigError``.
+"""The daemon's and the relay's configuration: YAML in, frozen dataclasses out, every mistake a
+``ConfigError``.
 
 ::
 
@@ -14,6 +15,10 @@
     cfg.user                                  # "nflogd", or None: stay as the starting user
     cfg.groups[0].netns                       # "blue" (/run/netns/blue), a path, or None: our own
 
+    relay = config.load_relay("/etc/nflogd-relay.yaml")   # nflogd-relay: same rules, same errors
+    relay.upstreams                           # (UpstreamConfig(endpoint="tcp://router1:5555"), ...)
+    relay.publish, relay.metrics              # as the daemon's; metrics default 127.0.0.1:9478
+
     try:
         config.parse("groups: [{group: 2, copy_range: 70000}]")
     except ConfigError as err:
@@ -23,7 +28,7 @@ Every error is ``nflogd.errors.ConfigError`` with a one-line message that starts
 (``groups[2].copy_range``, ``publish.bind[1]``, ``metrics.listen``) or, for problems with the file
 as a whole, with its name (``/etc/nflogd.yaml: invalid YAML at line 3 column 7: ...``).
 Units are in the names (``flush_ms``, ``rcvbuf`` in bytes); ``ffi.py`` turns them into kernel units.
-``etc/nflogd.yaml`` documents every key.
+``etc/nflogd.yaml`` and ``etc/nflogd-relay.yaml`` document every key.
 """
 
 from __future__ import annotations
@@ -42,7 +47,19 @@ from nflogd_client import curve as _curve
 
 from nflogd.errors import ConfigError
 
-__all__ = ["Config", "GroupConfig", "PublishConfig", "CurveConfig", "MetricsConfig", "load", "parse"]
+__all__ = [
+    "Config",
+    "GroupConfig",
+    "PublishConfig",
+    "CurveConfig",
+    "MetricsConfig",
+    "RelayConfig",
+    "UpstreamConfig",
+    "load",
+    "parse",
+    "load_relay",
+    "parse_relay",
+]
 
 _DEFAULT_BIND = ("ipc:///run/nflogd/feed.sock",)
 _DEFAULT_HWM = 100_000
@@ -70,6 +87,10 @@ _PUBLISH_KEYS = ("bind", "curve", "hwm", "insecure", "ipc_filter_groups")
 _CURVE_KEYS = ("authorized_keys_dir", "secret_key_file")
 _GID_MAX = 2**32 - 2  # (gid_t)-1 means "no group"
 _METRICS_KEYS = ("listen",)
+_RELAY_TOP_KEYS = ("metrics", "publish", "upstreams")
+_UPSTREAM_KEYS = ("client_secret_key_file", "endpoint", "server_public_key")
+_RELAY_DEFAULT_BIND = ("ipc:///run/nflogd-relay/feed.sock",)
+_RELAY_DEFAULT_LISTEN = "127.0.0.1:9478"
 
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
 _ENDPOINT_FORMS = "tcp://HOST:PORT or ipc:///absolute/path"
@@ -178,15 +199,62 @@ class Config:
     user: str | None
 
 
+@dataclass(frozen=True)
+class UpstreamConfig:
+    """A feed the relay subscribes to: an nflogd daemon's endpoint, or another relay's.
+
+    With CURVE, ``server_key`` is the daemon's public key and ``client_public_key`` and
+    ``client_secret_key`` the relay's pair, Z85 text read by ``parse_relay`` (the secret key
+    is left out of ``repr()``); all three are None without CURVE.
+    """
+
+    endpoint: str
+    server_key: bytes | None = None
+    client_public_key: bytes | None = None
+    client_secret_key: bytes | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_endpoint("endpoint", self.endpoint)
+        keys = {"server_key": self.server_key, "client_public_key": self.client_public_key,
+                "client_secret_key": self.client_secret_key}  # fmt: skip
+        given = [name for name, key in keys.items() if key is not None]
+        if given and len(given) != len(keys):
+            raise ConfigError(f"{', '.join(keys)}: give all three for CURVE or none, got {', '.join(given)}")
+        for name in given:
+            try:
+                _curve.check_z85(keys[name], name)
+            except _curve.KeyFileError as e:
+                raise ConfigError(str(e)) from None
+
+    @property
+    def curve(self) -> bool:
+        """True when the connection to this upstream uses CURVE."""
+        return self.server_key is not None
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """The relay's whole configuration; ``metrics`` is None when turned off."""
+
+    upstreams: tuple[UpstreamConfig, ...]
+    publish: PublishConfig
+    metrics: MetricsConfig | None
+
+
 # --- entry points --------------------------------------------------------------------------------
 
 
 def load(path: str | os.PathLike[str]) -> Config:
     """Read and parse the YAML file at ``path``; errors name the file or the key path."""
     source = os.fspath(path)
+    return parse(_read_text(source), source)
+
+
+def _read_text(source: str) -> str:
+    """The file's text; every failure a ConfigError naming it."""
     try:
         with open(source, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except OSError as e:
         why = f"[Errno {e.errno}] {e.strerror}" if e.errno is not None else str(e)
         raise ConfigError(f"{source}: cannot read: {why}") from None
@@ -195,7 +263,6 @@ def load(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{source}: cannot read: not UTF-8 (byte 0x{bad} at offset {e.start})") from None
     except ValueError as e:  # e.g. a NUL in the path
         raise ConfigError(f"{source}: cannot read: {e}") from None
-    return parse(text, source)
 
 
 def parse(text: str, source: str = "<config>") -> Config:
@@ -216,6 +283,35 @@ def parse(text: str, source: str = "<config>") -> Config:
     metrics = _parse_section("metrics", data, _METRICS_KEYS, _parse_metrics)
     user = _parse_user("user", data.get("user"))
     return Config(node=node, groups=groups, publish=publish, metrics=metrics, user=user)
+
+
+def load_relay(path: str | os.PathLike[str]) -> RelayConfig:
+    """Read and parse the relay's YAML file at ``path``; errors name the file or the key path."""
+    source = os.fspath(path)
+    return parse_relay(_read_text(source), source)
+
+
+def parse_relay(text: str, source: str = "<config>") -> RelayConfig:
+    """Parse the relay's YAML (``etc/nflogd-relay.yaml`` documents it), as ``parse`` does the daemon's."""
+    data = _load_yaml(text, source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of settings, got {_show(data)}")
+    _check_keys(source, data, _RELAY_TOP_KEYS)
+    if "upstreams" not in data:
+        raise ConfigError("upstreams: is required, a non-empty list of nflogd endpoints to subscribe to")
+    upstreams = _parse_upstreams("upstreams", data["upstreams"])
+
+    def publish(section: dict[Any, Any]) -> PublishConfig:
+        return _parse_publish({"bind": list(_RELAY_DEFAULT_BIND), **section})
+
+    def metrics(section: dict[Any, Any]) -> MetricsConfig | None:
+        return _parse_metrics({"listen": _RELAY_DEFAULT_LISTEN, **section})
+
+    return RelayConfig(
+        upstreams=upstreams,
+        publish=_parse_section("publish", data, _PUBLISH_KEYS, publish),
+        metrics=_parse_section("metrics", data, _METRICS_KEYS, metrics),
+    )
 
 
 # --- YAML ----------------------------------------------------------------------------------------
@@ -445,6 +541,61 @@ def _parse_user(path: str, user: Any) -> str | None:
     except (KeyError, ValueError):  # ValueError: a NUL or an unencodable character in the name
         raise ConfigError(f"{path}: no such user {_show(user)}") from None
     return user
+
+
+def _parse_upstreams(path: str, value: Any) -> tuple[UpstreamConfig, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{path}: must be a list of endpoints or mappings, got {_show(value)}")
+    if not value:
+        raise ConfigError(f"{path}: must not be empty; list at least one nflogd endpoint")
+    endpoints = [item.get("endpoint") if isinstance(item, dict) else item for item in value]
+    upstreams = tuple(_parse_upstream(f"{path}[{i}]", item) for i, item in enumerate(value))
+    _check_endpoints(path, endpoints)  # each is valid by now: this finds the duplicates
+    return upstreams
+
+
+def _parse_upstream(path: str, item: Any) -> UpstreamConfig:
+    """A bare endpoint, or a mapping with ``endpoint`` and, for CURVE, the two key settings."""
+    if isinstance(item, str):
+        _check_endpoint(path, item)
+        return UpstreamConfig(item)
+    if not isinstance(item, dict):
+        raise ConfigError(
+            f"{path}: must be an endpoint string or a mapping with 'endpoint', got {_show(item)}"
+        )
+    _check_keys(path, item, _UPSTREAM_KEYS)
+    if "endpoint" not in item:
+        raise ConfigError(f"{path}: missing key 'endpoint', like tcp://router1:5555")
+    _check_endpoint(f"{path}.endpoint", item["endpoint"])
+    server, secret_file = item.get("server_public_key"), item.get("client_secret_key_file")
+    if server is None and secret_file is None:
+        return UpstreamConfig(item["endpoint"])
+    if server is None:
+        raise ConfigError(f"{path}: client_secret_key_file needs server_public_key, the daemon's public key")
+    if secret_file is None:
+        raise ConfigError(
+            f"{path}: server_public_key needs client_secret_key_file, the relay's NAME.key_secret "
+            "(the daemon admits only the clients whose public key it holds)"
+        )
+    if not isinstance(server, str):
+        raise ConfigError(
+            f"{path}.server_public_key: must be a key file or 40 Z85 characters, got {_show(server)}"
+        )
+    if not isinstance(secret_file, str) or not secret_file.startswith("/") or "\0" in secret_file:
+        raise ConfigError(
+            f"{path}.client_secret_key_file: must be an absolute path, got {_show(secret_file)}"
+        )
+    if not _zmq_has_curve():
+        raise ConfigError(f"{path}: this libzmq was built without CURVE support")
+    try:
+        server_key = _curve.public_key(server)
+    except _curve.KeyFileError as e:
+        raise ConfigError(f"{path}.server_public_key: {e}") from None
+    try:
+        public, secret = _curve.keypair(secret_file)
+    except _curve.KeyFileError as e:
+        raise ConfigError(f"{path}.client_secret_key_file: {e}") from None
+    return UpstreamConfig(item["endpoint"], server_key, public, secret)
 
 
 # --- endpoints and hosts -------------------------------------------------------------------------

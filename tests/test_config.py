@@ -10,6 +10,7 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nflogd_client import curve
 
 from nflogd import config
 from nflogd.config import Config, GroupConfig, MetricsConfig, PublishConfig
@@ -22,6 +23,7 @@ NO_SUCH_USER = "nflogd-test-no-such-user"
 def test_public_names():
     assert sorted(config.__all__) == sorted(
         ["Config", "GroupConfig", "PublishConfig", "CurveConfig", "MetricsConfig", "load", "parse"]
+        + ["RelayConfig", "UpstreamConfig", "load_relay", "parse_relay"]
     )
 
 
@@ -644,3 +646,165 @@ def test_any_structure_is_config_or_config_error(tree):
 )
 def test_near_valid_structure_is_config_or_config_error(tree):
     _parse_or_config_error(yaml.safe_dump(tree))
+
+
+# --- the relay's config --------------------------------------------------------------------------
+
+RELAY_ETC = ETC.parent / "nflogd-relay.yaml"
+RELAY_DEFAULT_BIND = ("ipc:///run/nflogd-relay/feed.sock",)
+
+
+@pytest.fixture
+def curve_keys(tmp_path):
+    """Key files as nflogd-keygen writes them: a daemon's, the relay's, and a clients directory."""
+    import zmq.auth
+
+    keys = tmp_path / "keys"
+    clients = tmp_path / "clients"
+    keys.mkdir()
+    clients.mkdir()
+    made = {name: zmq.auth.create_certificates(keys, name) for name in ("router", "relay", "alice")}
+    (clients / "alice.key").write_bytes(Path(made["alice"][0]).read_bytes())
+    return {name: (str(pub), str(sec)) for name, (pub, sec) in made.items()} | {"clients": str(clients)}
+
+
+def test_shipped_relay_config_loads():
+    assert config.load_relay(RELAY_ETC) == config.RelayConfig(
+        upstreams=(
+            config.UpstreamConfig("ipc:///run/nflogd/feed.sock"),
+            config.UpstreamConfig("tcp://router1:5555"),
+        ),
+        publish=PublishConfig(bind=RELAY_DEFAULT_BIND, hwm=100000),
+        metrics=MetricsConfig("127.0.0.1", 9478),
+    )
+
+
+def test_relay_minimal_config_gets_every_default():
+    cfg = config.parse_relay("upstreams: [tcp://10.0.0.1:5555]")
+    assert cfg.upstreams == (config.UpstreamConfig("tcp://10.0.0.1:5555"),)
+    assert not cfg.upstreams[0].curve
+    assert cfg.publish == PublishConfig(bind=RELAY_DEFAULT_BIND)
+    assert cfg.metrics == MetricsConfig("127.0.0.1", 9478)
+
+
+def test_relay_publish_and_metrics_are_the_daemons_sections():
+    cfg = config.parse_relay(
+        "upstreams: [ipc:///run/nflogd/feed.sock]\n"
+        "publish: {bind: tcp://127.0.0.1:5556, hwm: 10}\n"
+        "metrics: {listen: null}\n"
+    )
+    assert cfg.publish == PublishConfig(bind=("tcp://127.0.0.1:5556",), hwm=10)
+    assert cfg.metrics is None
+
+
+def test_relay_curve_keys_are_read_on_both_sides(curve_keys):
+    router_pub, _ = curve_keys["router"]
+    _, relay_secret = curve_keys["relay"]
+    by_text = curve.public_key(router_pub).decode()
+    relay_curve = {"secret_key_file": relay_secret, "authorized_keys_dir": curve_keys["clients"]}
+    cfg = config.parse_relay(
+        yaml.safe_dump(
+            {
+                "upstreams": [
+                    {"endpoint": "tcp://10.0.0.1:5555", "server_public_key": router_pub,
+                     "client_secret_key_file": relay_secret},
+                    {"endpoint": "tcp://10.0.0.2:5555", "server_public_key": by_text,
+                     "client_secret_key_file": relay_secret},
+                ],
+                "publish": {"bind": "tcp://0.0.0.0:5556", "curve": relay_curve},
+            }
+        )
+    )  # fmt: skip
+    a, b = cfg.upstreams
+    assert a.curve and a.server_key == b.server_key == curve.public_key(router_pub)
+    assert (a.client_public_key, a.client_secret_key) == curve.keypair(relay_secret)
+    assert "client_secret_key=" not in repr(a) and a.client_secret_key.decode() not in repr(cfg)
+    assert cfg.publish.curve.public_key == a.client_public_key
+
+
+def _relay_error(text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        config.parse_relay(text)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+RELAY_BAD = [
+    ("groups: [1]\n", "<config>: unknown key 'groups'; expected one of metrics, publish, upstreams"),
+    ("publish: {}\n", "upstreams: is required, a non-empty list of nflogd endpoints to subscribe to"),
+    ("upstreams: []\n", "upstreams: must not be empty; list at least one nflogd endpoint"),
+    ("upstreams: tcp://a:1\n", "upstreams: must be a list of endpoints or mappings, got 'tcp://a:1'"),
+    ("upstreams: [5]\n", "upstreams[0]: must be an endpoint string or a mapping with 'endpoint', got 5"),
+    ("upstreams: ['udp://a:1']\n", "upstreams[0]: unsupported transport 'udp'"),
+    ("upstreams: [tcp://a:1, {endpoint: tcp://a:1}]\n",
+     "upstreams[1]: 'tcp://a:1' is listed twice (also upstreams[0])"),
+    ("upstreams: [{server_public_key: x}]\n", "upstreams[0]: missing key 'endpoint', like tcp://router1:5555"),
+    ("upstreams: [{endpoint: 'tcp://a'}]\n", "upstreams[0].endpoint: missing ':PORT'"),
+    ("upstreams: [{endpoint: tcp://a:1, hwm: 3}]\n", "upstreams[0]: unknown key 'hwm'"),
+    ("upstreams: [{endpoint: tcp://a:1, server_public_key: /k}]\n",
+     "upstreams[0]: server_public_key needs client_secret_key_file"),
+    ("upstreams: [{endpoint: tcp://a:1, client_secret_key_file: /k}]\n",
+     "upstreams[0]: client_secret_key_file needs server_public_key"),
+    ("upstreams: [{endpoint: tcp://a:1, server_public_key: /nonexistent.key, client_secret_key_file: /k}]\n",
+     "upstreams[0].server_public_key: cannot read /nonexistent.key: [Errno 2]"),
+    ("upstreams: [{endpoint: tcp://a:1, server_public_key: 7, client_secret_key_file: /k}]\n",
+     "upstreams[0].server_public_key: must be a key file or 40 Z85 characters, got 7"),
+    ("upstreams: [{endpoint: tcp://a:1, server_public_key: /k, client_secret_key_file: k}]\n",
+     "upstreams[0].client_secret_key_file: must be an absolute path, got 'k'"),
+    ("upstreams: [tcp://a:1]\npublish: {bind: 'tcp://0.0.0.0:5556'}\n",
+     "publish.bind[0]: tcp://0.0.0.0:5556 is not a loopback address and publish.curve is not set"),
+    ("upstreams: [tcp://a:1]\npublish: {bnd: x}\n", "publish: unknown key 'bnd'"),
+    ("upstreams: [tcp://a:1]\nmetrics: {listen: 9478}\n", "metrics.listen: must be \"host:port\" or null"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "message"), RELAY_BAD, ids=[m[:40] for _, m in RELAY_BAD])
+def test_relay_errors_name_the_key(text, message):
+    assert _relay_error(text).startswith(message)
+
+
+def test_relay_key_errors_name_the_upstream_and_the_file(curve_keys):
+    router_pub, router_secret = curve_keys["router"]
+    _, relay_secret = curve_keys["relay"]
+
+    def upstream(server, secret):
+        return yaml.safe_dump({"upstreams": [{"endpoint": "tcp://a:1", "server_public_key": server,
+                                              "client_secret_key_file": secret}]})  # fmt: skip
+
+    assert _relay_error(upstream(router_pub, router_pub)).startswith(
+        f"upstreams[0].client_secret_key_file: {router_pub}: no secret key in it"
+    )
+    assert _relay_error(upstream("x" * 39 + "\\", relay_secret)).startswith(
+        "upstreams[0].server_public_key: cannot read"
+    )
+    assert (
+        config.parse_relay(upstream(router_secret, relay_secret)).upstreams[0].curve
+    )  # the pair file will do
+
+
+def test_upstream_config_from_keywords_validates(curve_keys):
+    public, secret = curve.keypair(curve_keys["relay"][1])
+    assert config.UpstreamConfig("ipc:///run/f.sock", public, public, secret).curve
+    with pytest.raises(ConfigError, match="give all three for CURVE or none, got server_key"):
+        config.UpstreamConfig("tcp://a:1", server_key=public)
+    with pytest.raises(ConfigError, match="^endpoint: "):
+        config.UpstreamConfig("tcp://a")
+    with pytest.raises(ConfigError, match="^server_key: "):
+        config.UpstreamConfig("tcp://a:1", b"x" * 39, public, secret)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {"upstreams": st.lists(st.sampled_from(["tcp://a:1", "ipc:///x"]) | _TREES, max_size=3)},
+        optional={"publish": st.dictionaries(_KEYS, _TREES, max_size=2), "metrics": _TREES},
+    )
+)
+def test_near_valid_relay_structure_is_config_or_config_error(tree):
+    try:
+        result = config.parse_relay(yaml.safe_dump(tree))
+    except ConfigError as e:
+        assert ": " in str(e) and "\n" not in str(e)
+    else:
+        assert isinstance(result, config.RelayConfig) and result.upstreams
