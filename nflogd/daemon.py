@@ -181,12 +181,22 @@ class Daemon:
         if new is None or reader.netns_id is None:
             return new is not None or reader.netns_id is not None
         try:
-            return netns.identity(new) != reader.netns_id
+            if netns.identity(new) == reader.netns_id:
+                return False
         except NamespaceError as e:
             if new != reader.settings.netns:
                 return True  # opening it fails and names the namespace
             log.warning("reload: group %d: %s; it stays open where it was opened", reader.group, e)
             return False
+        if new != reader.settings.netns or netns.can_enter():
+            return True  # a config change: if it cannot be entered, the reload fails saying why
+        # Unchanged config, but the name now stands for a new namespace (a restarted container):
+        # following it needs CAP_SYS_ADMIN, gone after start. Not worth failing every reload for.
+        log.warning(
+            "reload: group %d: netns %r now names another namespace; the group stays in the one it "
+            "was opened in until nflogd restarts", reader.group, new,
+        )  # fmt: skip
+        return False
 
     def _watch(self, reader) -> None:
         fd = reader.fileno()

@@ -26,12 +26,13 @@ from typing import Iterator
 
 from .errors import NamespaceError
 
-__all__ = ["RUN_NETNS", "path_of", "identity", "entered"]
+__all__ = ["RUN_NETNS", "path_of", "identity", "can_enter", "entered"]
 
 #: Where ``ip netns add NAME`` (and ``ip netns attach NAME PID``) pin named namespaces.
 RUN_NETNS = "/run/netns"
 
 CLONE_NEWNET = 0x40000000  # <sched.h>: setns()'s nstype for a network namespace
+CAP_SYS_ADMIN = 21  # <linux/capability.h>
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -48,6 +49,18 @@ def identity(netns: str) -> tuple[int, int]:
     except OSError as e:
         raise _error(netns, e.errno or errno.EIO) from None
     return st.st_dev, st.st_ino
+
+
+def can_enter() -> bool:
+    """Whether this thread holds CAP_SYS_ADMIN, without which ``entered`` fails for any namespace."""
+    try:
+        with open("/proc/thread-self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def _setns(fd: int) -> None:

@@ -160,14 +160,25 @@ def test_daemon_captures_a_group_of_another_namespace(netns, other, tmp_path, ct
         assert d.metric("nflogd_packets_total", group="3") == 1
 
         # The container restarts: the same name, a new namespace. Once running, the daemon holds
-        # CAP_NET_ADMIN at most even as root (docs/security.md), so a reload cannot enter it and
-        # says so; a restart opens group 3 there.
+        # CAP_NET_ADMIN at most even as root (docs/security.md), so it cannot follow: a reload
+        # still applies the rest, warns, and keeps group 3 where it was; a restart follows.
         subprocess.run(["ip", "netns", "del", netns.name], check=True)
         subprocess.run(["ip", "netns", "add", netns.name], check=True)
         netns.run("ip", "link", "set", "lo", "up")
         netns.log_rule(3, match="udp dport 9999")
-        assert d.reload()["STATUS"].endswith("(not held after start: restart nflogd to open this group)")
+        d.write_config(d.make_config(groups=[*groups, 5]))
+        assert "failed" not in d.reload()["STATUS"]
+        assert f"group 3: netns {netns.name!r} now names another namespace" in d.stderr
+        assert (bound_groups(netns), bound_groups(other)) == (set(), {4, 5})
+        # Asking for another namespace in the config is refused as a whole, saying why.
+        d.write_config(d.make_config(groups=[{"group": 3, "netns": other.path}, 4]))
+        assert d.reload()["STATUS"].endswith(
+            f"last reload failed: group 3: netns {other.path!r}: entering a network namespace needs "
+            "CAP_SYS_ADMIN (not held after start: restart nflogd to open this group)"
+        )
+        assert bound_groups(other) == {4, 5}
         sub.close(linger=0)
+        d.write_config(d.make_config(groups=groups))
         d.stop()
         d.start()
         assert bound_groups(netns) == {3}
@@ -190,6 +201,34 @@ def test_missing_namespace_at_start_is_one_line(other, tmp_path):
     ]
     assert "Traceback" not in d.stderr
     d.stop()
+
+
+def test_service_user_with_cap_sys_admin_at_start(netns, other, monkeypatch):
+    """The systemd unit with docs/operations.md's netns drop-in, emulated with setpriv: user
+    nobody, ambient CAP_NET_ADMIN and CAP_SYS_ADMIN. The group opens in A; then CAP_NET_ADMIN alone."""
+    import daemonutil
+
+    netns.log_rule(3, match="udp dport 9999")
+    caps = "+net_admin,+sys_admin"
+    setpriv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", f"--inh-caps=-all,{caps}",
+               f"--ambient-caps={caps}", f"--bounding-set=-all,{caps}", "--"]  # fmt: skip
+    plain = daemonutil.nflogd_command
+    monkeypatch.setattr(daemonutil, "nflogd_command", lambda: [*setpriv, *plain()])
+    workdir = Path(tempfile.mkdtemp(prefix="nflogd-unit-", dir="/tmp"))
+    try:
+        os.chmod(workdir, 0o755)
+        os.chown(workdir, 65534, 65534)
+        with NflogdProcess(other, workdir, groups=[{"group": 3, "netns": netns.name}]) as d:
+            status = dict(
+                line.split(":", 1) for line in Path(f"/proc/{d.pid}/status").read_text().splitlines()
+            )
+            assert status["Uid"].split() == ["65534"] * 4
+            assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == 1 << 12
+            assert int(status["CapAmb"], 16) & ~(1 << 12) == 0
+            assert bound_groups(netns) == {3}
+        assert d.returncode == 0, d.stderr
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_dropped_user_keeps_namespace_groups_but_cannot_add_one(netns, other, ctx):
