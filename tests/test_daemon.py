@@ -451,16 +451,19 @@ def test_sighup_changes_endpoints_node_and_metrics(netns, tmp_path, ctx):
 
 
 def test_drops_to_user_keeping_net_admin(netns, ctx):
-    """user: nobody -> uid 65534 with CAP_NET_ADMIN only; a reload can still bind a new group."""
+    """user: nobody -> every thread uid 65534 with CAP_NET_ADMIN only; a reload can still bind a
+    new group. (tests/test_security.py: the same with the CURVE authenticator, and without user.)"""
     netns.log_rule(2, match="udp dport 9999")
     workdir = Path(tempfile.mkdtemp(prefix="nflogd-priv-", dir="/tmp"))
     try:
         os.chmod(workdir, 0o755)  # nobody must reach its config and the notify socket
         with NflogdProcess(netns, workdir, groups=[1], extra={"user": "nobody"}) as d:
-            status = Path(f"/proc/{d.pid}/status").read_text()
-            fields = dict(line.split(":", 1) for line in status.splitlines())
-            assert fields["Uid"].split() == ["65534"] * 4
-            assert int(fields["CapEff"], 16) == int(fields["CapPrm"], 16) == 1 << 12
+            tasks = list(Path(f"/proc/{d.pid}/task").iterdir())
+            assert len(tasks) >= 3  # main, ZeroMQ's I/O thread and reaper, the metrics server
+            for task in tasks:
+                fields = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines())
+                assert fields["Uid"].split() == ["65534"] * 4
+                assert int(fields["CapEff"], 16) == int(fields["CapPrm"], 16) == 1 << 12
             run = workdir / "run"
             assert (run.stat().st_uid, oct(run.stat().st_mode & 0o777)) == (65534, oct(0o750))
             d.write_config(d.make_config(groups=[1, 2]) | {"user": "nobody"})

@@ -38,9 +38,10 @@ file, which ``nflogd-keygen DIR NAME`` writes::
 
 The keys apply to every endpoint of the Subscriber, so give it the CURVE endpoints of one
 daemon (its ipc endpoints stay without CURVE); use one Subscriber per daemon key. A client
-whose key the daemon does not hold is refused at the handshake and receives nothing; ZeroMQ
-retries in the background, so that shows as silence, not as an error (the daemon logs the
-refusal at debug level).
+whose key the daemon does not hold is refused at the handshake and receives nothing. libzmq
+gives up on a connection the daemon refused, so the Subscriber logs one warning per endpoint,
+counts ``refused`` and connects again every ``AUTH_RETRY_S`` seconds while ``recv()`` waits:
+once the operator adds the key and reloads the daemon, the client gets in by itself.
 
 To wait on several sockets, register ``sub.socket`` with a ``zmq.Poller``, but call
 ``recv()`` while ``sub.pending()`` is non-zero first: packets already received do not make
@@ -60,11 +61,14 @@ import zmq
 from . import curve, wire
 from .wire import Batch, Packet, WireError
 
-__all__ = ["DEFAULT_ENDPOINT", "Subscriber"]
+__all__ = ["AUTH_RETRY_S", "DEFAULT_ENDPOINT", "Subscriber"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "ipc:///run/nflogd/feed.sock"
+
+#: Seconds between attempts to reconnect to an endpoint that refused this client's CURVE key.
+AUTH_RETRY_S = 2.0
 
 
 def _endpoints(endpoints: str | Iterable[str] | None) -> list[str]:
@@ -155,6 +159,13 @@ class Subscriber:
         ctx = context if context is not None else zmq.Context.instance()
         #: The SUB socket, for a ``zmq.Poller``.
         self.socket = ctx.socket(zmq.SUB)
+        #: With CURVE: handshake refusals (libzmq's socket monitor), polled alongside.
+        self._monitor: zmq.Socket | None = None
+        self._poller: zmq.Poller | None = None
+        self._retry: dict[str, float] = {}  # endpoint -> when to connect again
+        self._warned: set[str] = set()
+        #: Times a daemon refused this client's CURVE key (counted while ``recv()`` runs).
+        self.refused = 0
         try:
             self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
             if keys is not None:
@@ -162,11 +173,16 @@ class Subscriber:
                 self.socket.setsockopt(zmq.CURVE_SERVERKEY, server)
                 self.socket.setsockopt(zmq.CURVE_PUBLICKEY, public)
                 self.socket.setsockopt(zmq.CURVE_SECRETKEY, secret)
+                self._monitor = self.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+                self._poller = zmq.Poller()
+                self._poller.register(self.socket, zmq.POLLIN)
+                self._poller.register(self._monitor, zmq.POLLIN)
             for t in topics:
                 self.socket.setsockopt(zmq.SUBSCRIBE, t)
             for e in self.endpoints:
                 self.socket.connect(e)
         except BaseException:
+            self._close_monitor()
             self.socket.close(linger=0)
             raise
         #: Packets the feed lost, per (node, group), from sequence gaps and restarts.
@@ -239,7 +255,11 @@ class Subscriber:
         """Receive until a decodable message arrives (accounted) or the deadline passes."""
         sock = self.socket
         while True:
-            if deadline is None:
+            if self._monitor is not None:
+                msg = self._recv_curve(deadline)
+                if msg is None:
+                    return None
+            elif deadline is None:
                 msg = sock.recv_multipart()
             else:
                 remaining = deadline - time.monotonic()
@@ -256,6 +276,68 @@ class Subscriber:
                 continue
             self._account(batch)
             return batch
+
+    def _recv_curve(self, deadline: float | None) -> list[bytes] | None:
+        """One message, watching for refusals meanwhile; None once the deadline passes."""
+        sock = self.socket
+        assert self._poller is not None
+        while True:
+            now = time.monotonic()
+            waits = [t - now for t in self._retry.values()]
+            if deadline is not None:
+                waits.append(deadline - now)
+            timeout = None if not waits else max(0, int(min(waits) * 1000 + 0.999))
+            ready = dict(self._poller.poll(timeout))
+            if self._monitor in ready:
+                self._handle_refusals()
+            self._reconnect_due()
+            if sock in ready:
+                try:
+                    return sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:  # pragma: no cover - poll said readable
+                    pass
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    def _handle_refusals(self) -> None:
+        assert self._monitor is not None
+        while True:
+            try:
+                frames = self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                continue
+            endpoint = frames[1].decode(errors="replace")
+            self.refused += 1
+            self._retry[endpoint] = time.monotonic() + AUTH_RETRY_S
+            if endpoint not in self._warned:
+                self._warned.add(endpoint)
+                log.warning(
+                    "nflogd feed %s refused this client's CURVE key; retrying every %g s "
+                    "(the daemon admits the *.key files of its publish.curve.authorized_keys_dir)",
+                    endpoint,
+                    AUTH_RETRY_S,
+                )
+
+    def _reconnect_due(self) -> None:
+        now = time.monotonic()
+        for endpoint in [e for e, t in self._retry.items() if t <= now]:
+            del self._retry[endpoint]
+            try:
+                self.socket.disconnect(endpoint)
+            except zmq.ZMQError:
+                pass  # libzmq already dropped it
+            self.socket.connect(endpoint)
+
+    def _close_monitor(self) -> None:
+        if self._monitor is not None:
+            try:
+                self.socket.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self._monitor.close(linger=0)
+            self._monitor = None
 
     def _malformed(self, msg: list[bytes], err: WireError) -> None:
         self.malformed += 1
@@ -300,6 +382,7 @@ class Subscriber:
 
     def close(self, linger: int = 0) -> None:
         """Close the socket (``linger`` ms for nothing: a SUB socket sends only subscriptions)."""
+        self._close_monitor()
         if not self.socket.closed:
             self.socket.close(linger=linger)
 
