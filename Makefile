@@ -57,3 +57,14 @@ bench: deps
 
 clean:
 	rm -rf $(VENV) build *.egg-info client/*.egg-info nflogd/_nflog_cffi*.so
+
+# make fuzz: coverage-guided fuzzing of the feed decoder (fuzz/fuzz_wire.py, atheris) for
+# FUZZ_SECONDS, seeded from fuzz/corpus/wire; new inputs and any crash input go to FUZZ_WORK.
+FUZZ_SECONDS ?= 60
+FUZZ_WORK ?= /tmp/nflogd-fuzz
+.PHONY: fuzz
+fuzz: $(VENV)/.installed
+	$(VPY) -c 'import atheris' 2>/dev/null || $(VPY) -m pip install -q --disable-pip-version-check atheris
+	mkdir -p $(FUZZ_WORK)/corpus
+	$(VPY) fuzz/fuzz_wire.py $(FUZZ_WORK)/corpus fuzz/corpus/wire -max_total_time=$(FUZZ_SECONDS) \
+	    -max_len=4096 -artifact_prefix=$(FUZZ_WORK)/
