@@ -173,7 +173,12 @@ class Publisher:
         try:
             self.monitor = self._setup(self.socket, publish.hwm)
             for gid in getattr(publish, "ipc_filter_gids", ()):
-                self.socket.setsockopt(zmq.IPC_FILTER_GID, gid)
+                try:
+                    self.socket.setsockopt(zmq.IPC_FILTER_GID, gid)
+                except (zmq.ZMQError, AttributeError):  # libzmq without SO_PEERCRED filters
+                    raise NflogdError(
+                        "publish.ipc_filter_groups: this libzmq does not support IPC_FILTER_GID"
+                    ) from None
             if curve is not None:
                 self.curve_socket = ctx.socket(zmq.XPUB)
                 self.curve_monitor = self._setup(self.curve_socket, publish.hwm)
