@@ -5,6 +5,11 @@ same packets in the same run. Figures are ratios and per-packet costs, never pas
 
     .venv/bin/python bench/run.py               # everything (make bench)
     .venv/bin/python bench/run.py capture       # one part: capture, daemon, latency, client
+    .venv/bin/python bench/run.py soak --seconds 3600 --interval 60   # not part of "all"
+
+The soak runs the daemon at ``--rate`` (below capacity) for ``--seconds``, prints its RSS,
+open files and loss every ``--interval`` seconds, and a verdict: memory flat and nothing
+lost, or exit status 1. It writes bench/results/soak.json.
 
 Traffic stays on the loopback of a namespace made for the run and deleted after it.
 Results go to stdout and bench/results/latest.json.
@@ -20,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -245,6 +251,119 @@ def bench_client(args) -> list[dict]:
     return rows
 
 
+# -- soak --------------------------------------------------------------------------------------
+
+SOAK_RSS_GROWTH_KIB = 8 * 1024  # over the whole run, from the first sample (after warm-up)
+SOAK_RSS_FLAT_KIB = 2 * 1024  # over the second half, where it must have levelled off
+
+
+def proc_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+class SoakFeed(threading.Thread):
+    """A Subscriber of our group read in this process: packets, feed loss, kernel loss."""
+
+    def __init__(self, endpoint: str):
+        super().__init__(daemon=True)
+        from nflogd_client import Subscriber
+
+        self.sub = Subscriber(endpoint, groups=OURS)
+        self.received = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            batch = self.sub.recv_batch(timeout=0.2)
+            if batch is not None:
+                self.received += len(batch.packets)
+
+    @property
+    def lost(self) -> int:
+        return self.sub.total_lost
+
+    @property
+    def kernel_dropped(self) -> int:
+        return sum(self.sub.kernel_dropped.values())
+
+    def quiet(self, seconds: float = 0.5) -> None:
+        last = -1
+        while self.received != last:
+            last = self.received
+            time.sleep(seconds)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(5)
+        self.sub.close()
+
+
+def bench_soak(args) -> list[dict]:
+    """The daemon at a steady rate below capacity for ``--seconds``: memory and loss sampled
+    every ``--interval`` seconds, a verdict at the end (exit status 1 if it fails)."""
+    if args.rate <= 0 or args.seconds <= 0 or args.interval <= 0:
+        sys.exit("bench soak: --rate, --seconds and --interval must be positive")
+    ns = namespace()
+    tmp = tempfile.mkdtemp(prefix="nflsoak-")
+    rows: list[dict] = []
+    try:
+        endpoint = f"ipc://{tmp}/feed.sock"
+        nflogd = os.path.join(os.path.dirname(PY), "nflogd")
+        daemon = ns.popen(nflogd, "-c", daemon_config(tmp, endpoint), stderr=subprocess.PIPE, text=True)
+        wait_line(daemon, daemon.stderr, "capturing")
+        log: list[str] = []
+        drain = threading.Thread(target=lambda: log.extend(daemon.stderr), daemon=True)
+        drain.start()
+        feed = SoakFeed(endpoint)
+        feed.start()
+        time.sleep(0.5)  # the subscription reaches the daemon before the first packet
+        count = int(args.rate * args.seconds)
+        sender = ns.popen(
+            flood_binary(), str(count), str(args.rate), "127.0.0.1", "9999", "64",
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        t0 = time.monotonic()
+        while sender.poll() is None:
+            time.sleep(max(0.0, t0 + (len(rows) + 1) * args.interval - time.monotonic()))
+            if sender.poll() is not None:
+                break
+            r = {
+                "case": "soak", "t_s": round(time.monotonic() - t0), "received": feed.received,
+                "kernel_dropped": feed.kernel_dropped, "feed_lost": feed.lost,
+                "rss_kib": proc_rss_kib(daemon.pid), "fds": len(os.listdir(f"/proc/{daemon.pid}/fd")),
+            }  # fmt: skip
+            rows.append(r)
+            print_row(r)
+        sent = json.loads(sender.communicate(timeout=30)[0])["sent"]
+        feed.quiet()
+        sent += flood(ns, 1, 0)["sent"]  # a kernel loss shows once the next packet arrives
+        feed.quiet()
+        final = {
+            "sent": sent, "received": feed.received, "kernel_dropped": feed.kernel_dropped,
+            "feed_lost": feed.lost, "rss_kib": proc_rss_kib(daemon.pid),
+        }  # fmt: skip
+        feed.stop()
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(10)
+        drain.join(5)
+    finally:
+        ns.close()
+    rss = [r["rss_kib"] for r in rows] or [final["rss_kib"]]
+    growth, late = rss[-1] - rss[0], rss[-1] - rss[len(rss) // 2]
+    flat = growth <= SOAK_RSS_GROWTH_KIB and late <= SOAK_RSS_FLAT_KIB
+    lossless = final["received"] == sent and final["kernel_dropped"] == final["feed_lost"] == 0
+    verdict = {
+        "case": "soak verdict", "result": "PASS" if flat and lossless else "FAIL",
+        "seconds": args.seconds, "rate_pps": args.rate, **final,
+        "rss_growth_kib": growth, "rss_growth_second_half_kib": late, "memory_flat": flat,
+        "nothing_lost": lossless, "daemon_exit": daemon.returncode,
+        "daemon_warnings": [line.strip() for line in log if not line.startswith("INFO")][:5],
+    }  # fmt: skip
+    print_row(verdict)
+    return rows + [verdict]
+
+
 def print_row(r: dict) -> None:
     print("  ".join(f"{k}={v}" for k, v in r.items()), flush=True)
 
@@ -254,17 +373,25 @@ PARTS = {"capture": bench_capture, "daemon": bench_daemon, "latency": bench_late
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("parts", nargs="*", choices=[*PARTS, []], help="default: all")
-    ap.add_argument("--rate", type=int, default=20000, help="the fixed rate, packets/s (5 s of it)")
+    ap.add_argument("parts", nargs="*", choices=[*PARTS, "soak", []], help="default: all but soak")
+    ap.add_argument(
+        "--rate", type=int, default=20000, help="the fixed rate, packets/s (5 s of it; soak: all along)"
+    )
     ap.add_argument("--count", type=int, default=1000000, help="packets sent flat out")
+    ap.add_argument("--seconds", type=float, default=3600, help="soak: how long (default one hour)")
+    ap.add_argument("--interval", type=float, default=60, help="soak: seconds between samples")
     args = ap.parse_args()
     results = {"machine": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
     for part in args.parts or PARTS:
         print(f"== {part}", flush=True)
-        results[part] = PARTS[part](args)
+        results[part] = (PARTS | {"soak": bench_soak})[part](args)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "latest.json"), "w") as f:
+    # a soak alone keeps its own file, so that it does not replace the comparison figures
+    name = "soak.json" if args.parts == ["soak"] else "latest.json"
+    with open(os.path.join(HERE, "results", name), "w") as f:
         json.dump(results, f, indent=1)
+    if any(r.get("result") == "FAIL" for r in results.get("soak", [])):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
