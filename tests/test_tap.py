@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import struct
@@ -414,3 +415,49 @@ def test_unwritable_file(feed, procs, tmp_path):
     p = run_tap(procs, "-e", feed.endpoint, "-w", str(tmp_path / "no" / "such" / "dir.pcap"))
     _, err = finish(p)
     assert p.returncode == 1 and err.startswith("nflog-tap: cannot write ") and err.count("\n") == 1
+
+
+# -- --stats ---------------------------------------------------------------------------------------
+
+
+def test_stats_per_group_rates_and_loss(feed, procs):
+    """Piped, --stats prints a table a second: group 5 without loss, group 6 losing 2 packets on
+    the feed and 1 in the kernel per message, all counted from the tap's start."""
+
+    def body():
+        feed.wait_subscribed(topics())
+        seq5 = seq6 = 0
+        while not feed.stop.is_set():
+            feed.pub.send_multipart(msg(5, *[rec(5, V4)] * 8, first_seq=seq5))
+            feed.pub.send_multipart(wire.encode(6, "r1", 1, seq6, [rec(6, V6)] * 4, kernel_dropped=seq6 // 6))
+            seq5, seq6 = seq5 + 8, seq6 + 6
+            time.sleep(0.005)
+
+    feed._start(body)
+    p = run_tap(procs, "-e", feed.endpoint, "--stats")
+    time.sleep(2.6)
+    p.send_signal(signal.SIGINT)
+    out, err = finish(p)
+    feed.join()
+    assert p.returncode == 0, err
+    tables = [t.splitlines() for t in out.decode().split("\n\n") if t.strip()]
+    assert len(tables) >= 2, out
+    head = "node             group  packets/s     bytes/s    packets     lost   kernel"
+    assert all(t[0].startswith("nflog-tap --stats ") and t[1] == head for t in tables)
+    rows = {int(r.split()[1]): r.split() for r in tables[-1][2:]}  # node group pps n unit packets lost kernel
+    assert set(rows) == {5, 6}
+    assert rows[5][0] == rows[6][0] == "r1"
+    pps5, packets5, lost5, kernel5 = float(rows[5][2]), int(rows[5][5]), int(rows[5][6]), int(rows[5][7])
+    pps6, packets6, lost6, kernel6 = float(rows[6][2]), int(rows[6][5]), int(rows[6][6]), int(rows[6][7])
+    assert pps5 > 100 and packets5 >= pps5 and (lost5, kernel5) == (0, 0)
+    assert 0.4 < pps6 / pps5 < 0.6  # 4 packets a message against 8
+    assert rows[5][4] == "kB/s" and float(rows[5][3]) == pytest.approx(pps5 * len(V4) / 1000, rel=0.01)
+    assert lost6 == pytest.approx(packets6 / 2, abs=2) and kernel6 == pytest.approx(packets6 / 4, abs=2)
+    total = re.fullmatch(r"nflog-tap: (\d+) packets counted, (\d+) lost\n", err)
+    assert total and int(total.group(1)) >= packets5 + packets6 and int(total.group(2)) >= lost6
+
+
+def test_stats_excludes_writing(procs):
+    p = run_tap(procs, "-e", "ipc:///tmp/nflog-tap-unused.sock", "--stats", "-w", "x.pcap")
+    out, err = finish(p)
+    assert p.returncode == 2 and "--stats writes and counts no packets" in err

@@ -9,6 +9,7 @@ Usage::
     nflog-tap -w - | wireshark -k -i -
     nflog-tap --linktype nflog -w x.pcap        # with prefix, mark, ifindexes, uid, ...
     nflog-tap -e tcp://r1:5555 --server-key r1.key --client-key ~/.curve/alice.key_secret
+    nflog-tap --stats                           # a live per-group view, redrawn each second
 
 ``-e`` defaults to ``$NFLOGD_ENDPOINT`` or ``ipc:///run/nflogd/feed.sock``; ``-g`` to every
 group. ``--linktype ip`` (the default) writes LINKTYPE_RAW (101): the captured IPv4/IPv6
@@ -18,6 +19,11 @@ device produces (https://www.tcpdump.org/linktypes/LINKTYPE_NFLOG.html): a 4-byt
 (address family, version 0, group as big-endian resource id) and the kernel's NFULA_*
 attributes as TLVs, the payload last; as there, the record's length is its captured
 length, and a truncated packet shows by its IP header's length.
+
+``--stats`` writes no packets: each second it redraws one line per (node, group) seen, with
+packets/s, bytes/s (real lengths), packets since it started, and the packets lost since it
+started on the feed (``lost``: sequence gaps) and in the kernel (``kernel``: the daemon's
+count). On a terminal it redraws in place; piped, it prints a block per second.
 
 At the end (``-c`` reached, Ctrl-C, SIGTERM, or the reader of ``-w -`` gone) one line goes
 to stderr: packets written and packets the feed lost; the exit status is 0. An endpoint
@@ -184,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="ip: LINKTYPE_RAW, the packets (default); nflog: LINKTYPE_NFLOG, with the NFLOG attributes",
     )
     ap.add_argument(
+        "--stats",
+        action="store_true",
+        help="instead of packets: packets/s, bytes/s and loss per group, redrawn each second",
+    )
+    ap.add_argument(
         "--server-key",
         metavar="KEY",
         help="CURVE: the daemon's public key, its .key file or 40 Z85 characters (with --client-key)",
@@ -299,9 +310,16 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, signals: _Signals) -> int:
     if (args.server_key is None) != (args.client_key is None):
         build_parser().error("--server-key and --client-key go together")
+    if args.stats and (args.write is not None or args.count is not None):
+        build_parser().error("--stats writes and counts no packets: leave out -w and -c")
     sub = _connect(
         args.endpoint, args.group, server_public_key=args.server_key, client_secret_key_file=args.client_key
     )
+    if args.stats:
+        try:
+            return _stats(sub, signals, sys.stdout)
+        finally:
+            sub.close()
     out = None
     try:
         if args.write is None:
@@ -355,6 +373,71 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
         if out is not None and args.write not in (None, "-"):
             out.close()
         sub.close()
+
+
+def _stats(sub: Subscriber, signals: _Signals, out, interval: float = 1.0) -> int:
+    """``--stats``: per (node, group), totals from batches, a table every ``interval`` seconds."""
+    seen: dict[tuple[str, int], list[int]] = {}  # key -> [packets, bytes, kernel lost, last kernel]
+    shown: dict[tuple[str, int], tuple[int, int]] = {}  # key -> (packets, bytes) at the last table
+    redraw = out.isatty()
+    last = time.monotonic()
+    next_tick = last + interval
+    try:
+        while not signals.stop:
+            now = time.monotonic()
+            if now >= next_tick:
+                out.write(_stats_table(sub, seen, shown, now - last, redraw))
+                out.flush()
+                last, next_tick = now, max(next_tick + interval, now + interval / 10)
+                continue
+            signals.waiting = True
+            try:
+                if signals.stop:
+                    break
+                batch = sub.recv_batch(next_tick - now)
+            finally:
+                signals.waiting = False
+            if batch is not None:
+                key = (batch.node, batch.group)
+                s = seen.setdefault(key, [0, 0, 0, batch.kernel_dropped])
+                s[0] += len(batch.packets)
+                s[1] += sum(p.len for p in batch.packets)
+                k = batch.kernel_dropped  # per run of the daemon: smaller after a restart
+                s[2] += k - s[3] if k >= s[3] else k
+                s[3] = k
+    except KeyboardInterrupt:  # a signal while waiting
+        pass
+    total = sum(s[0] for s in seen.values())
+    print(f"nflog-tap: {total} packets counted, {sub.total_lost} lost" + _extra(sub), file=sys.stderr)
+    return 0
+
+
+def _stats_table(sub: Subscriber, seen: dict, shown: dict, elapsed: float, redraw: bool) -> str:
+    when = time.strftime("%H:%M:%S")
+    lines = [f"nflog-tap --stats {when}", f"{'node':<16} {'group':>5} {'packets/s':>10} {'bytes/s':>11} "
+             f"{'packets':>10} {'lost':>8} {'kernel':>8}"]  # fmt: skip
+    for key in sorted(seen):
+        packets, nbytes, kernel, _ = seen[key]
+        p0, b0 = shown.get(key, (0, 0))
+        shown[key] = (packets, nbytes)
+        pps, bps = (packets - p0) / elapsed, (nbytes - b0) / elapsed
+        node, group = key
+        lost = sub.lost.get(key, 0)
+        lines.append(
+            f"{node or '-':<16} {group:>5} {pps:>10.0f} {_si(bps):>11} {packets:>10} {lost:>8} {kernel:>8}"
+        )
+    if not seen:
+        lines.append("(no packets yet)")
+    text = "\n".join(lines) + "\n"
+    return "\x1b[H\x1b[J" + text if redraw else text + "\n"
+
+
+def _si(bps: float) -> str:
+    for unit in ("B/s", "kB/s", "MB/s"):
+        if bps < 999.95:
+            return f"{bps:.0f} {unit}" if unit == "B/s" else f"{bps:.1f} {unit}"
+        bps /= 1000
+    return f"{bps:.1f} GB/s"
 
 
 def _extra(sub: Subscriber) -> str:
