@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,38 @@ def test_daemon_captures_a_group_of_another_namespace(netns, other, tmp_path, ct
     assert (bound_groups(netns), bound_groups(other)) == (set(), set())
 
 
+def test_container_by_attached_name_and_by_proc_path(other, tmp_path, ctx):
+    """docs/operations.md's container recipe: ``ip netns attach NAME PID``, or /proc/PID/ns/net."""
+    proc = subprocess.Popen(["unshare", "--net", "sleep", "30"])
+    ctr = NetNS.__new__(NetNS)  # the helper's commands, on a namespace it did not make
+    ctr.name = f"nflc-{os.getpid()}-{proc.pid}"
+    ctr.path = f"/run/netns/{ctr.name}"
+    try:
+        deadline = time.monotonic() + 5
+        while os.readlink(f"/proc/{proc.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+            assert time.monotonic() < deadline, "unshare did not make its namespace"
+            time.sleep(0.01)
+        subprocess.run(["ip", "netns", "attach", ctr.name, str(proc.pid)], check=True)
+        ctr.run("ip", "link", "set", "lo", "up")
+        ctr.log_rule(6, match="udp dport 9999")
+        ctr.log_rule(7, match="udp dport 9999")
+        groups = [{"group": 6, "netns": ctr.name}, {"group": 7, "netns": f"/proc/{proc.pid}/ns/net"}]
+        with NflogdProcess(other, tmp_path, groups=groups) as d:
+            sub = d.subscribe(ctx)
+            ctr.send_udp([b"from the container"])
+            batches = receive(sub, lambda bs: packet_count(bs) >= 2)
+            assert sorted((b.group, b.packets[0].data[28:]) for b in batches) == [
+                (6, b"from the container"),
+                (7, b"from the container"),
+            ]
+            sub.close(linger=0)
+        assert bound_groups(other) == set()
+    finally:
+        proc.kill()
+        proc.wait()
+        subprocess.run(["ip", "netns", "del", ctr.name], check=False, capture_output=True)
+
+
 def test_missing_namespace_at_start_is_one_line(other, tmp_path):
     d = NflogdProcess(other, tmp_path, groups=[1, {"group": 3, "netns": "nflt-not-there"}])
     d.start(wait_ready=False)
@@ -254,10 +287,17 @@ def test_dropped_user_keeps_namespace_groups_but_cannot_add_one(netns, other, ct
                 "namespace needs CAP_SYS_ADMIN (not held after start: restart nflogd to open this group)"
             ), status
             assert bound_groups(netns) == {3}
+            # Retuning a namespace group needs no setns: its socket is already there.
+            d.write_config(
+                d.make_config(groups=[{"group": 3, "netns": netns.name, "copy_range": 30}])
+                | {"user": "nobody"}
+            )
+            assert "failed" not in d.reload()["STATUS"]
             sub = d.subscribe(ctx)
             netns.send_udp([b"still here"])
             (batch,) = receive(sub, lambda bs: packet_count(bs) >= 1)
-            assert (batch.group, batch.packets[0].data[28:]) == (3, b"still here")
+            (pkt,) = batch.packets
+            assert (batch.group, pkt.caplen, pkt.len, pkt.data[28:]) == (3, 30, 38, b"st")
             sub.close(linger=0)
         assert d.returncode == 0
     finally:
