@@ -1,0 +1,561 @@
+"""nflogd-relay: many nflogd feeds in, one feed out, every message passed on untouched.
+
+Command line::
+
+    nflogd-relay [-c PATH] [--check] [--log-level LEVEL]     # also: python -m nflogd.relay
+
+``--check`` loads the config (reading the CURVE keys) and exits 0, or prints
+``nflogd-relay: <error>`` and exits 2. Otherwise: 0 after SIGTERM/SIGINT, 1 for a runtime
+failure (an endpoint in use), 2 for a bad config.
+
+Topology (``docs/relay.md``)::
+
+    router1  nflogd XPUB ─┐                            ┌─ SUB  Subscriber, nflog-tap, ...
+    router2  nflogd XPUB ─┼─ XSUB ×3   relay   XPUB ───┼─ SUB
+    router3  nflogd XPUB ─┘                            └─ SUB
+
+Sockets: one XSUB per upstream, connected to its endpoint (a CURVE client when the upstream
+has keys), and downstream the daemon's own ``Publisher`` (an XPUB, and a second one for the tcp
+endpoints when ``publish.curve`` is set). One poll loop moves:
+
+- messages, upstream to downstream: received and sent with ``copy=False``, never decoded, so
+  a record keeps its node, epoch and sequence numbers and clients account loss per node as if
+  connected to each daemon;
+- subscriptions, downstream to upstream: the relay's XPUB is not verbose, so it reports the
+  first subscription to a topic and the last unsubscription; each goes to every upstream XSUB,
+  which keeps them and sends them again after every reconnect. Each daemon thus filters at
+  the source: a group nobody downstream wants never leaves its router.
+
+Why a loop and not ``zmq.proxy``: an XSUB connected to several daemons does not say which one
+a message came from, and the metrics count per upstream. ``bench/relay.py`` measures the cost
+(the README's "Relay" section has the figures). The relay adds no sequence numbers of its own:
+a message it drops (a client's queue full at ``publish.hwm``, an upstream queue full at
+``UPSTREAM_HWM``) shows at the client as a gap in that node's ``seq``.
+
+Upstream state comes from each XSUB's socket monitor: up at ``EVENT_HANDSHAKE_SUCCEEDED``
+(the ZMTP handshake, CURVE's included, is done), down at ``EVENT_DISCONNECTED``; a refused
+handshake (wrong ``server_public_key``, a client key the daemon does not hold) is counted and
+logged once until the next success. ZeroMQ reconnects by itself; heartbeats
+(``HEARTBEAT_IVL_MS``) find a daemon that vanished without closing its connection.
+
+SIGHUP rereads the config: upstreams added, removed or with new keys are connected or closed
+(the others keep their connections), ``publish.bind`` and ``publish.hwm`` are applied as the
+daemon applies them, and the CURVE authorized keys are read again. Turning CURVE on or off,
+a new server key, ``ipc_filter_groups`` and ``metrics`` need a restart: such a reload is
+refused as a whole, and an invalid config is logged with the running one kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from collections import Counter
+from typing import Callable
+
+import zmq
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector as _Collector
+from prometheus_client.registry import CollectorRegistry
+from zmq.utils.monitor import parse_monitor_message
+
+from . import config
+from .access import CurveAccess
+from .daemon import _check_restart_only, _ignore, _os_text, _setup_logging, _stderr_is_journal
+from .errors import ConfigError, NflogdError
+from .metrics import MetricsServer, version
+from .publish import Publisher
+from .sdnotify import Notifier
+
+__all__ = ["main", "Relay", "Upstream", "RelayCollector", "DEFAULT_CONFIG"]
+
+log = logging.getLogger("nflogd.relay")
+
+DEFAULT_CONFIG = "/etc/nflogd-relay.yaml"
+
+#: Messages read from one upstream before the loop looks at the others.
+BURST = 64
+#: Messages (kernel batches) an upstream XSUB queues before ZeroMQ stops reading its connection;
+#: the daemon then queues up to its own publish.hwm for the relay and drops beyond (a seq gap).
+UPSTREAM_HWM = 10_000
+#: ZMTP heartbeats on upstream connections: a PING this often, the connection dropped (and
+#: retried) when nothing came back for HEARTBEAT_TIMEOUT_MS.
+HEARTBEAT_IVL_MS = 5_000
+HEARTBEAT_TIMEOUT_MS = 15_000
+
+_MONITOR_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+_HANDSHAKE_FAILED = {
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no reply (a wrong server_public_key?)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol error (CURVE on one side only?)",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused (is our key in the daemon's authorized_keys_dir?)",
+}
+
+
+class Upstream:
+    """One XSUB socket connected to one upstream feed, with its monitor and counters.
+
+    ``topics`` are the subscriptions in force (topic -> how many downstream sockets hold it);
+    they are sent before connecting, and the XSUB sends them again after every reconnect.
+    """
+
+    def __init__(self, ctx: zmq.Context, settings, topics: Counter[bytes] | None = None):
+        self.settings = settings
+        self.endpoint: str = settings.endpoint
+        self.up = False
+        self.connects = 0  # handshakes completed
+        self.handshake_failures = 0
+        self.messages = 0
+        self.bytes = 0
+        self._failing = False  # a failure was logged; the next one is only counted
+        self.socket = ctx.socket(zmq.XSUB)
+        self.monitor: zmq.Socket | None = None
+        try:
+            sock = self.socket
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVHWM, UPSTREAM_HWM)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+            if settings.curve:
+                sock.setsockopt(zmq.CURVE_SERVERKEY, settings.server_key)
+                sock.setsockopt(zmq.CURVE_PUBLICKEY, settings.client_public_key)
+                sock.setsockopt(zmq.CURVE_SECRETKEY, settings.client_secret_key)
+            self.monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+            for topic, n in (topics or {}).items():
+                for _ in range(n):
+                    sock.send(b"\x01" + topic)
+            sock.connect(self.endpoint)
+        except zmq.ZMQError as e:
+            self.close()
+            raise NflogdError(f"upstreams: {self.endpoint}: {zmq.strerror(e.errno)}") from None
+        except BaseException:
+            self.close()
+            raise
+        log.info("upstream %s: connecting%s", self.endpoint, " (CURVE)" if settings.curve else "")
+
+    def forward(self, outs: list[zmq.Socket]) -> None:
+        """Pass up to BURST queued messages to every socket of ``outs``, frames as received."""
+        recv = self.socket.recv_multipart
+        for _ in range(BURST):
+            try:
+                frames = recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            for out in outs:
+                try:
+                    out.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                except zmq.Again:  # pragma: no cover - XPUB drops per subscriber, never refuses
+                    pass
+            self.messages += 1
+            self.bytes += sum(map(len, frames))
+
+    def subscription(self, msg: bytes) -> None:
+        """Pass on a downstream (un)subscription message."""
+        self.socket.send(msg)
+
+    def handle_monitor(self) -> None:
+        """Apply queued monitor events to ``up`` and the counters, logging state changes."""
+        while True:
+            try:
+                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            except (ValueError, TypeError):  # pragma: no cover - libzmq's own message format
+                continue
+            kind = event["event"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.up = True
+                self.connects += 1
+                self._failing = False
+                log.info("upstream %s: connected", self.endpoint)
+            elif kind == zmq.EVENT_DISCONNECTED:
+                if self.up:
+                    log.warning("upstream %s: disconnected; reconnecting", self.endpoint)
+                self.up = False
+            elif kind in _HANDSHAKE_FAILED:
+                self.handshake_failures += 1
+                level = logging.DEBUG if self._failing else logging.WARNING
+                self._failing = True
+                log.log(level, "upstream %s: handshake failed: %s", self.endpoint, _HANDSHAKE_FAILED[kind])
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            try:
+                self.socket.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self.monitor.close(linger=0)
+            self.monitor = None
+        if not self.socket.closed:
+            self.socket.close(linger=0)
+        self.up = False
+
+
+#: (metric name without _total, help, Upstream attribute): one sample per upstream, label ``upstream``
+UPSTREAM_COUNTERS = (
+    ("nflogd_relay_messages", "Messages received from each upstream and passed on.", "messages"),
+    ("nflogd_relay_bytes", "Bytes of those messages, all frames.", "bytes"),
+    ("nflogd_relay_upstream_connects", "Handshakes completed with each upstream.", "connects"),
+    (
+        "nflogd_relay_upstream_handshake_failures",
+        "Failed handshakes with each upstream (CURVE keys, protocol).",
+        "handshake_failures",
+    ),
+)
+
+
+class RelayCollector(_Collector):
+    """The relay's metrics, read from the live Relay on every scrape.
+
+    ==============================================  ===========================================
+    ``nflogd_relay_messages_total{upstream}``       messages received and passed on
+    ``nflogd_relay_bytes_total{upstream}``          their bytes, all frames
+    ``nflogd_relay_upstream_up{upstream}``          1 while connected (handshake done), else 0
+    ``nflogd_relay_upstream_connects_total``        handshakes completed, per upstream
+    ``nflogd_relay_upstream_handshake_failures_total``  refused or failed handshakes, per upstream
+    ``nflogd_relay_subscribers``                    peers connected to the relay's feed
+    ``nflogd_relay_subscribed_topics``              topics subscribed upstream ('' counts as one)
+    ``nflogd_relay_build_info{version}``            1
+    ==============================================  ===========================================
+    """
+
+    def __init__(self, relay: Relay, registry: CollectorRegistry | None = None):
+        self._relay = relay
+        self._version = version()
+        if registry is not None:
+            registry.register(self)
+
+    def _families(self):
+        label = ["upstream"]
+        counters = [CounterMetricFamily(name, doc, labels=label) for name, doc, _ in UPSTREAM_COUNTERS]
+        up = GaugeMetricFamily("nflogd_relay_upstream_up", "1 while the upstream is connected.", labels=label)
+        subs = GaugeMetricFamily("nflogd_relay_subscribers", "Peers connected to the relay's feed.")
+        topics = GaugeMetricFamily("nflogd_relay_subscribed_topics", "Topics subscribed to upstream.")
+        info = GaugeMetricFamily("nflogd_relay_build_info", "nflogd's version; always 1.", labels=["version"])
+        return counters, up, subs, topics, info
+
+    def describe(self):
+        counters, *gauges = self._families()
+        return [*counters, *gauges]
+
+    def collect(self):
+        counters, up, subs, topics, info = self._families()
+        relay = self._relay
+        try:
+            for u in list(relay.upstreams.values()):
+                label = [u.endpoint]
+                for fam, (_, _, attr) in zip(counters, UPSTREAM_COUNTERS):
+                    fam.add_metric(label, getattr(u, attr))
+                up.add_metric(label, 1 if u.up else 0)
+            publisher = relay.publisher
+            subs.add_metric([], publisher.subscribers if publisher is not None else 0)
+            topics.add_metric([], len(relay.topics))
+        except Exception as e:  # a scrape must never fail
+            log.debug("metrics: reading the relay's state failed: %r", e)
+        info.add_metric([self._version], 1)
+        return [*counters, up, subs, topics, info]
+
+
+class Relay:
+    """One run of the relay over one config: ``install_signals()``, ``start()``, ``run()``, ``close()``."""
+
+    def __init__(self, cfg, path: str, notifier: Notifier | None = None):
+        self.cfg = cfg
+        self.path = path
+        self.notifier = notifier if notifier is not None else Notifier.from_environ()
+        self.ctx: zmq.Context | None = None
+        self.access: CurveAccess | None = None
+        self.publisher: Publisher | None = None
+        #: endpoint -> Upstream; replaced, never mutated (the metrics thread reads it).
+        self.upstreams: dict[str, Upstream] = {}
+        #: Subscriptions in force upstream: topic -> downstream sockets that hold it.
+        self.topics: Counter[bytes] = Counter()
+        self.registry: CollectorRegistry | None = None
+        self.metrics_server: MetricsServer | None = None
+        self.poller = zmq.Poller()
+        self._handlers: dict[object, Callable[[], None]] = {}
+        self._stop = False
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._old_handlers: dict = {}
+        self._old_wakeup: int | None = None
+
+    # -- start -----------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        """SIGTERM/SIGINT/SIGHUP only write their number to a socketpair the loop polls."""
+        self._wake_r, self._wake_w = socket.socketpair()
+        for s in (self._wake_r, self._wake_w):
+            s.setblocking(False)
+        self._old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self._old_handlers[signum] = signal.signal(signum, _ignore)
+
+    def start(self) -> None:
+        cfg = self.cfg
+        os.umask(0o007)
+        self.ctx = zmq.Context()
+        if cfg.publish.curve is not None:
+            self.access = CurveAccess(self.ctx, cfg.publish.curve)  # before the CURVE socket binds
+        # Bound only once the sockets are not verbose: see _make_publisher.
+        self.publisher = self._make_publisher(cfg.publish)
+        self.registry = CollectorRegistry()
+        RelayCollector(self, registry=self.registry)
+        if cfg.metrics is not None:
+            self.metrics_server = MetricsServer(cfg.metrics.host, cfg.metrics.port, self.registry)
+        self._watch(self._wake_r.fileno(), self._handle_signals)
+        for sock in self.publisher.sockets:
+            self._watch(sock, self._handle_subscriptions)
+        for mon in self.publisher.monitors:
+            self._watch(mon, self.publisher.handle_monitor)
+        self.upstreams = {u.endpoint: self._open_upstream(u) for u in cfg.upstreams}
+        log.info("relaying %s", self._upstreams_text())
+        self.notifier.ready(self._status())
+
+    def _make_publisher(self, publish) -> Publisher:
+        """The daemon's Publisher, its sockets not verbose, then bound.
+
+        Not verbose: an XPUB then reports a topic's first subscription and its last
+        unsubscription, which the XSUB side counts and passes upstream in balance. A verbose
+        XPUB reports every subscription but still only the last unsubscription, so the
+        daemons would never hear that nobody wants a group any more.
+        """
+        pub = Publisher(self.ctx, dataclasses.replace(publish, bind=()))
+        try:
+            for sock in pub.sockets:
+                sock.setsockopt(zmq.XPUB_VERBOSE, 0)
+            pub.rebind(publish.bind)
+        except BaseException:
+            pub.close(linger=0)
+            raise
+        return pub
+
+    def _open_upstream(self, settings) -> Upstream:
+        up = Upstream(self.ctx, settings, self.topics)
+        self._watch(up.socket, lambda: up.forward(self.publisher.sockets))
+        self._watch(up.monitor, up.handle_monitor)
+        return up
+
+    def _close_upstream(self, up: Upstream) -> None:
+        for sock in (up.socket, up.monitor):
+            if sock is not None:
+                self._handlers.pop(sock, None)
+                self.poller.unregister(sock)
+        up.close()
+
+    def _watch(self, obj, handler: Callable[[], None]) -> None:
+        self._handlers[obj] = handler
+        self.poller.register(obj, zmq.POLLIN)
+
+    # -- loop ------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Poll until SIGTERM/SIGINT."""
+        interval = self.notifier.watchdog_interval
+        next_wd = time.monotonic() + interval if interval else None
+        handlers = self._handlers
+        while not self._stop:
+            if next_wd is None:
+                timeout = None
+            else:
+                timeout = max(0, math.ceil((next_wd - time.monotonic()) * 1000))
+            for obj, _ in self.poller.poll(timeout):
+                handler = handlers.get(obj)  # None: closed by a reload earlier this turn
+                if handler is not None:
+                    handler()
+            if next_wd is not None and time.monotonic() >= next_wd:
+                self.notifier.watchdog()
+                next_wd = time.monotonic() + interval
+
+    def _handle_subscriptions(self) -> None:
+        """Pass downstream (un)subscriptions to every upstream, keeping ``topics`` up to date."""
+        for sock in self.publisher.sockets:
+            while True:
+                try:
+                    msg = sock.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                kind, topic = msg[:1], msg[1:]
+                if kind == b"\x01":
+                    self.topics[topic] += 1
+                elif kind == b"\x00" and self.topics[topic] > 0:
+                    self.topics[topic] -= 1
+                    if not self.topics[topic]:
+                        del self.topics[topic]
+                else:
+                    continue  # not a subscription: our feed has nothing else to send upstream
+                log.debug("%s %r", "subscribe" if kind == b"\x01" else "unsubscribe", topic.hex() or "(all)")
+                for up in self.upstreams.values():
+                    up.subscription(msg)
+
+    def _handle_signals(self) -> None:
+        try:
+            data = self._wake_r.recv(4096)
+        except BlockingIOError:
+            return
+        signums = set(data)
+        if signums & {signal.SIGTERM, signal.SIGINT}:
+            log.info("%s: stopping", "SIGTERM" if signal.SIGTERM in signums else "SIGINT")
+            self._stop = True
+        elif signal.SIGHUP in signums:
+            self.reload()
+
+    # -- reload ----------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Reread the config and apply it (module docstring); False if it was not applied."""
+        self.notifier.reloading()
+        try:
+            new = config.load_relay(self.path)
+            self._apply(new)
+        except NflogdError as e:  # ConfigError included
+            log.error("reload: %s; keeping the running configuration", e)
+            self.notifier.ready(f"{self._status()}; last reload failed: {e}")
+            return False
+        log.info("reloaded %s: relaying %s", self.path, self._upstreams_text())
+        self.notifier.ready(self._status())
+        return True
+
+    def _apply(self, new) -> None:
+        old = self.cfg
+        publisher = self.publisher
+        _check_restart_only(old.publish, new.publish)
+        if new.metrics != old.metrics:
+            raise NflogdError("metrics: a change needs a restart")
+        wanted = {u.endpoint: u for u in new.upstreams}
+        current = self.upstreams
+        # 1. what can fail, undone if a later step fails
+        added: dict[str, Upstream] = {}
+        try:
+            for endpoint, settings in wanted.items():
+                if endpoint not in current or current[endpoint].settings != settings:
+                    added[endpoint] = self._open_upstream(settings)
+            publisher.rebind(new.publish.bind)
+        except NflogdError:
+            for up in added.values():
+                self._close_upstream(up)
+            raise
+        # 2. what cannot fail
+        if self.access is not None:
+            try:
+                self.access.configure(new.publish.curve)
+            except NflogdError as e:  # only if the directory changed since the config was read
+                log.error("reload: %s; the authorized keys loaded before stay", e)
+        if new.publish.hwm != publisher.hwm:
+            publisher.set_hwm(new.publish.hwm)
+            log.info("reload: publish.hwm %d applies to subscribers connecting from now on", new.publish.hwm)
+        upstreams = {}
+        for endpoint in wanted:
+            upstreams[endpoint] = added.get(endpoint) or current[endpoint]
+        for endpoint, up in current.items():
+            if upstreams.get(endpoint) is not up:
+                self._close_upstream(up)
+                log.info("upstream %s: closed", endpoint)
+        self.upstreams = upstreams
+        self.cfg = new
+
+    # -- state -----------------------------------------------------------------
+
+    def _upstreams_text(self) -> str:
+        n = len(self.upstreams)
+        return f"{n} upstream{'' if n == 1 else 's'}"
+
+    def _status(self) -> str:
+        return f"relaying {self._upstreams_text()}"
+
+    # -- stop ------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release everything; safe after a failed start."""
+        self.notifier.stopping()
+        upstreams, self.upstreams = self.upstreams, {}
+        for up in upstreams.values():
+            up.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+        if self.publisher is not None:
+            self.publisher.close()
+            self.publisher = None
+        if self.access is not None:  # after the CURVE socket: libzmq admits all without a handler
+            self.access.close()
+            self.access = None
+        if self.ctx is not None:
+            self.ctx.term()
+            self.ctx = None
+        if self._wake_w is not None:
+            signal.set_wakeup_fd(self._old_wakeup if self._old_wakeup is not None else -1)
+            for signum, handler in self._old_handlers.items():
+                signal.signal(signum, handler)
+            self._wake_r.close()
+            self._wake_w.close()
+            self._wake_r = self._wake_w = None
+        self.notifier.close()
+
+
+# -- command line -----------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="nflogd-relay",
+        description="Subscribe to many nflogd feeds and publish them as one, messages untouched.",
+    )
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="PATH",
+                   help=f"configuration file (default {DEFAULT_CONFIG})")  # fmt: skip
+    p.add_argument("--check", action="store_true", help="validate the configuration and exit (0 ok, 2 bad)")
+    p.add_argument("--log-level", default="info", metavar="LEVEL", type=str.lower,
+                   choices=["debug", "info", "warning", "error"],
+                   help="debug, info (default), warning or error")  # fmt: skip
+    return p
+
+
+def _fail(message, status: int) -> int:
+    """Print ``nflogd-relay: <message>`` on one line (priority err under journald); return ``status``."""
+    prefix = "<3>" if _stderr_is_journal() else ""
+    text = " ".join(str(message).split())
+    print(f"{prefix}nflogd-relay: {text}", file=sys.stderr, flush=True)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        cfg = config.load_relay(args.config)
+    except ConfigError as e:
+        return _fail(e, 2)
+    if args.check:
+        return 0
+    relay = Relay(cfg, args.config)
+    try:
+        relay.install_signals()
+        relay.start()
+        relay.run()
+    except ConfigError as e:
+        return _fail(e, 2)
+    except NflogdError as e:
+        return _fail(e, 1)
+    except zmq.ZMQError as e:
+        return _fail(f"zmq: {e}", 1)
+    except OSError as e:
+        return _fail(_os_text(e), 1)
+    finally:
+        relay.close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
