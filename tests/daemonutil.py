@@ -22,6 +22,9 @@ the namespace, and anything passed in ``extra``), ``--log-level debug``, and
 instead of sleeping: ``start()`` waits for ``READY=1``, ``reload()`` sends SIGHUP and
 waits for the next ``READY=1``. Its stderr goes to a file, ``.stderr`` reads it.
 ``stop()`` sends SIGTERM and kills after a deadline; ``__exit__`` always stops it.
+
+``RelayProcess`` runs ``nflogd-relay`` the same way (``relay.yaml``, ``relay.stderr``,
+metrics on 127.0.0.1:9478), with ``upstreams`` in place of ``groups`` and ``node``.
 """
 
 from __future__ import annotations
@@ -40,7 +43,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 NFLOGD = REPO / ".venv" / "bin" / "nflogd"
+NFLOGD_RELAY = REPO / ".venv" / "bin" / "nflogd-relay"
 METRICS_PORT = 9477
+RELAY_METRICS_PORT = 9478
 
 
 def nflogd_command() -> list[str]:
@@ -48,6 +53,13 @@ def nflogd_command() -> list[str]:
     if NFLOGD.exists():
         return [str(NFLOGD)]
     return [sys.executable, "-m", "nflogd"]
+
+
+def relay_command() -> list[str]:
+    """The installed ``nflogd-relay`` script, or ``python -m nflogd.relay`` from the checkout."""
+    if NFLOGD_RELAY.exists():
+        return [str(NFLOGD_RELAY)]
+    return [sys.executable, "-m", "nflogd.relay"]
 
 
 class DaemonError(AssertionError):
@@ -116,6 +128,10 @@ class NflogdProcess:
     mapping replaces the generated one entirely). ``env``: added to the environment.
     """
 
+    #: Names the config and stderr files in ``workdir``.
+    name = "nflogd"
+    metrics_port = METRICS_PORT
+
     def __init__(
         self,
         netns,
@@ -134,9 +150,9 @@ class NflogdProcess:
         self.netns = netns
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_path = self.workdir / "nflogd.yaml"
+        self.config_path = self.workdir / f"{self.name}.yaml"
         self.endpoint = f"ipc://{self.workdir}/run/feed.sock"
-        self.metrics_url = f"http://127.0.0.1:{METRICS_PORT}/metrics" if metrics else None
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics" if metrics else None
         self.args = args
         self.env = env or {}
         self.log_level = log_level
@@ -145,7 +161,7 @@ class NflogdProcess:
         self.proc: subprocess.Popen | None = None
         self.notify: NotifySocket | None = None
         self.ready_msg: dict[str, str] | None = None
-        self._stderr_path = self.workdir / "nflogd.stderr"
+        self._stderr_path = self.workdir / f"{self.name}.stderr"
         self.config = self.make_config(groups=groups, node=node, metrics=metrics, extra=extra)
         self.write_config(self.config)
 
@@ -172,11 +188,14 @@ class NflogdProcess:
 
     # -- life ------------------------------------------------------------------
 
+    def command(self) -> list[str]:
+        return nflogd_command()
+
     def start(self, wait_ready: bool = True) -> NflogdProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.notify = NotifySocket(self.workdir / f"notify-{os.getpid()}-{time.monotonic_ns()}.sock")
         env = {**os.environ, "NOTIFY_SOCKET": self.notify.path, "PYTHONUNBUFFERED": "1", **self.env}
-        cmd = [*nflogd_command(), "-c", str(self.config_path), "--log-level", self.log_level, *self.args]
+        cmd = [*self.command(), "-c", str(self.config_path), "--log-level", self.log_level, *self.args]
         with open(self._stderr_path, "ab") as err:
             self.proc = self.netns.popen(
                 *cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env, cwd=str(REPO)
@@ -291,7 +310,7 @@ class NflogdProcess:
 
         assert self.metrics_url is not None, "metrics are off for this daemon"
         with self.netns.entered():
-            conn = http.client.HTTPConnection("127.0.0.1", METRICS_PORT, timeout=timeout)
+            conn = http.client.HTTPConnection("127.0.0.1", self.metrics_port, timeout=timeout)
             try:
                 conn.request("GET", "/metrics")
                 resp = conn.getresponse()
@@ -309,6 +328,30 @@ class NflogdProcess:
     def metric(self, name: str, **labels: str) -> float | None:
         """One sample's value from a fresh scrape, None if absent."""
         return self.scrape().get((name, tuple(sorted(labels.items()))))
+
+
+class RelayProcess(NflogdProcess):
+    """One nflogd-relay run in ``netns``: ``upstreams`` as its config takes them, its feed on
+    ``ipc://<workdir>/run/feed.sock`` (``.endpoint``), metrics on 127.0.0.1:9478 there."""
+
+    name = "relay"
+    metrics_port = RELAY_METRICS_PORT
+
+    def __init__(self, netns, workdir: Path, *, upstreams, **kw):
+        self.upstreams = list(upstreams)
+        super().__init__(netns, workdir, **kw)
+
+    def make_config(self, *, metrics=True, extra=None, **_) -> dict:
+        cfg = {
+            "upstreams": self.upstreams,
+            "publish": {"bind": [self.endpoint]},
+            "metrics": {"listen": f"127.0.0.1:{self.metrics_port}" if metrics else None},
+        }
+        cfg.update(extra or {})
+        return cfg
+
+    def command(self) -> list[str]:
+        return relay_command()
 
 
 def receive(sock, done: Callable[[list], bool], timeout: float = 10.0) -> list:

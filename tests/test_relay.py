@@ -1,0 +1,527 @@
+"""nflogd-relay between real daemons and real clients: three router namespaces joined by veth
+pairs to a collector namespace, nothing connected to the host's own namespace."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.auth
+from daemonutil import NFLOGD_RELAY, REPO, NflogdProcess, RelayProcess, relay_command
+from nflogd_client import Subscriber
+from nsutil import NetNS
+
+pytestmark = pytest.mark.timeout(60)
+
+PORT = 5555  # each daemon's tcp endpoint, on its router's veth address
+UDP_PORT = 9999  # what the routers' log rule matches
+WAIT = 10.0
+
+
+def router_address(i: int) -> str:
+    return f"10.77.{i}.1"
+
+
+def router_endpoint(i: int, port: int = PORT) -> str:
+    return f"tcp://{router_address(i)}:{port}"
+
+
+class Lab:
+    """``routers[i]`` (router1..N) each joined to ``collector`` by a veth pair: 10.77.i.1/30 on
+    the router's end, 10.77.i.2/30 on the collector's. No address anywhere else, no routes beyond
+    those links: nothing can leave these namespaces."""
+
+    def __init__(self, n: int):
+        self.namespaces: list[NetNS] = []
+        try:
+            self.collector = self._netns("nflc")
+            self.routers = []
+            for i in range(1, n + 1):
+                r = self._netns("nflr")
+                # made inside the router namespace, its peer moved straight into the collector's
+                r.run(*f"ip link add up0 type veth peer name r{i} netns {self.collector.name}".split())
+                r.run("ip", "addr", "add", f"{router_address(i)}/30", "dev", "up0")
+                r.run("ip", "link", "set", "up0", "up")
+                self.collector.run("ip", "addr", "add", f"10.77.{i}.2/30", "dev", f"r{i}")
+                self.collector.run("ip", "link", "set", f"r{i}", "up")
+                r.log_rule(1, match=f"udp dport {UDP_PORT}")
+                self.routers.append(r)
+        except BaseException:
+            self.close()
+            raise
+
+    def _netns(self, prefix: str) -> NetNS:
+        ns = NetNS(prefix)
+        self.namespaces.append(ns)
+        return ns
+
+    def close(self) -> None:
+        for ns in reversed(self.namespaces):  # a veth pair goes with either of its namespaces
+            ns.close()
+
+
+@pytest.fixture
+def lab():
+    made: list[Lab] = []
+
+    def make(n: int = 3) -> Lab:
+        made.append(Lab(n))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.close()
+
+
+@pytest.fixture
+def ctx():
+    c = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+def daemon(
+    router: NetNS, workdir: Path, i: int, *, groups=(1,), publish: dict | None = None
+) -> NflogdProcess:
+    """nflogd in ``router`` as node router<i>, publishing on its veth address only."""
+    publish = publish or {"bind": [router_endpoint(i)], "insecure": True}
+    return NflogdProcess(
+        router, workdir / f"router{i}", groups=groups, node=f"router{i}", extra={"publish": publish}
+    )
+
+
+def wait_until(pred, what: str, timeout: float = WAIT):
+    deadline = time.monotonic() + timeout
+    while not (value := pred()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+    return value
+
+
+def subscribed(d: NflogdProcess, topic: str = "(all)", times: int = 1, via: str = "") -> None:
+    """Wait until the daemon (or relay) has logged ``times`` subscriptions to ``topic``."""
+    line = f"DEBUG: subscribe {topic!r}{via}"
+    wait_until(lambda: d.stderr.count(line) >= times, f"{d.workdir.name}: {line} x{times}\n{d.stderr}")
+
+
+class Reader(threading.Thread):
+    """Owns some Subscribers from start() on and keeps every batch they receive, per client."""
+
+    def __init__(self, subs: list[Subscriber]):
+        super().__init__(daemon=True)
+        self.subs = subs
+        self.batches: list[list] = [[] for _ in subs]
+        self._done = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        for sub in self.subs:
+            poller.register(sub.socket, zmq.POLLIN)
+        try:
+            while not self._done.is_set():
+                poller.poll(50)
+                for sub, out in zip(self.subs, self.batches):
+                    while (batch := sub.recv_batch(timeout=0)) is not None:
+                        out.append(batch)
+        except BaseException as e:  # pragma: no cover - reported by stop()
+            self.error = e
+
+    def payloads(self, client: int, node: str) -> list[bytes]:
+        """UDP payloads (after the 20-byte IPv4 and 8-byte UDP headers) of ``node``'s packets."""
+        return [p.data[28:] for b in list(self.batches[client]) if b.node == node for p in b.packets]
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(WAIT)
+        if self.error is not None:
+            raise self.error
+
+
+def send(router: NetNS, tag: str, n: int, *, chunk: int = 50, pause: float = 0.0) -> list[bytes]:
+    """Send ``n`` datagrams ``tag-k`` in the router, ``chunk`` at a time with ``pause`` between."""
+    payloads = [f"{tag}-{k}".encode() for k in range(n)]
+    for k in range(0, n, chunk):
+        router.send_udp(payloads[k : k + chunk], port=UDP_PORT)
+        if pause:
+            time.sleep(pause)
+    return payloads
+
+
+def sync(lab: Lab, reader: Reader, nodes: list[str]) -> None:
+    """Probe every router until each client has a packet from each node: the whole path is up,
+    every client's subscription included (a relay reports only a topic's first one)."""
+
+    def done() -> bool:
+        return all(reader.payloads(c, n) for c in range(len(reader.subs)) for n in nodes)
+
+    deadline = time.monotonic() + WAIT
+    while not done():
+        assert time.monotonic() < deadline, "probes did not reach every client"
+        for r in lab.routers:
+            r.send_udp([b"probe"], port=UDP_PORT)
+        time.sleep(0.05)
+
+
+def contiguous(batches) -> None:
+    """Within each epoch, each message starts where the previous one ended."""
+    expected: dict[int, int] = {}
+    for b in batches:
+        if b.epoch in expected:
+            assert b.first_seq == expected[b.epoch], f"gap in {b.node} epoch {b.epoch}: {b!r}"
+        expected[b.epoch] = b.next_seq
+
+
+# -- fan-in, fan-out, and a restart -----------------------------------------------------------------
+
+
+def test_every_packet_arrives_once_at_each_client_and_a_restart_is_one_nodes_gap(lab, tmp_path):
+    lab = lab(3)
+    nodes = ["router1", "router2", "router3"]
+    daemons = [daemon(r, tmp_path, i) for i, r in enumerate(lab.routers, 1)]
+    relay = RelayProcess(lab.collector, tmp_path / "relay", upstreams=[router_endpoint(i) for i in (1, 2, 3)])
+    contexts: list[zmq.Context] = []
+    try:
+        for d in daemons:
+            d.start()
+        relay.start()
+        ctx = zmq.Context()
+        contexts.append(ctx)
+        # two clients of the relay, over ipc; a third connected to the three daemons directly
+        # (tcp on the veths: its ZeroMQ threads start inside the collector namespace)
+        clients = [Subscriber(relay.endpoint, context=ctx) for _ in range(2)]
+        with lab.collector.entered():
+            direct_ctx = zmq.Context()
+            contexts.append(direct_ctx)
+            clients.append(Subscriber([router_endpoint(i) for i in (1, 2, 3)], context=direct_ctx))
+        for d in daemons:
+            subscribed(d, times=2)  # the relay passed its clients' subscription on; the direct client's
+        reader = Reader(clients)
+        reader.start()
+        sync(lab, reader, nodes)
+        sent: dict[str, list[bytes]] = {}
+
+        # router1 and router3 send all along, router2 is restarted in the middle
+        def stream(i: int) -> None:
+            sent[nodes[i - 1]] = send(lab.routers[i - 1], f"r{i}", 1500, pause=0.04)
+
+        senders = [threading.Thread(target=stream, args=(i,)) for i in (1, 3)]
+        for t in senders:
+            t.start()
+        r2 = lab.routers[1]
+        before = send(r2, "r2a", 300, pause=0.02)
+        for c in range(len(clients)):
+            wait_until(lambda c=c: set(before) <= set(reader.payloads(c, "router2")), "router2's first run")
+        daemons[1].stop()
+        down = send(r2, "r2down", 100)  # nobody has the group: the kernel logs them to no one
+        daemons[1].start()
+        unsure = send(r2, "r2b", 100)  # before the new run has its subscribers: received or lost
+        subscribed(daemons[1], times=4)  # the relay and the direct client, both runs
+        after = send(r2, "r2c", 300, pause=0.02)
+        for t in senders:
+            t.join(WAIT)
+        for c in range(len(clients)):
+            for node in nodes:
+                want = set(sent.get(node, ())) | (set(after) if node == "router2" else set())
+                wait_until(lambda c=c, node=node, want=want: want <= set(reader.payloads(c, node)), node)
+        reader.stop()
+
+        for c, sub in enumerate(clients):
+            for node in ("router1", "router3"):
+                got = [p for p in reader.payloads(c, node) if p != b"probe"]
+                assert Counter(got) == Counter(sent[node]), f"client {c}, {node}: not each packet once"
+                batches = [b for b in reader.batches[c] if b.node == node]
+                assert len({b.epoch for b in batches}) == 1
+                contiguous(batches)
+                assert sub.lost[(node, 1)] == 0
+            got2 = [p for p in reader.payloads(c, "router2") if p != b"probe"]
+            assert Counter(got2).most_common(1)[0][1] == 1, "a packet of router2 arrived twice"
+            assert set(before) | set(after) <= set(got2)
+            assert not set(down) & set(got2)
+            batches2 = [b for b in reader.batches[c] if b.node == "router2"]
+            assert len({b.epoch for b in batches2}) == 2
+            contiguous(batches2)
+            # the restart is router2's alone: one restart, and as lost exactly the packets of the
+            # new run that went out before this client was subscribed again
+            assert sub.restarts == 1
+            assert sub.lost[("router2", 1)] == len(unsure) - len(set(unsure) & set(got2))
+            assert sub.total_lost == sub.lost[("router2", 1)]
+            assert sub.malformed == 0
+
+        m = relay.scrape()
+        for i in (1, 2, 3):
+            label = (("upstream", router_endpoint(i)),)
+            assert m[("nflogd_relay_upstream_up", label)] == 1
+            assert m[("nflogd_relay_upstream_connects_total", label)] == (2 if i == 2 else 1)
+            assert m[("nflogd_relay_messages_total", label)] > 0
+        assert m[("nflogd_relay_subscribers", ())] == 2
+        assert "upstream tcp://10.77.2.1:5555: disconnected" in relay.stderr
+    finally:
+        relay.stop()
+        for d in daemons:
+            d.stop()
+        for c in contexts:
+            c.destroy(linger=0)
+    assert relay.returncode == 0, relay.stderr
+
+
+# -- filtering at the source ------------------------------------------------------------------------
+
+
+def test_subscriptions_reach_the_daemon_and_other_groups_stay_there(lab, tmp_path, ctx):
+    lab = lab(1)
+    router = lab.routers[0]
+    router.log_rule(5, match="udp dport 9995")
+    router.log_rule(6, match="udp dport 9996")
+    nobody = f"ipc://{tmp_path}/nobody.sock"
+    with (
+        daemon(router, tmp_path, 1, groups=[5, 6]) as d,
+        RelayProcess(lab.collector, tmp_path / "relay", upstreams=[router_endpoint(1), nobody]) as relay,
+    ):
+        sub = Subscriber(relay.endpoint, groups=[5], context=ctx)
+        subscribed(d, "0005")
+        subscribed(relay, "0005")
+        router.send_udp([b"six"] * 20, port=9996)
+        wait_until(lambda: d.metric("nflogd_packets_total", group="6") == 20, "group 6 captured")
+        router.send_udp([b"five"] * 20, port=9995)
+        batches = []
+        while sum(len(b.packets) for b in batches) < 20:
+            batch = sub.recv_batch(timeout=WAIT)
+            assert batch is not None, f"got {batches}"
+            batches.append(batch)
+        assert {b.group for b in batches} == {5}
+        assert sub.recv_batch(timeout=0.2) is None
+
+        m = relay.scrape()
+        up = (("upstream", router_endpoint(1)),)
+        down = (("upstream", nobody),)
+        # the relay received what the client did: group 6 never left the router
+        assert m[("nflogd_relay_messages_total", up)] == len(batches)
+        assert m[("nflogd_relay_bytes_total", up)] > 20 * 72
+        assert m[("nflogd_relay_messages_total", down)] == 0
+        assert (m[("nflogd_relay_upstream_up", up)], m[("nflogd_relay_upstream_up", down)]) == (1, 0)
+        assert m[("nflogd_relay_upstream_connects_total", up)] == 1
+        assert m[("nflogd_relay_upstream_handshake_failures_total", up)] == 0
+        assert m[("nflogd_relay_subscribers", ())] == 1
+        assert m[("nflogd_relay_subscribed_topics", ())] == 1
+        assert ("nflogd_relay_build_info", (("version", "0.1.0"),)) in m
+
+        sub.close()  # the last subscriber gone: the daemon hears the unsubscription
+        wait_until(lambda: "DEBUG: unsubscribe '0005'" in d.stderr, "the unsubscription")
+        wait_until(lambda: relay.metric("nflogd_relay_subscribed_topics") == 0, "no topics")
+
+
+# -- CURVE on both sides ----------------------------------------------------------------------------
+
+
+def test_curve_upstream_and_downstream(lab, tmp_path):
+    lab = lab(1)
+    router = lab.routers[0]
+    keys, clients_dir, relays_dir = tmp_path / "keys", tmp_path / "clients", tmp_path / "relays"
+    for d in (keys, clients_dir, relays_dir):
+        d.mkdir()
+
+    def keypair(name: str) -> tuple[str, str]:
+        public, secret = zmq.auth.create_certificates(keys, name)
+        return str(public), str(secret)
+
+    router_key, router_secret = keypair("router")
+    relay_key, relay_secret = keypair("relay")
+    stranger_key, stranger_secret = keypair("stranger")
+    alice_key, alice_secret = keypair("alice")
+    shutil.copy(relay_key, relays_dir)  # the router admits the relay...
+    shutil.copy(alice_key, clients_dir)  # ...and the relay admits alice; nobody knows the stranger
+    publish = {
+        "bind": [router_endpoint(1), router_endpoint(1, PORT + 1)],
+        "curve": {"secret_key_file": router_secret, "authorized_keys_dir": str(relays_dir)},
+    }
+    upstreams = [
+        {"endpoint": router_endpoint(1), "server_public_key": router_key,
+         "client_secret_key_file": relay_secret},
+        {"endpoint": router_endpoint(1, PORT + 1), "server_public_key": router_key,
+         "client_secret_key_file": stranger_secret},  # the router does not hold this key
+    ]  # fmt: skip
+    relay_publish = {
+        "bind": ["tcp://127.0.0.1:5556"],
+        "curve": {"secret_key_file": relay_secret, "authorized_keys_dir": str(clients_dir)},
+    }
+    with (
+        daemon(router, tmp_path, 1, publish=publish) as d,
+        RelayProcess(
+            lab.collector, tmp_path / "relay", upstreams=upstreams, extra={"publish": relay_publish}
+        ) as relay,
+        lab.collector.entered(),
+    ):
+        ctx = zmq.Context()  # its threads live in the collector namespace, where 127.0.0.1:5556 is
+        try:
+            alice = Subscriber("tcp://127.0.0.1:5556", context=ctx, server_public_key=relay_key,
+                               client_secret_key_file=alice_secret)  # fmt: skip
+            stranger = Subscriber("tcp://127.0.0.1:5556", context=ctx, server_public_key=relay_key,
+                                  client_secret_key_file=stranger_secret)  # fmt: skip
+            subscribed(d, via=" (CURVE)")
+            got = []
+            deadline = time.monotonic() + WAIT
+            while not got:
+                assert time.monotonic() < deadline, relay.stderr
+                router.send_udp([b"secret"], port=UDP_PORT)
+                got = [p for p in iter(lambda: alice.recv(timeout=0.1), None)]
+            assert got[0].node == "router1" and got[0].data[28:] == b"secret"
+            assert stranger.recv(timeout=0.3) is None  # refused at the relay's handshake
+            stranger.close()
+            alice.close()
+        finally:
+            ctx.destroy(linger=0)
+        m = relay.scrape()
+        good = (("upstream", router_endpoint(1)),)
+        bad = (("upstream", router_endpoint(1, PORT + 1)),)
+        assert (m[("nflogd_relay_upstream_up", good)], m[("nflogd_relay_upstream_up", bad)]) == (1, 0)
+        assert m[("nflogd_relay_upstream_handshake_failures_total", bad)] >= 1
+        assert m[("nflogd_relay_upstream_handshake_failures_total", good)] == 0
+    assert relay.stderr.count(f"WARNING: upstream {router_endpoint(1, PORT + 1)}: handshake failed") == 1
+
+
+# -- reload -----------------------------------------------------------------------------------------
+
+
+def test_sighup_adds_and_removes_upstreams(lab, tmp_path, ctx):
+    lab = lab(2)
+    with (
+        daemon(lab.routers[0], tmp_path, 1) as d1,
+        daemon(lab.routers[1], tmp_path, 2) as d2,
+        RelayProcess(lab.collector, tmp_path / "relay", upstreams=[router_endpoint(1)]) as relay,
+    ):
+        sub = Subscriber(relay.endpoint, context=ctx)
+        subscribed(d1)
+        relay.write_config({**relay.config, "upstreams": [router_endpoint(2)]})
+        assert "last reload failed" not in relay.reload().get("STATUS", "")
+        subscribed(d2)  # the new upstream got the subscription in force
+        wait_until(lambda: d1.metric("nflogd_subscribers") == 0, "router1 to lose the relay")
+        lab.routers[1].send_udp([b"hello"], port=UDP_PORT)
+        pkt = sub.recv(timeout=WAIT)
+        assert pkt is not None and pkt.node == "router2"
+        m = relay.scrape()
+        assert ("nflogd_relay_upstream_up", (("upstream", router_endpoint(1)),)) not in m
+        relay.write_config({**relay.config, "metrics": {"listen": "127.0.0.1:9479"}})
+        assert "metrics: a change needs a restart" in relay.reload()["STATUS"]
+        sub.close()
+
+
+# -- command line and service -----------------------------------------------------------------------
+
+
+def run_cli(*args: str, module: bool = False) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "nflogd.relay"] if module else relay_command()
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=30, cwd=REPO)
+
+
+@pytest.mark.parametrize("module", [False, True], ids=["script", "python-m"])
+def test_check_documented_config(module):
+    res = run_cli("--check", "-c", str(REPO / "etc" / "nflogd-relay.yaml"), module=module)
+    assert (res.returncode, res.stderr, res.stdout) == (0, "", "")
+
+
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        ("upstreams: []\n", "upstreams: must not be empty"),
+        ("upstreams: [tcp://a:1\n", "invalid YAML"),
+        ("upstreams: [{endpoint: tcp://a:1, server_public_key: /no.key, client_secret_key_file: /k}]\n",
+         "upstreams[0].server_public_key: cannot read /no.key"),
+        (None, "cannot read"),
+    ],
+    ids=["empty", "yaml", "key-file", "missing-file"],
+)  # fmt: skip
+def test_check_bad_config(tmp_path, text, expect):
+    path = tmp_path / "relay.yaml"
+    if text is not None:
+        path.write_text(text)
+    res = run_cli("--check", "-c", str(path))
+    assert res.returncode == 2
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nflogd-relay: ") and expect in lines[0], res.stderr
+    assert res.stdout == ""
+
+
+def test_endpoint_in_use_exits_1(tmp_path):
+    busy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # another process serving the path
+    try:
+        busy.bind(str(tmp_path / "busy.sock"))
+        busy.listen()
+        path = tmp_path / "relay.yaml"
+        path.write_text(
+            f"upstreams: [ipc://{tmp_path}/none.sock]\n"
+            f"publish: {{bind: 'ipc://{tmp_path}/busy.sock'}}\nmetrics: {{listen: null}}\n"
+        )
+        res = run_cli("-c", str(path))
+    finally:
+        busy.close()
+    assert res.returncode == 1
+    assert res.stderr.splitlines()[-1] == (
+        f"nflogd-relay: publish.bind: ipc://{tmp_path}/busy.sock: another process is serving this path"
+    )
+
+
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "[")) and "=" in line:
+            key, value = line.split("=", 1)
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def test_unit_runs_without_any_capability():
+    s = unit_settings(REPO / "systemd" / "nflogd-relay.service")
+    expect = {
+        "Type": "notify", "ExecStart": "/usr/bin/nflogd-relay -c /etc/nflogd-relay.yaml",
+        "ExecReload": "/bin/kill -HUP $MAINPID", "User": "nflogd-relay", "Group": "nflog",
+        "CapabilityBoundingSet": "", "RuntimeDirectory": "nflogd-relay", "NoNewPrivileges": "yes",
+        "MemoryDenyWriteExecute": "yes", "PrivateUsers": "yes",
+    }  # fmt: skip
+    assert {k: s.get(k, [None])[-1] for k in expect} == expect
+    assert "AmbientCapabilities" not in s
+    daemon_unit = unit_settings(REPO / "systemd" / "nflogd.service")
+    shared = {k for k in daemon_unit if k.startswith(("Protect", "Restrict", "Private", "Lock", "System"))}
+    missing = {k for k in shared if k not in s}
+    assert not missing, f"the daemon's hardening the relay lacks: {missing}"
+
+
+def test_systemd_analyze_verify(tmp_path):
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    if not NFLOGD_RELAY.exists():
+        pytest.skip(f"{NFLOGD_RELAY} is not installed; verify checks that ExecStart exists")
+    text = (REPO / "systemd" / "nflogd-relay.service").read_text()
+    unit = tmp_path / "nflogd-relay.service"
+    unit.write_text(text.replace("ExecStart=/usr/bin/nflogd-relay ", f"ExecStart={NFLOGD_RELAY} ", 1))
+    res = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    complaints = [line for line in res.stderr.splitlines() if "nflogd" in line]
+    assert res.returncode == 0 and not complaints, res.stderr
+
+
+def test_sysusers_creates_the_relay_user_in_group_nflog(tmp_path):
+    exe = shutil.which("systemd-sysusers")
+    if exe is None:
+        pytest.skip("systemd-sysusers is not installed (Debian package systemd)")
+    (tmp_path / "etc").mkdir()
+    conf = REPO / "systemd" / "nflogd-relay.sysusers"
+    res = subprocess.run([exe, f"--root={tmp_path}", str(conf)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    users = {
+        row.split(":")[0]: row.split(":") for row in (tmp_path / "etc" / "passwd").read_text().splitlines()
+    }
+    groups = {
+        row.split(":")[0]: row.split(":") for row in (tmp_path / "etc" / "group").read_text().splitlines()
+    }
+    assert users["nflogd-relay"][3] == groups["nflog"][2]
