@@ -89,6 +89,10 @@ UPSTREAM_HWM = 10_000
 HEARTBEAT_IVL_MS = 5_000
 HEARTBEAT_TIMEOUT_MS = 15_000
 
+# Plain ints: pyzmq converts its enum flags on every call.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+
 _MONITOR_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_DISCONNECTED
@@ -145,20 +149,33 @@ class Upstream:
         log.info("upstream %s: connecting%s", self.endpoint, " (CURVE)" if settings.curve else "")
 
     def forward(self, outs: list[zmq.Socket]) -> None:
-        """Pass up to BURST queued messages to every socket of ``outs``, frames as received."""
-        recv = self.socket.recv_multipart
+        """Pass up to BURST queued messages to every socket of ``outs``, frames as received.
+
+        Frame by frame with ``Frame.more``: a third of the CPU time of recv_multipart() and
+        send_multipart() per message (bench/relay.py), the same frames and flags.
+        """
+        recv = self.socket.recv
         for _ in range(BURST):
             try:
-                frames = recv(zmq.NOBLOCK, copy=False)
+                frame = recv(_NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            frames = [frame]
+            size = len(frame)
+            while frame.more:  # a message arrives whole: its other frames are there already
+                frame = recv(_NOBLOCK, copy=False)
+                frames.append(frame)
+                size += len(frame)
+            last = frames.pop()
             for out in outs:
                 try:
-                    out.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                    for f in frames:
+                        out.send(f, _SNDMORE_NOBLOCK, copy=False)
+                    out.send(last, _NOBLOCK, copy=False)
                 except zmq.Again:  # pragma: no cover - XPUB drops per subscriber, never refuses
                     pass
             self.messages += 1
-            self.bytes += sum(map(len, frames))
+            self.bytes += size
 
     def subscription(self, msg: bytes) -> None:
         """Pass on a downstream (un)subscription message."""
