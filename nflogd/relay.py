@@ -35,8 +35,10 @@ a message it drops (a client's queue full at ``publish.hwm``, an upstream queue 
 Upstream state comes from each XSUB's socket monitor: up at ``EVENT_HANDSHAKE_SUCCEEDED``
 (the ZMTP handshake, CURVE's included, is done), down at ``EVENT_DISCONNECTED``; a refused
 handshake (wrong ``server_public_key``, a client key the daemon does not hold) is counted and
-logged once until the next success. ZeroMQ reconnects by itself; heartbeats
-(``HEARTBEAT_IVL_MS``) find a daemon that vanished without closing its connection.
+logged once until the next success. ZeroMQ reconnects by itself, except after a refusal: then
+the relay connects again every ``AUTH_RETRY_S`` seconds, so that a daemon given the relay's key
+and reloaded is joined without a relay restart. Heartbeats (``HEARTBEAT_IVL_MS``) find a daemon
+that vanished without closing its connection.
 
 SIGHUP rereads the config: upstreams added, removed or with new keys are connected or closed
 (the others keep their connections), ``publish.bind`` and ``publish.hwm`` are applied as the
@@ -60,6 +62,7 @@ from collections import Counter
 from typing import Callable
 
 import zmq
+from nflogd_client.subscriber import AUTH_RETRY_S
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector as _Collector
 from prometheus_client.registry import CollectorRegistry
@@ -123,6 +126,8 @@ class Upstream:
         self.messages = 0
         self.bytes = 0
         self._failing = False  # a failure was logged; the next one is only counted
+        #: When to connect again after failed handshakes (monotonic seconds), or None.
+        self.retry_at: float | None = None
         self.socket = ctx.socket(zmq.XSUB)
         self.monitor: zmq.Socket | None = None
         try:
@@ -195,6 +200,7 @@ class Upstream:
                 self.up = True
                 self.connects += 1
                 self._failing = False
+                self.retry_at = None
                 log.info("upstream %s: connected", self.endpoint)
             elif kind == zmq.EVENT_DISCONNECTED:
                 if self.up:
@@ -202,9 +208,22 @@ class Upstream:
                 self.up = False
             elif kind in _HANDSHAKE_FAILED:
                 self.handshake_failures += 1
+                # libzmq gives up on a connection the daemon refused; after the other failures it
+                # retries by itself, and each new one moves this on: it fires once they stop
+                self.retry_at = time.monotonic() + AUTH_RETRY_S
                 level = logging.DEBUG if self._failing else logging.WARNING
                 self._failing = True
                 log.log(level, "upstream %s: handshake failed: %s", self.endpoint, _HANDSHAKE_FAILED[kind])
+
+    def reconnect(self) -> None:
+        """Connect again (``retry_at`` passed); the subscriptions are sent again on connect."""
+        self.retry_at = None
+        try:
+            self.socket.disconnect(self.endpoint)
+        except zmq.ZMQError:
+            pass  # libzmq already dropped it
+        self.socket.connect(self.endpoint)
+        log.debug("upstream %s: connecting again", self.endpoint)
 
     def close(self) -> None:
         if self.monitor is not None:
@@ -302,6 +321,7 @@ class Relay:
         self.metrics_server: MetricsServer | None = None
         self.poller = zmq.Poller()
         self._handlers: dict[object, Callable[[], None]] = {}
+        self._retries: dict[str, Upstream] = {}  # endpoint -> upstream with a retry_at
         self._stop = False
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
@@ -361,10 +381,18 @@ class Relay:
     def _open_upstream(self, settings) -> Upstream:
         up = Upstream(self.ctx, settings, self.topics)
         self._watch(up.socket, lambda: up.forward(self.publisher.sockets))
-        self._watch(up.monitor, up.handle_monitor)
+        self._watch(up.monitor, lambda: self._handle_monitor(up))
         return up
 
+    def _handle_monitor(self, up: Upstream) -> None:
+        up.handle_monitor()
+        if up.retry_at is None:
+            self._retries.pop(up.endpoint, None)
+        else:
+            self._retries[up.endpoint] = up
+
     def _close_upstream(self, up: Upstream) -> None:
+        self._retries.pop(up.endpoint, None)
         for sock in (up.socket, up.monitor):
             if sock is not None:
                 self._handlers.pop(sock, None)
@@ -382,15 +410,22 @@ class Relay:
         interval = self.notifier.watchdog_interval
         next_wd = time.monotonic() + interval if interval else None
         handlers = self._handlers
+        retries = self._retries
         while not self._stop:
-            if next_wd is None:
-                timeout = None
-            else:
-                timeout = max(0, math.ceil((next_wd - time.monotonic()) * 1000))
+            wake = [u.retry_at for u in retries.values()]
+            if next_wd is not None:
+                wake.append(next_wd)
+            timeout = None if not wake else max(0, math.ceil((min(wake) - time.monotonic()) * 1000))
             for obj, _ in self.poller.poll(timeout):
                 handler = handlers.get(obj)  # None: closed by a reload earlier this turn
                 if handler is not None:
                     handler()
+            if retries:
+                now = time.monotonic()
+                for endpoint, up in list(retries.items()):
+                    if up.retry_at is not None and up.retry_at <= now:
+                        del retries[endpoint]
+                        up.reconnect()
             if next_wd is not None and time.monotonic() >= next_wd:
                 self.notifier.watchdog()
                 next_wd = time.monotonic() + interval

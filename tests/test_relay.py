@@ -386,6 +386,12 @@ def test_curve_upstream_and_downstream(lab, tmp_path):
         assert (m[("nflogd_relay_upstream_up", good)], m[("nflogd_relay_upstream_up", bad)]) == (1, 0)
         assert m[("nflogd_relay_upstream_handshake_failures_total", bad)] >= 1
         assert m[("nflogd_relay_upstream_handshake_failures_total", good)] == 0
+        # libzmq gives up after a refusal; the relay retries, and gets in once the router admits it
+        shutil.copy(stranger_key, relays_dir)
+        d.reload()
+        wait_until(
+            lambda: relay.metric("nflogd_relay_upstream_up", upstream=router_endpoint(1, PORT + 1)), "retry"
+        )
     assert relay.stderr.count(f"WARNING: upstream {router_endpoint(1, PORT + 1)}: handshake failed") == 1
 
 
