@@ -47,7 +47,7 @@ run: deps
 	$(VENV)/bin/nflogd -c $(CONFIG)
 
 check: deps
-	$(VENV)/bin/ruff check nflogd client tests bench
+	$(VENV)/bin/ruff check nflogd client tests bench fuzz
 
 test: check
 	$(VPY) -m pytest -q -p no:cacheprovider tests
