@@ -8,8 +8,10 @@ import time
 
 import pytest
 import zmq
+import zmq.auth
 from nflogd_client import DEFAULT_ENDPOINT, Subscriber, wire
 from nflogd_client.wire import Batch, Packet
+from zmq.auth.thread import ThreadAuthenticator
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -19,12 +21,19 @@ WAIT = 10.0  # seconds a test waits for something that should arrive at once
 class Publisher:
     """An XPUB socket standing in for the daemon's feed."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, node: str = "r1", epoch: int = 1):
+    def __init__(
+        self, ctx: zmq.Context, endpoint: str, node: str = "r1", epoch: int = 1, secret_key_file=None
+    ):
         self.endpoint = endpoint
         self.node = node
         self.epoch = epoch
         self.socket = ctx.socket(zmq.XPUB)
         self.socket.setsockopt(zmq.XPUB_VERBOSE, 1)  # every subscription, not only each topic's first
+        if secret_key_file is not None:  # a CURVE server with this key pair
+            public, secret = zmq.auth.load_certificate(secret_key_file)
+            self.socket.curve_server = True
+            self.socket.curve_publickey = public
+            self.socket.curve_secretkey = secret
         self.socket.bind(endpoint)
         self.subscriptions: list[bytes] = []
 
@@ -369,6 +378,49 @@ def test_several_endpoints_are_merged_with_separate_accounting(publisher, subscr
     assert [p.seq for p in got if p.node == "b"] == [*range(30), 35]
     assert sub.lost == {("a", 5): 10, ("b", 5): 35}
     assert sub.restarts == 1
+
+
+def test_several_curve_endpoints_each_with_its_daemons_key(ctx, publisher, subscriber, tmp_path):
+    auth = ThreadAuthenticator(ctx)  # admits every client key: the daemons' side is not tested here
+    auth.start()
+    auth.configure_curve(domain="*", location=zmq.auth.CURVE_ALLOW_ANY)
+    try:
+        keys = {name: zmq.auth.create_certificates(tmp_path, name) for name in ("a", "b", "client")}
+        a = publisher("a", node="a", secret_key_file=keys["a"][1])
+        b = publisher("b", node="b", secret_key_file=keys["b"][1])
+        b_key = zmq.auth.load_certificate(keys["b"][0])[0]
+        sub = subscriber(
+            [a.endpoint, b.endpoint],
+            5,
+            server_public_key={a.endpoint: keys["a"][0], b.endpoint: b_key},  # a file, the Z85 text
+            client_secret_key_file=keys["client"][1],
+        )
+        a.wait_subscribed(wire.topic(5))
+        b.wait_subscribed(wire.topic(5))
+        a.send(5, 0, 3)
+        b.send(5, 0, 2)
+        got = recv_n(sub, 5)
+        assert sorted((p.node, p.seq) for p in got) == [("a", 0), ("a", 1), ("a", 2), ("b", 0), ("b", 1)]
+        assert sub.lost == {("a", 5): 0, ("b", 5): 0}
+        secret = keys["client"][1]
+        with pytest.raises(ValueError, match=f"server_public_key: no key for {b.endpoint}"):
+            subscriber(
+                [a.endpoint, b.endpoint], server_public_key={a.endpoint: b_key}, client_secret_key_file=secret
+            )
+        with pytest.raises(ValueError, match="'tcp://x:1': not one of the endpoints"):
+            subscriber(
+                a.endpoint,
+                server_public_key={a.endpoint: b_key, "tcp://x:1": b_key},
+                client_secret_key_file=secret,
+            )
+        with pytest.raises(
+            ValueError, match=rf"server_public_key\['{a.endpoint}'\]: cannot read /nonexistent"
+        ):
+            subscriber(
+                a.endpoint, server_public_key={a.endpoint: "/nonexistent"}, client_secret_key_file=secret
+            )
+    finally:
+        auth.stop()
 
 
 # -- construction and lifetime --------------------------------------------------------------------

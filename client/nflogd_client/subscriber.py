@@ -36,12 +36,19 @@ file, which ``nflogd-keygen DIR NAME`` writes::
     Subscriber("tcp://r1:5555", server_public_key="/etc/nflogd/curve/r1.key",  # or its Z85 text
                client_secret_key_file="/home/alice/.curve/alice.key_secret")
 
-The keys apply to every endpoint of the Subscriber, so give it the CURVE endpoints of one
-daemon (its ipc endpoints stay without CURVE); use one Subscriber per daemon key. A client
-whose key the daemon does not hold is refused at the handshake and receives nothing. libzmq
-gives up on a connection the daemon refused, so the Subscriber logs one warning per endpoint,
-counts ``refused`` and connects again every ``AUTH_RETRY_S`` seconds while ``recv()`` waits:
-once the operator adds the key and reloads the daemon, the client gets in by itself.
+Every endpoint of the Subscriber then uses CURVE (a daemon's ipc endpoints stay without it).
+To merge several daemons, each with its own key, map each endpoint to its daemon's key::
+
+    Subscriber(["tcp://r1:5555", "tcp://r2:5555"],
+               server_public_key={"tcp://r1:5555": "/etc/nflogd/curve/r1.key",
+                                  "tcp://r2:5555": "/etc/nflogd/curve/r2.key"},
+               client_secret_key_file="/home/alice/.curve/alice.key_secret")
+
+A client whose key the daemon does not hold is refused at the handshake and receives
+nothing. libzmq gives up on a connection the daemon refused, so the Subscriber logs one
+warning per endpoint, counts ``refused`` and connects again every ``AUTH_RETRY_S`` seconds
+while ``recv()`` waits: once the operator adds the key and reloads the daemon, the client
+gets in by itself.
 
 To wait on several sockets, register ``sub.socket`` with a ``zmq.Poller``, but call
 ``recv()`` while ``sub.pending()`` is non-zero first: packets already received do not make
@@ -54,7 +61,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import zmq
 
@@ -105,8 +112,10 @@ def _topics(groups: int | Iterable[int] | None) -> list[bytes]:
     return topics
 
 
-def _curve_keys(server_public_key, client_secret_key_file) -> tuple[bytes, bytes, bytes] | None:
-    """(server public, client public, client secret) in Z85, or None without CURVE."""
+def _curve_keys(
+    endpoints: list[str], server_public_key, client_secret_key_file
+) -> tuple[dict[str, bytes], bytes, bytes] | None:
+    """({endpoint: its daemon's public key}, client public, client secret) in Z85, or None."""
     if server_public_key is None and client_secret_key_file is None:
         return None
     if server_public_key is None:
@@ -118,15 +127,28 @@ def _curve_keys(server_public_key, client_secret_key_file) -> tuple[bytes, bytes
         )
     if not zmq.has("curve"):
         raise ValueError("server_public_key: this libzmq was built without CURVE support")
-    try:
-        server = curve.public_key(server_public_key)
-    except curve.KeyFileError as e:
-        raise curve.KeyFileError(f"server_public_key: {e}") from None
+    if isinstance(server_public_key, Mapping):
+        missing = [e for e in endpoints if e not in server_public_key]
+        if missing:
+            raise ValueError(f"server_public_key: no key for {', '.join(missing)}")
+        extra = [e for e in server_public_key if e not in endpoints]
+        if extra:
+            raise ValueError(f"server_public_key: {', '.join(map(repr, extra))}: not one of the endpoints")
+        servers = {e: _server_key(f"server_public_key[{e!r}]", server_public_key[e]) for e in endpoints}
+    else:
+        servers = dict.fromkeys(endpoints, _server_key("server_public_key", server_public_key))
     try:
         public, secret = curve.keypair(client_secret_key_file)
     except curve.KeyFileError as e:
         raise curve.KeyFileError(f"client_secret_key_file: {e}") from None
-    return server, public, secret
+    return servers, public, secret
+
+
+def _server_key(what: str, value) -> bytes:
+    try:
+        return curve.public_key(value)
+    except curve.KeyFileError as e:
+        raise curve.KeyFileError(f"{what}: {e}") from None
 
 
 class Subscriber:
@@ -137,10 +159,10 @@ class Subscriber:
     several, or ``None`` for all. ``context``: a ``zmq.Context`` (default: the process-wide
     instance). ``rcvhwm``: messages (kernel batches) queued in this process before ZeroMQ
     drops more; the daemon also queues up to its own high-water mark for each subscriber.
-    ``server_public_key``: the daemon's public key, a ``.key`` file or its 40 Z85 characters;
-    ``client_secret_key_file``: this client's ``NAME.key_secret`` file. Both or neither; with
-    them every connection uses CURVE. A key that cannot be read raises
-    ``curve.KeyFileError`` (a ``ValueError``) naming the file.
+    ``server_public_key``: the daemon's public key, a ``.key`` file or its 40 Z85 characters,
+    or a mapping from each endpoint to its daemon's key; ``client_secret_key_file``: this
+    client's ``NAME.key_secret`` file. Both or neither; with them every connection uses CURVE.
+    A key that cannot be read raises ``curve.KeyFileError`` (a ``ValueError``) naming the file.
     """
 
     def __init__(
@@ -150,12 +172,12 @@ class Subscriber:
         *,
         context: zmq.Context | None = None,
         rcvhwm: int = 100_000,
-        server_public_key: str | bytes | os.PathLike[str] | None = None,
+        server_public_key: str | bytes | os.PathLike[str] | Mapping[str, str | bytes] | None = None,
         client_secret_key_file: str | os.PathLike[str] | None = None,
     ):
         self.endpoints = _endpoints(endpoints)
         topics = _topics(groups)
-        keys = _curve_keys(server_public_key, client_secret_key_file)
+        keys = _curve_keys(self.endpoints, server_public_key, client_secret_key_file)
         ctx = context if context is not None else zmq.Context.instance()
         #: The SUB socket, for a ``zmq.Poller``.
         self.socket = ctx.socket(zmq.SUB)
@@ -163,14 +185,14 @@ class Subscriber:
         self._monitor: zmq.Socket | None = None
         self._poller: zmq.Poller | None = None
         self._retry: dict[str, float] = {}  # endpoint -> when to connect again
+        self._server_keys: dict[str, bytes] = {}  # endpoint -> its daemon's key (CURVE)
         self._warned: set[str] = set()
         #: Times a daemon refused this client's CURVE key (counted while ``recv()`` runs).
         self.refused = 0
         try:
             self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
             if keys is not None:
-                server, public, secret = keys
-                self.socket.setsockopt(zmq.CURVE_SERVERKEY, server)
+                self._server_keys, public, secret = keys
                 self.socket.setsockopt(zmq.CURVE_PUBLICKEY, public)
                 self.socket.setsockopt(zmq.CURVE_SECRETKEY, secret)
                 self._monitor = self.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -180,7 +202,7 @@ class Subscriber:
             for t in topics:
                 self.socket.setsockopt(zmq.SUBSCRIBE, t)
             for e in self.endpoints:
-                self.socket.connect(e)
+                self._connect(e)
         except BaseException:
             self._close_monitor()
             self.socket.close(linger=0)
@@ -328,7 +350,15 @@ class Subscriber:
                 self.socket.disconnect(endpoint)
             except zmq.ZMQError:
                 pass  # libzmq already dropped it
-            self.socket.connect(endpoint)
+            self._connect(endpoint)
+
+    def _connect(self, endpoint: str) -> None:
+        """Connect, with CURVE the endpoint's server key set first: libzmq takes the socket's
+        options at connect(), for that connection and its reconnects."""
+        key = self._server_keys.get(endpoint)
+        if key is not None:
+            self.socket.setsockopt(zmq.CURVE_SERVERKEY, key)
+        self.socket.connect(endpoint)
 
     def _close_monitor(self) -> None:
         if self._monitor is not None:
