@@ -46,27 +46,25 @@ new config is applied and the error is logged.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import math
 import os
 import pwd
 import signal
-import socket
-import sys
 import time
 
 import zmq
 from prometheus_client.registry import CollectorRegistry
 
-from . import config, netns, privileges
+from . import config, netns, privileges, service
 from .access import CurveAccess
 from .capture import GroupReader
 from .errors import ConfigError, NamespaceError, NflogdError
 from .metrics import Collector, MetricsServer
 from .publish import Publisher, make_ipc_dirs
 from .sdnotify import Notifier
+from .service import SignalWakeup
 
 __all__ = ["main", "Daemon", "DEFAULT_CONFIG"]
 
@@ -118,21 +116,13 @@ class Daemon:
         self.poller = zmq.Poller()
         self._by_fd: dict = {}  # netlink fd -> GroupReader (the poller reports plain fds as ints)
         self._stop = False
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
-        self._old_handlers: dict = {}
-        self._old_wakeup: int | None = None
+        self._wakeup: SignalWakeup | None = None
 
     # -- start -----------------------------------------------------------------
 
     def install_signals(self) -> None:
-        """SIGTERM/SIGINT/SIGHUP only write their number to a socketpair the loop polls."""
-        self._wake_r, self._wake_w = socket.socketpair()
-        for s in (self._wake_r, self._wake_w):
-            s.setblocking(False)
-        self._old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            self._old_handlers[signum] = signal.signal(signum, _ignore)
+        """SIGTERM/SIGINT/SIGHUP only wake the loop (``service.SignalWakeup``)."""
+        self._wakeup = SignalWakeup()
 
     def start(self) -> None:
         cfg = self.cfg
@@ -155,7 +145,7 @@ class Daemon:
         Collector(self.group_counters, lambda: publisher.subscribers, registry=self.registry)
         if cfg.metrics is not None:
             self.metrics_server = MetricsServer(cfg.metrics.host, cfg.metrics.port, self.registry)
-        self.poller.register(self._wake_r.fileno(), zmq.POLLIN)
+        self.poller.register(self._wakeup.fileno(), zmq.POLLIN)
         for sock in (*publisher.sockets, *publisher.monitors):
             self.poller.register(sock, zmq.POLLIN)
         for reader in self.readers.values():
@@ -215,8 +205,8 @@ class Daemon:
         interval = self.notifier.watchdog_interval
         next_wd = time.monotonic() + interval if interval else None
         publisher = self.publisher
-        assert publisher is not None and self._wake_r is not None
-        wake_fd = self._wake_r.fileno()
+        assert publisher is not None and self._wakeup is not None
+        wake_fd = self._wakeup.fileno()
         feed_sockets, feed_monitors = publisher.sockets, publisher.monitors
         by_fd = self._by_fd
         while not self._stop:
@@ -255,11 +245,7 @@ class Daemon:
             publisher.publish(batch, dropped)
 
     def _handle_signals(self) -> None:
-        try:
-            data = self._wake_r.recv(4096)
-        except BlockingIOError:
-            return
-        signums = set(data)
+        signums = self._wakeup.read()
         if signums & {signal.SIGTERM, signal.SIGINT}:
             name = "SIGTERM" if signal.SIGTERM in signums else "SIGINT"
             log.info("%s: stopping", name)
@@ -434,13 +420,9 @@ class Daemon:
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
-        if self._wake_w is not None:
-            signal.set_wakeup_fd(self._old_wakeup if self._old_wakeup is not None else -1)
-            for signum, handler in self._old_handlers.items():
-                signal.signal(signum, handler)
-            self._wake_r.close()
-            self._wake_w.close()
-            self._wake_r = self._wake_w = None
+        if self._wakeup is not None:
+            self._wakeup.close()
+            self._wakeup = None
         self.notifier.close()
 
 
@@ -458,98 +440,12 @@ def _check_restart_only(old, new) -> None:
         raise NflogdError("publish.ipc_filter_groups: a change needs a restart")
 
 
-def _ignore(signum, frame) -> None:
-    """The handler of SIGTERM/SIGINT/SIGHUP: the wakeup fd carries the signal to the loop."""
-
-
-# -- command line -----------------------------------------------------------------
-
-
-class _Formatter(logging.Formatter):
-    """``LEVEL: message``; under journald also the ``<N>`` priority prefix of sd-daemon(3)."""
-
-    _PRIO = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
-
-    def __init__(self, journal: bool):
-        super().__init__("%(levelname)s: %(message)s")
-        self.journal = journal
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        if self.journal:
-            text = f"<{self._PRIO.get(record.levelname, 6)}>" + text.replace("\n", " ")
-        return text
-
-
-def _stderr_is_journal() -> bool:
-    stream = os.environ.get("JOURNAL_STREAM", "")
-    try:
-        dev, ino = (int(x) for x in stream.split(":"))
-        st = os.fstat(2)
-    except (ValueError, OSError):
-        return False
-    return (st.st_dev, st.st_ino) == (dev, ino)
-
-
-def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(_stderr_is_journal()))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="nflogd", description="Capture NFLOG groups and publish them on a ZeroMQ feed."
-    )
-    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="PATH",
-                   help=f"configuration file (default {DEFAULT_CONFIG})")  # fmt: skip
-    p.add_argument("--check", action="store_true", help="validate the configuration and exit (0 ok, 2 bad)")
-    p.add_argument("--log-level", default="info", metavar="LEVEL", type=str.lower,
-                   choices=["debug", "info", "warning", "error"],
-                   help="debug, info (default), warning or error")  # fmt: skip
-    return p
-
-
-def _fail(message, status: int) -> int:
-    """Print ``nflogd: <message>`` on one line (priority err under journald); return ``status``."""
-    prefix = "<3>" if _stderr_is_journal() else ""
-    text = " ".join(str(message).split())
-    print(f"{prefix}nflogd: {text}", file=sys.stderr, flush=True)
-    return status
-
-
-def _os_text(e: OSError) -> str:
-    where = f"{e.filename}: " if e.filename else ""
-    return f"{where}{e.strerror or e}"
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    _setup_logging(args.log_level)
-    try:
-        cfg = config.load(args.config)
-    except ConfigError as e:
-        return _fail(e, 2)
-    except OSError as e:
-        return _fail(f"{args.config}: {e.strerror or e}", 2)
-    if args.check:
-        return 0
-    daemon = Daemon(cfg, args.config)
-    try:
-        daemon.install_signals()
-        daemon.start()
-        daemon.run()
-    except ConfigError as e:
-        return _fail(e, 2)
-    except NflogdError as e:
-        return _fail(e, 1)
-    except zmq.ZMQError as e:
-        return _fail(f"zmq: {e}", 1)
-    except OSError as e:
-        return _fail(_os_text(e), 1)
-    finally:
-        daemon.close()
-    log.info("stopped")
-    return 0
+    return service.main(
+        argv,
+        prog="nflogd",
+        description="Capture NFLOG groups and publish them on a ZeroMQ feed.",
+        default_config=DEFAULT_CONFIG,
+        load=config.load,
+        make=Daemon,
+    )

@@ -49,13 +49,11 @@ refused as a whole, and an invalid config is logged with the running one kept.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
 import os
 import signal
-import socket
 import sys
 import time
 from collections import Counter
@@ -68,13 +66,14 @@ from prometheus_client.registry import Collector as _Collector
 from prometheus_client.registry import CollectorRegistry
 from zmq.utils.monitor import parse_monitor_message
 
-from . import config
+from . import config, service
 from .access import CurveAccess
-from .daemon import _check_restart_only, _ignore, _os_text, _setup_logging, _stderr_is_journal
-from .errors import ConfigError, NflogdError
+from .daemon import _check_restart_only
+from .errors import NflogdError
 from .metrics import MetricsServer, version
 from .publish import Publisher
 from .sdnotify import Notifier
+from .service import SignalWakeup
 
 __all__ = ["main", "Relay", "Upstream", "RelayCollector", "DEFAULT_CONFIG"]
 
@@ -323,21 +322,13 @@ class Relay:
         self._handlers: dict[object, Callable[[], None]] = {}
         self._retries: dict[str, Upstream] = {}  # endpoint -> upstream with a retry_at
         self._stop = False
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
-        self._old_handlers: dict = {}
-        self._old_wakeup: int | None = None
+        self._wakeup: SignalWakeup | None = None
 
     # -- start -----------------------------------------------------------------
 
     def install_signals(self) -> None:
-        """SIGTERM/SIGINT/SIGHUP only write their number to a socketpair the loop polls."""
-        self._wake_r, self._wake_w = socket.socketpair()
-        for s in (self._wake_r, self._wake_w):
-            s.setblocking(False)
-        self._old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            self._old_handlers[signum] = signal.signal(signum, _ignore)
+        """SIGTERM/SIGINT/SIGHUP only wake the loop (``service.SignalWakeup``)."""
+        self._wakeup = SignalWakeup()
 
     def start(self) -> None:
         cfg = self.cfg
@@ -351,7 +342,7 @@ class Relay:
         RelayCollector(self, registry=self.registry)
         if cfg.metrics is not None:
             self.metrics_server = MetricsServer(cfg.metrics.host, cfg.metrics.port, self.registry)
-        self._watch(self._wake_r.fileno(), self._handle_signals)
+        self._watch(self._wakeup.fileno(), self._handle_signals)
         for sock in self.publisher.sockets:
             self._watch(sock, self._handle_subscriptions)
         for mon in self.publisher.monitors:
@@ -452,11 +443,7 @@ class Relay:
                     up.subscription(msg)
 
     def _handle_signals(self) -> None:
-        try:
-            data = self._wake_r.recv(4096)
-        except BlockingIOError:
-            return
-        signums = set(data)
+        signums = self._wakeup.read()
         if signums & {signal.SIGTERM, signal.SIGINT}:
             log.info("%s: stopping", "SIGTERM" if signal.SIGTERM in signums else "SIGINT")
             self._stop = True
@@ -546,67 +533,21 @@ class Relay:
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None
-        if self._wake_w is not None:
-            signal.set_wakeup_fd(self._old_wakeup if self._old_wakeup is not None else -1)
-            for signum, handler in self._old_handlers.items():
-                signal.signal(signum, handler)
-            self._wake_r.close()
-            self._wake_w.close()
-            self._wake_r = self._wake_w = None
+        if self._wakeup is not None:
+            self._wakeup.close()
+            self._wakeup = None
         self.notifier.close()
 
 
-# -- command line -----------------------------------------------------------------
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def main(argv: list[str] | None = None) -> int:
+    return service.main(
+        argv,
         prog="nflogd-relay",
         description="Subscribe to many nflogd feeds and publish them as one, messages untouched.",
+        default_config=DEFAULT_CONFIG,
+        load=config.load_relay,
+        make=Relay,
     )
-    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, metavar="PATH",
-                   help=f"configuration file (default {DEFAULT_CONFIG})")  # fmt: skip
-    p.add_argument("--check", action="store_true", help="validate the configuration and exit (0 ok, 2 bad)")
-    p.add_argument("--log-level", default="info", metavar="LEVEL", type=str.lower,
-                   choices=["debug", "info", "warning", "error"],
-                   help="debug, info (default), warning or error")  # fmt: skip
-    return p
-
-
-def _fail(message, status: int) -> int:
-    """Print ``nflogd-relay: <message>`` on one line (priority err under journald); return ``status``."""
-    prefix = "<3>" if _stderr_is_journal() else ""
-    text = " ".join(str(message).split())
-    print(f"{prefix}nflogd-relay: {text}", file=sys.stderr, flush=True)
-    return status
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    _setup_logging(args.log_level)
-    try:
-        cfg = config.load_relay(args.config)
-    except ConfigError as e:
-        return _fail(e, 2)
-    if args.check:
-        return 0
-    relay = Relay(cfg, args.config)
-    try:
-        relay.install_signals()
-        relay.start()
-        relay.run()
-    except ConfigError as e:
-        return _fail(e, 2)
-    except NflogdError as e:
-        return _fail(e, 1)
-    except zmq.ZMQError as e:
-        return _fail(f"zmq: {e}", 1)
-    except OSError as e:
-        return _fail(_os_text(e), 1)
-    finally:
-        relay.close()
-    log.info("stopped")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,181 @@
+"""What ``nflogd`` and ``nflogd-relay`` share as programs: command line, logging, signals.
+
+::
+
+    def main(argv=None) -> int:                  # nflogd.relay.main
+        return service.main(argv, prog="nflogd-relay", description="...",
+                            default_config="/etc/nflogd-relay.yaml",
+                            load=config.load_relay, make=Relay)
+
+    wakeup = SignalWakeup()                      # in a program's install_signals()
+    poller.register(wakeup.fileno(), zmq.POLLIN)
+    signums = wakeup.read()                      # when it polls readable: {signal.SIGHUP}, ...
+    wakeup.close()
+
+Command line: ``PROG [-c PATH] [--check] [--log-level LEVEL]``. ``--check`` loads the config
+and exits 0, or prints ``PROG: <error>`` and exits 2. Otherwise ``make(cfg, path)`` builds the
+program, whose ``install_signals()``, ``start()`` and ``run()`` are called and ``close()``
+always: exit 0 after SIGTERM/SIGINT, 1 for a runtime failure, 2 for a bad config. Every
+failure is one line on stderr, priority err (``<3>``) under journald, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any, Callable
+
+import zmq
+
+from .errors import ConfigError, NflogdError
+
+__all__ = ["SignalWakeup", "fail", "main", "setup_logging"]
+
+log = logging.getLogger("nflogd")
+
+
+class SignalWakeup:
+    """SIGTERM, SIGINT and SIGHUP only write their number to a socketpair that a loop polls.
+
+    Python's handlers run between bytecodes of the main thread, which a loop blocked in
+    ``zmq.Poller.poll`` may not reach for a long time; ``signal.set_wakeup_fd`` makes the
+    signal itself readable on ``fileno()`` instead.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self):
+        self._r, self._w = socket.socketpair()
+        for s in (self._r, self._w):
+            s.setblocking(False)
+        self._old_wakeup = signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
+        self._old_handlers = {signum: signal.signal(signum, _ignore) for signum in self.SIGNALS}
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def read(self) -> set[int]:
+        """The signals received since the last read."""
+        try:
+            return set(self._r.recv(4096))
+        except BlockingIOError:
+            return set()
+
+    def close(self) -> None:
+        """Put back the handlers and wakeup fd found at start."""
+        signal.set_wakeup_fd(self._old_wakeup)
+        for signum, handler in self._old_handlers.items():
+            signal.signal(signum, handler)
+        self._r.close()
+        self._w.close()
+
+
+def _ignore(signum, frame) -> None:
+    """The handler of SIGTERM/SIGINT/SIGHUP: the wakeup fd carries the signal to the loop."""
+
+
+# -- logging ----------------------------------------------------------------------
+
+
+class _Formatter(logging.Formatter):
+    """``LEVEL: message``; under journald also the ``<N>`` priority prefix of sd-daemon(3)."""
+
+    _PRIO = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+    def __init__(self, journal: bool):
+        super().__init__("%(levelname)s: %(message)s")
+        self.journal = journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if self.journal:
+            text = f"<{self._PRIO.get(record.levelname, 6)}>" + text.replace("\n", " ")
+        return text
+
+
+def _stderr_is_journal() -> bool:
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in stream.split(":"))
+        st = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(_stderr_is_journal()))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+# -- command line -----------------------------------------------------------------
+
+
+def _parser(prog: str, description: str, default_config: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("-c", "--config", default=default_config, metavar="PATH",
+                   help=f"configuration file (default {default_config})")  # fmt: skip
+    p.add_argument("--check", action="store_true", help="validate the configuration and exit (0 ok, 2 bad)")
+    p.add_argument("--log-level", default="info", metavar="LEVEL", type=str.lower,
+                   choices=["debug", "info", "warning", "error"],
+                   help="debug, info (default), warning or error")  # fmt: skip
+    return p
+
+
+def fail(prog: str, message, status: int) -> int:
+    """Print ``PROG: <message>`` on one line (priority err under journald); return ``status``."""
+    prefix = "<3>" if _stderr_is_journal() else ""
+    text = " ".join(str(message).split())
+    print(f"{prefix}{prog}: {text}", file=sys.stderr, flush=True)
+    return status
+
+
+def _os_text(e: OSError) -> str:
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{e.strerror or e}"
+
+
+def main(
+    argv: list[str] | None,
+    *,
+    prog: str,
+    description: str,
+    default_config: str,
+    load: Callable[[str], Any],
+    make: Callable[[Any, str], Any],
+) -> int:
+    """Parse ``argv``, load the config, run the program ``make`` builds; the exit status."""
+    args = _parser(prog, description, default_config).parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        cfg = load(args.config)
+    except ConfigError as e:
+        return fail(prog, e, 2)
+    except OSError as e:
+        return fail(prog, f"{args.config}: {e.strerror or e}", 2)
+    if args.check:
+        return 0
+    program = make(cfg, args.config)
+    try:
+        program.install_signals()
+        program.start()
+        program.run()
+    except ConfigError as e:
+        return fail(prog, e, 2)
+    except NflogdError as e:
+        return fail(prog, e, 1)
+    except zmq.ZMQError as e:
+        return fail(prog, f"zmq: {e}", 1)
+    except OSError as e:
+        return fail(prog, _os_text(e), 1)
+    finally:
+        program.close()
+    log.info("stopped")
+    return 0
