@@ -354,6 +354,17 @@ class RelayProcess(NflogdProcess):
         return relay_command()
 
 
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    """A systemd unit file's settings: {key: [values in order]} (sections ignored)."""
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "[")) and "=" in line:
+            key, value = line.split("=", 1)
+            out.setdefault(key, []).append(value)
+    return out
+
+
 def receive(sock, done: Callable[[list], bool], timeout: float = 10.0) -> list:
     """Decode messages from ``sock`` into ``wire.Batch``es until ``done(batches)`` or the timeout."""
     import zmq

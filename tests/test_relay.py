@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.auth
-from daemonutil import NFLOGD_RELAY, REPO, NflogdProcess, RelayProcess, relay_command
+from daemonutil import REPO, NflogdProcess, RelayProcess, relay_command, unit_settings
 from nflogd_client import Subscriber
 from nsutil import NetNS
 
@@ -476,16 +476,6 @@ def test_endpoint_in_use_exits_1(tmp_path):
     )
 
 
-def unit_settings(path: Path) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", "[")) and "=" in line:
-            key, value = line.split("=", 1)
-            out.setdefault(key, []).append(value)
-    return out
-
-
 def test_unit_runs_without_any_capability():
     s = unit_settings(REPO / "systemd" / "nflogd-relay.service")
     expect = {
@@ -500,34 +490,3 @@ def test_unit_runs_without_any_capability():
     shared = {k for k in daemon_unit if k.startswith(("Protect", "Restrict", "Private", "Lock", "System"))}
     missing = {k for k in shared if k not in s}
     assert not missing, f"the daemon's hardening the relay lacks: {missing}"
-
-
-def test_systemd_analyze_verify(tmp_path):
-    exe = shutil.which("systemd-analyze")
-    if exe is None:
-        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
-    if not NFLOGD_RELAY.exists():
-        pytest.skip(f"{NFLOGD_RELAY} is not installed; verify checks that ExecStart exists")
-    text = (REPO / "systemd" / "nflogd-relay.service").read_text()
-    unit = tmp_path / "nflogd-relay.service"
-    unit.write_text(text.replace("ExecStart=/usr/bin/nflogd-relay ", f"ExecStart={NFLOGD_RELAY} ", 1))
-    res = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True, timeout=60)
-    complaints = [line for line in res.stderr.splitlines() if "nflogd" in line]
-    assert res.returncode == 0 and not complaints, res.stderr
-
-
-def test_sysusers_creates_the_relay_user_in_group_nflog(tmp_path):
-    exe = shutil.which("systemd-sysusers")
-    if exe is None:
-        pytest.skip("systemd-sysusers is not installed (Debian package systemd)")
-    (tmp_path / "etc").mkdir()
-    conf = REPO / "systemd" / "nflogd-relay.sysusers"
-    res = subprocess.run([exe, f"--root={tmp_path}", str(conf)], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr
-    users = {
-        row.split(":")[0]: row.split(":") for row in (tmp_path / "etc" / "passwd").read_text().splitlines()
-    }
-    groups = {
-        row.split(":")[0]: row.split(":") for row in (tmp_path / "etc" / "group").read_text().splitlines()
-    }
-    assert users["nflogd-relay"][3] == groups["nflog"][2]
