@@ -426,11 +426,11 @@ class Daemon:
         self.notifier.close()
 
 
-def _check_restart_only(old, new) -> None:
+def _check_restart_only(old, new, unit: str = "nflogd") -> None:
     """Refuse a reload that changes what the feed's sockets took at start (PublishConfig)."""
     if (old.curve is None) != (new.curve is None):
         what = "turning CURVE on" if new.curve is not None else "turning CURVE off"
-        raise NflogdError(f"publish.curve: {what} needs a restart (systemctl restart nflogd)")
+        raise NflogdError(f"publish.curve: {what} needs a restart (systemctl restart {unit})")
     if old.curve is not None and (old.curve.public_key, old.curve.secret_key) != (
         new.curve.public_key,
         new.curve.secret_key,

@@ -469,7 +469,7 @@ class Relay:
     def _apply(self, new) -> None:
         old = self.cfg
         publisher = self.publisher
-        _check_restart_only(old.publish, new.publish)
+        _check_restart_only(old.publish, new.publish, unit="nflogd-relay")
         if new.metrics != old.metrics:
             raise NflogdError("metrics: a change needs a restart")
         wanted = {u.endpoint: u for u in new.upstreams}
