@@ -51,7 +51,6 @@ import logging
 import math
 import os
 import pwd
-import signal
 import time
 
 import zmq
@@ -64,7 +63,7 @@ from .errors import ConfigError, NamespaceError, NflogdError
 from .metrics import Collector, MetricsServer
 from .publish import Publisher, make_ipc_dirs
 from .sdnotify import Notifier
-from .service import SignalWakeup
+from .service import Program
 
 __all__ = ["main", "Daemon", "DEFAULT_CONFIG"]
 
@@ -99,30 +98,20 @@ def _group_error(group: int, err: Exception) -> str:
     return text if f"group {group}" in text else f"group {group}: {text}"
 
 
-class Daemon:
-    """One run of the daemon over one config; ``start()``, ``run()``, ``close()``."""
+class Daemon(Program):
+    """One run of the daemon over one config; ``install_signals()``, ``start()``, ``run()``, ``close()``."""
 
     def __init__(self, cfg, path: str, notifier: Notifier | None = None):
+        super().__init__(notifier)
         self.cfg = cfg
         self.path = path
-        self.notifier = notifier if notifier is not None else Notifier.from_environ()
         self.readers: dict = {}  # group -> GroupReader; replaced, never mutated (metrics reads it)
         self.retired: dict[int, _Totals] = {}
-        self.ctx: zmq.Context | None = None
-        self.publisher: Publisher | None = None
-        self.access: CurveAccess | None = None
         self.registry: CollectorRegistry | None = None
-        self.metrics_server: MetricsServer | None = None
         self.poller = zmq.Poller()
         self._by_fd: dict = {}  # netlink fd -> GroupReader (the poller reports plain fds as ints)
-        self._stop = False
-        self._wakeup: SignalWakeup | None = None
 
     # -- start -----------------------------------------------------------------
-
-    def install_signals(self) -> None:
-        """SIGTERM/SIGINT/SIGHUP only wake the loop (``service.SignalWakeup``)."""
-        self._wakeup = SignalWakeup()
 
     def start(self) -> None:
         cfg = self.cfg
@@ -243,15 +232,6 @@ class Daemon:
             if base is not None:
                 dropped += base.kernel_dropped
             publisher.publish(batch, dropped)
-
-    def _handle_signals(self) -> None:
-        signums = self._wakeup.read()
-        if signums & {signal.SIGTERM, signal.SIGINT}:
-            name = "SIGTERM" if signal.SIGTERM in signums else "SIGINT"
-            log.info("%s: stopping", name)
-            self._stop = True
-        elif signal.SIGHUP in signums:
-            self.reload()
 
     # -- reload ----------------------------------------------------------------
 
@@ -408,22 +388,7 @@ class Daemon:
         readers, self.readers = self.readers, {}
         for reader in readers.values():
             self._close_reader(reader)
-        if self.metrics_server is not None:
-            self.metrics_server.close()
-            self.metrics_server = None
-        if self.publisher is not None:
-            self.publisher.close()
-            self.publisher = None
-        if self.access is not None:  # after the CURVE socket: libzmq admits all without a handler
-            self.access.close()
-            self.access = None
-        if self.ctx is not None:
-            self.ctx.term()
-            self.ctx = None
-        if self._wakeup is not None:
-            self._wakeup.close()
-            self._wakeup = None
-        self.notifier.close()
+        self._release()
 
 
 def _check_restart_only(old, new, unit: str = "nflogd") -> None:

@@ -53,7 +53,6 @@ import dataclasses
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from collections import Counter
@@ -73,7 +72,7 @@ from .errors import NflogdError
 from .metrics import MetricsServer, version
 from .publish import Publisher
 from .sdnotify import Notifier
-from .service import SignalWakeup
+from .service import Program
 
 __all__ = ["main", "Relay", "Upstream", "RelayCollector", "DEFAULT_CONFIG"]
 
@@ -302,33 +301,23 @@ class RelayCollector(_Collector):
         return [*counters, up, subs, topics, info]
 
 
-class Relay:
+class Relay(Program):
     """One run of the relay over one config: ``install_signals()``, ``start()``, ``run()``, ``close()``."""
 
     def __init__(self, cfg, path: str, notifier: Notifier | None = None):
+        super().__init__(notifier)
         self.cfg = cfg
         self.path = path
-        self.notifier = notifier if notifier is not None else Notifier.from_environ()
-        self.ctx: zmq.Context | None = None
-        self.access: CurveAccess | None = None
-        self.publisher: Publisher | None = None
         #: endpoint -> Upstream; replaced, never mutated (the metrics thread reads it).
         self.upstreams: dict[str, Upstream] = {}
         #: Subscriptions in force upstream: topic -> downstream sockets that hold it.
         self.topics: Counter[bytes] = Counter()
         self.registry: CollectorRegistry | None = None
-        self.metrics_server: MetricsServer | None = None
         self.poller = zmq.Poller()
         self._handlers: dict[object, Callable[[], None]] = {}
         self._retries: dict[str, Upstream] = {}  # endpoint -> upstream with a retry_at
-        self._stop = False
-        self._wakeup: SignalWakeup | None = None
 
     # -- start -----------------------------------------------------------------
-
-    def install_signals(self) -> None:
-        """SIGTERM/SIGINT/SIGHUP only wake the loop (``service.SignalWakeup``)."""
-        self._wakeup = SignalWakeup()
 
     def start(self) -> None:
         cfg = self.cfg
@@ -442,14 +431,6 @@ class Relay:
                 for up in self.upstreams.values():
                     up.subscription(msg)
 
-    def _handle_signals(self) -> None:
-        signums = self._wakeup.read()
-        if signums & {signal.SIGTERM, signal.SIGINT}:
-            log.info("%s: stopping", "SIGTERM" if signal.SIGTERM in signums else "SIGINT")
-            self._stop = True
-        elif signal.SIGHUP in signums:
-            self.reload()
-
     # -- reload ----------------------------------------------------------------
 
     def reload(self) -> bool:
@@ -521,22 +502,7 @@ class Relay:
         upstreams, self.upstreams = self.upstreams, {}
         for up in upstreams.values():
             up.close()
-        if self.metrics_server is not None:
-            self.metrics_server.close()
-            self.metrics_server = None
-        if self.publisher is not None:
-            self.publisher.close()
-            self.publisher = None
-        if self.access is not None:  # after the CURVE socket: libzmq admits all without a handler
-            self.access.close()
-            self.access = None
-        if self.ctx is not None:
-            self.ctx.term()
-            self.ctx = None
-        if self._wakeup is not None:
-            self._wakeup.close()
-            self._wakeup = None
-        self.notifier.close()
+        self._release()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,8 +32,9 @@ from typing import Any, Callable
 import zmq
 
 from .errors import ConfigError, NflogdError
+from .sdnotify import Notifier
 
-__all__ = ["SignalWakeup", "fail", "main", "setup_logging"]
+__all__ = ["Program", "SignalWakeup", "fail", "main", "setup_logging"]
 
 log = logging.getLogger("nflogd")
 
@@ -72,6 +73,61 @@ class SignalWakeup:
             signal.signal(signum, handler)
         self._r.close()
         self._w.close()
+
+
+class Program:
+    """What the daemon and the relay hold alike, and how they let it go.
+
+    Subclasses set ``ctx``, ``access`` (the CURVE authenticator), ``publisher`` and
+    ``metrics_server`` in ``start()``, poll ``_wakeup.fileno()`` and call ``_handle_signals()``
+    when it is readable, implement ``reload()``, and end ``close()`` with ``_release()``.
+    """
+
+    def __init__(self, notifier: Notifier | None = None):
+        self.notifier = notifier if notifier is not None else Notifier.from_environ()
+        self.ctx: zmq.Context | None = None
+        self.access = None
+        self.publisher = None
+        self.metrics_server = None
+        self._stop = False
+        self._wakeup: SignalWakeup | None = None
+
+    def install_signals(self) -> None:
+        """SIGTERM/SIGINT/SIGHUP only wake the loop (``SignalWakeup``)."""
+        self._wakeup = SignalWakeup()
+
+    def reload(self) -> bool:  # pragma: no cover - every program has its own
+        raise NotImplementedError
+
+    def _handle_signals(self) -> None:
+        """SIGTERM/SIGINT end the loop; SIGHUP reloads."""
+        signums = self._wakeup.read()
+        if signums & {signal.SIGTERM, signal.SIGINT}:
+            log.info("%s: stopping", "SIGTERM" if signal.SIGTERM in signums else "SIGINT")
+            self._stop = True
+        elif signal.SIGHUP in signums:
+            self.reload()
+
+    def _release(self) -> None:
+        """The end of ``close()``: metrics, the feed, then the authenticator (libzmq admits every
+        CURVE client while no ZAP handler is bound, so it goes after the CURVE socket), the
+        context, the signal handlers, the notifier. Safe after a failed start."""
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
+        if self.publisher is not None:
+            self.publisher.close()
+            self.publisher = None
+        if self.access is not None:
+            self.access.close()
+            self.access = None
+        if self.ctx is not None:
+            self.ctx.term()
+            self.ctx = None
+        if self._wakeup is not None:
+            self._wakeup.close()
+            self._wakeup = None
+        self.notifier.close()
 
 
 def _ignore(signum, frame) -> None:
