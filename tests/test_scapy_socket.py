@@ -7,6 +7,7 @@ import time
 
 import pytest
 import zmq
+from feedutil import FakeFeed, topics
 from nflogd_client import scapy_socket, wire
 from nflogd_client.scapy_socket import ZMQNFLOGSocket, install_zmq_listener
 from scapy.automaton import ObjectPipe
@@ -28,10 +29,6 @@ V4_BIG = raw(IP(src="192.0.2.1", dst="198.51.100.3") / UDP(sport=40000, dport=40
 TS = 1_700_000_000_123_456_789  # ns
 
 
-def topics(*groups: int) -> set[bytes]:
-    return {wire.topic(g) for g in groups} if groups else {b""}
-
-
 def rec(group: int, data: bytes, ts_ns: int = TS, **kw) -> wire.Packet:
     hw = 0x86DD if data[:1] == b"\x60" else 0x0800
     return wire.Packet.build(group, data, ts_ns, **{"hw_protocol": hw, **kw})
@@ -41,64 +38,9 @@ def msg(group: int, *packets: wire.Packet, first_seq: int = 0, node: str = "r1")
     return wire.encode(group, node, 1, first_seq, list(packets))
 
 
-class Feed:
-    """An XPUB publisher bound on an ipc path; waits for subscriptions instead of sleeping."""
-
-    def __init__(self, path):
-        self.endpoint = f"ipc://{path}"
-        self.ctx = zmq.Context()
-        self.pub = self.ctx.socket(zmq.XPUB)
-        self.pub.bind(self.endpoint)
-        self._seen: set[bytes] = set()
-        self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-
-    def wait_subscribed(self, want: set[bytes], timeout: float = WAIT) -> None:
-        deadline = time.monotonic() + timeout
-        while not want <= self._seen:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.pub.poll(int(remaining * 1000) + 1):
-                raise TimeoutError(f"no subscription to {want - self._seen} within {timeout}s")
-            m = self.pub.recv()
-            if m[:1] == b"\x01":
-                self._seen.add(m[1:])
-
-    def publish(self, *messages: list[bytes]) -> None:
-        for m in messages:
-            self.pub.send_multipart(m)
-
-    def publish_when_subscribed(self, want: set[bytes], *messages: list[bytes]) -> None:
-        """From a thread: for a subscriber created inside a blocking call (sniff)."""
-
-        def run():
-            try:
-                self.wait_subscribed(want)
-                self.publish(*messages)
-            except BaseException as e:  # reported by close()
-                self.error = e
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def join(self) -> None:
-        if self._thread is not None:
-            self._thread.join(WAIT)
-            assert not self._thread.is_alive(), "publisher thread stuck"
-            self._thread = None
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        try:
-            self.join()
-        finally:
-            self.pub.close(linger=0)
-            self.ctx.term()
-
-
 @pytest.fixture
 def feed(tmp_path):
-    f = Feed(tmp_path / "feed.sock")
+    f = FakeFeed(tmp_path / "feed.sock")
     try:
         yield f
     finally:

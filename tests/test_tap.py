@@ -9,12 +9,11 @@ import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import zmq
+from feedutil import FakeFeed, topics
 from nflogd_client import tap, wire
 from scapy.compat import raw
 from scapy.layers.inet import IP, UDP
@@ -47,84 +46,9 @@ def msg(group: int, *packets: wire.Packet, first_seq: int = 0) -> list[bytes]:
     return wire.encode(group, "r1", 1, first_seq, list(packets))
 
 
-def topics(*groups: int) -> set[bytes]:
-    return {wire.topic(g) for g in groups} if groups else {b""}
-
-
-class Feed:
-    """An XPUB publisher bound on an ipc path; publishes once the tap has subscribed."""
-
-    def __init__(self, path):
-        self.endpoint = f"ipc://{path}"
-        self.ctx = zmq.Context()
-        self.pub = self.ctx.socket(zmq.XPUB)
-        self.pub.bind(self.endpoint)
-        self._seen: set[bytes] = set()
-        self._thread: threading.Thread | None = None
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-
-    def wait_subscribed(self, want: set[bytes], timeout: float = WAIT) -> None:
-        deadline = time.monotonic() + timeout
-        while not want <= self._seen:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self.pub.poll(int(remaining * 1000) + 1):
-                raise TimeoutError(f"no subscription to {want - self._seen} within {timeout}s")
-            m = self.pub.recv()
-            if m[:1] == b"\x01":
-                self._seen.add(m[1:])
-
-    def _start(self, body) -> None:
-        def run():
-            try:
-                body()
-            except BaseException as e:  # reported by join()
-                self.error = e
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-
-    def publish_when_subscribed(self, want: set[bytes], *messages: list[bytes]) -> None:
-        def body():
-            self.wait_subscribed(want)
-            for m in messages:
-                self.pub.send_multipart(m)
-
-        self._start(body)
-
-    def stream_when_subscribed(self, want: set[bytes], group: int = 5, batch: int = 8) -> None:
-        """Publish batches until ``stop`` is set."""
-
-        def body():
-            self.wait_subscribed(want)
-            seq = 0
-            while not self.stop.is_set():
-                self.pub.send_multipart(msg(group, *[rec(group, V4)] * batch, first_seq=seq))
-                seq += batch
-                time.sleep(0.001)
-
-        self._start(body)
-
-    def join(self) -> None:
-        self.stop.set()
-        if self._thread is not None:
-            self._thread.join(WAIT)
-            assert not self._thread.is_alive(), "publisher thread stuck"
-            self._thread = None
-        if self.error is not None:
-            raise self.error
-
-    def close(self) -> None:
-        try:
-            self.join()
-        finally:
-            self.pub.close(linger=0)
-            self.ctx.term()
-
-
 @pytest.fixture
 def feed(tmp_path):
-    f = Feed(tmp_path / "feed.sock")
+    f = FakeFeed(tmp_path / "feed.sock")
     try:
         yield f
     finally:
@@ -164,7 +88,7 @@ def tcpdump(*args: str, stdin=None) -> list[str]:
     return r.stdout.decode().splitlines()
 
 
-def standard_feed(feed: Feed) -> None:
+def standard_feed(feed: FakeFeed) -> None:
     """Group 7 (not subscribed: never arrives), then 3 packets of groups 5 and 6."""
     feed.publish_when_subscribed(
         topics(5, 6),
@@ -325,7 +249,7 @@ def test_stdout_is_live_and_ends_when_the_reader_goes(feed, procs):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_under_traffic_leaves_a_complete_file(feed, procs, tmp_path, sig):
     out = tmp_path / "live.pcap"
-    feed.stream_when_subscribed(topics(5))
+    feed.stream_when_subscribed(topics(5), lambda seq: msg(5, *[rec(5, V4)] * 8, first_seq=seq), 8)
     p = run_tap(procs, "-e", feed.endpoint, "-g", "5", "-w", str(out))
     deadline = time.monotonic() + WAIT
     while (not out.exists() or out.stat().st_size < 24 + 50 * (16 + len(V4))) and time.monotonic() < deadline:
