@@ -61,7 +61,7 @@ from .access import CurveAccess
 from .capture import GroupReader
 from .errors import ConfigError, NamespaceError, NflogdError
 from .metrics import Collector, MetricsServer
-from .publish import Publisher, make_ipc_dirs
+from .publish import Publisher, check_restart_only, make_ipc_dirs
 from .sdnotify import Notifier
 from .service import Program
 
@@ -260,7 +260,7 @@ class Daemon(Program):
     def _apply(self, new) -> None:
         old = self.cfg
         publisher = self.publisher
-        _check_restart_only(old.publish, new.publish)
+        check_restart_only(old.publish, new.publish)
         wanted = {g.group: g for g in new.groups}
         moved = {g for g, r in self.readers.items() if g in wanted and self._moved(r, wanted[g])}
         # 1. everything that can fail, undone if a later step fails
@@ -389,20 +389,6 @@ class Daemon(Program):
         for reader in readers.values():
             self._close_reader(reader)
         self._release()
-
-
-def _check_restart_only(old, new, unit: str = "nflogd") -> None:
-    """Refuse a reload that changes what the feed's sockets took at start (PublishConfig)."""
-    if (old.curve is None) != (new.curve is None):
-        what = "turning CURVE on" if new.curve is not None else "turning CURVE off"
-        raise NflogdError(f"publish.curve: {what} needs a restart (systemctl restart {unit})")
-    if old.curve is not None and (old.curve.public_key, old.curve.secret_key) != (
-        new.curve.public_key,
-        new.curve.secret_key,
-    ):
-        raise NflogdError("publish.curve.secret_key_file: a new server key needs a restart")
-    if old.ipc_filter_gids != new.ipc_filter_gids:
-        raise NflogdError("publish.ipc_filter_groups: a change needs a restart")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,7 @@ from nflogd_client import wire
 
 from .errors import NflogdError
 
-__all__ = ["Publisher", "ZAP_DOMAIN", "check_ipc_path", "ipc_path", "make_ipc_dirs"]
+__all__ = ["Publisher", "ZAP_DOMAIN", "check_ipc_path", "check_restart_only", "ipc_path", "make_ipc_dirs"]
 
 log = logging.getLogger(__name__)
 
@@ -376,3 +376,17 @@ class Publisher:
                 sock.close(linger=LINGER_MS if linger is None else linger)
         for endpoint in list(self._files):
             self._remove_file(endpoint)
+
+
+def check_restart_only(old, new, unit: str = "nflogd") -> None:
+    """Refuse a reload that changes what the feed's sockets took at start (PublishConfig)."""
+    if (old.curve is None) != (new.curve is None):
+        what = "turning CURVE on" if new.curve is not None else "turning CURVE off"
+        raise NflogdError(f"publish.curve: {what} needs a restart (systemctl restart {unit})")
+    if old.curve is not None and (old.curve.public_key, old.curve.secret_key) != (
+        new.curve.public_key,
+        new.curve.secret_key,
+    ):
+        raise NflogdError("publish.curve.secret_key_file: a new server key needs a restart")
+    if old.ipc_filter_gids != new.ipc_filter_gids:
+        raise NflogdError("publish.ipc_filter_groups: a change needs a restart")

@@ -67,10 +67,9 @@ from zmq.utils.monitor import parse_monitor_message
 
 from . import config, service
 from .access import CurveAccess
-from .daemon import _check_restart_only
 from .errors import NflogdError
 from .metrics import MetricsServer, version
-from .publish import Publisher
+from .publish import Publisher, check_restart_only
 from .sdnotify import Notifier
 from .service import Program
 
@@ -450,7 +449,7 @@ class Relay(Program):
     def _apply(self, new) -> None:
         old = self.cfg
         publisher = self.publisher
-        _check_restart_only(old.publish, new.publish, unit="nflogd-relay")
+        check_restart_only(old.publish, new.publish, unit="nflogd-relay")
         if new.metrics != old.metrics:
             raise NflogdError("metrics: a change needs a restart")
         wanted = {u.endpoint: u for u in new.upstreams}
