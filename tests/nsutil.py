@@ -10,6 +10,8 @@ import ctypes
 import os
 import socket
 import subprocess
+import threading
+import time
 import uuid
 
 CLONE_NEWNET = 0x40000000
@@ -95,3 +97,31 @@ class NetNS:
 
     def close(self) -> None:
         subprocess.run(["ip", "netns", "del", self.name], check=False)
+
+
+class SteadyTraffic(threading.Thread):
+    """UDP to several ports of the namespace's loopback, round-robin, until ``stop()``.
+
+    ``sent`` counts the datagrams per port; ``stop()`` returns it.
+    """
+
+    def __init__(self, netns: NetNS, ports, interval: float = 0.001, size: int = 100):
+        super().__init__(daemon=True)
+        self.netns, self.ports, self.interval, self.size = netns, list(ports), interval, size
+        self.sent = dict.fromkeys(self.ports, 0)
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        with self.netns.socket() as s:
+            i = 0
+            while not self.halt.is_set():
+                for port in self.ports:
+                    s.sendto((b"steady %d " % i).ljust(self.size, b"."), ("127.0.0.1", port))
+                    self.sent[port] += 1
+                i += 1
+                time.sleep(self.interval)
+
+    def stop(self) -> dict[int, int]:
+        self.halt.set()
+        self.join(5)
+        return self.sent

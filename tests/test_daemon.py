@@ -10,13 +10,13 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import zmq
 from daemonutil import REPO, DaemonError, NflogdProcess, nflogd_command, packet_count, receive, unit_settings
+from nsutil import SteadyTraffic
 
 from nflogd.sdnotify import Notifier
 
@@ -316,36 +316,12 @@ def test_metrics_port_in_use(netns, tmp_path):
 # -- reload ---------------------------------------------------------------------
 
 
-class Sender(threading.Thread):
-    """Sends to several ports round-robin in the namespace until stopped; counts per port."""
-
-    def __init__(self, netns, ports, interval=0.0005, size=100):
-        super().__init__(daemon=True)
-        self.netns, self.ports, self.interval, self.size = netns, ports, interval, size
-        self.sent = dict.fromkeys(ports, 0)
-        self.halt = threading.Event()
-
-    def run(self):
-        with self.netns.socket() as s:
-            i = 0
-            while not self.halt.is_set():
-                for port in self.ports:
-                    s.sendto((b"steady %d " % i).ljust(self.size, b"."), ("127.0.0.1", port))
-                    self.sent[port] += 1
-                i += 1
-                time.sleep(self.interval)
-
-    def stop(self):
-        self.halt.set()
-        self.join(5)
-
-
 def test_sighup_adds_removes_and_reconfigures_groups_under_traffic(netns, tmp_path, ctx):
     for g in (1, 2, 3, 4):
         netns.log_rule(g, match=f"udp dport {9990 + g}")
     with NflogdProcess(netns, tmp_path, groups=[1, 2, 4]) as d:
         sub = d.subscribe(ctx)
-        sender = Sender(netns, [9991, 9992, 9994])
+        sender = SteadyTraffic(netns, [9991, 9992, 9994], interval=0.0005)
         sender.start()
         try:
             batches = receive(sub, lambda bs: packet_count(bs) >= 150)

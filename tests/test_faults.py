@@ -24,6 +24,7 @@ import pytest
 import zmq
 from daemonutil import REPO, NflogdProcess
 from nflogd_client import Subscriber, wire
+from nsutil import SteadyTraffic
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -159,31 +160,6 @@ class FeedCounter(threading.Thread):
         self.sock.close(linger=0)
         if self.error is not None:
             raise self.error
-
-
-class Sender(threading.Thread):
-    """Steady UDP traffic from the test process into the namespace, counted per port."""
-
-    def __init__(self, netns, ports, interval: float = 0.001, size: int = 100):
-        super().__init__(daemon=True)
-        self.netns, self.ports, self.interval, self.size = netns, list(ports), interval, size
-        self.sent = dict.fromkeys(self.ports, 0)
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        with self.netns.socket() as s:
-            i = 0
-            while not self.halt.is_set():
-                for port in self.ports:
-                    s.sendto((b"steady %d " % i).ljust(self.size, b"."), ("127.0.0.1", port))
-                    self.sent[port] += 1
-                i += 1
-                time.sleep(self.interval)
-
-    def stop(self) -> dict[int, int]:
-        self.halt.set()
-        self.join(5)
-        return self.sent
 
 
 def collect(sub: Subscriber, until, timeout: float = 15.0) -> list:
@@ -461,7 +437,7 @@ def test_thousand_subscribers_come_and_go(netns, tmp_path, ctx):
         reader = Reader(d.endpoint, 2, ctx)
         reader.start()
         wait_until(lambda: subscribers_gauge(d) == 1, what="the long-lived subscriber")
-        sender = Sender(netns, [9991, 9992])
+        sender = SteadyTraffic(netns, [9991, 9992])
         sender.start()
         samples = []
         try:
@@ -511,7 +487,7 @@ def test_hundred_sighups_under_traffic(netns, tmp_path, ctx):
         for r in readers.values():
             r.start()
         wait_until(lambda: subscribers_gauge(d) == 2, what="the subscribers")
-        sender = Sender(netns, [9991, 9992, 9993], interval=0.0002)
+        sender = SteadyTraffic(netns, [9991, 9992, 9993], interval=0.0002)
         sender.start()
         samples = []
         t0 = time.monotonic()
