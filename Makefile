@@ -48,6 +48,7 @@ run: deps
 
 check: deps
 	$(VENV)/bin/ruff check nflogd client tests bench fuzz
+	$(VENV)/bin/ruff format --check nflogd client tests bench fuzz
 
 test: check
 	$(VPY) -m pytest -q -p no:cacheprovider tests

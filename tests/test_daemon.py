@@ -158,6 +158,7 @@ def test_flood_while_stopped_loss_is_exact(netns, tmp_path, ctx):
                 batches.extend(more)
 
         settle()  # the daemon has read what the socket held, and met the overrun
+
         def accounted(bs) -> bool:
             every = batches + bs
             return bool(every) and packet_count(every) + every[-1].kernel_dropped >= sent
