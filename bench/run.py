@@ -114,10 +114,11 @@ def flood(ns: NetNS, count: int, rate: float, size: int = 64) -> dict:
 def settle(ns: NetNS, sent: dict) -> dict:
     """Let the readers drain, then one more packet: a loss shows once the next packet comes.
 
-    1.2 s covers tcpdump's flush timer: libpcap leaves the kernel's default of 1 s."""
+    Each wait is 1.2 s, past tcpdump's flush timer: libpcap leaves the kernel's default of 1 s.
+    """
     time.sleep(1.2)
     flood(ns, 1, 0)
-    time.sleep(0.3)
+    time.sleep(1.2)
     return sent | {"sent": sent["sent"] + 1}
 
 
