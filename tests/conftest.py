@@ -1,4 +1,5 @@
 import pytest
+from feedutil import FakeFeed
 from nsutil import NetNS
 
 
@@ -10,3 +11,13 @@ def netns():
         yield ns
     finally:
         ns.close()
+
+
+@pytest.fixture
+def feed(tmp_path):
+    """A fake publisher on an ipc path under tmp_path (tests/feedutil.py), closed after the test."""
+    f = FakeFeed(tmp_path / "feed.sock")
+    try:
+        yield f
+    finally:
+        f.close()

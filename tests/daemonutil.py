@@ -388,3 +388,13 @@ def receive(sock, done: Callable[[list], bool], timeout: float = 10.0) -> list:
 
 def packet_count(batches) -> int:
     return sum(len(b.packets) for b in batches)
+
+
+def wait_until(pred, what: str = "condition", timeout: float = 10.0, interval: float = 0.02):
+    """Poll ``pred()`` until it is true and return its value; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := pred()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+    return value

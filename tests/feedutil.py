@@ -19,11 +19,23 @@ import zmq
 from nflogd_client import wire
 
 WAIT = 30.0  # seconds: the bound on anything the feed waits for
+TS = 1_700_000_000_123_456_789  # ns: the capture time of the packets rec() makes
 
 
 def topics(*groups: int) -> set[bytes]:
     """The subscription topics of these groups; no group: the empty topic (every group)."""
     return {wire.topic(g) for g in groups} if groups else {b""}
+
+
+def rec(group: int, data: bytes, ts_ns: int = TS, **kw) -> wire.Packet:
+    """A packet of ``group`` carrying ``data`` (IPv6 if it starts like IPv6, else IPv4)."""
+    hw = 0x86DD if data[:1] == b"\x60" else 0x0800
+    return wire.Packet.build(group, data, ts_ns, **{"hw_protocol": hw, **kw})
+
+
+def msg(group: int, *packets: wire.Packet, first_seq: int = 0, node: str = "r1") -> list[bytes]:
+    """One feed message of ``packets``."""
+    return wire.encode(group, node, 1, first_seq, list(packets))
 
 
 class FakeFeed:

@@ -15,7 +15,16 @@ from pathlib import Path
 
 import pytest
 import zmq
-from daemonutil import REPO, DaemonError, NflogdProcess, nflogd_command, packet_count, receive, unit_settings
+from daemonutil import (
+    REPO,
+    DaemonError,
+    NflogdProcess,
+    nflogd_command,
+    packet_count,
+    receive,
+    unit_settings,
+    wait_until,
+)
 from nsutil import SteadyTraffic
 
 from nflogd.sdnotify import Notifier
@@ -49,17 +58,6 @@ def assert_contiguous(batches, start: int = 0) -> int:
 def proc_state(pid: int) -> str:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0]
-
-
-def wait_until(pred, timeout: float = 5.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def bound_groups(netns) -> set[int]:
@@ -145,7 +143,7 @@ def test_flood_while_stopped_loss_is_exact(netns, tmp_path, ctx):
     with NflogdProcess(netns, tmp_path, groups=[{"group": 1, "rcvbuf": 32768}]) as d:
         sub = d.subscribe(ctx)
         d.send_signal(signal.SIGSTOP)
-        wait_until(lambda: proc_state(d.pid) == "T", what="the daemon to stop")
+        wait_until(lambda: proc_state(d.pid) == "T", what="the daemon to stop", timeout=5.0)
         sent = netns.send_udp([b"flood %06d " % i + b"x" * 200 for i in range(5000)])
         d.send_signal(signal.SIGCONT)
         batches: list = []

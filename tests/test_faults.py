@@ -22,7 +22,7 @@ import time
 
 import pytest
 import zmq
-from daemonutil import REPO, NflogdProcess
+from daemonutil import REPO, NflogdProcess, wait_until
 from nflogd_client import Subscriber, wire
 from nsutil import SteadyTraffic
 
@@ -55,17 +55,6 @@ def ctx():
     c = zmq.Context()
     yield c
     c.destroy(linger=0)
-
-
-def wait_until(pred, timeout: float = 10.0, what: str = "condition", interval: float = 0.02):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 def open_fds(pid: int) -> int:
@@ -414,7 +403,7 @@ class Reader(threading.Thread):
             self.error = e
 
     def wait_for(self, n: int, timeout: float = 15.0) -> None:
-        wait_until(lambda: len(self.seqs) >= n, timeout, f"{n} packets (have {len(self.seqs)})")
+        wait_until(lambda: len(self.seqs) >= n, f"{n} packets (have {len(self.seqs)})", timeout)
         time.sleep(0.2)  # and no more than n
 
     def stop(self) -> Subscriber:

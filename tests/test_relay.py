@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.auth
-from daemonutil import REPO, NflogdProcess, RelayProcess, relay_command, unit_settings
+from daemonutil import REPO, NflogdProcess, RelayProcess, relay_command, unit_settings, wait_until
 from nflogd_client import Subscriber
 from nsutil import NetNS
 
@@ -96,15 +96,6 @@ def daemon(
     return NflogdProcess(
         router, workdir / f"router{i}", groups=groups, node=f"router{i}", extra={"publish": publish}
     )
-
-
-def wait_until(pred, what: str, timeout: float = WAIT):
-    deadline = time.monotonic() + timeout
-    while not (value := pred()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-    return value
 
 
 def subscribed(d: NflogdProcess, topic: str = "(all)", times: int = 1, via: str = "") -> None:

@@ -7,8 +7,8 @@ import time
 
 import pytest
 import zmq
-from feedutil import FakeFeed, topics
-from nflogd_client import scapy_socket, wire
+from feedutil import TS, msg, rec, topics
+from nflogd_client import scapy_socket
 from nflogd_client.scapy_socket import ZMQNFLOGSocket, install_zmq_listener
 from scapy.automaton import ObjectPipe
 from scapy.compat import raw
@@ -26,25 +26,6 @@ WAIT = 10.0  # seconds: the bound on anything that should happen at once
 V4 = raw(IP(src="192.0.2.1", dst="198.51.100.2") / UDP(sport=40000, dport=40001) / b"payload-v4")
 V6 = raw(IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=40000, dport=40002) / b"payload-v6")
 V4_BIG = raw(IP(src="192.0.2.1", dst="198.51.100.3") / UDP(sport=40000, dport=40003) / (b"z" * 400))
-TS = 1_700_000_000_123_456_789  # ns
-
-
-def rec(group: int, data: bytes, ts_ns: int = TS, **kw) -> wire.Packet:
-    hw = 0x86DD if data[:1] == b"\x60" else 0x0800
-    return wire.Packet.build(group, data, ts_ns, **{"hw_protocol": hw, **kw})
-
-
-def msg(group: int, *packets: wire.Packet, first_seq: int = 0, node: str = "r1") -> list[bytes]:
-    return wire.encode(group, node, 1, first_seq, list(packets))
-
-
-@pytest.fixture
-def feed(tmp_path):
-    f = FakeFeed(tmp_path / "feed.sock")
-    try:
-        yield f
-    finally:
-        f.close()
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from feedutil import FakeFeed, topics
+from feedutil import FakeFeed, msg, rec, topics
 from nflogd_client import tap, wire
 from scapy.compat import raw
 from scapy.layers.inet import IP, UDP
@@ -28,31 +28,12 @@ TCPDUMP = shutil.which("tcpdump") or "/usr/bin/tcpdump"  # the Makefile installs
 V4 = raw(IP(src="192.0.2.1", dst="198.51.100.2") / UDP(sport=40000, dport=40001) / b"payload-v4")
 V6 = raw(IPv6(src="2001:db8::1", dst="2001:db8::2") / UDP(sport=40000, dport=40002) / b"payload-v6")
 V4_BIG = raw(IP(src="192.0.2.1", dst="198.51.100.3") / UDP(sport=40000, dport=40003) / (b"z" * 400))
-TS = 1_700_000_000_123_456_789  # ns; pcap keeps microseconds
 SEC, USEC = 1_700_000_000, 123_456
 
 
 def tap_command() -> list[str]:
     script = Path(sys.executable).parent / "nflog-tap"
     return [str(script)] if script.exists() else [sys.executable, "-m", "nflogd_client.tap"]
-
-
-def rec(group: int, data: bytes, ts_ns: int = TS, **kw) -> wire.Packet:
-    hw = 0x86DD if data[:1] == b"\x60" else 0x0800
-    return wire.Packet.build(group, data, ts_ns, **{"hw_protocol": hw, **kw})
-
-
-def msg(group: int, *packets: wire.Packet, first_seq: int = 0) -> list[bytes]:
-    return wire.encode(group, "r1", 1, first_seq, list(packets))
-
-
-@pytest.fixture
-def feed(tmp_path):
-    f = FakeFeed(tmp_path / "feed.sock")
-    try:
-        yield f
-    finally:
-        f.close()
 
 
 @pytest.fixture
