@@ -22,7 +22,8 @@ from ._nflog_cffi import ffi, lib
 from .errors import BufferOverflow, GroupBusy, NFLogError, NoPermission
 
 __all__ = [
-    "NflogSocket", "check", "set_keepcaps", "keep_net_admin", "confine", "RECORD_SIZE", "KERNEL_NLBUFSIZ",
+    "NflogSocket", "check", "set_keepcaps", "keep_net_admin", "confine", "has_capability",
+    "RECORD_SIZE", "KERNEL_NLBUFSIZ",
 ]  # fmt: skip
 
 RECORD_SIZE = ffi.sizeof("struct nflogd_record")
@@ -34,19 +35,24 @@ KERNEL_NLBUFSIZ = 131072
 #: Where the kernel lists bound groups: "group portid qlen copy_mode copy_range timeout use".
 PROC_NFLOG = "/proc/net/netfilter/nfnetlink_log"
 
-CAP_NET_ADMIN = 12
+CAP_NET_ADMIN = 12  # <linux/capability.h>
+
+
+def has_capability(cap: int) -> bool:
+    """True when capability number ``cap`` is in the calling thread's effective set."""
+    try:
+        with open("/proc/thread-self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> cap & 1)
+    except (OSError, ValueError):
+        pass
+    return False
 
 
 def has_net_admin() -> bool:
-    """True when CAP_NET_ADMIN is in this process's effective set."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_NET_ADMIN & 1)
-    except OSError:
-        pass
-    return os.geteuid() == 0
+    """True when CAP_NET_ADMIN, which binding a group needs, is in this thread's effective set."""
+    return has_capability(CAP_NET_ADMIN)
 
 
 def group_holder(group: int) -> int | None:

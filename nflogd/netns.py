@@ -25,6 +25,7 @@ import os
 from typing import Iterator
 
 from .errors import NamespaceError
+from .ffi import has_capability
 
 __all__ = ["RUN_NETNS", "path_of", "identity", "can_enter", "entered"]
 
@@ -53,14 +54,7 @@ def identity(netns: str) -> tuple[int, int]:
 
 def can_enter() -> bool:
     """Whether this thread holds CAP_SYS_ADMIN, without which ``entered`` fails for any namespace."""
-    try:
-        with open("/proc/thread-self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1)
-    except (OSError, ValueError):
-        pass
-    return False
+    return has_capability(CAP_SYS_ADMIN)
 
 
 def _setns(fd: int) -> None:
