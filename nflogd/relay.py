@@ -69,7 +69,7 @@ from . import config, service
 from .access import CurveAccess
 from .errors import NflogdError
 from .metrics import MetricsServer, version
-from .publish import Publisher, check_restart_only
+from .publish import NOBLOCK, SNDMORE_NOBLOCK, Publisher, check_restart_only
 from .sdnotify import Notifier
 from .service import Program
 
@@ -88,10 +88,6 @@ UPSTREAM_HWM = 10_000
 #: retried) when nothing came back for HEARTBEAT_TIMEOUT_MS.
 HEARTBEAT_IVL_MS = 5_000
 HEARTBEAT_TIMEOUT_MS = 15_000
-
-# Plain ints: pyzmq converts its enum flags on every call.
-_NOBLOCK = int(zmq.NOBLOCK)
-_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 
 _MONITOR_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED
@@ -159,21 +155,21 @@ class Upstream:
         recv = self.socket.recv
         for _ in range(BURST):
             try:
-                frame = recv(_NOBLOCK, copy=False)
+                frame = recv(NOBLOCK, copy=False)
             except zmq.Again:
                 return
             frames = [frame]
             size = len(frame)
             while frame.more:  # a message arrives whole: its other frames are there already
-                frame = recv(_NOBLOCK, copy=False)
+                frame = recv(NOBLOCK, copy=False)
                 frames.append(frame)
                 size += len(frame)
             last = frames.pop()
             for out in outs:
                 try:
                     for f in frames:
-                        out.send(f, _SNDMORE_NOBLOCK, copy=False)
-                    out.send(last, _NOBLOCK, copy=False)
+                        out.send(f, SNDMORE_NOBLOCK, copy=False)
+                    out.send(last, NOBLOCK, copy=False)
                 except zmq.Again:  # pragma: no cover - XPUB drops per subscriber, never refuses
                     pass
             self.messages += 1
