@@ -50,6 +50,12 @@ class GroupCounters:
         self.kernel_dropped = 0  # packets missing from the NFLOG sequence
         self.overflows = 0  # ENOBUFS events
 
+    def add(self, other: GroupCounters) -> GroupCounters:
+        """Add ``other``'s counts to these; returns self."""
+        for name in self.__slots__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
 
@@ -246,8 +252,7 @@ class GroupSet:
         """The counters of every group added up."""
         total = GroupCounters()
         for r in self.readers:
-            for name in GroupCounters.__slots__:
-                setattr(total, name, getattr(total, name) + getattr(r.counters, name))
+            total.add(r.counters)
         return total
 
     def close(self) -> None:

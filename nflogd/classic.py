@@ -149,8 +149,7 @@ class NFLOG:
         finally:
             gset.close()
             self._sets.remove(gset)
-            for name, value in gset.totals().as_dict().items():
-                setattr(self._retired, name, getattr(self._retired, name) + value)
+            self._retired.add(gset.totals())
 
     @property
     def counters(self) -> dict[int, GroupCounters]:

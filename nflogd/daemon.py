@@ -58,7 +58,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from . import config, netns, privileges, service
 from .access import CurveAccess
-from .capture import GroupReader
+from .capture import GroupCounters, GroupReader
 from .errors import ConfigError, NamespaceError, NflogdError
 from .metrics import Collector, MetricsServer
 from .publish import Publisher, check_restart_only, make_ipc_dirs
@@ -73,23 +73,6 @@ DEFAULT_CONFIG = "/etc/nflogd.yaml"
 
 #: Kernel batches read from one group before the loop looks at the others.
 BATCHES_PER_TURN = 32
-
-_COUNTER_FIELDS = ("packets", "bytes", "truncated", "kernel_dropped", "overflows")
-
-
-class _Totals:
-    """Counters of a group's closed readers (a group removed by a reload), or a sum."""
-
-    __slots__ = _COUNTER_FIELDS
-
-    def __init__(self):
-        for f in _COUNTER_FIELDS:
-            setattr(self, f, 0)
-
-    def add(self, counters) -> _Totals:
-        for f in _COUNTER_FIELDS:
-            setattr(self, f, getattr(self, f) + int(getattr(counters, f, 0) or 0))
-        return self
 
 
 def _group_error(group: int, err: Exception) -> str:
@@ -106,7 +89,7 @@ class Daemon(Program):
         self.cfg = cfg
         self.path = path
         self.readers: dict = {}  # group -> GroupReader; replaced, never mutated (metrics reads it)
-        self.retired: dict[int, _Totals] = {}
+        self.retired: dict[int, GroupCounters] = {}  # counts of groups a reload closed
         self.registry: CollectorRegistry | None = None
         self.poller = zmq.Poller()
         self._by_fd: dict = {}  # netlink fd -> GroupReader (the poller reports plain fds as ints)
@@ -300,7 +283,7 @@ class Daemon(Program):
         for g in [g for g in readers if g not in wanted or g in moved]:
             reader = readers.pop(g)
             self._unwatch(reader)
-            self.retired[g] = self.retired.get(g, _Totals()).add(reader.counters)
+            self.retired[g] = self.retired.get(g, GroupCounters()).add(reader.counters)
             self._close_reader(reader)
             log.info("group %d closed%s", g, " (moving namespaces)" if g in moved else "")
         for g, reader in readers.items():
@@ -357,7 +340,7 @@ class Daemon(Program):
             if base is None:
                 out.append((g, reader.counters))
             else:
-                total = _Totals().add(base)
+                total = GroupCounters().add(base)
                 if reader is not None:
                     total.add(reader.counters)
                 out.append((g, total))
