@@ -17,7 +17,7 @@ DEBS := libnetfilter-log-dev libmnl-dev gcc libc6-dev pkg-config python3-dev pyt
 # since installing that package would also enable and start a Prometheus server.
 PROMTOOL := $(VENV)/bin/promtool
 DEV_PKGS := pytest pytest-timeout hypothesis ruff
-SOURCES := pyproject.toml setup.py client/pyproject.toml nflogd/_nflog.h nflogd/_nflog.c nflogd/ffi_build.py
+SOURCES := pyproject.toml setup.py client/pyproject.toml nflogd/_nflog.h nflogd/_nflog.c nflogd/_feed.c nflogd/ffi_build.py
 
 .PHONY: all deps debs run test check bench clean
 all: test

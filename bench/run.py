@@ -190,7 +190,9 @@ class Daemon:
         endpoint = f"ipc://{tmp}/feed.sock"
         cfg = daemon_config(tmp, endpoint)
         nflogd = os.path.join(os.path.dirname(PY), "nflogd")
-        self.proc = ns.popen(nflogd, "-c", cfg, stderr=subprocess.PIPE, text=True)
+        self.proc = ns.popen(
+            *os.environ.get("NFLOGD_WRAP", "").split(), nflogd, "-c", cfg, stderr=subprocess.PIPE, text=True
+        )
         wait_line(self.proc, self.proc.stderr, "capturing")
         cmd = [PY, os.path.join(HERE, "subscriber_count.py"), endpoint, str(OURS)]
         if latency:

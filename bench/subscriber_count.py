@@ -1,6 +1,6 @@
 """A counting subscriber for the bench: ENDPOINT GROUP [--latency]; counts until SIGTERM.
 
-Prints "ready" once its subscription is in place, then one JSON line: packets, feed loss,
+Prints "ready" once its subscription is in place, then one JSON line: packets, messages, feed loss,
 and with --latency the send-to-receive delay percentiles (from bench/flood.c's stamps).
 """
 
@@ -29,7 +29,7 @@ def main() -> None:
         stop = True
 
     signal.signal(signal.SIGTERM, on_term)
-    packets = 0
+    packets = messages = 0
     delays = []
     with Subscriber(a.endpoint, groups=a.group) as sub:
         time.sleep(0.3)  # let the subscription reach the publisher
@@ -39,12 +39,13 @@ def main() -> None:
             if batch is None:
                 continue
             packets += len(batch.packets)
+            messages += 1
             if a.latency:
                 now = time.time_ns()
                 for p in batch.packets:
                     off = UDP_PAYLOAD.get(p.hw_protocol, 28)
                     delays.append((now - STAMP.unpack_from(p.data, off)[0]) / 1e6)
-        out = {"packets": packets, "lost": sub.total_lost}
+        out = {"packets": packets, "messages": messages, "lost": sub.total_lost}
     if delays:
         delays.sort()
         pick = lambda q: round(delays[min(len(delays) - 1, int(q * len(delays)))], 2)  # noqa: E731

@@ -13,6 +13,7 @@
 #include <unistd.h>
 #include <arpa/inet.h>
 #include <endian.h>
+#include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -30,6 +31,10 @@
 #define RXBUF_SIZE (256 * 1024)
 /* The smallest packet message: nlmsghdr (16) + nfgenmsg (4) + NFULA_PACKET_HDR (8). */
 #define MIN_PACKET_MSG 28
+/* Receive buffers one nflogd_read() takes when the kernel has queued several: the first,
+ * and as many more as are already waiting, into one batch (one feed message). Each must
+ * fit whatever it holds, so the batch has room for this many full receive buffers. */
+#define BUFFERS_PER_READ 4
 
 #if __BYTE_ORDER != __LITTLE_ENDIAN
 #error "the record table is the wire format's little-endian layout: add byte swapping first"
@@ -41,15 +46,23 @@ struct nflogd_reader *nflogd_reader_new(uint16_t group)
     if (!r)
         return NULL;
     r->fd = -1;
+    r->wake_fd = -1;
     r->group = group;
     r->rxbuf_size = RXBUF_SIZE;
-    /* Room for two receive buffers: a bind's ack may follow a first batch (see configure). */
-    r->max_records = 2 * (RXBUF_SIZE / MIN_PACKET_MSG + 1);
-    r->data_cap = 2 * RXBUF_SIZE;
+    r->qthresh = 1;
+    r->nlbufsiz = 131072;
+    /* Room for BUFFERS_PER_READ receive buffers (a bind's ack may also follow a first batch,
+     * see configure). Pages are touched only as batches grow that large. */
+    r->max_records = BUFFERS_PER_READ * (RXBUF_SIZE / MIN_PACKET_MSG + 1);
+    r->data_cap = BUFFERS_PER_READ * RXBUF_SIZE;
     r->rxbuf = malloc(r->rxbuf_size);
     r->records = calloc(r->max_records, sizeof(struct nflogd_record));
     r->data = malloc(r->data_cap);
     if (!r->rxbuf || !r->records || !r->data)
+        goto fail;
+    /* nflogd_wake() ends a wait in nflogd_read() from another thread. */
+    r->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (r->wake_fd < 0)
         goto fail;
 
     struct mnl_socket *nl = mnl_socket_open(NETLINK_NETFILTER);
@@ -69,6 +82,8 @@ struct nflogd_reader *nflogd_reader_new(uint16_t group)
 
 fail:;
     int err = errno ? errno : ENOMEM;
+    if (r->wake_fd >= 0)
+        close(r->wake_fd);
     free(r->rxbuf);
     free(r->records);
     free(r->data);
@@ -83,6 +98,8 @@ void nflogd_reader_free(struct nflogd_reader *r)
         return;
     if (r->nl)
         mnl_socket_close(r->nl);
+    if (r->wake_fd >= 0)
+        close(r->wake_fd);
     free(r->rxbuf);
     free(r->records);
     free(r->data);
@@ -127,19 +144,59 @@ static uint32_t real_length(const uint8_t *p, uint32_t caplen, uint16_t proto, u
 
 static inline uint32_t attr_be32(const struct nlattr *a)
 {
-    return ntohl(mnl_attr_get_u32(a));
+    uint32_t v;
+    memcpy(&v, (const char *)a + NLA_HDRLEN, sizeof(v));
+    return ntohl(v);
 }
 
-/* One NFULNL_MSG_PACKET message into the next record. See __build_packet_message(). */
+static inline const void *attr_data(const struct nlattr *a)
+{
+    return (const char *)a + NLA_HDRLEN;
+}
+
+static inline uint32_t attr_len(const struct nlattr *a)
+{
+    return a->nla_len - NLA_HDRLEN;
+}
+
+/* The least payload each attribute we read must have (nfnetlink_log.h's types); 0: any. */
+static const uint8_t attr_min[NFULA_MAX + 1] = {
+    [NFULA_PACKET_HDR] = sizeof(struct nfulnl_msg_packet_hdr),
+    [NFULA_MARK] = 4,
+    [NFULA_TIMESTAMP] = sizeof(struct nfulnl_msg_packet_timestamp),
+    [NFULA_IFINDEX_INDEV] = 4,
+    [NFULA_IFINDEX_OUTDEV] = 4,
+    [NFULA_IFINDEX_PHYSINDEV] = 4,
+    [NFULA_IFINDEX_PHYSOUTDEV] = 4,
+    [NFULA_HWADDR] = sizeof(struct nfulnl_msg_packet_hw),
+    [NFULA_UID] = 4,
+    [NFULA_SEQ] = 4,
+    [NFULA_GID] = 4,
+};
+
+/* One NFULNL_MSG_PACKET message into the next record. See __build_packet_message().
+ * The attributes are walked inline (NLA_ALIGN steps, as mnl_attr_for_each_payload does),
+ * each checked against its least size; one that overruns the message ends the walk. */
 static void parse_packet(struct nflogd_reader *r, const struct nlmsghdr *nlh, uint64_t rx_ns)
 {
-    struct nlattr *attr[NFULA_MAX + 1] = { 0 };
-    if (nflog_nlmsg_parse(nlh, attr) < 0)
+    const struct nlattr *attr[NFULA_MAX + 1] = { 0 };
+    const char *pos = (const char *)nlh + NLMSG_HDRLEN + NLMSG_ALIGN(sizeof(struct nfgenmsg));
+    const char *end = (const char *)nlh + nlh->nlmsg_len;
+    if (pos > end)
         return;
-    uint32_t need = (attr[NFULA_PAYLOAD] ? mnl_attr_get_payload_len(attr[NFULA_PAYLOAD]) : 0)
-                  + (attr[NFULA_PREFIX] ? mnl_attr_get_payload_len(attr[NFULA_PREFIX]) : 0);
+    while (end - pos >= NLA_HDRLEN) {
+        const struct nlattr *a = (const struct nlattr *)pos;
+        if (a->nla_len < NLA_HDRLEN || a->nla_len > end - pos)
+            break;
+        uint16_t type = a->nla_type & NLA_TYPE_MASK;
+        if (type <= NFULA_MAX && a->nla_len - NLA_HDRLEN >= attr_min[type])
+            attr[type] = a;
+        pos += NLA_ALIGN(a->nla_len);
+    }
+    uint32_t need = (attr[NFULA_PAYLOAD] ? attr_len(attr[NFULA_PAYLOAD]) : 0)
+                  + (attr[NFULA_PREFIX] ? attr_len(attr[NFULA_PREFIX]) : 0);
     if (r->count >= r->max_records || r->data_len + need > r->data_cap) {
-        /* Only while a bind waits for its ack behind more than one batch: count, don't keep. */
+        /* Only while a bind waits for its ack behind several batches: count, don't keep. */
         r->lost++;
         if (attr[NFULA_SEQ])
             r->next_seq = attr_be32(attr[NFULA_SEQ]) + 1;
@@ -152,7 +209,7 @@ static void parse_packet(struct nflogd_reader *r, const struct nlmsghdr *nlh, ui
     uint16_t present = 0;
 
     if (attr[NFULA_PACKET_HDR]) {
-        const struct nfulnl_msg_packet_hdr *ph = mnl_attr_get_payload(attr[NFULA_PACKET_HDR]);
+        const struct nfulnl_msg_packet_hdr *ph = attr_data(attr[NFULA_PACKET_HDR]);
         rec->hw_protocol = ntohs(ph->hw_protocol);
         rec->hook = ph->hook;
     }
@@ -163,7 +220,7 @@ static void parse_packet(struct nflogd_reader *r, const struct nlmsghdr *nlh, ui
             rec->hw_protocol = 0x86dd;
     }
     if (attr[NFULA_TIMESTAMP]) {
-        const struct nfulnl_msg_packet_timestamp *ts = mnl_attr_get_payload(attr[NFULA_TIMESTAMP]);
+        const struct nfulnl_msg_packet_timestamp *ts = attr_data(attr[NFULA_TIMESTAMP]);
         rec->ts_ns = be64toh(ts->sec) * 1000000000ull + be64toh(ts->usec) * 1000ull;
         present |= NFLOGD_F_TS_KERNEL;
     } else {
@@ -184,7 +241,7 @@ static void parse_packet(struct nflogd_reader *r, const struct nlmsghdr *nlh, ui
     OPT32(NFULA_SEQ, kernel_seq, NFLOGD_F_KSEQ)
 #undef OPT32
     if (attr[NFULA_HWADDR]) {
-        const struct nfulnl_msg_packet_hw *hw = mnl_attr_get_payload(attr[NFULA_HWADDR]);
+        const struct nfulnl_msg_packet_hw *hw = attr_data(attr[NFULA_HWADDR]);
         uint16_t n = ntohs(hw->hw_addrlen);
         if (n > sizeof(rec->hwaddr))
             n = sizeof(rec->hwaddr);
@@ -195,8 +252,8 @@ static void parse_packet(struct nflogd_reader *r, const struct nlmsghdr *nlh, ui
 
     rec->data_off = r->data_len;
     if (attr[NFULA_PAYLOAD]) {
-        uint32_t n = mnl_attr_get_payload_len(attr[NFULA_PAYLOAD]);
-        const uint8_t *p = mnl_attr_get_payload(attr[NFULA_PAYLOAD]);
+        uint32_t n = attr_len(attr[NFULA_PAYLOAD]);
+        const uint8_t *p = attr_data(attr[NFULA_PAYLOAD]);
         memcpy(r->data + r->data_len, p, n);
         r->data_len += n;
         rec->caplen = n;
@@ -204,8 +261,8 @@ static void parse_packet(struct nflogd_reader *r, const struct nlmsghdr *nlh, ui
         present |= NFLOGD_F_PAYLOAD;
     }
     if (attr[NFULA_PREFIX]) {  /* NUL-terminated (nla_put with strlen + 1) */
-        const char *s = mnl_attr_get_str(attr[NFULA_PREFIX]);
-        uint32_t n = strnlen(s, mnl_attr_get_payload_len(attr[NFULA_PREFIX]));
+        const char *s = attr_data(attr[NFULA_PREFIX]);
+        uint32_t n = strnlen(s, attr_len(attr[NFULA_PREFIX]));
         memcpy(r->data + r->data_len, s, n);
         rec->prefix_off = r->data_len;
         rec->prefix_len = (uint16_t)n;
@@ -279,6 +336,9 @@ int nflogd_configure(struct nflogd_reader *r, int bind, uint32_t copy_range, uin
     else
         nflog_attr_put_cfg_mode(nlh, NFULNL_COPY_META, 0);
     mnl_attr_put_u32(nlh, NFULA_CFG_QTHRESH, htonl(qthresh));
+    r->qthresh = qthresh ? qthresh : 1;
+    if (nlbufsiz)
+        r->nlbufsiz = nlbufsiz;
     mnl_attr_put_u32(nlh, NFULA_CFG_TIMEOUT, htonl(timeout_cs));   /* 1/100 s */
     if (nlbufsiz)
         mnl_attr_put_u32(nlh, NFULA_CFG_NLBUFSIZ, htonl(nlbufsiz));
@@ -335,27 +395,18 @@ int nflogd_unbind(struct nflogd_reader *r)
     return 0;
 }
 
-int nflogd_read(struct nflogd_reader *r, int timeout_ms)
+/* What receive_one() got: nothing waiting, a buffer the kernel sent before it was full (its
+ * flush timer: likely nothing behind it), or a full one (qthreshold packets, or half of
+ * nlbufsiz and more: likely more behind it). */
+enum { GOT_NOTHING = 0, GOT_PARTIAL = 1, GOT_FULL = 2 };
+
+/* One receive buffer into the batch: GOT_*, or -errno (ENOBUFS counted). */
+static int receive_one(struct nflogd_reader *r)
 {
-    if (r->pending) {  /* records that arrived while configure() waited for its ack */
-        r->pending = 0;
-        return (int)r->count;
-    }
-    reset_batch(r);
-    /* Under load a batch is usually waiting: try it first, and poll only when there is none. */
     ssize_t n = recv(r->fd, r->rxbuf, r->rxbuf_size, MSG_DONTWAIT | MSG_TRUNC);
-    if (n < 0 && errno == EAGAIN && timeout_ms != 0) {
-        struct pollfd pfd = { .fd = r->fd, .events = POLLIN };
-        int rc = poll(&pfd, 1, timeout_ms);
-        if (rc == 0)
-            return 0;
-        if (rc < 0)
-            return errno == EINTR ? 0 : -errno;
-        n = recv(r->fd, r->rxbuf, r->rxbuf_size, MSG_DONTWAIT | MSG_TRUNC);
-    }
     if (n < 0) {
         if (errno == EAGAIN || errno == EINTR)
-            return 0;
+            return GOT_NOTHING;
         if (errno == ENOBUFS)
             r->overflows++;
         return -errno;
@@ -365,8 +416,71 @@ int nflogd_read(struct nflogd_reader *r, int timeout_ms)
         n = r->rxbuf_size;
     }
     int err = 0;
+    uint32_t before = r->count;
     parse_buffer(r, r->rxbuf, (int)n, 0, &err);
-    return (int)r->count;
+    r->buffers++;
+    return r->count - before >= r->qthresh || (uint32_t)n >= r->nlbufsiz / 2 ? GOT_FULL : GOT_PARTIAL;
+}
+
+static int read_batch(struct nflogd_reader *r, int timeout_ms);
+
+int nflogd_read(struct nflogd_reader *r, int timeout_ms)
+{
+    int n;
+    if (r->pending) {  /* records that arrived while configure() waited for its ack */
+        r->pending = 0;
+        n = (int)r->count;
+    } else {
+        n = read_batch(r, timeout_ms);
+    }
+    if (n > 0) {
+        r->packets += (uint32_t)n;
+        r->bytes += r->batch_bytes;
+        r->truncated += r->batch_truncated;
+    }
+    return n;
+}
+
+static int read_batch(struct nflogd_reader *r, int timeout_ms)
+{
+    reset_batch(r);
+    /* Under load a batch is usually waiting: try it first. After a batch the flush timer
+     * sent (light load), poll first: the queue is most likely empty. */
+    int rc = r->idle && timeout_ms != 0 ? GOT_NOTHING : receive_one(r);
+    if (rc == GOT_NOTHING && timeout_ms != 0) {
+        struct pollfd pfd[2] = { { .fd = r->fd, .events = POLLIN }, { .fd = r->wake_fd, .events = POLLIN } };
+        int ready = poll(pfd, 2, timeout_ms);
+        if (ready < 0)
+            return errno == EINTR ? 0 : -errno;
+        if (pfd[1].revents) {
+            uint64_t v;
+            if (read(r->wake_fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
+                return -errno;
+        }
+        if (!pfd[0].revents)
+            return 0;
+        rc = receive_one(r);
+    }
+    if (rc < 0)
+        return rc;
+    /* What the kernel queued behind a full buffer joins this batch while it surely fits: one
+     * wakeup and one feed message for all of it. An overrun here is counted; the batch goes
+     * out first. */
+    for (int k = 1; rc == GOT_FULL && k < BUFFERS_PER_READ; k++) {
+        if (r->count + r->rxbuf_size / MIN_PACKET_MSG + 1 > r->max_records
+            || r->data_len + r->rxbuf_size > r->data_cap)
+            break;
+        rc = receive_one(r);
+    }
+    r->idle = rc != GOT_FULL;
+    return rc < 0 && !r->count ? rc : (int)r->count;
+}
+
+int nflogd_wake(struct nflogd_reader *r)
+{
+    uint64_t one = 1;
+    __atomic_store_n(&r->woken, 1, __ATOMIC_RELEASE);
+    return write(r->wake_fd, &one, sizeof(one)) < 0 && errno != EAGAIN ? -errno : 0;
 }
 
 int nflogd_set_keepcaps(int on)

@@ -45,6 +45,7 @@ struct nflogd_record {
 /* A reader of one group. Buffers are owned by the C side (nflogd_reader_new/free). */
 struct nflogd_reader {
     int fd;
+    int wake_fd;                /* eventfd: nflogd_wake() ends nflogd_read()'s wait */
     uint16_t group;
     uint32_t portid;
 
@@ -57,12 +58,25 @@ struct nflogd_reader {
     uint32_t batch_truncated;   /* records with caplen < len */
 
     /* Totals since the bind. */
+    uint64_t packets;           /* records read */
+    uint64_t bytes;             /* their real lengths */
+    uint64_t truncated;         /* records with caplen < len */
     uint64_t lost;              /* packets missing from NFULA_SEQ gaps */
     uint64_t overflows;         /* ENOBUFS events */
     uint64_t truncated_msgs;    /* receive buffers the kernel sent larger than ours (MSG_TRUNC) */
+    uint64_t buffers;           /* receive buffers (kernel batches) read */
     int last_error;             /* errno of the last NLMSG_ERROR the kernel sent us, 0 if none */
 
+    /* The feed (nflogd_pump): the next message's first_seq, and kernel drops of earlier
+     * readers of this group that the feed's cumulative kernel_dropped includes. */
+    uint64_t feed_seq;
+    uint64_t dropped_base;
+    int woken;                  /* set by nflogd_wake(): nflogd_pump() returns */
+
     /* Sequence tracking and internals. */
+    uint32_t qthresh;           /* as configured: a buffer this full likely has more behind it */
+    uint32_t nlbufsiz;
+    int idle;                   /* the last read found the queue empty, or a timer's batch */
     uint32_t next_seq;
     int pending;                /* records parsed while waiting for an ack, not yet handed out */
     uint32_t nl_seq;
@@ -90,10 +104,15 @@ int nflogd_configure(struct nflogd_reader *r, int bind, uint32_t copy_range, uin
 /* Unbind the group (NFULNL_CFG_CMD_UNBIND); 0 or -errno. */
 int nflogd_unbind(struct nflogd_reader *r);
 
-/* Wait up to timeout_ms (0: don't wait, -1: forever) for one kernel batch, receive it and
- * parse every message in it into records. Returns the record count (0: nothing arrived, or
- * a buffer without packets), -ENOBUFS after an overrun (counted), or another -errno. */
+/* Wait up to timeout_ms (0: don't wait, -1: forever) for a kernel batch, receive it and any
+ * the kernel queued behind it (up to 4 receive buffers), and parse every message into
+ * records. Returns the record count (0: nothing arrived, a buffer without packets, or
+ * nflogd_wake()), -ENOBUFS after an overrun before anything was read (counted; one later in
+ * the call is counted and the records go out), or another -errno. The GIL is released. */
 int nflogd_read(struct nflogd_reader *r, int timeout_ms);
+
+/* End the wait of an nflogd_read() in another thread (it returns 0); 0 or -errno. */
+int nflogd_wake(struct nflogd_reader *r);
 
 /* Keep only CAP_NET_ADMIN in the permitted and effective sets (after setuid with
  * PR_SET_KEEPCAPS); 0 or -errno. */
@@ -105,3 +124,28 @@ int nflogd_set_keepcaps(int on);
  * and set PR_SET_NO_NEW_PRIVS, so that no execve() gives back what capset() takes away.
  * Threads created afterwards inherit both. 0 or -errno. */
 int nflogd_confine(void);
+
+/* The feed: pyzmq's XPUB sockets, shared by the capture threads (nflogd_pump) and the
+ * control thread, which holds nflogd_feed_lock() for every use of them (_feed.c). */
+struct nflogd_feed;
+
+/* Take the libzmq functions the feed needs from the library at path, which pyzmq must
+ * have loaded already (never a second copy); its version in *major.*minor.*patch.
+ * 0, -ENOENT (not loaded) or -ENOSYS (a function missing). */
+int nflogd_zmq_load(const char *path, int *major, int *minor, int *patch);
+
+struct nflogd_feed *nflogd_feed_new(uint64_t epoch);
+void nflogd_feed_free(struct nflogd_feed *f);
+void nflogd_feed_lock(struct nflogd_feed *f);
+void nflogd_feed_unlock(struct nflogd_feed *f);
+/* Both under the lock: the sockets (libzmq's void *; NULL for none), the node name. */
+int nflogd_feed_set_sockets(struct nflogd_feed *f, void *first, void *second);
+int nflogd_feed_set_node(struct nflogd_feed *f, const char *node, uint32_t len);
+uint64_t nflogd_feed_sent(struct nflogd_feed *f);
+uint64_t nflogd_feed_unsent(struct nflogd_feed *f);
+
+/* Read r and send each batch on f (NULL: read and count only) as one wire-format message,
+ * first_seq from r->feed_seq, until a read gets nothing within timeout_ms or nflogd_wake()
+ * was called (0), an overrun was counted (1: the caller warns and calls again), or an
+ * error (-errno). Runs without the GIL. */
+int nflogd_pump(struct nflogd_reader *r, struct nflogd_feed *f, int timeout_ms);

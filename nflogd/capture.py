@@ -102,7 +102,8 @@ class GroupReader:
     def __init__(self, settings, *, warn_overflow: bool = True):
         self.settings = settings
         self.group: int = settings.group
-        self.counters = GroupCounters()
+        self._counters = GroupCounters()
+        self._overflows_seen = 0
         self.warn_overflow = warn_overflow
         self._last_overflow: float | None = None
         self._sock = None
@@ -135,32 +136,63 @@ class GroupReader:
     def closed(self) -> bool:
         return self._sock is None
 
-    def read(self, timeout: float | None = 0) -> Batch | None:
-        """One kernel batch, or None when none arrived within ``timeout`` seconds.
+    def read(self, timeout: float | None = 0, *, copy: bool = True) -> Batch | None:
+        """One batch, or None when none arrived within ``timeout`` seconds (or ``wake()``).
 
-        ``timeout`` 0 does not wait, None waits until a batch comes. The wait happens in C
-        with the GIL released.
+        A batch is what the kernel sent, with whatever it queued behind it while this call
+        ran (one receive buffer at light load). ``timeout`` 0 does not wait, None waits
+        until a batch comes. The wait and the parsing happen in C with the GIL released.
+        ``copy=False`` gives a batch whose ``table`` and ``data`` are views of the reader's
+        buffers, valid only until the next read: the capture loop sends them at once.
         """
         ms = -1 if timeout is None else math.ceil(timeout * 1000)
         sock = self._sock
-        c = self.counters
         try:
             n = sock.read(ms)
         except BufferOverflow:
             n = 0
+        if sock.overflows != self._overflows_seen:
             self._overflowed()
-        c.kernel_dropped = sock.lost
-        c.overflows = sock.overflows
         if not n:
             return None
-        c.packets += n
-        nbytes = sock.batch_bytes
-        truncated = sock.batch_truncated
-        c.bytes += nbytes
-        c.truncated += truncated
-        return Batch(self.group, n, sock.table(n), sock.data(), nbytes, truncated)
+        table, data = sock.views(n) if not copy else (sock.table(n), sock.data())
+        return Batch(self.group, n, table, data, sock.batch_bytes, sock.batch_truncated)
+
+    def pump(self, feed, timeout: float) -> None:
+        """Read and send every batch on ``feed`` (a ``ffi.CFeed``; None only counts) in C,
+        until a read gets nothing within ``timeout`` seconds or ``wake()`` is called. The
+        feed's ``first_seq`` continues from ``feed_seq``; overruns are warned about here."""
+        if self._sock.pump(feed, math.ceil(timeout * 1000)):
+            self._overflowed()
+
+    @property
+    def feed_seq(self) -> int:
+        """The next message's ``first_seq`` for ``pump()``."""
+        return self._sock.feed_seq
+
+    @feed_seq.setter
+    def feed_seq(self, value: int) -> None:
+        self._sock.feed_seq = value
+
+    def set_dropped_base(self, dropped: int) -> None:
+        """Kernel drops of earlier readers of this group, which the feed's count includes."""
+        self._sock.dropped_base = dropped
+
+    @property
+    def counters(self) -> GroupCounters:
+        """The group's totals since the bind, read from the C reader (kept after close())."""
+        c, sock = self._counters, self._sock
+        if sock is not None:
+            c.packets, c.bytes, c.truncated = sock.packets, sock.bytes, sock.truncated
+            c.kernel_dropped, c.overflows = sock.lost, sock.overflows
+        return c
+
+    def wake(self) -> None:
+        """End a ``read()`` another thread waits in; it returns None."""
+        self._sock.wake()
 
     def _overflowed(self) -> None:
+        self._overflows_seen = self._sock.overflows
         now = time.monotonic()
         first = self._last_overflow is None or now - self._last_overflow > OVERFLOW_EPISODE_GAP
         self._last_overflow = now
@@ -186,8 +218,9 @@ class GroupReader:
         self.settings = settings
 
     def close(self) -> None:
-        """Unbind the group and close the socket; idempotent."""
+        """Unbind the group and close the socket; idempotent. The counters stay readable."""
         if self._sock is not None:
+            self._counters = GroupCounters().add(self.counters)  # their last values
             self._sock.close()
             self._sock = None
 

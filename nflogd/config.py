@@ -115,7 +115,7 @@ class GroupConfig:
 
     group: int
     copy_range: int = 65535
-    queue_threshold: int = 256
+    queue_threshold: int = 1024
     flush_ms: int = 10
     rcvbuf: int = 8 * 2**20
     netns: str | None = None

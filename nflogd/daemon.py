@@ -12,9 +12,12 @@ Start-up order: load the config; bind every group; drop privileges (config
 ``user``; without one, CAP_NET_ADMIN at most all the same) while the process
 has one thread; umask 0o007; the ZeroMQ context; the CURVE authenticator
 (``publish.curve``; before the CURVE socket binds); the publisher; the metrics
-HTTP server; ``READY=1``. Every thread starts after the drop. Then one poll loop
-over the groups' netlink sockets, the feed socket, its monitor and a
-signal wakeup socket; signal handlers do nothing but wake it.
+HTTP server; a capture thread per group (``nflogd.capture_loop``); ``READY=1``.
+Every thread starts after the drop. The capture threads read their groups and
+publish each batch on their own; the main thread is the control plane: one poll
+loop over a signal wakeup socket, the feed sockets' subscriptions, their
+monitors and the capture threads' fault pipe, with the watchdog; signal handlers
+do nothing but wake it. A capture thread that fails stops the daemon (exit 1).
 
 SIGHUP rereads the config. An invalid one is logged on one line and the
 running config stays. Otherwise, applied without a restart:
@@ -59,6 +62,7 @@ from prometheus_client.registry import CollectorRegistry
 from . import config, netns, privileges, service
 from .access import CurveAccess
 from .capture import GroupCounters, GroupReader
+from .capture_loop import CaptureLoop
 from .errors import ConfigError, NamespaceError, NflogdError
 from .metrics import Collector, MetricsServer
 from .publish import Publisher, check_restart_only, make_ipc_dirs
@@ -71,8 +75,9 @@ log = logging.getLogger("nflogd")
 
 DEFAULT_CONFIG = "/etc/nflogd.yaml"
 
-#: Kernel batches read from one group before the loop looks at the others.
-BATCHES_PER_TURN = 32
+#: The control loop looks at the feed's subscriptions at least this often, in ms: a
+#: capture thread's send can take the wakeup that the feed socket's fd would have given.
+FEED_CHECK_MS = 250
 
 
 def _group_error(group: int, err: Exception) -> str:
@@ -92,7 +97,8 @@ class Daemon(Program):
         self.retired: dict[int, GroupCounters] = {}  # counts of groups a reload closed
         self.registry: CollectorRegistry | None = None
         self.poller = zmq.Poller()
-        self._by_fd: dict = {}  # netlink fd -> GroupReader (the poller reports plain fds as ints)
+        self.loops: dict[int, CaptureLoop] = {}  # group -> its capture thread
+        self._fault_r, self._fault_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # a capture thread failed
 
     # -- start -----------------------------------------------------------------
 
@@ -118,8 +124,11 @@ class Daemon(Program):
         if cfg.metrics is not None:
             self.metrics_server = MetricsServer(cfg.metrics.host, cfg.metrics.port, self.registry)
         self.poller.register(self._wakeup.fileno(), zmq.POLLIN)
-        for sock in (*publisher.sockets, *publisher.monitors):
-            self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self._fault_r, zmq.POLLIN)
+        for fd in publisher.fds:
+            self.poller.register(fd, zmq.POLLIN)
+        for mon in publisher.monitors:
+            self.poller.register(mon, zmq.POLLIN)
         for reader in self.readers.values():
             self._watch(reader)
         log.info("capturing %s", self._groups_text())
@@ -161,60 +170,67 @@ class Daemon(Program):
         return False
 
     def _watch(self, reader) -> None:
-        fd = reader.fileno()
-        self._by_fd[fd] = reader
-        self.poller.register(fd, zmq.POLLIN)
+        """Start the group's capture thread."""
+        g = reader.group
+        retired = self.retired
+
+        def base_dropped() -> int:
+            base = retired.get(g)
+            return base.kernel_dropped if base is not None else 0
+
+        loop = CaptureLoop(reader, self.publisher, on_error=self._capture_failed, base_dropped=base_dropped)
+        self.loops[g] = loop
+        loop.start()
 
     def _unwatch(self, reader) -> None:
-        fd = reader.fileno()
-        self._by_fd.pop(fd, None)
-        self.poller.unregister(fd)
+        """Stop the group's capture thread; the batch it is sending goes out first."""
+        loop = self.loops.pop(reader.group, None)
+        if loop is not None:
+            loop.stop()
+
+    def _capture_failed(self) -> None:
+        """Called in a capture thread that stops on an error: wake the control loop."""
+        try:
+            os.write(self._fault_w, b"!")
+        except OSError:
+            pass
 
     # -- loop ------------------------------------------------------------------
 
     def run(self) -> None:
-        """Poll until SIGTERM/SIGINT."""
+        """Serve the control plane until SIGTERM/SIGINT; the capture threads do the rest."""
         interval = self.notifier.watchdog_interval
         next_wd = time.monotonic() + interval if interval else None
         publisher = self.publisher
         assert publisher is not None and self._wakeup is not None
-        wake_fd = self._wakeup.fileno()
-        feed_sockets, feed_monitors = publisher.sockets, publisher.monitors
-        by_fd = self._by_fd
+        wake_fd, fault_fd = self._wakeup.fileno(), self._fault_r
+        feed_monitors = publisher.monitors
+        more = False  # subscriptions left for the next turn
         while not self._stop:
-            if next_wd is None:
-                timeout = None
-            else:
-                timeout = max(0, math.ceil((next_wd - time.monotonic()) * 1000))
+            timeout = 0 if more else FEED_CHECK_MS
+            if next_wd is not None:
+                timeout = min(timeout, max(0, math.ceil((next_wd - time.monotonic()) * 1000)))
             for obj, _ in self.poller.poll(timeout):
-                if obj in feed_sockets:
-                    publisher.handle_incoming()
-                elif obj in feed_monitors:
+                if obj in feed_monitors:
                     publisher.handle_monitor()
                 elif obj == wake_fd:
                     self._handle_signals()
-                else:
-                    reader = by_fd.get(obj)  # None: closed by a reload earlier this turn
-                    if reader is not None:
-                        self._drain(reader)
+                elif obj == fault_fd:
+                    self._check_capture()
+            more = publisher.handle_incoming()
             if next_wd is not None and time.monotonic() >= next_wd:
                 self.notifier.watchdog()
                 next_wd = time.monotonic() + interval
 
-    def _drain(self, reader) -> None:
-        publisher = self.publisher
-        base = self.retired.get(reader.group)
-        for _ in range(BATCHES_PER_TURN):
-            try:
-                batch = reader.read(0)
-            except NflogdError as e:
-                raise NflogdError(_group_error(reader.group, e)) from None
-            if batch is None:
-                return
-            dropped = reader.counters.kernel_dropped
-            if base is not None:
-                dropped += base.kernel_dropped
-            publisher.publish(batch, dropped)
+    def _check_capture(self) -> None:
+        """Raise the error that stopped a capture thread (the daemon exits 1)."""
+        try:
+            os.read(self._fault_r, 4096)
+        except OSError:
+            pass
+        for loop in self.loops.values():
+            if loop.error is not None:
+                raise NflogdError(_group_error(loop.group, loop.error))
 
     # -- reload ----------------------------------------------------------------
 
@@ -366,12 +382,22 @@ class Daemon(Program):
             log.warning("group %d: close failed: %s", reader.group, e)
 
     def close(self) -> None:
-        """Unbind the groups and release everything; safe after a failed start."""
+        """Stop the capture threads, unbind the groups and release everything; safe after a
+        failed start."""
         self.notifier.stopping()
+        loops, self.loops = self.loops, {}
+        for loop in loops.values():
+            loop.stop()
         readers, self.readers = self.readers, {}
         for reader in readers.values():
             self._close_reader(reader)
         self._release()
+        for fd in (self._fault_r, self._fault_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fault_r = self._fault_w = -1
 
 
 def main(argv: list[str] | None = None) -> int:

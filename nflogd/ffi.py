@@ -1,7 +1,7 @@
-"""The binding to nflogd's compiled NFLOG reader (``_nflog.c``): one netlink socket, one group.
+"""The binding to nflogd's compiled C: the NFLOG reader (``_nflog.c``) and the feed sender (``_feed.c``).
 
-Nothing else lives here: errno becomes an exception in one place (``check``), and kernel
-units appear only here (the flush timeout goes to the kernel in 1/100 s)::
+errno becomes an exception in one place (``check``), and kernel units appear only here
+(the flush timeout goes to the kernel in 1/100 s)::
 
     sock = NflogSocket(5)
     sock.set_rcvbuf(8 << 20)
@@ -9,7 +9,12 @@ units appear only here (the flush timeout goes to the kernel in 1/100 s)::
     n = sock.read(timeout_ms=100)      # records in sock.table(n), payloads in sock.data()
     sock.close()
 
-The blocking read releases the GIL (CFFI does for every call into the module).
+    feed = CFeed.create(epoch)         # None when pyzmq's libzmq cannot be shared
+    with feed:                         # the mutex every user of the sockets holds
+        feed.set_sockets([xpub]); feed.set_node(b"r1")
+    sock.pump(feed, timeout_ms=1000)   # read and publish until idle, woken or overrun
+
+Every call releases the GIL (CFFI does for every call into the module).
 """
 
 from __future__ import annotations
@@ -17,12 +22,13 @@ from __future__ import annotations
 import errno
 import math
 import os
+import threading
 
 from ._nflog_cffi import ffi, lib
 from .errors import BufferOverflow, GroupBusy, NFLogError, NoPermission
 
 __all__ = [
-    "NflogSocket", "check", "set_keepcaps", "keep_net_admin", "confine", "has_capability",
+    "NflogSocket", "CFeed", "check", "set_keepcaps", "keep_net_admin", "confine", "has_capability",
     "RECORD_SIZE", "KERNEL_NLBUFSIZ",
 ]  # fmt: skip
 
@@ -138,6 +144,58 @@ class NflogSocket:
         """The last batch's payloads and prefixes, which the records point into."""
         return ffi.buffer(self._r.data, self._r.data_len)[:]
 
+    def views(self, count: int) -> tuple[memoryview, memoryview]:
+        """``table(count)`` and ``data()`` without a copy: valid only until the next read()."""
+        r = self._r
+        return (
+            memoryview(ffi.buffer(r.records, count * RECORD_SIZE)),
+            memoryview(ffi.buffer(r.data, r.data_len)),
+        )
+
+    def wake(self) -> None:
+        """End a read() or pump() that another thread is waiting in (it returns 0)."""
+        check(lib.nflogd_wake(self._r), self.group, "wake")
+
+    def pump(self, feed: CFeed | None, timeout_ms: int) -> bool:
+        """Read batches and send each on ``feed`` (None: only count them) until a read gets
+        nothing within ``timeout_ms`` or wake() was called (False), or an overrun was
+        counted (True). Raises NFLogError for anything else."""
+        rc = lib.nflogd_pump(self._r, feed._f if feed is not None else ffi.NULL, timeout_ms)
+        return check(rc, self.group, "receive") == 1
+
+    @property
+    def feed_seq(self) -> int:
+        """The ``first_seq`` of the next message pump() sends."""
+        return self._r.feed_seq
+
+    @feed_seq.setter
+    def feed_seq(self, value: int) -> None:
+        self._r.feed_seq = value
+
+    @property
+    def dropped_base(self) -> int:
+        """Kernel drops of this group before this socket, added to the feed's kernel_dropped."""
+        return self._r.dropped_base
+
+    @dropped_base.setter
+    def dropped_base(self, value: int) -> None:
+        self._r.dropped_base = value
+
+    @property
+    def packets(self) -> int:
+        """Records read since the bind."""
+        return self._r.packets
+
+    @property
+    def bytes(self) -> int:
+        """Their real lengths, added up."""
+        return self._r.bytes
+
+    @property
+    def truncated(self) -> int:
+        """Records the copy range cut (caplen < len)."""
+        return self._r.truncated
+
     @property
     def batch_bytes(self) -> int:
         return self._r.batch_bytes
@@ -150,6 +208,11 @@ class NflogSocket:
     def lost(self) -> int:
         """Packets missing from the NFLOG sequence since the bind."""
         return self._r.lost
+
+    @property
+    def buffers(self) -> int:
+        """Receive buffers (kernel batches) read since the socket opened."""
+        return self._r.buffers
 
     @property
     def overflows(self) -> int:
@@ -192,3 +255,82 @@ def confine() -> None:
     rc = lib.nflogd_confine()
     if rc < 0:
         raise OSError(-rc, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(-rc)}")
+
+
+def _libzmq_path() -> str | None:
+    """The file of the one libzmq mapped into this process (pyzmq's), if there is one."""
+    found = set()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rsplit(None, 1)[-1] if line.count(" ") >= 5 else ""
+                if os.path.basename(path).startswith("libzmq"):
+                    found.add(path)
+    except OSError:
+        return None
+    return found.pop() if len(found) == 1 else None
+
+
+_zmq_loaded: bool | None = None
+_zmq_lock = threading.Lock()
+
+
+def load_libzmq() -> bool:
+    """Give the C feed sender pyzmq's own libzmq; False when it cannot be found or its
+    version is not pyzmq's (then the feed is sent from Python)."""
+    global _zmq_loaded
+    with _zmq_lock:
+        if _zmq_loaded is None:
+            import zmq
+
+            path = _libzmq_path()
+            version = ffi.new("int[3]")
+            ok = (
+                path is not None
+                and lib.nflogd_zmq_load(path.encode(), version, version + 1, version + 2) == 0
+            )
+            _zmq_loaded = ok and tuple(version) == zmq.zmq_version_info()
+        return _zmq_loaded
+
+
+class CFeed:
+    """The feed's sockets as the C sender sees them, and the mutex every user of them holds.
+
+    ``with feed:`` holds the mutex (waiting without the GIL). ``CFeed.create()`` returns
+    None when pyzmq's libzmq cannot be shared (see ``load_libzmq``).
+    """
+
+    def __init__(self, epoch: int):
+        f = lib.nflogd_feed_new(epoch)
+        if f == ffi.NULL:
+            raise MemoryError("nflogd_feed_new")
+        self._f = ffi.gc(f, lib.nflogd_feed_free)
+
+    @classmethod
+    def create(cls, epoch: int) -> CFeed | None:
+        return cls(epoch) if load_libzmq() else None
+
+    def __enter__(self) -> CFeed:
+        lib.nflogd_feed_lock(self._f)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        lib.nflogd_feed_unlock(self._f)
+
+    def set_sockets(self, sockets) -> None:
+        """The pyzmq sockets to send on, at most two; the caller holds the lock."""
+        ptrs = [ffi.cast("void *", s.underlying) for s in sockets] + [ffi.NULL] * (2 - len(sockets))
+        lib.nflogd_feed_set_sockets(self._f, ptrs[0], ptrs[1])
+
+    def set_node(self, node: bytes) -> None:
+        """The node name stamped on each message; the caller holds the lock."""
+        if lib.nflogd_feed_set_node(self._f, node, len(node)) < 0:
+            raise ValueError(f"node name is {len(node)} bytes in UTF-8, at most 255")
+
+    @property
+    def sent(self) -> int:
+        return lib.nflogd_feed_sent(self._f)
+
+    @property
+    def unsent(self) -> int:
+        return lib.nflogd_feed_unsent(self._f)

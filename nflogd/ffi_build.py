@@ -16,9 +16,9 @@ with open(os.path.join(HERE, "_nflog.h")) as f:
 ffibuilder.set_source(
     "nflogd._nflog_cffi",
     '#include "_nflog.h"',
-    sources=[os.path.relpath(os.path.join(HERE, "_nflog.c"))],
+    sources=[os.path.relpath(os.path.join(HERE, name)) for name in ("_nflog.c", "_feed.c")],
     include_dirs=[HERE],
-    libraries=["netfilter_log", "mnl"],
+    libraries=["netfilter_log", "mnl", "dl", "pthread"],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )
 

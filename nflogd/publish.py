@@ -24,6 +24,15 @@ and ``curve_socket`` is None. ``publish.ipc_filter_gids`` sets ``IPC_FILTER_GID`
 ``socket``: libzmq then accepts an ipc peer only if its gid is listed or its user is a
 member of a listed group (the group database, not the peer's supplementary groups).
 
+Threads: every group's capture thread sends at once, in C (``cfeed``, an
+``ffi.CFeed`` over these sockets, when pyzmq's libzmq can be shared) or through
+``publish()``; ``lock`` (the C feed's mutex, or a ``threading.Lock``) serialises that
+with everything else that touches the sockets (subscriptions, binds, options, close),
+since a ZeroMQ socket is not thread-safe. The control thread never
+polls the feed sockets themselves (``zmq_poll`` on them would race with a send): it
+polls their ``ZMQ_FD``s (``fds``) and calls ``handle_incoming()``, which looks under the
+lock, at most ``INCOMING_PER_CALL`` messages at a time.
+
 Delivery: ``SNDHWM = publish.hwm`` messages per subscriber and ``XPUB_NODROP``
 off, so a subscriber that does not keep up loses its own messages at its high
 water mark (it sees a gap in ``seq``) and capture never waits for anyone.
@@ -50,6 +59,7 @@ import os
 import socket
 import stat
 import struct
+import threading
 import time
 from typing import Iterable
 
@@ -57,6 +67,7 @@ import zmq
 from nflogd_client import wire
 
 from .errors import NflogdError
+from .ffi import CFeed
 
 __all__ = ["Publisher", "ZAP_DOMAIN", "check_ipc_path", "check_restart_only", "ipc_path", "make_ipc_dirs"]
 
@@ -68,6 +79,9 @@ SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 
 #: How long close() lets queued messages drain to connected subscribers, in ms.
 LINGER_MS = 250
+
+#: Subscription messages handle_incoming() reads per call before it lets the sender in.
+INCOMING_PER_CALL = 256
 
 #: ZAP domain of the CURVE socket; ``nflogd.access`` configures the authorized keys for it.
 ZAP_DOMAIN = "nflogd"
@@ -156,16 +170,21 @@ class Publisher:
     """
 
     def __init__(self, ctx: zmq.Context, publish, node: str = "", epoch: int | None = None):
-        self.node = node
         self.epoch = time.time_ns() if epoch is None else epoch
+        #: The C sender over these sockets (None: pyzmq's libzmq cannot be shared; publish()).
+        self.cfeed: CFeed | None = CFeed.create(self.epoch)
+        self._node = node
         self.hwm = publish.hwm
         self.endpoints: list[str] = []
-        self.sent = 0  # messages handed to ZeroMQ
-        self.unsent = 0  # messages ZeroMQ refused (never expected with XPUB_NODROP off)
+        self._sent = 0  # messages publish() handed to ZeroMQ
+        self._unsent = 0  # messages ZeroMQ refused (never expected with XPUB_NODROP off)
         self._seq: dict[int, int] = {}
         self._peers: dict[zmq.Socket, set[int]] = {}  # monitor -> fds connected through it
         self._files: dict[str, tuple[str, int, int]] = {}  # endpoint -> (path, st_dev, st_ino)
         self._bound: dict[str, zmq.Socket] = {}  # endpoint -> the socket bound to it
+        #: Held for every use of the sockets: capture threads send while the control thread
+        #: reads subscriptions, binds and sets options.
+        self.lock = self.cfeed if self.cfeed is not None else threading.Lock()
         curve = getattr(publish, "curve", None)
         #: Every XPUB socket, the NULL one first; and their monitors, in the same order.
         self.sockets: list[zmq.Socket] = []
@@ -195,6 +214,34 @@ class Publisher:
         except BaseException:
             self.close(linger=0)
             raise
+        #: The sockets' ZMQ_FD: readable when a socket may have something for handle_incoming().
+        self.fds: list[int] = [sock.get(zmq.FD) for sock in self.sockets]
+        if self.cfeed is not None:
+            with self.lock:
+                self.cfeed.set_sockets(self.sockets)
+                self.cfeed.set_node(node.encode())
+
+    @property
+    def node(self) -> str:
+        """The node name on every message; set it to change the next message's."""
+        return self._node
+
+    @node.setter
+    def node(self, node: str) -> None:
+        if self.cfeed is not None:
+            with self.lock:
+                self.cfeed.set_node(node.encode())
+        self._node = node
+
+    @property
+    def sent(self) -> int:
+        """Messages handed to ZeroMQ."""
+        return self._sent + (self.cfeed.sent if self.cfeed is not None else 0)
+
+    @property
+    def unsent(self) -> int:
+        """Messages a socket refused (never expected with XPUB_NODROP off)."""
+        return self._unsent + (self.cfeed.unsent if self.cfeed is not None else 0)
 
     def _setup(self, sock: zmq.Socket, hwm: int) -> zmq.Socket:
         """Options common to both sockets; returns the socket's monitor."""
@@ -226,7 +273,8 @@ class Publisher:
             old = os.umask(0o117)  # the socket file: rw for owner and group, nothing else
         sock = self._socket_for(endpoint)
         try:
-            sock.bind(endpoint)
+            with self.lock:
+                sock.bind(endpoint)
         except zmq.ZMQError as e:
             raise NflogdError(f"publish.bind: {endpoint}: {zmq.strerror(e.errno)}") from None
         finally:
@@ -245,7 +293,8 @@ class Publisher:
     def unbind(self, endpoint: str) -> None:
         """Stop listening on an endpoint (removing its ipc file); peers connected through it stay."""
         try:
-            self._bound.pop(endpoint, self.socket).unbind(endpoint)
+            with self.lock:
+                self._bound.pop(endpoint, self.socket).unbind(endpoint)
         except zmq.ZMQError as e:
             log.warning("publish.bind: %s: unbind failed: %s", endpoint, zmq.strerror(e.errno))
         if endpoint in self.endpoints:
@@ -289,57 +338,78 @@ class Publisher:
 
     def set_hwm(self, hwm: int) -> None:
         """Change SNDHWM; libzmq applies it to subscribers that connect afterwards."""
-        for sock in self.sockets:
-            sock.setsockopt(zmq.SNDHWM, hwm)
+        with self.lock:
+            for sock in self.sockets:
+                sock.setsockopt(zmq.SNDHWM, hwm)
         self.hwm = hwm
 
     # -- messages --------------------------------------------------------------
 
     def next_seq(self, group: int) -> int:
-        """The ``first_seq`` the group's next message will carry."""
+        """The ``first_seq`` the group's next message will carry (the capture loop of a
+        C sender hands it over through ``set_next_seq``)."""
         return self._seq.get(group, 0)
 
+    def set_next_seq(self, group: int, seq: int) -> None:
+        """Where the group's sequence stands after a C sender's reader stopped."""
+        self._seq[group] = seq
+
     def publish(self, batch, kernel_dropped: int = 0) -> bool:
-        """Send one capture Batch on every socket; True if ZeroMQ took it. Never blocks."""
+        """Send one capture Batch on every socket; True if ZeroMQ took it. Never blocks.
+
+        Thread-safe: each group's capture thread calls it. ``batch.table`` and ``batch.data``
+        may be views of the reader's buffers: ZeroMQ copies them before this returns.
+        """
         count = batch.count
         if not count:
             return False
         group = batch.group
-        first_seq = self._seq.get(group, 0)
-        self._seq[group] = first_seq + count
-        msg = wire.frames(
-            group, self.node, self.epoch, first_seq, kernel_dropped, count, batch.table, batch.data
-        )
         taken = True
-        head, last = msg[:-1], msg[-1]
-        for sock in self.sockets:
-            # Frame by frame with int flags: send_multipart's enum arithmetic cost more per
-            # message than the rest of publishing. Only the first frame can be refused.
-            send = sock.send
-            try:
-                for frame in head:
-                    send(frame, SNDMORE_NOBLOCK)
-                send(last, NOBLOCK)
-            except zmq.Again:
-                taken = False
-        if not taken:
-            self.unsent += 1
-            return False
-        self.sent += 1
+        with self.lock:
+            first_seq = self._seq.get(group, 0)
+            self._seq[group] = first_seq + count
+            msg = wire.frames(
+                group, self.node, self.epoch, first_seq, kernel_dropped, count, batch.table, batch.data
+            )
+            head, last = msg[:-1], msg[-1]
+            for sock in self.sockets:
+                # Frame by frame with int flags: send_multipart's enum arithmetic cost more per
+                # message than the rest of publishing. Only the first frame can be refused.
+                send = sock.send
+                try:
+                    for frame in head:
+                        send(frame, SNDMORE_NOBLOCK)
+                    send(last, NOBLOCK)
+                except zmq.Again:
+                    taken = False
+            if not taken:
+                self._unsent += 1
+                return False
+            self._sent += 1
         return True
 
-    def handle_incoming(self) -> None:
-        """Drain subscription messages (XPUB queues them until read) and log them."""
+    def handle_incoming(self) -> bool:
+        """Read queued subscription messages (XPUB keeps them until read) and log them.
+
+        At most INCOMING_PER_CALL under the lock at a time; True when more may be waiting,
+        so that the caller comes back at once.
+        """
+        budget = INCOMING_PER_CALL
         for sock in self.sockets:
-            while True:
-                try:
-                    msg = sock.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if msg[:1] in (b"\x00", b"\x01"):
-                    what = "subscribe" if msg[:1] == b"\x01" else "unsubscribe"
-                    via = " (CURVE)" if sock is self.curve_socket else ""
-                    log.debug("%s %r%s", what, msg[1:].hex() or "(all)", via)
+            with self.lock:
+                while budget:
+                    if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                        break
+                    try:
+                        msg = sock.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    budget -= 1
+                    if msg[:1] in (b"\x00", b"\x01"):
+                        what = "subscribe" if msg[:1] == b"\x01" else "unsubscribe"
+                        via = " (CURVE)" if sock is self.curve_socket else ""
+                        log.debug("%s %r%s", what, msg[1:].hex() or "(all)", via)
+        return budget == 0
 
     # -- subscriber gauge ------------------------------------------------------
 
@@ -372,18 +442,21 @@ class Publisher:
 
     def close(self, linger: int | None = None) -> None:
         """Close the sockets (queued messages get ``linger`` ms, default LINGER_MS)."""
-        for sock, mon in zip(self.sockets, self.monitors):
-            if not mon.closed:
-                try:
-                    sock.disable_monitor()
-                except zmq.ZMQError:
-                    pass
-                mon.close(linger=0)
-        self.monitor = self.curve_monitor = None
-        self._peers = {}
-        for sock in [self.socket, *self.sockets]:
-            if not sock.closed:
-                sock.close(linger=LINGER_MS if linger is None else linger)
+        with self.lock:
+            if self.cfeed is not None:
+                self.cfeed.set_sockets([])
+            for sock, mon in zip(self.sockets, self.monitors):
+                if not mon.closed:
+                    try:
+                        sock.disable_monitor()
+                    except zmq.ZMQError:
+                        pass
+                    mon.close(linger=0)
+            self.monitor = self.curve_monitor = None
+            self._peers = {}
+            for sock in [self.socket, *self.sockets]:
+                if not sock.closed:
+                    sock.close(linger=LINGER_MS if linger is None else linger)
         for endpoint in list(self._files):
             self._remove_file(endpoint)
 

@@ -34,7 +34,7 @@ def test_shipped_config_loads():
     cfg = config.load(ETC)
     assert cfg == Config(
         node=socket.gethostname(),
-        groups=(GroupConfig(0), GroupConfig(5, copy_range=65535, queue_threshold=256, flush_ms=10)),
+        groups=(GroupConfig(0), GroupConfig(5, copy_range=65535, queue_threshold=1024, flush_ms=10)),
         publish=PublishConfig(bind=("ipc:///run/nflogd/feed.sock",), hwm=100000),
         metrics=MetricsConfig(host="127.0.0.1", port=9477),
         user=None,
@@ -50,7 +50,7 @@ def test_minimal_config_gets_every_default():
     assert cfg.node == socket.gethostname()
     assert cfg.groups == (GroupConfig(0),)
     g = cfg.groups[0]
-    assert (g.group, g.copy_range, g.queue_threshold, g.flush_ms, g.rcvbuf) == (0, 65535, 256, 10, 8388608)
+    assert (g.group, g.copy_range, g.queue_threshold, g.flush_ms, g.rcvbuf) == (0, 65535, 1024, 10, 8388608)
     assert cfg.publish.bind == ("ipc:///run/nflogd/feed.sock",)
     assert cfg.publish.hwm == 100000
     assert cfg.metrics == MetricsConfig("127.0.0.1", 9477)
@@ -514,7 +514,7 @@ def test_group_config_from_keywords():
     g = GroupConfig(group=3, copy_range=0, queue_threshold=1, flush_ms=60000, rcvbuf=1 << 30)
     assert (g.group, g.copy_range, g.queue_threshold, g.flush_ms, g.rcvbuf) == (3, 0, 1, 60000, 1 << 30)
     assert GroupConfig(3) == GroupConfig(
-        group=3, copy_range=65535, queue_threshold=256, flush_ms=10, rcvbuf=8388608
+        group=3, copy_range=65535, queue_threshold=1024, flush_ms=10, rcvbuf=8388608
     )
 
 

@@ -1,0 +1,237 @@
+/* nflogd's hot path in C: a group's batches from nflogd_read() straight onto the feed.
+ *
+ * nflogd_pump() runs in the group's capture thread with the GIL released: it reads a batch
+ * (_nflog.c), builds the wire format's four frames (docs/wire-format.md: topic, header +
+ * node, record table, data) and sends them on every feed socket under the feed's mutex,
+ * with no Python between the kernel and ZeroMQ.
+ *
+ * The sockets are pyzmq's: the same libzmq copy that pyzmq loaded must send on them (a
+ * socket of one copy of the library must never be used by another), so this file links no
+ * libzmq. nflogd_zmq_load() takes the few functions it needs from the library pyzmq mapped
+ * into the process (dlopen RTLD_NOLOAD: never a second copy).
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "_nflog.h"
+
+/* zmq.h: zmq_msg_t is 64 opaque bytes, pointer-aligned; the flags of zmq_msg_send(). */
+typedef struct {
+    unsigned char _[64];
+} __attribute__((aligned(sizeof(void *)))) zmq_msg_t;
+#define ZMQ_DONTWAIT 1
+#define ZMQ_SNDMORE 2
+
+static struct {
+    int (*msg_init)(zmq_msg_t *);
+    int (*msg_init_size)(zmq_msg_t *, size_t);
+    void *(*msg_data)(zmq_msg_t *);
+    int (*msg_send)(zmq_msg_t *, void *, int);
+    int (*msg_close)(zmq_msg_t *);
+    int (*msg_copy)(zmq_msg_t *, zmq_msg_t *);
+    int (*zmq_errno)(void);
+    void (*version)(int *, int *, int *);
+} z;
+
+int nflogd_zmq_load(const char *path, int *major, int *minor, int *patch)
+{
+    void *h = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    if (!h)
+        return -ENOENT;
+#define SYM(field, name)                 \
+    *(void **)&z.field = dlsym(h, name); \
+    if (!z.field)                        \
+        return -ENOSYS;
+    SYM(msg_init, "zmq_msg_init")
+    SYM(msg_init_size, "zmq_msg_init_size")
+    SYM(msg_data, "zmq_msg_data")
+    SYM(msg_send, "zmq_msg_send")
+    SYM(msg_close, "zmq_msg_close")
+    SYM(msg_copy, "zmq_msg_copy")
+    SYM(zmq_errno, "zmq_errno")
+    SYM(version, "zmq_version")
+#undef SYM
+    z.version(major, minor, patch);
+    return 0;
+}
+
+#define MAX_SOCKETS 2
+#define MAX_NODE 255
+#define HEADER_SIZE 40
+
+struct nflogd_feed {
+    pthread_mutex_t lock;
+    void *sockets[MAX_SOCKETS];
+    int nsockets;
+    uint64_t epoch;
+    uint8_t node[MAX_NODE];
+    uint16_t node_len;
+    uint64_t sent;    /* messages handed to ZeroMQ */
+    uint64_t unsent;  /* messages a socket refused (EAGAIN) */
+};
+
+struct nflogd_feed *nflogd_feed_new(uint64_t epoch)
+{
+    struct nflogd_feed *f = calloc(1, sizeof(*f));
+    if (!f)
+        return NULL;
+    pthread_mutex_init(&f->lock, NULL);
+    f->epoch = epoch;
+    return f;
+}
+
+void nflogd_feed_free(struct nflogd_feed *f)
+{
+    if (!f)
+        return;
+    pthread_mutex_destroy(&f->lock);
+    free(f);
+}
+
+void nflogd_feed_lock(struct nflogd_feed *f)
+{
+    pthread_mutex_lock(&f->lock);
+}
+
+void nflogd_feed_unlock(struct nflogd_feed *f)
+{
+    pthread_mutex_unlock(&f->lock);
+}
+
+/* The caller holds the lock. */
+int nflogd_feed_set_sockets(struct nflogd_feed *f, void *first, void *second)
+{
+    f->nsockets = 0;
+    if (first)
+        f->sockets[f->nsockets++] = first;
+    if (second)
+        f->sockets[f->nsockets++] = second;
+    return f->nsockets;
+}
+
+/* The caller holds the lock. */
+int nflogd_feed_set_node(struct nflogd_feed *f, const char *node, uint32_t len)
+{
+    if (len > MAX_NODE)
+        return -EINVAL;
+    memcpy(f->node, node, len);
+    f->node_len = (uint16_t)len;
+    return 0;
+}
+
+uint64_t nflogd_feed_sent(struct nflogd_feed *f)
+{
+    return __atomic_load_n(&f->sent, __ATOMIC_RELAXED);
+}
+
+uint64_t nflogd_feed_unsent(struct nflogd_feed *f)
+{
+    return __atomic_load_n(&f->unsent, __ATOMIC_RELAXED);
+}
+
+static inline void put16(uint8_t *p, uint16_t v)
+{
+    memcpy(p, &v, 2);
+}
+static inline void put32(uint8_t *p, uint32_t v)
+{
+    memcpy(p, &v, 4);
+}
+static inline void put64(uint8_t *p, uint64_t v)
+{
+    memcpy(p, &v, 8);
+}
+
+static int frame(zmq_msg_t *m, const void *src, size_t len)
+{
+    if (z.msg_init_size(m, len) != 0)
+        return -1;
+    if (len)
+        memcpy(z.msg_data(m), src, len);
+    return 0;
+}
+
+/* One message of the batch in r on every socket of f. The caller holds the lock. Returns 1
+ * if every socket took it, 0 if one refused it (EAGAIN: only with XPUB_NODROP, never set),
+ * -errno for anything else. */
+static int send_batch(struct nflogd_feed *f, struct nflogd_reader *r, uint32_t count)
+{
+    uint8_t topic[2] = { (uint8_t)(r->group >> 8), (uint8_t)r->group };
+    uint8_t header[HEADER_SIZE + MAX_NODE];
+    uint64_t first_seq = r->feed_seq;
+    r->feed_seq += count;
+    memcpy(header, "NFLD", 4);             /* wire.HEADER: <4sBBHIHHQQQ */
+    header[4] = 1;                         /* version */
+    header[5] = 0;                         /* flags */
+    put16(header + 6, r->group);
+    put32(header + 8, count);
+    put16(header + 12, sizeof(struct nflogd_record));
+    put16(header + 14, f->node_len);
+    put64(header + 16, f->epoch);
+    put64(header + 24, first_seq);
+    put64(header + 32, r->lost + r->dropped_base);
+    memcpy(header + HEADER_SIZE, f->node, f->node_len);
+
+    zmq_msg_t m[4], copy[4];
+    if (frame(&m[0], topic, 2) || frame(&m[1], header, HEADER_SIZE + f->node_len)
+        || frame(&m[2], r->records, (size_t)count * sizeof(struct nflogd_record))
+        || frame(&m[3], r->data, r->data_len))
+        return -ENOMEM;  /* zmq_msg_init_size fails only for want of memory */
+    int rc = 1;
+    for (int s = 0; s < f->nsockets; s++) {
+        int last = s == f->nsockets - 1;
+        zmq_msg_t *out = m;
+        if (!last) {  /* the next socket gets the same bytes: reference-counted copies */
+            for (int i = 0; i < 4; i++) {
+                z.msg_init(&copy[i]);
+                z.msg_copy(&copy[i], &m[i]);
+            }
+            out = copy;
+        }
+        int i = 0;
+        for (; i < 4; i++) {
+            if (z.msg_send(&out[i], f->sockets[s], ZMQ_DONTWAIT | (i < 3 ? ZMQ_SNDMORE : 0)) < 0)
+                break;
+        }
+        if (i < 4) {
+            int err = z.zmq_errno();
+            rc = err == EAGAIN ? (rc > 0 ? 0 : rc) : -err;
+        }
+        for (; i < 4; i++)  /* what was not sent is still ours */
+            z.msg_close(&out[i]);
+    }
+    if (f->nsockets == 0)
+        for (int i = 0; i < 4; i++)
+            z.msg_close(&m[i]);
+    if (rc > 0)
+        __atomic_add_fetch(&f->sent, 1, __ATOMIC_RELAXED);
+    else if (rc == 0)
+        __atomic_add_fetch(&f->unsent, 1, __ATOMIC_RELAXED);
+    return rc;
+}
+
+int nflogd_pump(struct nflogd_reader *r, struct nflogd_feed *f, int timeout_ms)
+{
+    uint64_t overflows = r->overflows;
+    for (;;) {
+        int n = nflogd_read(r, timeout_ms);
+        if (n < 0 && n != -ENOBUFS)
+            return n;
+        if (n > 0 && f) {
+            pthread_mutex_lock(&f->lock);
+            int rc = send_batch(f, r, (uint32_t)n);
+            pthread_mutex_unlock(&f->lock);
+            if (rc < 0)
+                return rc;
+        }
+        if (r->overflows != overflows)
+            return 1;
+        if (__atomic_exchange_n(&r->woken, 0, __ATOMIC_ACQ_REL) || n <= 0)
+            return 0;
+    }
+}
