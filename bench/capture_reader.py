@@ -1,7 +1,8 @@
 """The capture reader alone, for the bench: binds GROUP, counts packets until SIGTERM.
 
-Prints "ready" once bound, then at SIGTERM one JSON line with its counters (bench/run.py
-measures its CPU from outside, as it does tcpdump's).
+It reads as the daemon's capture threads do (``GroupReader.pump``: the C read loop without
+the GIL), without a feed to send on. Prints "ready" once bound, then at SIGTERM one JSON
+line with its counters (bench/run.py measures its CPU from outside, as it does tcpdump's).
 """
 
 import argparse
@@ -16,7 +17,7 @@ from nflogd.config import GroupConfig
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--group", type=int, required=True)
-    ap.add_argument("--qthresh", type=int, default=256)
+    ap.add_argument("--qthresh", type=int, default=1024)
     ap.add_argument("--rcvbuf", type=int, default=8 << 20)
     a = ap.parse_args()
     stop = False
@@ -29,7 +30,7 @@ def main() -> None:
     reader = GroupReader(GroupConfig(group=a.group, queue_threshold=a.qthresh, rcvbuf=a.rcvbuf))
     print("ready", flush=True)
     while not stop:
-        reader.read(0.1)
+        reader.pump(None, 0.1)
     out = reader.counters.as_dict()
     reader.close()
     print(json.dumps(out), flush=True)

@@ -1,13 +1,18 @@
-"""nflogd's bench: nflogd side by side with ``tcpdump -i nflog:N -w /dev/null`` on the same traffic.
+"""nflogd's bench: nflogd side by side with tcpdump and ulogd2 on the same traffic.
 
-One nft rule logs every packet to two groups, ours and tcpdump's, so both read the very
-same packets in the same run. Figures are ratios and per-packet costs, never pass/fail.
+One nft rule logs every packet to three groups, ours, tcpdump's (``tcpdump -i nflog:N -w
+/dev/null``) and ulogd2's (NFLOG -> BASE -> PCAP into a file on /dev/shm, its cheapest
+output), so all three read the very same packets in the same run. Figures are ratios and
+per-packet costs (CPU of every thread of a process over the packets it read), never
+pass/fail. The ``groups`` part gives each of 1, 2 and 4 groups its own sender at full
+speed, with one tcpdump per group beside one daemon serving them all.
 
     .venv/bin/python bench/run.py               # everything (make bench)
-    .venv/bin/python bench/run.py capture       # one part: capture, daemon, latency, client
+    .venv/bin/python bench/run.py capture       # one part: capture, daemon, groups, latency, client
     .venv/bin/python bench/run.py soak --seconds 3600 --interval 60   # not part of "all"
 
-The soak runs the daemon at ``--rate`` (below capacity) for ``--seconds``, prints its RSS,
+The soak runs the daemon with four groups, one of them at ``--rate`` (below capacity) and
+three idle, for ``--seconds``, prints its RSS,
 open files and loss every ``--interval`` seconds, and a verdict: memory flat and nothing
 lost, or exit status 1. It writes bench/results/soak.json.
 
@@ -21,7 +26,9 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -34,7 +41,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from nsutil import NetNS  # noqa: E402
 
 PY = sys.executable
-OURS, THEIRS = 1, 2  # the groups: ours, tcpdump's
+OURS, THEIRS, ULOGD = 1, 2, 3  # the groups: ours, tcpdump's, ulogd2's
+ULOGD_PLUGINS = "/usr/lib/x86_64-linux-gnu/ulogd"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -78,6 +86,64 @@ class Tcpdump:
         return {"packets": int(m.group(1)) if m else 0, "cpu": cpu}
 
 
+def pcap_records(path: str) -> int:
+    """Records in a pcap file (classic format, either byte order)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 24:
+        return 0
+    order = "<" if data[:4] in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+    rec = struct.Struct(order + "IIII")
+    off, n = 24, 0
+    while off + rec.size <= len(data):
+        off += rec.size + rec.unpack_from(data, off)[2]
+        n += 1
+    return n
+
+
+class Ulogd:
+    """ulogd2 reading an nflog group: NFLOG -> BASE -> PCAP into a file on /dev/shm, batched
+    as our group is (queue threshold, 10 ms flush, 8 MiB buffer); packets counted from the file."""
+
+    def __init__(self, ns: NetNS, group: int, tmp: str, qthresh: int = 1024):
+        shm = tempfile.mkdtemp(prefix="nflbench-ulogd-", dir="/dev/shm")
+        self.pcap, self.log = os.path.join(shm, "ulogd.pcap"), os.path.join(tmp, "ulogd.log")
+        conf = os.path.join(tmp, "ulogd.conf")
+        plugins = "".join(
+            f'plugin="{ULOGD_PLUGINS}/ulogd_{p}.so"\n'
+            for p in ("inppkt_NFLOG", "raw2packet_BASE", "output_PCAP")
+        )
+        with open(conf, "w") as f:
+            f.write(
+                f'[global]\nlogfile="{self.log}"\nloglevel=5\n{plugins}'
+                "stack=log1:NFLOG,base1:BASE,pcap1:PCAP\n\n"
+                f"[log1]\ngroup={group}\nnetlink_socket_buffer_size=8388608\n"
+                f"netlink_socket_buffer_maxsize=8388608\nnetlink_qthreshold={qthresh}\n"
+                f'netlink_qtimeout=1\n\n[pcap1]\nfile="{self.pcap}"\nsync=0\n'
+            )
+        self.proc = ns.popen("ulogd", "-c", conf, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        end = time.monotonic() + 10
+        while not (os.path.exists(self.log) and "entering main loop" in open(self.log).read()):
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(
+                    f"ulogd did not start: {open(self.log).read() if os.path.exists(self.log) else ''}"
+                )
+            time.sleep(0.05)
+        self.cpu0 = cpu_seconds(self.proc.pid)
+
+    def stop(self) -> dict:
+        cpu = cpu_seconds(self.proc.pid) - self.cpu0
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(10)
+        n = pcap_records(self.pcap)
+        shutil.rmtree(os.path.dirname(self.pcap), ignore_errors=True)
+        return {"packets": n, "cpu": cpu}
+
+
+def have_ulogd() -> bool:
+    return shutil.which("ulogd") is not None and os.path.exists(f"{ULOGD_PLUGINS}/ulogd_output_PCAP.so")
+
+
 class CaptureReader:
     """bench/capture_reader.py: our capture reader alone."""
 
@@ -106,8 +172,8 @@ def flood_binary() -> str:
     return out
 
 
-def flood(ns: NetNS, count: int, rate: float, size: int = 64) -> dict:
-    res = ns.run(flood_binary(), str(count), str(rate), "127.0.0.1", "9999", str(size))
+def flood(ns: NetNS, count: int, rate: float, size: int = 64, port: int = 9999) -> dict:
+    res = ns.run(flood_binary(), str(count), str(rate), "127.0.0.1", str(port), str(size))
     return json.loads(res.stdout)
 
 
@@ -122,16 +188,17 @@ def settle(ns: NetNS, sent: dict) -> dict:
     return sent | {"sent": sent["sent"] + 1}
 
 
-def namespace() -> NetNS:
+def namespace(ulogd: bool = False) -> NetNS:
     ns = NetNS("nflbench")
+    also = f" log group {ULOGD}" if ulogd else ""
     ns.nft(
         "table inet bench {\n  chain c {\n    type filter hook output priority 0;\n"
-        f"    udp dport 9999 log group {OURS} log group {THEIRS}\n  }}\n}}\n"
+        f"    udp dport 9999 log group {OURS} log group {THEIRS}{also}\n  }}\n}}\n"
     )
     return ns
 
 
-def row(name: str, sent: int, seconds: float, ours: dict, theirs: dict) -> dict:
+def row(name: str, sent: int, seconds: float, ours: dict, theirs: dict, ulogd: dict | None = None) -> dict:
     us = lambda d: 1e6 * d["cpu"] / max(d["packets"], 1)  # noqa: E731
     r = {
         "case": name,
@@ -145,6 +212,11 @@ def row(name: str, sent: int, seconds: float, ours: dict, theirs: dict) -> dict:
         "tcpdump_us_per_pkt": round(us(theirs), 3),
     }
     r["cpu_ratio"] = round(r["ours_us_per_pkt"] / r["tcpdump_us_per_pkt"], 2) if theirs["cpu"] else None
+    if ulogd is not None:
+        r["ulogd_packets"] = ulogd["packets"]
+        r["ulogd_lost"] = sent - ulogd["packets"]
+        r["ulogd_us_per_pkt"] = round(us(ulogd), 3)
+        r["ulogd_ratio"] = round(r["ours_us_per_pkt"] / r["ulogd_us_per_pkt"], 2) if ulogd["cpu"] else None
     for key in ("kernel_dropped", "overflows", "lost_on_feed"):
         if key in ours:
             r["ours_" + key] = ours[key]
@@ -154,47 +226,50 @@ def row(name: str, sent: int, seconds: float, ours: dict, theirs: dict) -> dict:
 
 
 def bench_capture(args) -> list[dict]:
-    """The capture reader vs tcpdump: a fixed rate, then flat out, across queue thresholds."""
-    cases = [(f"fixed q={q}", q, args.rate, args.rate * 5) for q in (64, 256)] + [
-        (f"top q={q}", q, 0, args.count) for q in (1, 16, 64, 256)
+    """The capture reader alone (the daemon's C read path, no feed) vs tcpdump and ulogd2: a
+    fixed rate, then flat out, across queue thresholds."""
+    cases = [(f"fixed q={q}", q, args.rate, args.rate * 5) for q in (256, 1024)] + [
+        (f"top q={q}", q, 0, args.count) for q in (16, 256, 1024)
     ]
     rows = []
     for name, qthresh, rate, count in cases:
-        ns = namespace()
+        ns = namespace(ulogd=have_ulogd())
+        tmp = tempfile.mkdtemp(prefix="nflbench-")
         try:
             ours = CaptureReader(ns, OURS, qthresh)
             theirs = Tcpdump(ns, THEIRS)
+            ulogd = Ulogd(ns, ULOGD, tmp, qthresh) if have_ulogd() else None
             sent = settle(ns, flood(ns, int(count), rate))
-            rows.append(row(f"capture {name}", sent["sent"], sent["seconds"], ours.stop(), theirs.stop()))
+            u = ulogd.stop() if ulogd else None
+            rows.append(row(f"capture {name}", sent["sent"], sent["seconds"], ours.stop(), theirs.stop(), u))
         finally:
             ns.close()
+            shutil.rmtree(tmp, ignore_errors=True)
         print_row(rows[-1])
     return rows
 
 
-def daemon_config(tmp: str, endpoint: str) -> str:
-    """The daemon's defaults, but for the endpoint and no metrics server."""
+def daemon_config(tmp: str, endpoint: str, groups: list[int] = [OURS]) -> str:  # noqa: B006
+    """The daemon's defaults, but for the groups, the endpoint and no metrics server."""
     path = os.path.join(tmp, "nflogd.yaml")
     with open(path, "w") as f:
         f.write(
-            f"node: bench\ngroups:\n  - {OURS}\n"
-            f"publish:\n  bind: [{json.dumps(endpoint)}]\nmetrics:\n  listen: null\n"
-        )
+            "node: bench\ngroups:\n" + "".join(f"  - {g}\n" for g in groups)
+            + f"publish:\n  bind: [{json.dumps(endpoint)}]\nmetrics:\n  listen: null\n"
+        )  # fmt: skip
     return path
 
 
 class Daemon:
-    """The real nflogd in the namespace, and a counting subscriber outside it (ipc)."""
+    """The real nflogd in the namespace, and a counting subscriber of every group outside it (ipc)."""
 
-    def __init__(self, ns: NetNS, tmp: str, latency: bool = False):
+    def __init__(self, ns: NetNS, tmp: str, latency: bool = False, groups: list[int] = [OURS]):  # noqa: B006
         endpoint = f"ipc://{tmp}/feed.sock"
-        cfg = daemon_config(tmp, endpoint)
+        cfg = daemon_config(tmp, endpoint, groups)
         nflogd = os.path.join(os.path.dirname(PY), "nflogd")
-        self.proc = ns.popen(
-            *os.environ.get("NFLOGD_WRAP", "").split(), nflogd, "-c", cfg, stderr=subprocess.PIPE, text=True
-        )
+        self.proc = ns.popen(nflogd, "-c", cfg, stderr=subprocess.PIPE, text=True)
         wait_line(self.proc, self.proc.stderr, "capturing")
-        cmd = [PY, os.path.join(HERE, "subscriber_count.py"), endpoint, str(OURS)]
+        cmd = [PY, os.path.join(HERE, "subscriber_count.py"), endpoint, ",".join(map(str, groups))]
         if latency:
             cmd.append("--latency")
         self.sub = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -207,24 +282,66 @@ class Daemon:
         sub = json.loads(self.sub.communicate(timeout=10)[0].strip().splitlines()[-1])
         self.proc.send_signal(signal.SIGTERM)
         self.proc.communicate(timeout=10)
-        return {"packets": sub["packets"], "cpu": cpu, "lost_on_feed": sub["lost"]}, sub
+        ours = {"packets": sub["packets"], "cpu": cpu, "lost_on_feed": sub["lost"]}
+        return ours | {"kernel_dropped": sub["kernel_dropped"]}, sub
 
 
 def bench_daemon(args) -> list[dict]:
-    """The daemon and a subscriber vs tcpdump, end to end."""
+    """The daemon and a subscriber vs tcpdump and ulogd2, end to end."""
     rows = []
     for name, rate, count in (("fixed", args.rate, args.rate * 5), ("top", 0, args.count)):
-        ns = namespace()
+        ns = namespace(ulogd=have_ulogd())
         tmp = tempfile.mkdtemp(prefix="nflbench-")
         try:
             daemon = Daemon(ns, tmp)
             theirs = Tcpdump(ns, THEIRS)
+            ulogd = Ulogd(ns, ULOGD, tmp) if have_ulogd() else None
             sent = settle(ns, flood(ns, int(count), rate))
+            u = ulogd.stop() if ulogd else None
             ours, _ = daemon.stop()
-            rows.append(row(f"daemon {name}", sent["sent"], sent["seconds"], ours, theirs.stop()))
+            rows.append(row(f"daemon {name}", sent["sent"], sent["seconds"], ours, theirs.stop(), u))
         finally:
             ns.close()
+            shutil.rmtree(tmp, ignore_errors=True)
         print_row(rows[-1])
+    return rows
+
+
+def bench_groups(args) -> list[dict]:
+    """1, 2 and 4 busy groups, each with its own sender flat out: one daemon for all of them
+    vs one tcpdump per group. Packets captured per second and CPU per packet of each side."""
+    rows = []
+    for n in (1, 2, 4):
+        ns = NetNS("nflbench")
+        ours_groups = [10 + i for i in range(n)]
+        rules = "".join(f"    udp dport {9999 - i} log group {10 + i} log group {20 + i}\n" for i in range(n))
+        ns.nft(
+            f"table inet bench {{\n  chain c {{\n    type filter hook output priority 0;\n{rules}  }}\n}}\n"
+        )
+        tmp = tempfile.mkdtemp(prefix="nflbench-")
+        try:
+            daemon = Daemon(ns, tmp, groups=ours_groups)
+            tcpdumps = [Tcpdump(ns, 20 + i) for i in range(n)]
+            each = args.count // n
+            flood_cmd = [flood_binary(), str(each), "0", "127.0.0.1"]
+            senders = [ns.popen(*flood_cmd, str(9999 - i), "64", stdout=subprocess.PIPE) for i in range(n)]
+            outs = [json.loads(p.communicate(timeout=300)[0]) for p in senders]
+            sent = sum(o["sent"] for o in outs)
+            seconds = max(o["seconds"] for o in outs)
+            time.sleep(1.2)  # as settle(): drain, then a packet per group shows any loss
+            sent += sum(flood(ns, 1, 0, port=9999 - i)["sent"] for i in range(n))
+            time.sleep(1.2)
+            ours, _ = daemon.stop()
+            theirs = [t.stop() for t in tcpdumps]
+        finally:
+            ns.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+        tcp = {"packets": sum(t["packets"] for t in theirs), "cpu": sum(t["cpu"] for t in theirs)}
+        r = row(f"groups {n}", sent, seconds, ours, tcp)
+        r["ours_pps_captured"] = round(ours["packets"] / seconds)
+        r["tcpdump_pps_captured"] = round(tcp["packets"] / seconds)
+        rows.append(r)
+        print_row(r)
     return rows
 
 
@@ -256,6 +373,7 @@ def bench_client(args) -> list[dict]:
 
 # -- soak --------------------------------------------------------------------------------------
 
+SOAK_GROUPS = [OURS, 4, 5, 6]  # four groups, one of them busy
 SOAK_RSS_GROWTH_KIB = 8 * 1024  # over the whole run, from the first sample (after warm-up)
 SOAK_RSS_FLAT_KIB = 2 * 1024  # over the second half, where it must have levelled off
 
@@ -313,7 +431,8 @@ def bench_soak(args) -> list[dict]:
     try:
         endpoint = f"ipc://{tmp}/feed.sock"
         nflogd = os.path.join(os.path.dirname(PY), "nflogd")
-        daemon = ns.popen(nflogd, "-c", daemon_config(tmp, endpoint), stderr=subprocess.PIPE, text=True)
+        cfg = daemon_config(tmp, endpoint, SOAK_GROUPS)
+        daemon = ns.popen(nflogd, "-c", cfg, stderr=subprocess.PIPE, text=True)
         wait_line(daemon, daemon.stderr, "capturing")
         log: list[str] = []
         drain = threading.Thread(target=lambda: log.extend(daemon.stderr), daemon=True)
@@ -371,7 +490,10 @@ def print_row(r: dict) -> None:
     print("  ".join(f"{k}={v}" for k, v in r.items()), flush=True)
 
 
-PARTS = {"capture": bench_capture, "daemon": bench_daemon, "latency": bench_latency, "client": bench_client}
+PARTS = {
+    "capture": bench_capture, "daemon": bench_daemon, "groups": bench_groups,
+    "latency": bench_latency, "client": bench_client,
+}  # fmt: skip
 
 
 def main() -> None:

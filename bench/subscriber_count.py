@@ -1,7 +1,8 @@
-"""A counting subscriber for the bench: ENDPOINT GROUP [--latency]; counts until SIGTERM.
+"""A counting subscriber for the bench: ENDPOINT GROUPS [--latency]; counts until SIGTERM.
 
-Prints "ready" once its subscription is in place, then one JSON line: packets, messages, feed loss,
-and with --latency the send-to-receive delay percentiles (from bench/flood.c's stamps).
+GROUPS is one group or several, comma-separated. Prints "ready" once its subscription is in
+place, then one JSON line: packets, messages, feed loss, kernel drops the feed reported, and
+with --latency the send-to-receive delay percentiles (from bench/flood.c's stamps).
 """
 
 import argparse
@@ -19,7 +20,7 @@ UDP_PAYLOAD = {0x0800: 28, 0x86DD: 48}  # IP + UDP header bytes before flood.c's
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("endpoint")
-    ap.add_argument("group", type=int)
+    ap.add_argument("groups", type=lambda text: [int(g) for g in text.split(",")])
     ap.add_argument("--latency", action="store_true")
     a = ap.parse_args()
     stop = False
@@ -31,7 +32,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_term)
     packets = messages = 0
     delays = []
-    with Subscriber(a.endpoint, groups=a.group) as sub:
+    with Subscriber(a.endpoint, groups=a.groups) as sub:
         time.sleep(0.3)  # let the subscription reach the publisher
         print("ready", flush=True)
         while not stop:
@@ -46,6 +47,7 @@ def main() -> None:
                     off = UDP_PAYLOAD.get(p.hw_protocol, 28)
                     delays.append((now - STAMP.unpack_from(p.data, off)[0]) / 1e6)
         out = {"packets": packets, "messages": messages, "lost": sub.total_lost}
+        out["kernel_dropped"] = sum(sub.kernel_dropped.values())
     if delays:
         delays.sort()
         pick = lambda q: round(delays[min(len(delays) - 1, int(q * len(delays)))], 2)  # noqa: E731
