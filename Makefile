@@ -48,8 +48,8 @@ run: deps
 	$(VENV)/bin/nflogd -c $(CONFIG)
 
 check: deps
-	$(VENV)/bin/ruff check nflogd client tests bench fuzz
-	$(VENV)/bin/ruff format --check nflogd client tests bench fuzz
+	$(VENV)/bin/ruff check nflogd client tests tests_system bench fuzz
+	$(VENV)/bin/ruff format --check nflogd client tests tests_system bench fuzz
 
 test: check
 	$(VPY) -m pytest -q -p no:cacheprovider tests
@@ -95,3 +95,9 @@ deb: deb-tools
 	cd $(DEB_DIR) && lintian --info --display-info --pedantic --fail-on error,warning \
 	    --suppress-tags bad-distribution-in-changes-file *.changes | tee lintian.txt
 	@ls $(DEB_DIR)/*.deb
+
+# make test-system: the .debs installed with apt in a booted Debian 12 container (tests_system/):
+# debootstrapped once into build/system/bookworm from the host's apt sources, copied for each
+# run, booted with systemd-nspawn, checked under its systemd, and removed at the end.
+test-system: deb $(VENV)/.installed
+	$(VPY) -m pytest -q -p no:cacheprovider tests_system
