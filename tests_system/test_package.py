@@ -53,14 +53,18 @@ table inet systemtest {
 """
 
 
-def wait_for(predicate, timeout: float, what: str, step: float = 0.2):
+def wait_for(predicate, timeout: float, what: str, step: float = 0.2, machine=None):
+    """predicate()'s first true value; on time-out, the failure shows the journal's end."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            journal = ""
+            if machine is not None:
+                journal = machine.run("journalctl", "-n", "30", "--no-pager", check=False).stdout
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{journal}")
         time.sleep(step)
 
 
@@ -124,7 +128,7 @@ def test_install_enables_and_starts_nflogd_not_the_relay(machine, debs):
     versions = m.run("dpkg-query", "-W", "-f", "${Package} ${Version}\n", *deps).stdout
     assert "python3-prometheus-client 0.16" in versions and "python3-zmq 24." in versions, versions
     assert m.run("systemctl", "is-enabled", "nflogd").stdout.strip() == "enabled"
-    wait_for(lambda: status_word(m, "nflogd") == "active", 30, "nflogd active")
+    wait_for(lambda: status_word(m, "nflogd") == "active", 30, "nflogd active", machine=m)
     assert show(m, "nflogd", "StatusText") == "capturing groups 0, 5"
     assert m.run("systemctl", "is-enabled", "nflogd-relay", check=False).stdout.strip() == "disabled"
     assert status_word(m, "nflogd-relay") == "inactive"
@@ -201,8 +205,8 @@ def test_sigstop_leads_to_a_watchdog_restart(machine):
     pid = main_pid(m, "nflogd")
     assert show(m, "nflogd", "WatchdogUSec") == "30s"
     m.run("sh", "-c", f"kill -STOP {pid}")
-    wait_for(lambda: show(m, "nflogd", "NRestarts") == "1", 60, "the watchdog restart", step=1)
-    wait_for(lambda: status_word(m, "nflogd") == "active", 30, "nflogd active again")
+    wait_for(lambda: show(m, "nflogd", "NRestarts") == "1", 60, "the watchdog restart", step=1, machine=m)
+    wait_for(lambda: status_word(m, "nflogd") == "active", 30, "nflogd active again", machine=m)
     assert main_pid(m, "nflogd") != pid
     journal = m.run("journalctl", "-u", "nflogd", "--no-pager", "-o", "cat").stdout
     assert "Watchdog timeout" in journal, journal[-2000:]
@@ -213,8 +217,8 @@ def test_kill_9_leads_to_a_restart(machine):
     m = machine
     pid = main_pid(m, "nflogd")
     m.run("sh", "-c", f"kill -9 {pid}")
-    wait_for(lambda: show(m, "nflogd", "NRestarts") == "2", 30, "the restart after kill -9")
-    wait_for(lambda: status_word(m, "nflogd") == "active", 30, "nflogd active again")
+    wait_for(lambda: show(m, "nflogd", "NRestarts") == "2", 30, "the restart after kill -9", machine=m)
+    wait_for(lambda: status_word(m, "nflogd") == "active", 30, "nflogd active again", machine=m)
     assert main_pid(m, "nflogd") != pid
 
 
@@ -227,7 +231,7 @@ def test_relay_started_by_hand_relays_the_feed(machine):
     )
     m.run("nflogd-relay", "--check", "-c", "/etc/nflogd-relay.yaml")
     m.run("systemctl", "start", "nflogd-relay")
-    wait_for(lambda: status_word(m, "nflogd-relay") == "active", 30, "nflogd-relay active")
+    wait_for(lambda: status_word(m, "nflogd-relay") == "active", 30, "nflogd-relay active", machine=m)
     st = proc_status(m, main_pid(m, "nflogd-relay"))
     assert int(st["CapEff"], 16) == 0 and int(st["CapBnd"], 16) == 0
     res = read_feed(m, "alice", RELAY_FEED, 5, 9005)
@@ -245,7 +249,7 @@ def test_upgrade_restarts_and_keeps_the_edited_config(machine, debs):
     def restarted():
         return status_word(m, "nflogd") == "active" and show(m, "nflogd", "MainPID") not in (pid, "0")
 
-    wait_for(restarted, 30, "nflogd restarted by the upgrade")
+    wait_for(restarted, 30, "nflogd restarted by the upgrade", machine=m)
     assert m.run("cat", "/etc/nflogd.yaml").stdout == edited
     assert show(m, "nflogd", "StatusText") == "capturing groups 0, 5, 7"
 
