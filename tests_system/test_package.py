@@ -7,7 +7,10 @@ the middle tests use it, the last ones remove and purge it.
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -239,19 +242,39 @@ def test_relay_started_by_hand_relays_the_feed(machine):
     assert sample(metrics(m, 9478), "nflogd_relay_build_info", version="0.1.0") == 1
 
 
-def test_upgrade_restarts_and_keeps_the_edited_config(machine, debs):
+def repack(deb: Path, dest: Path, old: str, new: str) -> str:
+    """``deb`` as version ``new`` (the same files) in ``dest``: a real upgrade to install."""
+    tree = dest / f"{deb.name}.d"
+    subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True)
+    control = tree / "DEBIAN" / "control"
+    text = control.read_text().replace(f"Version: {old}\n", f"Version: {new}\n")
+    control.write_text(text.replace(f"(= {old})", f"(= {new})"))
+    name = deb.name.replace(f"_{old}_", f"_{new}_")
+    subprocess.run(["dpkg-deb", "-b", str(tree), str(dest / name)], check=True, stdout=subprocess.DEVNULL)
+    shutil.rmtree(tree)
+    return name
+
+
+def test_upgrade_restarts_both_and_keeps_the_edited_config(machine, debs):
     m = machine
-    pid = main_pid(m, "nflogd")
+    old = debs[0].split("_")[1]
+    new = f"{old}+systemtest1"
+    dest = m.root / "root" / "upgrade"
+    dest.mkdir(parents=True)
+    upgrade = [f"/root/upgrade/{repack(m.debs / d, dest, old, new)}" for d in debs]
+    pids = {unit: main_pid(m, unit) for unit in ("nflogd", "nflogd-relay")}
     edited = m.run("cat", "/etc/nflogd.yaml").stdout
-    apt = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "--reinstall"]
-    m.run(*apt, *[f"/debs/{d}" for d in debs], timeout=300)
+    m.run("apt-get", "install", "-y", "-q", "--no-install-recommends", *upgrade, timeout=300)
+    assert m.run("dpkg-query", "-W", "-f", "${Version}", "nflogd").stdout == new
 
-    def restarted():
-        return status_word(m, "nflogd") == "active" and show(m, "nflogd", "MainPID") not in (pid, "0")
+    def restarted(unit):
+        return status_word(m, unit) == "active" and show(m, unit, "MainPID") not in (pids[unit], "0")
 
-    wait_for(restarted, 30, "nflogd restarted by the upgrade", machine=m)
+    for unit in pids:
+        wait_for(lambda u=unit: restarted(u), 30, f"{unit} restarted by the upgrade", machine=m)
     assert m.run("cat", "/etc/nflogd.yaml").stdout == edited
     assert show(m, "nflogd", "StatusText") == "capturing groups 0, 5, 7"
+    assert m.run("systemctl", "is-enabled", "nflogd-relay", check=False).stdout.strip() == "disabled"
 
 
 def test_remove_stops_and_purge_removes_config_and_keys(machine):
