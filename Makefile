@@ -17,9 +17,10 @@ DEBS := libnetfilter-log-dev libmnl-dev gcc libc6-dev pkg-config python3-dev pyt
 # since installing that package would also enable and start a Prometheus server.
 PROMTOOL := $(VENV)/bin/promtool
 DEV_PKGS := pytest pytest-timeout hypothesis ruff
+APT := apt-get -o DPkg::Lock::Timeout=600
 SOURCES := pyproject.toml setup.py client/pyproject.toml nflogd/_nflog.h nflogd/_nflog.c nflogd/_feed.c nflogd/ffi_build.py
 
-.PHONY: all deps debs run test check bench clean
+.PHONY: all deps debs run test check bench clean deb deb-tools test-system
 all: test
 
 debs:
@@ -27,7 +28,7 @@ debs:
 	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	    echo "installing Debian packages:" $$missing; \
-	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	    $(APT) update -q && DEBIAN_FRONTEND=noninteractive $(APT) install -y -q $$missing; \
 	fi
 
 $(VENV)/.installed: $(SOURCES) | debs
@@ -47,8 +48,8 @@ run: deps
 	$(VENV)/bin/nflogd -c $(CONFIG)
 
 check: deps
-	$(VENV)/bin/ruff check nflogd client tests bench fuzz
-	$(VENV)/bin/ruff format --check nflogd client tests bench fuzz
+	$(VENV)/bin/ruff check nflogd client tests tests_system bench fuzz
+	$(VENV)/bin/ruff format --check nflogd client tests tests_system bench fuzz
 
 test: check
 	$(VPY) -m pytest -q -p no:cacheprovider tests
@@ -69,3 +70,34 @@ fuzz: $(VENV)/.installed
 	mkdir -p $(FUZZ_WORK)/corpus
 	$(VPY) fuzz/fuzz_wire.py $(FUZZ_WORK)/corpus fuzz/corpus/wire -max_total_time=$(FUZZ_SECONDS) \
 	    -max_len=4096 -artifact_prefix=$(FUZZ_WORK)/
+
+# make deb: the Debian packages nflogd and python3-nflogd-client (debian/), built with
+# dpkg-buildpackage from a copy of the checkout (tracked and new files) in build/deb/nflogd, so
+# that every artefact stays under build/; the .debs and lintian's report land in build/deb/.
+# Debian's own python3 and tools only (PATH reset: no pyenv or venv python). The build tools are debian/control's Build-Depends (apt-get build-dep), plus lintian.
+DEB_DIR := build/deb
+DEB_SRC := $(DEB_DIR)/nflogd
+deb-tools:
+	@missing=$$(for p in lintian debootstrap systemd-container; do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ] || ! dpkg-checkbuilddeps debian/control 2>/dev/null; then \
+	    echo "installing Debian packages: build-dep ./ " $$missing; \
+	    $(APT) update -q && DEBIAN_FRONTEND=noninteractive $(APT) install -y -q $$missing dpkg-dev && \
+	    DEBIAN_FRONTEND=noninteractive $(APT) build-dep -y -q ./; \
+	fi
+
+deb: deb-tools
+	rm -rf $(DEB_DIR) && mkdir -p $(DEB_SRC)
+	git ls-files -z --cached --others --exclude-standard | \
+	    tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(DEB_SRC)
+	cd $(DEB_SRC) && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b --no-sign > ../build.log 2>&1 \
+	    || { tail -40 ../build.log; exit 1; }
+	cd $(DEB_DIR) && lintian --info --display-info --pedantic --fail-on error,warning \
+	    --suppress-tags bad-distribution-in-changes-file *.changes | tee lintian.txt
+	@ls $(DEB_DIR)/*.deb
+
+# make test-system: the .debs installed with apt in a booted Debian 12 container (tests_system/):
+# debootstrapped once into build/system/bookworm from the host's apt sources, copied for each
+# run, booted with systemd-nspawn, checked under its systemd, and removed at the end.
+test-system: deb $(VENV)/.installed
+	$(VPY) -m pytest -q -p no:cacheprovider tests_system

@@ -34,9 +34,10 @@ import socket
 import threading
 import time
 from typing import Callable, Iterable, Tuple
+from wsgiref.simple_server import WSGIRequestHandler
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 from prometheus_client.registry import Collector as _Collector
 from prometheus_client.registry import CollectorRegistry
 
@@ -139,7 +140,7 @@ class MetricsServer:
         self.host = host
         self.port = port
         try:
-            self.server, self.thread = start_http_server(port, host, registry=registry)
+            self.server, self.thread = _serve(host, port, registry)
         except OSError as e:
             raise NflogdError(f"metrics: {host}:{port}: {e.strerror or e}") from None
         log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", port)
@@ -157,6 +158,23 @@ class MetricsServer:
             stopper.join(0.02)
         server.server_close()
         self.thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # no line per scrape
+        pass
+
+
+def _serve(host: str, port: int, registry: CollectorRegistry):
+    """What start_http_server does, returning (server, thread) on every prometheus-client
+    version: 0.16 (Debian 12's) returns None from start_http_server."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    server_class = type("MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": family})
+    server = server_class(sockaddr[:2], _QuietHandler)
+    server.set_app(make_wsgi_app(registry))
+    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
+    thread.start()
+    return server, thread
 
 
 def _poke(address) -> None:
