@@ -404,7 +404,14 @@ class Publisher:
         sock.setsockopt(zmq.HANDSHAKE_IVL, self.handshake_timeout_ms)
         for option, value in TCP_KEEPALIVE:
             sock.setsockopt(option, value)
-        monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        # Not get_monitor_socket(): its queue holds 1,000 events and drops the rest, and a burst of
+        # connections must not lose ACCEPTED/DISCONNECTED events (the budget counts them).
+        address = f"inproc://nflogd-monitor-{id(self)}-{len(self.monitors)}"
+        sock.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        monitor = sock.context.socket(zmq.PAIR)
+        monitor.setsockopt(zmq.RCVHWM, 0)
+        monitor.setsockopt(zmq.LINGER, 0)
+        monitor.connect(address)
         self.monitors.append(monitor)
         self._peers[monitor] = {}
         return monitor
