@@ -88,6 +88,10 @@ LINGER_MS = 250
 #: a subscription is 3 bytes, CURVE's INITIATE about 300; a peer sending more is disconnected
 #: by libzmq before the message is allocated.
 PEER_MAX_MESSAGE = 512
+#: The same on a socket without CURVE (no 300-byte handshake commands there): a NULL READY
+#: is about 30 bytes, a subscription 3. Keeps a topic libzmq stores, byte by byte in its
+#: trie, short until handle_incoming() hangs up on its sender.
+PEER_MAX_MESSAGE_NULL = 64
 #: Messages (subscriptions) ZeroMQ queues from each peer before it stops reading that peer.
 PEER_RCVHWM = 100
 #: Subscription messages handle_incoming() reads per socket per call.
@@ -340,6 +344,7 @@ class Publisher:
         self.socket = ctx.socket(zmq.XPUB)
         try:
             self.monitor = self._setup(self.socket, publish.hwm)
+            self.socket.setsockopt(zmq.MAXMSGSIZE, PEER_MAX_MESSAGE_NULL)
             for gid in getattr(publish, "ipc_filter_gids", ()):
                 try:
                     self.socket.setsockopt(zmq.IPC_FILTER_GID, gid)

@@ -65,7 +65,7 @@ elif mode == "flood":  # one topic, again and again
                 s.sendall(blob)
         except OSError:
             time.sleep(0.05)
-elif mode == "topics":  # distinct 400-byte topics, 10 MB of them per connection
+elif mode == "topics":  # distinct long topics (60 bytes: what the feed's 64-byte message limit lets in)
     i = 0
     while time.monotonic() < end:
         try:
@@ -73,7 +73,7 @@ elif mode == "topics":  # distinct 400-byte topics, 10 MB of them per connection
             for _ in range(10):
                 if time.monotonic() > end:
                     break
-                s.sendall(b"".join(frame(b"\x01" + struct.pack(">Q", i + k).ljust(400, b"t")) for k in range(2500)))
+                s.sendall(b"".join(frame(b"\x01" + struct.pack(">Q", i + k).ljust(60, b"t")) for k in range(2500)))
                 i += 2500
         except OSError:
             time.sleep(0.05)
@@ -221,7 +221,8 @@ def test_subscription_flood_stalls_nothing(netns, tmp_path):
 
 @pytest.mark.parametrize("mode", ["topics", "huge"])
 def test_peer_cannot_grow_memory(netns, tmp_path, mode):
-    """topics: 10 MB of distinct 400-byte subscriptions per connection (before: 32 -> 500 MB);
+    """topics: distinct 60-byte subscriptions as fast as they go (before, with 400-byte ones:
+    32 -> 500 MB; those are now refused by the message size limit);
     huge: a header declaring a 1 GiB message, then 200 MB (before: allocated). RSS stays under
     a ceiling, the peer is dropped and counted, the daemon serves on."""
     netns.log_rule(1, match="udp dport 9999")
@@ -243,8 +244,8 @@ def test_peer_cannot_grow_memory(netns, tmp_path, mode):
 
 
 def test_relay_bounds_what_its_readers_send(netns, tmp_path):
-    """Through the relay: long topics from uid 65534 are dropped at the relay and never reach
-    the daemon behind it."""
+    """Through the relay: long topics from uid 65534 are dropped at the relay (its reader hung
+    up on, counted) and never reach the daemon behind it."""
     netns.log_rule(1, match="udp dport 9999")
     with NflogdProcess(netns, tmp_path / "d", groups=[1], log_level="info") as d:
         r = daemonutil.RelayProcess(netns, tmp_path / "r", upstreams=[d.endpoint], log_level="info")
