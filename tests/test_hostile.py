@@ -73,7 +73,8 @@ elif mode == "topics":  # distinct long topics (60 bytes: what the feed's 64-byt
             for _ in range(10):
                 if time.monotonic() > end:
                     break
-                s.sendall(b"".join(frame(b"\x01" + struct.pack(">Q", i + k).ljust(60, b"t")) for k in range(2500)))
+                topics = (struct.pack(">Q", i + k).ljust(60, b"t") for k in range(2500))
+                s.sendall(b"".join(frame(b"\x01" + t) for t in topics))
                 i += 2500
         except OSError:
             time.sleep(0.05)
@@ -164,7 +165,8 @@ def test_idle_connections_cannot_exhaust_file_descriptors(netns, tmp_path, monke
         try:
             assert int(att.stdout.readline()) == 700
             # the kernel hands the connections over about 100 (the listen backlog) at a time
-            wait_until(lambda: (d.metric("nflogd_feed_refused_connections_total", endpoint=endpoint) or 0) >= 200,
+            refused = "nflogd_feed_refused_connections_total"
+            wait_until(lambda: (d.metric(refused, endpoint=endpoint) or 0) >= 200,
                        "connections past the budget to be refused")  # fmt: skip
             assert d.metric("nflogd_subscribers") <= 100
             assert len(os.listdir(f"/proc/{d.pid}/fd")) < 256
@@ -342,7 +344,8 @@ def run_tap_on(feed, tmp_path, linktype: str, packets) -> Path:
 
     feed.publish_when_subscribed({b""}, wire.encode(3, "r1", 1, 0, packets))
     r = subprocess.run(
-        [*tap_command(), "-e", feed.endpoint, "-c", str(len(packets)), "--linktype", linktype, "-w", str(out)],
+        [*tap_command(), "-e", feed.endpoint, "-c", str(len(packets)), "--linktype", linktype,
+         "-w", str(out)],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
