@@ -31,7 +31,7 @@ with everything else that touches the sockets (subscriptions, binds, options, cl
 since a ZeroMQ socket is not thread-safe. The control thread never
 polls the feed sockets themselves (``zmq_poll`` on them would race with a send): it
 polls their ``ZMQ_FD``s (``fds``) and calls ``handle_incoming()``, which looks under the
-lock, at most ``INCOMING_PER_CALL`` messages at a time.
+lock, at most ``SUBSCRIPTIONS_PER_TURN`` messages per socket at a time.
 
 Delivery: ``SNDHWM = publish.hwm`` messages per subscriber and ``XPUB_NODROP``
 off, so a subscriber that does not keep up loses its own messages at its high
