@@ -33,12 +33,14 @@ Units are in the names (``flush_ms``, ``rcvbuf`` in bytes); ``ffi.py`` turns the
 
 from __future__ import annotations
 
+import errno
 import grp
 import ipaddress
 import os
 import pwd
 import re
 import socket
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -75,6 +77,14 @@ _GROUP_RANGES: dict[str, tuple[int, int]] = {
     "rcvbuf": (4096, 1 << 30),  # netlink socket receive buffer, bytes
 }
 _HWM_RANGE = (1, 10_000_000)
+# Per endpoint: peers connected at once; beyond, a new connection is closed at once.
+_DEFAULT_MAX_CONNECTIONS = 256
+_MAX_CONNECTIONS_RANGE = (1, 100_000)
+# A peer that has not completed the ZMTP handshake (CURVE included) by then is dropped.
+_DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000
+_HANDSHAKE_TIMEOUT_RANGE = (100, 600_000)
+#: The largest config file read (bytes): a config is a few KB.
+CONFIG_MAX_BYTES = 1 << 20
 _PORT_RANGE = (1, 65535)
 _NODE_MAX_BYTES = 255
 _NETNS_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # what `ip netns add` makes under /run/netns
@@ -83,7 +93,9 @@ _PATH_MAX = 4095
 _IPC_PATH_MAX_BYTES = 107  # sizeof(sockaddr_un.sun_path) - 1 for the terminating NUL
 
 _TOP_KEYS = ("groups", "metrics", "node", "publish", "user")
-_PUBLISH_KEYS = ("bind", "curve", "hwm", "insecure", "ipc_filter_groups")
+_PUBLISH_KEYS = (
+    "bind", "curve", "handshake_timeout_ms", "hwm", "insecure", "ipc_filter_groups", "max_connections",
+)  # fmt: skip
 _CURVE_KEYS = ("authorized_keys_dir", "secret_key_file")
 _GID_MAX = 2**32 - 2  # (gid_t)-1 means "no group"
 _METRICS_KEYS = ("listen",)
@@ -154,6 +166,9 @@ class PublishConfig:
 
     ``curve``: CURVE on every tcp endpoint, or None. ``insecure``: allow tcp endpoints other
     hosts can reach without CURVE. ``ipc_filter_gids``: IPC_FILTER_GID for the ipc endpoints.
+    ``max_connections``: peers connected at once per endpoint (more are closed at once);
+    ``handshake_timeout_ms``: a peer that has not finished the ZMTP handshake by then is
+    dropped (docs/security.md, "Limits").
     """
 
     bind: tuple[str, ...] = _DEFAULT_BIND
@@ -161,12 +176,16 @@ class PublishConfig:
     curve: CurveConfig | None = None
     insecure: bool = False
     ipc_filter_gids: tuple[int, ...] = ()
+    max_connections: int = _DEFAULT_MAX_CONNECTIONS
+    handshake_timeout_ms: int = _DEFAULT_HANDSHAKE_TIMEOUT_MS
 
     def __post_init__(self) -> None:
         if not isinstance(self.bind, tuple):
             raise ConfigError(f"bind: must be a tuple of endpoint strings, got {_show(self.bind)}")
         _check_endpoints("bind", self.bind)
         _check_int("hwm", self.hwm, *_HWM_RANGE)
+        _check_int("max_connections", self.max_connections, *_MAX_CONNECTIONS_RANGE)
+        _check_int("handshake_timeout_ms", self.handshake_timeout_ms, *_HANDSHAKE_TIMEOUT_RANGE)
         if not isinstance(self.insecure, bool):
             raise ConfigError(f"insecure: must be true or false, got {_show(self.insecure)}")
         _check_exposure("bind", self.bind, self.curve, self.insecure)
@@ -251,10 +270,13 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 
 def _read_text(source: str) -> str:
-    """The file's text; every failure a ConfigError naming it."""
+    """The file's text; every failure a ConfigError naming it.
+
+    Opened without blocking and refused unless it is a regular file of at most
+    CONFIG_MAX_BYTES: a FIFO would block for good, /dev/zero never end."""
     try:
-        with open(source, encoding="utf-8") as f:
-            return f.read()
+        with open_regular(source, CONFIG_MAX_BYTES) as f:
+            return f.read().decode("utf-8")
     except OSError as e:
         why = f"[Errno {e.errno}] {e.strerror}" if e.errno is not None else str(e)
         raise ConfigError(f"{source}: cannot read: {why}") from None
@@ -312,6 +334,55 @@ def parse_relay(text: str, source: str = "<config>") -> RelayConfig:
         publish=_parse_section("publish", data, _PUBLISH_KEYS, publish),
         metrics=_parse_section("metrics", data, _METRICS_KEYS, metrics),
     )
+
+
+def open_regular(path: str, max_bytes: int):
+    """``path`` opened for reading in binary, if it is a regular file of at most ``max_bytes``.
+
+    The open never blocks (O_NONBLOCK: a FIFO opens at once and is then refused by type);
+    anything else raises OSError with the reason as ``strerror``.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(st.st_mode)})", path)
+        if st.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"{st.st_size} bytes, larger than {max_bytes}", path)
+        os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    return _Bounded(f, max_bytes)
+
+
+class _Bounded:
+    """A file whose ``read()`` returns at most ``max_bytes`` (a file growing while read)."""
+
+    def __init__(self, f, max_bytes: int):
+        self._f, self._max = f, max_bytes
+
+    def read(self) -> bytes:
+        data = self._f.read(self._max + 1)
+        if len(data) > self._max:
+            raise OSError(errno.EFBIG, f"larger than {self._max} bytes")
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._f.close()
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a directory")):  # fmt: skip
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 # --- YAML ----------------------------------------------------------------------------------------
@@ -454,7 +525,14 @@ def _parse_publish(section: dict[Any, Any]) -> PublishConfig:
     curve = _parse_curve("publish.curve", section.get("curve"))
     _check_exposure("publish.bind", bind, curve, insecure)
     gids = _parse_ipc_groups("publish.ipc_filter_groups", section.get("ipc_filter_groups"))
-    return PublishConfig(bind=tuple(bind), hwm=hwm, curve=curve, insecure=insecure, ipc_filter_gids=gids)
+    max_connections = section.get("max_connections", _DEFAULT_MAX_CONNECTIONS)
+    _check_int("publish.max_connections", max_connections, *_MAX_CONNECTIONS_RANGE)
+    handshake = section.get("handshake_timeout_ms", _DEFAULT_HANDSHAKE_TIMEOUT_MS)
+    _check_int("publish.handshake_timeout_ms", handshake, *_HANDSHAKE_TIMEOUT_RANGE)
+    return PublishConfig(
+        bind=tuple(bind), hwm=hwm, curve=curve, insecure=insecure, ipc_filter_gids=gids,
+        max_connections=max_connections, handshake_timeout_ms=handshake,
+    )  # fmt: skip
 
 
 def _parse_curve(path: str, section: Any) -> CurveConfig | None:

@@ -114,13 +114,17 @@ class Daemon(Program):
         else:
             privileges.confine()
         os.umask(0o007)
+        service.probe_threads()  # a one-line error now rather than a libzmq abort later
         self.ctx = zmq.Context()
         if cfg.publish.curve is not None:
             self.access = CurveAccess(self.ctx, cfg.publish.curve)  # before the CURVE socket binds
         self.publisher = Publisher(self.ctx, cfg.publish, node=cfg.node)
         self.registry = CollectorRegistry()
         publisher = self.publisher
-        Collector(self.group_counters, lambda: publisher.subscribers, registry=self.registry)
+        Collector(
+            self.group_counters, lambda: publisher.subscribers, registry=self.registry,
+            limits=lambda: (self.publisher, self.metrics_server),
+        )  # fmt: skip
         if cfg.metrics is not None:
             self.metrics_server = MetricsServer(cfg.metrics.host, cfg.metrics.port, self.registry)
         self.poller.register(self._wakeup.fileno(), zmq.POLLIN)

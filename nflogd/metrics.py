@@ -20,6 +20,12 @@ Exposed:
 ``nflogd_truncated_packets_total{group}``  packets cut by the group's copy_range
 ``nflogd_subscribers``                     peers connected to the feed
 ``nflogd_build_info{version}``             1
+``nflogd_feed_refused_connections_total``  connections closed at once, over publish.max_connections,
+                                           per endpoint
+``nflogd_feed_dropped_peers_total``        peers hung up on for a topic no group has
+``nflogd_feed_subscription_floods_total``  subscription flood episodes
+``nflogd_feed_subscription_messages_total`` subscription messages read
+``nflogd_metrics_dropped_connections_total`` metrics connections closed for the server's limits
 =========================================  =====================================================
 
 ``collect()`` never raises: a failure to read the counters is logged and the
@@ -30,20 +36,20 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import selectors
 import socket
 import threading
 import time
 from typing import Callable, Iterable, Tuple
-from wsgiref.simple_server import WSGIRequestHandler
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector as _Collector
 from prometheus_client.registry import CollectorRegistry
 
 from .errors import NflogdError
 
-__all__ = ["Collector", "MetricsServer", "version"]
+__all__ = ["Collector", "MetricsServer", "limit_families", "version"]
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +94,11 @@ class Collector(_Collector):
         subscribers: Callable[[], int] | None = None,
         build_version: str | None = None,
         registry: CollectorRegistry | None = None,
+        limits: Callable[[], tuple[object, object]] | None = None,
     ):
         self._groups = groups
         self._subscribers = subscribers
+        self._limits = limits
         self._version = build_version if build_version is not None else version()
         self._warned = False
         if registry is not None:
@@ -104,7 +112,8 @@ class Collector(_Collector):
 
     def describe(self):
         counters, subs, info = self._families()
-        return [*counters, subs, info]
+        extra = limit_families("nflogd", None, None) if self._limits is not None else []
+        return [*counters, subs, info, *extra]
 
     def collect(self):
         counters, subs, info = self._families()
@@ -126,6 +135,13 @@ class Collector(_Collector):
         if self._subscribers is not None:
             yield subs
         yield info
+        if self._limits is not None:
+            try:
+                extra = limit_families("nflogd", *self._limits())
+            except Exception as e:
+                self._warn(f"reading the feed's limit counters failed: {e!r}")
+                extra = limit_families("nflogd", None, None)
+            yield from extra
 
     def _warn(self, text: str) -> None:
         level = logging.DEBUG if self._warned else logging.WARNING
@@ -134,54 +150,238 @@ class Collector(_Collector):
 
 
 class MetricsServer:
-    """prometheus_client's HTTP server for one registry; ``close()`` stops it."""
+    """The HTTP server of one registry: one thread, bounded connections, timeouts.
+
+    ``GET /metrics`` (or ``/``) gets the registry in the format the ``Accept`` header asks for
+    (prometheus_client's encoders); anything else 404, other methods 405. One thread serves
+    every connection from a selector, so idle or slow clients cost a socket each, never a
+    thread: at most MAX_CONNECTIONS are kept (beyond, the one connected longest is closed), each
+    for at most TIMEOUT_S, a request head of at most MAX_REQUEST bytes. Connections closed so
+    are counted in ``dropped`` and logged once per episode. ``close()`` wakes the thread through
+    a socketpair and joins it: stopping starts no thread (a process at its task limit can
+    always stop).
+    """
+
+    MAX_CONNECTIONS = 32
+    TIMEOUT_S = 5.0
+    MAX_REQUEST = 8192
 
     def __init__(self, host: str, port: int, registry: CollectorRegistry):
         self.host = host
-        self.port = port
+        self.registry = registry
+        self.dropped = 0  # connections closed for the limits (too many, too slow, too big)
+        self._episodes = _Episodes()
         try:
-            self.server, self.thread = _serve(host, port, registry)
+            family, _, _, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            self._listener = socket.socket(family, socket.SOCK_STREAM)
         except OSError as e:
             raise NflogdError(f"metrics: {host}:{port}: {e.strerror or e}") from None
-        log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", port)
+        try:
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._listener.bind(address)
+            self._listener.listen(64)
+        except OSError as e:
+            self._listener.close()
+            raise NflogdError(f"metrics: {host}:{port}: {e.strerror or e}") from None
+        self._listener.setblocking(False)
+        self.port = self._listener.getsockname()[1]
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._closed = False
+        self.thread = threading.Thread(target=self._serve, name="metrics", daemon=True)
+        try:
+            self.thread.start()
+        except RuntimeError as e:  # "can't start new thread": a task or memory limit
+            self._close_sockets()
+            raise NflogdError(f"metrics: {host}:{port}: {e}") from None
+        log.info("metrics on http://%s:%d/metrics", host if ":" not in host else f"[{host}]", self.port)
+
+    # -- the thread --------------------------------------------------------------
+
+    def _serve(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._listener, selectors.EVENT_READ, None)
+        sel.register(self._wake_r, selectors.EVENT_READ, None)
+        conns: dict[socket.socket, _Conn] = {}
+        try:
+            while True:
+                now = time.monotonic()
+                timeout = min((c.deadline for c in conns.values()), default=now + 60) - now
+                for key, _ in sel.select(max(0.0, timeout)):
+                    sock = key.fileobj
+                    if sock is self._wake_r:
+                        return
+                    if sock is self._listener:
+                        self._accept(sel, conns)
+                    elif sock in conns:
+                        self._io(sel, conns, conns[sock])
+                now = time.monotonic()
+                for conn in [c for c in conns.values() if c.deadline <= now]:
+                    self._drop(sel, conns, conn, f"took longer than {self.TIMEOUT_S:g} s")
+        except Exception as e:  # never a traceback from this thread; scrapes stop, capture goes on
+            log.error("metrics: server stopped: %r", e)
+        finally:
+            for conn in list(conns.values()):
+                self._close(sel, conns, conn)
+            sel.close()
+
+    def _accept(self, sel, conns) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE, ECONNABORTED: try again at the next event
+                self._episodes.hit("metrics: accept failed: %s", e.strerror or e)
+                return
+            if len(conns) >= self.MAX_CONNECTIONS:
+                oldest = min(conns.values(), key=lambda c: c.started)
+                self._drop(sel, conns, oldest, f"more than {self.MAX_CONNECTIONS} connections")
+            sock.setblocking(False)
+            conn = _Conn(sock, time.monotonic() + self.TIMEOUT_S)
+            conns[sock] = conn
+            sel.register(sock, selectors.EVENT_READ, None)
+
+    def _io(self, sel, conns, conn) -> None:
+        try:
+            if conn.out is None:
+                data = conn.sock.recv(4096)
+                if not data:
+                    self._close(sel, conns, conn)
+                    return
+                conn.buf += data
+                if b"\r\n\r\n" not in conn.buf and b"\n\n" not in conn.buf:
+                    if len(conn.buf) > self.MAX_REQUEST:
+                        self._drop(sel, conns, conn, f"a request head over {self.MAX_REQUEST} bytes")
+                    return
+                conn.out = memoryview(self._respond(bytes(conn.buf)))
+                sel.modify(conn.sock, selectors.EVENT_WRITE, None)
+            sent = conn.sock.send(conn.out)
+            conn.out = conn.out[sent:]
+            if not conn.out:
+                self._close(sel, conns, conn)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._close(sel, conns, conn)
+
+    def _respond(self, head: bytes) -> bytes:
+        lines = head.split(b"\n")
+        try:
+            method, target, _ = lines[0].decode("latin-1").split(None, 2)
+        except ValueError:
+            return _response(400, "text/plain", b"bad request\n")
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.decode("latin-1").partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        if method not in ("GET", "HEAD"):
+            return _response(405, "text/plain", b"method not allowed\n")
+        path = target.split("?", 1)[0]
+        if path not in ("/", "/metrics"):
+            return _response(404, "text/plain", b"not found\n")
+        encoder, content_type = choose_encoder(headers.get("accept", ""))
+        body = encoder(self.registry)
+        return _response(200, content_type, b"" if method == "HEAD" else body, len(body))
+
+    def _drop(self, sel, conns, conn, why: str) -> None:
+        self.dropped += 1
+        self._episodes.hit("metrics: closing a connection (%s); %d closed so far", why, self.dropped)
+        self._close(sel, conns, conn)
+
+    @staticmethod
+    def _close(sel, conns, conn) -> None:
+        conns.pop(conn.sock, None)
+        try:
+            sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+
+    # -- stopping ----------------------------------------------------------------
 
     def close(self, timeout: float = 1.0) -> None:
-        """Stop serving and join the thread, in a few ms rather than serve_forever's 0.5 s poll."""
-        server, self.server = self.server, None
-        if server is None:
+        """Stop serving and join the thread (a few ms); safe to call twice."""
+        if self._closed:
             return
-        stopper = threading.Thread(target=server.shutdown, name="metrics-shutdown", daemon=True)
-        stopper.start()
-        deadline = time.monotonic() + timeout
-        while stopper.is_alive() and time.monotonic() < deadline:
-            _poke(server.server_address)  # wakes serve_forever's select() to see the request
-            stopper.join(0.02)
-        server.server_close()
-        self.thread.join(max(0.0, deadline - time.monotonic()))
+        self._closed = True
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        self.thread.join(timeout)
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        for sock in (self._listener, self._wake_r, self._wake_w):
+            sock.close()
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format, *args):  # no line per scrape
-        pass
+class _Conn:
+    __slots__ = ("sock", "deadline", "started", "buf", "out")
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock = sock
+        self.deadline = deadline
+        self.started = time.monotonic()
+        self.buf = bytearray()
+        self.out: memoryview | None = None
 
 
-def _serve(host: str, port: int, registry: CollectorRegistry):
-    """What start_http_server does, returning (server, thread) on every prometheus-client
-    version: 0.16 (Debian 12's) returns None from start_http_server."""
-    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    server_class = type("MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": family})
-    server = server_class(sockaddr[:2], _QuietHandler)
-    server.set_app(make_wsgi_app(registry))
-    thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
-    thread.start()
-    return server, thread
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
 
 
-def _poke(address) -> None:
-    """Connect to the server and hang up at once."""
-    host, port = address[0], address[1]
-    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
-    try:
-        socket.create_connection((host, port), timeout=0.1).close()
-    except OSError:
-        pass
+def _response(status: int, content_type: str, body: bytes, length: int | None = None) -> bytes:
+    head = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body) if length is None else length}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+class _Episodes:
+    """Log a warning for the first event after QUIET_S quiet seconds, debug for the others."""
+
+    QUIET_S = 10.0
+
+    def __init__(self):
+        self.last: float | None = None
+
+    def hit(self, fmt: str, *args) -> None:
+        now = time.monotonic()
+        quiet = self.last is None or now - self.last >= self.QUIET_S
+        self.last = now
+        log.log(logging.WARNING if quiet else logging.DEBUG, fmt, *args)
+
+
+def limit_families(prefix: str, feed, server) -> list:
+    """What hostile peers cost, as metric families: ``feed`` a Publisher (or None), ``server``
+    a MetricsServer (or None). Names under ``prefix`` (``nflogd``, ``nflogd_relay``)."""
+    refused = CounterMetricFamily(
+        f"{prefix}_feed_refused_connections",
+        "Connections to the feed closed at once: the endpoint had its publish.max_connections.",
+        labels=["endpoint"],
+    )
+    dropped = CounterMetricFamily(
+        f"{prefix}_feed_dropped_peers", "Feed peers hung up on for subscribing to a topic no group has."
+    )
+    floods = CounterMetricFamily(
+        f"{prefix}_feed_subscription_floods", "Episodes of more subscriptions at once than one turn reads."
+    )
+    subs = CounterMetricFamily(
+        f"{prefix}_feed_subscription_messages", "Subscription messages read from peers."
+    )
+    http = CounterMetricFamily(
+        f"{prefix}_metrics_dropped_connections",
+        "Metrics connections closed for the server's limits (too many, too slow, too large).",
+    )
+    if feed is not None:
+        for endpoint, n in sorted(dict(feed.refused).items()):
+            refused.add_metric([endpoint], n)
+        dropped.add_metric([], feed.dropped_peers)
+        floods.add_metric([], feed.subscription_floods)
+        subs.add_metric([], feed.subscription_messages)
+    http.add_metric([], server.dropped if server is not None else 0)
+    return [refused, dropped, floods, subs, http]

@@ -12,7 +12,9 @@ a VRF-style router's namespace) is opened like this::
 
 setns(2) moves the calling thread only: other threads (ZeroMQ's, the metrics server's) never
 leave the daemon's namespace, and the thread comes back before ``entered`` returns, also when
-the body raises. Entering needs CAP_SYS_ADMIN (in the user namespace that owns the target);
+the body raises. The file is opened without blocking and refused unless it is a regular file
+(what a namespace file is): a FIFO or a device at the path is "not a network namespace", at
+once. Entering needs CAP_SYS_ADMIN (in the user namespace that owns the target);
 ``NamespaceError`` says so, naming the namespace, as it does for one that does not exist.
 """
 
@@ -22,6 +24,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import stat
 from typing import Iterator
 
 from .errors import NamespaceError
@@ -93,11 +96,14 @@ def entered(netns: str | None) -> Iterator[tuple[int, int] | None]:
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
         try:
-            target = os.open(path_of(netns), os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO at the path opens at once (and is refused below), never blocks
+            target = os.open(path_of(netns), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as e:
             raise _error(netns, e.errno or errno.EIO) from None
         try:
             st = os.fstat(target)
+            if not stat.S_ISREG(st.st_mode):  # a namespace file (nsfs) is a regular file
+                raise _error(netns, errno.EINVAL)
             try:
                 _setns(target)
             except OSError as e:

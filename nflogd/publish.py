@@ -31,7 +31,7 @@ with everything else that touches the sockets (subscriptions, binds, options, cl
 since a ZeroMQ socket is not thread-safe. The control thread never
 polls the feed sockets themselves (``zmq_poll`` on them would race with a send): it
 polls their ``ZMQ_FD``s (``fds``) and calls ``handle_incoming()``, which looks under the
-lock, at most ``INCOMING_PER_CALL`` messages at a time.
+lock, at most ``SUBSCRIPTIONS_PER_TURN`` messages per socket at a time.
 
 Delivery: ``SNDHWM = publish.hwm`` messages per subscriber and ``XPUB_NODROP``
 off, so a subscriber that does not keep up loses its own messages at its high
@@ -56,12 +56,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import socket
 import stat
 import struct
 import threading
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import zmq
 from nflogd_client import wire
@@ -69,7 +70,10 @@ from nflogd_client import wire
 from .errors import NflogdError
 from .ffi import CFeed
 
-__all__ = ["Publisher", "ZAP_DOMAIN", "check_ipc_path", "check_restart_only", "ipc_path", "make_ipc_dirs"]
+__all__ = [
+    "Episodes", "Publisher", "ZAP_DOMAIN", "check_ipc_dir", "check_ipc_path", "check_restart_only",
+    "ipc_path", "make_ipc_dirs",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +84,29 @@ SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 #: How long close() lets queued messages drain to connected subscribers, in ms.
 LINGER_MS = 250
 
-#: Subscription messages handle_incoming() reads per call before it lets the sender in.
-INCOMING_PER_CALL = 256
+#: The largest message a peer may send us (ZMQ_MAXMSGSIZE, bytes, handshake commands included):
+#: a subscription is 3 bytes, CURVE's INITIATE about 300; a peer sending more is disconnected
+#: by libzmq before the message is allocated.
+PEER_MAX_MESSAGE = 512
+#: The same on a socket without CURVE (no 300-byte handshake commands there): a NULL READY
+#: is about 30 bytes, a subscription 3. Keeps a topic libzmq stores, byte by byte in its
+#: trie, short until handle_incoming() hangs up on its sender.
+PEER_MAX_MESSAGE_NULL = 64
+#: Messages (subscriptions) ZeroMQ queues from each peer before it stops reading that peer.
+PEER_RCVHWM = 100
+#: Subscription messages handle_incoming() reads per socket per call.
+SUBSCRIPTIONS_PER_TURN = 256
+#: Open files kept for everything but feed peers (groups, sockets, metrics, key files).
+FD_RESERVE = 64
+#: An episode (flood, refused connections) ends after this many seconds without a new event.
+QUIET_S = 10.0
+#: TCP keepalive on peers' connections: a peer that vanished is found in about 90 s.
+TCP_KEEPALIVE = (
+    (zmq.TCP_KEEPALIVE, 1),
+    (zmq.TCP_KEEPALIVE_IDLE, 60),
+    (zmq.TCP_KEEPALIVE_INTVL, 10),
+    (zmq.TCP_KEEPALIVE_CNT, 3),
+)
 
 #: ZAP domain of the CURVE socket; ``nflogd.access`` configures the authorized keys for it.
 ZAP_DOMAIN = "nflogd"
@@ -89,6 +114,80 @@ ZAP_DOMAIN = "nflogd"
 # A monitor message's first frame: event (u16) and value (u32, the fd for
 # ACCEPTED/DISCONNECTED), native byte order (zmq_socket_monitor(3)).
 _EVENT = struct.Struct("=HI")
+
+
+class Episodes:
+    """Logging once per episode: ``hit()`` logs a warning if the last hit is QUIET_S or more
+    ago (or there was none), at debug level otherwise."""
+
+    def __init__(self):
+        self.last: float | None = None
+
+    def hit(self, fmt: str, *args) -> None:
+        now = time.monotonic()
+        quiet = self.last is None or now - self.last >= QUIET_S
+        self.last = now
+        log.log(logging.WARNING if quiet else logging.DEBUG, fmt, *args)
+
+
+def _peer_socket(fd: int, endpoint: str) -> socket.socket | None:
+    """The connection ``fd`` as a socket object (to be detached, never closed), if it still is a
+    connection accepted on ``endpoint``: its local address is the endpoint's (the fd may have
+    been closed and reused since the monitor reported it)."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        return None
+    try:
+        local = sock.getsockname()
+        path = ipc_path(endpoint)
+        if path is not None:
+            ok = sock.family == socket.AF_UNIX and local in (path, path.encode())
+        else:
+            port = endpoint.rpartition(":")[2]
+            ok = sock.family in (socket.AF_INET, socket.AF_INET6) and str(local[1]) == port
+    except OSError:
+        ok = False
+    if not ok:
+        sock.detach()
+        return None
+    return sock
+
+
+def _hang_up(fd: int, endpoint: str) -> bool:
+    """Shut down libzmq's connection ``fd`` (libzmq sees the end and closes it); True if done."""
+    sock = _peer_socket(fd, endpoint)
+    if sock is None:
+        return False
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.detach()
+
+
+_UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
+
+
+def _peer_matches(fd: int, endpoint: str, address: str) -> bool:
+    """Whether connection ``fd`` is from the peer libzmq calls ``address`` (Peer-Address:
+    the IP for tcp, ``:uid:gid:pid`` for ipc)."""
+    sock = _peer_socket(fd, endpoint)
+    if sock is None or not address:
+        if sock is not None:
+            sock.detach()
+        return False
+    try:
+        if sock.family == socket.AF_UNIX:
+            pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            return address == f":{uid}:{gid}:{pid}"
+        return sock.getpeername()[0] == address
+    except OSError:
+        return False
+    finally:
+        sock.detach()
 
 
 def ipc_path(endpoint: str) -> str | None:
@@ -131,6 +230,41 @@ def check_ipc_path(endpoint: str, path: str) -> None:
     finally:
         probe.close()
     raise NflogdError(f"publish.bind: {endpoint}: another process is serving this path")
+
+
+def check_ipc_dir(endpoint: str, path: str) -> None:
+    """Refuse a socket directory that someone other than us or root could change.
+
+    Whoever can write the socket's directory can rename our socket away and serve a feed of
+    their own at its path, which readers would take for ours. So the directory must belong to
+    root or to the daemon's user and be writable by its owner only; each directory above it
+    must belong to root or us too, and may be writable by others only if it is sticky (/tmp:
+    then nobody else can rename what is in it).
+    """
+    euid = os.geteuid()
+    directory = os.path.dirname(os.path.abspath(path))
+    first = True
+    while True:
+        try:
+            st = os.stat(directory)
+        except OSError as e:
+            raise NflogdError(f"publish.bind: {endpoint}: {directory}: {e.strerror}") from None
+        writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        who = None
+        if st.st_uid not in (0, euid):
+            who = f"is owned by uid {st.st_uid}"
+        elif writable and (first or not st.st_mode & stat.S_ISVTX):
+            by = "others" if st.st_mode & stat.S_IWOTH else "its group"
+            who = f"is writable by {by} (mode {st.st_mode & 0o7777:04o})"
+        if who is not None:
+            raise NflogdError(
+                f"publish.bind: {endpoint}: {directory} {who}: someone other than this daemon's user "
+                "or root could replace the socket; use a directory only they can write"
+            )
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            return
+        directory, first = parent, False
 
 
 def _make_parent(endpoint: str, path: str, owner: tuple[int, int] | None = None) -> None:
@@ -179,7 +313,22 @@ class Publisher:
         self._sent = 0  # messages publish() handed to ZeroMQ
         self._unsent = 0  # messages ZeroMQ refused (never expected with XPUB_NODROP off)
         self._seq: dict[int, int] = {}
-        self._peers: dict[zmq.Socket, set[int]] = {}  # monitor -> fds connected through it
+        self._peers: dict[zmq.Socket, dict[int, str]] = {}  # monitor -> {fd: endpoint accepted on}
+        self._conns: dict[str, set[int]] = {}  # endpoint (as the monitor names it) -> fds
+        self.max_connections = getattr(publish, "max_connections", 256)
+        self.handshake_timeout_ms = getattr(publish, "handshake_timeout_ms", 10_000)
+        #: What hostile peers cost, for the metrics: connections closed over budget per endpoint,
+        #: peers hung up on for a foreign topic, flood episodes, subscription messages read.
+        self.refused: dict[str, int] = {}
+        self.dropped_peers = 0
+        self.subscription_floods = 0
+        self.subscription_messages = 0
+        self._verbose = True  # XPUB_VERBOSE wanted; the relay turns it off (set_verbose)
+        self._flooding = False
+        self._flood_seen = 0.0
+        self._flood_log = Episodes()
+        self._topic_log = Episodes()
+        self._budget_log = Episodes()
         self._files: dict[str, tuple[str, int, int]] = {}  # endpoint -> (path, st_dev, st_ino)
         self._bound: dict[str, zmq.Socket] = {}  # endpoint -> the socket bound to it
         #: Held for every use of the sockets: capture threads send while the control thread
@@ -195,6 +344,7 @@ class Publisher:
         self.socket = ctx.socket(zmq.XPUB)
         try:
             self.monitor = self._setup(self.socket, publish.hwm)
+            self.socket.setsockopt(zmq.MAXMSGSIZE, PEER_MAX_MESSAGE_NULL)
             for gid in getattr(publish, "ipc_filter_gids", ()):
                 try:
                     self.socket.setsockopt(zmq.IPC_FILTER_GID, gid)
@@ -250,11 +400,32 @@ class Publisher:
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.XPUB_NODROP, 0)
         # every subscribe reaches handle_incoming(), not only a topic's first: debug logs show all
+        # (turned off during a subscription flood: see handle_incoming)
         sock.setsockopt(zmq.XPUB_VERBOSE, 1)
-        monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        # What a peer can make us hold (docs/security.md, "Limits"): its messages, its queue
+        # of subscriptions, the time it may take for the handshake; dead peers found by TCP.
+        sock.setsockopt(zmq.MAXMSGSIZE, PEER_MAX_MESSAGE)
+        sock.setsockopt(zmq.RCVHWM, PEER_RCVHWM)
+        sock.setsockopt(zmq.HANDSHAKE_IVL, self.handshake_timeout_ms)
+        for option, value in TCP_KEEPALIVE:
+            sock.setsockopt(option, value)
+        # Not get_monitor_socket(): its queue holds 1,000 events and drops the rest, and a burst of
+        # connections must not lose ACCEPTED/DISCONNECTED events (the budget counts them).
+        address = f"inproc://nflogd-monitor-{id(self)}-{len(self.monitors)}"
+        sock.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        monitor = sock.context.socket(zmq.PAIR)
+        monitor.setsockopt(zmq.RCVHWM, 0)
+        monitor.setsockopt(zmq.LINGER, 0)
+        monitor.connect(address)
         self.monitors.append(monitor)
-        self._peers[monitor] = set()
+        self._peers[monitor] = {}
         return monitor
+
+    def set_verbose(self, verbose: bool) -> None:
+        """XPUB_VERBOSE on every socket (the relay wants it off)."""
+        self._verbose = verbose
+        for sock in self.sockets:
+            sock.setsockopt(zmq.XPUB_VERBOSE, 1 if verbose else 0)
 
     def _socket_for(self, endpoint: str) -> zmq.Socket:
         """tcp endpoints go to the CURVE socket when there is one; everything else to ``socket``."""
@@ -268,8 +439,9 @@ class Publisher:
         """Bind one more endpoint; ipc files get mode 0660 in a 0750 directory."""
         path = ipc_path(endpoint)
         if path is not None:
-            check_ipc_path(endpoint, path)
             _make_parent(endpoint, path)
+            check_ipc_dir(endpoint, path)
+            check_ipc_path(endpoint, path)
             old = os.umask(0o117)  # the socket file: rw for owner and group, nothing else
         sock = self._socket_for(endpoint)
         try:
@@ -388,33 +560,116 @@ class Publisher:
             self._sent += 1
         return True
 
-    def handle_incoming(self) -> bool:
-        """Read queued subscription messages (XPUB keeps them until read) and log them.
+    def handle_incoming(self, on_subscription: Callable[[bytes], None] | None = None) -> bool:
+        """Read queued subscription messages, at most SUBSCRIPTIONS_PER_TURN per socket.
 
-        At most INCOMING_PER_CALL under the lock at a time; True when more may be waiting,
-        so that the caller comes back at once.
+        A peer that floods subscriptions thus never holds the loop: what is left is read at
+        the next turn, after the groups, signals and the watchdog had theirs. A full turn
+        starts a flood episode (counted, logged once): the socket stops being verbose, so
+        repeated subscriptions no longer reach us at all, until QUIET_S without one. A topic
+        longer than a group's (2 bytes) can never match a message of the feed: its sender
+        (found by the message's Peer-Address) is hung up on, so that no peer makes libzmq
+        keep topics it cannot use. Valid (un)subscriptions go to ``on_subscription``.
         """
-        budget = INCOMING_PER_CALL
+        more = False
         for sock in self.sockets:
-            with self.lock:
-                while budget:
-                    if not sock.get(zmq.EVENTS) & zmq.POLLIN:
-                        break
-                    try:
-                        msg = sock.recv(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    budget -= 1
-                    if msg[:1] in (b"\x00", b"\x01"):
-                        what = "subscribe" if msg[:1] == b"\x01" else "unsubscribe"
-                        via = " (CURVE)" if sock is self.curve_socket else ""
-                        log.debug("%s %r%s", what, msg[1:].hex() or "(all)", via)
-        return budget == 0
+            with self.lock:  # the capture threads send on these sockets
+                if self._read_subscriptions(sock, on_subscription):
+                    more = True
+                    self._flood(sock)
+        with self.lock:
+            self._end_flood()
+        return more
 
-    # -- subscriber gauge ------------------------------------------------------
+    def _read_subscriptions(self, sock: zmq.Socket, on_subscription) -> bool:
+        """Up to SUBSCRIPTIONS_PER_TURN messages of one socket (under the lock); True if all."""
+        recv = sock.recv
+        n = 0
+        for n in range(1, SUBSCRIPTIONS_PER_TURN + 1):
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                n -= 1
+                break
+            try:
+                frame = recv(NOBLOCK, copy=False)
+            except zmq.Again:
+                n -= 1
+                break
+            msg = frame.bytes
+            if msg[:1] not in (b"\x00", b"\x01"):
+                continue  # not a subscription: nothing else reaches an XPUB from a SUB
+            self.subscription_messages += 1
+            if len(msg) - 1 > wire.TOPIC.size:
+                self._foreign_topic(sock, frame)
+                continue
+            if log.isEnabledFor(logging.DEBUG):
+                what = "subscribe" if msg[:1] == b"\x01" else "unsubscribe"
+                via = " (CURVE)" if sock is self.curve_socket else ""
+                log.debug("%s %r%s", what, msg[1:].hex() or "(all)", via)
+            if on_subscription is not None:
+                on_subscription(msg)
+        return n >= SUBSCRIPTIONS_PER_TURN
+
+    def _flood(self, sock: zmq.Socket) -> None:
+        self._flood_seen = time.monotonic()
+        if self._flooding:
+            return
+        self._flooding = True
+        self.subscription_floods += 1
+        if self._verbose:
+            for s in self.sockets:
+                s.setsockopt(zmq.XPUB_VERBOSE, 0)
+        self._flood_log.hit(
+            "feed: subscription flood (more than %d messages at once on %s); reading %d per turn, "
+            "repeated subscriptions no longer reported until %g s without one",
+            SUBSCRIPTIONS_PER_TURN, "the CURVE socket" if sock is self.curve_socket else "the feed",
+            SUBSCRIPTIONS_PER_TURN, QUIET_S,
+        )  # fmt: skip
+
+    def _end_flood(self) -> None:
+        if self._flooding and time.monotonic() - self._flood_seen > QUIET_S:
+            self._flooding = False
+            if self._verbose:
+                for s in self.sockets:
+                    s.setsockopt(zmq.XPUB_VERBOSE, 1)
+            log.info("feed: subscription flood over")
+
+    def _foreign_topic(self, sock: zmq.Socket, frame) -> None:
+        """Hang up on every connection of the peer that sent a topic no message can match."""
+        try:
+            address = frame.get("Peer-Address")
+        except (zmq.ZMQError, KeyError, UnicodeDecodeError):
+            address = ""
+        mon = self.monitors[self.sockets.index(sock)]
+        hung = 0
+        for fd, endpoint in list(self._peers.get(mon, {}).items()):
+            if _peer_matches(fd, endpoint, address) and _hang_up(fd, endpoint):
+                hung += 1
+        self.dropped_peers += hung
+        self._topic_log.hit(
+            "feed: a peer (%s) subscribed to a %d-byte topic, longer than any group's (%d): "
+            "%d connection%s from it closed",
+            address or "address unknown", len(frame) - 1, wire.TOPIC.size, hung, "" if hung == 1 else "s",
+        )  # fmt: skip
+
+    # -- connections -----------------------------------------------------------
+
+    def budget(self) -> int:
+        """Peers allowed at once per endpoint: ``max_connections``, lowered if the open-files
+        limit could not hold that many on every endpoint (FD_RESERVE kept for the rest)."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return self.max_connections
+        share = (soft - FD_RESERVE) // max(1, len(self.endpoints))
+        return max(1, min(self.max_connections, share))
 
     def handle_monitor(self) -> None:
-        """Apply queued monitor events to the subscriber gauge."""
+        """Apply queued monitor events to the subscriber gauge; enforce the connection budget.
+
+        A peer accepted beyond ``budget()`` on its endpoint is hung up on at once (its socket
+        shut down; libzmq then closes it): counted per endpoint in ``refused``, logged once
+        per episode.
+        """
+        budget = None
         for mon, peers in self._peers.items():
             while True:
                 try:
@@ -425,9 +680,26 @@ class Publisher:
                     continue
                 event, fd = _EVENT.unpack_from(frames[0])
                 if event == zmq.EVENT_ACCEPTED:
-                    peers.add(fd)
+                    endpoint = frames[1].decode(errors="replace") if len(frames) > 1 else ""
+                    conns = self._conns.setdefault(endpoint, set())
+                    if budget is None:
+                        budget = self.budget()
+                    if len(conns) >= budget and _hang_up(fd, endpoint):
+                        self.refused[endpoint] = self.refused.get(endpoint, 0) + 1
+                        self._budget_log.hit(
+                            "feed: %s has %d peers, its limit (publish.max_connections, open files): "
+                            "closing new connections; %d refused so far",
+                            endpoint, len(conns), self.refused[endpoint],
+                        )  # fmt: skip
+                        continue
+                    peers[fd] = endpoint
+                    conns.add(fd)
                 elif event == zmq.EVENT_DISCONNECTED:
-                    peers.discard(fd)
+                    endpoint = peers.pop(fd, None)
+                    if endpoint is not None:
+                        self._conns.get(endpoint, set()).discard(fd)
+        with self.lock:
+            self._end_flood()
 
     @property
     def subscribers(self) -> int:

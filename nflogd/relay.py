@@ -68,7 +68,7 @@ from zmq.utils.monitor import parse_monitor_message
 from . import config, service
 from .access import CurveAccess
 from .errors import NflogdError
-from .metrics import MetricsServer, version
+from .metrics import MetricsServer, limit_families, version
 from .publish import NOBLOCK, SNDMORE_NOBLOCK, Publisher, check_restart_only
 from .sdnotify import Notifier
 from .service import Program
@@ -84,6 +84,10 @@ BURST = 64
 #: Messages (kernel batches) an upstream XSUB queues before ZeroMQ stops reading its connection;
 #: the daemon then queues up to its own publish.hwm for the relay and drops beyond (a seq gap).
 UPSTREAM_HWM = 10_000
+#: The largest frame an upstream may send (ZMQ_MAXMSGSIZE, bytes): a daemon's message is one
+#: kernel batch (at most the group's receive buffer's worth of records); a peer announcing more
+#: is disconnected before the frame is allocated.
+UPSTREAM_MAX_MESSAGE = 1 << 30
 #: ZMTP heartbeats on upstream connections: a PING this often, the connection dropped (and
 #: retried) when nothing came back for HEARTBEAT_TIMEOUT_MS.
 HEARTBEAT_IVL_MS = 5_000
@@ -127,6 +131,7 @@ class Upstream:
             sock = self.socket
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVHWM, UPSTREAM_HWM)
+            sock.setsockopt(zmq.MAXMSGSIZE, UPSTREAM_MAX_MESSAGE)
             sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
             if settings.curve:
@@ -276,7 +281,7 @@ class RelayCollector(_Collector):
 
     def describe(self):
         counters, *gauges = self._families()
-        return [*counters, *gauges]
+        return [*counters, *gauges, *limit_families("nflogd_relay", None, None)]
 
     def collect(self):
         counters, up, subs, topics, info = self._families()
@@ -293,7 +298,8 @@ class RelayCollector(_Collector):
         except Exception as e:  # a scrape must never fail
             log.debug("metrics: reading the relay's state failed: %r", e)
         info.add_metric([self._version], 1)
-        return [*counters, up, subs, topics, info]
+        limits = limit_families("nflogd_relay", relay.publisher, relay.metrics_server)
+        return [*counters, up, subs, topics, info, *limits]
 
 
 class Relay(Program):
@@ -317,6 +323,7 @@ class Relay(Program):
     def start(self) -> None:
         cfg = self.cfg
         os.umask(0o007)
+        service.probe_threads()  # a one-line error now rather than a libzmq abort later
         self.ctx = zmq.Context()
         if cfg.publish.curve is not None:
             self.access = CurveAccess(self.ctx, cfg.publish.curve)  # before the CURVE socket binds
@@ -345,8 +352,7 @@ class Relay(Program):
         """
         pub = Publisher(self.ctx, dataclasses.replace(publish, bind=()))
         try:
-            for sock in pub.sockets:
-                sock.setsockopt(zmq.XPUB_VERBOSE, 0)
+            pub.set_verbose(False)
             pub.rebind(publish.bind)
         except BaseException:
             pub.close(linger=0)
@@ -406,25 +412,23 @@ class Relay(Program):
                 next_wd = time.monotonic() + interval
 
     def _handle_subscriptions(self) -> None:
-        """Pass downstream (un)subscriptions to every upstream, keeping ``topics`` up to date."""
-        for sock in self.publisher.sockets:
-            while True:
-                try:
-                    msg = sock.recv(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                kind, topic = msg[:1], msg[1:]
-                if kind == b"\x01":
-                    self.topics[topic] += 1
-                elif kind == b"\x00" and self.topics[topic] > 0:
-                    self.topics[topic] -= 1
-                    if not self.topics[topic]:
-                        del self.topics[topic]
-                else:
-                    continue  # not a subscription: our feed has nothing else to send upstream
-                log.debug("%s %r", "subscribe" if kind == b"\x01" else "unsubscribe", topic.hex() or "(all)")
-                for up in self.upstreams.values():
-                    up.subscription(msg)
+        """Pass downstream (un)subscriptions to every upstream (``Publisher.handle_incoming``
+        reads a bounded number per turn and drops peers sending topics no group can match)."""
+        self.publisher.handle_incoming(self._subscription)
+
+    def _subscription(self, msg: bytes) -> None:
+        """One downstream (un)subscription: ``topics`` kept up to date, passed to every upstream."""
+        kind, topic = msg[:1], msg[1:]
+        if kind == b"\x01":
+            self.topics[topic] += 1
+        elif self.topics[topic] > 0:
+            self.topics[topic] -= 1
+            if not self.topics[topic]:
+                del self.topics[topic]
+        else:
+            return  # an unsubscription of nothing
+        for up in self.upstreams.values():
+            up.subscription(msg)
 
     # -- reload ----------------------------------------------------------------
 

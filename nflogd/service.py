@@ -13,7 +13,9 @@
     wakeup.close()
 
 Command line: ``PROG [-c PATH] [--check] [--log-level LEVEL]``. ``--check`` loads the config
-and exits 0, or prints ``PROG: <error>`` and exits 2. Otherwise ``make(cfg, path)`` builds the
+and exits 0, or prints ``PROG: <error>`` and exits 2. Otherwise ``check_limits()`` raises the
+soft open-files limit to the hard one and refuses (exit 1, one line) limits too tight for a
+run, and ``make(cfg, path)`` builds the
 program, whose ``install_signals()``, ``start()`` and ``run()`` are called and ``close()``
 always: exit 0 after SIGTERM/SIGINT, 1 for a runtime failure, 2 for a bad config. Every
 failure is one line on stderr, priority err (``<3>``) under journald, never a traceback.
@@ -24,9 +26,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
+import threading
 from typing import Any, Callable
 
 import zmq
@@ -34,7 +38,7 @@ import zmq
 from .errors import ConfigError, NflogdError
 from .sdnotify import Notifier
 
-__all__ = ["Program", "SignalWakeup", "fail", "main", "setup_logging"]
+__all__ = ["Program", "SignalWakeup", "check_limits", "fail", "main", "setup_logging"]
 
 log = logging.getLogger("nflogd")
 
@@ -171,6 +175,68 @@ def setup_logging(level: str) -> None:
     root.setLevel(level.upper())
 
 
+# -- resource limits ----------------------------------------------------------------
+
+#: Open files the daemon needs besides its peers' connections (groups, ZeroMQ's mailboxes and
+#: epoll, the metrics server, key files): below this, refused at start.
+MIN_OPEN_FILES = 64
+#: Threads a run needs at once: ZeroMQ's I/O thread and reaper, the metrics server, the CURVE
+#: authenticator; probed at start, since libzmq aborts when it cannot start one.
+THREADS_NEEDED = 4
+#: Memory probed at start besides the threads, bytes: what a run holds on top of the interpreter.
+MEMORY_PROBE = 32 << 20
+
+
+def check_limits() -> None:
+    """Raise the soft open-files limit to the hard one; fail with one line (NflogdError) if it
+    cannot hold a run, rather than letting libzmq abort on it later.
+
+    Feed peers each hold a file descriptor: the connection budget (``publish.max_connections``,
+    ``Publisher.budget``) is sized from this limit.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass  # e.g. above fs.nr_open: keep the soft limit
+    if soft != resource.RLIM_INFINITY and soft < MIN_OPEN_FILES:
+        raise NflogdError(
+            f"RLIMIT_NOFILE is {soft} (hard limit {hard}): at least {MIN_OPEN_FILES} open files are "
+            "needed (systemd: LimitNOFILE=)"
+        )
+
+
+def probe_threads() -> None:
+    """Start (and end) the threads a run needs, and take its memory, once: NflogdError in one
+    line if RLIMIT_AS or a task limit is too tight, rather than an abort in libzmq, which
+    cannot survive failing to start a thread. Called after the privilege drop (which needs
+    a single thread), before the ZeroMQ context."""
+    release = threading.Event()
+    threads = []
+    try:
+        probe = bytearray(MEMORY_PROBE)
+        del probe
+        for _ in range(THREADS_NEEDED):
+            t = threading.Thread(target=release.wait, daemon=True)
+            t.start()
+            threads.append(t)
+    except (RuntimeError, MemoryError) as e:
+        as_soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        limit = "unlimited" if as_soft == resource.RLIM_INFINITY else f"{as_soft >> 20} MiB"
+        why = str(e) if isinstance(e, RuntimeError) else "out of memory"
+        raise NflogdError(
+            f"cannot start: {why} (RLIMIT_AS {limit}; a run needs {THREADS_NEEDED} threads and "
+            f"about {MEMORY_PROBE >> 20} MiB more; systemd: LimitAS=, TasksMax=, MemoryMax=)"
+        ) from None
+    finally:
+        release.set()
+        for t in threads:
+            t.join()
+
+
 # -- command line -----------------------------------------------------------------
 
 
@@ -218,6 +284,10 @@ def main(
         return fail(prog, f"{args.config}: {e.strerror or e}", 2)
     if args.check:
         return 0
+    try:
+        check_limits()
+    except NflogdError as e:
+        return fail(prog, e, 1)
     program = make(cfg, args.config)
     try:
         program.install_signals()

@@ -217,7 +217,8 @@ BAD = [
     ("groups: [0]\npublish: [tcp://a:1]", "publish: must be a mapping, got a list"),
     (
         "groups: [0]\npublish: {hmw: 5}",
-        "publish: unknown key 'hmw'; expected one of bind, curve, hwm, insecure, ipc_filter_groups",
+        "publish: unknown key 'hmw'; expected one of bind, curve, handshake_timeout_ms, hwm, insecure, "
+        "ipc_filter_groups, max_connections",
     ),
     ("groups: [0]\npublish: {hwm: 0}", "publish.hwm: must be an integer 1..10000000, got 0"),
     ("groups: [0]\npublish: {hwm: 10000001}", "publish.hwm: must be an integer 1..10000000, got 10000001"),
@@ -435,7 +436,7 @@ def test_missing_file(tmp_path):
 def test_directory_is_not_a_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         config.load(tmp_path)
-    assert str(info.value) == f"{tmp_path}: cannot read: [Errno 21] Is a directory"
+    assert str(info.value) == f"{tmp_path}: cannot read: [Errno 22] not a regular file (a directory)"
 
 
 def test_not_utf8(tmp_path):

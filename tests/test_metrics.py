@@ -99,7 +99,7 @@ def get_metrics(port: int) -> str:
 def test_server_serves_and_closes_quickly(registry):
     Collector(lambda: [(4, counters(packets=8))], lambda: 1, registry=registry)
     server = MetricsServer("127.0.0.1", 0, registry)
-    port = server.server.server_port
+    port = server.port
     assert 'nflogd_packets_total{group="4"} 8.0' in get_metrics(port)
     thread = server.thread
     t0 = time.monotonic()

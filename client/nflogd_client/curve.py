@@ -16,21 +16,25 @@ Keys are returned as Z85 text in ``bytes`` (40 bytes for 32 key bytes), the form
 ``zmq.auth.load_certificates`` (what ``ThreadAuthenticator.configure_curve`` calls) reads every
 ``*.key`` file of a directory but only logs a failure and then rejects everyone; here a missing
 directory, an unreadable file or a malformed key raises ``KeyFileError`` naming the file, so that
-the daemon refuses a bad key set before it starts instead of serving nobody.
+the daemon refuses a bad key set before it starts instead of serving nobody. A file that is not
+a regular file (a FIFO would block the reader for good) or larger than ``KEY_FILE_MAX_BYTES`` is
+refused before a byte is read. The certificate is parsed as ``zmq.auth.load_certificate`` does.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from typing import Union
 
-from zmq.auth import load_certificate
 from zmq.utils import z85
 
 __all__ = ["KEY_Z85_LEN", "KeyFileError", "authorized_keys", "check_z85", "keypair", "public_key"]
 
 #: Length of a Z85-encoded CURVE key: 32 bytes -> 40 characters.
 KEY_Z85_LEN = 40
+#: The largest key file read, bytes (nflogd-keygen's are about 300).
+KEY_FILE_MAX_BYTES = 64 * 1024
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -55,16 +59,42 @@ def check_z85(key: bytes | str, what: str) -> bytes:
     return raw
 
 
+def _read_file(name: str) -> bytes:
+    """A key file's bytes: opened without blocking, refused unless a regular file of at most
+    KEY_FILE_MAX_BYTES (a FIFO in a key directory would block the reader for good)."""
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"{name}: not a regular file")
+        if st.st_size > KEY_FILE_MAX_BYTES:
+            raise KeyFileError(f"{name}: {st.st_size} bytes, not a key file (at most {KEY_FILE_MAX_BYTES})")
+        data = os.read(fd, KEY_FILE_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(data) > KEY_FILE_MAX_BYTES:
+        raise KeyFileError(f"{name}: larger than {KEY_FILE_MAX_BYTES} bytes, not a key file")
+    return data
+
+
+def _field(data: bytes, name: bytes) -> bytes | None:
+    """A ``name = "value"`` line of a certificate, parsed as ``zmq.auth.load_certificate`` does."""
+    for line in data.splitlines():
+        line = line.strip()
+        if not line.startswith(b"#") and line.startswith(name):
+            return line.split(b"=", 1)[1].strip(b" \t'\"") if b"=" in line else b""
+    return None
+
+
 def _read(path: PathLike) -> tuple[bytes, bytes | None]:
     """(public, secret or None) from one certificate file, every failure a KeyFileError."""
     name = os.fspath(path)
     try:
-        with open(name, "rb"):  # the errno zmq.auth hides behind "Invalid certificate file"
-            pass
-        public, secret = load_certificate(name)
+        data = _read_file(name)
     except OSError as e:
         raise KeyFileError(f"cannot read {name}: {_why(e)}") from None
-    except ValueError:  # no "public-key = ..." line
+    public, secret = _field(data, b"public-key"), _field(data, b"secret-key")
+    if not public:  # no "public-key = ..." line
         raise KeyFileError(f"{name}: no public key in it (not a ZeroMQ certificate file)") from None
     public = check_z85(public, f"{name}: public-key")
     if secret is not None:

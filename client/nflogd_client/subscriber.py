@@ -27,7 +27,11 @@ Loss: every message carries the feed sequence number of its first packet, per (n
 group) and epoch (one run of the daemon). A gap is counted in ``lost``; a new epoch counts
 one restart per node and, as lost, the packets the new run sent before this client saw it.
 Messages that are not version-1 batches are skipped and counted in ``malformed`` (the
-first one is logged as a warning), never raised. ``docs/wire-format.md`` has the details.
+first one is logged as a warning), never raised. Two daemons with the same node name (clones
+of one image default to one host name) show as epochs that alternate: that node goes into
+``duplicate_nodes`` (one warning), and each run's messages are accounted apart instead of as
+restarts and loss. State is kept for ``max_nodes`` nodes (``evicted`` counts those
+forgotten). ``docs/wire-format.md`` has the details.
 
 CURVE: a daemon's tcp endpoints are encrypted and admit only the clients whose public key
 it holds (``docs/security.md``). Pass the daemon's public key and this client's secret key
@@ -73,6 +77,9 @@ __all__ = ["AUTH_RETRY_S", "DEFAULT_ENDPOINT", "Subscriber"]
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "ipc:///run/nflogd/feed.sock"
+
+#: Epochs kept per node: enough to tell a second publisher of the same name from a restart.
+_EPOCHS_KEPT = 4
 
 #: Seconds between attempts to reconnect to an endpoint that refused this client's CURVE key.
 AUTH_RETRY_S = 2.0
@@ -163,6 +170,8 @@ class Subscriber:
     or a mapping from each endpoint to its daemon's key; ``client_secret_key_file``: this
     client's ``NAME.key_secret`` file. Both or neither; with them every connection uses CURVE.
     A key that cannot be read raises ``curve.KeyFileError`` (a ``ValueError``) naming the file.
+    ``max_nodes``: nodes whose state is kept (a rogue publisher could invent any number);
+    past it, the node heard from longest ago is forgotten and counted in ``evicted``.
     """
 
     def __init__(
@@ -172,6 +181,7 @@ class Subscriber:
         *,
         context: zmq.Context | None = None,
         rcvhwm: int = 100_000,
+        max_nodes: int = 4096,
         server_public_key: str | bytes | os.PathLike[str] | Mapping[str, str | bytes] | None = None,
         client_secret_key_file: str | os.PathLike[str] | None = None,
     ):
@@ -217,8 +227,19 @@ class Subscriber:
         self.malformed = 0
         #: Packets decoded: returned, or buffered for ``recv()``.
         self.received = 0
-        self._streams: dict[tuple[str, int], tuple[int, int]] = {}  # key -> (epoch, next_seq)
-        self._epochs: dict[str, int] = {}  # node -> latest epoch seen
+        #: Nodes kept at most; past it the node heard from longest ago is forgotten.
+        self.max_nodes = max_nodes
+        #: Nodes forgotten for ``max_nodes`` (their loss stays in ``total_lost``).
+        self.evicted = 0
+        #: Node names two publishers were seen to share (their epochs alternate).
+        self.duplicate_nodes: set[str] = set()
+        self._evicted_lost = 0
+        self._streams: dict[tuple[str, int], dict[int, int]] = {}  # key -> {epoch: next_seq}
+        #: node -> its recent epochs (at most _EPOCHS_KEPT, the last one heard last); ordered by
+        #: when each node was last heard from, the longest ago first.
+        self._epochs: dict[str, list[int]] = {}
+        self._groups_of: dict[str, set[int]] = {}  # node -> groups with state
+        self._last_restart: dict[str, list[tuple[tuple[str, int], int]]] = {}  # node -> its loss
         self._batch: Batch | None = None  # the batch recv() is serving
         self._index = 0  # its next packet
 
@@ -384,27 +405,97 @@ class Subscriber:
         node = batch.node
         key = (node, batch.group)
         epoch = batch.epoch
-        if self._epochs.get(node, epoch) != epoch:
-            self.restarts += 1
-        self._epochs[node] = epoch
-        state = self._streams.get(key)
-        if state is None:  # first message of this (node, group): the baseline
+        epochs = self._epochs.get(node)
+        if epochs is None:
+            epochs = self._new_node(node, epoch)
+        elif epoch != epochs[-1]:
+            epochs = self._other_epoch(node, epochs, epoch)
+        groups = self._streams.get(key)
+        if groups is None:  # first message of this (node, group): the baseline
+            groups = self._streams[key] = {}
             self.lost.setdefault(key, 0)
-        elif state[0] != epoch:  # a restart: what the new run sent before this message is lost
-            self.lost[key] += batch.first_seq
-        elif batch.first_seq > state[1]:
-            self.lost[key] += batch.first_seq - state[1]
+            self._groups_of[node].add(batch.group)
+        expected = groups.get(epoch)
+        if expected is None:
+            if groups and epoch == max(epochs) and node not in self.duplicate_nodes:
+                # a restart: what the new run sent before this message is lost
+                self.lost[key] += batch.first_seq
+                self._last_restart.setdefault(node, []).append((key, batch.first_seq))
+            for old in [e for e in groups if e not in epochs]:
+                del groups[old]
+        elif batch.first_seq > expected:
+            self.lost[key] += batch.first_seq - expected
         # first_seq < expected in the same epoch: the sequence was reset; a new baseline
-        self._streams[key] = (epoch, batch.next_seq)
+        groups[epoch] = batch.next_seq
         self.kernel_dropped[key] = batch.kernel_dropped
         self.received += len(batch.packets)
+
+    def _new_node(self, node: str, epoch: int) -> list[int]:
+        """State for a node not seen yet; the node seen longest ago goes if there are max_nodes."""
+        if len(self._epochs) >= self.max_nodes:
+            oldest = next(iter(self._epochs))
+            self._evict(oldest)
+        epochs = self._epochs[node] = [epoch]
+        self._groups_of[node] = set()
+        return epochs
+
+    def _evict(self, node: str) -> None:
+        del self._epochs[node]
+        for group in self._groups_of.pop(node, ()):
+            key = (node, group)
+            self._streams.pop(key, None)
+            self.kernel_dropped.pop(key, None)
+            self._evicted_lost += self.lost.pop(key, 0)
+        self.duplicate_nodes.discard(node)
+        self._last_restart.pop(node, None)
+        self.evicted += 1
+        if self.evicted == 1:
+            log.warning(
+                "nflogd feed: more than %d nodes; forgetting the one heard from longest ago "
+                "(its loss stays in total_lost); further ones are only counted in Subscriber.evicted",
+                self.max_nodes,
+            )
+
+    def _other_epoch(self, node: str, epochs: list[int], epoch: int) -> list[int]:
+        """A message of ``node`` in another epoch than its last one: a restart (a newer epoch
+        not seen before), or a second daemon with the same node name (an epoch seen before
+        coming back, or one older than the newest)."""
+        del self._epochs[node]
+        self._epochs[node] = epochs  # most recently heard from last, for eviction
+        if epoch in epochs:
+            epochs.remove(epoch)
+            self._duplicate(node)
+        elif epoch < max(epochs):
+            self._duplicate(node)
+        elif node not in self.duplicate_nodes:
+            self.restarts += 1
+            self._last_restart[node] = []  # its loss, taken back if it was a second publisher
+        epochs.append(epoch)
+        if len(epochs) > _EPOCHS_KEPT:
+            del epochs[0]
+        return epochs
+
+    def _duplicate(self, node: str) -> None:
+        if node in self.duplicate_nodes:
+            return
+        self.duplicate_nodes.add(node)
+        undo = self._last_restart.pop(node, None)
+        if undo is not None:  # the "restart" that showed the second publisher was none
+            self.restarts -= 1
+            for key, amount in undo:
+                self.lost[key] -= amount
+        log.warning(
+            "nflogd feed: two publishers use the node name %r (their epochs alternate): their "
+            "messages are counted apart, not as restarts; give each daemon its own 'node:'",
+            node,
+        )
 
     # -- accounting and lifetime --------------------------------------------------------------
 
     @property
     def total_lost(self) -> int:
         """Packets the feed lost, over every (node, group)."""
-        return sum(self.lost.values())
+        return sum(self.lost.values()) + self._evicted_lost
 
     @property
     def closed(self) -> bool:

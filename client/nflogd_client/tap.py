@@ -20,6 +20,11 @@ device produces (https://www.tcpdump.org/linktypes/LINKTYPE_NFLOG.html): a 4-byt
 attributes as TLVs, the payload last; as there, the record's length is its captured
 length, and a truncated packet shows by its IP header's length.
 
+Extremes the feed can carry but pcap cannot are clamped, never fatal: a time past 2106 is
+written as the largest u32 seconds, an attribute longer than a TLV holds (a payload over
+65,531 bytes, a prefix as long) is cut to fit, and no record exceeds ``SNAPLEN`` (the
+original length still says how long the packet was).
+
 ``--stats`` writes no packets: each second it redraws one line per (node, group) seen, with
 packets/s, bytes/s (real lengths), packets since it started, and the packets lost since it
 started on the feed (``lost``: sequence gaps) and in the kernel (``kernel``: the daemon's
@@ -104,7 +109,22 @@ NFULA_GID = 14
 FAMILY = {0x0800: 2, 0x86DD: 10}
 
 
+#: The longest attribute value a TLV's u16 length can carry.
+_TLV_MAX_VALUE = 0xFFFF - _TLV.size
+#: The largest seconds field of a pcap record header (u32): later times are clamped to it.
+_PCAP_SEC_MAX = 0xFFFFFFFF
+
+
+def _pcap_time(ts_ns: int) -> tuple[int, int]:
+    """(sec, usec) for a pcap record header; a time past 2106 (u32 seconds) is clamped."""
+    sec, ns = divmod(ts_ns, _NS)
+    if sec > _PCAP_SEC_MAX:
+        return _PCAP_SEC_MAX, 999_999
+    return sec, ns // 1000
+
+
 def _tlv(kind: int, value: bytes) -> bytes:
+    value = value[:_TLV_MAX_VALUE]  # a longer value (a 70,000-byte payload) is cut to fit
     n = _TLV.size + len(value)
     return _TLV.pack(n, kind) + value + b"\0" * (-n % 4)
 
@@ -116,7 +136,7 @@ def nflog_record(p: Packet) -> bytes:
         _tlv(NFULA_PACKET_HDR, _PACKET_HDR.pack(p.hw_protocol, p.hook)),
     ]
     if p.prefix is not None:  # NUL-terminated, the count including the NUL
-        parts.append(_tlv(NFULA_PREFIX, p.prefix.encode() + b"\0"))
+        parts.append(_tlv(NFULA_PREFIX, p.prefix.encode()[: _TLV_MAX_VALUE - 1] + b"\0"))
     for kind, value in (
         (NFULA_IFINDEX_INDEV, p.indev),
         (NFULA_IFINDEX_PHYSINDEV, p.physindev),
@@ -131,7 +151,7 @@ def nflog_record(p: Packet) -> bytes:
         parts.append(_tlv(NFULA_HWADDR, _HWADDR.pack(len(hw), hw)))
     if p.ts_kernel:  # the daemon's receive time is no kernel timestamp: only in the pcap header
         sec, ns = divmod(p.ts_ns, _NS)
-        parts.append(_tlv(NFULA_TIMESTAMP, _TIMESTAMP.pack(sec, ns // 1000)))
+        parts.append(_tlv(NFULA_TIMESTAMP, _TIMESTAMP.pack(min(sec, 2**64 - 1), ns // 1000)))
     for kind, value in ((NFULA_UID, p.uid), (NFULA_GID, p.gid), (NFULA_SEQ, p.kernel_seq)):
         if value is not None:
             parts.append(_tlv(kind, _BE32.pack(value)))
@@ -268,16 +288,18 @@ def _pcap_writer(out: BinaryIO, linktype: str) -> Callable[[Packet], None]:
     if linktype == "nflog":
 
         def emit(p: Packet) -> None:
-            sec, ns = divmod(p.ts_ns, _NS)
-            record = nflog_record(p)
+            sec, usec = _pcap_time(p.ts_ns)
+            record = nflog_record(p)[:SNAPLEN]
             n = len(record)  # as libpcap's nflog device: len == caplen, the IP header tells the rest
-            write(record, sec=sec, usec=ns // 1000, caplen=n, wirelen=n)
+            write(record, sec=sec, usec=usec, caplen=n, wirelen=n)
 
     else:
 
         def emit(p: Packet) -> None:
-            sec, ns = divmod(p.ts_ns, _NS)
-            write(p.data, sec=sec, usec=ns // 1000, caplen=p.caplen, wirelen=max(p.len, p.caplen))
+            sec, usec = _pcap_time(p.ts_ns)
+            data = p.data[:SNAPLEN]  # tcpdump refuses a record over the file's snaplen
+            wirelen = min(max(p.len, p.caplen), 0xFFFFFFFF)
+            write(data, sec=sec, usec=usec, caplen=len(data), wirelen=wirelen)
 
     return emit
 
@@ -288,8 +310,8 @@ def _printer(out) -> Callable[[Packet], None]:
     from .scapy_socket import LAYERS
 
     def emit(p: Packet) -> None:
-        sec, ns = divmod(p.ts_ns, _NS)
-        when = time.strftime("%H:%M:%S", time.localtime(sec)) + f".{ns // 1000:06d}"
+        sec, usec = _pcap_time(p.ts_ns)
+        when = time.strftime("%H:%M:%S", time.localtime(sec)) + f".{usec:06d}"
         length = f"{p.len}" if p.caplen == p.len else f"{p.len} (captured {p.caplen})"
         prefix = "" if p.prefix is None else f" prefix {p.prefix!r}"
         try:
