@@ -115,7 +115,7 @@ class Ulogd:
         )
         with open(conf, "w") as f:
             f.write(
-                f'[global]\nlogfile="{self.log}"\nloglevel=5\n{plugins}'
+                f'[global]\nlogfile="{self.log}"\nloglevel=3\n{plugins}'
                 "stack=log1:NFLOG,base1:BASE,pcap1:PCAP\n\n"
                 f"[log1]\ngroup={group}\nnetlink_socket_buffer_size=8388608\n"
                 f"netlink_socket_buffer_maxsize=8388608\nnetlink_qthreshold={qthresh}\n"

@@ -114,7 +114,7 @@ class Daemon(Program):
         else:
             privileges.confine()
         os.umask(0o007)
-        service.probe_threads()  # a one-line error now rather than a libzmq abort later
+        service.probe_threads(len(cfg.groups))  # a one-line error now, not a libzmq abort later
         self.ctx = zmq.Context()
         if cfg.publish.curve is not None:
             self.access = CurveAccess(self.ctx, cfg.publish.curve)  # before the CURVE socket binds

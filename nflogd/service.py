@@ -209,17 +209,19 @@ def check_limits() -> None:
         )
 
 
-def probe_threads() -> None:
-    """Start (and end) the threads a run needs, and take its memory, once: NflogdError in one
-    line if RLIMIT_AS or a task limit is too tight, rather than an abort in libzmq, which
-    cannot survive failing to start a thread. Called after the privilege drop (which needs
-    a single thread), before the ZeroMQ context."""
+def probe_threads(extra: int = 0) -> None:
+    """Start (and end) the threads a run needs (THREADS_NEEDED, and ``extra``: the daemon's
+    capture threads), and take its memory, once: NflogdError in one line if RLIMIT_AS or a
+    task limit is too tight, rather than an abort in libzmq, which cannot survive failing to
+    start a thread. Called after the privilege drop (which needs a single thread), before
+    the ZeroMQ context."""
     release = threading.Event()
     threads = []
+    needed = THREADS_NEEDED + extra
     try:
         probe = bytearray(MEMORY_PROBE)
         del probe
-        for _ in range(THREADS_NEEDED):
+        for _ in range(needed):
             t = threading.Thread(target=release.wait, daemon=True)
             t.start()
             threads.append(t)
@@ -228,7 +230,7 @@ def probe_threads() -> None:
         limit = "unlimited" if as_soft == resource.RLIM_INFINITY else f"{as_soft >> 20} MiB"
         why = str(e) if isinstance(e, RuntimeError) else "out of memory"
         raise NflogdError(
-            f"cannot start: {why} (RLIMIT_AS {limit}; a run needs {THREADS_NEEDED} threads and "
+            f"cannot start: {why} (RLIMIT_AS {limit}; a run needs {needed} threads and "
             f"about {MEMORY_PROBE >> 20} MiB more; systemd: LimitAS=, TasksMax=, MemoryMax=)"
         ) from None
     finally:

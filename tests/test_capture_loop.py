@@ -1,0 +1,197 @@
+"""capture_loop.CaptureLoop: a group read and published by its own thread, in C or in Python.
+
+Real kernel, real feed: a group bound in the test's namespace, a Publisher on an ipc path, a
+SUB socket reading what the loop sent.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+import zmq
+from nflogd_client import wire
+
+from nflogd.capture import GroupReader
+from nflogd.capture_loop import WAIT_S, CaptureLoop
+from nflogd.config import GroupConfig, PublishConfig
+from nflogd.publish import Publisher
+
+pytestmark = pytest.mark.timeout(60)
+
+GROUP = 7
+
+
+@pytest.fixture
+def ctx():
+    c = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+def feed(ctx, tmp_path, node: str = "r1"):
+    """A Publisher on an ipc endpoint and a SUB socket it has seen subscribe."""
+    ep = f"ipc://{tmp_path}/feed.sock"
+    pub = Publisher(ctx, PublishConfig(bind=(ep,)), node=node, epoch=42)
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVHWM, 0)
+    sub.connect(ep)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    end = time.monotonic() + 5
+    while pub.subscription_messages == 0:
+        assert time.monotonic() < end, "no subscription reached the publisher"
+        pub.handle_incoming()
+        time.sleep(0.01)
+    return pub, sub
+
+
+def messages(sub, packets: int, deadline: float = 5.0) -> list[list[bytes]]:
+    """Raw messages until they hold ``packets`` packets or the deadline passed."""
+    out, n = [], 0
+    end = time.monotonic() + deadline
+    while n < packets and time.monotonic() < end:
+        if sub.poll(100):
+            msg = sub.recv_multipart()
+            out.append(msg)
+            n += len(wire.decode(msg).packets)
+    return out
+
+
+def run_loop(reader, pub, netns, payloads, port: int = 9999) -> CaptureLoop:
+    failed = threading.Event()
+    loop = CaptureLoop(reader, pub, on_error=failed.set)
+    loop.start()
+    netns.send_udp(payloads, port=port)
+    return loop
+
+
+def test_c_and_python_senders_write_the_same_feed(netns, ctx, tmp_path):
+    """The C sender's messages are wire format v1 as wire.frames() makes it, and the feed's
+    sequence carries on when a group's loop changes sender (the handover of first_seq)."""
+    netns.log_rule(GROUP, match="udp dport 9999", extra='prefix "c7"')
+    with netns.entered():
+        reader = GroupReader(GroupConfig(group=GROUP, flush_ms=10))
+        pub, sub = feed(ctx, tmp_path)
+    assert pub.cfeed is not None, "pyzmq's libzmq could not be shared with the C sender"
+    cfeed = pub.cfeed
+    try:
+        sent_c = [b"c%03d" % i for i in range(40)]
+        loop = run_loop(reader, pub, netns, sent_c)
+        got_c = messages(sub, len(sent_c))
+        loop.stop()
+        # the same group again, its loop now on the Python sender
+        pub.cfeed = None
+        sent_py = [b"p%03d" % i for i in range(25)]
+        loop = run_loop(reader, pub, netns, sent_py)
+        got_py = messages(sub, len(sent_py))
+        loop.stop()
+    finally:
+        pub.cfeed = cfeed
+        sub.close(linger=0)
+        pub.close(linger=0)
+        reader.close()
+    seq = 0
+    for msgs, sent in ((got_c, sent_c), (got_py, sent_py)):
+        payloads = []
+        for msg in msgs:
+            b = wire.decode(msg)
+            assert (b.group, b.node, b.epoch, b.first_seq, b.kernel_dropped) == (GROUP, "r1", 42, seq, 0)
+            # byte for byte what the Python encoder makes of the same record table and data
+            assert msg == wire.frames(GROUP, "r1", 42, seq, 0, len(b.packets), msg[2], msg[3])
+            seq += len(b.packets)
+            payloads += [p.data[28:] for p in b.packets]
+            assert all(p.prefix == "c7" and p.len == p.caplen == len(p.data) for p in b.packets)
+        assert payloads == sent
+    assert pub.next_seq(GROUP) == len(sent_c) + len(sent_py)
+    assert reader.counters.packets == len(sent_c) + len(sent_py)
+
+
+def test_stop_ends_the_wait_at_once(netns, ctx, tmp_path):
+    with netns.entered():
+        reader = GroupReader(GroupConfig(group=GROUP))
+        pub, sub = feed(ctx, tmp_path)
+    try:
+        loop = CaptureLoop(reader, pub, on_error=lambda: None)
+        loop.start()
+        time.sleep(0.2)  # inside its wait for the kernel, which lasts WAIT_S
+        t0 = time.monotonic()
+        loop.stop()
+        assert not loop.alive and time.monotonic() - t0 < WAIT_S / 2
+    finally:
+        sub.close(linger=0)
+        pub.close(linger=0)
+        reader.close()
+
+
+SENDER = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+n, rate = int(sys.argv[1]), float(sys.argv[2])
+t0 = time.monotonic()
+for i in range(n):
+    s.sendto(b"x%05d" % i, ("127.0.0.1", 9999))
+    time.sleep(max(0.0, t0 + (i + 1) / rate - time.monotonic()))
+"""
+
+
+def test_reading_goes_on_while_another_thread_holds_the_gil(netns, ctx, tmp_path):
+    """A group with a receive buffer of one kernel batch loses nothing while a Python thread
+    keeps the GIL for seconds: the C loop reads and sends without it."""
+    netns.log_rule(GROUP, match="udp dport 9999")
+    with netns.entered():
+        reader = GroupReader(GroupConfig(group=GROUP, rcvbuf=4096, queue_threshold=8, flush_ms=10))
+        pub, sub = feed(ctx, tmp_path)
+    count = 3000
+    old = sys.getswitchinterval()
+    try:
+        loop = CaptureLoop(reader, pub, on_error=lambda: None)
+        loop.start()
+        sender = netns.popen(sys.executable, "-c", SENDER, str(count), "1500")
+        sys.setswitchinterval(1.0)  # other Python threads get the GIL about once a second
+        end = time.monotonic() + 2.5
+        while time.monotonic() < end:  # the control thread, busy in Python
+            pass
+        sys.setswitchinterval(old)
+        assert sender.wait(10) == 0
+        got = sum(len(wire.decode(m).packets) for m in messages(sub, count))
+        loop.stop()
+    finally:
+        sys.setswitchinterval(old)
+        sub.close(linger=0)
+        pub.close(linger=0)
+        reader.close()
+    assert (got, reader.counters.kernel_dropped, reader.counters.overflows) == (count, 0, 0)
+
+
+def test_fallback_python_loop_loses_packets_when_the_gil_is_held(netns, ctx, tmp_path):
+    """The same load through the Python sender: it needs the GIL for every batch, so the
+    kernel drops, and every drop is counted (read + dropped == sent)."""
+    netns.log_rule(GROUP, match="udp dport 9999")
+    with netns.entered():
+        reader = GroupReader(GroupConfig(group=GROUP, rcvbuf=4096, queue_threshold=8, flush_ms=10))
+        pub, sub = feed(ctx, tmp_path)
+    pub.cfeed = None
+    count = 3000
+    old = sys.getswitchinterval()
+    try:
+        loop = CaptureLoop(reader, pub, on_error=lambda: None)
+        loop.start()
+        sender = netns.popen(sys.executable, "-c", SENDER, str(count), "1500")
+        sys.setswitchinterval(1.0)
+        end = time.monotonic() + 2.5
+        while time.monotonic() < end:
+            pass
+        sys.setswitchinterval(old)
+        assert sender.wait(10) == 0
+        netns.send_udp([b"last"])  # a drop shows once the group's next packet arrives
+        got = sum(len(wire.decode(m).packets) for m in messages(sub, count + 1, deadline=3))
+        loop.stop()
+    finally:
+        sys.setswitchinterval(old)
+        sub.close(linger=0)
+        pub.close(linger=0)
+        reader.close()
+    assert reader.counters.kernel_dropped > 0
+    assert got + reader.counters.kernel_dropped == count + 1
