@@ -22,11 +22,11 @@ from __future__ import annotations
 import logging
 import math
 import select
-import time
 
 from nflogd_client import wire
 
 from . import netns
+from .episodes import Episodes
 from .errors import BufferOverflow
 from .ffi import NflogSocket
 
@@ -105,7 +105,7 @@ class GroupReader:
         self._counters = GroupCounters()
         self._overflows_seen = 0
         self.warn_overflow = warn_overflow
-        self._last_overflow: float | None = None
+        self._overruns = Episodes(log, OVERFLOW_EPISODE_GAP)
         self._sock = None
         # Bind inside too, so that a GroupBusy names the holder from that namespace's /proc.
         with netns.entered(getattr(settings, "netns", None)) as self.netns_id:
@@ -193,17 +193,12 @@ class GroupReader:
 
     def _overflowed(self) -> None:
         self._overflows_seen = self._sock.overflows
-        now = time.monotonic()
-        first = self._last_overflow is None or now - self._last_overflow > OVERFLOW_EPISODE_GAP
-        self._last_overflow = now
-        if first:
-            level = logging.WARNING if self.warn_overflow else logging.DEBUG
-            log.log(
-                level,
-                "group %d: netlink receive buffer overrun (rcvbuf %d bytes): the kernel is dropping "
-                "packets; counting them exactly, warning again after %.0f s without overruns",
-                self.group, self.settings.rcvbuf, OVERFLOW_EPISODE_GAP,
-            )  # fmt: skip
+        self._overruns.hit(
+            "group %d: netlink receive buffer overrun (rcvbuf %d bytes): the kernel is dropping "
+            "packets; counting them exactly, warning again after %.0f s without overruns",
+            self.group, self.settings.rcvbuf, OVERFLOW_EPISODE_GAP,
+            level=logging.WARNING if self.warn_overflow else logging.DEBUG,
+        )  # fmt: skip
 
     def reconfigure(self, settings) -> None:
         """Apply new settings to the bound group without rebinding: no packet is lost.

@@ -47,6 +47,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector as _Collector
 from prometheus_client.registry import CollectorRegistry
 
+from .episodes import Episodes
 from .errors import NflogdError
 
 __all__ = ["Collector", "MetricsServer", "limit_families", "version"]
@@ -170,7 +171,7 @@ class MetricsServer:
         self.host = host
         self.registry = registry
         self.dropped = 0  # connections closed for the limits (too many, too slow, too big)
-        self._episodes = _Episodes()
+        self._episodes = Episodes(log)
         try:
             family, _, _, _, address = socket.getaddrinfo(
                 host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -341,21 +342,6 @@ def _response(status: int, content_type: str, body: bytes, length: int | None = 
     return head.encode("latin-1") + body
 
 
-class _Episodes:
-    """Log a warning for the first event after QUIET_S quiet seconds, debug for the others."""
-
-    QUIET_S = 10.0
-
-    def __init__(self):
-        self.last: float | None = None
-
-    def hit(self, fmt: str, *args) -> None:
-        now = time.monotonic()
-        quiet = self.last is None or now - self.last >= self.QUIET_S
-        self.last = now
-        log.log(logging.WARNING if quiet else logging.DEBUG, fmt, *args)
-
-
 def limit_families(prefix: str, feed, server) -> list:
     """What hostile peers cost, as metric families: ``feed`` a Publisher (or None), ``server``
     a MetricsServer (or None). Names under ``prefix`` (``nflogd``, ``nflogd_relay``)."""
@@ -378,7 +364,8 @@ def limit_families(prefix: str, feed, server) -> list:
         "Metrics connections closed for the server's limits (too many, too slow, too large).",
     )
     if feed is not None:
-        for endpoint, n in sorted(dict(feed.refused).items()):
+        counts = dict.fromkeys(feed.endpoints, 0) | dict(feed.refused)  # every endpoint, from 0
+        for endpoint, n in sorted(counts.items()):
             refused.add_metric([endpoint], n)
         dropped.add_metric([], feed.dropped_peers)
         floods.add_metric([], feed.subscription_floods)

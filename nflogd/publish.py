@@ -67,11 +67,12 @@ from typing import Callable, Iterable
 import zmq
 from nflogd_client import wire
 
+from .episodes import QUIET_S, Episodes
 from .errors import NflogdError
 from .ffi import CFeed
 
 __all__ = [
-    "Episodes", "Publisher", "ZAP_DOMAIN", "check_ipc_dir", "check_ipc_path", "check_restart_only",
+    "Publisher", "ZAP_DOMAIN", "check_ipc_dir", "check_ipc_path", "check_restart_only",
     "ipc_path", "make_ipc_dirs",
 ]  # fmt: skip
 
@@ -98,8 +99,6 @@ PEER_RCVHWM = 100
 SUBSCRIPTIONS_PER_TURN = 256
 #: Open files kept for everything but feed peers (groups, sockets, metrics, key files).
 FD_RESERVE = 64
-#: An episode (flood, refused connections) ends after this many seconds without a new event.
-QUIET_S = 10.0
 #: TCP keepalive on peers' connections: a peer that vanished is found in about 90 s.
 TCP_KEEPALIVE = (
     (zmq.TCP_KEEPALIVE, 1),
@@ -114,20 +113,6 @@ ZAP_DOMAIN = "nflogd"
 # A monitor message's first frame: event (u16) and value (u32, the fd for
 # ACCEPTED/DISCONNECTED), native byte order (zmq_socket_monitor(3)).
 _EVENT = struct.Struct("=HI")
-
-
-class Episodes:
-    """Logging once per episode: ``hit()`` logs a warning if the last hit is QUIET_S or more
-    ago (or there was none), at debug level otherwise."""
-
-    def __init__(self):
-        self.last: float | None = None
-
-    def hit(self, fmt: str, *args) -> None:
-        now = time.monotonic()
-        quiet = self.last is None or now - self.last >= QUIET_S
-        self.last = now
-        log.log(logging.WARNING if quiet else logging.DEBUG, fmt, *args)
 
 
 def _peer_socket(fd: int, endpoint: str) -> socket.socket | None:
@@ -326,9 +311,9 @@ class Publisher:
         self._verbose = True  # XPUB_VERBOSE wanted; the relay turns it off (set_verbose)
         self._flooding = False
         self._flood_seen = 0.0
-        self._flood_log = Episodes()
-        self._topic_log = Episodes()
-        self._budget_log = Episodes()
+        self._flood_log = Episodes(log)
+        self._topic_log = Episodes(log)
+        self._budget_log = Episodes(log)
         self._files: dict[str, tuple[str, int, int]] = {}  # endpoint -> (path, st_dev, st_ino)
         self._bound: dict[str, zmq.Socket] = {}  # endpoint -> the socket bound to it
         #: Held for every use of the sockets: capture threads send while the control thread
