@@ -20,7 +20,7 @@ DEV_PKGS := pytest pytest-timeout hypothesis ruff
 APT := apt-get -o DPkg::Lock::Timeout=600
 SOURCES := pyproject.toml setup.py client/pyproject.toml nflogd/_nflog.h nflogd/_nflog.c nflogd/_feed.c nflogd/ffi_build.py
 
-.PHONY: all deps debs run test check bench clean deb deb-tools test-system
+.PHONY: all deps debs run test check bench bench-debs profile clean deb deb-tools test-system
 all: test
 
 debs:
@@ -54,8 +54,22 @@ check: deps
 test: check
 	$(VPY) -m pytest -q -p no:cacheprovider tests
 
-bench: deps
+# The bench's other readers and the profilers: ulogd2 with its pcap output beside tcpdump,
+# perf and strace for bench/profile.py.
+BENCH_DEBS := ulogd2 ulogd2-pcap linux-perf strace
+bench-debs:
+	@missing=$$(for p in $(BENCH_DEBS); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:" $$missing; \
+	    $(APT) update -q && DEBIAN_FRONTEND=noninteractive $(APT) install -y -q $$missing; \
+	fi
+
+bench: deps bench-debs
 	$(VPY) bench/run.py
+
+profile: deps bench-debs
+	$(VPY) bench/profile.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info client/*.egg-info nflogd/_nflog_cffi*.so
