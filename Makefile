@@ -18,7 +18,7 @@ DEBS := libnetfilter-log-dev libmnl-dev gcc libc6-dev pkg-config python3-dev pyt
 PROMTOOL := $(VENV)/bin/promtool
 DEV_PKGS := pytest pytest-timeout hypothesis ruff
 APT := apt-get -o DPkg::Lock::Timeout=600
-SOURCES := pyproject.toml setup.py client/pyproject.toml nflogd/_nflog.h nflogd/_nflog.c nflogd/_feed.c nflogd/ffi_build.py
+SOURCES := pyproject.toml setup.py client/pyproject.toml client/nflogd_client/VERSION nflogd/_nflog.h nflogd/_nflog.c nflogd/_feed.c nflogd/ffi_build.py
 
 .PHONY: all deps debs run test check bench bench-debs profile clean deb deb-tools test-system
 all: test

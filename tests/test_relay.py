@@ -383,7 +383,9 @@ def test_curve_upstream_and_downstream(lab, tmp_path):
         wait_until(
             lambda: relay.metric("nflogd_relay_upstream_up", upstream=router_endpoint(1, PORT + 1)), "retry"
         )
-    assert relay.stderr.count(f"WARNING: upstream {router_endpoint(1, PORT + 1)}: handshake failed") == 1
+    assert (
+        relay.stderr.count(f"WARNING: upstream {router_endpoint(1, PORT + 1)}: CURVE handshake refused") == 1
+    )
 
 
 # -- reload -----------------------------------------------------------------------------------------

@@ -31,13 +31,18 @@ started on the feed (``lost``: sequence gaps) and in the kernel (``kernel``: the
 count). On a terminal it redraws in place; piped, it prints a block per second.
 
 At the end (``-c`` reached, Ctrl-C, SIGTERM, or the reader of ``-w -`` gone) one line goes
-to stderr: packets written and packets the feed lost; the exit status is 0. An endpoint
-ZeroMQ rejects ends it at once with status 2 and one line naming the endpoint.
+to stderr: packets written and packets the feed lost; the exit status is 0. A malformed
+endpoint ends it at once with status 2 and one line naming the endpoint and the accepted
+forms. An endpoint it cannot reach is said on stderr within a second, once, with the likely
+cause (``nflog-tap: nflogd feed ipc:///run/nflogd/feed.sock: permission denied on
+/run/nflogd: join group nflog; retrying``), and so is the recovery; ``--stats`` shows
+each endpoint's state under the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import struct
@@ -47,6 +52,7 @@ from typing import BinaryIO, Callable
 
 import zmq
 
+from . import __version__
 from . import subscriber as _subscriber
 from .subscriber import Subscriber
 from .wire import Packet
@@ -186,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the nflogd feed as pcap (-w), or print one line per packet.",
         epilog="Default endpoint: $NFLOGD_ENDPOINT, else " + _subscriber.DEFAULT_ENDPOINT + ".",
     )
+    ap.add_argument("--version", action="version", version=f"nflog-tap {__version__}")
     ap.add_argument(
         "-e",
         "--endpoint",
@@ -229,7 +236,10 @@ def _connect(endpoints: list[str] | None, groups: list[int] | None, **keys) -> S
     """The Subscriber; a rejected endpoint or key raises SystemExit(2) after one line naming it."""
     try:
         return Subscriber(endpoints, groups, **keys)
-    except (zmq.ZMQError, ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:  # names the endpoint or the key already
+        print(f"nflog-tap: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except zmq.ZMQError as e:
         err: BaseException = e
     # Subscriber connects all endpoints on one socket: find the culprit on a throwaway one.
     culprit = None
@@ -325,8 +335,21 @@ def _printer(out) -> Callable[[Packet], None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with _Signals() as signals:
-        return _run(args, signals)
+    # the client's warnings (an endpoint's failure, a malformed message) and recoveries, on stderr
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("nflog-tap: %(message)s"))
+    client_log = logging.getLogger("nflogd_client")
+    client_log.addHandler(handler)
+    saved = client_log.level, client_log.propagate
+    client_log.setLevel(logging.INFO)
+    client_log.propagate = False
+    try:
+        with _Signals() as signals:
+            return _run(args, signals)
+    finally:
+        client_log.removeHandler(handler)
+        client_log.setLevel(saved[0])
+        client_log.propagate = saved[1]
 
 
 def _run(args: argparse.Namespace, signals: _Signals) -> int:
@@ -450,6 +473,8 @@ def _stats_table(sub: Subscriber, seen: dict, shown: dict, elapsed: float, redra
         )
     if not seen:
         lines.append("(no packets yet)")
+    for endpoint, st in sub.endpoints.items():
+        lines.append(f"endpoint {endpoint}: {st.state}" + (f" ({st.error})" if st.error else ""))
     text = "\n".join(lines) + "\n"
     return "\x1b[H\x1b[J" + text if redraw else text + "\n"
 
