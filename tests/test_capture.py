@@ -130,8 +130,13 @@ def test_group_busy_names_group_and_port(netns):
         first = GroupReader(GroupConfig(group=5))
         with first, pytest.raises(GroupBusy) as e:
             GroupReader(GroupConfig(group=5))
-    assert str(e.value) == f"group 5 is already bound by netlink port {first.portid}"
+    with open("/proc/self/comm") as f:
+        comm = f.read().strip()
+    assert (
+        str(e.value) == f"group 5 is already bound by netlink port {first.portid} (pid {os.getpid()}, {comm})"
+    )
     assert (e.value.errno, e.value.group, e.value.portid) == (1, 5, first.portid)
+    assert e.value.process == (os.getpid(), comm)
 
 
 def test_group_busy_across_processes(netns):
@@ -149,7 +154,7 @@ def test_group_busy_across_processes(netns):
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "00000000"  # the bind was acked without error
-        busy = r"^group 6 is already bound by netlink port \d+$"
+        busy = rf"^group 6 is already bound by netlink port \d+ \(pid {holder.pid}, python3\)$"
         with netns.entered(), pytest.raises(GroupBusy, match=busy):
             GroupReader(GroupConfig(group=6))
     finally:
