@@ -62,8 +62,8 @@ run: run-deps
 	$(VENV)/bin/nflogd -c $(CONFIG)
 
 check: deps
-	$(VENV)/bin/ruff check nflogd client tests tests_system bench fuzz
-	$(VENV)/bin/ruff format --check nflogd client tests tests_system bench fuzz
+	$(VENV)/bin/ruff check nflogd client tests tests_system bench fuzz scapy_nflog.py nflog_cffi.py
+	$(VENV)/bin/ruff format --check nflogd client tests tests_system bench fuzz scapy_nflog.py nflog_cffi.py
 
 test: check
 	$(VPY) -m pytest -q -p no:cacheprovider tests

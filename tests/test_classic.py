@@ -186,10 +186,9 @@ def test_the_ancestors_scapy_nflog_example_runs_unchanged(netns):
 
 def test_the_alias_modules_are_the_classic_api():
     import nflog_cffi
-    import scapy_nflog
-
     import nflogd.classic
     import nflogd.scapy_listen
+    import scapy_nflog
 
     assert nflog_cffi.NFLOG is nflogd.classic.NFLOG
     assert scapy_nflog.NFLOGListenSocket is nflogd.scapy_listen.NFLOGListenSocket

@@ -8,11 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nflogd
 import nflogd_client
 import pytest
 from daemonutil import REPO, NflogdProcess
 from test_tap import tap_command
+
+import nflogd
 
 pytestmark = pytest.mark.timeout(120)
 
