@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+from nflogd_client import wire
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 
@@ -79,6 +80,31 @@ def test_copy_range_zero_sends_metadata_only(netns):
         netns.send_udp([b"z" * 10])
         (pkt,) = read_n(reader, 1)
     assert pkt.data == b"" and pkt.caplen == 0 and pkt.hw_protocol == 0x0800
+
+
+def test_len_from_header_only_when_the_copy_cut_the_packet(netns):
+    netns.log_rule(5, match="udp dport 9999")
+    with netns.entered():
+        whole = GroupReader(GroupConfig(group=5, copy_range=200))
+    with whole:
+        netns.send_udp([b"a" * 100, b"b" * 400])
+        netns.send_udp([b"c" * 100, b"d" * 400], addr="::1")
+        got = read_n(whole, 4)
+    flags = [(p.caplen, p.len, bool(p.present & wire.F_LEN_FROM_HEADER)) for p in got]
+    assert flags == [(128, 128, False), (200, 428, True), (148, 148, False), (200, 448, True)]
+
+
+def test_a_rule_without_prefix_gives_none(netns):
+    """nft sends an empty NFULA_PREFIX for a rule without one: absent, not ''."""
+    netns.log_rule(6, match="udp dport 9999")
+    netns.log_rule(7, match="udp dport 9999", extra='prefix "p7"')
+    with netns.entered():
+        plain, named = GroupReader(GroupConfig(group=6)), GroupReader(GroupConfig(group=7))
+    with plain, named:
+        netns.send_udp([b"x"])
+        (a,), (b,) = read_n(plain, 1), read_n(named, 1)
+    assert a.prefix is None and not a.present & wire.F_PREFIX
+    assert b.prefix == "p7" and b.present & wire.F_PREFIX
 
 
 @pytest.mark.parametrize("size", [20_000, 60_000])
