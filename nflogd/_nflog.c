@@ -252,7 +252,15 @@ static void parse_packet(struct nflogd_reader *r, const struct nlmsghdr *nlh, ui
     }
 
     rec->data_off = r->data_len;
-    if (attr[NFULA_PAYLOAD]) {
+    if (attr[NFULA_PAYLOAD] && r->meta_only) {  /* the length from the header, no payload */
+        uint16_t flag = 0;
+        uint32_t n = attr_len(attr[NFULA_PAYLOAD]);
+        uint32_t real = real_length(attr_data(attr[NFULA_PAYLOAD]), n, rec->hw_protocol, &flag);
+        if (flag) {  /* else not IP, or too short to tell (len stays 0: unknown) */
+            rec->len = real;
+            present |= NFLOGD_F_LEN_FROM_HEADER;
+        }
+    } else if (attr[NFULA_PAYLOAD]) {
         uint32_t n = attr_len(attr[NFULA_PAYLOAD]);
         const uint8_t *p = attr_data(attr[NFULA_PAYLOAD]);
         memcpy(r->data + r->data_len, p, n);
@@ -336,10 +344,10 @@ int nflogd_configure(struct nflogd_reader *r, int bind, uint32_t copy_range, uin
      * kernel has not needed it since 2.6.29 and it changes the namespace's nf_log for all. */
     if (bind)
         nflog_attr_put_cfg_cmd(nlh, NFULNL_CFG_CMD_BIND);
-    if (copy_range)
-        nflog_attr_put_cfg_mode(nlh, NFULNL_COPY_PACKET, copy_range);
-    else
-        nflog_attr_put_cfg_mode(nlh, NFULNL_COPY_META, 0);
+    /* Metadata only still copies the first bytes: NFLOG sends no original length, the IP
+     * header has it (parse_packet publishes none of these bytes). */
+    nflog_attr_put_cfg_mode(nlh, NFULNL_COPY_PACKET, copy_range ? copy_range : NFLOGD_META_BYTES);
+    r->meta_only = copy_range == 0;
     mnl_attr_put_u32(nlh, NFULA_CFG_QTHRESH, htonl(qthresh));
     r->qthresh = qthresh ? qthresh : 1;
     if (nlbufsiz)

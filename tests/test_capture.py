@@ -82,6 +82,22 @@ def test_copy_range_zero_sends_metadata_only(netns):
     assert pkt.data == b"" and pkt.caplen == 0 and pkt.hw_protocol == 0x0800
 
 
+def test_metadata_only_groups_know_the_real_length(netns):
+    """copy_range 0: no payload published, but each packet's real length, counted in bytes."""
+    netns.log_rule(4, match="udp dport 9999")
+    with netns.entered():
+        reader = GroupReader(GroupConfig(group=4, copy_range=0))
+    with reader:
+        netns.send_udp([b"z" * 10, b"w" * 1000])
+        netns.send_udp([b"v" * 300], addr="::1")
+        got = read_n(reader, 3)
+    assert [(p.caplen, p.len, p.data) for p in got] == [(0, 38, b""), (0, 1028, b""), (0, 348, b"")]
+    assert all(p.present & wire.F_LEN_FROM_HEADER and not p.present & wire.F_PAYLOAD for p in got)
+    assert all(p.truncated for p in got)
+    assert reader.counters.bytes == 38 + 1028 + 348
+    assert reader.counters.truncated == 3
+
+
 def test_len_from_header_only_when_the_copy_cut_the_packet(netns):
     netns.log_rule(5, match="udp dport 9999")
     with netns.entered():
