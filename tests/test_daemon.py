@@ -373,7 +373,7 @@ def test_sighup_with_invalid_config_keeps_running(netns, tmp_path, ctx):
         d.write_config("groups: [1\n")
         ready = d.reload()
         assert "last reload failed" in ready["STATUS"]
-        errors = [line for line in d.stderr.splitlines() if line.startswith("ERROR: reload:")]
+        errors = [line for line in d.stderr.splitlines() if " ERROR: reload:" in line]
         assert len(errors) == 1 and errors[0].endswith("keeping the running configuration")
         netns.send_udp([b"still here"])
         batches = receive(sub, lambda bs: packet_count(bs) >= 1)
