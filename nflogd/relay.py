@@ -57,13 +57,12 @@ import logging
 import math
 import os
 import sys
-import threading
 import time
 from collections import Counter
 from typing import Callable
 
 import zmq
-from nflogd_client.endpoints import CONNECTED, EndpointTracker, Monitor, probe
+from nflogd_client.endpoints import CONNECTED, EndpointTracker, Monitor, Prober
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector as _Collector
 from prometheus_client.registry import CollectorRegistry
@@ -113,9 +112,7 @@ class Upstream:
         self.tracker = EndpointTracker(
             [self.endpoint], curve=bool(settings.curve), logger=log, label="upstream"
         )
-        self._probe: threading.Thread | None = None  # a probe under way
-        self._probe_result: str | None = None
-        self._probe_check = 0.0  # when to look at it again
+        self._prober = Prober(self.tracker)  # probes in threads: a tcp one may wait a second
         self.socket = ctx.socket(zmq.XSUB)
         self._monitor: Monitor | None = None
         try:
@@ -162,9 +159,8 @@ class Upstream:
     @property
     def retry_at(self) -> float | None:
         """When ``reconnect()`` has something to do (monotonic seconds), or None."""
-        if self._probe is not None:  # collect the probe's result once it is there
-            return self._probe_check
-        return self.tracker.due_at()
+        due = [t for t in (self.tracker.due_at(), self._prober.due_at()) if t is not None]
+        return min(due) if due else None
 
     def forward(self, outs: list[zmq.Socket]) -> None:
         """Pass up to BURST queued messages to every socket of ``outs``, frames as received.
@@ -209,16 +205,7 @@ class Upstream:
         """Do what ``retry_at`` was for: collect or start a probe, connect again after a refusal
         (the subscriptions are sent again on connect)."""
         tracker = self.tracker
-        if self._probe is not None:
-            if self._probe.is_alive():
-                self._probe_check = time.monotonic() + 0.05
-            else:
-                self._probe = None
-                tracker.probed(self.endpoint, self._probe_result)
-        if self._probe is None and tracker.probes_due():
-            self._probe = threading.Thread(target=self._run_probe, name="nflogd-relay probe", daemon=True)
-            self._probe_check = time.monotonic() + 0.05
-            self._probe.start()
+        self._prober.step()
         if tracker.reconnects_due():
             tracker.reconnected(self.endpoint)
             try:
@@ -227,9 +214,6 @@ class Upstream:
                 pass  # libzmq already dropped it
             self.socket.connect(self.endpoint)
             log.debug("upstream %s: connecting again", self.endpoint)
-
-    def _run_probe(self) -> None:  # in its own thread: a tcp probe may wait a second
-        self._probe_result = probe(self.endpoint)
 
     def close(self) -> None:
         if self._monitor is not None:

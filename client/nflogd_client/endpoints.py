@@ -14,7 +14,9 @@ retries after it are quiet (debug), a new cause is said again, and so is the rec
 and probe results (``probed``), it says what is due (``probes_due``, ``reconnects_due``,
 ``timeout``) and never receives or waits itself, so a blocking client (``Subscriber``), a
 poll loop (``nflogd-relay``'s upstreams) or an event loop can drive it alike. ``Monitor``
-is the one wrapper of libzmq's socket monitor they share. ``check_endpoint`` refuses a
+is the one wrapper of libzmq's socket monitor they share; ``Prober`` runs the probes a
+tracker asks for in threads of their own, so that no driver waits for a resolver or a
+tcp connect while other endpoints deliver. ``check_endpoint`` refuses a
 malformed endpoint before libzmq does, with the accepted forms.
 
 States (``EndpointStatus.state``):
@@ -36,6 +38,7 @@ import logging
 import os
 import socket
 import stat
+import threading
 import time
 from collections.abc import Iterable, Iterator
 
@@ -52,6 +55,7 @@ __all__ = [
     "EndpointStatus",
     "EndpointTracker",
     "Monitor",
+    "Prober",
     "check_endpoint",
     "probe",
 ]
@@ -250,6 +254,50 @@ class Monitor:
         self.socket = None
 
 
+class Prober:
+    """Runs ``probe`` for each endpoint ``tracker.probes_due()`` names, in a short-lived
+    thread of its own, and hands the result to ``tracker.probed`` on a later ``step()``.
+
+    ``step()`` from the thread that owns the tracker; ``due_at()`` says when to call it
+    again (``time.monotonic()`` seconds) while probes are under way, else None.
+    """
+
+    #: Seconds between looks at a probe under way.
+    CHECK_S = 0.05
+
+    def __init__(self, tracker: EndpointTracker, probe=probe):
+        self._tracker = tracker
+        self._probe = probe
+        self._running: dict[str, tuple[threading.Thread, list]] = {}  # endpoint -> (thread, [result])
+        self._check_at = 0.0
+
+    def step(self) -> None:
+        tracker = self._tracker
+        for endpoint, (thread, box) in list(self._running.items()):
+            if not thread.is_alive():
+                del self._running[endpoint]
+                tracker.probed(endpoint, box[0])
+        for endpoint in tracker.probes_due():
+            box: list = [None]
+            thread = threading.Thread(
+                target=self._run, args=(endpoint, box), name=f"nflogd probe {endpoint}", daemon=True
+            )
+            tracker.probe_started(endpoint)
+            self._running[endpoint] = (thread, box)
+            thread.start()
+        if self._running:
+            self._check_at = time.monotonic() + self.CHECK_S
+
+    def due_at(self) -> float | None:
+        return self._check_at if self._running else None
+
+    def _run(self, endpoint: str, box: list) -> None:
+        try:
+            box[0] = self._probe(endpoint)
+        except Exception as e:  # pragma: no cover - probe() catches what it expects
+            box[0] = f"probe failed: {e}"
+
+
 # -- the state machine -----------------------------------------------------------------------------
 
 
@@ -298,6 +346,7 @@ class EndpointTracker:
         self._said: dict[str, str | None] = {}  # endpoint -> the failure last logged, None: none
         self._probe_at: dict[str, float] = {}  # endpoint -> when a probe is due
         self._probed: dict[str, float] = {}  # endpoint -> when it was last probed
+        self._probing: set[str] = set()  # probes under way (``probe_started``)
         self._retry_at: dict[str, float] = {}  # endpoint -> when to connect again (refused)
         for e in endpoints:
             self.add(e)
@@ -309,6 +358,7 @@ class EndpointTracker:
     def remove(self, endpoint: str) -> None:
         for d in (self._status, self._said, self._probe_at, self._probed, self._retry_at):
             d.pop(endpoint, None)
+        self._probing.discard(endpoint)
 
     def __getitem__(self, endpoint: str) -> EndpointStatus:
         return self._status[endpoint]
@@ -343,7 +393,7 @@ class EndpointTracker:
                 self._set(st, CONNECTING, "disconnected", now)
                 self._say(endpoint, "disconnected; reconnecting", "disconnected")
         elif kind == zmq.EVENT_CONNECT_RETRIED:
-            if st.state == CONNECTING and endpoint not in self._probe_at:
+            if st.state == CONNECTING and endpoint not in self._probe_at and endpoint not in self._probing:
                 last = self._probed.get(endpoint)
                 self._probe_at[endpoint] = now if last is None else max(now, last + PROBE_INTERVAL_S)
         elif kind in (
@@ -359,10 +409,16 @@ class EndpointTracker:
                 self._retry_at[endpoint] = now + AUTH_RETRY_S
             self._say(endpoint, f"{why}; retrying every {AUTH_RETRY_S:g} s", why)
 
+    def probe_started(self, endpoint: str) -> None:
+        """A probe of ``endpoint`` is under way: no longer due; ``probed`` gives its result."""
+        self._probe_at.pop(endpoint, None)
+        self._probing.add(endpoint)
+
     def probed(self, endpoint: str, why: str | None) -> None:
         """Apply a probe's result: ``why`` the endpoint fails, or None if it seemed to work."""
         st = self._status.get(endpoint)
         self._probe_at.pop(endpoint, None)
+        self._probing.discard(endpoint)
         self._probed[endpoint] = self._clock()
         if st is None or st.state != CONNECTING or why is None:
             return

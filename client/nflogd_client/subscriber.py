@@ -84,7 +84,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import zmq
 
 from . import curve, wire
-from .endpoints import AUTH_RETRY_S, EndpointStatus, EndpointTracker, Monitor, check_endpoint, probe
+from .endpoints import AUTH_RETRY_S, EndpointStatus, EndpointTracker, Monitor, Prober, check_endpoint
 from .wire import Batch, Packet, WireError
 
 __all__ = ["AUTH_RETRY_S", "DEFAULT_ENDPOINT", "EndpointStatus", "Subscriber"]
@@ -205,6 +205,7 @@ class Subscriber:
         self.socket = ctx.socket(zmq.SUB)
         #: Connection state per endpoint, from libzmq's socket monitor (polled alongside) and probes.
         self._tracker = EndpointTracker(self._endpoints, curve=keys is not None)
+        self._prober = Prober(self._tracker)
         self._monitor: Monitor | None = None
         self._poller = zmq.Poller()
         self._server_keys: dict[str, bytes] = {}  # endpoint -> its daemon's key (CURVE)
@@ -331,6 +332,9 @@ class Subscriber:
             due = tracker.timeout(now)
             if due is not None:
                 waits.append(due)
+            check = self._prober.due_at()
+            if check is not None:
+                waits.append(check - now)
             timeout = None if not waits else max(0, int(min(waits) * 1000 + 0.999))
             ready = dict(self._poller.poll(timeout))
             if sock in ready:
@@ -348,8 +352,7 @@ class Subscriber:
         if self._monitor is not None:
             for ev in self._monitor.events():
                 tracker.event(ev)
-        for endpoint in tracker.probes_due():
-            tracker.probed(endpoint, probe(endpoint))
+        self._prober.step()  # probes run in threads: collect the finished ones, start the due
         for endpoint in tracker.reconnects_due():
             tracker.reconnected(endpoint)
             try:
