@@ -324,7 +324,7 @@ class EndpointTracker:
     starts every log line, followed by the endpoint. Drive it with::
 
         for ev in monitor.events(): tracker.event(ev)
-        for ep in tracker.probes_due(): tracker.probed(ep, probe(ep))
+        for ep in tracker.probes_due(): tracker.probed(ep, probe(ep))   # or Prober(tracker).step()
         for ep in tracker.reconnects_due(): disconnect, connect again; tracker.reconnected(ep)
         wait at most tracker.timeout() seconds before doing so again
     """
@@ -426,8 +426,13 @@ class EndpointTracker:
         self._say(endpoint, f"{why}; retrying", why)
 
     def reconnected(self, endpoint: str) -> None:
-        """The client connected ``endpoint`` again, as ``reconnects_due`` asked."""
+        """The client connected ``endpoint`` again, as ``reconnects_due`` asked: connecting,
+        the refusal kept as ``error`` until the handshake says otherwise (a probe may find
+        that the daemon is now away)."""
         self._retry_at.pop(endpoint, None)
+        st = self._status.get(endpoint)
+        if st is not None and st.state == REFUSED:
+            self._set(st, CONNECTING, st.error, self._clock())
 
     # -- what is due --------------------------------------------------------------------------------
 
