@@ -77,14 +77,16 @@ def fenced_blocks(path: Path) -> list[Block]:
     lines = path.read_text().splitlines()
     found, i = [], 0
     while i < len(lines):
-        m = re.match(r"^```(\S*)\s*$", lines[i])
+        m = re.match(r"^( *)```(\S*)\s*$", lines[i])  # also indented, in a list item
         if not m:
             i += 1
             continue
-        end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), None)
+        indent = len(m.group(1))
+        end = next((j for j in range(i + 1, len(lines)) if lines[j].strip().startswith("```")), None)
         assert end is not None, f"{path}:{i + 1}: a fence that never closes"
         before = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
-        found.append(Block(path, i + 1, m.group(1), "\n".join(lines[i + 1 : end]) + "\n", before == EXCERPT))
+        code = "\n".join(line[indent:] for line in lines[i + 1 : end]) + "\n"
+        found.append(Block(path, i + 1, m.group(2), code, before == EXCERPT))
         i = end + 1
     return found
 
