@@ -197,22 +197,24 @@ def test_stats_shows_each_endpoint_state(tmp_path):
 # -- permissions -------------------------------------------------------------------------------------------
 
 
-def test_permission_denied_names_the_group_to_join(tmp_path):
-    """A user outside the socket directory's group is told which group to join."""
+def test_permission_denied_names_the_group_to_join(netns, tmp_path):
+    """A user outside the group of the daemon's socket directory is told which group to join."""
     group = next((g for g in ("nflog", "adm", "disk", "sys") if _has_group(g)), None)
     if group is None:
         pytest.skip("no system group to give the directory")
     gid = grp.getgrnam(group).gr_gid
     top = tempfile.mkdtemp(prefix="nflogd-perm-")  # not under tmp_path, which may be mode 0700
+    daemon = None
     try:
         os.chmod(top, 0o755)
         run = os.path.join(top, "run")
         os.mkdir(run, 0o750)
         os.chown(run, 0, gid)
         path = os.path.join(run, "feed.sock")
-        server = socket.socket(socket.AF_UNIX)
-        server.bind(path)
-        server.listen()
+        daemon = NflogdProcess(
+            netns, tmp_path / "d", groups=[1], extra={"publish": {"bind": [f"ipc://{path}"]}}
+        )
+        daemon.start()
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the unprivileged user, no exec: nothing from the checkout runs as it
@@ -237,8 +239,10 @@ def test_permission_denied_names_the_group_to_join(tmp_path):
         with os.fdopen(r) as f:
             said = f.read()
         os.waitpid(pid, 0)
-        server.close()
+        assert daemon.stop() == 0
     finally:
+        if daemon is not None:
+            daemon.stop()
         shutil.rmtree(top)
     assert said == f"connecting|permission denied on {run}: join group {group}"
 
