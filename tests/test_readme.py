@@ -1,6 +1,6 @@
 """Every shell and Python block of README.md and docs/*.md runs here as pasted, or is marked
-``<!-- excerpt -->`` on the line before its fence (a synopsis, a step that needs systemd or
-another machine).
+``<!-- excerpt -->`` (or ``<!-- excerpt: why -->``) on the line before its fence (a synopsis,
+a step that needs systemd or another machine).
 
 How an unmarked block runs, by what it is:
 
@@ -86,7 +86,8 @@ def fenced_blocks(path: Path) -> list[Block]:
         assert end is not None, f"{path}:{i + 1}: a fence that never closes"
         before = next((lines[j].strip() for j in range(i - 1, -1, -1) if lines[j].strip()), "")
         code = "\n".join(line[indent:] for line in lines[i + 1 : end]) + "\n"
-        found.append(Block(path, i + 1, m.group(2), code, before == EXCERPT))
+        marked = before == EXCERPT or (before.startswith("<!-- excerpt: ") and before.endswith(" -->"))
+        found.append(Block(path, i + 1, m.group(2), code, marked))
         i = end + 1
     return found
 
