@@ -6,34 +6,47 @@ PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 CONFIG ?= etc/nflogd.yaml
-# Debian packages: the NFLOG and netlink libraries with headers, a compiler and Python
-# headers for the CFFI module, nft and ip for the tests, tcpdump for the bench and (with
-# tshark) to read back nflog-tap's pcap files in the tests, systemd for
-# systemd-analyze verify and systemd-sysusers on the unit files, iptables for the rules in
-# docs/operations.md.
-DEBS := libnetfilter-log-dev libmnl-dev gcc libc6-dev pkg-config python3-dev python3-venv \
-        nftables iproute2 tcpdump tshark systemd iptables
+# Debian packages. To run: the NFLOG and netlink libraries with headers, a compiler and
+# Python headers for the CFFI module. For the tests also: nft and ip, tcpdump for the bench
+# and (with tshark) to read back nflog-tap's pcap files, systemd for systemd-analyze verify
+# and systemd-sysusers on the unit files, iptables for the rules in docs/operations.md.
+RUN_DEBS := libnetfilter-log-dev libmnl-dev gcc libc6-dev pkg-config python3-dev python3-venv
+TEST_DEBS := nftables iproute2 tcpdump tshark systemd iptables
+DEBS := $(RUN_DEBS) $(TEST_DEBS)
 # promtool checks contrib/prometheus/: taken out of Debian's prometheus package into the venv,
 # since installing that package would also enable and start a Prometheus server.
 PROMTOOL := $(VENV)/bin/promtool
 DEV_PKGS := pytest pytest-timeout hypothesis ruff
 APT := apt-get -o DPkg::Lock::Timeout=600
-SOURCES := pyproject.toml setup.py client/pyproject.toml nflogd/_nflog.h nflogd/_nflog.c nflogd/_feed.c nflogd/ffi_build.py
+SOURCES := pyproject.toml setup.py scapy_nflog.py nflog_cffi.py client/pyproject.toml client/nflogd_client/VERSION nflogd/_nflog.h nflogd/_nflog.c nflogd/_feed.c nflogd/ffi_build.py
 
-.PHONY: all deps debs run test check bench bench-debs profile clean deb deb-tools test-system
+.PHONY: all deps run-deps debs run-debs run test check bench bench-debs profile clean deb deb-tools test-system
 all: test
 
-debs:
-	@missing=$$(for p in $(DEBS); do \
+# install-debs PACKAGES: apt-get install those of PACKAGES that are missing
+define install-debs
+	@missing=$$(for p in $(1); do \
 	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	    echo "installing Debian packages:" $$missing; \
 	    $(APT) update -q && DEBIAN_FRONTEND=noninteractive $(APT) install -y -q $$missing; \
 	fi
+endef
 
-$(VENV)/.installed: $(SOURCES) | debs
+run-debs:
+	$(call install-debs,$(RUN_DEBS))
+
+debs:
+	$(call install-debs,$(DEBS))
+
+# What running needs: both distributions in the venv, no test tools.
+$(VENV)/.installed-run: $(SOURCES) | run-debs
 	[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -q --disable-pip-version-check -e ./client -e . $(DEV_PKGS)
+	$(VPY) -m pip install -q --disable-pip-version-check -e ./client -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.installed-run | debs
+	$(VPY) -m pip install -q --disable-pip-version-check $(DEV_PKGS)
 	touch $@
 
 $(PROMTOOL): | $(VENV)/.installed
@@ -43,13 +56,14 @@ $(PROMTOOL): | $(VENV)/.installed
 	chmod 755 $(CURDIR)/$@.tmp && mv $(CURDIR)/$@.tmp $(CURDIR)/$@; rc=$$?; rm -rf $$tmp; exit $$rc
 
 deps: debs $(VENV)/.installed $(PROMTOOL)
+run-deps: run-debs $(VENV)/.installed-run
 
-run: deps
+run: run-deps
 	$(VENV)/bin/nflogd -c $(CONFIG)
 
 check: deps
-	$(VENV)/bin/ruff check nflogd client tests tests_system bench fuzz
-	$(VENV)/bin/ruff format --check nflogd client tests tests_system bench fuzz
+	$(VENV)/bin/ruff check nflogd client tests tests_system bench fuzz scapy_nflog.py nflog_cffi.py
+	$(VENV)/bin/ruff format --check nflogd client tests tests_system bench fuzz scapy_nflog.py nflog_cffi.py
 
 test: check
 	$(VPY) -m pytest -q -p no:cacheprovider tests

@@ -9,7 +9,7 @@ Names load on first use, so ``import nflogd`` needs neither the compiled reader 
 
 import importlib
 
-__version__ = "0.1.0"
+from nflogd_client import __version__  # one version for both distributions: nflogd_client/VERSION
 
 _LAZY = {
     "NFLOG": "classic",

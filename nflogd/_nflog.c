@@ -123,21 +123,22 @@ static uint64_t now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-/* The real length from the captured IP header: NFLOG has no original-length attribute. */
+/* The real length from the captured IP header: NFLOG has no original-length attribute.
+ * NFLOGD_F_LEN_FROM_HEADER is set only when the header says more than was copied (the copy
+ * range or the rule's snaplen cut the packet); a whole packet has len == caplen, no flag. */
 static uint32_t real_length(const uint8_t *p, uint32_t caplen, uint16_t proto, uint16_t *present)
 {
-    if (proto == 0x0800 && caplen >= 4 && (p[0] >> 4) == 4) {
-        uint32_t tot = ((uint32_t)p[2] << 8) | p[3];   /* iphdr.tot_len */
-        if (tot >= caplen) {                            /* 0 for some GSO packets: keep caplen */
-            *present |= NFLOGD_F_LEN_FROM_HEADER;
-            return tot;
-        }
-    } else if (proto == 0x86dd && caplen >= 6 && (p[0] >> 4) == 6) {
+    uint32_t real = 0;
+    if (proto == 0x0800 && caplen >= 4 && (p[0] >> 4) == 4)
+        real = ((uint32_t)p[2] << 8) | p[3];           /* iphdr.tot_len; 0 for some GSO packets */
+    else if (proto == 0x86dd && caplen >= 6 && (p[0] >> 4) == 6) {
         uint32_t plen = ((uint32_t)p[4] << 8) | p[5];  /* ipv6hdr.payload_len; 0: jumbogram */
-        if (plen && plen + 40 >= caplen) {
-            *present |= NFLOGD_F_LEN_FROM_HEADER;
-            return plen + 40;
-        }
+        if (plen)
+            real = plen + 40;
+    }
+    if (real > caplen) {
+        *present |= NFLOGD_F_LEN_FROM_HEADER;
+        return real;
     }
     return caplen;
 }
@@ -251,7 +252,15 @@ static void parse_packet(struct nflogd_reader *r, const struct nlmsghdr *nlh, ui
     }
 
     rec->data_off = r->data_len;
-    if (attr[NFULA_PAYLOAD]) {
+    if (attr[NFULA_PAYLOAD] && r->meta_only) {  /* the length from the header, no payload */
+        uint16_t flag = 0;
+        uint32_t n = attr_len(attr[NFULA_PAYLOAD]);
+        uint32_t real = real_length(attr_data(attr[NFULA_PAYLOAD]), n, rec->hw_protocol, &flag);
+        if (flag) {  /* else not IP, or too short to tell (len stays 0: unknown) */
+            rec->len = real;
+            present |= NFLOGD_F_LEN_FROM_HEADER;
+        }
+    } else if (attr[NFULA_PAYLOAD]) {
         uint32_t n = attr_len(attr[NFULA_PAYLOAD]);
         const uint8_t *p = attr_data(attr[NFULA_PAYLOAD]);
         memcpy(r->data + r->data_len, p, n);
@@ -263,11 +272,15 @@ static void parse_packet(struct nflogd_reader *r, const struct nlmsghdr *nlh, ui
     if (attr[NFULA_PREFIX]) {  /* NUL-terminated (nla_put with strlen + 1) */
         const char *s = attr_data(attr[NFULA_PREFIX]);
         uint32_t n = strnlen(s, attr_len(attr[NFULA_PREFIX]));
-        memcpy(r->data + r->data_len, s, n);
-        rec->prefix_off = r->data_len;
-        rec->prefix_len = (uint16_t)n;
-        r->data_len += n;
-        present |= NFLOGD_F_PREFIX;
+        /* A rule without a prefix still sends NFULA_PREFIX, empty (nft's log always has one):
+         * an empty prefix is no prefix, the PREFIX bit stays clear and decoders see None. */
+        if (n) {
+            memcpy(r->data + r->data_len, s, n);
+            rec->prefix_off = r->data_len;
+            rec->prefix_len = (uint16_t)n;
+            r->data_len += n;
+            present |= NFLOGD_F_PREFIX;
+        }
     }
     rec->present = present;
 
@@ -331,10 +344,10 @@ int nflogd_configure(struct nflogd_reader *r, int bind, uint32_t copy_range, uin
      * kernel has not needed it since 2.6.29 and it changes the namespace's nf_log for all. */
     if (bind)
         nflog_attr_put_cfg_cmd(nlh, NFULNL_CFG_CMD_BIND);
-    if (copy_range)
-        nflog_attr_put_cfg_mode(nlh, NFULNL_COPY_PACKET, copy_range);
-    else
-        nflog_attr_put_cfg_mode(nlh, NFULNL_COPY_META, 0);
+    /* Metadata only still copies the first bytes: NFLOG sends no original length, the IP
+     * header has it (parse_packet publishes none of these bytes). */
+    nflog_attr_put_cfg_mode(nlh, NFULNL_COPY_PACKET, copy_range ? copy_range : NFLOGD_META_BYTES);
+    r->meta_only = copy_range == 0;
     mnl_attr_put_u32(nlh, NFULA_CFG_QTHRESH, htonl(qthresh));
     r->qthresh = qthresh ? qthresh : 1;
     if (nlbufsiz)

@@ -85,7 +85,13 @@ struct nflogd_reader {
     uint32_t max_records;
     uint32_t data_cap;
     void *nl;                   /* struct mnl_socket * */
+    int meta_only;              /* copy_range 0: the kernel copies NFLOGD_META_BYTES, we publish none */
 };
+
+/* A metadata-only group (copy_range 0) asks the kernel for this many bytes of each packet:
+ * enough for the length field of an IPv4 (tot_len, bytes 2-3) or IPv6 header (payload_len,
+ * bytes 4-5). The records get the real length from it and no payload (caplen 0). */
+#define NFLOGD_META_BYTES 8
 
 /* Allocate a reader and open its netlink socket; NULL with errno set on failure. */
 struct nflogd_reader *nflogd_reader_new(uint16_t group);
@@ -96,7 +102,8 @@ int nflogd_set_rcvbuf(struct nflogd_reader *r, int bytes);
 
 /* Bind the group and configure it in one NFULNL_MSG_CONFIG message, waiting for the ack;
  * bind=0 only reconfigures an already bound group, without waiting (a kernel error for it
- * shows in last_error). copy_range 0 copies metadata only. timeout_cs is in 1/100 s.
+ * shows in last_error). copy_range 0 publishes metadata only (caplen 0) with each packet's
+ * real length, read from its first NFLOGD_META_BYTES bytes. timeout_cs is in 1/100 s.
  * Returns 0 or -errno (EPERM: group busy or no CAP_NET_ADMIN). */
 int nflogd_configure(struct nflogd_reader *r, int bind, uint32_t copy_range, uint32_t qthresh,
                      uint32_t timeout_cs, uint32_t nlbufsiz);

@@ -77,10 +77,14 @@ class BufferOverflow(NFLogError):
 class GroupBusy(NFLogError):
     """Another netlink socket already holds the group (the kernel answered EPERM)."""
 
-    def __init__(self, group: int, portid: int | None = None):
+    def __init__(self, group: int, portid: int | None = None, process: tuple[int, str] | None = None):
         self.group = group
         self.portid = portid
+        #: (pid, command) of the process holding the port, where /proc tells.
+        self.process = process
         holder = f" by netlink port {portid}" if portid is not None else ""
+        if process is not None:
+            holder += f" (pid {process[0]}, {process[1]})"
         super().__init__(_errno.EPERM, f"group {group} is already bound{holder}")
 
 

@@ -74,6 +74,42 @@ def group_holder(group: int) -> int | None:
     return None
 
 
+def port_process(portid: int) -> tuple[int, str] | None:
+    """(pid, command) of a process holding the NETLINK_NETFILTER socket ``portid`` in this
+    thread's namespace: its inode from /proc/net/netlink, then the /proc/PID/fd that links to
+    it; None where /proc does not tell (another namespace's process, no permission)."""
+    inode = None
+    try:
+        with open("/proc/thread-self/net/netlink") as f:
+            next(f)  # sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
+            for line in f:
+                cols = line.split()
+                if len(cols) >= 10 and cols[1] == "12" and int(cols[2]) == portid:  # NETLINK_NETFILTER
+                    inode = cols[9]
+                    break
+    except (OSError, ValueError, StopIteration):
+        return None
+    if inode is None:
+        return None
+    target = f"socket:[{inode}]"
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") != target:
+                    continue
+                with open(f"/proc/{pid}/comm") as f:
+                    return int(pid), f.read().strip()
+            except OSError:
+                continue
+    return None
+
+
 def check(rc: int, group: int, op: str) -> int:
     """Return ``rc`` if it is not a negative errno, else raise the matching NFLogError."""
     if rc >= 0:
@@ -84,7 +120,8 @@ def check(rc: int, group: int, op: str) -> int:
     if err == errno.EPERM and op == "bind":
         if not has_net_admin():
             raise NoPermission(group)
-        raise GroupBusy(group, group_holder(group))
+        portid = group_holder(group)
+        raise GroupBusy(group, portid, None if portid is None else port_process(portid))
     raise NFLogError(err, f"group {group}: {op}: {os.strerror(err)}")
 
 

@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="nflogd-keygen",
         description="Write a CURVE key pair for nflogd: DIR/NAME.key (public), DIR/NAME.key_secret.",
     )
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"nflogd-keygen {__version__}")
     p.add_argument("dir", metavar="DIR", help="directory for the two files (created if missing)")
     p.add_argument("name", metavar="NAME", help="base name: the server's or the client's name")
     return p

@@ -17,7 +17,7 @@ Exposed:
 ``nflogd_kernel_dropped_packets_total``    packets the kernel logged but could not deliver
                                            (NFLOG sequence gaps), per group
 ``nflogd_overflows_total{group}``          receive-buffer overruns (ENOBUFS), per group
-``nflogd_truncated_packets_total{group}``  packets cut by the group's copy_range
+``nflogd_truncated_packets_total{group}``  packets cut by copy_range or the rule's snaplen
 ``nflogd_subscribers``                     peers connected to the feed
 ``nflogd_build_info{version}``             1
 ``nflogd_feed_refused_connections_total``  connections closed at once, over publish.max_connections,
@@ -64,7 +64,11 @@ COUNTERS = (
         "kernel_dropped",
     ),
     ("nflogd_overflows", "Netlink receive buffer overruns (ENOBUFS), per NFLOG group.", "overflows"),
-    ("nflogd_truncated_packets", "Packets cut short by the group's copy_range.", "truncated"),
+    (
+        "nflogd_truncated_packets",
+        "Packets cut short by the group's copy_range or the rule's snaplen.",
+        "truncated",
+    ),
 )
 
 GroupsSource = Callable[[], Iterable[Tuple[int, object]]]

@@ -32,12 +32,15 @@ a message came from, and the metrics count per upstream. ``bench/relay.py`` meas
 a message it drops (a client's queue full at ``publish.hwm``, an upstream queue full at
 ``UPSTREAM_HWM``) shows at the client as a gap in that node's ``seq``.
 
-Upstream state comes from each XSUB's socket monitor: up at ``EVENT_HANDSHAKE_SUCCEEDED``
-(the ZMTP handshake, CURVE's included, is done), down at ``EVENT_DISCONNECTED``; a refused
-handshake (wrong ``server_public_key``, a client key the daemon does not hold) is counted and
-logged once until the next success. ZeroMQ reconnects by itself, except after a refusal: then
-the relay connects again every ``AUTH_RETRY_S`` seconds, so that a daemon given the relay's key
-and reloaded is joined without a relay restart. Heartbeats (``HEARTBEAT_IVL_MS``) find a daemon
+Upstream state comes from each XSUB's socket monitor, kept by the clients' own
+``nflogd_client.endpoints.EndpointTracker``: up at ``EVENT_HANDSHAKE_SUCCEEDED`` (the ZMTP
+handshake, CURVE's included, is done), down at ``EVENT_DISCONNECTED``. A failure (nothing
+listening, no such socket, permission denied, a refused handshake: wrong ``server_public_key``,
+a client key the daemon does not hold) is counted and logged once with its likely cause until
+the next success, found by a probe in a short-lived thread where the monitor cannot tell, and
+the recovery is logged. ZeroMQ reconnects by itself, except after a refusal: then the relay
+connects again every ``AUTH_RETRY_S`` seconds, so that a daemon given the relay's key and
+reloaded is joined without a relay restart. Heartbeats (``HEARTBEAT_IVL_MS``) find a daemon
 that vanished without closing its connection.
 
 SIGHUP rereads the config: upstreams added, removed or with new keys are connected or closed
@@ -59,11 +62,10 @@ from collections import Counter
 from typing import Callable
 
 import zmq
-from nflogd_client.subscriber import AUTH_RETRY_S
+from nflogd_client.endpoints import CONNECTED, EndpointTracker, Monitor, Prober
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector as _Collector
 from prometheus_client.registry import CollectorRegistry
-from zmq.utils.monitor import parse_monitor_message
 
 from . import config, service
 from .access import CurveAccess
@@ -93,19 +95,6 @@ UPSTREAM_MAX_MESSAGE = 1 << 30
 HEARTBEAT_IVL_MS = 5_000
 HEARTBEAT_TIMEOUT_MS = 15_000
 
-_MONITOR_EVENTS = (
-    zmq.EVENT_HANDSHAKE_SUCCEEDED
-    | zmq.EVENT_DISCONNECTED
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-)
-_HANDSHAKE_FAILED = {
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no reply (a wrong server_public_key?)",
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol error (CURVE on one side only?)",
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused (is our key in the daemon's authorized_keys_dir?)",
-}
-
 
 class Upstream:
     """One XSUB socket connected to one upstream feed, with its monitor and counters.
@@ -117,16 +106,15 @@ class Upstream:
     def __init__(self, ctx: zmq.Context, settings, topics: Counter[bytes] | None = None):
         self.settings = settings
         self.endpoint: str = settings.endpoint
-        self.up = False
-        self.connects = 0  # handshakes completed
-        self.handshake_failures = 0
         self.messages = 0
         self.bytes = 0
-        self._failing = False  # a failure was logged; the next one is only counted
-        #: When to connect again after failed handshakes (monotonic seconds), or None.
-        self.retry_at: float | None = None
+        #: The endpoint's state, fed by the monitor and by probes.
+        self.tracker = EndpointTracker(
+            [self.endpoint], curve=bool(settings.curve), logger=log, label="upstream"
+        )
+        self._prober = Prober(self.tracker)  # probes in threads: a tcp one may wait a second
         self.socket = ctx.socket(zmq.XSUB)
-        self.monitor: zmq.Socket | None = None
+        self._monitor: Monitor | None = None
         try:
             sock = self.socket
             sock.setsockopt(zmq.LINGER, 0)
@@ -138,7 +126,7 @@ class Upstream:
                 sock.setsockopt(zmq.CURVE_SERVERKEY, settings.server_key)
                 sock.setsockopt(zmq.CURVE_PUBLICKEY, settings.client_public_key)
                 sock.setsockopt(zmq.CURVE_SECRETKEY, settings.client_secret_key)
-            self.monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+            self._monitor = Monitor(sock)
             for topic, n in (topics or {}).items():
                 for _ in range(n):
                     sock.send(b"\x01" + topic)
@@ -150,6 +138,29 @@ class Upstream:
             self.close()
             raise
         log.info("upstream %s: connecting%s", self.endpoint, " (CURVE)" if settings.curve else "")
+
+    @property
+    def monitor(self) -> zmq.Socket | None:
+        """The monitor's socket, for the relay's poller."""
+        return None if self._monitor is None else self._monitor.socket
+
+    @property
+    def up(self) -> bool:
+        return self.tracker[self.endpoint].state == CONNECTED
+
+    @property
+    def connects(self) -> int:
+        return self.tracker[self.endpoint].connects
+
+    @property
+    def handshake_failures(self) -> int:
+        return self.tracker[self.endpoint].handshake_failures
+
+    @property
+    def retry_at(self) -> float | None:
+        """When ``reconnect()`` has something to do (monotonic seconds), or None."""
+        due = [t for t in (self.tracker.due_at(), self._prober.due_at()) if t is not None]
+        return min(due) if due else None
 
     def forward(self, outs: list[zmq.Socket]) -> None:
         """Pass up to BURST queued messages to every socket of ``outs``, frames as received.
@@ -185,55 +196,31 @@ class Upstream:
         self.socket.send(msg)
 
     def handle_monitor(self) -> None:
-        """Apply queued monitor events to ``up`` and the counters, logging state changes."""
-        while True:
-            try:
-                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return
-            except (ValueError, TypeError):  # pragma: no cover - libzmq's own message format
-                continue
-            kind = event["event"]
-            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.up = True
-                self.connects += 1
-                self._failing = False
-                self.retry_at = None
-                log.info("upstream %s: connected", self.endpoint)
-            elif kind == zmq.EVENT_DISCONNECTED:
-                if self.up:
-                    log.warning("upstream %s: disconnected; reconnecting", self.endpoint)
-                self.up = False
-            elif kind in _HANDSHAKE_FAILED:
-                self.handshake_failures += 1
-                # libzmq gives up on a connection the daemon refused; after the other failures it
-                # retries by itself, and each new one moves this on: it fires once they stop
-                self.retry_at = time.monotonic() + AUTH_RETRY_S
-                level = logging.DEBUG if self._failing else logging.WARNING
-                self._failing = True
-                log.log(level, "upstream %s: handshake failed: %s", self.endpoint, _HANDSHAKE_FAILED[kind])
+        """Apply queued monitor events to the endpoint's state (which logs its changes)."""
+        if self._monitor is not None:
+            for ev in self._monitor.events():
+                self.tracker.event(ev)
 
     def reconnect(self) -> None:
-        """Connect again (``retry_at`` passed); the subscriptions are sent again on connect."""
-        self.retry_at = None
-        try:
-            self.socket.disconnect(self.endpoint)
-        except zmq.ZMQError:
-            pass  # libzmq already dropped it
-        self.socket.connect(self.endpoint)
-        log.debug("upstream %s: connecting again", self.endpoint)
+        """Do what ``retry_at`` was for: collect or start a probe, connect again after a refusal
+        (the subscriptions are sent again on connect)."""
+        tracker = self.tracker
+        self._prober.step()
+        if tracker.reconnects_due():
+            tracker.reconnected(self.endpoint)
+            try:
+                self.socket.disconnect(self.endpoint)
+            except zmq.ZMQError:
+                pass  # libzmq already dropped it
+            self.socket.connect(self.endpoint)
+            log.debug("upstream %s: connecting again", self.endpoint)
 
     def close(self) -> None:
-        if self.monitor is not None:
-            try:
-                self.socket.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            self.monitor.close(linger=0)
-            self.monitor = None
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
         if not self.socket.closed:
             self.socket.close(linger=0)
-        self.up = False
 
 
 #: (metric name without _total, help, Upstream attribute): one sample per upstream, label ``upstream``
@@ -404,9 +391,13 @@ class Relay(Program):
             if retries:
                 now = time.monotonic()
                 for endpoint, up in list(retries.items()):
-                    if up.retry_at is not None and up.retry_at <= now:
+                    at = up.retry_at
+                    if at is None:
                         del retries[endpoint]
+                    elif at <= now:
                         up.reconnect()
+                        if up.retry_at is None:
+                            del retries[endpoint]
             if next_wd is not None and time.monotonic() >= next_wd:
                 self.notifier.watchdog()
                 next_wd = time.monotonic() + interval

@@ -12,25 +12,32 @@
     signums = wakeup.read()                      # when it polls readable: {signal.SIGHUP}, ...
     wakeup.close()
 
-Command line: ``PROG [-c PATH] [--check] [--log-level LEVEL]``. ``--check`` loads the config
-and exits 0, or prints ``PROG: <error>`` and exits 2. Otherwise ``check_limits()`` raises the
-soft open-files limit to the hard one and refuses (exit 1, one line) limits too tight for a
-run, and ``make(cfg, path)`` builds the
+Command line: ``PROG [-c PATH] [--check] [--log-level LEVEL] [--log-file PATH] [--version]``.
+``--check`` loads the config, prints ``ok`` and exits 0, or prints ``PROG: <error>`` and
+exits 2. Otherwise ``check_limits()`` raises the soft open-files limit to the hard one and
+refuses (exit 1, one line) limits too tight for a run, and ``make(cfg, path)`` builds the
 program, whose ``install_signals()``, ``start()`` and ``run()`` are called and ``close()``
 always: exit 0 after SIGTERM/SIGINT, 1 for a runtime failure, 2 for a bad config. Every
 failure is one line on stderr, priority err (``<3>``) under journald, never a traceback.
+
+Log lines: ``LEVEL: message`` under journald (which stamps them; ``$JOURNAL_STREAM`` names
+stderr); anywhere else ``2026-12-01T20:15:03.123+0000 LEVEL: message``, local time with its
+offset. ``--log-file PATH`` appends them to PATH instead of stderr (a fatal error's one line
+goes to stderr as well), reopening the file when logrotate has moved it away.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
 import os
 import resource
 import signal
 import socket
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 import zmq
@@ -142,13 +149,20 @@ def _ignore(signum, frame) -> None:
 
 
 class _Formatter(logging.Formatter):
-    """``LEVEL: message``; under journald also the ``<N>`` priority prefix of sd-daemon(3)."""
+    """``LEVEL: message``; under journald also the ``<N>`` priority prefix of sd-daemon(3),
+    elsewhere a timestamp first (journald stamps its lines itself)."""
 
     _PRIO = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 
     def __init__(self, journal: bool):
-        super().__init__("%(levelname)s: %(message)s")
+        super().__init__(
+            "%(levelname)s: %(message)s" if journal else "%(asctime)s %(levelname)s: %(message)s"
+        )
         self.journal = journal
+
+    def formatTime(self, record: logging.LogRecord, datefmt=None) -> str:  # noqa: N802 - logging's name
+        t = time.localtime(record.created)
+        return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(record.msecs):03d}" + time.strftime("%z", t)
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
@@ -167,9 +181,15 @@ def _stderr_is_journal() -> bool:
     return (st.st_dev, st.st_ino) == (dev, ino)
 
 
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(_stderr_is_journal()))
+def setup_logging(level: str, path: str | None = None) -> None:
+    """Log at ``level`` to stderr, or appending to the file ``path``; OSError if it cannot be opened."""
+    if path is None:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        journal = _stderr_is_journal()
+    else:
+        handler = logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+        journal = False
+    handler.setFormatter(_Formatter(journal))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -243,13 +263,18 @@ def probe_threads(extra: int = 0) -> None:
 
 
 def _parser(prog: str, description: str, default_config: str) -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--version", action="version", version=f"{prog} {__version__}")
     p.add_argument("-c", "--config", default=default_config, metavar="PATH",
                    help=f"configuration file (default {default_config})")  # fmt: skip
     p.add_argument("--check", action="store_true", help="validate the configuration and exit (0 ok, 2 bad)")
     p.add_argument("--log-level", default="info", metavar="LEVEL", type=str.lower,
                    choices=["debug", "info", "warning", "error"],
                    help="debug, info (default), warning or error")  # fmt: skip
+    p.add_argument("--log-file", metavar="PATH",
+                   help="append log lines to PATH instead of stderr (default: stderr)")  # fmt: skip
     return p
 
 
@@ -277,7 +302,10 @@ def main(
 ) -> int:
     """Parse ``argv``, load the config, run the program ``make`` builds; the exit status."""
     args = _parser(prog, description, default_config).parse_args(argv)
-    setup_logging(args.log_level)
+    try:
+        setup_logging(args.log_level, args.log_file)
+    except OSError as e:
+        return fail(prog, f"--log-file: {args.log_file}: {e.strerror or e}", 2)
     try:
         cfg = load(args.config)
     except ConfigError as e:
@@ -285,6 +313,7 @@ def main(
     except OSError as e:
         return fail(prog, f"{args.config}: {e.strerror or e}", 2)
     if args.check:
+        print("ok", flush=True)
         return 0
     try:
         check_limits()

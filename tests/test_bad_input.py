@@ -293,13 +293,15 @@ def test_boundary_records_pass_through_intact(netns, tmp_path):
             # metadata only, one 0-byte and one 3-byte datagram, each seen at OUTPUT then INPUT
             netns.send_udp([b"", b"abc"], port=9001)
             meta = recv_n(sub, 4)
-            out = wire.F_OUTDEV | wire.F_UID | wire.F_GID | wire.F_KSEQ | wire.F_PREFIX
-            inp = wire.F_TS_KERNEL | wire.F_INDEV | wire.F_KSEQ | wire.F_PREFIX | wire.F_HWADDR
+            # no prefix (nft's empty one is none); the real length from the IP header
+            out = wire.F_OUTDEV | wire.F_UID | wire.F_GID | wire.F_KSEQ | wire.F_LEN_FROM_HEADER
+            inp = wire.F_TS_KERNEL | wire.F_INDEV | wire.F_KSEQ | wire.F_HWADDR | wire.F_LEN_FROM_HEADER
             assert [p.present for p in meta] == [out, inp, out, inp]
+            assert [p.len for p in meta] == [28, 28, 31, 31]
             for p in meta:
-                assert (p.group, p.data, p.caplen, p.len, p.truncated) == (1, b"", 0, 0, False)
+                assert (p.group, p.data, p.caplen, p.truncated) == (1, b"", 0, True)
                 assert p.mark is None and p.physindev is None and p.physoutdev is None
-                assert p.prefix == ""  # nft always sends a prefix; an empty one is not None
+                assert p.prefix is None
                 assert p.hw_protocol == 0x0800
             for p in meta[0::2]:  # OUTPUT: no kernel timestamp, no input side
                 assert p.hook == 3 and not p.ts_kernel and p.indev is None and p.hwaddr is None

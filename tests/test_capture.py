@@ -5,6 +5,7 @@ import threading
 import time
 
 import pytest
+from nflogd_client import wire
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 
@@ -81,6 +82,47 @@ def test_copy_range_zero_sends_metadata_only(netns):
     assert pkt.data == b"" and pkt.caplen == 0 and pkt.hw_protocol == 0x0800
 
 
+def test_metadata_only_groups_know_the_real_length(netns):
+    """copy_range 0: no payload published, but each packet's real length, counted in bytes."""
+    netns.log_rule(4, match="udp dport 9999")
+    with netns.entered():
+        reader = GroupReader(GroupConfig(group=4, copy_range=0))
+    with reader:
+        netns.send_udp([b"z" * 10, b"w" * 1000])
+        netns.send_udp([b"v" * 300], addr="::1")
+        got = read_n(reader, 3)
+    assert [(p.caplen, p.len, p.data) for p in got] == [(0, 38, b""), (0, 1028, b""), (0, 348, b"")]
+    assert all(p.present & wire.F_LEN_FROM_HEADER and not p.present & wire.F_PAYLOAD for p in got)
+    assert all(p.truncated for p in got)
+    assert reader.counters.bytes == 38 + 1028 + 348
+    assert reader.counters.truncated == 3
+
+
+def test_len_from_header_only_when_the_copy_cut_the_packet(netns):
+    netns.log_rule(5, match="udp dport 9999")
+    with netns.entered():
+        whole = GroupReader(GroupConfig(group=5, copy_range=200))
+    with whole:
+        netns.send_udp([b"a" * 100, b"b" * 400])
+        netns.send_udp([b"c" * 100, b"d" * 400], addr="::1")
+        got = read_n(whole, 4)
+    flags = [(p.caplen, p.len, bool(p.present & wire.F_LEN_FROM_HEADER)) for p in got]
+    assert flags == [(128, 128, False), (200, 428, True), (148, 148, False), (200, 448, True)]
+
+
+def test_a_rule_without_prefix_gives_none(netns):
+    """nft sends an empty NFULA_PREFIX for a rule without one: absent, not ''."""
+    netns.log_rule(6, match="udp dport 9999")
+    netns.log_rule(7, match="udp dport 9999", extra='prefix "p7"')
+    with netns.entered():
+        plain, named = GroupReader(GroupConfig(group=6)), GroupReader(GroupConfig(group=7))
+    with plain, named:
+        netns.send_udp([b"x"])
+        (a,), (b,) = read_n(plain, 1), read_n(named, 1)
+    assert a.prefix is None and not a.present & wire.F_PREFIX
+    assert b.prefix == "p7" and b.present & wire.F_PREFIX
+
+
 @pytest.mark.parametrize("size", [20_000, 60_000])
 def test_large_packets_intact(netns, size):
     netns.log_rule(9, match="udp dport 9999")
@@ -130,8 +172,13 @@ def test_group_busy_names_group_and_port(netns):
         first = GroupReader(GroupConfig(group=5))
         with first, pytest.raises(GroupBusy) as e:
             GroupReader(GroupConfig(group=5))
-    assert str(e.value) == f"group 5 is already bound by netlink port {first.portid}"
+    with open("/proc/self/comm") as f:
+        comm = f.read().strip()
+    assert (
+        str(e.value) == f"group 5 is already bound by netlink port {first.portid} (pid {os.getpid()}, {comm})"
+    )
     assert (e.value.errno, e.value.group, e.value.portid) == (1, 5, first.portid)
+    assert e.value.process == (os.getpid(), comm)
 
 
 def test_group_busy_across_processes(netns):
@@ -149,7 +196,7 @@ def test_group_busy_across_processes(netns):
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "00000000"  # the bind was acked without error
-        busy = r"^group 6 is already bound by netlink port \d+$"
+        busy = rf"^group 6 is already bound by netlink port \d+ \(pid {holder.pid}, python3\)$"
         with netns.entered(), pytest.raises(GroupBusy, match=busy):
             GroupReader(GroupConfig(group=6))
     finally:

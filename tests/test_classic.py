@@ -124,3 +124,72 @@ def test_overflow_is_counted_and_the_generator_goes_on(netns, caplog):
     assert len(warnings) == 1  # warned once for the episode
     gen.close()
     assert nflog.lost + read == sent  # the counts outlive the generator
+
+
+# scapy-nflog-capture's README examples, as its README prints them (the nflog_cffi block without
+# its closing `for` line, which has no body there; then one more packet from that loop).
+ANCESTOR_NFLOG_CFFI = """\
+from nflog_cffi import NFLOG
+
+# without extra_attrs just packet payload (possibly truncated) is returned
+nflog = NFLOG().generator(0, extra_attrs=['len', 'ts'], nlbufsiz=2*2**20)
+fd = next(nflog) # netlink fd to do select/poll on, if necessary
+
+# pkt_len is the *real* length, before nflog-truncation (if any)
+# pkt_ts is the packet timestamp, as reported by kernel/lib
+pkt, pkt_len, pkt_ts = next(nflog)
+print('Got packet, len: {}, ts: {}'.format(pkt_len, pkt_ts))
+"""
+
+ANCESTOR_SCAPY_NFLOG = """\
+import scapy_nflog
+scapy_nflog.install_nflog_listener()
+"""
+
+
+def _run_in_netns(netns, code: str) -> str:
+    import subprocess
+    import sys
+
+    p = netns.popen(sys.executable, "-c", code, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while p.poll() is None:
+            assert time.monotonic() < deadline, "the example did not end"
+            netns.send_udp([b"hello"])
+            time.sleep(0.1)
+        out, err = p.communicate()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 0, err
+    return out
+
+
+def test_the_ancestors_nflog_cffi_example_runs_unchanged(netns):
+    netns.log_rule(0, match="udp dport 9999")
+    out = _run_in_netns(netns, ANCESTOR_NFLOG_CFFI)
+    assert out.startswith("Got packet, len: 33, ts: ")
+
+
+def test_the_ancestors_scapy_nflog_example_runs_unchanged(netns):
+    netns.log_rule(0, match="udp dport 9999")
+    code = ANCESTOR_SCAPY_NFLOG + (
+        "from scapy.all import conf, sniff\n"
+        "assert issubclass(conf.L2listen, scapy_nflog.NFLOGListenSocket)\n"
+        "print(sniff(count=1, timeout=20)[0].summary())\n"
+    )
+    out = _run_in_netns(netns, code)
+    assert "UDP" in out and "9999" in out, out
+
+
+def test_the_alias_modules_are_the_classic_api():
+    import nflog_cffi
+    import nflogd.classic
+    import nflogd.scapy_listen
+    import scapy_nflog
+
+    assert nflog_cffi.NFLOG is nflogd.classic.NFLOG
+    assert scapy_nflog.NFLOGListenSocket is nflogd.scapy_listen.NFLOGListenSocket
+    assert scapy_nflog.install_nflog_listener is nflogd.scapy_listen.install_nflog_listener

@@ -212,7 +212,7 @@ def check_packet(p: wire.Packet, group: int, captured: tuple[bytes, int], seq: i
     # The kernel's receive time; NFLOG carries it in microseconds.
     assert p.ts_kernel and p.ts_ns == ts_ns // 1000 * 1000
     assert p.hook == 1  # NF_INET_LOCAL_IN
-    assert p.prefix == (PREFIX if group == 1 else "")  # nft sends an empty NFULA_PREFIX without one
+    assert p.prefix == (PREFIX if group == 1 else None)  # nft sends an empty NFULA_PREFIX: no prefix
 
 
 # -- a Subscriber per group --------------------------------------------------------------------------
@@ -302,7 +302,7 @@ def check_sniffed(pkts, capture: LoopCapture) -> None:
         for p, (data, ts_ns) in zip(mine, expected[g]):
             assert type(p) is (IP if data[0] >> 4 == 4 else IPv6)
             assert p.nflog_node == NODE
-            assert p.nflog_prefix == (PREFIX if g == 1 else "")
+            assert p.nflog_prefix == (PREFIX if g == 1 else None)
             assert p.nflog_packet.ts_kernel
             # The capture time, exact (EDecimal's == also takes floats that are merely close).
             assert isinstance(p.time, EDecimal)
@@ -651,3 +651,75 @@ def test_daemon_restart_midstream_client_resumes_and_counts_the_gap(
         assert sub.kernel_dropped[(NODE, g)] == 0
     assert sub.recv(timeout=0.2) is None
     assert sub.malformed == 0
+
+
+# -- a metadata-only group ---------------------------------------------------------------------------
+
+
+def test_metadata_only_group_real_lengths_valid_pcap_no_invented_addresses(netns, tmp_path):
+    """copy_range 0: records with caplen 0 and the real length, nflogd_bytes_total counting
+    real bytes; nflog-tap writes NFLOG pcap that tcpdump and tshark read, skips them in raw
+    pcap (said once), and prints no address it did not see."""
+    netns.log_rule(4, hook="input", match="udp dport 9994")
+    with NflogdProcess(netns, tmp_path / "d", groups=[{"group": 4, "copy_range": 0}], node=NODE) as d:
+        files = {lt: tmp_path / f"{lt}.pcap" for lt in ("ip", "nflog")}
+        procs = {
+            lt: subprocess.Popen(
+                [*tap_command(), "-e", d.endpoint, "-g", "4", "-c", "2", "-w", str(f), "--linktype", lt],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for lt, f in files.items()
+        }
+        text = subprocess.Popen(
+            [*tap_command(), "-e", d.endpoint, "-g", "4", "-c", "2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        procs["text"] = text
+        try:
+            wait_subscribed(d, 0, 3, timeout=TAP_WAIT)
+            netns.send_udp([b"x" * 100], "127.0.0.1", 9994)
+            netns.send_udp([b"y" * 1000], "::1", 9994)
+            wait_published(d, {4: 2})
+            assert metric(d, "nflogd_bytes_total", 4) == 128 + 1048
+            assert metric(d, "nflogd_truncated_packets_total", 4) == 2
+            results = {}
+            for name in ("nflog", "text"):
+                out, err = procs[name].communicate(timeout=TAP_WAIT)
+                results[name] = (procs[name].returncode, out, err.decode())
+            time.sleep(0.5)  # the raw tap got both and wrote neither: it still waits
+            assert procs["ip"].poll() is None
+            procs["ip"].send_signal(signal.SIGINT)
+            _, err = procs["ip"].communicate(timeout=TAP_WAIT)
+            results["ip"] = (procs["ip"].returncode, None, err.decode())
+        finally:
+            for p in procs.values():
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate()
+    assert results["nflog"][0] == 0 and results["nflog"][2] == "nflog-tap: 2 packets written, 0 lost\n"
+    assert results["ip"][0] == 0
+    assert results["ip"][2] == (
+        "nflog-tap: group 4: packets without payload (copy_range 0) are not written as LINKTYPE_RAW;"
+        " --linktype nflog keeps them\n"
+        "nflog-tap: 0 packets written, 0 lost, 2 without payload not written\n"
+    )
+    r = subprocess.run(["tcpdump", "-n", "-r", str(files["ip"])], capture_output=True, timeout=TAP_WAIT)
+    assert r.returncode == 0 and r.stdout == b"", r.stderr  # a valid, empty capture
+    r = subprocess.run(["tcpdump", "-n", "-r", str(files["nflog"])], capture_output=True, timeout=TAP_WAIT)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.decode().splitlines()) == 2 and b"Invalid" not in r.stdout + r.stderr
+    r = subprocess.run(
+        ["tshark", "-r", str(files["nflog"]), "-T", "fields", "-e", "nflog.res_id", "-e", "frame.len"],
+        capture_output=True,
+        timeout=TAP_WAIT,
+    )
+    assert r.returncode == 0, r.stderr
+    assert [row.split("\t")[0] for row in r.stdout.decode().splitlines()] == ["4", "4"]
+    code, out, _ = results["text"]
+    lines = out.decode().splitlines()
+    assert code == 0 and len(lines) == 2
+    assert " len 128 (captured 0) no payload (metadata only)" in lines[0]
+    assert " len 1048 (captured 0) no payload (metadata only)" in lines[1]
+    assert "127.0.0.1" not in out.decode() and "::1" not in out.decode()

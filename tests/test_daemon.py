@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -373,7 +374,7 @@ def test_sighup_with_invalid_config_keeps_running(netns, tmp_path, ctx):
         d.write_config("groups: [1\n")
         ready = d.reload()
         assert "last reload failed" in ready["STATUS"]
-        errors = [line for line in d.stderr.splitlines() if line.startswith("ERROR: reload:")]
+        errors = [line for line in d.stderr.splitlines() if " ERROR: reload:" in line]
         assert len(errors) == 1 and errors[0].endswith("keeping the running configuration")
         netns.send_udp([b"still here"])
         batches = receive(sub, lambda bs: packet_count(bs) >= 1)
@@ -381,6 +382,20 @@ def test_sighup_with_invalid_config_keeps_running(netns, tmp_path, ctx):
         assert bound_groups(netns) == {1}
         sub.close(linger=0)
     assert d.returncode == 0
+
+
+def test_a_busy_group_names_the_process_holding_it(netns, tmp_path):
+    with NflogdProcess(netns, tmp_path / "a", groups=[5], metrics=False) as holder:
+        d = NflogdProcess(netns, tmp_path / "b", groups=[5], metrics=False)
+        d.start(wait_ready=False)
+        try:
+            assert d.wait(10) == 1
+        finally:
+            d.stop()
+    (line,) = [x for x in d.stderr.splitlines() if x.startswith("nflogd: ")]
+    assert re.fullmatch(
+        rf"nflogd: group 5 is already bound by netlink port \d+ \(pid {holder.pid}, nflogd\)", line
+    )
 
 
 def test_sighup_group_busy_applies_nothing(netns, tmp_path):

@@ -134,7 +134,7 @@ def one_packet_through(d: NflogdProcess, netns, payload: bytes) -> None:
 
 
 def warnings(d: NflogdProcess, text: str) -> int:
-    return sum(1 for line in d.stderr.splitlines() if line.startswith("WARNING") and text in line)
+    return sum(1 for line in d.stderr.splitlines() if " WARNING: " in f" {line}" and text in line)
 
 
 def finished(p: subprocess.Popen) -> None:

@@ -91,6 +91,19 @@ def test_other_hw_protocol_is_raw_layer(feed, sockets):
     assert p.nflog_packet.hw_protocol == 0x88B5
 
 
+def test_a_packet_without_payload_is_raw_with_its_real_length(feed, sockets):
+    """A metadata-only group's packet: no invented IP header with scapy's default addresses."""
+    sock = ZMQNFLOGSocket(feed.endpoint, groups=5)
+    sockets.append(sock)
+    feed.wait_subscribed(topics(5))
+    feed.publish(msg(5, rec(5, b"", len=1500), rec(5, b"", len=900)))
+    p = sock.recv(timeout=WAIT)
+    assert type(p) is conf.raw_layer and raw(p) == b"" and p.wirelen == 1500
+    assert "127.0.0.1" not in p.summary()
+    cls, data, _ = sock.recv_raw()
+    assert (cls, data) == (conf.raw_layer, b"")
+
+
 def test_recv_raw(feed, sockets):
     sock = ZMQNFLOGSocket(feed.endpoint, groups=[6])
     sockets.append(sock)

@@ -430,14 +430,14 @@ def test_endpoint_defaults_from_the_environment(publisher, subscriber, monkeypat
     pub = publisher()
     monkeypatch.setenv("NFLOGD_ENDPOINT", pub.endpoint)
     sub = subscriber(groups=5)
-    assert sub.endpoints == [pub.endpoint]
+    assert list(sub.endpoints) == [pub.endpoint]
     pub.wait_subscribed(wire.topic(5))
     pub.send(5, 0, 1)
     assert recv_n(sub, 1)[0].group == 5
     monkeypatch.setenv("NFLOGD_ENDPOINT", "ipc:///nonexistent/a.sock, tcp://127.0.0.1:1")
-    assert subscriber().endpoints == ["ipc:///nonexistent/a.sock", "tcp://127.0.0.1:1"]
+    assert list(subscriber().endpoints) == ["ipc:///nonexistent/a.sock", "tcp://127.0.0.1:1"]
     monkeypatch.delenv("NFLOGD_ENDPOINT")
-    assert subscriber().endpoints == [DEFAULT_ENDPOINT] == ["ipc:///run/nflogd/feed.sock"]
+    assert list(subscriber().endpoints) == [DEFAULT_ENDPOINT] == ["ipc:///run/nflogd/feed.sock"]
 
 
 def test_options_close_and_context_manager(endpoint):

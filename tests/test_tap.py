@@ -303,7 +303,10 @@ def test_bad_endpoint_from_environment(procs):
     env = {**os.environ, "NFLOGD_ENDPOINT": "bogus://env"}
     p = run_tap(procs, "-c", "1", env=env)
     _, err = finish(p)
-    assert p.returncode == 2 and err == "nflog-tap: endpoint 'bogus://env': Protocol not supported\n"
+    assert p.returncode == 2 and err == (
+        "nflog-tap: endpoint 'bogus://env': unsupported transport 'bogus'; "
+        "expected tcp://HOST:PORT, ipc:///absolute/path or ipc://@abstract-name\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -353,7 +356,10 @@ def test_stats_per_group_rates_and_loss(feed, procs):
     assert len(tables) == 3, lines
     head = "node             group  packets/s     bytes/s    packets     lost   kernel"
     assert all(t[0].startswith("nflog-tap --stats ") and t[1] == head for t in tables)
-    rows = {int(r.split()[1]): r.split() for r in tables[-1][2:]}  # node group pps n unit packets lost kernel
+    assert tables[-1][-1] == f"endpoint {feed.endpoint}: connected"
+    rows = {
+        int(r.split()[1]): r.split() for r in tables[-1][2:-1]
+    }  # node group pps n unit packets lost kernel
     assert set(rows) == {5, 6}
     assert rows[5][0] == rows[6][0] == "r1"
     pps5, packets5, lost5, kernel5 = float(rows[5][2]), int(rows[5][5]), int(rows[5][6]), int(rows[5][7])

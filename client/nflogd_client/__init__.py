@@ -6,13 +6,19 @@ loaded on first use, so importing this package does not import scapy.
 """
 
 from importlib import import_module as _import_module
+from importlib import resources as _resources
 
+#: The version of nflogd and nflogd-client: the one source is ``nflogd_client/VERSION``.
+__version__ = _resources.files(__name__).joinpath("VERSION").read_text().strip()
+
+from .endpoints import EndpointStatus
 from .subscriber import DEFAULT_ENDPOINT, Subscriber
 from .wire import Batch, Packet, WireError
 
 __all__ = [
     "DEFAULT_ENDPOINT",
     "Batch",
+    "EndpointStatus",
     "Packet",
     "Subscriber",
     "WireError",

@@ -33,6 +33,10 @@ Each packet is ``IP`` (hw_protocol 0x0800), ``IPv6`` (0x86dd), ``ARP`` (0x0806) 
 ``len(raw(p))`` when the copy range truncated it) and the feed's ``nflog_group``,
 ``nflog_node``, ``nflog_seq``, ``nflog_prefix`` attributes; ``nflog_packet`` is the
 ``wire.Packet`` with every other NFLOG attribute (mark, indev, uid, hook, ...).
+A packet of a metadata-only group (no payload) is ``conf.raw_layer`` of no bytes with its
+real ``.wirelen``. Why nothing arrives is said as the Subscriber says it (a warning per
+failure, logger ``nflogd_client.endpoints``), and ``sock.subscriber.endpoints`` holds each
+endpoint's state.
 
 Interface names, libpcap style: ``"nflog"`` is every group (libpcap's bare ``nflog`` is
 group 0), ``"nflog:5,6"`` groups 5 and 6; an explicit ``iface`` of that form overrides
@@ -194,8 +198,8 @@ class ZMQNFLOGSocket(SuperSocket):
         if p is None:
             return None
         data = p.data
-        try:
-            pkt = LAYERS.get(p.hw_protocol, conf.raw_layer)(data, **kwargs)
+        try:  # no bytes (a metadata-only group): raw, not an IP layer of scapy's default fields
+            pkt = (LAYERS.get(p.hw_protocol, conf.raw_layer) if data else conf.raw_layer)(data, **kwargs)
         except KeyboardInterrupt:
             raise
         except Exception:
@@ -218,7 +222,7 @@ class ZMQNFLOGSocket(SuperSocket):
         self._ready = False
         if p is None:
             return None, None, None
-        return LAYERS.get(p.hw_protocol, conf.raw_layer), p.data, p.ts
+        return (LAYERS.get(p.hw_protocol, conf.raw_layer) if p.data else conf.raw_layer), p.data, p.ts
 
     @staticmethod
     def select(sockets: list[Any], remain: float | None = None) -> list[Any]:

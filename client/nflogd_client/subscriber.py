@@ -49,10 +49,24 @@ To merge several daemons, each with its own key, map each endpoint to its daemon
                client_secret_key_file="/home/alice/.curve/alice.key_secret")
 
 A client whose key the daemon does not hold is refused at the handshake and receives
-nothing. libzmq gives up on a connection the daemon refused, so the Subscriber logs one
-warning per endpoint, counts ``refused`` and connects again every ``AUTH_RETRY_S`` seconds
-while ``recv()`` waits: once the operator adds the key and reloads the daemon, the client
-gets in by itself.
+nothing. libzmq gives up on a connection the daemon refused, so the Subscriber counts
+``refused`` and connects again every ``AUTH_RETRY_S`` seconds while ``recv()`` waits: once
+the operator adds the key and reloads the daemon, the client gets in by itself.
+
+Endpoint state: ``sub.endpoints`` maps each endpoint to an ``EndpointStatus`` (``state``:
+``"connecting"``, ``"connected"`` or ``"refused"``; ``error``: why not connected, such as
+``"no such socket /run/nflogd/feed.sock (is nflogd running?)"``, ``"permission denied on
+/run/nflogd: join group nflog"``, ``"nothing listening on r1:5555 (connection refused)"`` or
+``"CURVE handshake failed: wrong server key?"``)::
+
+    for endpoint, st in sub.endpoints.items():
+        print(endpoint, st.state, st.error or "")
+
+Each failure is logged once as a warning (logger ``nflogd_client.endpoints``) naming the
+endpoint and the cause, within a second of ``recv()`` or ``endpoints`` seeing it; the retries
+after it are quiet, and the recovery is logged at info level (``nflogd_client.endpoints``
+has the details). A malformed endpoint (``router1:5555``) raises ``ValueError`` at once,
+naming it and the accepted forms.
 
 To wait on several sockets, register ``sub.socket`` with a ``zmq.Poller``, but call
 ``recv()`` while ``sub.pending()`` is non-zero first: packets already received do not make
@@ -70,9 +84,10 @@ from collections.abc import Iterable, Iterator, Mapping
 import zmq
 
 from . import curve, wire
+from .endpoints import AUTH_RETRY_S, EndpointStatus, EndpointTracker, Monitor, Prober, check_endpoint
 from .wire import Batch, Packet, WireError
 
-__all__ = ["AUTH_RETRY_S", "DEFAULT_ENDPOINT", "Subscriber"]
+__all__ = ["AUTH_RETRY_S", "DEFAULT_ENDPOINT", "EndpointStatus", "Subscriber"]
 
 log = logging.getLogger(__name__)
 
@@ -81,23 +96,20 @@ DEFAULT_ENDPOINT = "ipc:///run/nflogd/feed.sock"
 #: Epochs kept per node: enough to tell a second publisher of the same name from a restart.
 _EPOCHS_KEPT = 4
 
-#: Seconds between attempts to reconnect to an endpoint that refused this client's CURVE key.
-AUTH_RETRY_S = 2.0
-
 
 def _endpoints(endpoints: str | Iterable[str] | None) -> list[str]:
     if endpoints is None:
         env = os.environ.get("NFLOGD_ENDPOINT", "").strip()
-        return re.split(r"[\s,]+", env) if env else [DEFAULT_ENDPOINT]
-    if isinstance(endpoints, str):
-        return [endpoints]
-    result = list(endpoints)
+        result = re.split(r"[\s,]+", env) if env else [DEFAULT_ENDPOINT]
+    elif isinstance(endpoints, str):
+        result = [endpoints]
+    else:
+        result = list(endpoints)
     if not result:
         raise ValueError("endpoints: empty list; give at least one, or None for the default")
     for e in result:
-        if not isinstance(e, str):
-            raise TypeError(f"endpoints: expected str, got {e!r}")
-    return result
+        check_endpoint(e)
+    return list(dict.fromkeys(result))
 
 
 def _topics(groups: int | Iterable[int] | None) -> list[bytes]:
@@ -185,33 +197,30 @@ class Subscriber:
         server_public_key: str | bytes | os.PathLike[str] | Mapping[str, str | bytes] | None = None,
         client_secret_key_file: str | os.PathLike[str] | None = None,
     ):
-        self.endpoints = _endpoints(endpoints)
+        self._endpoints = _endpoints(endpoints)
         topics = _topics(groups)
-        keys = _curve_keys(self.endpoints, server_public_key, client_secret_key_file)
+        keys = _curve_keys(self._endpoints, server_public_key, client_secret_key_file)
         ctx = context if context is not None else zmq.Context.instance()
         #: The SUB socket, for a ``zmq.Poller``.
         self.socket = ctx.socket(zmq.SUB)
-        #: With CURVE: handshake refusals (libzmq's socket monitor), polled alongside.
-        self._monitor: zmq.Socket | None = None
-        self._poller: zmq.Poller | None = None
-        self._retry: dict[str, float] = {}  # endpoint -> when to connect again
+        #: Connection state per endpoint, from libzmq's socket monitor (polled alongside) and probes.
+        self._tracker = EndpointTracker(self._endpoints, curve=keys is not None)
+        self._prober = Prober(self._tracker)
+        self._monitor: Monitor | None = None
+        self._poller = zmq.Poller()
         self._server_keys: dict[str, bytes] = {}  # endpoint -> its daemon's key (CURVE)
-        self._warned: set[str] = set()
-        #: Times a daemon refused this client's CURVE key (counted while ``recv()`` runs).
-        self.refused = 0
         try:
             self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
             if keys is not None:
                 self._server_keys, public, secret = keys
                 self.socket.setsockopt(zmq.CURVE_PUBLICKEY, public)
                 self.socket.setsockopt(zmq.CURVE_SECRETKEY, secret)
-                self._monitor = self.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-                self._poller = zmq.Poller()
-                self._poller.register(self.socket, zmq.POLLIN)
-                self._poller.register(self._monitor, zmq.POLLIN)
+            self._monitor = Monitor(self.socket)
+            self._poller.register(self.socket, zmq.POLLIN)
+            self._poller.register(self._monitor.socket, zmq.POLLIN)
             for t in topics:
                 self.socket.setsockopt(zmq.SUBSCRIBE, t)
-            for e in self.endpoints:
+            for e in self._endpoints:
                 self._connect(e)
         except BaseException:
             self._close_monitor()
@@ -296,22 +305,14 @@ class Subscriber:
 
     def _next_message(self, deadline: float | None) -> Batch | None:
         """Receive until a decodable message arrives (accounted) or the deadline passes."""
-        sock = self.socket
+        recv = self.socket.recv_multipart
         while True:
-            if self._monitor is not None:
-                msg = self._recv_curve(deadline)
+            try:
+                msg = recv(zmq.NOBLOCK)  # while messages flow, no poll and no monitor
+            except zmq.Again:
+                msg = self._wait(deadline)
                 if msg is None:
                     return None
-            elif deadline is None:
-                msg = sock.recv_multipart()
-            else:
-                remaining = deadline - time.monotonic()
-                if not sock.poll(max(0, int(remaining * 1000 + 0.999))):
-                    return None
-                try:
-                    msg = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:  # pragma: no cover - poll said readable
-                    continue
             try:
                 batch = wire.decode(msg)
             except WireError as e:
@@ -320,58 +321,59 @@ class Subscriber:
             self._account(batch)
             return batch
 
-    def _recv_curve(self, deadline: float | None) -> list[bytes] | None:
-        """One message, watching for refusals meanwhile; None once the deadline passes."""
+    def _wait(self, deadline: float | None) -> list[bytes] | None:
+        """One message, keeping the endpoint states meanwhile; None once the deadline passes."""
         sock = self.socket
-        assert self._poller is not None
+        tracker = self._tracker
         while True:
+            self._update()
             now = time.monotonic()
-            waits = [t - now for t in self._retry.values()]
-            if deadline is not None:
-                waits.append(deadline - now)
+            waits = [] if deadline is None else [deadline - now]
+            due = tracker.timeout(now)
+            if due is not None:
+                waits.append(due)
+            check = self._prober.due_at()
+            if check is not None:
+                waits.append(check - now)
             timeout = None if not waits else max(0, int(min(waits) * 1000 + 0.999))
             ready = dict(self._poller.poll(timeout))
-            if self._monitor in ready:
-                self._handle_refusals()
-            self._reconnect_due()
             if sock in ready:
                 try:
                     return sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:  # pragma: no cover - poll said readable
                     pass
             if deadline is not None and time.monotonic() >= deadline:
+                self._update()
                 return None
 
-    def _handle_refusals(self) -> None:
-        assert self._monitor is not None
-        while True:
-            try:
-                frames = self._monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(frames) < 2:
-                continue
-            endpoint = frames[1].decode(errors="replace")
-            self.refused += 1
-            self._retry[endpoint] = time.monotonic() + AUTH_RETRY_S
-            if endpoint not in self._warned:
-                self._warned.add(endpoint)
-                log.warning(
-                    "nflogd feed %s refused this client's CURVE key; retrying every %g s "
-                    "(the daemon admits the *.key files of its publish.curve.authorized_keys_dir)",
-                    endpoint,
-                    AUTH_RETRY_S,
-                )
-
-    def _reconnect_due(self) -> None:
-        now = time.monotonic()
-        for endpoint in [e for e, t in self._retry.items() if t <= now]:
-            del self._retry[endpoint]
+    def _update(self) -> None:
+        """Apply the monitor's events, run the probes and reconnects that are due."""
+        tracker = self._tracker
+        if self._monitor is not None:
+            for ev in self._monitor.events():
+                tracker.event(ev)
+        self._prober.step()  # probes run in threads: collect the finished ones, start the due
+        for endpoint in tracker.reconnects_due():
+            tracker.reconnected(endpoint)
             try:
                 self.socket.disconnect(endpoint)
             except zmq.ZMQError:
                 pass  # libzmq already dropped it
             self._connect(endpoint)
+
+    @property
+    def endpoints(self) -> dict[str, EndpointStatus]:
+        """Each endpoint's ``EndpointStatus`` (``state``, ``error``, ``connects``, ...), up to date.
+
+        A copy, in the order the endpoints were given; iterating it gives the endpoints."""
+        if not self.socket.closed:
+            self._update()
+        return self._tracker.status()
+
+    @property
+    def refused(self) -> int:
+        """Handshakes the daemons refused or that failed (a CURVE key they do not hold, ...)."""
+        return sum(st.handshake_failures for st in self._tracker.status().values())
 
     def _connect(self, endpoint: str) -> None:
         """Connect, with CURVE the endpoint's server key set first: libzmq takes the socket's
@@ -383,11 +385,7 @@ class Subscriber:
 
     def _close_monitor(self) -> None:
         if self._monitor is not None:
-            try:
-                self.socket.disable_monitor()
-            except zmq.ZMQError:
-                pass
-            self._monitor.close(linger=0)
+            self._monitor.close()
             self._monitor = None
 
     def _malformed(self, msg: list[bytes], err: WireError) -> None:
@@ -516,6 +514,6 @@ class Subscriber:
     def __repr__(self) -> str:
         state = "closed" if self.socket.closed else "open"
         return (
-            f"<Subscriber {state} {' '.join(self.endpoints)} received={self.received}"
+            f"<Subscriber {state} {' '.join(self._endpoints)} received={self.received}"
             f" lost={self.total_lost} malformed={self.malformed} restarts={self.restarts}>"
         )

@@ -25,19 +25,30 @@ written as the largest u32 seconds, an attribute longer than a TLV holds (a payl
 65,531 bytes, a prefix as long) is cut to fit, and no record exceeds ``SNAPLEN`` (the
 original length still says how long the packet was).
 
+Packets without payload (a metadata-only group, ``copy_range: 0``): LINKTYPE_RAW has
+nothing to hold them, so they are not written (said once on stderr, counted in the last
+line); LINKTYPE_NFLOG writes them as the attributes without NFULA_PAYLOAD, which tcpdump
+and tshark read. Printed, such a packet shows ``no payload`` and its real length, never
+addresses: a packet whose copy ends inside the IP header shows only what was captured.
+
 ``--stats`` writes no packets: each second it redraws one line per (node, group) seen, with
 packets/s, bytes/s (real lengths), packets since it started, and the packets lost since it
 started on the feed (``lost``: sequence gaps) and in the kernel (``kernel``: the daemon's
 count). On a terminal it redraws in place; piped, it prints a block per second.
 
 At the end (``-c`` reached, Ctrl-C, SIGTERM, or the reader of ``-w -`` gone) one line goes
-to stderr: packets written and packets the feed lost; the exit status is 0. An endpoint
-ZeroMQ rejects ends it at once with status 2 and one line naming the endpoint.
+to stderr: packets written and packets the feed lost; the exit status is 0. A malformed
+endpoint ends it at once with status 2 and one line naming the endpoint and the accepted
+forms. An endpoint it cannot reach is said on stderr within a second, once, with the likely
+cause (``nflog-tap: nflogd feed ipc:///run/nflogd/feed.sock: permission denied on
+/run/nflogd: join group nflog; retrying``), and so is the recovery; ``--stats`` shows
+each endpoint's state under the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import struct
@@ -47,6 +58,7 @@ from typing import BinaryIO, Callable
 
 import zmq
 
+from . import __version__
 from . import subscriber as _subscriber
 from .subscriber import Subscriber
 from .wire import Packet
@@ -186,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the nflogd feed as pcap (-w), or print one line per packet.",
         epilog="Default endpoint: $NFLOGD_ENDPOINT, else " + _subscriber.DEFAULT_ENDPOINT + ".",
     )
+    ap.add_argument("--version", action="version", version=f"nflog-tap {__version__}")
     ap.add_argument(
         "-e",
         "--endpoint",
@@ -229,7 +242,10 @@ def _connect(endpoints: list[str] | None, groups: list[int] | None, **keys) -> S
     """The Subscriber; a rejected endpoint or key raises SystemExit(2) after one line naming it."""
     try:
         return Subscriber(endpoints, groups, **keys)
-    except (zmq.ZMQError, ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:  # names the endpoint or the key already
+        print(f"nflog-tap: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except zmq.ZMQError as e:
         err: BaseException = e
     # Subscriber connects all endpoints on one socket: find the culprit on a throwaway one.
     culprit = None
@@ -295,11 +311,14 @@ def _pcap_writer(out: BinaryIO, linktype: str) -> Callable[[Packet], None]:
 
     else:
 
-        def emit(p: Packet) -> None:
+        def emit(p: Packet) -> bool | None:
+            if not p.caplen:  # a raw IP record needs IP bytes: False, not written
+                return False
             sec, usec = _pcap_time(p.ts_ns)
             data = p.data[:SNAPLEN]  # tcpdump refuses a record over the file's snaplen
             wirelen = min(max(p.len, p.caplen), 0xFFFFFFFF)
             write(data, sec=sec, usec=usec, caplen=len(data), wirelen=wirelen)
+            return None
 
     return emit
 
@@ -314,19 +333,48 @@ def _printer(out) -> Callable[[Packet], None]:
         when = time.strftime("%H:%M:%S", time.localtime(sec)) + f".{usec:06d}"
         length = f"{p.len}" if p.caplen == p.len else f"{p.len} (captured {p.caplen})"
         prefix = "" if p.prefix is None else f" prefix {p.prefix!r}"
-        try:
-            summary = LAYERS.get(p.hw_protocol, conf.raw_layer)(p.data).summary()
-        except Exception:
-            summary = f"{len(p.data)} bytes, hw_protocol {p.hw_protocol:#06x}"
+        summary = _short(p)
+        if summary is None:
+            try:
+                summary = LAYERS.get(p.hw_protocol, conf.raw_layer)(p.data).summary()
+            except Exception:
+                summary = f"{len(p.data)} bytes, hw_protocol {p.hw_protocol:#06x}"
         out.write(f"{when} {p.node or '-'} group {p.group} seq {p.seq} len {length}{prefix} {summary}\n")
 
     return emit
 
 
+def _short(p: Packet) -> str | None:
+    """What to print for a packet captured short of its addresses, else None (dissect it):
+    scapy would fill the missing fields with its defaults (127.0.0.1, proto 0)."""
+    data = p.data
+    if not data:
+        return "no payload (metadata only)"
+    version = data[0] >> 4
+    if p.hw_protocol == 0x0800 and version == 4 and len(data) < max(20, (data[0] & 15) * 4):
+        return f"IPv4, {len(data)} bytes of its header captured, no addresses"
+    if p.hw_protocol == 0x86DD and version == 6 and len(data) < 40:
+        return f"IPv6, {len(data)} bytes of its header captured, no addresses"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with _Signals() as signals:
-        return _run(args, signals)
+    # the client's warnings (an endpoint's failure, a malformed message) and recoveries, on stderr
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("nflog-tap: %(message)s"))
+    client_log = logging.getLogger("nflogd_client")
+    client_log.addHandler(handler)
+    saved = client_log.level, client_log.propagate
+    client_log.setLevel(logging.INFO)
+    client_log.propagate = False
+    try:
+        with _Signals() as signals:
+            return _run(args, signals)
+    finally:
+        client_log.removeHandler(handler)
+        client_log.setLevel(saved[0])
+        client_log.propagate = saved[1]
 
 
 def _run(args: argparse.Namespace, signals: _Signals) -> int:
@@ -360,7 +408,7 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
             emit = _pcap_writer(out, args.linktype)
             out.flush()
             done = "written"
-        n = flushed = 0  # packets emitted; of those, flushed out of this process
+        n = flushed = skipped = 0  # packets emitted; of those, flushed out of this process; not written
         limit = args.count
         try:
             try:
@@ -379,7 +427,16 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
                         p = sub.recv()
                     if p is None:
                         continue
-                    emit(p)
+                    if emit(p) is False:
+                        if not skipped:
+                            print(
+                                f"nflog-tap: group {p.group}: packets without payload (copy_range 0) are not "
+                                "written as LINKTYPE_RAW; --linktype nflog keeps them",
+                                file=sys.stderr,
+                                flush=True,
+                            )
+                        skipped += 1
+                        continue
                     n += 1
             except KeyboardInterrupt:  # a signal while waiting: nothing is half written
                 pass
@@ -389,7 +446,11 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, out.fileno())  # what is left in the buffer goes nowhere, without an error
             os.close(devnull)
-        print(f"nflog-tap: {flushed} packets {done}, {sub.total_lost} lost" + _extra(sub), file=sys.stderr)
+        extra = f", {skipped} without payload not written" if skipped else ""
+        print(
+            f"nflog-tap: {flushed} packets {done}, {sub.total_lost} lost{extra}" + _extra(sub),
+            file=sys.stderr,
+        )
         return 0
     finally:
         if out is not None and args.write not in (None, "-"):
@@ -450,6 +511,8 @@ def _stats_table(sub: Subscriber, seen: dict, shown: dict, elapsed: float, redra
         )
     if not seen:
         lines.append("(no packets yet)")
+    for endpoint, st in sub.endpoints.items():
+        lines.append(f"endpoint {endpoint}: {st.state}" + (f" ({st.error})" if st.error else ""))
     text = "\n".join(lines) + "\n"
     return "\x1b[H\x1b[J" + text if redraw else text + "\n"
 

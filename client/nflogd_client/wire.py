@@ -69,7 +69,7 @@ F_KSEQ = 0x0100  # kernel_seq: the NFLOG instance's own sequence number
 F_PREFIX = 0x0200
 F_HWADDR = 0x0400
 F_PAYLOAD = 0x0800
-F_LEN_FROM_HEADER = 0x1000  # len was read from the IPv4/IPv6 header (else: len == caplen)
+F_LEN_FROM_HEADER = 0x1000  # the copy cut the packet: len is from the IPv4/IPv6 header (else len == caplen)
 
 MAX_NODE = 255
 

@@ -1,0 +1,91 @@
+"""What every command has: --version from one source, --check says ok, log lines with a time
+outside the journal, --log-file; and `make run` installs only what running needs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nflogd_client
+import pytest
+from daemonutil import REPO, NflogdProcess
+from test_tap import tap_command
+
+import nflogd
+
+pytestmark = pytest.mark.timeout(120)
+
+BIN = Path(sys.executable).parent
+VERSION = (REPO / "client" / "nflogd_client" / "VERSION").read_text().strip()
+
+
+def test_one_version_for_both_packages():
+    import importlib.metadata
+
+    assert nflogd.__version__ == nflogd_client.__version__ == VERSION
+    assert importlib.metadata.version("nflogd") == importlib.metadata.version("nflogd-client") == VERSION
+
+
+@pytest.mark.parametrize("command", ["nflogd", "nflogd-relay", "nflogd-keygen", "nflog-tap"])
+def test_every_command_has_version(command):
+    cmd = tap_command() if command == "nflog-tap" else [str(BIN / command)]
+    r = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"{command} {VERSION}\n", "")
+
+
+@pytest.mark.parametrize(
+    "command, config", [("nflogd", "etc/nflogd.yaml"), ("nflogd-relay", "etc/nflogd-relay.yaml")]
+)
+def test_check_says_ok(command, config):
+    r = subprocess.run(
+        [str(BIN / command), "--check", "-c", str(REPO / config)], capture_output=True, text=True, timeout=60
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (0, "ok\n", "")
+
+
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d{4}"
+
+
+def test_log_lines_carry_a_time_outside_the_journal(netns, tmp_path):
+    with NflogdProcess(netns, tmp_path, groups=[1]) as d:
+        pass
+    lines = [line for line in d.stderr.splitlines() if line]
+    assert lines and all(re.match(rf"^{STAMP} (DEBUG|INFO|WARNING|ERROR): ", line) for line in lines), lines
+
+
+def test_log_file(netns, tmp_path):
+    log = tmp_path / "nflogd.log"
+    with NflogdProcess(netns, tmp_path, groups=[1], args=("--log-file", str(log))) as d:
+        pass
+    assert d.stderr == ""
+    text = log.read_text()
+    assert re.search(rf"^{STAMP} INFO: stopped$", text, re.M), text
+
+
+def test_log_file_that_cannot_be_opened_is_one_line():
+    r = subprocess.run(
+        [
+            str(BIN / "nflogd"),
+            "--log-file",
+            "/nonexistent/dir/x.log",
+            "-c",
+            str(REPO / "etc" / "nflogd.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert r.stderr == "nflogd: --log-file: /nonexistent/dir/x.log: No such file or directory\n"
+
+
+def test_make_run_installs_only_what_running_needs():
+    r = subprocess.run(["make", "-n", "-B", "run"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for tool in ("pytest", "ruff", "hypothesis", "prometheus", "tshark", "tcpdump"):
+        assert tool not in r.stdout, f"make run installs {tool}:\n{r.stdout}"
+    assert "libnetfilter-log-dev" in r.stdout and "-e ./client -e ." in r.stdout
+    t = subprocess.run(["make", "-n", "-B", "deps"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert all(tool in t.stdout for tool in ("pytest", "ruff", "hypothesis", "prometheus", "tshark"))
