@@ -67,11 +67,13 @@ class NatsServer:
             f"server_name: {name}",
             f"listen: 127.0.0.1:{self.port}",
             f"http: 127.0.0.1:{self.http_port}",
-            f'jetstream {{ store_dir: "{self.store}", max_memory_store: 64MB, max_file_store: 1GB }}',
+            f'jetstream {{ store_dir: "{self.store}", max_memory_store: 64MB, max_file_store: 64GB }}',
         ]
         if cluster_port is not None:
             route_list = ", ".join(f"nats-route://127.0.0.1:{p}" for p in routes)
-            lines.append(f"cluster {{ name: nflt, listen: 127.0.0.1:{cluster_port}, routes: [{route_list}] }}")
+            lines.append(
+                f"cluster {{ name: nflt, listen: 127.0.0.1:{cluster_port}, routes: [{route_list}] }}"
+            )
         self.config_path.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None
 
