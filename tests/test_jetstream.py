@@ -432,3 +432,55 @@ def test_r3_one_cluster_node_killed_mid_stream_loses_nothing(tmp_path, feed):
                 assert relay.stream_metric("nflogd_relay_stream_published_total") == 600
             finally:
                 reader.close()
+
+
+# -- nflog-tap and scapy on a stream -------------------------------------------------------------
+
+
+def test_an_hour_old_capture_opens_in_tcpdump_and_scapy(tmp_path, feed):
+    from nflogd_client import ZMQNFLOGSocket
+    from scapy.all import UDP, sniff
+    from scapy.layers.inet import IP
+    from scapy.packet import raw
+
+    packets = [
+        raw(IP(src="192.0.2.1", dst="198.51.100.2") / UDP(sport=4000 + k, dport=53) / b"q") for k in range(5)
+    ]
+    with NatsServer(tmp_path / "nats") as srv:
+        with StreamRelay(
+            tmp_path / "relay", upstreams=[feed.endpoint], jetstream={"servers": [srv.url]}
+        ) as relay:
+            feed.wait_subscribed({b""})
+            feed.publish(wire.encode(5, "r1", 1, 0, [rec(5, p) for p in packets[:3]]))
+            feed.publish(wire.encode(6, "r1", 1, 0, [rec(6, p) for p in packets[3:]]))
+            wait_until(
+                lambda: relay.stream_metric("nflogd_relay_stream_published_total") == 2, "2 acks", WAIT
+            )
+        endpoint = f"{srv.url}/NFLOG?start=all"
+        pcap = tmp_path / "old.pcap"
+        tap = subprocess.run(
+            [str(REPO / ".venv/bin/nflog-tap"), "-e", endpoint, "-g", "5", "-c", "3", "-w", str(pcap)],
+            capture_output=True,
+            timeout=WAIT,
+        )
+        assert tap.returncode == 0 and tap.stderr.decode() == "nflog-tap: 3 packets written, 0 lost\n", (
+            tap.stderr
+        )
+        lines = subprocess.run(
+            ["tcpdump", "-n", "-r", str(pcap)], capture_output=True, timeout=WAIT
+        ).stdout.decode()
+        assert [line.split(" > ")[0].split()[-1] for line in lines.splitlines()] == [
+            f"192.0.2.1.{4000 + k}" for k in range(3)
+        ]
+        got = sniff(L2socket=ZMQNFLOGSocket, iface="nflog:6", endpoint=endpoint, count=2, timeout=WAIT)
+        assert [p[UDP].sport for p in got] == [4003, 4004]
+        bad = subprocess.run(
+            [str(REPO / ".venv/bin/nflog-tap"), "-e", f"{srv.url}/NOSUCH", "-c", "1", "-w", "-"],
+            capture_output=True,
+            timeout=WAIT,
+        )
+        assert bad.returncode == 2
+        assert (
+            bad.stderr.decode()
+            == f"nflog-tap: {srv.url}/NOSUCH: no such stream\n"
+        )

@@ -329,6 +329,13 @@ class JetStreamSubscriber:
         batch = self._batch
         return 0 if batch is None else len(batch.packets) - self._index
 
+    def queued(self) -> int:
+        """Messages fetched and waiting for ``recv()`` (for select loops: there is no socket)."""
+        return self._q.qsize()
+
+    #: No ZeroMQ socket to poll (``ZMQNFLOGSocket.select`` waits on ``queued()`` instead).
+    socket = None
+
     def __iter__(self) -> Iterator[Packet]:
         while True:
             yield self.recv(None)  # type: ignore[misc]
@@ -426,6 +433,9 @@ class JetStreamSubscriber:
                 )
                 js = nc.jetstream(timeout=timeout)
                 subs = await self._subscribe(js)
+            except (ConnectionError, ValueError) as e:  # ours: they name the stream already
+                ready.put(e)
+                return
             except (asyncio.TimeoutError, nats.errors.Error, OSError) as e:
                 why = getattr(e, "description", None) or str(e) or type(e).__name__
                 ready.put(ConnectionError(f"{self._where()}: {why}"))
@@ -518,8 +528,8 @@ class JetStreamSubscriber:
     def closed(self) -> bool:
         return self._closed
 
-    def close(self) -> None:
-        """Ack what was handed over, stop fetching, disconnect."""
+    def close(self, linger: int = 0) -> None:
+        """Ack what was handed over, stop fetching, disconnect (``linger``: as Subscriber's, unused)."""
         if self._closed:
             return
         self._closed = True
