@@ -9,6 +9,7 @@ import contextlib
 import json
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from daemonutil import REPO, NflogdProcess, RelayProcess, relay_command, wait_un
 from feedutil import FakeFeed, rec
 from natsutil import NatsCluster, NatsServer, free_port, nats_server_binary
 from nflogd_client import stream, wire
-from nflogd_client.jetstream import JetStreamSubscriber, parse_endpoint
+from nflogd_client.jetstream import JetStreamSubscriber, _Account, parse_endpoint
 
 from nflogd import config
 
@@ -77,6 +78,35 @@ def test_a_message_that_is_not_a_feed_batch_is_no_record():
         stream.record([b"\0\1", b"NFLD", b"", b""])
     with pytest.raises(wire.WireError, match="need"):
         stream.frames_of(vector_frames()[1] + b"short")
+
+
+# -- the reader's accounting -------------------------------------------------------------------
+
+
+def batch(node: str, first_seq: int, n: int, epoch: int = 1, group: int = 1) -> wire.Batch:
+    return wire.decode(node_msg(node, group, first_seq, n=n, epoch=epoch))
+
+
+def test_a_late_message_fills_its_gap_and_a_repeated_one_is_skipped():
+    acct = _Account()
+    assert acct.take(batch("r1", 0, 2))
+    assert acct.take(batch("r1", 4, 2))  # 2, 3 missing
+    assert acct.lost == {("r1", 1): 2}
+    assert acct.take(batch("r1", 8, 1))  # 6, 7 missing
+    assert acct.lost == {("r1", 1): 4}
+    assert acct.take(batch("r1", 2, 2))  # the late one: no loss there after all
+    assert acct.lost == {("r1", 1): 2}
+    assert not acct.take(batch("r1", 2, 2))  # seen: a redelivery
+    assert not acct.take(batch("r1", 8, 1))
+    assert acct.duplicates == 2 and acct.received == 7
+    assert acct.take(batch("r1", 6, 1))  # half of the other gap
+    assert acct.lost == {("r1", 1): 1}
+    assert acct.take(batch("r1", 3, 2, epoch=2))  # a restart: 0..2 of the new run lost
+    assert acct.restarts == 1 and acct.lost == {("r1", 1): 4}
+    assert acct.take(batch("r1", 0, 3, epoch=2))  # ... unless they come late
+    assert acct.lost == {("r1", 1): 1}
+    assert acct.take(batch("r2", 10, 1))  # another node: its own baseline
+    assert acct.lost == {("r1", 1): 1, ("r2", 1): 0}
 
 
 # -- config ------------------------------------------------------------------------------------
@@ -187,6 +217,11 @@ def read_all(subs, want: int, timeout: float = WAIT) -> list[list[wire.Batch]]:
         while (b := sub.recv_batch(timeout=0.3)) is not None:
             out.append(b)
     return got
+
+
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))
 
 
 def stream_info(url: str, name: str = "NFLOG"):
@@ -305,6 +340,7 @@ def test_daemons_to_a_consumer_group_and_replay(tmp_path):
                 got = read_all(workers, len(second))
                 assert sorted(payloads(got[0]) + payloads(got[1])) == sorted(second)
                 assert [w.total_lost for w in workers] == [0, 0]
+                assert [w.duplicates for w in workers] == [0, 0]  # the acks of the first run held
                 assert relay.stream_metric("nflogd_relay_stream_dropped_packets_total", reason="buffer") == 0
 
             # replay from the start: every packet again, in order, no loss; from a time; from a sequence
@@ -371,6 +407,20 @@ def test_the_server_down_the_relay_buffers_in_bounds_then_counts_drops_that_read
                     WAIT,
                 )
                 assert max(held) <= buffer_bytes
+                # and the process: 40 MB more offered while the server is away, RSS barely moves
+                rss = rss_kib(relay.pid)
+                big = 0
+                for _ in range(40):
+                    for _ in range(100):
+                        feed.publish(node_msg("r1", 7, seq, n=10, size=1000))
+                        seq += 10
+                        big += 1
+                    time.sleep(0.05)
+                wait_until(
+                    lambda: relay.stream_metric("nflogd_relay_stream_messages_total") >= 210 + big, "offered"
+                )
+                assert rss_kib(relay.pid) - rss < 16 * 1024
+                assert relay.stream_metric("nflogd_relay_stream_buffered_bytes") <= buffer_bytes
                 assert relay.stderr.count("buffer full") == 1  # one line for the episode
                 srv.start()
                 wait_until(
@@ -480,7 +530,44 @@ def test_an_hour_old_capture_opens_in_tcpdump_and_scapy(tmp_path, feed):
             timeout=WAIT,
         )
         assert bad.returncode == 2
-        assert (
-            bad.stderr.decode()
-            == f"nflog-tap: {srv.url}/NOSUCH: no such stream\n"
-        )
+        assert bad.stderr.decode() == f"nflog-tap: {srv.url}/NOSUCH: no such stream\n"
+
+
+# -- without nats-py, and reloads ----------------------------------------------------------------
+
+
+def test_the_relay_runs_without_nats_py_unless_it_has_a_jetstream_section(tmp_path, feed):
+    """nats-py made unimportable (sys.modules entry None): a relay without the section starts."""
+    hide = "import sys; sys.modules['nats'] = None; from nflogd.relay import main; sys.exit(main())"
+    plain = RelayProcess(Host(), tmp_path / "plain", upstreams=[feed.endpoint], metrics=False)
+    plain.command = lambda: [sys.executable, "-c", hide]
+    with plain:
+        assert "relaying 1 upstream" in plain.stderr
+    with_js = StreamRelay(
+        tmp_path / "js", upstreams=[feed.endpoint], jetstream={"servers": ["nats://127.0.0.1:1"]}
+    )
+    with_js.command = lambda: [sys.executable, "-c", hide]
+    try:
+        with_js.start(wait_ready=False)
+        assert with_js.wait(15) == 1
+    finally:
+        with_js.stop()
+    last = with_js.stderr.strip().splitlines()[-1]
+    assert last.startswith("nflogd-relay: jetstream: needs the nats-py package"), with_js.stderr
+
+
+def test_a_reload_that_changes_the_jetstream_section_is_refused(tmp_path, feed):
+    with NatsServer(tmp_path / "nats") as srv:
+        with StreamRelay(
+            tmp_path / "relay", upstreams=[feed.endpoint], jetstream={"servers": [srv.url]}
+        ) as relay:
+            cfg = dict(relay.config)
+            cfg["jetstream"] = {**cfg["jetstream"], "replicas": 3}
+            relay.write_config(cfg)
+            status = relay.reload()
+            assert "jetstream: a change needs a restart" in status.get("STATUS", ""), status
+            feed.wait_subscribed({b""})
+            feed.publish(node_msg("r1", 1, 0))
+            wait_until(
+                lambda: relay.stream_metric("nflogd_relay_stream_published_total") == 1, "still publishing"
+            )
