@@ -33,6 +33,11 @@ WAIT = 20.0
 VECTOR = REPO / "tests" / "vectors" / "v1-two-packets.json"
 DOC = REPO / "docs" / "wire-format.md"
 UDP_PORT = 9999
+TAP = (
+    [str(REPO / ".venv/bin/nflog-tap")]
+    if (REPO / ".venv/bin/nflog-tap").exists()
+    else [sys.executable, "-m", "nflogd_client.tap"]
+)
 
 
 # -- the mapping -------------------------------------------------------------------------------
@@ -509,7 +514,7 @@ def test_an_hour_old_capture_opens_in_tcpdump_and_scapy(tmp_path, feed):
         endpoint = f"{srv.url}/NFLOG?start=all"
         pcap = tmp_path / "old.pcap"
         tap = subprocess.run(
-            [str(REPO / ".venv/bin/nflog-tap"), "-e", endpoint, "-g", "5", "-c", "3", "-w", str(pcap)],
+            [*TAP, "-e", endpoint, "-g", "5", "-c", "3", "-w", str(pcap)],
             capture_output=True,
             timeout=WAIT,
         )
@@ -525,7 +530,7 @@ def test_an_hour_old_capture_opens_in_tcpdump_and_scapy(tmp_path, feed):
         got = sniff(L2socket=ZMQNFLOGSocket, iface="nflog:6", endpoint=endpoint, count=2, timeout=WAIT)
         assert [p[UDP].sport for p in got] == [4003, 4004]
         bad = subprocess.run(
-            [str(REPO / ".venv/bin/nflog-tap"), "-e", f"{srv.url}/NOSUCH", "-c", "1", "-w", "-"],
+            [*TAP, "-e", f"{srv.url}/NOSUCH", "-c", "1", "-w", "-"],
             capture_output=True,
             timeout=WAIT,
         )
