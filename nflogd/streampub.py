@@ -6,7 +6,7 @@ runs an asyncio loop in a thread of its own, and the relay hands messages over w
 ``offer()``, which never blocks and never waits for the engine::
 
     relay thread                         publisher thread (asyncio)
-    Upstream.forward -> offer(frames) -> deque -> pump -> up to max_in_flight driver.send()
+    Upstream.forward -> offer(frames) -> deque -> pump -> up to max_in_flight driver.publish()
                         (full: drop,               (a transient error: retry the same
                          count, log once)           record, same msg id, after a pause)
 
@@ -17,10 +17,10 @@ the episode ends when a message fits again. Frames are kept as ZeroMQ gave them 
 relay thread); the publisher thread joins them into the record's value.
 
 A driver is the engine behind one small interface (``Driver``): ``open()`` connects and
-creates or checks the stream (raising ``NflogdError`` with the reason), ``send(record)``
-publishes one ``nflogd_client.stream.Record`` and returns when the engine acked it (True if it
-acked it as a duplicate), raising ``Transient`` (retry) or ``Rejected`` (drop), and
-``close()``. ``docs/jetstream.md`` says what a Kafka driver would need.
+creates or checks the stream (raising ``NflogdError`` with the reason),
+``publish(record)`` sends one ``nflogd_client.stream.Record`` and returns a future of its ack
+(True if the engine acked it as a duplicate; ``Transient`` to retry, ``Rejected`` to drop),
+and ``close()`` fails the futures still pending. ``docs/jetstream.md`` says what a Kafka driver would need.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class Driver(Protocol):
 
     async def open(self) -> None: ...
 
-    async def send(self, rec: stream.Record) -> bool: ...
+    async def publish(self, rec: stream.Record) -> asyncio.Future: ...
 
     async def close(self) -> None: ...
 
@@ -111,6 +111,9 @@ class StreamPublisher:
         self._idle = False
         self._stopping = False
         self._stop_deadline = 0.0
+        self._closed = False  # the publisher thread is ending: failures are drops, not retries
+        self._waiting: dict[int, tuple] = {}  # id(record) -> (timer, record, size): retries due
+        self._room: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
@@ -200,6 +203,7 @@ class StreamPublisher:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
+        self._room = asyncio.Event()
         try:
             await self.driver.open()
         except BaseException as e:
@@ -210,38 +214,42 @@ class StreamPublisher:
             self._ready.set_exception(e if isinstance(e, NflogdError) else NflogdError(f"jetstream: {e!r}"))
             return
         self._ready.set_result(None)
-        tasks: set[asyncio.Task] = set()
         try:
-            await self._pump(tasks)
+            await self._pump()
         finally:
-            for t in tasks:
-                t.cancel()
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-            left = len(self._queue)
+            self._closed = True
+            left = len(self._queue) + self.in_flight
             while self._queue:
                 frames, size = self._queue.popleft()
                 self._dropped_at_stop(frames, size)
-            if left or tasks:
+            await self.driver.close()  # fails the publishes awaiting an ack: counted as shutdown
+            for handle, rec, size in list(self._waiting.values()):
+                handle.cancel()
+                self._count_drop("shutdown", rec.count)
+                self._release(size)
+            self._waiting.clear()
+            await asyncio.sleep(0)
+            if left:
                 log.warning("jetstream %s: stopped with %d messages not published", self.driver.name, left)
-            await self.driver.close()
 
     def _begin_stop(self) -> None:
         self._stopping = True
         self._wake.set()  # type: ignore[union-attr]
 
-    async def _pump(self, tasks: set) -> None:
-        sem = asyncio.Semaphore(self.max_in_flight)
+    async def _pump(self) -> None:
+        """Queue -> driver, up to max_in_flight at once; acks and failures come back as future
+        callbacks (``_acked``), retries as timers: no task per message."""
         queue = self._queue
         wake = self._wake
         assert wake is not None
+        partitions = self.partitions
         while True:
             if self._stopping:
                 remaining = self._stop_deadline - time.monotonic()
-                if (not queue and not tasks) or remaining <= 0:
+                if (not queue and not self.in_flight) or remaining <= 0:
                     return
-                if not queue:
-                    await asyncio.wait(tasks, timeout=remaining)
+                if not queue or self.in_flight >= self.max_in_flight:
+                    await self._wait_room(min(remaining, 0.05))
                     continue
             if not queue:
                 self._idle = True
@@ -251,64 +259,96 @@ class StreamPublisher:
                 await wake.wait()
                 wake.clear()
                 continue
-            if sem.locked():
-                if self._stopping:
-                    await asyncio.wait(tasks, timeout=0.1, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-            await sem.acquire()
+            if self.in_flight >= self.max_in_flight:
+                await self._wait_room(None)
+                continue
             frames, size = queue.popleft()
-            self.in_flight += 1
-            task = asyncio.ensure_future(self._send(frames, size, sem))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-
-    async def _send(self, frames, size: int, sem: asyncio.Semaphore) -> None:
-        try:
             try:
-                rec = stream.record(frames, self.partitions)
+                rec = stream.record(frames, partitions)
             except WireError as e:
+                self.in_flight += 1  # _release takes it off again
+                self._release(size)
                 self.malformed += 1
                 if self.malformed == 1:
                     log.warning(
                         "jetstream %s: skipped a message that is not a feed batch: %s", self.driver.name, e
                     )
+                continue
+            self.in_flight += 1
+            await self._publish(rec, size, RETRY_S)
+
+    async def _wait_room(self, timeout: float | None) -> None:
+        room = self._room
+        room.clear()
+        try:
+            await asyncio.wait_for(room.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _publish(self, rec, size: int, delay: float) -> None:
+        """One attempt (``in_flight`` counts it already); the outcome in ``_outcome``."""
+        try:
+            fut = await self.driver.publish(rec)
+        except (Transient, Rejected) as e:
+            self._outcome(rec, size, delay, e, False)
+            return
+        fut.add_done_callback(lambda f: self._settled(f, rec, size, delay))
+
+    def _settled(self, fut: asyncio.Future, rec, size: int, delay: float) -> None:
+        if fut.cancelled():
+            self._outcome(rec, size, delay, asyncio.CancelledError(), False)
+        else:
+            exc = fut.exception()
+            self._outcome(rec, size, delay, exc, exc is None and fut.result())
+
+    def _outcome(self, rec, size: int, delay: float, exc: BaseException | None, dup: bool) -> None:
+        if exc is None:
+            self.published += 1
+            if dup:
+                self.duplicates += 1
+            if self._failing:
+                self._failing = False
+                log.info("jetstream %s: publishing again", self.driver.name)
+            self._release(size)
+        elif isinstance(exc, Transient):
+            self.errors += 1
+            if not self._failing:
+                self._failing = True
+                log.warning("jetstream %s: publish failed: %s; retrying", self.driver.name, exc)
+            if self._stopping and time.monotonic() >= self._stop_deadline or self._closed:
+                self._count_drop("shutdown", rec.count)
+                self._release(size)
                 return
-            delay = RETRY_S
-            while True:
-                try:
-                    dup = await self.driver.send(rec)
-                except Transient as e:
-                    self.errors += 1
-                    if not self._failing:
-                        self._failing = True
-                        log.warning("jetstream %s: publish failed: %s; retrying", self.driver.name, e)
-                    if self._stopping and time.monotonic() >= self._stop_deadline:
-                        self._count_drop("shutdown", rec.count)
-                        return
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, RETRY_MAX_S)
-                    self.retries += 1
-                    continue
-                except Rejected as e:
-                    self._count_drop("rejected", rec.count)
-                    log.warning("jetstream %s: %s refused: %s; dropped", self.driver.name, rec.msg_id, e)
-                    return
-                except asyncio.CancelledError:
-                    self._count_drop("shutdown", rec.count)
-                    raise
-                self.published += 1
-                if dup:
-                    self.duplicates += 1
-                if self._failing:
-                    self._failing = False
-                    log.info("jetstream %s: publishing again", self.driver.name)
-                return
-        finally:
-            with self._lock:
-                self.held_bytes -= size
-                self.held_messages -= 1
+            self.retries += 1
+            loop = self._loop
+            assert loop is not None
+            handle = loop.call_later(delay, self._retry, rec, size, min(delay * 2, RETRY_MAX_S))
+            self._waiting[id(rec)] = (handle, rec, size)
+        elif isinstance(exc, Rejected):
+            self._count_drop("rejected", rec.count)
+            log.warning("jetstream %s: %s refused: %s; dropped", self.driver.name, rec.msg_id, exc)
+            self._release(size)
+        else:  # cancelled, or a driver bug: never silent
+            self._count_drop("shutdown" if self._closed else "rejected", rec.count)
+            log.warning("jetstream %s: %s: %r; dropped", self.driver.name, rec.msg_id, exc)
+            self._release(size)
+
+    def _retry(self, rec, size: int, delay: float) -> None:
+        self._waiting.pop(id(rec), None)
+        if self._closed:
+            self._count_drop("shutdown", rec.count)
+            self._release(size)
+            return
+        asyncio.ensure_future(self._publish(rec, size, delay))
+
+    def _release(self, size: int) -> None:
+        """A message leaves the buffer (acked or dropped); ``in_flight`` counts it no more."""
+        with self._lock:
+            self.held_bytes -= size
+            self.held_messages -= 1
+        if self.in_flight:
             self.in_flight -= 1
-            sem.release()
+        self._room.set()  # type: ignore[union-attr]
 
     def _count_drop(self, reason: str, packets: int) -> None:
         self.dropped_messages[reason] += 1
