@@ -371,6 +371,27 @@ def test_daemons_to_a_consumer_group_and_replay(tmp_path):
             ns.close()
 
 
+def test_a_worker_that_closes_gives_back_what_it_fetched_ahead(tmp_path, feed):
+    with NatsServer(tmp_path / "nats") as srv:
+        with StreamRelay(
+            tmp_path / "relay", upstreams=[feed.endpoint], jetstream={"servers": [srv.url]}
+        ) as relay:
+            feed.wait_subscribed({b""})
+            for i in range(50):
+                feed.publish(node_msg("r1", 1, i))
+            wait_until(lambda: relay.stream_metric("nflogd_relay_stream_published_total") == 50, "50 acks")
+        url = f"{srv.url}/NFLOG?durable=g&start=all"
+        with JetStreamSubscriber(url) as first:
+            wait_until(lambda: first.queued() == 50, "the reader fetched ahead")
+            one = first.recv_batch(timeout=5)
+        t0 = time.monotonic()
+        with JetStreamSubscriber(url, ack_wait_s=30) as second:
+            (rest,) = read_all([second], 49, timeout=10)
+        assert time.monotonic() - t0 < 10  # not after ack_wait_s
+        assert [one.first_seq] + [b.first_seq for b in rest] == list(range(50))
+        assert second.duplicates == 0
+
+
 # -- the engine away ---------------------------------------------------------------------------
 
 

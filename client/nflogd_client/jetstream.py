@@ -32,8 +32,8 @@ Accounting: as ``Subscriber`` (gaps in a (node, group)'s ``seq``, restarts, ``ke
 plus: a message that arrives after a later one of its (node, group) (a relay retry that landed
 late) fills the gap it left and is not loss; a message seen before (a redelivery) is skipped
 and counted in ``duplicates``. A message is acked once ``recv()``/``recv_batch()`` hands its
-first packet over; messages fetched but not yet handed over are delivered again to the next
-reader of the consumer.
+first packet over; messages fetched but not yet handed over are given back (nak) at
+``close()``, so the next reader of the consumer gets them at once.
 
 nats-py is an optional dependency: ``pip install 'nflogd-client[jetstream]'``. The client runs
 nats-py's asyncio loop in a thread of its own; the Subscriber API stays synchronous.
@@ -60,8 +60,9 @@ __all__ = ["JetStreamSubscriber", "is_jetstream_endpoint", "parse_endpoint", "DE
 log = logging.getLogger(__name__)
 
 DEFAULT_STREAM = "NFLOG"
-#: Messages fetched per request to one consumer.
+#: Messages fetched per request to one consumer, and how long one request waits for them.
 FETCH_BATCH = 64
+FETCH_TIMEOUT_S = 0.5
 #: Gaps remembered per (node, group) so that a late message can fill one.
 MAX_GAPS = 256
 _PARTITION_SUBJECT = re.compile(r"(.+)\.(\d+)\.>\Z")
@@ -393,8 +394,21 @@ class JetStreamSubscriber:
     def _flush_acks(self) -> None:
         self._ack_scheduled = False
         acks, self._acks = self._acks, []
+        bg = self._bg
         for m in acks:
-            asyncio.ensure_future(self._ack_one(m))
+            t = asyncio.ensure_future(self._ack_one(m))
+            bg.add(t)
+            t.add_done_callback(bg.discard)
+
+    def _nak(self, msgs: list) -> None:
+        for m in msgs:
+            self._bg.add(asyncio.ensure_future(self._nak_one(m)))
+
+    async def _nak_one(self, msg) -> None:
+        try:
+            await msg.nak()
+        except Exception as e:  # delivered again after ack_wait instead
+            log.debug("nak failed: %r", e)
 
     async def _ack_one(self, msg) -> None:
         try:
@@ -416,6 +430,8 @@ class JetStreamSubscriber:
 
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
+        self._bg: set = set()
+        self._give_back: list = []
         nc = None
         try:
             try:
@@ -446,8 +462,19 @@ class JetStreamSubscriber:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            for s in subs:  # no more pull requests of ours for the server to fill
+                try:
+                    await s.unsubscribe()
+                except Exception:
+                    pass
+            if self._give_back:
+                # a pull request of ours may be open still (up to FETCH_TIMEOUT_S): the server
+                # would hand it what we give back, to be lost until ack_wait. Let them expire.
+                await asyncio.sleep(FETCH_TIMEOUT_S)
+                self._nak(self._give_back)
             self._flush_acks()
-            await asyncio.sleep(0)
+            if self._bg:  # the acks and naks still to send
+                await asyncio.wait(list(self._bg), timeout=5)
             try:
                 await asyncio.wait_for(nc.flush(), 2)
             except Exception:
@@ -510,7 +537,7 @@ class JetStreamSubscriber:
             while q.qsize() >= self._prefetch:
                 await asyncio.sleep(0.005)
             try:
-                msgs = await sub.fetch(FETCH_BATCH, timeout=1.0)
+                msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
             except (asyncio.TimeoutError, nats.errors.TimeoutError):
                 continue
             except asyncio.CancelledError:
@@ -533,9 +560,19 @@ class JetStreamSubscriber:
         if self._closed:
             return
         self._closed = True
+        left = []  # fetched, never handed over: back to the server for the next reader, now
+        while True:
+            try:
+                m = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if m is not None:
+                left.append(m)
         loop, stopping = self._loop, self._stopping
         if loop is not None and stopping is not None:
             try:
+                if self.durable is not None:
+                    self._give_back = left
                 loop.call_soon_threadsafe(stopping.set)
             except RuntimeError:
                 pass
