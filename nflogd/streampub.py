@@ -119,6 +119,7 @@ class StreamPublisher:
         self._thread: threading.Thread | None = None
         self._ready: concurrent.futures.Future = concurrent.futures.Future()
         self._done = threading.Event()
+        self._done_logged = False
 
     # -- relay thread ----------------------------------------------------------------------
 
@@ -157,7 +158,14 @@ class StreamPublisher:
         self._queue.append((frames, size))
         if self._idle and self._loop is not None:
             self._idle = False
-            self._loop.call_soon_threadsafe(self._wake.set)  # type: ignore[union-attr]
+            try:
+                self._loop.call_soon_threadsafe(self._wake.set)  # type: ignore[union-attr]
+            except RuntimeError:  # the publisher thread has ended: the buffer fills, then drops
+                if not self._done_logged:
+                    self._done_logged = True
+                    log.error(
+                        "jetstream %s: the publisher has stopped; messages are dropped", self.driver.name
+                    )
 
     def _drop(self, frames) -> None:
         n = _packets(frames)

@@ -419,7 +419,9 @@ def test_the_server_down_the_relay_buffers_in_bounds_then_counts_drops_that_read
                 wait_until(
                     lambda: relay.stream_metric("nflogd_relay_stream_published_total") == 10, "10 acks", WAIT
                 )
+                assert relay.stream_metric("nflogd_relay_stream_connected") == 1
                 srv.stop()
+                wait_until(lambda: relay.stream_metric("nflogd_relay_stream_connected") == 0, "disconnected")
                 held = []
                 for _ in range(20):  # 200 messages of ~1.2 kB against a 64 KiB buffer
                     publish(10)
@@ -452,6 +454,7 @@ def test_the_server_down_the_relay_buffers_in_bounds_then_counts_drops_that_read
                 wait_until(
                     lambda: relay.stream_metric("nflogd_relay_stream_buffered_messages") == 0, "drained", 30
                 )
+                assert relay.stream_metric("nflogd_relay_stream_connected") == 1
                 assert relay.stream_metric("nflogd_relay_stream_errors_total") > 0  # acks timed out
                 assert relay.stream_metric("nflogd_relay_stream_retries_total") > 0
                 publish(5)
