@@ -42,6 +42,7 @@ nats-py's asyncio loop in a thread of its own; the Subscriber API stays synchron
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as _dt
 import logging
 import queue
@@ -258,7 +259,7 @@ class JetStreamSubscriber:
         self._q: queue.Queue = queue.Queue()
         self._batch: Batch | None = None
         self._index = 0
-        self._acks: list = []
+        self._acks: collections.deque = collections.deque()  # appended here, drained by the loop
         self._ack_scheduled = False
         self._closed = False
         self._error: BaseException | None = None
@@ -393,10 +394,13 @@ class JetStreamSubscriber:
 
     def _flush_acks(self) -> None:
         self._ack_scheduled = False
-        acks, self._acks = self._acks, []
+        acks = self._acks
         bg = self._bg
-        for m in acks:
-            t = asyncio.ensure_future(self._ack_one(m))
+        batch = []
+        while acks:  # the flag is down first: an ack appended after this loop schedules another
+            batch.append(acks.popleft())
+        if batch:
+            t = asyncio.ensure_future(self._ack_all(batch))
             bg.add(t)
             t.add_done_callback(bg.discard)
 
@@ -410,11 +414,12 @@ class JetStreamSubscriber:
         except Exception as e:  # delivered again after ack_wait instead
             log.debug("nak failed: %r", e)
 
-    async def _ack_one(self, msg) -> None:
-        try:
-            await msg.ack()
-        except Exception as e:  # redelivered later, then skipped as a duplicate
-            log.debug("ack failed: %r", e)
+    async def _ack_all(self, msgs: list) -> None:
+        for msg in msgs:
+            try:
+                await msg.ack()
+            except Exception as e:  # redelivered later, then skipped as a duplicate
+                log.debug("ack failed: %r", e)
 
     def _run(self, ready: queue.Queue, timeout: float) -> None:
         try:
