@@ -348,17 +348,28 @@ def test_daemons_to_a_consumer_group_and_replay(tmp_path):
                 assert [w.duplicates for w in workers] == [0, 0]  # the acks of the first run held
                 assert relay.stream_metric("nflogd_relay_stream_dropped_packets_total", reason="buffer") == 0
 
+                # a daemon restarted: a new epoch in the stream, one restart at its worker, no loss
+                daemons[0].stop()
+                daemons[0].start()
+                wait_until(lambda: daemons[0].stderr.count("subscribe '(all)'") >= 2, "resubscribed", WAIT)
+                third = {f"c-router1-{k}".encode() for k in range(50)}
+                routers[0].send_udp(sorted(third), port=UDP_PORT)
+                got = read_all(workers, len(third))
+                assert sorted(payloads(got[0])) == sorted(third) and not got[1]
+                assert (workers[0].restarts, workers[0].total_lost, workers[1].restarts) == (1, 0, 0)
+
             # replay from the start: every packet again, in order, no loss; from a time; from a sequence
             with JetStreamSubscriber(url, start="all") as again:
-                (all_batches,) = read_all([again], len(first) + len(second))
-                assert sorted(payloads(all_batches)) == sorted(first | second) and again.total_lost == 0
+                (all_batches,) = read_all([again], len(first) + len(second) + len(third))
+                assert sorted(payloads(all_batches)) == sorted(first | second | third)
+                assert (again.total_lost, again.restarts) == (0, 1)
                 seqs = {}
-                for b in all_batches:
-                    assert seqs.get(b.node, b.first_seq) == b.first_seq
-                    seqs[b.node] = b.next_seq
+                for b in all_batches:  # in order: each (node, epoch) contiguous from 0
+                    assert seqs.get((b.node, b.epoch), 0) == b.first_seq
+                    seqs[(b.node, b.epoch)] = b.next_seq
             with JetStreamSubscriber(url, start=t_second) as later:
-                (batches,) = read_all([later], len(second))
-                assert sorted(payloads(batches)) == sorted(second)
+                (batches,) = read_all([later], len(second) + len(third))
+                assert sorted(payloads(batches)) == sorted(second | third)
             with JetStreamSubscriber(url, start=3) as from_seq:
                 b = from_seq.recv_batch(timeout=5)
                 assert from_seq.last_stream_seq == 3 and b is not None
