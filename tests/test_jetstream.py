@@ -114,6 +114,18 @@ def test_a_late_message_fills_its_gap_and_a_repeated_one_is_skipped():
     assert acct.lost == {("r1", 1): 1, ("r2", 1): 0}
 
 
+def test_the_accounting_keeps_max_nodes():
+    acct = _Account(max_nodes=2)
+    acct.take(batch("a", 0, 1))
+    acct.take(batch("a", 3, 1))  # a lost 2
+    acct.take(batch("b", 0, 1))
+    acct.take(batch("a", 4, 1))  # a heard from again: b is now the oldest
+    acct.take(batch("c", 0, 1))
+    assert acct.evicted == 1 and set(acct.lost) == {("a", 1), ("c", 1)}
+    acct.take(batch("d", 0, 1))
+    assert acct.evicted == 2 and set(acct.lost) == {("c", 1), ("d", 1)} and acct.evicted_lost == 2
+
+
 # -- config ------------------------------------------------------------------------------------
 
 

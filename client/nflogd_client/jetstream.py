@@ -144,22 +144,30 @@ def _deliver(start):
 class _Account:
     """Loss, restarts and duplicates per (node, group), tolerant of late messages (module doc)."""
 
-    def __init__(self):
+    def __init__(self, max_nodes: int = 4096):
         self.lost: dict[tuple[str, int], int] = {}
         self.kernel_dropped: dict[tuple[str, int], int] = {}
         self.restarts = 0
         self.duplicates = 0
         self.received = 0
+        self.max_nodes = max_nodes
+        self.evicted = 0  # nodes forgotten for max_nodes; their loss stays in evicted_lost
+        self.evicted_lost = 0
         self._streams: dict[tuple[str, int], list] = {}  # key -> [epoch, next_seq, gaps]
+        #: node -> latest epoch, ordered by when each node was last heard from (oldest first)
         self._epochs: dict[str, int] = {}
+        self._groups_of: dict[str, set[int]] = {}
 
     def take(self, batch: Batch) -> bool:
         """Account one batch; False for a duplicate, to be skipped."""
         node, epoch = batch.node, batch.epoch
         key = (node, batch.group)
         first, nxt = batch.first_seq, batch.next_seq
+        if node not in self._epochs and len(self._epochs) >= self.max_nodes:
+            self._evict(next(iter(self._epochs)))
         state = self._streams.get(key)
         if state is None:
+            self._groups_of.setdefault(node, set()).add(batch.group)
             self.lost.setdefault(key, 0)
             self._streams[key] = [epoch, nxt, []]
         elif epoch < state[0]:
@@ -179,13 +187,24 @@ class _Account:
             if not self._fill(key, state[2], first, nxt):
                 self.duplicates += 1
                 return False
-        if self._epochs.get(node, epoch) < epoch:
+        latest = self._epochs.pop(node, epoch)  # re-inserted: now the node heard from last
+        if latest < epoch:
             self.restarts += 1
-        self._epochs[node] = max(epoch, self._epochs.get(node, epoch))
+        self._epochs[node] = max(epoch, latest)
         if epoch >= self._streams[key][0]:
             self.kernel_dropped[key] = batch.kernel_dropped
         self.received += len(batch.packets)
         return True
+
+    def _evict(self, node: str) -> None:
+        """Forget the node heard from longest ago (a rogue publisher could invent any number)."""
+        del self._epochs[node]
+        self.evicted += 1
+        for group in self._groups_of.pop(node, ()):
+            key = (node, group)
+            self._streams.pop(key, None)
+            self.kernel_dropped.pop(key, None)
+            self.evicted_lost += self.lost.pop(key, 0)
 
     def _fill(self, key, gaps: list, first: int, nxt: int) -> bool:
         for i, (a, b) in enumerate(gaps):
@@ -207,6 +226,8 @@ class JetStreamSubscriber:
     where a new consumer begins (a durable consumer that exists resumes where it stopped).
     ``prefetch``: messages fetched ahead of ``recv()``. ``ack_wait_s``: seconds before the server
     delivers an unacked message again. ``timeout``: seconds to connect and set up the consumers.
+    ``max_nodes``: nodes whose accounting is kept; past it the node heard from longest ago is
+    forgotten (counted in ``evicted``, its loss kept in ``total_lost``).
     Errors in the arguments raise ValueError or TypeError; an unreachable server or a missing
     stream raises ``ConnectionError`` naming it.
     """
@@ -223,6 +244,7 @@ class JetStreamSubscriber:
         start=None,
         prefetch: int = 1024,
         ack_wait_s: float = 30.0,
+        max_nodes: int = 4096,
         timeout: float = 10.0,
     ):
         opts: dict = {}
@@ -249,7 +271,7 @@ class JetStreamSubscriber:
         self._topics = None if groups is None else {wire.TOPIC.unpack(t)[0] for t in _topics(groups)}
         self._prefetch = prefetch
         self._ack_wait = ack_wait_s
-        self._acct = _Account()
+        self._acct = _Account(max_nodes)
         #: Messages skipped as not decodable.
         self.malformed = 0
         #: The stream sequence of the last message handed over (resume or replay from here).
@@ -289,7 +311,10 @@ class JetStreamSubscriber:
 
     @property
     def total_lost(self) -> int:
-        return sum(self._acct.lost.values())
+        """Packets lost, over every (node, group), forgotten nodes' included."""
+        return sum(self._acct.lost.values()) + self._acct.evicted_lost
+
+    evicted = property(lambda self: self._acct.evicted, doc="nodes forgotten for max_nodes")
 
     def _where(self) -> str:
         return f"{','.join(self.servers)}/{self.stream}"
