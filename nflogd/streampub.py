@@ -40,6 +40,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector as _Collector
 from prometheus_client.registry import CollectorRegistry
 
+from .episodes import Episodes
 from .errors import NflogdError
 
 __all__ = ["Driver", "Transient", "Rejected", "StreamPublisher", "StreamCollector"]
@@ -120,6 +121,7 @@ class StreamPublisher:
         self._ready: concurrent.futures.Future = concurrent.futures.Future()
         self._done = threading.Event()
         self._done_logged = False
+        self._rejects = Episodes(log)  # refusals: one warning per episode, then debug
 
     # -- relay thread ----------------------------------------------------------------------
 
@@ -334,7 +336,7 @@ class StreamPublisher:
             self._waiting[id(rec)] = (handle, rec, size)
         elif isinstance(exc, Rejected):
             self._count_drop("rejected", rec.count)
-            log.warning("jetstream %s: %s refused: %s; dropped", self.driver.name, rec.msg_id, exc)
+            self._rejects.hit("jetstream %s: %s refused: %s; dropped", self.driver.name, rec.msg_id, exc)
             self._release(size)
         else:  # cancelled, or a driver bug: never silent
             self._count_drop("shutdown" if self._closed else "rejected", rec.count)

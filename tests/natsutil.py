@@ -53,6 +53,7 @@ class NatsServer:
         port: int | None = None,
         cluster_port: int | None = None,
         routes: tuple[int, ...] = (),
+        extra: str = "",
     ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -69,6 +70,8 @@ class NatsServer:
             f"http: 127.0.0.1:{self.http_port}",
             f'jetstream {{ store_dir: "{self.store}", max_memory_store: 64MB, max_file_store: 64GB }}',
         ]
+        if extra:  # more server settings, e.g. "max_payload: 8192"
+            lines.append(extra)
         if cluster_port is not None:
             route_list = ", ".join(f"nats-route://127.0.0.1:{p}" for p in routes)
             lines.append(

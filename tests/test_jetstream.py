@@ -503,6 +503,39 @@ def readme_jetstream_config() -> dict:
     )
 
 
+def test_a_message_the_server_refuses_is_dropped_counted_and_seen_as_loss(tmp_path, feed):
+    with NatsServer(tmp_path / "nats", extra="max_payload: 8192") as srv:
+        with StreamRelay(
+            tmp_path / "relay", upstreams=[feed.endpoint], jetstream={"servers": [srv.url]}
+        ) as relay:
+            reader = JetStreamSubscriber(f"{srv.url}/NFLOG", start="all")
+            try:
+                feed.wait_subscribed({b""})
+                feed.publish(node_msg("r1", 1, 0, n=2))
+                for i in range(3):  # 10 packets of 1000 bytes: over max_payload
+                    feed.publish(node_msg("r1", 1, 2 + 10 * i, n=10, size=1000))
+                feed.publish(node_msg("r1", 1, 32, n=2))
+                wait_until(lambda: relay.stream_metric("nflogd_relay_stream_published_total") == 2, "2 acks")
+                wait_until(
+                    lambda: (
+                        relay.stream_metric("nflogd_relay_stream_dropped_packets_total", reason="rejected")
+                        == 30
+                    ),
+                    "30 rejected",
+                )
+                (got,) = read_all([reader], 4)
+                assert reader.lost == {("r1", 1): 30}
+                warned = [
+                    line
+                    for line in relay.stderr.splitlines()
+                    if line.startswith("WARNING:") and "refused: " in line
+                ]
+                assert len(warned) == 1 and relay.stderr.count("refused: ") == 3  # one warning, then debug
+                assert relay.stream_metric("nflogd_relay_stream_buffered_bytes") == 0
+            finally:
+                reader.close()
+
+
 def test_r3_one_cluster_node_killed_mid_stream_loses_nothing(tmp_path, feed):
     """The README's config (servers put on the test's cluster): R3, one node killed, no loss."""
     readme = readme_jetstream_config()
