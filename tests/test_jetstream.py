@@ -528,7 +528,7 @@ def test_a_message_the_server_refuses_is_dropped_counted_and_seen_as_loss(tmp_pa
                 warned = [
                     line
                     for line in relay.stderr.splitlines()
-                    if line.startswith("WARNING:") and "refused: " in line
+                    if " WARNING: " in f" {line}" and "refused: " in line
                 ]
                 assert len(warned) == 1 and relay.stderr.count("refused: ") == 3  # one warning, then debug
                 assert relay.stream_metric("nflogd_relay_stream_buffered_bytes") == 0
