@@ -16,6 +16,10 @@ DEBS := $(RUN_DEBS) $(TEST_DEBS)
 # promtool checks contrib/prometheus/: taken out of Debian's prometheus package into the venv,
 # since installing that package would also enable and start a Prometheus server.
 PROMTOOL := $(VENV)/bin/promtool
+# nats-server (JetStream) for tests/test_jetstream.py and bench/jetstream.py: taken out of Debian's
+# nats-server package into the venv, since installing that package enables and starts a server
+# on port 4222; the tests start their own on free loopback ports.
+NATS_SERVER := $(VENV)/bin/nats-server
 DEV_PKGS := pytest pytest-timeout hypothesis ruff
 APT := apt-get -o DPkg::Lock::Timeout=600
 SOURCES := pyproject.toml setup.py scapy_nflog.py nflog_cffi.py client/pyproject.toml client/nflogd_client/VERSION nflogd/_nflog.h nflogd/_nflog.c nflogd/_feed.c nflogd/ffi_build.py
@@ -45,8 +49,9 @@ $(VENV)/.installed-run: $(SOURCES) | run-debs
 	$(VPY) -m pip install -q --disable-pip-version-check -e ./client -e .
 	touch $@
 
+# The tests' too: the client's jetstream extra (nats-py) for tests/test_jetstream.py.
 $(VENV)/.installed: $(VENV)/.installed-run | debs
-	$(VPY) -m pip install -q --disable-pip-version-check $(DEV_PKGS)
+	$(VPY) -m pip install -q --disable-pip-version-check -e './client[jetstream]' $(DEV_PKGS)
 	touch $@
 
 $(PROMTOOL): | $(VENV)/.installed
@@ -55,7 +60,13 @@ $(PROMTOOL): | $(VENV)/.installed
 	dpkg-deb --fsys-tarfile prometheus_*.deb | tar -xO ./usr/bin/promtool > $(CURDIR)/$@.tmp && \
 	chmod 755 $(CURDIR)/$@.tmp && mv $(CURDIR)/$@.tmp $(CURDIR)/$@; rc=$$?; rm -rf $$tmp; exit $$rc
 
-deps: debs $(VENV)/.installed $(PROMTOOL)
+$(NATS_SERVER): | $(VENV)/.installed
+	tmp=$$(mktemp -d) && chmod 755 $$tmp && cd $$tmp && \
+	{ apt-get download -q nats-server || { apt-get update -q && apt-get download -q nats-server; }; } && \
+	dpkg-deb --fsys-tarfile nats-server_*.deb | tar -xO ./usr/sbin/nats-server > $(CURDIR)/$@.tmp && \
+	chmod 755 $(CURDIR)/$@.tmp && mv $(CURDIR)/$@.tmp $(CURDIR)/$@; rc=$$?; rm -rf $$tmp; exit $$rc
+
+deps: debs $(VENV)/.installed $(PROMTOOL) $(NATS_SERVER)
 run-deps: run-debs $(VENV)/.installed-run
 
 run: run-deps

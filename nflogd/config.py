@@ -57,6 +57,7 @@ __all__ = [
     "MetricsConfig",
     "RelayConfig",
     "UpstreamConfig",
+    "JetStreamConfig",
     "load",
     "parse",
     "load_relay",
@@ -99,10 +100,25 @@ _PUBLISH_KEYS = (
 _CURVE_KEYS = ("authorized_keys_dir", "secret_key_file")
 _GID_MAX = 2**32 - 2  # (gid_t)-1 means "no group"
 _METRICS_KEYS = ("listen",)
-_RELAY_TOP_KEYS = ("metrics", "publish", "upstreams")
+_RELAY_TOP_KEYS = ("jetstream", "metrics", "publish", "upstreams")
 _UPSTREAM_KEYS = ("client_secret_key_file", "endpoint", "server_public_key")
 _RELAY_DEFAULT_BIND = ("ipc:///run/nflogd-relay/feed.sock",)
 _RELAY_DEFAULT_LISTEN = "127.0.0.1:9478"
+# The relay's jetstream section: integer keys with (default, lo, hi); docs/jetstream.md.
+_JETSTREAM_INTS: dict[str, tuple[int, int, int]] = {
+    "partitions": (8, 1, 1024),  # subjects <prefix>.0.> .. <prefix>.N-1.>: consumer groups split by these
+    "replicas": (1, 1, 5),  # 3 on a three-node cluster
+    "max_age_s": (7 * 86400, 0, 10 * 365 * 86400),  # retention by age; 0: no limit
+    "max_bytes": (0, 0, 1 << 50),  # retention by size; 0: no limit
+    "duplicate_window_s": (120, 1, 86400),  # Nats-Msg-Id dedup window
+    "max_in_flight": (256, 1, 100_000),  # publishes awaiting their ack
+    "buffer_bytes": (64 << 20, 1 << 16, 1 << 34),  # messages held (queued + in flight), bytes
+    "ack_timeout_ms": (5000, 10, 600_000),  # a publish retried after this long without an ack
+    "connect_timeout_ms": (5000, 10, 600_000),  # start: reach the cluster and check the stream
+}
+_JETSTREAM_KEYS = ("servers", "stream", "subject_prefix", "storage", *_JETSTREAM_INTS)
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,255}")
+_SUBJECT_PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
 _ENDPOINT_FORMS = "tcp://HOST:PORT or ipc:///absolute/path"
@@ -252,12 +268,34 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class JetStreamConfig:
+    """The relay's feed into a NATS JetStream stream (``docs/jetstream.md``): where, which stream,
+    its settings (created or checked at start), and the publisher's bounds."""
+
+    servers: tuple[str, ...]
+    stream: str = "NFLOG"
+    subject_prefix: str = "nflog"
+    storage: str = "file"
+    partitions: int = 8
+    replicas: int = 1
+    max_age_s: int = 7 * 86400
+    max_bytes: int = 0
+    duplicate_window_s: int = 120
+    max_in_flight: int = 256
+    buffer_bytes: int = 64 << 20
+    ack_timeout_ms: int = 5000
+    connect_timeout_ms: int = 5000
+
+
+@dataclass(frozen=True)
 class RelayConfig:
-    """The relay's whole configuration; ``metrics`` is None when turned off."""
+    """The relay's whole configuration; ``metrics`` is None when turned off, ``jetstream``
+    None without a jetstream section."""
 
     upstreams: tuple[UpstreamConfig, ...]
     publish: PublishConfig
     metrics: MetricsConfig | None
+    jetstream: JetStreamConfig | None = None
 
 
 # --- entry points --------------------------------------------------------------------------------
@@ -333,6 +371,7 @@ def parse_relay(text: str, source: str = "<config>") -> RelayConfig:
         upstreams=upstreams,
         publish=_parse_section("publish", data, _PUBLISH_KEYS, publish),
         metrics=_parse_section("metrics", data, _METRICS_KEYS, metrics),
+        jetstream=_parse_jetstream("jetstream", data["jetstream"]) if "jetstream" in data else None,
     )
 
 
@@ -607,6 +646,49 @@ def _parse_metrics(section: dict[Any, Any]) -> MetricsConfig | None:
         raise ConfigError(f'{path}: must be "host:port" or null to turn metrics off, got {_show(listen)}')
     host, port = _split_host_port(path, listen, listen, allow_wildcard=False)
     return MetricsConfig(host=host, port=port)
+
+
+def _parse_jetstream(path: str, section: Any) -> JetStreamConfig:
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: must be a mapping with at least servers, got {_show(section)}")
+    _check_keys(path, section, _JETSTREAM_KEYS)
+    servers = section.get("servers")
+    if isinstance(servers, str):
+        servers = [servers]
+    if not isinstance(servers, list) or not servers:
+        raise ConfigError(f"{path}.servers: is required, a nats://HOST:PORT URL or a non-empty list of them")
+    for i, url in enumerate(servers):
+        where = f"{path}.servers[{i}]"
+        if not isinstance(url, str) or not url.startswith(("nats://", "tls://")):
+            raise ConfigError(f"{where}: must be nats://HOST:PORT (or tls://), got {_show(url)}")
+        rest = url.split("://", 1)[1]
+        if "/" in rest or "@" in rest:
+            raise ConfigError(f"{where}: must be nats://HOST:PORT without a path or user, got {_show(url)}")
+        _split_host_port(where, rest, url, allow_wildcard=False)
+    if len(set(servers)) != len(servers):
+        raise ConfigError(f"{path}.servers: each server at most once")
+    stream = section.get("stream", "NFLOG")
+    if not isinstance(stream, str) or not _STREAM_NAME.fullmatch(stream):
+        raise ConfigError(f"{path}.stream: must be 1..255 of A-Z a-z 0-9 _ -, got {_show(stream)}")
+    prefix = section.get("subject_prefix", "nflog")
+    if not isinstance(prefix, str) or not _SUBJECT_PREFIX.fullmatch(prefix) or len(prefix) > 200:
+        raise ConfigError(
+            f"{path}.subject_prefix: must be dot-separated tokens of A-Z a-z 0-9 _ -, got {_show(prefix)}"
+        )
+    storage = section.get("storage", "file")
+    if storage not in ("file", "memory"):
+        raise ConfigError(f"{path}.storage: must be file or memory, got {_show(storage)}")
+    ints = {}
+    for key, (default, lo, hi) in _JETSTREAM_INTS.items():
+        ints[key] = _check_int(f"{path}.{key}", section.get(key, default), lo, hi)
+    if ints["max_age_s"] and ints["duplicate_window_s"] > ints["max_age_s"]:
+        raise ConfigError(
+            f"{path}.duplicate_window_s: must not exceed max_age_s ({ints['max_age_s']}),"
+            f" got {ints['duplicate_window_s']}"
+        )
+    return JetStreamConfig(
+        servers=tuple(servers), stream=stream, subject_prefix=prefix, storage=storage, **ints
+    )
 
 
 def _parse_user(path: str, user: Any) -> str | None:

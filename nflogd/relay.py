@@ -94,6 +94,8 @@ UPSTREAM_MAX_MESSAGE = 1 << 30
 #: retried) when nothing came back for HEARTBEAT_TIMEOUT_MS.
 HEARTBEAT_IVL_MS = 5_000
 HEARTBEAT_TIMEOUT_MS = 15_000
+#: Seconds the relay waits at exit for the stream publisher's buffered messages to be acked.
+STREAM_CLOSE_S = 5.0
 
 
 class Upstream:
@@ -162,8 +164,9 @@ class Upstream:
         due = [t for t in (self.tracker.due_at(), self._prober.due_at()) if t is not None]
         return min(due) if due else None
 
-    def forward(self, outs: list[zmq.Socket]) -> None:
-        """Pass up to BURST queued messages to every socket of ``outs``, frames as received.
+    def forward(self, outs: list[zmq.Socket], offer: Callable[[list], None] | None = None) -> None:
+        """Pass up to BURST queued messages to every socket of ``outs``, frames as received,
+        and each message's frames to ``offer`` (the stream publisher, which never blocks).
 
         Frame by frame with ``Frame.more``: a third of the CPU time of recv_multipart() and
         send_multipart() per message (bench/relay.py), the same frames and flags.
@@ -180,6 +183,8 @@ class Upstream:
                 frame = recv(NOBLOCK, copy=False)
                 frames.append(frame)
                 size += len(frame)
+            if offer is not None:
+                offer(frames.copy())
             last = frames.pop()
             for out in outs:
                 try:
@@ -304,6 +309,8 @@ class Relay(Program):
         self.poller = zmq.Poller()
         self._handlers: dict[object, Callable[[], None]] = {}
         self._retries: dict[str, Upstream] = {}  # endpoint -> upstream with a retry_at
+        #: The jetstream section's publisher (nflogd/streampub.py), or None.
+        self.stream = None
 
     # -- start -----------------------------------------------------------------
 
@@ -320,6 +327,9 @@ class Relay(Program):
         RelayCollector(self, registry=self.registry)
         if cfg.metrics is not None:
             self.metrics_server = MetricsServer(cfg.metrics.host, cfg.metrics.port, self.registry)
+        if cfg.jetstream is not None:
+            self.stream = _open_stream(cfg.jetstream, self.registry)
+            self.topics[b""] += 1  # the stream takes every group of every upstream
         self._watch(self._wakeup.fileno(), self._handle_signals)
         for sock in self.publisher.sockets:
             self._watch(sock, self._handle_subscriptions)
@@ -348,7 +358,8 @@ class Relay(Program):
 
     def _open_upstream(self, settings) -> Upstream:
         up = Upstream(self.ctx, settings, self.topics)
-        self._watch(up.socket, lambda: up.forward(self.publisher.sockets))
+        offer = self.stream.offer if self.stream is not None else None
+        self._watch(up.socket, lambda: up.forward(self.publisher.sockets, offer))
         self._watch(up.monitor, lambda: self._handle_monitor(up))
         return up
 
@@ -443,6 +454,8 @@ class Relay(Program):
         check_restart_only(old.publish, new.publish, unit="nflogd-relay")
         if new.metrics != old.metrics:
             raise NflogdError("metrics: a change needs a restart")
+        if new.jetstream != old.jetstream:
+            raise NflogdError("jetstream: a change needs a restart (systemctl restart nflogd-relay)")
         wanted = {u.endpoint: u for u in new.upstreams}
         current = self.upstreams
         # 1. what can fail, undone if a later step fails
@@ -492,7 +505,31 @@ class Relay(Program):
         upstreams, self.upstreams = self.upstreams, {}
         for up in upstreams.values():
             up.close()
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.close(STREAM_CLOSE_S)
         self._release()
+
+
+def _open_stream(js, registry):
+    """The jetstream section's publisher, started (docs/jetstream.md); nats-py is imported only here."""
+    try:
+        from .jetstream import JetStreamDriver
+    except ImportError as e:
+        raise NflogdError(
+            f"jetstream: needs the nats-py package (pip install 'nflogd-client[jetstream]'): {e}"
+        ) from None
+    from .streampub import StreamCollector, StreamPublisher
+
+    pub = StreamPublisher(
+        JetStreamDriver(js),
+        partitions=js.partitions,
+        max_in_flight=js.max_in_flight,
+        buffer_bytes=js.buffer_bytes,
+    )
+    pub.start(js.connect_timeout_ms / 1000)
+    StreamCollector(pub, registry)
+    return pub
 
 
 def main(argv: list[str] | None = None) -> int:

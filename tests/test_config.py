@@ -23,7 +23,7 @@ NO_SUCH_USER = "nflogd-test-no-such-user"
 def test_public_names():
     assert sorted(config.__all__) == sorted(
         ["Config", "GroupConfig", "PublishConfig", "CurveConfig", "MetricsConfig", "load", "parse"]
-        + ["RelayConfig", "UpstreamConfig", "load_relay", "parse_relay"]
+        + ["RelayConfig", "UpstreamConfig", "load_relay", "parse_relay", "JetStreamConfig"]
     )
 
 
@@ -732,7 +732,8 @@ def _relay_error(text: str) -> str:
 
 
 RELAY_BAD = [
-    ("groups: [1]\n", "<config>: unknown key 'groups'; expected one of metrics, publish, upstreams"),
+    ("groups: [1]\n", "<config>: unknown key 'groups'; expected one of "
+     "jetstream, metrics, publish, upstreams"),
     ("publish: {}\n", "upstreams: is required, a non-empty list of nflogd endpoints to subscribe to"),
     ("upstreams: []\n", "upstreams: must not be empty; list at least one nflogd endpoint"),
     ("upstreams: tcp://a:1\n", "upstreams: must be a list of endpoints or mappings, got 'tcp://a:1'"),

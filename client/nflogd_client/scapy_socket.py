@@ -62,6 +62,7 @@ from __future__ import annotations
 import errno
 import inspect
 import math
+import time
 from typing import Any, Iterable
 
 import zmq
@@ -74,6 +75,7 @@ from scapy.layers.l2 import ARP
 from scapy.supersocket import SuperSocket
 from scapy.utils import EDecimal
 
+from . import jetstream as _jetstream
 from .subscriber import Subscriber
 from .wire import Packet as WirePacket
 
@@ -175,7 +177,10 @@ class ZMQNFLOGSocket(SuperSocket):
                 groups = self.default_groups
         if endpoint is None:
             endpoint = self.default_endpoint
-        self.subscriber = Subscriber(endpoint, groups, **options)
+        if _jetstream.is_jetstream_endpoint(endpoint):  # a stream (docs/jetstream.md)
+            self.subscriber = _jetstream.JetStreamSubscriber(endpoint, groups, **options)
+        else:
+            self.subscriber = Subscriber(endpoint, groups, **options)
         self.closed = False
         self.iface = _iface_name(groups)  # type: ignore[assignment]
         self._ready = False  # select() saw the socket readable: recv() must not block
@@ -236,6 +241,9 @@ class ZMQNFLOGSocket(SuperSocket):
         ready = [s for s in sockets if isinstance(s, ZMQNFLOGSocket) and s.subscriber.pending()]
         if ready:
             return ready
+        streams = [s for s in sockets if isinstance(s, ZMQNFLOGSocket) and s.subscriber.socket is None]
+        if streams:  # JetStream readers have no ZeroMQ socket: wait on their queues
+            return _select_streams(sockets, streams, remain)
         poller = zmq.Poller()
         owners: dict[Any, Any] = {}  # zmq socket -> its ZMQNFLOGSocket
         others: dict[int, Any] = {}  # fd -> any other object with a fileno()
@@ -390,3 +398,19 @@ class _FeedProvider(InterfaceProvider):
 
 
 conf.ifaces.register_provider(_FeedProvider)
+
+
+def _select_streams(sockets, streams, remain):
+    """select() when JetStream readers are among the sockets: their queues, in 20 ms steps."""
+    deadline = None if remain is None else time.monotonic() + remain
+    others = [s for s in sockets if s not in streams]
+    while True:
+        ready = [s for s in streams if s.closed or s.subscriber.queued()]
+        if others:
+            ready = ZMQNFLOGSocket.select(others, 0) + ready
+        if ready or (deadline is not None and time.monotonic() >= deadline):
+            for s in ready:
+                if s in streams:
+                    s._ready = True  # recv() takes what the queue holds without waiting
+            return ready
+        time.sleep(0.02)

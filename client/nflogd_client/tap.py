@@ -59,6 +59,7 @@ from typing import BinaryIO, Callable
 import zmq
 
 from . import __version__
+from . import jetstream as _jetstream
 from . import subscriber as _subscriber
 from .subscriber import Subscriber
 from .wire import Packet
@@ -240,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _connect(endpoints: list[str] | None, groups: list[int] | None, **keys) -> Subscriber:
     """The Subscriber; a rejected endpoint or key raises SystemExit(2) after one line naming it."""
+    if endpoints and any(_jetstream.is_jetstream_endpoint(e) for e in endpoints):
+        return _connect_stream(endpoints, groups, **keys)
     try:
         return Subscriber(endpoints, groups, **keys)
     except (ValueError, TypeError) as e:  # names the endpoint or the key already
@@ -263,6 +266,22 @@ def _connect(endpoints: list[str] | None, groups: list[int] | None, **keys) -> S
     reason = zmq.strerror(err.errno) if isinstance(err, zmq.ZMQError) else err  # without "(addr=...)"
     print(f"nflog-tap: {where}{reason}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def _connect_stream(endpoints: list[str], groups, **keys):
+    """A JetStreamSubscriber for one nats:// endpoint (nflogd_client.jetstream); errors as _connect's."""
+    try:
+        if len(endpoints) != 1:
+            raise ValueError("a nats:// endpoint is read alone; give it as the only -e")
+        if any(keys.values()):
+            raise ValueError("--server-key and --client-key are for ZeroMQ endpoints, not nats://")
+        return _jetstream.JetStreamSubscriber(endpoints[0], groups)
+    except ConnectionError as e:  # it names the servers and the stream
+        print(f"nflog-tap: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (ValueError, TypeError, ImportError) as e:
+        print(f"nflog-tap: endpoint {endpoints[-1]!r}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 class _Signals:

@@ -1,0 +1,274 @@
+"""The NATS JetStream driver of the relay's stream publisher (``nflogd/streampub.py``).
+
+``open()`` connects to ``jetstream.servers`` (nats-py, which reconnects by itself afterwards)
+and creates the stream from the config, or checks an existing one and updates the settings that
+differ; a refusal (R3 on a single server, a subject another stream holds, a setting the server
+will not change) becomes one ``NflogdError`` line naming the stream and the server's reason.
+``publish()`` publishes one record (``nflogd_client.stream``): subject
+``<subject_prefix>.<partition>.<node token>.<group>``, header ``Nats-Msg-Id``, the wire bytes as
+payload, and returns a future for the ack, failed after ``ack_timeout_ms`` without one.
+Errors that pass (timeouts, no stream leader, disconnected) are ``Transient`` and retried with
+the same ``Nats-Msg-Id``, which the stream's duplicate window turns into one stored message;
+the others are ``Rejected``.
+
+nats-py is an optional dependency (``pip install 'nflogd-client[jetstream]'``): the relay imports
+this module only when its config has a ``jetstream`` section.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js import api
+from nflogd_client import stream
+
+from .config import JetStreamConfig
+from .errors import NflogdError
+from .streampub import Rejected, Transient
+
+__all__ = ["JetStreamDriver", "stream_config"]
+
+log = logging.getLogger("nflogd.jetstream")
+
+_TRANSIENT = (
+    asyncio.TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.StaleConnectionError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.FlushTimeoutError,
+    OSError,
+)
+
+
+def stream_config(cfg: JetStreamConfig) -> api.StreamConfig:
+    """The stream's settings from the relay's ``jetstream`` section (docs/jetstream.md)."""
+    return api.StreamConfig(
+        name=cfg.stream,
+        description="nflogd feed: one message per kernel batch, wire format v1",
+        subjects=[f"{cfg.subject_prefix}.{k}.>" for k in range(cfg.partitions)],
+        retention=api.RetentionPolicy.LIMITS,
+        discard=api.DiscardPolicy.OLD,
+        max_age=float(cfg.max_age_s),
+        max_bytes=cfg.max_bytes or -1,
+        storage=api.StorageType.FILE if cfg.storage == "file" else api.StorageType.MEMORY,
+        num_replicas=cfg.replicas,
+        duplicate_window=float(cfg.duplicate_window_s),
+    )
+
+
+#: (StreamConfig field, config key) compared with an existing stream
+_CHECKED = (
+    ("subjects", "partitions/subject_prefix"),
+    ("max_age", "max_age_s"),
+    ("max_bytes", "max_bytes"),
+    ("storage", "storage"),
+    ("num_replicas", "replicas"),
+    ("duplicate_window", "duplicate_window_s"),
+    ("retention", None),
+    ("discard", None),
+)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, nats.js.errors.APIError):
+        return f"{e.description or 'refused'} (error {e.err_code})"
+    return str(e) or type(e).__name__
+
+
+class JetStreamDriver:
+    """A ``streampub.Driver`` for one JetStream stream; see the module docstring."""
+
+    def __init__(self, cfg: JetStreamConfig):
+        self.cfg = cfg
+        self.name = cfg.stream
+        self.connected = False
+        self._nc = None
+        self._js = None
+        self._ack_timeout = cfg.ack_timeout_ms / 1000
+        self._prefix = cfg.subject_prefix
+        self._acks = None  # the inbox subscription for acks, made at the first publish
+        self._inbox = ""
+        self._token = 0
+        self._pending: dict[str, tuple[asyncio.Future, float]] = {}  # token -> (future, deadline)
+        self._sweeper: asyncio.Future | None = None
+
+    async def open(self) -> None:
+        cfg = self.cfg
+        where = ", ".join(cfg.servers)
+        timeout = cfg.connect_timeout_ms / 1000
+        try:
+            self._nc = await asyncio.wait_for(
+                nats.connect(
+                    servers=list(cfg.servers),
+                    name="nflogd-relay",
+                    connect_timeout=max(1, int(timeout)),
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=0.5,
+                    error_cb=self._error,
+                    disconnected_cb=self._disconnected,
+                    reconnected_cb=self._reconnected,
+                ),
+                timeout,
+            )
+        except asyncio.TimeoutError:
+            raise NflogdError(f"jetstream.servers: no answer from {where} within {timeout:g} s") from None
+        except Exception as e:
+            raise NflogdError(f"jetstream.servers: cannot connect to {where}: {_reason(e)}") from None
+        self.connected = True
+        self._js = self._nc.jetstream(timeout=timeout)
+        await self._ensure_stream(timeout)
+
+    async def _ensure_stream(self, timeout: float) -> None:
+        js = self._js
+        want = stream_config(self.cfg)
+        name = self.cfg.stream
+        try:
+            try:
+                info = await js.stream_info(name)
+            except nats.js.errors.NotFoundError:
+                info = None
+            if info is None:
+                await js.add_stream(want)
+                log.info("jetstream: created stream %s (%s)", name, self._settings())
+                return
+            have = info.config
+            diff = [
+                key or field
+                for field, key in _CHECKED
+                if getattr(have, field) != getattr(want, field)
+                and not (field == "subjects" and sorted(have.subjects or []) == sorted(want.subjects))
+            ]
+            if not diff:
+                log.info("jetstream: stream %s is as configured (%s)", name, self._settings())
+                return
+            try:
+                await js.update_stream(want)
+            except nats.js.errors.APIError as e:
+                raise NflogdError(
+                    f"jetstream: stream {name} differs from the config in {', '.join(diff)} and the "
+                    f"server refused to change it: {_reason(e)}"
+                ) from None
+            log.warning("jetstream: stream %s updated: %s now as configured", name, ", ".join(diff))
+        except NflogdError:
+            raise
+        except nats.js.errors.APIError as e:
+            raise NflogdError(
+                f"jetstream: the server refused stream {name} ({self._settings()}): {_reason(e)}"
+            ) from None
+        except (asyncio.TimeoutError, nats.errors.Error) as e:
+            raise NflogdError(
+                f"jetstream: stream {name}: no answer from JetStream at {', '.join(self.cfg.servers)} "
+                f"({_reason(e)}; is JetStream enabled, and does the cluster have a leader?)"
+            ) from None
+
+    def _settings(self) -> str:
+        c = self.cfg
+        size = f"{c.max_bytes} bytes" if c.max_bytes else "no size limit"
+        age = f"{c.max_age_s} s" if c.max_age_s else "no age limit"
+        parts = f"{c.partitions} partitions"
+        return f"R{c.replicas}, {c.storage}, {parts}, {age}, {size}, dedup {c.duplicate_window_s} s"
+
+    async def publish(self, rec: stream.Record) -> asyncio.Future:
+        """Publish ``rec``; the future resolves to True for an ack as a duplicate, else False, or
+        raises ``Transient``/``Rejected``. The acks come to one inbox subscription, and one
+        sweeper fails the publishes without an ack after ``ack_timeout_ms``: no task, request or
+        timer per message (a third of the CPU of ``js.publish()`` per message)."""
+        loop = asyncio.get_running_loop()
+        if self._acks is None:
+            self._inbox = self._nc.new_inbox() + "."
+            self._acks = await self._nc.subscribe(self._inbox + "*", cb=self._ack)
+            self._sweeper = asyncio.ensure_future(self._sweep())
+        self._token += 1
+        token = str(self._token)
+        fut = loop.create_future()
+        self._pending[token] = (fut, loop.time() + self._ack_timeout)
+        try:
+            await self._nc.publish(
+                stream.subject(self._prefix, rec),
+                rec.value,
+                reply=self._inbox + token,
+                headers={stream.MSG_ID_HEADER: rec.msg_id},
+            )
+        except nats.errors.MaxPayloadError as e:
+            self._pending.pop(token, None)
+            raise Rejected(f"{len(rec.value)} bytes, over the server's max_payload ({e})") from None
+        except _TRANSIENT as e:
+            self._pending.pop(token, None)
+            raise Transient(_reason(e)) from None
+        return fut
+
+    async def _ack(self, msg) -> None:
+        entry = self._pending.pop(msg.subject[len(self._inbox) :], None)
+        if entry is None or entry[0].done():
+            return  # timed out already: the retry's ack will do
+        fut = entry[0]
+        status = msg.headers.get("Status") if msg.headers else None
+        if status == "503":  # no responders: no stream (leader) takes the subject now
+            fut.set_exception(Transient("no stream answered (no leader?)"))
+            return
+        try:
+            resp = json.loads(msg.data)
+        except ValueError:
+            fut.set_exception(Transient(f"an ack that is not JSON: {msg.data[:60]!r}"))
+            return
+        err = resp.get("error")
+        if err is None:
+            fut.set_result(bool(resp.get("duplicate")))
+        elif err.get("code") == 503:
+            fut.set_exception(Transient(f"{err.get('description')} (error {err.get('err_code')})"))
+        else:
+            fut.set_exception(Rejected(f"{err.get('description')} (error {err.get('err_code')})"))
+
+    async def _sweep(self) -> None:
+        """Fail the publishes whose ack is overdue (deadlines are in publish order)."""
+        pending = self._pending
+        timeout = f"no ack within {self._ack_timeout:g} s"
+        while True:
+            await asyncio.sleep(min(0.1, self._ack_timeout / 4))
+            now = asyncio.get_running_loop().time()
+            while pending:
+                token, (fut, deadline) = next(iter(pending.items()))
+                if deadline > now:
+                    break
+                del pending[token]
+                if not fut.done():
+                    fut.set_exception(Transient(timeout))
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        pending, self._pending = self._pending, {}
+        for fut, _ in pending.values():
+            if not fut.done():
+                fut.set_exception(Transient("the connection is closing"))
+        nc, self._nc = self._nc, None
+        self.connected = False
+        if nc is not None:
+            try:
+                await asyncio.wait_for(nc.close(), 5)
+            except Exception:  # pragma: no cover - closing a broken connection
+                pass
+
+    async def _error(self, e: Exception) -> None:
+        log.debug("jetstream: %s", _reason(e))
+
+    async def _disconnected(self) -> None:
+        if self.connected:
+            log.warning("jetstream: disconnected from %s; reconnecting", ", ".join(self.cfg.servers))
+        self.connected = False
+
+    async def _reconnected(self) -> None:
+        self.connected = True
+        url = self._nc.connected_url if self._nc is not None else None
+        log.info("jetstream: connected to %s", url.netloc if url is not None else "the cluster")
