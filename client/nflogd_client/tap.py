@@ -238,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _connect(endpoints: list[str] | None, groups: list[int] | None, **keys) -> Subscriber:
+def _connect(
+    endpoints: list[str] | None, groups: list[int] | None, *, prog: str = "nflog-tap", **keys
+) -> Subscriber:
     """The Subscriber; a rejected endpoint or key raises SystemExit(2) after one line naming it."""
     try:
         return Subscriber(endpoints, groups, **keys)
@@ -261,7 +263,7 @@ def _connect(endpoints: list[str] | None, groups: list[int] | None, **keys) -> S
             probe.close(linger=0)
     where = f"endpoint {culprit!r}: " if culprit is not None else ""
     reason = zmq.strerror(err.errno) if isinstance(err, zmq.ZMQError) else err  # without "(addr=...)"
-    print(f"nflog-tap: {where}{reason}", file=sys.stderr)
+    print(f"{prog}: {where}{reason}", file=sys.stderr)
     raise SystemExit(2)
 
 
