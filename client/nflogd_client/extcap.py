@@ -39,6 +39,7 @@ from pathlib import Path
 
 from . import tap
 from .bpf import CaptureFilter, FilterError
+from .events import FeedEvents, describe
 from .pcapng import PcapngWriter
 from .reorder import Reorder
 from .subscriber import DEFAULT_ENDPOINT
@@ -295,10 +296,8 @@ def _capture(args: argparse.Namespace) -> int:
     control.send(_CMD_SET, f"capturing {endpoint} groups {args.groups or 'all'}\n")
     nflog = args.linktype == "nflog"
     written = 0
-    kernel_lost = 0
-    kernel_seen: dict[tuple[str, int], int] = {}  # (node, group) -> latest kernel_dropped
-    lost_seen: dict[tuple[str, int], int] = {}  # (node, group) -> sub.lost at the last batch
-    restarts_seen = 0
+    events = FeedEvents(sub)
+    carry: list[str] = []  # comments of batches the filter left no packet of
     reorder = Reorder(args.reorder_ms / 1000.0)
     try:
         with signals:
@@ -330,30 +329,16 @@ def _capture(args: argparse.Namespace) -> int:
                         batch = sub.recv_batch(reorder.wait(0.5))
                     finally:
                         signals.waiting = False
-                    notes = []
-                    if batch is not None:  # already accounted by the Subscriber: compare
-                        key = (batch.node, batch.group)
-                        if sub.restarts != restarts_seen:
-                            restarts_seen = sub.restarts
-                            notes.append(f"daemon {batch.node or '-'} restarted")
-                        gap = sub.lost.get(key, 0) - lost_seen.get(key, 0)
-                        lost_seen[key] = sub.lost.get(key, 0)
-                        if gap:
-                            notes.append(f"{gap} packets lost on the feed before this one")
-                        k, prev = batch.kernel_dropped, kernel_seen.get(key)
-                        kdelta = 0 if prev is None else (k - prev if k >= prev else k)  # per daemon run
-                        kernel_seen[key] = k
-                        if kdelta:
-                            kernel_lost += kdelta
-                            notes.append(f"{kdelta} packets dropped by the kernel before this one")
-                        comment = None
-                        if notes:
-                            comment = (
-                                f"nflogd: {', '.join(notes)} (node {batch.node or '-'}, group {batch.group})"
-                            )
+                    if batch is not None:
+                        comment = describe(events.after(batch), batch)
+                        if comment:
                             control.send(_CMD_ADD, comment + "\n")
                             control.send(_CMD_STATUSBAR, comment)
-                        reorder.add([p for p in batch.packets if flt is None or flt.match(p)], comment)
+                            carry.append(comment)
+                        packets = [p for p in batch.packets if flt is None or flt.match(p)]
+                        if packets:  # the comments wait for a packet to go on
+                            reorder.add(packets, "; ".join(carry) or None)
+                            carry.clear()
                     for p, comment in reorder.ready():
                         emit(p, comment)
                     out.flush()
@@ -377,8 +362,8 @@ def _capture(args: argparse.Namespace) -> int:
     trouble = []
     if sub.total_lost:
         trouble.append(f"{sub.total_lost} packets lost on the feed")
-    if kernel_lost:
-        trouble.append(f"{kernel_lost} packets dropped by the kernel")
+    if events.kernel_lost:
+        trouble.append(f"{events.kernel_lost} packets dropped by the kernel")
     if sub.restarts:
         trouble.append(f"{sub.restarts} daemon restarts")
     if sub.malformed:

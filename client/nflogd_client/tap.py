@@ -60,6 +60,8 @@ import zmq
 
 from . import __version__
 from . import subscriber as _subscriber
+from .events import FeedEvents
+from .reorder import Reorder
 from .subscriber import Subscriber
 from .wire import Packet
 
@@ -192,6 +194,16 @@ def _count(text: str) -> int:
     return n
 
 
+def _window(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 10_000:
+        raise argparse.ArgumentTypeError(f"a reordering window is 0..10000 milliseconds, got {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="nflog-tap",
@@ -215,7 +227,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="NFLOG group; repeat; default all",
     )
     ap.add_argument("-c", "--count", type=_count, metavar="COUNT", help="stop after COUNT packets")
-    ap.add_argument("-w", "--write", metavar="FILE", help="write pcap to FILE, '-' for stdout")
+    ap.add_argument(
+        "-w", "--write", metavar="FILE", help="write to FILE (pcap unless --format says), '-' for stdout"
+    )
+    ap.add_argument(
+        "--format",
+        choices=("text", "pcap", "json"),
+        help="text: a line per packet (default without -w); pcap (default with -w); "
+        "json: JSON lines, a packet, loss or restart per line (docs/json-lines.md)",
+    )
+    ap.add_argument("--payload", action="store_true", help="json: each packet's captured bytes, base64")
+    ap.add_argument(
+        "--ifnames",
+        action="store_true",
+        help="json: name interfaces by this host's indexes for every node "
+        "(default: only for the node named like this host)",
+    )
+    ap.add_argument(
+        "--reorder-ms",
+        type=_window,
+        default=0,
+        metavar="MS",
+        help="hold packets up to MS milliseconds to write several groups or daemons in time order "
+        "(default 0: off)",
+    )
     ap.add_argument(
         "--linktype",
         choices=("ip", "nflog"),
@@ -392,56 +427,84 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
             return _stats(sub, signals, sys.stdout)
         finally:
             sub.close()
+    fmt = args.format or ("text" if args.write is None else "pcap")
+    if fmt == "pcap" and args.write is None:
+        build_parser().error("--format pcap needs -w FILE (or -w - for stdout)")
+    if (args.payload or args.ifnames) and fmt != "json":
+        build_parser().error("--payload and --ifnames go with --format json")
     out = None
     try:
-        if args.write is None:
-            out = sys.stdout
+        binary = fmt == "pcap"
+        if args.write in (None, "-"):
+            out = sys.stdout.buffer if binary else sys.stdout
+        else:
+            try:
+                out = open(args.write, "wb" if binary else "w")
+            except OSError as e:
+                print(f"nflog-tap: cannot write {args.write!r}: {e.strerror}", file=sys.stderr)
+                return 1
+        on_events = None
+        if fmt == "text":
             emit = _printer(out)
             done = "printed"
-        else:
-            if args.write == "-":
-                out = sys.stdout.buffer
-            else:
-                try:
-                    out = open(args.write, "wb")
-                except OSError as e:
-                    print(f"nflog-tap: cannot write {args.write!r}: {e.strerror}", file=sys.stderr)
-                    return 1
+        elif fmt == "pcap":
             emit = _pcap_writer(out, args.linktype)
             out.flush()
             done = "written"
+        else:
+            from .jsonl import JsonLines
+
+            lines = JsonLines(out, payload=args.payload, ifnames=args.ifnames)
+            emit, on_events = lines.packet, lines.events
+            done = "written"
         n = flushed = skipped = 0  # packets emitted; of those, flushed out of this process; not written
         limit = args.count
+        events = FeedEvents(sub)
+        reorder = Reorder(args.reorder_ms / 1000)
+
+        def put(p: Packet) -> bool:
+            """Write one packet; False if the output cannot hold it (told once on stderr)."""
+            nonlocal skipped
+            if emit(p) is not False:
+                return True
+            if not skipped:
+                print(
+                    f"nflog-tap: group {p.group}: packets without payload (copy_range 0) are not "
+                    "written as LINKTYPE_RAW; --linktype nflog keeps them",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            skipped += 1
+            return False
+
         try:
             try:
                 while not signals.stop and (limit is None or n < limit):
-                    if not sub.pending():
-                        out.flush()  # before waiting: every packet received so far is out
-                        flushed = n
-                        signals.waiting = True
-                        try:
-                            if signals.stop:
-                                break
-                            p = sub.recv()
-                        finally:
-                            signals.waiting = False
-                    else:
-                        p = sub.recv()
-                    if p is None:
-                        continue
-                    if emit(p) is False:
-                        if not skipped:
-                            print(
-                                f"nflog-tap: group {p.group}: packets without payload (copy_range 0) are not "
-                                "written as LINKTYPE_RAW; --linktype nflog keeps them",
-                                file=sys.stderr,
-                                flush=True,
-                            )
-                        skipped += 1
-                        continue
-                    n += 1
+                    out.flush()  # before waiting: every packet received so far is out (per batch)
+                    flushed = n
+                    signals.waiting = True
+                    try:
+                        if signals.stop:
+                            break
+                        batch = sub.recv_batch(reorder.wait(None))
+                    finally:
+                        signals.waiting = False
+                    if batch is not None:
+                        if on_events is not None:
+                            on_events(events.after(batch))
+                        reorder.add(batch.packets)
+                    for p, _ in reorder.ready():
+                        if signals.stop or (limit is not None and n >= limit):
+                            break
+                        if put(p):
+                            n += 1
             except KeyboardInterrupt:  # a signal while waiting: nothing is half written
                 pass
+            for p, _ in reorder.drain():  # held by the window, already received
+                if limit is not None and n >= limit:
+                    break
+                if put(p):
+                    n += 1
             out.flush()
             flushed = n
         except BrokenPipeError:  # the reader went away: the end, quietly
