@@ -2,6 +2,9 @@
 
 import sys
 
-from .tap import main
+__all__: list[str] = []
 
-sys.exit(main())
+if __name__ == "__main__":
+    from .tap import main
+
+    sys.exit(main())

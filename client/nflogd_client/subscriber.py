@@ -313,13 +313,19 @@ class Subscriber:
                 msg = self._wait(deadline)
                 if msg is None:
                     return None
-            try:
-                batch = wire.decode(msg)
-            except WireError as e:
-                self._malformed(msg, e)
-                continue
-            self._account(batch)
-            return batch
+            batch = self._take(msg)
+            if batch is not None:
+                return batch
+
+    def _take(self, msg: list[bytes]) -> Batch | None:
+        """Decode and account one message; None if it is malformed (counted). Both drivers'."""
+        try:
+            batch = wire.decode(msg)
+        except WireError as e:
+            self._malformed(msg, e)
+            return None
+        self._account(batch)
+        return batch
 
     def _wait(self, deadline: float | None) -> list[bytes] | None:
         """One message, keeping the endpoint states meanwhile; None once the deadline passes."""
