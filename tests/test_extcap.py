@@ -241,3 +241,73 @@ def test_curve_feed_through_the_key_options(netns, tmp_path, home):
         assert rc == 0, err
     rows = fields(out, "nflog.res_id", "nflog.prefix")
     assert rows == [["1", PREFIX]] * 5
+
+
+# -- the control pipes, as Wireshark drives them -----------------------------------------------------
+
+
+def read_frames(fd: int, want: int, timeout: float = WAIT) -> list[tuple[int, int, str]]:
+    """Control frames (control number, command, payload) from a non-blocking pipe."""
+    import select
+
+    buf, frames = b"", []
+    deadline = time.monotonic() + timeout
+    while len(frames) < want and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.1)[0]:
+            chunk = os.read(fd, 65536)
+            buf += chunk
+        while len(buf) >= 6 and len(buf) >= 4 + int.from_bytes(buf[1:4], "big"):
+            assert buf[:1] == b"T"  # the sync pipe indication
+            n = int.from_bytes(buf[1:4], "big")
+            frames.append((buf[4], buf[5], buf[6 : 4 + n].decode()))
+            buf = buf[4 + n :]
+    return frames
+
+
+def test_control_pipes_log_loss_and_closing_stops(home, feed, tmp_path):
+    """Wireshark's side by hand: the fifo and both control pipes; the log gets the loss, and
+    closing the control pipe ends the capture with the count in the log."""
+    from feedutil import msg, rec, topics
+
+    fifo, c_in, c_out = (tmp_path / n for n in ("data", "control-in", "control-out"))
+    for path in (fifo, c_in, c_out):
+        os.mkfifo(path)
+    configure(home, feed.endpoint)
+    feed.publish_when_subscribed(
+        topics(), msg(5, rec(5, b"\x45" + b"\0" * 19)), msg(5, rec(5, b"\x45" + b"\0" * 19), first_seq=4)
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-m", "nflogd_client.extcap", "--capture", "--fifo", str(fifo),
+         "--extcap-interface", "nflogd", "--endpoint", feed.endpoint,
+         "--extcap-control-in", str(c_in), "--extcap-control-out", str(c_out)],
+        env=home, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        data = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        out = os.open(c_out, os.O_RDONLY | os.O_NONBLOCK)
+        w = wait_until(lambda: _open_writer(c_in), "the extcap's end of the control-in pipe", 30)
+        os.write(w, b"T\x00\x00\x02\x00\x00")  # Initialized, as the GUI sends once ready
+        loss = "nflogd: 3 packets lost on the feed before this one (node r1, group 5)"
+        assert read_frames(out, 3) == [
+            (0, 1, f"capturing {feed.endpoint} groups all\n"),  # Set: the log window's first line
+            (0, 2, loss + "\n"),  # Add: a line in the log window
+            (0, 6, loss),  # and the status bar
+        ]
+        os.close(w)  # Wireshark closes its end: the capture is over
+        _, err = p.communicate(timeout=WAIT)
+        assert p.returncode == 0
+        assert err == "nflogd-extcap: 2 packets captured, 3 packets lost on the feed\n"
+        assert read_frames(out, 1) == [(0, 2, "2 packets captured, 3 packets lost on the feed\n")]
+        os.close(out)
+        os.close(data)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _open_writer(path) -> int | None:
+    try:
+        return os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # ENXIO: nobody reads it yet
+        return None
