@@ -174,3 +174,16 @@ def test_same_counters_as_the_subscriber():
     assert issubclass(AsyncSubscriber, Subscriber)
     for name in ("_take", "_account", "_malformed", "_handle_refusals", "_reconnect_due", "pending", "close"):
         assert getattr(AsyncSubscriber, name) is getattr(Subscriber, name)
+
+
+def test_docs_snippet_imports_what_it_uses():
+    import ast
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "asyncio.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", text, re.S)
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.ImportFrom):
+            module = __import__(node.module, fromlist=["_"])
+            assert all(hasattr(module, a.name) for a in node.names)

@@ -311,3 +311,30 @@ def _open_writer(path) -> int | None:
         return os.open(path, os.O_WRONLY | os.O_NONBLOCK)
     except OSError:  # ENXIO: nobody reads it yet
         return None
+
+
+def test_documented_install_lines_run(tmp_path):
+    """The README's and docs/extcap.md's install blocks, as pasted, in a fresh HOME."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    for doc in ("README.md", "docs/extcap.md"):
+        blocks = [
+            b for b in re.findall(r"```sh\n(.*?)```", (root / doc).read_text(), re.S) if "nflogd-extcap" in b
+        ]
+        assert len(blocks) == 1, doc
+        h = tmp_path / doc.replace("/", "-")
+        h.mkdir()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("WIRESHARK_", "XDG_", "NFLOGD_"))}
+        env.update(HOME=str(h), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        r = subprocess.run(["sh", "-ec", blocks[0]], env=env, capture_output=True, text=True, timeout=WAIT)
+        assert r.returncode == 0, r.stderr
+        assert "nflogd (nflogd feed (any endpoint: set it in the options))" in r.stdout
+        if "nflogd-extcap.conf" in blocks[0]:
+            assert "nflogd-tcp-127-0-0-1-5555 (nflogd feed local)" in r.stdout
+    # docs/extcap.md's example nflogd-extcap.conf, as printed there.
+    (conf,) = re.findall(r"\n  ```\n(.*?)  ```", (root / "docs/extcap.md").read_text(), re.S)
+    configure(env, *(line.strip() for line in conf.splitlines()))
+    listed = tshark_interfaces(env)
+    assert "nflogd-tcp-router1-5555 (nflogd feed router1)" in listed
+    assert "nflogd-ipc-run-nflogd-relay-feed-sock (nflogd feed all routers (relay))" in listed

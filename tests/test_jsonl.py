@@ -186,3 +186,50 @@ def test_real_packets_through_jq_and_flushed_per_batch(netns, tmp_path):
         assert o["ts_kernel"] is True and o["time"].endswith("Z") and len(o["time"]) == 30
     first = packets[0]["seq"]  # what the daemon sent before the tap subscribed is not lost to it
     assert jq('select(.event == "packet") | .seq', text) == list(range(first, first + len(packets)))
+
+
+# -- the documented command lines, as pasted -------------------------------------------------------
+
+
+def documented_lines() -> list[str]:
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    for doc in ("README.md", "docs/json-lines.md"):
+        for block in re.findall(r"```sh\n(.*?)```", (root / doc).read_text(), re.S):
+            for line in block.splitlines():
+                if line.startswith("nflog-tap ") and ("--format json" in line or "--reorder-ms" in line):
+                    found.append(line)
+    return found
+
+
+@pytest.mark.parametrize("line", documented_lines())
+def test_documented_command_lines_run(line, tmp_path):
+    import os
+    import re
+
+    from feedutil import FakeFeed
+
+    feed = FakeFeed(tmp_path / "feed.sock")
+    try:
+        groups = [int(g) for g in re.findall(r"-g (\d+)", line)]
+        five = [msg(5, *[rec(5, V4)] * 10, first_seq=s) for s in (0, 10, 20, 30, 40, 53, 63, 73, 83, 93, 103)]
+        six = [msg(6, *[rec(6, V6)] * 10, first_seq=s) for s in range(0, 100, 10)]
+        feed.publish_when_subscribed(topics(*groups), *five, *six)
+        env = {**os.environ, "NFLOGD_ENDPOINT": feed.endpoint}
+        env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+        r = subprocess.run(
+            ["sh", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+    finally:
+        feed.close()
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith("nflog-tap: 100 packets written, ") and r.stderr.count("\n") == 1, r.stderr
+    if "| jq" in line:
+        assert r.stdout, line
+        if "add" in line:
+            assert r.stdout == "3\n"  # the gap after seq 50 in group 5
+    if "-w " in line:
+        out = tmp_path / line.split("-w ")[1].split()[0]
+        assert out.stat().st_size > 0
