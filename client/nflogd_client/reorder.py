@@ -12,10 +12,11 @@ timestamp::
     timeout = r.wait(1.0)               # how long a receive may block before the next is due
     for pkt, note in r.drain():         # at the end: the rest, in order
 
-A packet leaves once a packet ``window`` newer than it has arrived (by the packets'
-own clocks), or once it has waited ``window`` seconds here (by this host's clock), whichever
-is first; so the output is in time order as long as no packet arrives more than ``window``
-later than newer ones did. At most ``max_packets`` are held; beyond that the oldest goes out.
+Packets leave oldest first: the oldest held one leaves once a packet ``window`` newer than it
+has arrived (by the packets' own clocks), or once it has waited ``window`` seconds here (by
+this host's clock), whichever is first; so the output is in time order as long as no packet
+arrives more than ``window`` later than newer ones did. At most ``max_packets`` are held;
+beyond that the oldest goes out.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ Usage::
     nflog-tap --linktype nflog -w x.pcap        # with prefix, mark, ifindexes, uid, ...
     nflog-tap -e tcp://r1:5555 --server-key r1.key --client-key ~/.curve/alice.key_secret
     nflog-tap --stats                           # a live per-group view, redrawn each second
+    nflog-tap --format json | jq .              # JSON lines: packets, loss, restarts (docs/json-lines.md)
+    nflog-tap -g 5 -g 6 --reorder-ms 200 -w x.pcap  # two groups in time order
 
 ``-e`` defaults to ``$NFLOGD_ENDPOINT`` or ``ipc:///run/nflogd/feed.sock``; ``-g`` to every
 group. ``--linktype ip`` (the default) writes LINKTYPE_RAW (101): the captured IPv4/IPv6
@@ -30,6 +32,11 @@ nothing to hold them, so they are not written (said once on stderr, counted in t
 line); LINKTYPE_NFLOG writes them as the attributes without NFULA_PAYLOAD, which tcpdump
 and tshark read. Printed, such a packet shows ``no payload`` and its real length, never
 addresses: a packet whose copy ends inside the IP header shows only what was captured.
+
+``--format json`` writes a JSON object per packet, loss and restart, one per line, flushed
+per batch; ``--payload`` adds the bytes (base64), ``--ifnames`` interface names
+(``docs/json-lines.md``). ``--reorder-ms MS`` holds packets up to MS milliseconds so that
+several groups or daemons come out in time order (``nflogd_client.reorder``).
 
 ``--stats`` writes no packets: each second it redraws one line per (node, group) seen, with
 packets/s, bytes/s (real lengths), packets since it started, and the packets lost since it
@@ -525,7 +532,8 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
 
 def _stats(sub: Subscriber, signals: _Signals, out, interval: float = 1.0) -> int:
     """``--stats``: per (node, group), totals from batches, a table every ``interval`` seconds."""
-    seen: dict[tuple[str, int], list[int]] = {}  # key -> [packets, bytes, kernel lost, last kernel]
+    seen: dict[tuple[str, int], list[int]] = {}  # key -> [packets, bytes, kernel lost]
+    events = FeedEvents(sub)
     shown: dict[tuple[str, int], tuple[int, int]] = {}  # key -> (packets, bytes) at the last table
     redraw = out.isatty()
     last = time.monotonic()
@@ -546,13 +554,10 @@ def _stats(sub: Subscriber, signals: _Signals, out, interval: float = 1.0) -> in
             finally:
                 signals.waiting = False
             if batch is not None:
-                key = (batch.node, batch.group)
-                s = seen.setdefault(key, [0, 0, 0, batch.kernel_dropped])
+                s = seen.setdefault((batch.node, batch.group), [0, 0, 0])
                 s[0] += len(batch.packets)
                 s[1] += sum(p.len for p in batch.packets)
-                k = batch.kernel_dropped  # per run of the daemon: smaller after a restart
-                s[2] += k - s[3] if k >= s[3] else k
-                s[3] = k
+                s[2] += sum(e["lost"] for e in events.after(batch) if e["where"] == "kernel")
     except KeyboardInterrupt:  # a signal while waiting
         pass
     total = sum(s[0] for s in seen.values())
@@ -565,7 +570,7 @@ def _stats_table(sub: Subscriber, seen: dict, shown: dict, elapsed: float, redra
     lines = [f"nflog-tap --stats {when}", f"{'node':<16} {'group':>5} {'packets/s':>10} {'bytes/s':>11} "
              f"{'packets':>10} {'lost':>8} {'kernel':>8}"]  # fmt: skip
     for key in sorted(seen):
-        packets, nbytes, kernel, _ = seen[key]
+        packets, nbytes, kernel = seen[key]
         p0, b0 = shown.get(key, (0, 0))
         shown[key] = (packets, nbytes)
         pps, bps = (packets - p0) / elapsed, (nbytes - b0) / elapsed
