@@ -286,8 +286,13 @@ def _capture(args: argparse.Namespace) -> int:
         sub = tap._connect(
             [endpoint], groups, prog=PROG, server_public_key=server_key, client_secret_key_file=client_key
         )
-    except BaseException:
-        out.close()  # Wireshark sees the end of the capture, and shows what went to stderr
+    except UsageError as e:
+        # stderr first: Wireshark reads it once it sees the fifo end, and shows it.
+        print(f"{PROG}: {e}", file=sys.stderr, flush=True)
+        out.close()
+        return 2
+    except BaseException:  # SystemExit(2) from tap._connect, its line already on stderr
+        out.close()
         raise
     signals = tap._Signals()
     control = _Control(
@@ -352,13 +357,19 @@ def _capture(args: argparse.Namespace) -> int:
         os.dup2(devnull, out.fileno())
         os.close(devnull)
     finally:
+        # Before the fifo closes: Wireshark reads the extcap's stderr once it sees the end.
+        _summary(sub, events, written, control)
         try:
             out.close()
         except OSError:
             pass
         sub.close()
-    # Wireshark shows whatever an extcap writes to stderr as an error when the capture ends:
-    # so only loss, restarts and skipped messages go there; the log window always gets the count.
+    return 0
+
+
+def _summary(sub, events: FeedEvents, written: int, control: _Control) -> None:
+    """The count at the end. Wireshark shows whatever an extcap writes to stderr as an error:
+    only loss, restarts and skipped messages go there; the log window gets the count anyway."""
     trouble = []
     if sub.total_lost:
         trouble.append(f"{sub.total_lost} packets lost on the feed")
@@ -370,9 +381,8 @@ def _capture(args: argparse.Namespace) -> int:
         trouble.append(f"{sub.malformed} malformed messages skipped")
     summary = f"{written} packets captured" + "".join(f", {t}" for t in trouble)
     if trouble:
-        print(f"{PROG}: {summary}", file=sys.stderr)
+        print(f"{PROG}: {summary}", file=sys.stderr, flush=True)
     control.send(_CMD_ADD, summary + "\n")
-    return 0
 
 
 # -- command line ----------------------------------------------------------------------------------
