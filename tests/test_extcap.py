@@ -338,3 +338,24 @@ def test_documented_install_lines_run(tmp_path):
     listed = tshark_interfaces(env)
     assert "nflogd-tcp-router1-5555 (nflogd feed router1)" in listed
     assert "nflogd-ipc-run-nflogd-relay-feed-sock (nflogd feed all routers (relay))" in listed
+
+
+def test_reordering_option_puts_two_groups_in_time_order(netns, tmp_path, home):
+    """Group 1 cut every 200 ms, group 2 every 10 ms: frames step back in time without a
+    window, and never with the option's 500 ms, given through tshark's -o."""
+    log_rules(netns)
+    groups = [{"group": 1, "flush_ms": 200, "queue_threshold": 1000}, {"group": 2, "flush_ms": 10}]
+    least = {}
+    with NflogdProcess(netns, tmp_path / "d", groups=groups) as d:
+        configure(home, d.endpoint)
+        iface = iface_of(home, d.endpoint)
+        for window in ("0", "500"):
+            out = tmp_path / f"window{window}.pcapng"
+            opt = f"extcap.{iface.replace('-', '_')}.reorderms:{window}"
+            rc, err = capture(netns, home, iface, 300, out, "-o", opt)
+            assert rc == 0, err
+            rows = fields(out, "nflog.res_id", "frame.time_delta")
+            assert len(rows) == 300 and {r[0] for r in rows} == {"1", "2"}
+            least[window] = min(float(r[1]) for r in rows)
+    assert least["0"] < -0.05  # a group-1 batch, up to 200 ms older than group 2's last packet
+    assert least["500"] >= 0
