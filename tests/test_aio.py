@@ -94,8 +94,14 @@ def test_cancellation_loses_nothing_and_the_loop_keeps_running(netns, tmp_path):
             while len(rest) < 2:
                 rest.append(await sub.recv(timeout=5))
             assert payloads([x, *rest]) == [b"x", b"y", b"z"] and sub.total_lost == 0
-            t.cancel()
+            # Closed while a recv waits: that recv ends, cancelled, and the socket is closed.
+            waiting = asyncio.create_task(sub.recv())
+            await asyncio.sleep(0.1)
             sub.close()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(waiting, 5)
+            assert sub.closed
+            t.cancel()
 
         asyncio.run(main())
 
@@ -172,7 +178,7 @@ def test_curve_refused_then_admitted(netns, tmp_path):
 def test_same_counters_as_the_subscriber():
     """Not a copy: every counter and the accounting come from Subscriber itself."""
     assert issubclass(AsyncSubscriber, Subscriber)
-    for name in ("_take", "_account", "_malformed", "_handle_refusals", "_reconnect_due", "pending", "close"):
+    for name in ("_take", "_account", "_malformed", "_handle_refusals", "_reconnect_due", "pending", "_connect"):
         assert getattr(AsyncSubscriber, name) is getattr(Subscriber, name)
 
 

@@ -17,15 +17,18 @@ decoding and the per-(node, group) accounting (``lost``, ``kernel_dropped``, ``r
 ``malformed``, ``received``), the packets of a batch handed out one by one, and the CURVE
 refusal handling (``refused``, a new attempt every ``AUTH_RETRY_S`` while ``recv`` waits).
 
+The socket is the Subscriber's own; the event loop waits on a ``zmq.asyncio`` shadow of it.
 Cancelling a ``recv`` (``task.cancel()``, ``asyncio.wait_for``) loses nothing: a message is
-taken off the socket only once it is there, and then without waiting. ``context`` is a
-``zmq.asyncio.Context`` (default: its process-wide instance) or a plain ``zmq.Context``,
-which is shadowed. One AsyncSubscriber belongs to one event loop.
+taken off the socket only once it is there, and then returned without another wait. ``recv``
+lets the loop's other tasks run once per message, also while messages keep coming.
+``context`` is a ``zmq.Context`` (default: the process-wide instance) or a
+``zmq.asyncio.Context``, whose plain shadow is used. One AsyncSubscriber belongs to one event
+loop.
 """
 
 from __future__ import annotations
 
-import itertools
+import asyncio
 import time
 
 import zmq
@@ -39,28 +42,19 @@ __all__ = ["AsyncSubscriber"]
 #: With CURVE, seconds between looks at the socket monitor (refusals) while ``recv`` waits.
 CURVE_TICK_S = 0.25
 
-_monitor_ids = itertools.count()
-
 
 class AsyncSubscriber(Subscriber):
     """``Subscriber`` (same arguments, same counters) with ``await recv()``, ``await recv_batch()``,
     ``async for`` and ``async with``."""
 
     def __init__(self, endpoints=None, groups=None, *, context: zmq.Context | None = None, **kw):
-        if context is None:
-            context = zmq.asyncio.Context.instance()
-        elif not isinstance(context, zmq.asyncio.Context):
-            context = zmq.asyncio.Context.shadow(context.underlying)
+        if isinstance(context, zmq.asyncio.Context):  # its sockets are asyncio's: take the plain kind
+            context = zmq.Context.shadow(context.underlying)
         super().__init__(endpoints, groups, context=context, **kw)
-
-    def _open_monitor(self, events: int) -> zmq.Socket:
-        # A plain PAIR socket on the same context: the Subscriber's refusal handling reads it
-        # without waiting, between the event loop's polls of the SUB socket.
-        addr = f"inproc://nflogd-client-monitor-{id(self)}-{next(_monitor_ids)}"
-        self.socket.monitor(addr, events)
-        mon = zmq.Context.shadow(self.socket.context.underlying).socket(zmq.PAIR)
-        mon.connect(addr)
-        return mon
+        # The Subscriber's own plain socket does everything but the wait: a shadow of it, on
+        # the running event loop, is what ``recv`` awaits (libzmq's ZMQ_FD in the loop).
+        self._waiter = zmq.asyncio.Socket.shadow(self.socket.underlying)
+        self._polling = None  # the wait under way, cancelled by close()
 
     async def recv(self, timeout: float | None = None) -> Packet | None:  # type: ignore[override]
         """The next packet, or ``None`` after ``timeout`` seconds (``None``: wait forever)."""
@@ -86,23 +80,30 @@ class AsyncSubscriber(Subscriber):
     async def _next_message(self, deadline: float | None) -> Batch | None:  # type: ignore[override]
         sock = self.socket
         while True:
+            # Let the loop's other tasks run once per message, even while messages flow, and
+            # before one is taken off the socket: a cancellation here loses nothing.
+            await asyncio.sleep(0)
             if self._monitor is not None:
                 self._handle_refusals()
                 self._reconnect_due()
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if self._monitor is not None:
-                wait = CURVE_TICK_S if wait is None else min(wait, CURVE_TICK_S)
-            events = await sock.poll(None if wait is None else int(wait * 1000 + 0.999), zmq.POLLIN)
-            if events & zmq.POLLIN:
+            try:
+                msg = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if self._monitor is not None:  # CURVE: look at refusals now and then
+                    wait = CURVE_TICK_S if wait is None else min(wait, CURVE_TICK_S)
+                ms = None if wait is None else int(wait * 1000 + 0.999)
+                self._polling = self._waiter.poll(ms, zmq.POLLIN)
                 try:
-                    msg = await sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:  # pragma: no cover - poll said readable
-                    continue
-                batch = self._take(msg)
-                if batch is not None:
-                    return batch
-            elif deadline is not None and time.monotonic() >= deadline:
-                return None
+                    ready = await self._polling
+                finally:
+                    self._polling = None
+                if not ready and deadline is not None and time.monotonic() >= deadline:
+                    return None
+                continue
+            batch = self._take(msg)  # no await between taking the message and returning it
+            if batch is not None:
+                return batch
 
     def __iter__(self):
         raise TypeError("AsyncSubscriber: use 'async for pkt in sub'")
@@ -118,3 +119,9 @@ class AsyncSubscriber(Subscriber):
 
     async def __aexit__(self, *exc) -> None:
         self.close()
+
+    def close(self, linger: int = 0) -> None:
+        """Close the socket; a ``recv`` waiting meanwhile raises ``asyncio.CancelledError``."""
+        if self._polling is not None:
+            self._polling.cancel()
+        Subscriber.close(self, linger)
