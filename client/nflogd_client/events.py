@@ -9,7 +9,8 @@ Subscriber's counters before and after each batch::
     for e in events.after(batch):     # in this order: restart, feed loss, kernel loss
         print(e)    # {"event": "loss", "where": "feed", "node": "r1", "group": 5, "lost": 3}
 
-Events are dicts with the keys of ``docs/json-lines.md``: ``event`` ("restart" or "loss"),
+State is kept for the (node, group)s the Subscriber keeps (its ``max_nodes``). Events are
+dicts with the keys of ``docs/json-lines.md``: ``event`` ("restart" or "loss"),
 ``node``, ``group`` (of the batch that showed it), ``where`` ("feed" or "kernel"; None for
 a restart) and ``lost`` (packets; None for a restart). Kernel drops
 are the daemon's ``kernel_dropped`` header field, counted from the second batch of a
@@ -29,10 +30,17 @@ class FeedEvents:
         self._kernel: dict[tuple[str, int], int] = {}
         #: Kernel drops seen over every (node, group), from the events so far.
         self.kernel_lost = 0
+        self._evicted = getattr(sub, "evicted", 0)
 
     def after(self, batch) -> list[dict]:
         """The events of ``batch``, which the Subscriber has just returned (and accounted)."""
         sub = self._sub
+        evicted = getattr(sub, "evicted", 0)
+        if evicted != self._evicted:  # the Subscriber forgot nodes (max_nodes): so do we
+            self._evicted = evicted
+            for key in [k for k in self._kernel if k not in sub.lost]:
+                self._kernel.pop(key)
+                self._lost.pop(key, None)
         node, group = batch.node, batch.group
         key = (node, group)
         events = []
