@@ -178,7 +178,8 @@ def test_curve_refused_then_admitted(netns, tmp_path):
 def test_same_counters_as_the_subscriber():
     """Not a copy: every counter and the accounting come from Subscriber itself."""
     assert issubclass(AsyncSubscriber, Subscriber)
-    for name in ("_take", "_account", "_malformed", "_handle_refusals", "_reconnect_due", "pending", "_connect"):
+    shared = ("_take", "_account", "_malformed", "_handle_refusals", "_reconnect_due", "pending", "_connect")
+    for name in shared:
         assert getattr(AsyncSubscriber, name) is getattr(Subscriber, name)
 
 
