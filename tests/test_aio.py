@@ -178,7 +178,7 @@ def test_curve_refused_then_admitted(netns, tmp_path):
 def test_same_counters_as_the_subscriber():
     """Not a copy: every counter and the accounting come from Subscriber itself."""
     assert issubclass(AsyncSubscriber, Subscriber)
-    shared = ("_take", "_account", "_malformed", "_handle_refusals", "_reconnect_due", "pending", "_connect")
+    shared = ("_take", "_account", "_malformed", "_update", "_poll_ms", "pending", "_connect", "endpoints")
     for name in shared:
         assert getattr(AsyncSubscriber, name) is getattr(Subscriber, name)
 
@@ -194,3 +194,29 @@ def test_docs_snippet_imports_what_it_uses():
         if isinstance(node, ast.ImportFrom):
             module = __import__(node.module, fromlist=["_"])
             assert all(hasattr(module, a.name) for a in node.names)
+
+
+def test_endpoint_state_kept_while_awaiting(netns, tmp_path):
+    """sub.endpoints as on a Subscriber, kept up by the awaiting recv: connecting with the
+    cause while no daemon is there, connected once it is, connecting again after it stops."""
+    d = NflogdProcess(netns, tmp_path / "d", groups=[1])
+
+    async def state(sub, want: str, error: str | None = None):
+        deadline = time.monotonic() + 10
+        while True:
+            st = sub.endpoints[d.endpoint]
+            if st.state == want and (error is None or (st.error and error in st.error)):
+                return st
+            assert time.monotonic() < deadline, st
+            await sub.recv(timeout=0.1)
+
+    async def main():
+        async with AsyncSubscriber(d.endpoint, groups=[1]) as sub:
+            st = await state(sub, "connecting", "no such socket")
+            assert st.connects == 0
+            with d:
+                st = await state(sub, "connected")
+                assert st.error is None and st.connects == 1
+            await state(sub, "connecting")
+
+    asyncio.run(main())

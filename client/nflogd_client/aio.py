@@ -14,8 +14,9 @@
 ``zmq.asyncio.Socket`` is a ``zmq.Socket`` whose ``recv`` returns a future. Everything else
 is the Subscriber's own code, not a copy: the arguments (endpoints, groups, CURVE keys), the
 decoding and the per-(node, group) accounting (``lost``, ``kernel_dropped``, ``restarts``,
-``malformed``, ``received``), the packets of a batch handed out one by one, and the CURVE
-refusal handling (``refused``, a new attempt every ``AUTH_RETRY_S`` while ``recv`` waits).
+``malformed``, ``received``), the packets of a batch handed out one by one, and each
+endpoint's state (``endpoints``: connecting, connected or refused, and why; ``refused``; a
+new attempt every ``AUTH_RETRY_S`` after a refusal), kept while ``recv`` waits.
 
 The socket is the Subscriber's own; the event loop waits on a ``zmq.asyncio`` shadow of it.
 Cancelling a ``recv`` (``task.cancel()``, ``asyncio.wait_for``) loses nothing: a message is
@@ -39,8 +40,8 @@ from .wire import Batch, Packet
 
 __all__ = ["AsyncSubscriber"]
 
-#: With CURVE, seconds between looks at the socket monitor (refusals) while ``recv`` waits.
-CURVE_TICK_S = 0.25
+#: Seconds between looks at the socket monitor (connections, refusals) while ``recv`` waits.
+MONITOR_TICK_S = 0.25
 
 
 class AsyncSubscriber(Subscriber):
@@ -83,22 +84,19 @@ class AsyncSubscriber(Subscriber):
             # Let the loop's other tasks run once per message, even while messages flow, and
             # before one is taken off the socket: a cancellation here loses nothing.
             await asyncio.sleep(0)
-            if self._monitor is not None:
-                self._handle_refusals()
-                self._reconnect_due()
             try:
                 msg = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if self._monitor is not None:  # CURVE: look at refusals now and then
-                    wait = CURVE_TICK_S if wait is None else min(wait, CURVE_TICK_S)
-                ms = None if wait is None else int(wait * 1000 + 0.999)
-                self._polling = self._waiter.poll(ms, zmq.POLLIN)
+                self._update()  # the Subscriber's endpoint states: monitor events, probes, retries
+                ms = self._poll_ms(deadline)
+                tick = int(MONITOR_TICK_S * 1000)  # the monitor's socket is not awaited: look again
+                self._polling = self._waiter.poll(tick if ms is None else min(ms, tick), zmq.POLLIN)
                 try:
                     ready = await self._polling
                 finally:
                     self._polling = None
                 if not ready and deadline is not None and time.monotonic() >= deadline:
+                    self._update()
                     return None
                 continue
             batch = self._take(msg)  # no await between taking the message and returning it

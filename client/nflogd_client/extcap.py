@@ -37,7 +37,7 @@ import sys
 import threading
 from pathlib import Path
 
-from . import tap
+from . import __version__, tap
 from .bpf import CaptureFilter, FilterError
 from .events import FeedEvents, describe
 from .pcapng import PcapngWriter
@@ -47,7 +47,7 @@ from .subscriber import DEFAULT_ENDPOINT
 __all__ = ["CONFIG_NAME", "GENERIC", "config_dir", "interfaces", "main"]
 
 PROG = "nflogd-extcap"
-VERSION = "0.1.0"
+VERSION = __version__
 #: The interface whose options dialog takes any endpoint.
 GENERIC = "nflogd"
 #: The file, in Wireshark's configuration folder, that lists endpoints as interfaces.
@@ -394,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The nflogd feed as a Wireshark/tshark capture interface (extcap).",
         epilog=f"Interfaces: {GENERIC}, and one per endpoint in <Wireshark config>/{CONFIG_NAME}.",
     )
+    ap.add_argument("--version", action="version", version=f"{PROG} {VERSION}")
     ap.add_argument("--install", action="store_true", help="install into Wireshark's personal extcap folder")
     ap.add_argument("--system", action="store_true", help="with --install: the system extcap folder")
     ap.add_argument("--extcap-dir", metavar="DIR", help="with --install: this folder instead")
