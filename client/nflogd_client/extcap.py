@@ -28,6 +28,7 @@ without loss writes nothing to stderr.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import shutil
@@ -43,6 +44,8 @@ from .events import FeedEvents, describe
 from .pcapng import PcapngWriter
 from .reorder import Reorder
 from .subscriber import DEFAULT_ENDPOINT
+
+_package = __name__.rpartition(".")[0]  # nflogd_client: its loggers
 
 __all__ = ["CONFIG_NAME", "GENERIC", "config_dir", "interfaces", "main"]
 
@@ -265,6 +268,17 @@ class _Control:
         self._write(frame)
 
 
+class _ControlLog(logging.Handler):
+    """The client's warnings (an endpoint away, refused, back) as lines of the log window too."""
+
+    def __init__(self, control: _Control) -> None:
+        super().__init__(logging.INFO)
+        self._control = control
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._control.send(_CMD_ADD, record.getMessage() + "\n")
+
+
 def _capture(args: argparse.Namespace) -> int:
     name, default_ep, _ = _find(args.extcap_interface)
     try:
@@ -299,6 +313,13 @@ def _capture(args: argparse.Namespace) -> int:
         args.extcap_control_in, args.extcap_control_out, lambda: setattr(signals, "stop", True)
     )
     control.send(_CMD_SET, f"capturing {endpoint} groups {args.groups or 'all'}\n")
+    # The client's lines about endpoints (away, refused, back): in the log window, and the
+    # warnings on stderr too, which Wireshark shows when the capture ends.
+    client_log = logging.getLogger(_package)
+    client_log.addHandler(_ControlLog(control))
+    to_stderr = logging.StreamHandler(sys.stderr)
+    to_stderr.setLevel(logging.WARNING)
+    client_log.addHandler(to_stderr)
     nflog = args.linktype == "nflog"
     written = 0
     events = FeedEvents(sub)
