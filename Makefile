@@ -9,9 +9,11 @@ CONFIG ?= etc/nflogd.yaml
 # Debian packages. To run: the NFLOG and netlink libraries with headers, a compiler and
 # Python headers for the CFFI module. For the tests also: nft and ip, tcpdump for the bench
 # and (with tshark) to read back nflog-tap's pcap files, systemd for systemd-analyze verify
-# and systemd-sysusers on the unit files, iptables for the rules in docs/operations.md.
+# and systemd-sysusers on the unit files, iptables for the rules in docs/operations.md, jq to
+# read back nflog-tap's JSON lines. tcpdump and tshark bring libpcap, which compiles
+# nflogd-extcap's capture filters.
 RUN_DEBS := libnetfilter-log-dev libmnl-dev gcc libc6-dev pkg-config python3-dev python3-venv
-TEST_DEBS := nftables iproute2 tcpdump tshark systemd iptables
+TEST_DEBS := nftables iproute2 tcpdump tshark systemd iptables jq
 DEBS := $(RUN_DEBS) $(TEST_DEBS)
 # promtool checks contrib/prometheus/: taken out of Debian's prometheus package into the venv,
 # since installing that package would also enable and start a Prometheus server.
@@ -24,7 +26,7 @@ DEV_PKGS := pytest pytest-timeout hypothesis ruff
 APT := apt-get -o DPkg::Lock::Timeout=600
 SOURCES := pyproject.toml setup.py scapy_nflog.py nflog_cffi.py client/pyproject.toml client/nflogd_client/VERSION nflogd/_nflog.h nflogd/_nflog.c nflogd/_feed.c nflogd/ffi_build.py
 
-.PHONY: all deps run-deps debs run-debs run test check bench bench-debs profile clean deb deb-tools test-system
+.PHONY: all deps run-deps debs run-debs run test check bench bench-debs profile clean deb deb-tools test-system extcap-install
 all: test
 
 # install-debs PACKAGES: apt-get install those of PACKAGES that are missing
@@ -95,6 +97,12 @@ bench: deps bench-debs
 
 profile: deps bench-debs
 	$(VPY) bench/profile.py
+
+# make extcap-install: nflogd-extcap into this user's Wireshark extcap folder (tshark -G folders);
+# EXTCAP_ARGS=--system for the system folder (as root), or EXTCAP_ARGS="--extcap-dir DIR".
+EXTCAP_ARGS ?=
+extcap-install: $(VENV)/.installed
+	$(VENV)/bin/nflogd-extcap --install $(EXTCAP_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info client/*.egg-info nflogd/_nflog_cffi*.so

@@ -28,7 +28,7 @@ def test_one_version_for_both_packages():
     assert importlib.metadata.version("nflogd") == importlib.metadata.version("nflogd-client") == VERSION
 
 
-@pytest.mark.parametrize("command", ["nflogd", "nflogd-relay", "nflogd-keygen", "nflog-tap"])
+@pytest.mark.parametrize("command", ["nflogd", "nflogd-relay", "nflogd-keygen", "nflog-tap", "nflogd-extcap"])
 def test_every_command_has_version(command):
     cmd = tap_command() if command == "nflog-tap" else [str(BIN / command)]
     r = subprocess.run([*cmd, "--version"], capture_output=True, text=True, timeout=60)

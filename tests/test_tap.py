@@ -376,3 +376,15 @@ def test_stats_excludes_writing(procs):
     p = run_tap(procs, "-e", "ipc:///tmp/nflog-tap-unused.sock", "--stats", "-w", "x.pcap")
     out, err = finish(p)
     assert p.returncode == 2 and "--stats writes and counts no packets" in err
+
+
+def test_python_dash_m_nflogd_client_is_nflog_tap(feed, procs):
+    feed.publish_when_subscribed(topics(5), msg(5, rec(5, V4)))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "nflogd_client", "-e", feed.endpoint, "-g", "5", "-c", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    procs.append(p)
+    out, err = finish(p)
+    assert p.returncode == 0 and err == "nflog-tap: 1 packets printed, 0 lost\n"
+    assert " r1 group 5 seq 0 len 38 IP / UDP 192.0.2.1:40000 > 198.51.100.2:40001" in out.decode()

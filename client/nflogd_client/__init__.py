@@ -1,8 +1,9 @@
 """Client library for the nflogd feed.
 
-``Subscriber`` gives raw packets (``Packet``, in ``Batch``es) with loss accounting;
-``ZMQNFLOGSocket`` and ``install_zmq_listener`` give scapy packets. The scapy names are
-loaded on first use, so importing this package does not import scapy.
+``Subscriber`` gives raw packets (``Packet``, in ``Batch``es) with loss accounting, and
+``AsyncSubscriber`` the same to asyncio programs; ``ZMQNFLOGSocket`` and
+``install_zmq_listener`` give scapy packets. Those three are loaded on first use, so
+importing this package imports neither scapy nor asyncio.
 """
 
 from importlib import import_module as _import_module
@@ -16,6 +17,7 @@ from .subscriber import DEFAULT_ENDPOINT, Subscriber
 from .wire import Batch, Packet, WireError
 
 __all__ = [
+    "AsyncSubscriber",
     "DEFAULT_ENDPOINT",
     "Batch",
     "EndpointStatus",
@@ -26,8 +28,9 @@ __all__ = [
     "install_zmq_listener",
 ]
 
-# Public names that live in modules importing scapy: name -> module, imported on first access.
+# Public names that live in modules importing scapy or asyncio: name -> module, imported on first access.
 _LAZY = {
+    "AsyncSubscriber": "aio",
     "ZMQNFLOGSocket": "scapy_socket",
     "install_zmq_listener": "scapy_socket",
 }

@@ -313,30 +313,26 @@ class Subscriber:
                 msg = self._wait(deadline)
                 if msg is None:
                     return None
-            try:
-                batch = wire.decode(msg)
-            except WireError as e:
-                self._malformed(msg, e)
-                continue
-            self._account(batch)
-            return batch
+            batch = self._take(msg)
+            if batch is not None:
+                return batch
+
+    def _take(self, msg: list[bytes]) -> Batch | None:
+        """Decode and account one message; None if it is malformed (counted). Both drivers'."""
+        try:
+            batch = wire.decode(msg)
+        except WireError as e:
+            self._malformed(msg, e)
+            return None
+        self._account(batch)
+        return batch
 
     def _wait(self, deadline: float | None) -> list[bytes] | None:
         """One message, keeping the endpoint states meanwhile; None once the deadline passes."""
         sock = self.socket
-        tracker = self._tracker
         while True:
             self._update()
-            now = time.monotonic()
-            waits = [] if deadline is None else [deadline - now]
-            due = tracker.timeout(now)
-            if due is not None:
-                waits.append(due)
-            check = self._prober.due_at()
-            if check is not None:
-                waits.append(check - now)
-            timeout = None if not waits else max(0, int(min(waits) * 1000 + 0.999))
-            ready = dict(self._poller.poll(timeout))
+            ready = dict(self._poller.poll(self._poll_ms(deadline)))
             if sock in ready:
                 try:
                     return sock.recv_multipart(zmq.NOBLOCK)
@@ -345,6 +341,19 @@ class Subscriber:
             if deadline is not None and time.monotonic() >= deadline:
                 self._update()
                 return None
+
+    def _poll_ms(self, deadline: float | None) -> int | None:
+        """Milliseconds to wait: until the deadline, an endpoint's next due reconnect or state
+        change, or a probe's result, whichever is first; None: no limit. Both drivers'."""
+        now = time.monotonic()
+        waits = [] if deadline is None else [deadline - now]
+        due = self._tracker.timeout(now)
+        if due is not None:
+            waits.append(due)
+        check = self._prober.due_at()
+        if check is not None:
+            waits.append(check - now)
+        return None if not waits else max(0, int(min(waits) * 1000 + 0.999))
 
     def _update(self) -> None:
         """Apply the monitor's events, run the probes and reconnects that are due."""

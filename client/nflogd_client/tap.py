@@ -10,6 +10,8 @@ Usage::
     nflog-tap --linktype nflog -w x.pcap        # with prefix, mark, ifindexes, uid, ...
     nflog-tap -e tcp://r1:5555 --server-key r1.key --client-key ~/.curve/alice.key_secret
     nflog-tap --stats                           # a live per-group view, redrawn each second
+    nflog-tap --format json | jq .              # JSON lines: packets, loss, restarts (docs/json-lines.md)
+    nflog-tap -g 5 -g 6 --reorder-ms 200 -w x.pcap  # two groups in time order
 
 ``-e`` defaults to ``$NFLOGD_ENDPOINT`` or ``ipc:///run/nflogd/feed.sock``; ``-g`` to every
 group. ``--linktype ip`` (the default) writes LINKTYPE_RAW (101): the captured IPv4/IPv6
@@ -30,6 +32,11 @@ nothing to hold them, so they are not written (said once on stderr, counted in t
 line); LINKTYPE_NFLOG writes them as the attributes without NFULA_PAYLOAD, which tcpdump
 and tshark read. Printed, such a packet shows ``no payload`` and its real length, never
 addresses: a packet whose copy ends inside the IP header shows only what was captured.
+
+``--format json`` writes a JSON object per packet, loss and restart, one per line, flushed
+per batch; ``--payload`` adds the bytes (base64), ``--ifnames`` interface names
+(``docs/json-lines.md``). ``--reorder-ms MS`` holds packets up to MS milliseconds so that
+several groups or daemons come out in time order (``nflogd_client.reorder``).
 
 ``--stats`` writes no packets: each second it redraws one line per (node, group) seen, with
 packets/s, bytes/s (real lengths), packets since it started, and the packets lost since it
@@ -61,6 +68,8 @@ import zmq
 from . import __version__
 from . import jetstream as _jetstream
 from . import subscriber as _subscriber
+from .events import FeedEvents
+from .reorder import Reorder
 from .subscriber import Subscriber
 from .wire import Packet
 
@@ -193,6 +202,16 @@ def _count(text: str) -> int:
     return n
 
 
+def _window(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 10_000:
+        raise argparse.ArgumentTypeError(f"a reordering window is 0..10000 milliseconds, got {text!r}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="nflog-tap",
@@ -216,7 +235,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="NFLOG group; repeat; default all",
     )
     ap.add_argument("-c", "--count", type=_count, metavar="COUNT", help="stop after COUNT packets")
-    ap.add_argument("-w", "--write", metavar="FILE", help="write pcap to FILE, '-' for stdout")
+    ap.add_argument(
+        "-w", "--write", metavar="FILE", help="write to FILE (pcap unless --format says), '-' for stdout"
+    )
+    ap.add_argument(
+        "--format",
+        choices=("text", "pcap", "json"),
+        help="text: a line per packet (default without -w); pcap (default with -w); "
+        "json: JSON lines, a packet, loss or restart per line (docs/json-lines.md)",
+    )
+    ap.add_argument("--payload", action="store_true", help="json: each packet's captured bytes, base64")
+    ap.add_argument(
+        "--ifnames",
+        action="store_true",
+        help="json: name interfaces by this host's indexes for every node "
+        "(default: only for the node named like this host)",
+    )
+    ap.add_argument(
+        "--reorder-ms",
+        type=_window,
+        default=0,
+        metavar="MS",
+        help="hold packets up to MS milliseconds to write several groups or daemons in time order "
+        "(default 0: off)",
+    )
     ap.add_argument(
         "--linktype",
         choices=("ip", "nflog"),
@@ -239,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _connect(endpoints: list[str] | None, groups: list[int] | None, **keys) -> Subscriber:
+def _connect(
+    endpoints: list[str] | None, groups: list[int] | None, *, prog: str = "nflog-tap", **keys
+) -> Subscriber:
     """The Subscriber; a rejected endpoint or key raises SystemExit(2) after one line naming it."""
     if endpoints and any(_jetstream.is_jetstream_endpoint(e) for e in endpoints):
         return _connect_stream(endpoints, groups, **keys)
@@ -264,7 +308,7 @@ def _connect(endpoints: list[str] | None, groups: list[int] | None, **keys) -> S
             probe.close(linger=0)
     where = f"endpoint {culprit!r}: " if culprit is not None else ""
     reason = zmq.strerror(err.errno) if isinstance(err, zmq.ZMQError) else err  # without "(addr=...)"
-    print(f"nflog-tap: {where}{reason}", file=sys.stderr)
+    print(f"{prog}: {where}{reason}", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -409,56 +453,84 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
             return _stats(sub, signals, sys.stdout)
         finally:
             sub.close()
+    fmt = args.format or ("text" if args.write is None else "pcap")
+    if fmt == "pcap" and args.write is None:
+        build_parser().error("--format pcap needs -w FILE (or -w - for stdout)")
+    if (args.payload or args.ifnames) and fmt != "json":
+        build_parser().error("--payload and --ifnames go with --format json")
     out = None
     try:
-        if args.write is None:
-            out = sys.stdout
+        binary = fmt == "pcap"
+        if args.write in (None, "-"):
+            out = sys.stdout.buffer if binary else sys.stdout
+        else:
+            try:
+                out = open(args.write, "wb" if binary else "w")
+            except OSError as e:
+                print(f"nflog-tap: cannot write {args.write!r}: {e.strerror}", file=sys.stderr)
+                return 1
+        on_events = None
+        if fmt == "text":
             emit = _printer(out)
             done = "printed"
-        else:
-            if args.write == "-":
-                out = sys.stdout.buffer
-            else:
-                try:
-                    out = open(args.write, "wb")
-                except OSError as e:
-                    print(f"nflog-tap: cannot write {args.write!r}: {e.strerror}", file=sys.stderr)
-                    return 1
+        elif fmt == "pcap":
             emit = _pcap_writer(out, args.linktype)
             out.flush()
             done = "written"
+        else:
+            from .jsonl import JsonLines
+
+            lines = JsonLines(out, payload=args.payload, ifnames=args.ifnames)
+            emit, on_events = lines.packet, lines.events
+            done = "written"
         n = flushed = skipped = 0  # packets emitted; of those, flushed out of this process; not written
         limit = args.count
+        events = FeedEvents(sub)
+        reorder = Reorder(args.reorder_ms / 1000)
+
+        def put(p: Packet) -> bool:
+            """Write one packet; False if the output cannot hold it (told once on stderr)."""
+            nonlocal skipped
+            if emit(p) is not False:
+                return True
+            if not skipped:
+                print(
+                    f"nflog-tap: group {p.group}: packets without payload (copy_range 0) are not "
+                    "written as LINKTYPE_RAW; --linktype nflog keeps them",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            skipped += 1
+            return False
+
         try:
             try:
                 while not signals.stop and (limit is None or n < limit):
-                    if not sub.pending():
-                        out.flush()  # before waiting: every packet received so far is out
-                        flushed = n
-                        signals.waiting = True
-                        try:
-                            if signals.stop:
-                                break
-                            p = sub.recv()
-                        finally:
-                            signals.waiting = False
-                    else:
-                        p = sub.recv()
-                    if p is None:
-                        continue
-                    if emit(p) is False:
-                        if not skipped:
-                            print(
-                                f"nflog-tap: group {p.group}: packets without payload (copy_range 0) are not "
-                                "written as LINKTYPE_RAW; --linktype nflog keeps them",
-                                file=sys.stderr,
-                                flush=True,
-                            )
-                        skipped += 1
-                        continue
-                    n += 1
+                    out.flush()  # before waiting: every packet received so far is out (per batch)
+                    flushed = n
+                    signals.waiting = True
+                    try:
+                        if signals.stop:
+                            break
+                        batch = sub.recv_batch(reorder.wait(None))
+                    finally:
+                        signals.waiting = False
+                    if batch is not None:
+                        if on_events is not None:
+                            on_events(events.after(batch))
+                        reorder.add(batch.packets)
+                    for p, _ in reorder.ready():
+                        if signals.stop or (limit is not None and n >= limit):
+                            break
+                        if put(p):
+                            n += 1
             except KeyboardInterrupt:  # a signal while waiting: nothing is half written
                 pass
+            for p, _ in reorder.drain():  # held by the window, already received
+                if limit is not None and n >= limit:
+                    break
+                if put(p):
+                    n += 1
             out.flush()
             flushed = n
         except BrokenPipeError:  # the reader went away: the end, quietly
@@ -479,7 +551,8 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
 
 def _stats(sub: Subscriber, signals: _Signals, out, interval: float = 1.0) -> int:
     """``--stats``: per (node, group), totals from batches, a table every ``interval`` seconds."""
-    seen: dict[tuple[str, int], list[int]] = {}  # key -> [packets, bytes, kernel lost, last kernel]
+    seen: dict[tuple[str, int], list[int]] = {}  # key -> [packets, bytes, kernel lost]
+    events = FeedEvents(sub)
     shown: dict[tuple[str, int], tuple[int, int]] = {}  # key -> (packets, bytes) at the last table
     redraw = out.isatty()
     last = time.monotonic()
@@ -500,13 +573,10 @@ def _stats(sub: Subscriber, signals: _Signals, out, interval: float = 1.0) -> in
             finally:
                 signals.waiting = False
             if batch is not None:
-                key = (batch.node, batch.group)
-                s = seen.setdefault(key, [0, 0, 0, batch.kernel_dropped])
+                s = seen.setdefault((batch.node, batch.group), [0, 0, 0])
                 s[0] += len(batch.packets)
                 s[1] += sum(p.len for p in batch.packets)
-                k = batch.kernel_dropped  # per run of the daemon: smaller after a restart
-                s[2] += k - s[3] if k >= s[3] else k
-                s[3] = k
+                s[2] += sum(e["lost"] for e in events.after(batch) if e["where"] == "kernel")
     except KeyboardInterrupt:  # a signal while waiting
         pass
     total = sum(s[0] for s in seen.values())
@@ -519,7 +589,7 @@ def _stats_table(sub: Subscriber, seen: dict, shown: dict, elapsed: float, redra
     lines = [f"nflog-tap --stats {when}", f"{'node':<16} {'group':>5} {'packets/s':>10} {'bytes/s':>11} "
              f"{'packets':>10} {'lost':>8} {'kernel':>8}"]  # fmt: skip
     for key in sorted(seen):
-        packets, nbytes, kernel, _ = seen[key]
+        packets, nbytes, kernel = seen[key]
         p0, b0 = shown.get(key, (0, 0))
         shown[key] = (packets, nbytes)
         pps, bps = (packets - p0) / elapsed, (nbytes - b0) / elapsed

@@ -1,0 +1,79 @@
+"""What each batch a Subscriber accounted changed: feed loss, kernel drops, daemon restarts.
+
+The Subscriber sums loss per (node, group); an output that shows loss where it happened
+(a JSON line, a pcapng comment) needs it per batch. ``FeedEvents`` compares the
+Subscriber's counters before and after each batch::
+
+    events = FeedEvents(sub)
+    batch = sub.recv_batch(1.0)
+    for e in events.after(batch):     # in this order: restart, feed loss, kernel loss
+        print(e)    # {"event": "loss", "where": "feed", "node": "r1", "group": 5, "lost": 3}
+
+State is kept for the (node, group)s the Subscriber keeps (its ``max_nodes``). Events are
+dicts with the keys of ``docs/json-lines.md``: ``event`` ("restart" or "loss"),
+``node``, ``group`` (of the batch that showed it), ``where`` ("feed" or "kernel"; None for
+a restart) and ``lost`` (packets; None for a restart). Kernel drops
+are the daemon's ``kernel_dropped`` header field, counted from the second batch of a
+(node, group) on (the first sets the baseline), per daemon run.
+"""
+
+from __future__ import annotations
+
+__all__ = ["FeedEvents", "describe"]
+
+
+class FeedEvents:
+    def __init__(self, sub) -> None:
+        self._sub = sub
+        self._restarts = sub.restarts
+        self._lost: dict[tuple[str, int], int] = dict(sub.lost)
+        self._kernel: dict[tuple[str, int], int] = {}
+        #: Kernel drops seen over every (node, group), from the events so far.
+        self.kernel_lost = 0
+        self._evicted = getattr(sub, "evicted", 0)
+
+    def after(self, batch) -> list[dict]:
+        """The events of ``batch``, which the Subscriber has just returned (and accounted)."""
+        sub = self._sub
+        evicted = getattr(sub, "evicted", 0)
+        if evicted != self._evicted:  # the Subscriber forgot nodes (max_nodes): so do we
+            self._evicted = evicted
+            for key in [k for k in self._kernel if k not in sub.lost]:
+                self._kernel.pop(key)
+                self._lost.pop(key, None)
+        node, group = batch.node, batch.group
+        key = (node, group)
+        events = []
+        if sub.restarts != self._restarts:
+            self._restarts = sub.restarts
+            events.append({"event": "restart", "node": node, "group": group, "where": None, "lost": None})
+        lost = sub.lost.get(key, 0)
+        gap = lost - self._lost.get(key, 0)
+        self._lost[key] = lost
+        if gap > 0:
+            events.append({"event": "loss", "where": "feed", "node": node, "group": group, "lost": gap})
+        k, prev = batch.kernel_dropped, self._kernel.get(key)
+        self._kernel[key] = k
+        if prev is not None:
+            delta = k - prev if k >= prev else k  # smaller: a new daemon run counts from 0
+            if delta > 0:
+                self.kernel_lost += delta
+                events.append(
+                    {"event": "loss", "where": "kernel", "node": node, "group": group, "lost": delta}
+                )
+        return events
+
+
+def describe(events: list[dict], batch) -> str | None:
+    """One line for people (a pcapng comment, a log window) on ``batch``; None without events."""
+    if not events:
+        return None
+    parts = []
+    for e in events:
+        if e["event"] == "restart":
+            parts.append(f"daemon {e['node'] or '-'} restarted")
+        elif e["where"] == "feed":
+            parts.append(f"{e['lost']} packets lost on the feed before this one")
+        else:
+            parts.append(f"{e['lost']} packets dropped by the kernel before this one")
+    return f"nflogd: {', '.join(parts)} (node {batch.node or '-'}, group {batch.group})"
