@@ -137,7 +137,7 @@ def test_install_enables_and_starts_nflogd_not_the_relay(machine, debs):
     assert status_word(m, "nflogd-relay") == "inactive"
     conffiles = m.run("dpkg-query", "-W", "-f", "${Conffiles}", "nflogd").stdout
     assert "/etc/nflogd.yaml" in conffiles and "/etc/nflogd-relay.yaml" in conffiles
-    for page in ("nflogd", "nflogd-relay", "nflogd-keygen", "nflog-tap"):
+    for page in ("nflogd", "nflogd-relay", "nflogd-keygen", "nflog-tap", "nflogd-extcap"):
         m.run("test", "-s", f"/usr/share/man/man1/{page}.1.gz")
     for f in ("grafana/nflogd.json", "prometheus/nflogd.rules.yml"):
         m.run("test", "-s", f"/usr/share/nflogd/{f}")
