@@ -136,14 +136,16 @@ for i in range(n):
 """
 
 
-def test_reading_goes_on_while_another_thread_holds_the_gil(netns, ctx, tmp_path):
-    """A group with a receive buffer of one kernel batch loses nothing while a Python thread
-    keeps the GIL for seconds: the C loop reads and sends without it."""
+def under_a_gil_hog(netns, ctx, tmp_path, c_sender: bool, count: int = 3000) -> tuple[int, GroupReader]:
+    """``count`` packets at 1,500/s from another process to a group whose receive buffer holds
+    one kernel batch, while this thread keeps the GIL for 2.5 s; then one more packet (a drop
+    shows once the group's next packet arrives). Returns (packets on the feed, the reader)."""
     netns.log_rule(GROUP, match="udp dport 9999")
     with netns.entered():
         reader = GroupReader(GroupConfig(group=GROUP, rcvbuf=4096, queue_threshold=8, flush_ms=10))
         pub, sub = feed(ctx, tmp_path)
-    count = 3000
+    if not c_sender:
+        pub.cfeed = None
     old = sys.getswitchinterval()
     try:
         loop = CaptureLoop(reader, pub, on_error=lambda: None)
@@ -155,43 +157,26 @@ def test_reading_goes_on_while_another_thread_holds_the_gil(netns, ctx, tmp_path
             pass
         sys.setswitchinterval(old)
         assert sender.wait(10) == 0
-        got = sum(len(wire.decode(m).packets) for m in messages(sub, count))
+        netns.send_udp([b"last"])
+        got = sum(len(wire.decode(m).packets) for m in messages(sub, count + 1, deadline=5))
         loop.stop()
     finally:
         sys.setswitchinterval(old)
         sub.close(linger=0)
         pub.close(linger=0)
         reader.close()
-    assert (got, reader.counters.kernel_dropped, reader.counters.overflows) == (count, 0, 0)
+    return got, reader
+
+
+def test_reading_goes_on_while_another_thread_holds_the_gil(netns, ctx, tmp_path):
+    """The C loop reads and sends without the GIL: nothing is lost."""
+    got, reader = under_a_gil_hog(netns, ctx, tmp_path, c_sender=True)
+    assert (got, reader.counters.kernel_dropped, reader.counters.overflows) == (3001, 0, 0)
 
 
 def test_fallback_python_loop_loses_packets_when_the_gil_is_held(netns, ctx, tmp_path):
-    """The same load through the Python sender: it needs the GIL for every batch, so the
-    kernel drops, and every drop is counted (read + dropped == sent)."""
-    netns.log_rule(GROUP, match="udp dport 9999")
-    with netns.entered():
-        reader = GroupReader(GroupConfig(group=GROUP, rcvbuf=4096, queue_threshold=8, flush_ms=10))
-        pub, sub = feed(ctx, tmp_path)
-    pub.cfeed = None
-    count = 3000
-    old = sys.getswitchinterval()
-    try:
-        loop = CaptureLoop(reader, pub, on_error=lambda: None)
-        loop.start()
-        sender = netns.popen(sys.executable, "-c", SENDER, str(count), "1500")
-        sys.setswitchinterval(1.0)
-        end = time.monotonic() + 2.5
-        while time.monotonic() < end:
-            pass
-        sys.setswitchinterval(old)
-        assert sender.wait(10) == 0
-        netns.send_udp([b"last"])  # a drop shows once the group's next packet arrives
-        got = sum(len(wire.decode(m).packets) for m in messages(sub, count + 1, deadline=3))
-        loop.stop()
-    finally:
-        sys.setswitchinterval(old)
-        sub.close(linger=0)
-        pub.close(linger=0)
-        reader.close()
+    """The Python sender needs the GIL for every batch, so the kernel drops, and every drop
+    is counted (read + dropped == sent)."""
+    got, reader = under_a_gil_hog(netns, ctx, tmp_path, c_sender=False)
     assert reader.counters.kernel_dropped > 0
-    assert got + reader.counters.kernel_dropped == count + 1
+    assert got + reader.counters.kernel_dropped == 3001
