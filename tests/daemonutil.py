@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 from typing import Callable
@@ -53,6 +55,34 @@ def nflogd_command() -> list[str]:
     if NFLOGD.exists():
         return [str(NFLOGD)]
     return [sys.executable, "-m", "nflogd"]
+
+
+#: What a run of the daemon does not import: left out of readable_runtime()'s copy.
+_NOT_RUNTIME = (
+    "pip", "setuptools", "_distutils_hack", "pkg_resources", "ruff", "hypothesis", "_hypothesis",
+    "pytest", "_pytest", "pygments", "__editable__", "iniconfig", "pluggy", "packaging",
+)  # fmt: skip
+
+
+def readable_runtime(dest: Path) -> tuple[list[str], dict[str, str]]:
+    """``python -m nflogd`` from a copy of the checkout's packages and the venv's runtime
+    libraries in ``dest``, for a daemon started as an unprivileged user: the checkout may
+    live under a directory only root can enter (a clone into ``mktemp -d``). Returns the
+    command and the environment it needs. ``dest`` must be readable by that user."""
+    site = dest / "site"
+    venv_site = Path(sysconfig.get_paths()["purelib"])
+    for entry in venv_site.iterdir():
+        if entry.name.startswith(_NOT_RUNTIME) or entry.name == "__pycache__":
+            continue
+        copy = shutil.copytree if entry.is_dir() else shutil.copy2
+        copy(entry, site / entry.name, **({"symlinks": True} if entry.is_dir() else {}))
+    ignore = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(REPO / "nflogd", site / "nflogd", ignore=ignore)
+    shutil.copytree(REPO / "client" / "nflogd_client", site / "nflogd_client", ignore=ignore)
+    for d in [dest, *(p for p in site.rglob("*") if p.is_dir())]:
+        d.chmod(0o755)
+    python = os.path.realpath(sys.executable)
+    return [python, "-s", "-m", "nflogd"], {"PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def relay_command() -> list[str]:
@@ -125,7 +155,8 @@ class NflogdProcess:
     ``groups``: group numbers or mappings as the config's ``groups`` takes them.
     ``metrics``: serve metrics on 127.0.0.1:``METRICS_PORT`` (in the namespace) or not.
     ``extra``: more top-level config keys, merged over the generated ones (a ``publish``
-    mapping replaces the generated one entirely). ``env``: added to the environment.
+    mapping replaces the generated one entirely). ``env``: added to the environment; ``cwd``:
+    where it runs (default: the checkout).
     """
 
     #: Names the config and stderr files in ``workdir``.
@@ -143,6 +174,7 @@ class NflogdProcess:
         extra: dict | None = None,
         args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        cwd: Path | None = None,
         log_level: str = "debug",
         ready_timeout: float = 10.0,
         stop_timeout: float = 5.0,
@@ -155,6 +187,7 @@ class NflogdProcess:
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics" if metrics else None
         self.args = args
         self.env = env or {}
+        self.cwd = cwd if cwd is not None else REPO
         self.log_level = log_level
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
@@ -198,7 +231,7 @@ class NflogdProcess:
         cmd = [*self.command(), "-c", str(self.config_path), "--log-level", self.log_level, *self.args]
         with open(self._stderr_path, "ab") as err:
             self.proc = self.netns.popen(
-                *cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env, cwd=str(REPO)
+                *cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env, cwd=str(self.cwd)
             )
         if wait_ready:
             try:

@@ -245,13 +245,15 @@ def test_service_user_with_cap_sys_admin_at_start(netns, other, monkeypatch):
     caps = "+net_admin,+sys_admin"
     setpriv = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", f"--inh-caps=-all,{caps}",
                f"--ambient-caps={caps}", f"--bounding-set=-all,{caps}", "--"]  # fmt: skip
-    plain = daemonutil.nflogd_command
-    monkeypatch.setattr(daemonutil, "nflogd_command", lambda: [*setpriv, *plain()])
     workdir = Path(tempfile.mkdtemp(prefix="nflogd-unit-", dir="/tmp"))
     try:
+        # nobody runs a copy: the checkout may be under a directory only root can enter
+        runtime, env = daemonutil.readable_runtime(workdir / "runtime")
+        monkeypatch.setattr(daemonutil, "nflogd_command", lambda: [*setpriv, *runtime])
         os.chmod(workdir, 0o755)
         os.chown(workdir, 65534, 65534)
-        with NflogdProcess(other, workdir, groups=[{"group": 3, "netns": netns.name}]) as d:
+        groups = [{"group": 3, "netns": netns.name}]
+        with NflogdProcess(other, workdir, groups=groups, env=env, cwd=workdir) as d:
             status = dict(
                 line.split(":", 1) for line in Path(f"/proc/{d.pid}/status").read_text().splitlines()
             )
