@@ -1,4 +1,5 @@
 import pytest
+import zmq
 from feedutil import FakeFeed
 from nsutil import NetNS
 
@@ -21,3 +22,13 @@ def feed(tmp_path):
         yield f
     finally:
         f.close()
+
+
+@pytest.fixture
+def ctx():
+    """A ZeroMQ context, destroyed after the test (closing any socket a failing test left open)."""
+    context = zmq.Context()
+    try:
+        yield context
+    finally:
+        context.destroy(linger=0)

@@ -114,3 +114,18 @@ class FakeFeed:
         finally:
             self.pub.close(linger=0)
             self.ctx.term()
+
+
+def collect(sub, until, timeout: float = 15.0, *, batches: bool = False) -> list:
+    """Packets (or, with ``batches``, whole Batches) from a Subscriber until ``until(got)``
+    holds or ``timeout`` seconds pass."""
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while not until(got) and time.monotonic() < deadline:
+        batch = sub.recv_batch(timeout=0.05)
+        if batch is not None:
+            if batches:
+                got.append(batch)
+            else:
+                got.extend(batch.packets)
+    return got

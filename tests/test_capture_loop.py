@@ -24,13 +24,6 @@ pytestmark = pytest.mark.timeout(60)
 GROUP = 7
 
 
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
-
-
 def feed(ctx, tmp_path, node: str = "r1"):
     """A Publisher on an ipc endpoint and a SUB socket it has seen subscribe."""
     ep = f"ipc://{tmp_path}/feed.sock"

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import zmq
 from daemonutil import NflogdProcess
+from feedutil import collect
 from nflogd_client import Subscriber, tap, wire
 from nflogd_client.scapy_socket import ZMQNFLOGSocket, install_zmq_listener
 from scapy.compat import raw
@@ -116,13 +117,6 @@ def capture(netns):
 
 
 @pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
-
-
-@pytest.fixture
 def closing():
     """Clients (Subscriber, ZMQNFLOGSocket, Rogue) a test opens: closed afterwards, whatever happened."""
     opened: list = []
@@ -167,17 +161,6 @@ def send(netns, group: int, n: int, tag: str = "", size: int = 0) -> list[bytes]
         netns.send_udp([p], "127.0.0.1" if i % 2 == 0 else "::1", PORT[group])
         payloads.append(p)
     return payloads
-
-
-def collect(sub: Subscriber, until, timeout: float = WAIT) -> list[wire.Packet]:
-    """Packets from ``sub`` until ``until(packets)`` holds or the timeout passes."""
-    got: list[wire.Packet] = []
-    deadline = time.monotonic() + timeout
-    while not until(got) and time.monotonic() < deadline:
-        batch = sub.recv_batch(timeout=0.05)
-        if batch is not None:
-            got.extend(batch.packets)
-    return got
 
 
 def metric(d: NflogdProcess, name: str, group: int) -> int:
@@ -231,8 +214,8 @@ def test_subscriber_per_group_gets_exactly_its_packets(netns, daemon, capture, c
         sent[g] += send(netns, g, n, tag="again", size=BIG if g == 3 else 0)
     total = sum(len(v) for v in sent.values())
 
-    got = {g: collect(subs[g], lambda ps, g=g: len(ps) >= len(sent[g])) for g in (1, 2, 3)}
-    got_all = collect(every, lambda ps: len(ps) >= total)
+    got = {g: collect(subs[g], lambda ps, g=g: len(ps) >= len(sent[g]), WAIT) for g in (1, 2, 3)}
+    got_all = collect(every, lambda ps: len(ps) >= total, WAIT)
     # Nothing more: another group's batch would have arrived by now (or shows in `got` already).
     for i, sub in enumerate((*subs.values(), every)):
         assert sub.recv(timeout=0 if i else 0.2) is None
@@ -553,7 +536,7 @@ def test_rogue_publisher_garbage_is_counted_and_real_packets_arrive(
     t.start()
     if client == "Subscriber":
         got = collect(
-            sub, lambda ps: sum(p.node == NODE for p in ps) >= n and any(p.node == "rogue" for p in ps)
+            sub, lambda ps: sum(p.node == NODE for p in ps) >= n and any(p.node == "rogue" for p in ps), WAIT
         )
     else:
         pkts = sniff(opened_socket=sock, count=n + 1, timeout=WAIT)
@@ -578,16 +561,6 @@ def test_rogue_publisher_garbage_is_counted_and_real_packets_arrive(
 # -- the daemon restarted under a running client -------------------------------------------------------
 
 
-def collect_batches(sub: Subscriber, until, timeout: float = WAIT) -> list[wire.Batch]:
-    got: list[wire.Batch] = []
-    deadline = time.monotonic() + timeout
-    while not until(got) and time.monotonic() < deadline:
-        batch = sub.recv_batch(timeout=0.05)
-        if batch is not None:
-            got.append(batch)
-    return got
-
-
 def packets(batches, group: int) -> list[wire.Packet]:
     return [p for b in batches if b.group == group for p in b.packets]
 
@@ -603,7 +576,7 @@ def test_daemon_restart_midstream_client_resumes_and_counts_the_gap(
     wait_subscribed(d, before, 2)
     send(netns, 1, 4, tag="first")
     send(netns, 2, 4, tag="first")
-    old = collect_batches(sub, lambda bs: sum(len(b.packets) for b in bs) >= 8)
+    old = collect(sub, lambda bs: sum(len(b.packets) for b in bs) >= 8, WAIT, batches=True)
     assert [len(packets(old, g)) for g in (1, 2)] == [4, 4]
     old_epoch = {b.epoch for b in old}
     assert len(old_epoch) == 1 and sub.lost == {(NODE, 1): 0, (NODE, 2): 0}
@@ -623,7 +596,7 @@ def test_daemon_restart_midstream_client_resumes_and_counts_the_gap(
     deadline = time.monotonic() + WAIT
     while not packets(new, 1) and time.monotonic() < deadline:
         sent[1] += len(send(netns, 1, 1, tag="resume"))
-        new += collect_batches(sub, lambda bs: bool(bs), timeout=0.1)
+        new += collect(sub, lambda bs: bool(bs), timeout=0.1, batches=True)
     assert packets(new, 1), f"the client did not resume; stderr:\n{d.stderr}"
     wait_subscribed(d, before, 2)  # both groups' subscriptions came back with the reconnection
     sent[1] += len(send(netns, 1, 5, tag="after"))
@@ -636,7 +609,7 @@ def test_daemon_restart_midstream_client_resumes_and_counts_the_gap(
         every = new + bs
         return all(len(packets(every, g)) + sub.lost[(NODE, g)] >= published[g] for g in (1, 2))
 
-    new += collect_batches(sub, accounted)
+    new += collect(sub, accounted, WAIT, batches=True)
     assert {b.epoch for b in new}.isdisjoint(old_epoch) and len({b.epoch for b in new}) == 1
     assert sub.restarts == 1  # one node, one restart, though two groups saw it
     for g in (1, 2):

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import zmq
 from daemonutil import (
     REPO,
     DaemonError,
@@ -31,13 +30,6 @@ from nsutil import SteadyTraffic
 from nflogd.sdnotify import Notifier
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
 
 
 def by_group(batches) -> dict[int, list]:

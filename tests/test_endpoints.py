@@ -54,13 +54,6 @@ def warnings_for(caplog, endpoint: str) -> list[str]:
     ]
 
 
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
-
-
 # -- malformed endpoints ------------------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ import time
 import pytest
 import zmq
 from daemonutil import REPO, NflogdProcess, wait_until
+from feedutil import collect
 from nflogd_client import Subscriber, wire
 from nsutil import SteadyTraffic
 
@@ -48,13 +49,6 @@ def flood(netns, flood_bin: str, count: int, rate: float = 0, port: int = 9999, 
     """Send ``count`` UDP datagrams to 127.0.0.1:port in the namespace (rate 0: flat out)."""
     res = netns.run(flood_bin, str(count), str(rate), "127.0.0.1", str(port), str(size), timeout=120)
     return json.loads(res.stdout)["sent"]
-
-
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
 
 
 def open_fds(pid: int) -> int:
@@ -149,17 +143,6 @@ class FeedCounter(threading.Thread):
         self.sock.close(linger=0)
         if self.error is not None:
             raise self.error
-
-
-def collect(sub: Subscriber, until, timeout: float = 15.0) -> list:
-    """Packets from a Subscriber until ``until(packets)`` or the timeout."""
-    got: list = []
-    deadline = time.monotonic() + timeout
-    while not until(got) and time.monotonic() < deadline:
-        batch = sub.recv_batch(timeout=0.1)
-        if batch is not None:
-            got.extend(batch.packets)
-    return got
 
 
 # -- overload ---------------------------------------------------------------------------------

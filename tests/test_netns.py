@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import zmq
 from daemonutil import NflogdProcess, packet_count, receive
 from nsutil import NetNS
 
@@ -45,13 +44,6 @@ def other():
         yield ns
     finally:
         ns.close()
-
-
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
 
 
 # -- nflogd.netns -----------------------------------------------------------------

@@ -18,13 +18,6 @@ from nflogd.publish import Publisher
 pytestmark = pytest.mark.timeout(30)
 
 
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
-
-
 def batch(group: int, n: int, tag: bytes = b"", size: int = 0):
     pkts = [
         wire.Packet.build(group, (b"%s#%d " % (tag, i)).ljust(size, b"."), ts_ns=10**18 + i, mark=i)

@@ -81,13 +81,6 @@ def lab():
         one.close()
 
 
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
-
-
 def daemon(
     router: NetNS, workdir: Path, i: int, *, groups=(1,), publish: dict | None = None
 ) -> NflogdProcess:

@@ -31,13 +31,6 @@ NET_ADMIN = 1 << 12
 KEYGEN = Path(sys.executable).parent / "nflogd-keygen"
 
 
-@pytest.fixture
-def ctx():
-    c = zmq.Context()
-    yield c
-    c.destroy(linger=0)
-
-
 def keygen(directory: Path, name: str) -> tuple[Path, Path]:
     out = subprocess.run(
         [str(KEYGEN), str(directory), name], capture_output=True, text=True, check=True, timeout=20

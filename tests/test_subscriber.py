@@ -72,15 +72,6 @@ class Publisher:
 
 
 @pytest.fixture
-def ctx():
-    context = zmq.Context()
-    try:
-        yield context
-    finally:
-        context.destroy(linger=0)  # closes any socket a failing test left open
-
-
-@pytest.fixture
 def endpoint(tmp_path):
     def make(name: str = "feed") -> str:
         ep = f"ipc://{tmp_path}/{name}.sock"
