@@ -188,8 +188,29 @@ def settle(ns: NetNS, sent: dict) -> dict:
     return sent | {"sent": sent["sent"] + 1}
 
 
+class BenchNS(NetNS):
+    """The run's namespace; ``close()`` also ends every process started in it that still runs
+    (a reader left behind when a part fails half-way)."""
+
+    def __init__(self):
+        super().__init__("nflbench")
+        self.procs: list[subprocess.Popen] = []
+
+    def popen(self, *cmd: str, **kw) -> subprocess.Popen:
+        proc = super().popen(*cmd, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        super().close()
+
+
 def namespace(ulogd: bool = False) -> NetNS:
-    ns = NetNS("nflbench")
+    ns = BenchNS()
     also = f" log group {ULOGD}" if ulogd else ""
     ns.nft(
         "table inet bench {\n  chain c {\n    type filter hook output priority 0;\n"
@@ -273,6 +294,8 @@ class Daemon:
         if latency:
             cmd.append("--latency")
         self.sub = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        if isinstance(ns, BenchNS):
+            ns.procs.append(self.sub)  # outside the namespace, but ended with it all the same
         wait_line(self.sub, self.sub.stdout, "^ready")
         self.cpu0 = cpu_seconds(self.proc.pid)
 
@@ -312,7 +335,7 @@ def bench_groups(args) -> list[dict]:
     vs one tcpdump per group. Packets captured per second and CPU per packet of each side."""
     rows = []
     for n in (1, 2, 4):
-        ns = NetNS("nflbench")
+        ns = BenchNS()
         ours_groups = [10 + i for i in range(n)]
         rules = "".join(f"    udp dport {9999 - i} log group {10 + i} log group {20 + i}\n" for i in range(n))
         ns.nft(
