@@ -53,7 +53,7 @@ from collections.abc import Iterable, Iterator
 from urllib.parse import parse_qs
 
 from . import stream, wire
-from .subscriber import _topics
+from .subscriber import _BatchCursor, _topics
 from .wire import Batch, Packet, WireError
 
 __all__ = ["JetStreamSubscriber", "is_jetstream_endpoint", "parse_endpoint", "DEFAULT_STREAM"]
@@ -216,7 +216,7 @@ class _Account:
         return False
 
 
-class JetStreamSubscriber:
+class JetStreamSubscriber(_BatchCursor):
     """Packets from a JetStream stream of the feed, with ``Subscriber``'s accounting (module doc).
 
     ``servers``: a ``nats://`` endpoint as the module docstring writes it, or a list of
@@ -320,41 +320,6 @@ class JetStreamSubscriber:
         return f"{','.join(self.servers)}/{self.stream}"
 
     # -- receiving ---------------------------------------------------------------------------
-
-    def recv(self, timeout: float | None = None) -> Packet | None:
-        """The next packet, or ``None`` after ``timeout`` seconds (``None``: wait forever)."""
-        batch = self._batch
-        if batch is not None:
-            i = self._index
-            if i < len(batch.packets):
-                self._index = i + 1
-                return batch.packets[i]
-            self._batch = None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            batch = self._next_message(deadline)
-            if batch is None:
-                return None
-            if batch.packets:
-                self._batch = batch
-                self._index = 1
-                return batch.packets[0]
-
-    def recv_batch(self, timeout: float | None = None) -> Batch | None:
-        """One whole message as a ``Batch`` (what ``recv()`` left of one first), or ``None``."""
-        batch = self._batch
-        if batch is not None:
-            self._batch = None
-            i = self._index
-            if i < len(batch.packets):
-                rest = batch.packets[i:]
-                return Batch(batch.group, batch.node, batch.epoch, rest[0].seq, batch.kernel_dropped, rest)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        return self._next_message(deadline)
-
-    def pending(self) -> int:
-        batch = self._batch
-        return 0 if batch is None else len(batch.packets) - self._index
 
     def queued(self) -> int:
         """Messages fetched and waiting for ``recv()`` (for select loops: there is no socket)."""

@@ -170,7 +170,64 @@ def _server_key(what: str, value) -> bytes:
         raise curve.KeyFileError(f"{what}: {e}") from None
 
 
-class Subscriber:
+class _BatchCursor:
+    """``recv()``, ``recv_batch()`` and ``pending()`` over whole messages, for every reader of
+    the feed: a subclass gives ``_next_message(deadline)``, the next decoded and accounted
+    message or ``None`` once ``deadline`` (a ``time.monotonic()`` value, ``None``: never)
+    has passed, and sets ``_batch = None`` and ``_index = 0`` in its constructor."""
+
+    _batch: Batch | None  # the batch recv() is serving
+    _index: int  # its next packet
+
+    def _next_message(self, deadline: float | None) -> Batch | None:
+        raise NotImplementedError
+
+    def recv(self, timeout: float | None = None) -> Packet | None:
+        """The next packet, or ``None`` after ``timeout`` seconds (``None``: wait forever).
+
+        Packets of a batch already received are returned first, without touching the socket.
+        """
+        batch = self._batch
+        if batch is not None:
+            packets = batch.packets
+            i = self._index
+            if i < len(packets):
+                self._index = i + 1
+                return packets[i]
+            self._batch = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            batch = self._next_message(deadline)
+            if batch is None:
+                return None
+            if batch.packets:
+                self._batch = batch
+                self._index = 1
+                return batch.packets[0]
+
+    def recv_batch(self, timeout: float | None = None) -> Batch | None:
+        """One whole message as a ``Batch``, or ``None`` after ``timeout`` seconds.
+
+        If ``recv()`` left part of a batch, that part comes first, as a ``Batch`` whose
+        ``first_seq`` is its first packet's. A message may carry no packets.
+        """
+        batch = self._batch
+        if batch is not None:
+            self._batch = None
+            i = self._index
+            if i < len(batch.packets):
+                rest = batch.packets[i:]
+                return Batch(batch.group, batch.node, batch.epoch, rest[0].seq, batch.kernel_dropped, rest)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._next_message(deadline)
+
+    def pending(self) -> int:
+        """Packets received but not yet returned by ``recv()``."""
+        batch = self._batch
+        return 0 if batch is None else len(batch.packets) - self._index
+
+
+class Subscriber(_BatchCursor):
     """Packets from one or more nflogd feeds, with per-(node, group) loss accounting.
 
     ``endpoints``: a ZeroMQ endpoint or a list of them (``ipc://...``, ``tcp://host:port``);
@@ -253,50 +310,6 @@ class Subscriber:
         self._index = 0  # its next packet
 
     # -- receiving ---------------------------------------------------------------------------
-
-    def recv(self, timeout: float | None = None) -> Packet | None:
-        """The next packet, or ``None`` after ``timeout`` seconds (``None``: wait forever).
-
-        Packets of a batch already received are returned first, without touching the socket.
-        """
-        batch = self._batch
-        if batch is not None:
-            packets = batch.packets
-            i = self._index
-            if i < len(packets):
-                self._index = i + 1
-                return packets[i]
-            self._batch = None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            batch = self._next_message(deadline)
-            if batch is None:
-                return None
-            if batch.packets:
-                self._batch = batch
-                self._index = 1
-                return batch.packets[0]
-
-    def recv_batch(self, timeout: float | None = None) -> Batch | None:
-        """One whole message as a ``Batch``, or ``None`` after ``timeout`` seconds.
-
-        If ``recv()`` left part of a batch, that part comes first, as a ``Batch`` whose
-        ``first_seq`` is its first packet's. A message may carry no packets.
-        """
-        batch = self._batch
-        if batch is not None:
-            self._batch = None
-            i = self._index
-            if i < len(batch.packets):
-                rest = batch.packets[i:]
-                return Batch(batch.group, batch.node, batch.epoch, rest[0].seq, batch.kernel_dropped, rest)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        return self._next_message(deadline)
-
-    def pending(self) -> int:
-        """Packets received but not yet returned by ``recv()``."""
-        batch = self._batch
-        return 0 if batch is None else len(batch.packets) - self._index
 
     def __iter__(self) -> Iterator[Packet]:
         """Every packet, forever (``recv(None)``)."""
