@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "_nflog.h"
 
@@ -73,6 +74,7 @@ struct nflogd_feed {
     uint16_t node_len;
     uint64_t sent;    /* messages handed to ZeroMQ */
     uint64_t unsent;  /* messages a socket refused (EAGAIN) */
+    int wake_fd;      /* >= 0: the control loop waits; the next send writes it once */
 };
 
 struct nflogd_feed *nflogd_feed_new(uint64_t epoch)
@@ -82,6 +84,7 @@ struct nflogd_feed *nflogd_feed_new(uint64_t epoch)
         return NULL;
     pthread_mutex_init(&f->lock, NULL);
     f->epoch = epoch;
+    f->wake_fd = -1;
     return f;
 }
 
@@ -122,6 +125,12 @@ int nflogd_feed_set_node(struct nflogd_feed *f, const char *node, uint32_t len)
     memcpy(f->node, node, len);
     f->node_len = (uint16_t)len;
     return 0;
+}
+
+/* The caller holds the lock. */
+void nflogd_feed_wake_on_send(struct nflogd_feed *f, int fd)
+{
+    f->wake_fd = fd;
 }
 
 uint64_t nflogd_feed_sent(struct nflogd_feed *f)
@@ -212,6 +221,13 @@ static int send_batch(struct nflogd_feed *f, struct nflogd_reader *r, uint32_t c
         __atomic_add_fetch(&f->sent, 1, __ATOMIC_RELAXED);
     else if (rc == 0)
         __atomic_add_fetch(&f->unsent, 1, __ATOMIC_RELAXED);
+    if (f->wake_fd >= 0) {  /* the send may have taken the ZMQ_FD event the loop waits on */
+        uint64_t one = 1;
+        if (write(f->wake_fd, &one, sizeof(one)) < 0) {
+            /* EAGAIN: the counter is already non-zero, so the loop wakes all the same */
+        }
+        f->wake_fd = -1;
+    }
     return rc;
 }
 

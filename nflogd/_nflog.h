@@ -150,9 +150,12 @@ int nflogd_feed_set_sockets(struct nflogd_feed *f, void *first, void *second);
 int nflogd_feed_set_node(struct nflogd_feed *f, const char *node, uint32_t len);
 uint64_t nflogd_feed_sent(struct nflogd_feed *f);
 uint64_t nflogd_feed_unsent(struct nflogd_feed *f);
+/* Under the lock: the control loop is about to wait for events only. The next message
+ * sent writes 1 to the eventfd fd (once), so that the loop looks at the sockets again. */
+void nflogd_feed_wake_on_send(struct nflogd_feed *f, int fd);
 
 /* Read r and send each batch on f (NULL: read and count only) as one wire-format message,
- * first_seq from r->feed_seq, until a read gets nothing within timeout_ms or nflogd_wake()
+ * first_seq from r->feed_seq, until a read gets nothing within timeout_ms (-1: no end) or nflogd_wake()
  * was called (0), an overrun was counted (1: the caller warns and calls again), or an
  * error (-errno). Runs without the GIL. */
 int nflogd_pump(struct nflogd_reader *r, struct nflogd_feed *f, int timeout_ms);

@@ -158,11 +158,12 @@ class GroupReader:
         table, data = sock.views(n) if not copy else (sock.table(n), sock.data())
         return Batch(self.group, n, table, data, sock.batch_bytes, sock.batch_truncated)
 
-    def pump(self, feed, timeout: float) -> None:
+    def pump(self, feed, timeout: float | None) -> None:
         """Read and send every batch on ``feed`` (a ``ffi.CFeed``; None only counts) in C,
-        until a read gets nothing within ``timeout`` seconds or ``wake()`` is called. The
-        feed's ``first_seq`` continues from ``feed_seq``; overruns are warned about here."""
-        if self._sock.pump(feed, math.ceil(timeout * 1000)):
+        until a read gets nothing within ``timeout`` seconds (None: no end) or ``wake()`` is
+        called. The feed's ``first_seq`` continues from ``feed_seq``; overruns are warned
+        about here."""
+        if self._sock.pump(feed, -1 if timeout is None else math.ceil(timeout * 1000)):
             self._overflowed()
 
     @property

@@ -12,12 +12,12 @@ Each ``CaptureLoop`` owns one ``GroupReader`` and sends every batch it reads on 
 With ``publisher.cfeed`` (pyzmq's libzmq shared with the C sender, the usual case) the
 thread spends its life in C with the GIL released: ``nflogd_pump`` waits for the kernel,
 parses a whole receive buffer, builds the message and sends it under the feed's mutex,
-batch after batch, and comes back to Python only when the group is idle for ``WAIT_S``,
-on ``stop()`` or to warn of an overrun. Without it, each batch comes back to Python and
-goes out through ``Publisher.publish`` (the same bytes). Either way the groups are read
-in parallel, and nothing the control thread does (subscriptions, monitor events, a
-metrics scrape, a reload) delays a read: the control thread shares only the feed's lock,
-which it holds for a bounded time.
+batch after batch, and comes back to Python only on ``stop()`` or to warn of an overrun:
+an idle group costs no wake-ups. Without it, each batch comes back to Python and goes
+out through ``Publisher.publish`` (the same bytes), with a wait of at most ``WAIT_S``.
+Either way the groups are read in parallel, and nothing the control thread does
+(subscriptions, monitor events, a metrics scrape, a reload) delays a read: the control
+thread shares only the feed's lock, which it holds for a bounded time.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ __all__ = ["CaptureLoop", "WAIT_S"]
 
 log = logging.getLogger("nflogd.capture")
 
-#: Longest one wait in C lasts; ``stop()`` ends it at once through the reader's eventfd.
+#: Longest one wait for the kernel lasts without the C sender (the C wait has no end);
+#: ``stop()`` ends either at once through the reader's eventfd.
 WAIT_S = 1.0
 
 
@@ -97,7 +98,7 @@ class CaptureLoop:
         reader.set_dropped_base(base)
         try:
             while self._running:
-                reader.pump(publisher.cfeed, WAIT_S)
+                reader.pump(publisher.cfeed, None)
         finally:
             publisher.set_next_seq(reader.group, reader.feed_seq)
 

@@ -75,10 +75,6 @@ log = logging.getLogger("nflogd")
 
 DEFAULT_CONFIG = "/etc/nflogd.yaml"
 
-#: The control loop looks at the feed's subscriptions at least this often, in ms: a
-#: capture thread's send can take the wakeup that the feed socket's fd would have given.
-FEED_CHECK_MS = 250
-
 
 def _group_error(group: int, err: Exception) -> str:
     """The error's text, naming the group if it does not already."""
@@ -129,7 +125,7 @@ class Daemon(Program):
             self.metrics_server = MetricsServer(cfg.metrics.host, cfg.metrics.port, self.registry)
         self.poller.register(self._wakeup.fileno(), zmq.POLLIN)
         self.poller.register(self._fault_r, zmq.POLLIN)
-        for fd in publisher.fds:
+        for fd in [*publisher.fds, publisher.wake_fd]:
             self.poller.register(fd, zmq.POLLIN)
         for mon in publisher.monitors:
             self.poller.register(mon, zmq.POLLIN)
@@ -211,12 +207,15 @@ class Daemon(Program):
         feed_monitors = publisher.monitors
         more = False  # subscriptions left for the next turn
         while not self._stop:
-            timeout = 0 if more else FEED_CHECK_MS
+            timeout = 0 if more else publisher.next_check_ms()  # None: until an event
             if next_wd is not None:
-                timeout = min(timeout, max(0, math.ceil((next_wd - time.monotonic()) * 1000)))
+                wd = max(0, math.ceil((next_wd - time.monotonic()) * 1000))
+                timeout = wd if timeout is None else min(timeout, wd)
             for obj, _ in self.poller.poll(timeout):
                 if obj in feed_monitors:
                     publisher.handle_monitor()
+                elif obj == publisher.wake_fd:
+                    publisher.take_wake()
                 elif obj == wake_fd:
                     self._handle_signals()
                 elif obj == fault_fd:

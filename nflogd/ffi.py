@@ -195,7 +195,7 @@ class NflogSocket:
 
     def pump(self, feed: CFeed | None, timeout_ms: int) -> bool:
         """Read batches and send each on ``feed`` (None: only count them) until a read gets
-        nothing within ``timeout_ms`` or wake() was called (False), or an overrun was
+        nothing within ``timeout_ms`` (-1: no end) or wake() was called (False), or an overrun was
         counted (True). Raises NFLogError for anything else."""
         rc = lib.nflogd_pump(self._r, feed._f if feed is not None else ffi.NULL, timeout_ms)
         return check(rc, self.group, "receive") == 1
@@ -363,6 +363,10 @@ class CFeed:
         """The node name stamped on each message; the caller holds the lock."""
         if lib.nflogd_feed_set_node(self._f, node, len(node)) < 0:
             raise ValueError(f"node name is {len(node)} bytes in UTF-8, at most 255")
+
+    def wake_on_send(self, fd: int) -> None:
+        """The next message sent writes 1 to the eventfd ``fd``, once; the caller holds the lock."""
+        lib.nflogd_feed_wake_on_send(self._f, fd)
 
     @property
     def sent(self) -> int:

@@ -97,6 +97,8 @@ PEER_MAX_MESSAGE_NULL = 64
 PEER_RCVHWM = 100
 #: Subscription messages handle_incoming() reads per socket per call.
 SUBSCRIPTIONS_PER_TURN = 256
+#: How often the control loop calls handle_incoming() while messages go out (next_check_ms).
+FEED_CHECK_MS = 250
 #: Open files kept for everything but feed peers (groups, sockets, metrics, key files).
 FD_RESERVE = 64
 #: TCP keepalive on peers' connections: a peer that vanished is found in about 90 s.
@@ -297,6 +299,10 @@ class Publisher:
         self.endpoints: list[str] = []
         self._sent = 0  # messages publish() handed to ZeroMQ
         self._unsent = 0  # messages ZeroMQ refused (never expected with XPUB_NODROP off)
+        self._checked = 0  # messages out when next_check_ms() last looked
+        #: Readable when a message went out after next_check_ms() said "wait for events".
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._wake_on_send = False  # publish() writes wake_fd (the C sender has its own flag)
         self._seq: dict[int, int] = {}
         self._peers: dict[zmq.Socket, dict[int, str]] = {}  # monitor -> {fd: endpoint accepted on}
         self._conns: dict[str, set[int]] = {}  # endpoint (as the monitor names it) -> fds
@@ -539,11 +545,41 @@ class Publisher:
                     send(last, NOBLOCK)
                 except zmq.Again:
                     taken = False
+            if self._wake_on_send:
+                self._wake_on_send = False
+                os.eventfd_write(self.wake_fd, 1)
             if not taken:
                 self._unsent += 1
                 return False
             self._sent += 1
         return True
+
+    def next_check_ms(self) -> int | None:
+        """How long the control loop may wait before its next ``handle_incoming()``.
+
+        A send from a capture thread also takes the ZeroMQ events that make a socket's
+        ``ZMQ_FD`` readable, so while messages go out (or a subscription flood lasts) the
+        loop looks every FEED_CHECK_MS. When none went out since the last call the answer
+        is None, wait for events: ``ZMQ_FD`` then tells of every subscription, and the next
+        message sent makes ``wake_fd`` readable. An idle feed thus costs no wake-ups.
+        """
+        with self.lock:
+            out = self.sent + self.unsent
+            if out != self._checked or self._flooding:
+                self._checked = out
+                return FEED_CHECK_MS
+            if self.cfeed is not None:
+                self.cfeed.wake_on_send(self.wake_fd)
+            else:
+                self._wake_on_send = True
+            return None
+
+    def take_wake(self) -> None:
+        """Clear ``wake_fd`` (the control loop saw it readable)."""
+        try:
+            os.eventfd_read(self.wake_fd)
+        except BlockingIOError:
+            pass
 
     def handle_incoming(self, on_subscription: Callable[[bytes], None] | None = None) -> bool:
         """Read queued subscription messages, at most SUBSCRIPTIONS_PER_TURN per socket.
@@ -716,6 +752,9 @@ class Publisher:
                     sock.close(linger=LINGER_MS if linger is None else linger)
         for endpoint in list(self._files):
             self._remove_file(endpoint)
+        if self.wake_fd >= 0:
+            os.close(self.wake_fd)
+            self.wake_fd = -1
 
 
 def check_restart_only(old, new, unit: str = "nflogd") -> None:

@@ -130,6 +130,38 @@ def test_feed_ipv4_ipv6_and_metrics(netns, tmp_path, ctx):
     assert d.returncode == 0
 
 
+def thread_wakeups(pid: int) -> dict[str, int]:
+    """Context switches so far of every thread of a process, by "tid name"."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            name = f.read().strip()
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            out[f"{tid} {name}"] = sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+    return out
+
+
+def test_an_idle_daemon_makes_no_wakeups(netns, tmp_path, ctx):
+    """Between packets no thread of the daemon runs: the capture thread waits in C for the
+    kernel with no timeout, and the control loop waits for events (the first send after
+    that wakes it to watch the feed). It serves on after the quiet spell."""
+    netns.log_rule(1, match="udp dport 9999")
+    with NflogdProcess(netns, tmp_path, groups=[1]) as d:
+        sub = d.subscribe(ctx)
+        netns.send_udp([b"before"], "127.0.0.1", 9999)
+        assert packet_count(receive(sub, lambda bs: packet_count(bs) >= 1)) == 1
+        time.sleep(1.0)  # the control loop's last look at the feed after that send
+        before = thread_wakeups(d.pid)
+        time.sleep(3)
+        after = thread_wakeups(d.pid)
+        assert after == before, {t: after[t] - before.get(t, 0) for t in after if after[t] != before.get(t)}
+        netns.send_udp([b"after"], "127.0.0.1", 9999)
+        batches = receive(sub, lambda bs: packet_count(bs) >= 1)
+        assert [p.data[-5:] for b in batches for p in b.packets] == [b"after"]
+        sub.close(linger=0)
+    assert d.returncode == 0
+
+
 def test_flood_while_stopped_loss_is_exact(netns, tmp_path, ctx):
     """SIGSTOP under a flood overruns a small rcvbuf; every packet is published or counted lost."""
     netns.log_rule(1, match="udp dport 9999")
