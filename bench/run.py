@@ -8,7 +8,7 @@ pass/fail. The ``groups`` part gives each of 1, 2 and 4 groups its own sender at
 speed, with one tcpdump per group beside one daemon serving them all.
 
     .venv/bin/python bench/run.py               # everything (make bench)
-    .venv/bin/python bench/run.py capture       # one part: capture, daemon, groups, latency, client
+    .venv/bin/python bench/run.py capture       # one part: capture, daemon, groups, latency, idle, client
     .venv/bin/python bench/run.py soak --seconds 3600 --interval 60   # not part of "all"
 
 The soak runs the daemon with four groups, one of them at ``--rate`` (below capacity) and
@@ -384,6 +384,38 @@ def bench_latency(args) -> list[dict]:
     return [r]
 
 
+def bench_idle(args) -> list[dict]:
+    """No traffic for 10 s: CPU per second of the daemon serving four groups and a
+    subscriber, of four tcpdumps (one per group) and of ulogd2 (one group)."""
+    ns = namespace(ulogd=have_ulogd())
+    groups = [OURS, 4, 5, 6]
+    tmp = tempfile.mkdtemp(prefix="nflbench-")
+    try:
+        daemon = Daemon(ns, tmp, groups=groups)
+        tcpdumps = [Tcpdump(ns, g) for g in (THEIRS, 7, 8, 9)]
+        ulogd = Ulogd(ns, ULOGD, tmp) if have_ulogd() else None
+        time.sleep(1.0)  # past every start-up
+        procs = {"ours": [daemon], "tcpdump": tcpdumps, "ulogd": [ulogd] if ulogd else []}
+        first = {k: [cpu_seconds(p.proc.pid) for p in v] for k, v in procs.items()}
+        seconds = 10.0
+        time.sleep(seconds)
+        last = {k: [cpu_seconds(p.proc.pid) for p in v] for k, v in procs.items()}
+        if ulogd:
+            ulogd.stop()
+        for t in tcpdumps:
+            t.stop()
+        daemon.stop()
+    finally:
+        ns.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    r = {"case": "idle 4 groups", "seconds": seconds}
+    for k in procs:
+        if procs[k]:
+            r[f"{k}_us_per_s"] = round(1e6 * (sum(last[k]) - sum(first[k])) / seconds, 1)
+    print_row(r)
+    return [r]
+
+
 def bench_client(args) -> list[dict]:
     res = subprocess.run(
         [PY, os.path.join(HERE, "client_decode.py")], capture_output=True, text=True, check=True
@@ -515,7 +547,7 @@ def print_row(r: dict) -> None:
 
 PARTS = {
     "capture": bench_capture, "daemon": bench_daemon, "groups": bench_groups,
-    "latency": bench_latency, "client": bench_client,
+    "latency": bench_latency, "idle": bench_idle, "client": bench_client,
 }  # fmt: skip
 
 
