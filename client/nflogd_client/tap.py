@@ -1,55 +1,16 @@
-"""nflog-tap: the nflogd feed as a pcap stream, or one line per packet.
+"""nflog-tap: the nflogd feed as a pcap stream, JSON lines, or one line per packet.
 
-Usage::
+Usage (the options, link types, limits and exit statuses: ``docs/nflog-tap.md``)::
 
     nflog-tap                                   # print every packet of every group
-    nflog-tap -e tcp://r1:5555 -g 5 -g 6 -c 100 # 100 packets of groups 5 and 6 of one daemon
-    nflog-tap -w capture.pcap                   # until Ctrl-C; the file is complete
-    nflog-tap -w - | tcpdump -r - -n            # live into tcpdump (each packet is flushed)
-    nflog-tap -w - | wireshark -k -i -
+    nflog-tap -e tcp://r1:5555 -g 5 -w - | tcpdump -r - -n
     nflog-tap --linktype nflog -w x.pcap        # with prefix, mark, ifindexes, uid, ...
-    nflog-tap -e tcp://r1:5555 --server-key r1.key --client-key ~/.curve/alice.key_secret
-    nflog-tap --stats                           # a live per-group view, redrawn each second
-    nflog-tap --format json | jq .              # JSON lines: packets, loss, restarts (docs/json-lines.md)
-    nflog-tap -g 5 -g 6 --reorder-ms 200 -w x.pcap  # two groups in time order
+    nflog-tap --format json | jq .              # JSON lines (docs/json-lines.md)
+    nflog-tap --stats                           # a live per-group view
 
-``-e`` defaults to ``$NFLOGD_ENDPOINT`` or ``ipc:///run/nflogd/feed.sock``; ``-g`` to every
-group. ``--linktype ip`` (the default) writes LINKTYPE_RAW (101): the captured IPv4/IPv6
-bytes, with the original length so that truncation by the copy range shows.
-``--linktype nflog`` writes LINKTYPE_NFLOG (239), the record libpcap's own ``nflog``
-device produces (https://www.tcpdump.org/linktypes/LINKTYPE_NFLOG.html): a 4-byte header
-(address family, version 0, group as big-endian resource id) and the kernel's NFULA_*
-attributes as TLVs, the payload last; as there, the record's length is its captured
-length, and a truncated packet shows by its IP header's length.
-
-Extremes the feed can carry but pcap cannot are clamped, never fatal: a time past 2106 is
-written as the largest u32 seconds, an attribute longer than a TLV holds (a payload over
-65,531 bytes, a prefix as long) is cut to fit, and no record exceeds ``SNAPLEN`` (the
-original length still says how long the packet was).
-
-Packets without payload (a metadata-only group, ``copy_range: 0``): LINKTYPE_RAW has
-nothing to hold them, so they are not written (said once on stderr, counted in the last
-line); LINKTYPE_NFLOG writes them as the attributes without NFULA_PAYLOAD, which tcpdump
-and tshark read. Printed, such a packet shows ``no payload`` and its real length, never
-addresses: a packet whose copy ends inside the IP header shows only what was captured.
-
-``--format json`` writes a JSON object per packet, loss and restart, one per line, flushed
-per batch; ``--payload`` adds the bytes (base64), ``--ifnames`` interface names
-(``docs/json-lines.md``). ``--reorder-ms MS`` holds packets up to MS milliseconds so that
-several groups or daemons come out in time order (``nflogd_client.reorder``).
-
-``--stats`` writes no packets: each second it redraws one line per (node, group) seen, with
-packets/s, bytes/s (real lengths), packets since it started, and the packets lost since it
-started on the feed (``lost``: sequence gaps) and in the kernel (``kernel``: the daemon's
-count). On a terminal it redraws in place; piped, it prints a block per second.
-
-At the end (``-c`` reached, Ctrl-C, SIGTERM, or the reader of ``-w -`` gone) one line goes
-to stderr: packets written and packets the feed lost; the exit status is 0. A malformed
-endpoint ends it at once with status 2 and one line naming the endpoint and the accepted
-forms. An endpoint it cannot reach is said on stderr within a second, once, with the likely
-cause (``nflog-tap: nflogd feed ipc:///run/nflogd/feed.sock: permission denied on
-/run/nflogd: join group nflog; retrying``), and so is the recovery; ``--stats`` shows
-each endpoint's state under the table.
+It never ends with a traceback: a malformed endpoint exits 2 with one line naming it; an
+unreachable one is said once on stderr, with its likely cause, and retried; the last line
+on stderr counts packets written and lost.
 """
 
 from __future__ import annotations
