@@ -27,6 +27,8 @@ typedef struct {
 } __attribute__((aligned(sizeof(void *)))) zmq_msg_t;
 #define ZMQ_DONTWAIT 1
 #define ZMQ_SNDMORE 2
+#define ZMQ_EVENTS 15
+#define ZMQ_POLLIN 1
 
 static struct {
     int (*msg_init)(zmq_msg_t *);
@@ -35,6 +37,7 @@ static struct {
     int (*msg_send)(zmq_msg_t *, void *, int);
     int (*msg_close)(zmq_msg_t *);
     int (*msg_copy)(zmq_msg_t *, zmq_msg_t *);
+    int (*getsockopt)(void *, int, void *, size_t *);
     int (*zmq_errno)(void);
     void (*version)(int *, int *, int *);
 } z;
@@ -54,6 +57,7 @@ int nflogd_zmq_load(const char *path, int *major, int *minor, int *patch)
     SYM(msg_send, "zmq_msg_send")
     SYM(msg_close, "zmq_msg_close")
     SYM(msg_copy, "zmq_msg_copy")
+    SYM(getsockopt, "zmq_getsockopt")
     SYM(zmq_errno, "zmq_errno")
     SYM(version, "zmq_version")
 #undef SYM
@@ -74,7 +78,7 @@ struct nflogd_feed {
     uint16_t node_len;
     uint64_t sent;    /* messages handed to ZeroMQ */
     uint64_t unsent;  /* messages a socket refused (EAGAIN) */
-    int wake_fd;      /* >= 0: the control loop waits; the next send writes it once */
+    int wake_fd;      /* >= 0: the control loop waits for events; see send_batch() */
 };
 
 struct nflogd_feed *nflogd_feed_new(uint64_t epoch)
@@ -128,7 +132,7 @@ int nflogd_feed_set_node(struct nflogd_feed *f, const char *node, uint32_t len)
 }
 
 /* The caller holds the lock. */
-void nflogd_feed_wake_on_send(struct nflogd_feed *f, int fd)
+void nflogd_feed_wake_on_incoming(struct nflogd_feed *f, int fd)
 {
     f->wake_fd = fd;
 }
@@ -163,6 +167,26 @@ static int frame(zmq_msg_t *m, const void *src, size_t len)
     if (len)
         memcpy(z.msg_data(m), src, len);
     return 0;
+}
+
+/* A send runs the socket's pending ZeroMQ commands, and so takes the ZMQ_FD wake-up the
+ * control loop waits on when a peer's subscriptions arrive. While the loop waits (wake_fd
+ * set), look at what the send took: if a socket has incoming messages, write wake_fd, once.
+ * The caller holds the lock. */
+static void pass_on_incoming(struct nflogd_feed *f)
+{
+    for (int s = 0; s < f->nsockets; s++) {
+        int events = 0;
+        size_t len = sizeof(events);
+        if (z.getsockopt(f->sockets[s], ZMQ_EVENTS, &events, &len) == 0 && !(events & ZMQ_POLLIN))
+            continue;
+        uint64_t one = 1;
+        if (write(f->wake_fd, &one, sizeof(one)) < 0) {
+            /* EAGAIN: the counter is already non-zero, so the loop wakes all the same */
+        }
+        f->wake_fd = -1;
+        return;
+    }
 }
 
 /* One message of the batch in r on every socket of f. The caller holds the lock. Returns 1
@@ -221,13 +245,8 @@ static int send_batch(struct nflogd_feed *f, struct nflogd_reader *r, uint32_t c
         __atomic_add_fetch(&f->sent, 1, __ATOMIC_RELAXED);
     else if (rc == 0)
         __atomic_add_fetch(&f->unsent, 1, __ATOMIC_RELAXED);
-    if (f->wake_fd >= 0) {  /* the send may have taken the ZMQ_FD event the loop waits on */
-        uint64_t one = 1;
-        if (write(f->wake_fd, &one, sizeof(one)) < 0) {
-            /* EAGAIN: the counter is already non-zero, so the loop wakes all the same */
-        }
-        f->wake_fd = -1;
-    }
+    if (f->wake_fd >= 0)
+        pass_on_incoming(f);
     return rc;
 }
 

@@ -150,9 +150,10 @@ int nflogd_feed_set_sockets(struct nflogd_feed *f, void *first, void *second);
 int nflogd_feed_set_node(struct nflogd_feed *f, const char *node, uint32_t len);
 uint64_t nflogd_feed_sent(struct nflogd_feed *f);
 uint64_t nflogd_feed_unsent(struct nflogd_feed *f);
-/* Under the lock: the control loop is about to wait for events only. The next message
- * sent writes 1 to the eventfd fd (once), so that the loop looks at the sockets again. */
-void nflogd_feed_wake_on_send(struct nflogd_feed *f, int fd);
+/* Under the lock: the control loop is about to wait for events. A send that finds a
+ * socket with incoming messages afterwards writes 1 to the eventfd fd (once): the send took
+ * the ZMQ_FD wake-up the loop would have had. */
+void nflogd_feed_wake_on_incoming(struct nflogd_feed *f, int fd);
 
 /* Read r and send each batch on f (NULL: read and count only) as one wire-format message,
  * first_seq from r->feed_seq, until a read gets nothing within timeout_ms (-1: no end) or nflogd_wake()

@@ -364,9 +364,10 @@ class CFeed:
         if lib.nflogd_feed_set_node(self._f, node, len(node)) < 0:
             raise ValueError(f"node name is {len(node)} bytes in UTF-8, at most 255")
 
-    def wake_on_send(self, fd: int) -> None:
-        """The next message sent writes 1 to the eventfd ``fd``, once; the caller holds the lock."""
-        lib.nflogd_feed_wake_on_send(self._f, fd)
+    def wake_on_incoming(self, fd: int) -> None:
+        """A send that finds a socket with incoming messages writes 1 to the eventfd ``fd``,
+        once; the caller holds the lock."""
+        lib.nflogd_feed_wake_on_incoming(self._f, fd)
 
     @property
     def sent(self) -> int:

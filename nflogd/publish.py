@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import resource
 import socket
@@ -97,8 +98,6 @@ PEER_MAX_MESSAGE_NULL = 64
 PEER_RCVHWM = 100
 #: Subscription messages handle_incoming() reads per socket per call.
 SUBSCRIPTIONS_PER_TURN = 256
-#: How often the control loop calls handle_incoming() while messages go out (next_check_ms).
-FEED_CHECK_MS = 250
 #: Open files kept for everything but feed peers (groups, sockets, metrics, key files).
 FD_RESERVE = 64
 #: TCP keepalive on peers' connections: a peer that vanished is found in about 90 s.
@@ -299,10 +298,9 @@ class Publisher:
         self.endpoints: list[str] = []
         self._sent = 0  # messages publish() handed to ZeroMQ
         self._unsent = 0  # messages ZeroMQ refused (never expected with XPUB_NODROP off)
-        self._checked = 0  # messages out when next_check_ms() last looked
-        #: Readable when a message went out after next_check_ms() said "wait for events".
+        #: Readable when a send found incoming messages after next_check_ms() (see there).
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._wake_on_send = False  # publish() writes wake_fd (the C sender has its own flag)
+        self._wake_on_incoming = False  # publish() looks (the C sender has its own flag)
         self._seq: dict[int, int] = {}
         self._peers: dict[zmq.Socket, dict[int, str]] = {}  # monitor -> {fd: endpoint accepted on}
         self._conns: dict[str, set[int]] = {}  # endpoint (as the monitor names it) -> fds
@@ -545,8 +543,8 @@ class Publisher:
                     send(last, NOBLOCK)
                 except zmq.Again:
                     taken = False
-            if self._wake_on_send:
-                self._wake_on_send = False
+            if self._wake_on_incoming and any(sock.get(zmq.EVENTS) & zmq.POLLIN for sock in self.sockets):
+                self._wake_on_incoming = False
                 os.eventfd_write(self.wake_fd, 1)
             if not taken:
                 self._unsent += 1
@@ -555,23 +553,23 @@ class Publisher:
         return True
 
     def next_check_ms(self) -> int | None:
-        """How long the control loop may wait before its next ``handle_incoming()``.
+        """How long the control loop may wait for events before its next ``handle_incoming()``.
 
-        A send from a capture thread also takes the ZeroMQ events that make a socket's
-        ``ZMQ_FD`` readable, so while messages go out (or a subscription flood lasts) the
-        loop looks every FEED_CHECK_MS. When none went out since the last call the answer
-        is None, wait for events: ``ZMQ_FD`` then tells of every subscription, and the next
-        message sent makes ``wake_fd`` readable. An idle feed thus costs no wake-ups.
+        None (no end) but during a subscription flood (until it may be over), or 0 when a
+        socket has incoming messages already. A capture thread's send takes the ZeroMQ
+        events that make a socket's ``ZMQ_FD`` readable, so from this call on, a send that
+        finds incoming messages makes ``wake_fd`` readable instead: the loop waits for
+        events only, and an idle feed costs no wake-ups.
         """
         with self.lock:
-            out = self.sent + self.unsent
-            if out != self._checked or self._flooding:
-                self._checked = out
-                return FEED_CHECK_MS
+            if any(sock.get(zmq.EVENTS) & zmq.POLLIN for sock in self.sockets):
+                return 0
             if self.cfeed is not None:
-                self.cfeed.wake_on_send(self.wake_fd)
+                self.cfeed.wake_on_incoming(self.wake_fd)
             else:
-                self._wake_on_send = True
+                self._wake_on_incoming = True
+            if self._flooding:
+                return max(0, math.ceil((self._flood_seen + QUIET_S - time.monotonic()) * 1000) + 1)
             return None
 
     def take_wake(self) -> None:

@@ -65,6 +65,18 @@ elif mode == "flood":  # one topic, again and again
                 s.sendall(blob)
         except OSError:
             time.sleep(0.05)
+elif mode == "late":  # connected for a second, then one topic no message can match
+    s = zmtp()
+    time.sleep(1.0)
+    s.sendall(frame(b"\x01" + b"abc"))
+    t0 = time.monotonic()
+    s.settimeout(seconds)
+    try:
+        while s.recv(65536):
+            pass
+        print("closed after %.3f s" % (time.monotonic() - t0), flush=True)
+    except OSError:
+        print("still open", flush=True)
 elif mode == "topics":  # distinct long topics (60 bytes: what the feed's 64-byte message limit lets in)
     i = 0
     while time.monotonic() < end:
@@ -242,6 +254,29 @@ def test_peer_cannot_grow_memory(netns, tmp_path, mode):
         if mode == "topics":
             assert d.metric("nflogd_feed_dropped_peers_total") >= 1
             assert warnings(d, "longer than any group's") == 1, d.stderr
+    assert d.returncode == 0, d.stderr
+
+
+def test_a_foreign_topic_under_traffic_is_hung_up_on(netns, tmp_path):
+    """While the capture thread sends (each send takes the feed socket's ZMQ_FD wake-ups) and
+    the control loop waits for events only, a subscription still reaches it at once: a peer
+    connected for a second, that then subscribes to a topic no message can match, is hung
+    up on within the second, and the feed goes on."""
+    netns.log_rule(1, match="udp dport 9999")
+    d = NflogdProcess(netns, tmp_path, groups=[1])
+    feed_config(d)
+    with d:
+        traffic = SteadyTraffic(netns, [9999], interval=0.001)
+        traffic.start()
+        try:
+            out, err = attacker(netns, "late", 3).communicate(timeout=10)
+        finally:
+            sent = traffic.stop()[9999]
+        assert out.startswith("closed after "), (out, err, d.stderr[-2000:])
+        assert float(out.split()[2]) < 1.0, out
+        assert d.metric("nflogd_feed_dropped_peers_total") == 1
+        wait_until(lambda: d.metric("nflogd_packets_total", group="1") == sent, "every packet captured")
+        one_packet_through(d, netns, b"after the topic")
     assert d.returncode == 0, d.stderr
 
 
