@@ -109,19 +109,19 @@ _RELAY_TOP_KEYS = ("jetstream", "metrics", "publish", "upstreams")
 _UPSTREAM_KEYS = ("client_secret_key_file", "endpoint", "server_public_key")
 _RELAY_DEFAULT_BIND = ("ipc:///run/nflogd-relay/feed.sock",)
 _RELAY_DEFAULT_LISTEN = "127.0.0.1:9478"
-# The relay's jetstream section: integer keys with (default, lo, hi); docs/jetstream.md.
-_JETSTREAM_INTS: dict[str, tuple[int, int, int]] = {
-    "partitions": (8, 1, 1024),  # subjects <prefix>.0.> .. <prefix>.N-1.>: consumer groups split by these
-    "replicas": (1, 1, 5),  # 3 on a three-node cluster
-    "max_age_s": (7 * 86400, 0, 10 * 365 * 86400),  # retention by age; 0: no limit
-    "max_bytes": (0, 0, 1 << 50),  # retention by size; 0: no limit
-    "duplicate_window_s": (120, 1, 86400),  # Nats-Msg-Id dedup window
-    "max_in_flight": (256, 1, 100_000),  # publishes awaiting their ack
-    "buffer_bytes": (64 << 20, 1 << 16, 1 << 34),  # messages held (queued + in flight), bytes
-    "ack_timeout_ms": (5000, 10, 600_000),  # a publish retried after this long without an ack
-    "connect_timeout_ms": (5000, 10, 600_000),  # start: reach the cluster and check the stream
+# The relay's jetstream section: inclusive ranges of its integer settings; docs/jetstream.md.
+_JETSTREAM_RANGES: dict[str, tuple[int, int]] = {
+    "partitions": (1, 1024),  # subjects <prefix>.0.> .. <prefix>.N-1.>: consumer groups split by these
+    "replicas": (1, 5),  # 3 on a three-node cluster
+    "max_age_s": (0, 10 * 365 * 86400),  # retention by age; 0: no limit
+    "max_bytes": (0, 1 << 50),  # retention by size; 0: no limit
+    "duplicate_window_s": (1, 86400),  # Nats-Msg-Id dedup window
+    "max_in_flight": (1, 100_000),  # publishes awaiting their ack
+    "buffer_bytes": (1 << 16, 1 << 34),  # messages held (queued + in flight), bytes
+    "ack_timeout_ms": (10, 600_000),  # a publish retried after this long without an ack
+    "connect_timeout_ms": (10, 600_000),  # start: reach the cluster and check the stream
 }
-_JETSTREAM_KEYS = ("servers", "stream", "subject_prefix", "storage", *_JETSTREAM_INTS)
+_JETSTREAM_KEYS = ("servers", "stream", "subject_prefix", "storage", *_JETSTREAM_RANGES)
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,255}")
 _SUBJECT_PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
@@ -267,8 +267,11 @@ class UpstreamConfig:
 @dataclass(frozen=True)
 class JetStreamConfig:
     """The relay's feed into a NATS JetStream stream (``docs/jetstream.md``): where, which stream,
-    its settings (created or checked at start), and the publisher's bounds. Built by
-    ``parse_relay``, which checks every value."""
+    its settings (created or checked at start), and the publisher's bounds.
+
+    ``servers`` are ``nats://HOST:PORT`` (or ``tls://``) URLs; ``etc/nflogd-relay.yaml``
+    documents every setting. The checks are the YAML's: ``replicas: 7`` raises
+    ``ConfigError("replicas: must be an integer 1..5, got 7")``."""
 
     servers: tuple[str, ...]
     stream: str = "NFLOG"
@@ -283,6 +286,30 @@ class JetStreamConfig:
     buffer_bytes: int = 64 << 20
     ack_timeout_ms: int = 5000
     connect_timeout_ms: int = 5000
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.servers, tuple):
+            raise FieldError("servers", f"must be a tuple of nats://HOST:PORT URLs, got {show(self.servers)}")
+        for i, url in enumerate(self.servers):
+            _check_nats_url(f"servers[{i}]", url)
+        if len(set(self.servers)) != len(self.servers):
+            raise FieldError("servers", "each server at most once")
+        if not isinstance(self.stream, str) or not _STREAM_NAME.fullmatch(self.stream):
+            raise FieldError("stream", f"must be 1..255 of A-Z a-z 0-9 _ -, got {show(self.stream)}")
+        prefix = self.subject_prefix
+        if not isinstance(prefix, str) or not _SUBJECT_PREFIX.fullmatch(prefix) or len(prefix) > 200:
+            raise FieldError(
+                "subject_prefix", f"must be dot-separated tokens of A-Z a-z 0-9 _ -, got {show(prefix)}"
+            )
+        if self.storage not in ("file", "memory"):
+            raise FieldError("storage", f"must be file or memory, got {show(self.storage)}")
+        for name, (lo, hi) in _JETSTREAM_RANGES.items():
+            check_int(name, getattr(self, name), lo, hi)
+        if self.max_age_s and self.duplicate_window_s > self.max_age_s:
+            raise FieldError(
+                "duplicate_window_s",
+                f"must not exceed max_age_s ({self.max_age_s}), got {self.duplicate_window_s}",
+            )
 
 
 @dataclass(frozen=True)
@@ -322,6 +349,15 @@ def _check_netns(key: str, value: Any) -> None:
             f"not a namespace name: {show(value)} "
             f"(up to {_NAME_MAX} letters, digits, '_', '-', '.'; or an absolute path)",
         )
+
+
+def _check_nats_url(key: str, url: Any) -> None:
+    if not isinstance(url, str) or not url.startswith(("nats://", "tls://")):
+        raise FieldError(key, f"must be nats://HOST:PORT (or tls://), got {show(url)}")
+    rest = url.split("://", 1)[1]
+    if "/" in rest or "@" in rest:
+        raise FieldError(key, f"must be nats://HOST:PORT without a path or user, got {show(url)}")
+    split_host_port(key, rest, url, allow_wildcard=False)
 
 
 def _check_z85(name: str, key: Any) -> None:
@@ -574,38 +610,9 @@ def _parse_jetstream(path: str, section: Any) -> JetStreamConfig:
         servers = [servers]
     if not isinstance(servers, list) or not servers:
         raise ConfigError(f"{path}.servers: is required, a nats://HOST:PORT URL or a non-empty list of them")
-    for i, url in enumerate(servers):
-        where = f"{path}.servers[{i}]"
-        if not isinstance(url, str) or not url.startswith(("nats://", "tls://")):
-            raise ConfigError(f"{where}: must be nats://HOST:PORT (or tls://), got {show(url)}")
-        rest = url.split("://", 1)[1]
-        if "/" in rest or "@" in rest:
-            raise ConfigError(f"{where}: must be nats://HOST:PORT without a path or user, got {show(url)}")
-        split_host_port(where, rest, url, allow_wildcard=False)
-    if len(set(servers)) != len(servers):
-        raise ConfigError(f"{path}.servers: each server at most once")
-    stream = section.get("stream", "NFLOG")
-    if not isinstance(stream, str) or not _STREAM_NAME.fullmatch(stream):
-        raise ConfigError(f"{path}.stream: must be 1..255 of A-Z a-z 0-9 _ -, got {show(stream)}")
-    prefix = section.get("subject_prefix", "nflog")
-    if not isinstance(prefix, str) or not _SUBJECT_PREFIX.fullmatch(prefix) or len(prefix) > 200:
-        raise ConfigError(
-            f"{path}.subject_prefix: must be dot-separated tokens of A-Z a-z 0-9 _ -, got {show(prefix)}"
-        )
-    storage = section.get("storage", "file")
-    if storage not in ("file", "memory"):
-        raise ConfigError(f"{path}.storage: must be file or memory, got {show(storage)}")
-    ints = {}
-    for key, (default, lo, hi) in _JETSTREAM_INTS.items():
-        ints[key] = check_int(f"{path}.{key}", section.get(key, default), lo, hi)
-    if ints["max_age_s"] and ints["duplicate_window_s"] > ints["max_age_s"]:
-        raise ConfigError(
-            f"{path}.duplicate_window_s: must not exceed max_age_s ({ints['max_age_s']}),"
-            f" got {ints['duplicate_window_s']}"
-        )
-    return JetStreamConfig(
-        servers=tuple(servers), stream=stream, subject_prefix=prefix, storage=storage, **ints
-    )
+    fields = {key: value for key, value in section.items() if key != "servers"}
+    with _at(path):
+        return JetStreamConfig(servers=tuple(servers), **fields)
 
 
 def _parse_user(path: str, user: Any) -> str | None:
