@@ -1,5 +1,6 @@
 """The grammar of the addresses a config names: endpoints the daemon and the relay bind or
-connect (``tcp://HOST:PORT``, ``ipc:///absolute/path``) and ``HOST:PORT`` listeners.
+connect (``tcp://HOST:PORT``, ``ipc:///absolute/path``), ``HOST:PORT`` listeners and NATS
+servers (``nats://HOST:PORT``).
 
 ::
 
@@ -32,6 +33,7 @@ __all__ = [
     "check_endpoint",
     "check_host",
     "check_listed_once",
+    "check_nats_url",
     "is_loopback",
     "split_host_port",
 ]
@@ -78,6 +80,16 @@ def check_listed_once(
         if value in first_at:
             raise FieldError(item_key, f"{show(value)} is listed twice", also=f"{key}[{first_at[value]}]")
         first_at[value] = i
+
+
+def check_nats_url(key: str, url: Any) -> None:
+    """``nats://HOST:PORT`` or ``tls://HOST:PORT``: a NATS server, without a path or user."""
+    if not isinstance(url, str) or not url.startswith(("nats://", "tls://")):
+        raise FieldError(key, f"must be nats://HOST:PORT (or tls://), got {show(url)}")
+    rest = url.split("://", 1)[1]
+    if "/" in rest or "@" in rest:
+        raise FieldError(key, f"must be nats://HOST:PORT without a path or user, got {show(url)}")
+    split_host_port(key, rest, url, allow_wildcard=False)
 
 
 def split_host_port(key: str, address: str, whole: str, *, allow_wildcard: bool) -> tuple[str, int]:

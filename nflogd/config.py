@@ -27,9 +27,10 @@ dataclasses out, every mistake a ``ConfigError``.
 Every error is ``nflogd.errors.ConfigError`` with a one-line message that starts with the key path
 (``groups[2].copy_range``, ``publish.bind[1]``, ``metrics.listen``) or, for problems with the file
 as a whole, with its name (``/etc/nflogd.yaml: invalid YAML at line 3 column 7: ...``).
-A rule about one setting lives in its dataclass, which names the field
-(``GroupConfig(2, copy_range=70000)``: ``copy_range: must be ...``); the mapping from YAML puts the
-key path in front. The file is read and its YAML parsed by ``nflogd.yamlload``, imported by the
+The dataclasses check their fields and name the field (``GroupConfig(2, copy_range=70000)``:
+``copy_range: must be ...``); the mapping from YAML puts the key path in front and checks what only
+the file has: unknown keys, the shorthands (``groups: [5]``, ``bind: tcp://...``), node and user,
+the curve key files, group names. The file is read and its YAML parsed by ``nflogd.yamlload``, imported by the
 first ``load``/``parse``, so that building the dataclasses (``nflogd.classic``) needs no YAML;
 endpoints and ``HOST:PORT`` are ``nflogd.addresses``' grammar.
 Units are in the names (``flush_ms``, ``rcvbuf`` in bytes); ``ffi.py`` turns them into kernel units.
@@ -57,6 +58,7 @@ from .addresses import (
     check_endpoint,
     check_host,
     check_listed_once,
+    check_nats_url,
     is_loopback,
     split_host_port,
 )
@@ -291,7 +293,7 @@ class JetStreamConfig:
         if not isinstance(self.servers, tuple):
             raise FieldError("servers", f"must be a tuple of nats://HOST:PORT URLs, got {show(self.servers)}")
         for i, url in enumerate(self.servers):
-            _check_nats_url(f"servers[{i}]", url)
+            check_nats_url(f"servers[{i}]", url)
         if len(set(self.servers)) != len(self.servers):
             raise FieldError("servers", "each server at most once")
         if not isinstance(self.stream, str) or not _STREAM_NAME.fullmatch(self.stream):
@@ -349,15 +351,6 @@ def _check_netns(key: str, value: Any) -> None:
             f"not a namespace name: {show(value)} "
             f"(up to {_NAME_MAX} letters, digits, '_', '-', '.'; or an absolute path)",
         )
-
-
-def _check_nats_url(key: str, url: Any) -> None:
-    if not isinstance(url, str) or not url.startswith(("nats://", "tls://")):
-        raise FieldError(key, f"must be nats://HOST:PORT (or tls://), got {show(url)}")
-    rest = url.split("://", 1)[1]
-    if "/" in rest or "@" in rest:
-        raise FieldError(key, f"must be nats://HOST:PORT without a path or user, got {show(url)}")
-    split_host_port(key, rest, url, allow_wildcard=False)
 
 
 def _check_z85(name: str, key: Any) -> None:
