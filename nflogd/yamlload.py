@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 
@@ -46,7 +46,7 @@ def read_text(source: str) -> str:
         raise ConfigError(f"{source}: cannot read: {e}") from None
 
 
-def open_regular(path: str, max_bytes: int):
+def open_regular(path: str, max_bytes: int) -> _Bounded:
     """``path`` opened for reading in binary, if it is a regular file of at most ``max_bytes``.
 
     The open never blocks (O_NONBLOCK: a FIFO opens at once and is then refused by type);
@@ -70,7 +70,7 @@ def open_regular(path: str, max_bytes: int):
 class _Bounded:
     """A file whose ``read()`` returns at most ``max_bytes`` (a file growing while read)."""
 
-    def __init__(self, f, max_bytes: int):
+    def __init__(self, f: BinaryIO, max_bytes: int):
         self._f, self._max = f, max_bytes
 
     def read(self) -> bytes:
@@ -79,10 +79,10 @@ class _Bounded:
             raise OSError(errno.EFBIG, f"larger than {self._max} bytes")
         return data
 
-    def __enter__(self):
+    def __enter__(self) -> _Bounded:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._f.close()
 
 
