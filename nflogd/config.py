@@ -1,5 +1,5 @@
-"""The daemon's and the relay's configuration: YAML in, frozen dataclasses out, every mistake a
-``ConfigError``.
+"""The daemon's and the relay's settings, and the mapping from their YAML files to them: frozen
+dataclasses out, every mistake a ``ConfigError``.
 
 ::
 
@@ -27,27 +27,43 @@
 Every error is ``nflogd.errors.ConfigError`` with a one-line message that starts with the key path
 (``groups[2].copy_range``, ``publish.bind[1]``, ``metrics.listen``) or, for problems with the file
 as a whole, with its name (``/etc/nflogd.yaml: invalid YAML at line 3 column 7: ...``).
+The dataclasses check their fields and name the field (``GroupConfig(2, copy_range=70000)``:
+``copy_range: must be ...``); the mapping from YAML puts the key path in front and checks what only
+the file has: unknown keys, the shorthands (``groups: [5]``, ``bind: tcp://...``), node and user,
+the curve key files, group names. The file is read and its YAML parsed by ``nflogd.yamlload``, imported by the
+first ``load``/``parse``, so that building the dataclasses (``nflogd.classic``) needs no YAML;
+endpoints and ``HOST:PORT`` are ``nflogd.addresses``' grammar.
 Units are in the names (``flush_ms``, ``rcvbuf`` in bytes); ``ffi.py`` turns them into kernel units.
 ``etc/nflogd.yaml`` and ``etc/nflogd-relay.yaml`` document every key.
 """
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import grp
-import ipaddress
 import os
 import pwd
 import re
 import socket
-import stat
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-import yaml
+import zmq
 from nflogd_client import curve as _curve
 
-from nflogd.errors import ConfigError
+from .addresses import (
+    ENDPOINT_FORMS,
+    PORT_RANGE,
+    check_endpoint,
+    check_host,
+    check_listed_once,
+    check_nats_url,
+    is_loopback,
+    split_host_port,
+)
+from .checks import FieldError, check_int, is_int, show, utf8_len
+from .errors import ConfigError
 
 __all__ = [
     "Config",
@@ -64,10 +80,7 @@ __all__ = [
     "parse_relay",
 ]
 
-_DEFAULT_BIND = ("ipc:///run/nflogd/feed.sock",)
-_DEFAULT_HWM = 100_000
-_DEFAULT_METRICS_HOST = "127.0.0.1"
-_DEFAULT_METRICS_PORT = 9477
+_DEFAULT_METRICS_LISTEN = "127.0.0.1:9477"
 
 # Inclusive ranges of the integer settings of one group; the keys are also the YAML keys.
 _GROUP_RANGES: dict[str, tuple[int, int]] = {
@@ -79,24 +92,18 @@ _GROUP_RANGES: dict[str, tuple[int, int]] = {
 }
 _HWM_RANGE = (1, 10_000_000)
 # Per endpoint: peers connected at once; beyond, a new connection is closed at once.
-_DEFAULT_MAX_CONNECTIONS = 256
 _MAX_CONNECTIONS_RANGE = (1, 100_000)
 # A peer that has not completed the ZMTP handshake (CURVE included) by then is dropped.
-_DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000
 _HANDSHAKE_TIMEOUT_RANGE = (100, 600_000)
-#: The largest config file read (bytes): a config is a few KB.
-CONFIG_MAX_BYTES = 1 << 20
-_PORT_RANGE = (1, 65535)
 _NODE_MAX_BYTES = 255
 _NETNS_NAME = re.compile(r"[A-Za-z0-9_.-]+")  # what `ip netns add` makes under /run/netns
 _NAME_MAX = 255
 _PATH_MAX = 4095
-_IPC_PATH_MAX_BYTES = 107  # sizeof(sockaddr_un.sun_path) - 1 for the terminating NUL
 
 _TOP_KEYS = ("groups", "metrics", "node", "publish", "user")
-_PUBLISH_KEYS = (
-    "bind", "curve", "handshake_timeout_ms", "hwm", "insecure", "ipc_filter_groups", "max_connections",
-)  # fmt: skip
+# The publish keys that are PublishConfig's fields as they are; bind, curve, ipc_filter_groups are mapped.
+_PUBLISH_FIELDS = ("handshake_timeout_ms", "hwm", "insecure", "max_connections")
+_PUBLISH_KEYS = ("bind", "curve", "ipc_filter_groups", *_PUBLISH_FIELDS)
 _CURVE_KEYS = ("authorized_keys_dir", "secret_key_file")
 _GID_MAX = 2**32 - 2  # (gid_t)-1 means "no group"
 _METRICS_KEYS = ("listen",)
@@ -104,35 +111,33 @@ _RELAY_TOP_KEYS = ("jetstream", "metrics", "publish", "upstreams")
 _UPSTREAM_KEYS = ("client_secret_key_file", "endpoint", "server_public_key")
 _RELAY_DEFAULT_BIND = ("ipc:///run/nflogd-relay/feed.sock",)
 _RELAY_DEFAULT_LISTEN = "127.0.0.1:9478"
-# The relay's jetstream section: integer keys with (default, lo, hi); docs/jetstream.md.
-_JETSTREAM_INTS: dict[str, tuple[int, int, int]] = {
-    "partitions": (8, 1, 1024),  # subjects <prefix>.0.> .. <prefix>.N-1.>: consumer groups split by these
-    "replicas": (1, 1, 5),  # 3 on a three-node cluster
-    "max_age_s": (7 * 86400, 0, 10 * 365 * 86400),  # retention by age; 0: no limit
-    "max_bytes": (0, 0, 1 << 50),  # retention by size; 0: no limit
-    "duplicate_window_s": (120, 1, 86400),  # Nats-Msg-Id dedup window
-    "max_in_flight": (256, 1, 100_000),  # publishes awaiting their ack
-    "buffer_bytes": (64 << 20, 1 << 16, 1 << 34),  # messages held (queued + in flight), bytes
-    "ack_timeout_ms": (5000, 10, 600_000),  # a publish retried after this long without an ack
-    "connect_timeout_ms": (5000, 10, 600_000),  # start: reach the cluster and check the stream
+# The relay's jetstream section: inclusive ranges of its integer settings; docs/jetstream.md.
+_JETSTREAM_RANGES: dict[str, tuple[int, int]] = {
+    "partitions": (1, 1024),  # subjects <prefix>.0.> .. <prefix>.N-1.>: consumer groups split by these
+    "replicas": (1, 5),  # 3 on a three-node cluster
+    "max_age_s": (0, 10 * 365 * 86400),  # retention by age; 0: no limit
+    "max_bytes": (0, 1 << 50),  # retention by size; 0: no limit
+    "duplicate_window_s": (1, 86400),  # Nats-Msg-Id dedup window
+    "max_in_flight": (1, 100_000),  # publishes awaiting their ack
+    "buffer_bytes": (1 << 16, 1 << 34),  # messages held (queued + in flight), bytes
+    "ack_timeout_ms": (10, 600_000),  # a publish retried after this long without an ack
+    "connect_timeout_ms": (10, 600_000),  # start: reach the cluster and check the stream
 }
-_JETSTREAM_KEYS = ("servers", "stream", "subject_prefix", "storage", *_JETSTREAM_INTS)
+_JETSTREAM_KEYS = ("servers", "stream", "subject_prefix", "storage", *_JETSTREAM_RANGES)
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_-]{1,255}")
 _SUBJECT_PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
-_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)\Z")
-_ENDPOINT_FORMS = "tcp://HOST:PORT or ipc:///absolute/path"
 
-
-# --- the dataclasses ---------------------------------------------------------------------------
+# --- the dataclasses -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class GroupConfig:
-    """One NFLOG group to capture, and how the kernel should batch it.
+    """One NFLOG group to capture, and how the kernel should batch it: capture's settings.
 
-    ``GroupConfig(5, copy_range=256)`` validates like the YAML does: a field out of range raises
-    ``ConfigError("copy_range: must be an integer 0..65535, got 70000")``.
+    ``GroupConfig(5, copy_range=256)`` owns the rules the YAML is held to: a field out of range
+    raises ``ConfigError("copy_range: must be an integer 0..65535, got 70000")`` (from a file,
+    ``groups[2].copy_range: ...``).
 
     ``netns`` opens the group in another network namespace: a name under /run/netns
     (``ip netns add blue``: ``"blue"``) or an absolute path to a namespace file
@@ -150,7 +155,7 @@ class GroupConfig:
 
     def __post_init__(self) -> None:
         for name, (lo, hi) in _GROUP_RANGES.items():
-            _check_int(name, getattr(self, name), lo, hi)
+            check_int(name, getattr(self, name), lo, hi)
         _check_netns("netns", self.netns)
 
 
@@ -169,11 +174,8 @@ class CurveConfig:
     secret_key: bytes = field(repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("public_key", "secret_key"):
-            try:
-                _curve.check_z85(getattr(self, name), name)
-            except _curve.KeyFileError as e:
-                raise ConfigError(str(e)) from None
+        _check_z85("public_key", self.public_key)
+        _check_z85("secret_key", self.secret_key)
 
 
 @dataclass(frozen=True)
@@ -187,24 +189,24 @@ class PublishConfig:
     dropped (docs/security.md, "Limits").
     """
 
-    bind: tuple[str, ...] = _DEFAULT_BIND
-    hwm: int = _DEFAULT_HWM
+    bind: tuple[str, ...] = ("ipc:///run/nflogd/feed.sock",)
+    hwm: int = 100_000
     curve: CurveConfig | None = None
     insecure: bool = False
     ipc_filter_gids: tuple[int, ...] = ()
-    max_connections: int = _DEFAULT_MAX_CONNECTIONS
-    handshake_timeout_ms: int = _DEFAULT_HANDSHAKE_TIMEOUT_MS
+    max_connections: int = 256
+    handshake_timeout_ms: int = 10_000
 
     def __post_init__(self) -> None:
         if not isinstance(self.bind, tuple):
-            raise ConfigError(f"bind: must be a tuple of endpoint strings, got {_show(self.bind)}")
-        _check_endpoints("bind", self.bind)
-        _check_int("hwm", self.hwm, *_HWM_RANGE)
-        _check_int("max_connections", self.max_connections, *_MAX_CONNECTIONS_RANGE)
-        _check_int("handshake_timeout_ms", self.handshake_timeout_ms, *_HANDSHAKE_TIMEOUT_RANGE)
+            raise FieldError("bind", f"must be a tuple of endpoint strings, got {show(self.bind)}")
+        check_listed_once("bind", self.bind, check_endpoint)
+        check_int("hwm", self.hwm, *_HWM_RANGE)
         if not isinstance(self.insecure, bool):
-            raise ConfigError(f"insecure: must be true or false, got {_show(self.insecure)}")
+            raise FieldError("insecure", f"must be true or false, got {show(self.insecure)}")
         _check_exposure("bind", self.bind, self.curve, self.insecure)
+        check_int("max_connections", self.max_connections, *_MAX_CONNECTIONS_RANGE)
+        check_int("handshake_timeout_ms", self.handshake_timeout_ms, *_HANDSHAKE_TIMEOUT_RANGE)
 
 
 @dataclass(frozen=True)
@@ -216,11 +218,11 @@ class MetricsConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str):
-            raise ConfigError(f"host: must be a string, got {_show(self.host)}")
+            raise FieldError("host", f"must be a string, got {show(self.host)}")
         if self.host.startswith("[") and self.host.endswith("]"):
-            raise ConfigError(f"host: must be an IPv6 address without brackets, got {_show(self.host)}")
-        _check_host("host", self.host, allow_wildcard=False)
-        _check_int("port", self.port, *_PORT_RANGE)
+            raise FieldError("host", f"must be an IPv6 address without brackets, got {show(self.host)}")
+        check_host("host", self.host, allow_wildcard=False)
+        check_int("port", self.port, *PORT_RANGE)
 
 
 @dataclass(frozen=True)
@@ -249,17 +251,14 @@ class UpstreamConfig:
     client_secret_key: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        _check_endpoint("endpoint", self.endpoint)
+        check_endpoint("endpoint", self.endpoint)
         keys = {"server_key": self.server_key, "client_public_key": self.client_public_key,
                 "client_secret_key": self.client_secret_key}  # fmt: skip
         given = [name for name, key in keys.items() if key is not None]
         if given and len(given) != len(keys):
-            raise ConfigError(f"{', '.join(keys)}: give all three for CURVE or none, got {', '.join(given)}")
+            raise FieldError(", ".join(keys), f"give all three for CURVE or none, got {', '.join(given)}")
         for name in given:
-            try:
-                _curve.check_z85(keys[name], name)
-            except _curve.KeyFileError as e:
-                raise ConfigError(str(e)) from None
+            _check_z85(name, keys[name])
 
     @property
     def curve(self) -> bool:
@@ -270,7 +269,11 @@ class UpstreamConfig:
 @dataclass(frozen=True)
 class JetStreamConfig:
     """The relay's feed into a NATS JetStream stream (``docs/jetstream.md``): where, which stream,
-    its settings (created or checked at start), and the publisher's bounds."""
+    its settings (created or checked at start), and the publisher's bounds.
+
+    ``servers`` are ``nats://HOST:PORT`` (or ``tls://``) URLs; ``etc/nflogd-relay.yaml``
+    documents every setting. The checks are the YAML's: ``replicas: 7`` raises
+    ``ConfigError("replicas: must be an integer 1..5, got 7")``."""
 
     servers: tuple[str, ...]
     stream: str = "NFLOG"
@@ -286,6 +289,30 @@ class JetStreamConfig:
     ack_timeout_ms: int = 5000
     connect_timeout_ms: int = 5000
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.servers, tuple):
+            raise FieldError("servers", f"must be a tuple of nats://HOST:PORT URLs, got {show(self.servers)}")
+        for i, url in enumerate(self.servers):
+            check_nats_url(f"servers[{i}]", url)
+        if len(set(self.servers)) != len(self.servers):
+            raise FieldError("servers", "each server at most once")
+        if not isinstance(self.stream, str) or not _STREAM_NAME.fullmatch(self.stream):
+            raise FieldError("stream", f"must be 1..255 of A-Z a-z 0-9 _ -, got {show(self.stream)}")
+        prefix = self.subject_prefix
+        if not isinstance(prefix, str) or not _SUBJECT_PREFIX.fullmatch(prefix) or len(prefix) > 200:
+            raise FieldError(
+                "subject_prefix", f"must be dot-separated tokens of A-Z a-z 0-9 _ -, got {show(prefix)}"
+            )
+        if self.storage not in ("file", "memory"):
+            raise FieldError("storage", f"must be file or memory, got {show(self.storage)}")
+        for name, (lo, hi) in _JETSTREAM_RANGES.items():
+            check_int(name, getattr(self, name), lo, hi)
+        if self.max_age_s and self.duplicate_window_s > self.max_age_s:
+            raise FieldError(
+                "duplicate_window_s",
+                f"must not exceed max_age_s ({self.max_age_s}), got {self.duplicate_window_s}",
+            )
+
 
 @dataclass(frozen=True)
 class RelayConfig:
@@ -298,6 +325,58 @@ class RelayConfig:
     jetstream: JetStreamConfig | None = None
 
 
+# --- the dataclasses' rules ----------------------------------------------------------------------
+
+
+def _check_netns(key: str, value: Any) -> None:
+    """None, a name as ``ip netns`` makes them, or an absolute path of a namespace file."""
+    if value is None:
+        return
+    form = "a name under /run/netns or an absolute path like /proc/PID/ns/net"
+    if not isinstance(value, str) or not value:
+        raise FieldError(key, f"must be {form}, got {show(value)}")
+    if "\0" in value:
+        raise FieldError(key, f"must not contain a NUL character, got {show(value)}")
+    size = utf8_len(key, value)
+    if "/" in value:
+        if not value.startswith("/"):
+            raise FieldError(
+                key, f"a path must be absolute (/run/netns/NAME, /proc/PID/ns/net), got {show(value)}"
+            )
+        if size > _PATH_MAX:
+            raise FieldError(key, f"path is {size} bytes, at most {_PATH_MAX}")
+    elif value in (".", "..") or not _NETNS_NAME.fullmatch(value) or size > _NAME_MAX:
+        raise FieldError(
+            key,
+            f"not a namespace name: {show(value)} "
+            f"(up to {_NAME_MAX} letters, digits, '_', '-', '.'; or an absolute path)",
+        )
+
+
+def _check_z85(name: str, key: Any) -> None:
+    try:
+        _curve.check_z85(key, name)
+    except _curve.KeyFileError as e:
+        raise ConfigError(str(e)) from None  # "NAME: ..." already
+
+
+def _check_exposure(key: str, bind: tuple[str, ...], curve: CurveConfig | None, insecure: bool) -> None:
+    """Refuse a tcp endpoint other hosts can reach when nothing protects it."""
+    if curve is not None or insecure:
+        return
+    for i, endpoint in enumerate(bind):
+        if not endpoint.startswith("tcp://"):
+            continue
+        host, _ = split_host_port(f"{key}[{i}]", endpoint[len("tcp://") :], endpoint, allow_wildcard=True)
+        if not is_loopback(host):
+            raise FieldError(
+                f"{key}[{i}]",
+                f"{endpoint} is not a loopback address and publish.curve is not set: "
+                "every host that reaches it could read the feed; set publish.curve "
+                "(docs/security.md) or publish.insecure: true",
+            )
+
+
 # --- entry points --------------------------------------------------------------------------------
 
 
@@ -307,31 +386,9 @@ def load(path: str | os.PathLike[str]) -> Config:
     return parse(_read_text(source), source)
 
 
-def _read_text(source: str) -> str:
-    """The file's text; every failure a ConfigError naming it.
-
-    Opened without blocking and refused unless it is a regular file of at most
-    CONFIG_MAX_BYTES: a FIFO would block for good, /dev/zero never end."""
-    try:
-        with open_regular(source, CONFIG_MAX_BYTES) as f:
-            return f.read().decode("utf-8")
-    except OSError as e:
-        why = f"[Errno {e.errno}] {e.strerror}" if e.errno is not None else str(e)
-        raise ConfigError(f"{source}: cannot read: {why}") from None
-    except UnicodeDecodeError as e:
-        bad = e.object[e.start : e.start + 1].hex()
-        raise ConfigError(f"{source}: cannot read: not UTF-8 (byte 0x{bad} at offset {e.start})") from None
-    except ValueError as e:  # e.g. a NUL in the path
-        raise ConfigError(f"{source}: cannot read: {e}") from None
-
-
 def parse(text: str, source: str = "<config>") -> Config:
     """Parse configuration YAML; ``source`` names the text in errors about the document as a whole."""
-    data = _load_yaml(text, source)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: top level must be a mapping of settings, got {_show(data)}")
-    _check_keys(source, data, _TOP_KEYS)
-
+    data = _document(text, source, _TOP_KEYS)
     node = data["node"] if "node" in data else socket.gethostname()
     _check_text("node", node, 1, _NODE_MAX_BYTES)
 
@@ -353,10 +410,7 @@ def load_relay(path: str | os.PathLike[str]) -> RelayConfig:
 
 def parse_relay(text: str, source: str = "<config>") -> RelayConfig:
     """Parse the relay's YAML (``etc/nflogd-relay.yaml`` documents it), as ``parse`` does the daemon's."""
-    data = _load_yaml(text, source)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: top level must be a mapping of settings, got {_show(data)}")
-    _check_keys(source, data, _RELAY_TOP_KEYS)
+    data = _document(text, source, _RELAY_TOP_KEYS)
     if "upstreams" not in data:
         raise ConfigError("upstreams: is required, a non-empty list of nflogd endpoints to subscribe to")
     upstreams = _parse_upstreams("upstreams", data["upstreams"])
@@ -375,129 +429,43 @@ def parse_relay(text: str, source: str = "<config>") -> RelayConfig:
     )
 
 
-def open_regular(path: str, max_bytes: int):
-    """``path`` opened for reading in binary, if it is a regular file of at most ``max_bytes``.
-
-    The open never blocks (O_NONBLOCK: a FIFO opens at once and is then refused by type);
-    anything else raises OSError with the reason as ``strerror``.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(st.st_mode)})", path)
-        if st.st_size > max_bytes:
-            raise OSError(errno.EFBIG, f"{st.st_size} bytes, larger than {max_bytes}", path)
-        os.set_blocking(fd, True)
-        f = os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-    return _Bounded(f, max_bytes)
+# The YAML layer is imported here, on the first load or parse: the dataclasses need none of it.
 
 
-class _Bounded:
-    """A file whose ``read()`` returns at most ``max_bytes`` (a file growing while read)."""
+def _read_text(source: str) -> str:
+    from . import yamlload
 
-    def __init__(self, f, max_bytes: int):
-        self._f, self._max = f, max_bytes
-
-    def read(self) -> bytes:
-        data = self._f.read(self._max + 1)
-        if len(data) > self._max:
-            raise OSError(errno.EFBIG, f"larger than {self._max} bytes")
-        return data
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._f.close()
+    return yamlload.read_text(source)
 
 
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISDIR, "a directory")):  # fmt: skip
-        if test(mode):
-            return name
-    return "not a regular file"
+def _document(text: str, source: str, keys: tuple[str, ...]) -> dict[Any, Any]:
+    """The YAML's top level: a mapping of settings with only the ``keys`` known."""
+    from . import yamlload
 
-
-# --- YAML ----------------------------------------------------------------------------------------
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that rejects a key given twice in one mapping instead of keeping the last."""
-
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, yaml.Mark] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue  # "<<: *base" may be overridden; that is what merge keys are for
-                key = self.construct_object(key_node, deep=deep)
-                try:
-                    first = seen.get(key)
-                except TypeError:
-                    break  # an unhashable key: the base class reports it with its position
-                if first is not None:
-                    raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping",
-                        node.start_mark,
-                        f"duplicate key {_show(key)} (first at line {first.line + 1})",
-                        key_node.start_mark,
-                    )
-                seen[key] = key_node.start_mark
-        return super().construct_mapping(node, deep=deep)
-
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        try:
-            return super().construct_object(node, deep=deep)
-        except (IndexError, KeyError, AttributeError):
-            # PyYAML's scalar constructors fail so on explicitly tagged values they cannot
-            # read: !!int "" (IndexError), !!bool maybe (KeyError), !!timestamp x
-            # (AttributeError). Report them where they are, like any other YAML error.
-            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
-            what = _show(node.value) if isinstance(node, yaml.ScalarNode) else "this node"
-            raise yaml.constructor.ConstructorError(
-                None, None, f"{tag} cannot read {what}", node.start_mark
-            ) from None
-
-
-def _load_yaml(text: str, source: str) -> Any:
-    """``yaml.safe_load`` plus duplicate-key rejection, with every failure as one ConfigError line."""
-    try:
-        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no arbitrary objects
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        what = e.problem or e.context or "syntax error"
-        if e.problem and e.context and e.problem.startswith("but "):
-            what = f"{e.context}, {e.problem}"  # "expected a single document ..., but found another ..."
-        what = _one_line(what)
-        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"{source}: invalid YAML{where}: {what}") from None
-    except yaml.reader.ReaderError as e:
-        line = text.count("\n", 0, e.position) + 1
-        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
-        what = f"unacceptable character #x{e.character:04x}: {e.reason}"
-        raise ConfigError(f"{source}: invalid YAML at line {line} column {column}: {what}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: invalid YAML: {_one_line(str(e))}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: invalid YAML: nested too deeply") from None
-    except (ValueError, TypeError, OverflowError) as e:
-        # PyYAML's constructors let these through for scalars that match an implicit tag but not
-        # its range, e.g. the timestamp 2020-13-45 ("month must be in 1..12") or "!!int abc".
-        raise ConfigError(f"{source}: invalid YAML: {_one_line(str(e))}") from None
+    data = yamlload.load(text, source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of settings, got {show(data)}")
+    _check_keys(source, data, keys)
+    return data
 
 
 # --- sections ------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _at(path: str, shorthand: str | None = None) -> Iterator[None]:
+    """Put the key path in front of the errors of the dataclass built inside: ``groups[2]`` and
+    ``copy_range: ...`` make ``groups[2].copy_range: ...``. A scalar written for the whole
+    mapping (``groups: [5]`` for ``{group: 5}``) is its field ``shorthand``: named ``path``."""
+    try:
+        yield
+    except FieldError as e:
+        raise e.at(path, shorthand) from None
+
+
 def _parse_groups(path: str, value: Any) -> tuple[GroupConfig, ...]:
     if not isinstance(value, list):
-        raise ConfigError(f"{path}: must be a list of NFLOG group numbers, got {_show(value)}")
+        raise ConfigError(f"{path}: must be a list of NFLOG group numbers, got {show(value)}")
     if not value:
         raise ConfigError(f"{path}: must not be empty; list at least one NFLOG group")
     groups: list[GroupConfig] = []
@@ -518,20 +486,18 @@ def _parse_groups(path: str, value: Any) -> tuple[GroupConfig, ...]:
 
 
 def _parse_group(path: str, item: Any) -> GroupConfig:
+    """A bare group number, or a mapping of GroupConfig's fields."""
     if isinstance(item, dict):
         _check_keys(path, item, (*_GROUP_RANGES, "netns"))
         if "group" not in item:
             raise ConfigError(f"{path}: missing key 'group', the NFLOG group number 0..65535")
-        for name, (lo, hi) in _GROUP_RANGES.items():
-            if name in item:
-                _check_int(f"{path}.{name}", item[name], lo, hi)
-        _check_netns(f"{path}.netns", item.get("netns"))
-        return GroupConfig(**item)
-    if _is_int(item):
-        _check_int(path, item, *_GROUP_RANGES["group"])
-        return GroupConfig(item)
+        with _at(path):
+            return GroupConfig(**item)
+    if is_int(item):
+        with _at(path, shorthand="group"):
+            return GroupConfig(item)
     raise ConfigError(
-        f"{path}: must be a group number 0..65535 or a mapping with a 'group' key, got {_show(item)}"
+        f"{path}: must be a group number 0..65535 or a mapping with a 'group' key, got {show(item)}"
     )
 
 
@@ -542,36 +508,26 @@ def _parse_section(
     section = data.get(path, {})
     if not isinstance(section, dict):
         hint = " (to turn metrics off, write 'listen: null' under it)" if path == "metrics" else ""
-        raise ConfigError(f"{path}: must be a mapping, got {_show(section)}{hint}")
+        raise ConfigError(f"{path}: must be a mapping, got {show(section)}{hint}")
     _check_keys(path, section, keys)
     return build(section)
 
 
 def _parse_publish(section: dict[Any, Any]) -> PublishConfig:
-    bind = section.get("bind", list(_DEFAULT_BIND))
-    if isinstance(bind, str):
-        bind = [bind]
-    elif not isinstance(bind, list):
-        raise ConfigError(f"publish.bind: must be an endpoint string or a list of them, got {_show(bind)}")
-    if not bind:
-        raise ConfigError(f"publish.bind: must not be empty; give at least one of {_ENDPOINT_FORMS}")
-    _check_endpoints("publish.bind", bind)
-    hwm = section.get("hwm", _DEFAULT_HWM)
-    _check_int("publish.hwm", hwm, *_HWM_RANGE)
-    insecure = section.get("insecure", False)
-    if not isinstance(insecure, bool):
-        raise ConfigError(f"publish.insecure: must be true or false, got {_show(insecure)}")
+    fields = {key: section[key] for key in _PUBLISH_FIELDS if key in section}
+    if "bind" in section:
+        bind = section["bind"]
+        if isinstance(bind, str):
+            bind = [bind]
+        elif not isinstance(bind, list):
+            raise ConfigError(f"publish.bind: must be an endpoint string or a list of them, got {show(bind)}")
+        if not bind:
+            raise ConfigError(f"publish.bind: must not be empty; give at least one of {ENDPOINT_FORMS}")
+        fields["bind"] = tuple(bind)
     curve = _parse_curve("publish.curve", section.get("curve"))
-    _check_exposure("publish.bind", bind, curve, insecure)
     gids = _parse_ipc_groups("publish.ipc_filter_groups", section.get("ipc_filter_groups"))
-    max_connections = section.get("max_connections", _DEFAULT_MAX_CONNECTIONS)
-    _check_int("publish.max_connections", max_connections, *_MAX_CONNECTIONS_RANGE)
-    handshake = section.get("handshake_timeout_ms", _DEFAULT_HANDSHAKE_TIMEOUT_MS)
-    _check_int("publish.handshake_timeout_ms", handshake, *_HANDSHAKE_TIMEOUT_RANGE)
-    return PublishConfig(
-        bind=tuple(bind), hwm=hwm, curve=curve, insecure=insecure, ipc_filter_gids=gids,
-        max_connections=max_connections, handshake_timeout_ms=handshake,
-    )  # fmt: skip
+    with _at("publish"):
+        return PublishConfig(curve=curve, ipc_filter_gids=gids, **fields)
 
 
 def _parse_curve(path: str, section: Any) -> CurveConfig | None:
@@ -580,17 +536,14 @@ def _parse_curve(path: str, section: Any) -> CurveConfig | None:
         return None
     if not isinstance(section, dict):
         raise ConfigError(
-            f"{path}: must be a mapping with secret_key_file and authorized_keys_dir, got {_show(section)}"
+            f"{path}: must be a mapping with secret_key_file and authorized_keys_dir, got {show(section)}"
         )
     _check_keys(path, section, _CURVE_KEYS)
     for key in _CURVE_KEYS:
         if key not in section:
             raise ConfigError(f"{path}: missing key {key!r}")
-        value = section[key]
-        if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
-            raise ConfigError(f"{path}.{key}: must be an absolute path, got {_show(value)}")
-    if not _zmq_has_curve():
-        raise ConfigError(f"{path}: this libzmq was built without CURVE support")
+        _check_absolute(f"{path}.{key}", section[key])
+    _require_curve(path)
     secret_file, clients_dir = section["secret_key_file"], section["authorized_keys_dir"]
     try:
         public, secret = _curve.keypair(secret_file)
@@ -605,12 +558,6 @@ def _parse_curve(path: str, section: Any) -> CurveConfig | None:
     )
 
 
-def _zmq_has_curve() -> bool:
-    import zmq
-
-    return bool(zmq.has("curve"))
-
-
 def _parse_ipc_groups(path: str, value: Any) -> tuple[int, ...]:
     """Group names (looked up now) or gids, for IPC_FILTER_GID; absent or empty: no filter."""
     if value is None:
@@ -618,118 +565,88 @@ def _parse_ipc_groups(path: str, value: Any) -> tuple[int, ...]:
     if isinstance(value, (str, int)) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, list):
-        raise ConfigError(f"{path}: must be a group name or gid, or a list of them, got {_show(value)}")
+        raise ConfigError(f"{path}: must be a group name or gid, or a list of them, got {show(value)}")
     gids: list[int] = []
     for i, item in enumerate(value):
         item_path = f"{path}[{i}]"
-        if _is_int(item):
-            _check_int(item_path, item, 0, _GID_MAX)
-            gid = item
+        if is_int(item):
+            gid = check_int(item_path, item, 0, _GID_MAX)
         elif isinstance(item, str):
             try:
                 gid = grp.getgrnam(item).gr_gid
             except (KeyError, ValueError):
-                raise ConfigError(f"{item_path}: no such group {_show(item)}") from None
+                raise ConfigError(f"{item_path}: no such group {show(item)}") from None
         else:
-            raise ConfigError(f"{item_path}: must be a group name or a gid, got {_show(item)}")
+            raise ConfigError(f"{item_path}: must be a group name or a gid, got {show(item)}")
         if gid not in gids:
             gids.append(gid)
     return tuple(gids)
 
 
 def _parse_metrics(section: dict[Any, Any]) -> MetricsConfig | None:
-    listen = section.get("listen", f"{_DEFAULT_METRICS_HOST}:{_DEFAULT_METRICS_PORT}")
+    listen = section.get("listen", _DEFAULT_METRICS_LISTEN)
     if listen is None:
         return None
     path = "metrics.listen"
     if not isinstance(listen, str):
-        raise ConfigError(f'{path}: must be "host:port" or null to turn metrics off, got {_show(listen)}')
-    host, port = _split_host_port(path, listen, listen, allow_wildcard=False)
+        raise ConfigError(f'{path}: must be "host:port" or null to turn metrics off, got {show(listen)}')
+    host, port = split_host_port(path, listen, listen, allow_wildcard=False)
     return MetricsConfig(host=host, port=port)
 
 
 def _parse_jetstream(path: str, section: Any) -> JetStreamConfig:
     if not isinstance(section, dict):
-        raise ConfigError(f"{path}: must be a mapping with at least servers, got {_show(section)}")
+        raise ConfigError(f"{path}: must be a mapping with at least servers, got {show(section)}")
     _check_keys(path, section, _JETSTREAM_KEYS)
     servers = section.get("servers")
     if isinstance(servers, str):
         servers = [servers]
     if not isinstance(servers, list) or not servers:
         raise ConfigError(f"{path}.servers: is required, a nats://HOST:PORT URL or a non-empty list of them")
-    for i, url in enumerate(servers):
-        where = f"{path}.servers[{i}]"
-        if not isinstance(url, str) or not url.startswith(("nats://", "tls://")):
-            raise ConfigError(f"{where}: must be nats://HOST:PORT (or tls://), got {_show(url)}")
-        rest = url.split("://", 1)[1]
-        if "/" in rest or "@" in rest:
-            raise ConfigError(f"{where}: must be nats://HOST:PORT without a path or user, got {_show(url)}")
-        _split_host_port(where, rest, url, allow_wildcard=False)
-    if len(set(servers)) != len(servers):
-        raise ConfigError(f"{path}.servers: each server at most once")
-    stream = section.get("stream", "NFLOG")
-    if not isinstance(stream, str) or not _STREAM_NAME.fullmatch(stream):
-        raise ConfigError(f"{path}.stream: must be 1..255 of A-Z a-z 0-9 _ -, got {_show(stream)}")
-    prefix = section.get("subject_prefix", "nflog")
-    if not isinstance(prefix, str) or not _SUBJECT_PREFIX.fullmatch(prefix) or len(prefix) > 200:
-        raise ConfigError(
-            f"{path}.subject_prefix: must be dot-separated tokens of A-Z a-z 0-9 _ -, got {_show(prefix)}"
-        )
-    storage = section.get("storage", "file")
-    if storage not in ("file", "memory"):
-        raise ConfigError(f"{path}.storage: must be file or memory, got {_show(storage)}")
-    ints = {}
-    for key, (default, lo, hi) in _JETSTREAM_INTS.items():
-        ints[key] = _check_int(f"{path}.{key}", section.get(key, default), lo, hi)
-    if ints["max_age_s"] and ints["duplicate_window_s"] > ints["max_age_s"]:
-        raise ConfigError(
-            f"{path}.duplicate_window_s: must not exceed max_age_s ({ints['max_age_s']}),"
-            f" got {ints['duplicate_window_s']}"
-        )
-    return JetStreamConfig(
-        servers=tuple(servers), stream=stream, subject_prefix=prefix, storage=storage, **ints
-    )
+    fields = {key: value for key, value in section.items() if key != "servers"}
+    with _at(path):
+        return JetStreamConfig(servers=tuple(servers), **fields)
 
 
 def _parse_user(path: str, user: Any) -> str | None:
     if user is None:
         return None
     if not isinstance(user, str):
-        raise ConfigError(f"{path}: must be a user name or null, got {_show(user)}")
+        raise ConfigError(f"{path}: must be a user name or null, got {show(user)}")
     try:
         pwd.getpwnam(user)
     except (KeyError, ValueError):  # ValueError: a NUL or an unencodable character in the name
-        raise ConfigError(f"{path}: no such user {_show(user)}") from None
+        raise ConfigError(f"{path}: no such user {show(user)}") from None
     return user
 
 
 def _parse_upstreams(path: str, value: Any) -> tuple[UpstreamConfig, ...]:
     if not isinstance(value, list):
-        raise ConfigError(f"{path}: must be a list of endpoints or mappings, got {_show(value)}")
+        raise ConfigError(f"{path}: must be a list of endpoints or mappings, got {show(value)}")
     if not value:
         raise ConfigError(f"{path}: must not be empty; list at least one nflogd endpoint")
-    endpoints = [item.get("endpoint") if isinstance(item, dict) else item for item in value]
     upstreams = tuple(_parse_upstream(f"{path}[{i}]", item) for i, item in enumerate(value))
-    _check_endpoints(path, endpoints)  # each is valid by now: this finds the duplicates
+    check_listed_once(path, [upstream.endpoint for upstream in upstreams])
     return upstreams
 
 
 def _parse_upstream(path: str, item: Any) -> UpstreamConfig:
     """A bare endpoint, or a mapping with ``endpoint`` and, for CURVE, the two key settings."""
     if isinstance(item, str):
-        _check_endpoint(path, item)
-        return UpstreamConfig(item)
+        with _at(path, shorthand="endpoint"):
+            return UpstreamConfig(item)
     if not isinstance(item, dict):
         raise ConfigError(
-            f"{path}: must be an endpoint string or a mapping with 'endpoint', got {_show(item)}"
+            f"{path}: must be an endpoint string or a mapping with 'endpoint', got {show(item)}"
         )
     _check_keys(path, item, _UPSTREAM_KEYS)
     if "endpoint" not in item:
         raise ConfigError(f"{path}: missing key 'endpoint', like tcp://router1:5555")
-    _check_endpoint(f"{path}.endpoint", item["endpoint"])
+    with _at(path):
+        upstream = UpstreamConfig(item["endpoint"])  # its errors before those of the key files
     server, secret_file = item.get("server_public_key"), item.get("client_secret_key_file")
     if server is None and secret_file is None:
-        return UpstreamConfig(item["endpoint"])
+        return upstream
     if server is None:
         raise ConfigError(f"{path}: client_secret_key_file needs server_public_key, the daemon's public key")
     if secret_file is None:
@@ -739,14 +656,10 @@ def _parse_upstream(path: str, item: Any) -> UpstreamConfig:
         )
     if not isinstance(server, str):
         raise ConfigError(
-            f"{path}.server_public_key: must be a key file or 40 Z85 characters, got {_show(server)}"
+            f"{path}.server_public_key: must be a key file or 40 Z85 characters, got {show(server)}"
         )
-    if not isinstance(secret_file, str) or not secret_file.startswith("/") or "\0" in secret_file:
-        raise ConfigError(
-            f"{path}.client_secret_key_file: must be an absolute path, got {_show(secret_file)}"
-        )
-    if not _zmq_has_curve():
-        raise ConfigError(f"{path}: this libzmq was built without CURVE support")
+    _check_absolute(f"{path}.client_secret_key_file", secret_file)
+    _require_curve(path)
     try:
         server_key = _curve.public_key(server)
     except _curve.KeyFileError as e:
@@ -755,219 +668,35 @@ def _parse_upstream(path: str, item: Any) -> UpstreamConfig:
         public, secret = _curve.keypair(secret_file)
     except _curve.KeyFileError as e:
         raise ConfigError(f"{path}.client_secret_key_file: {e}") from None
-    return UpstreamConfig(item["endpoint"], server_key, public, secret)
+    return replace(upstream, server_key=server_key, client_public_key=public, client_secret_key=secret)
 
 
-# --- endpoints and hosts -------------------------------------------------------------------------
-
-
-def _check_endpoints(path: str, endpoints: list[Any] | tuple[Any, ...]) -> None:
-    first_at: dict[str, int] = {}
-    for i, endpoint in enumerate(endpoints):
-        item_path = f"{path}[{i}]"
-        _check_endpoint(item_path, endpoint)
-        if endpoint in first_at:
-            raise ConfigError(
-                f"{item_path}: {_show(endpoint)} is listed twice (also {path}[{first_at[endpoint]}])"
-            )
-        first_at[endpoint] = i
-
-
-def _check_endpoint(path: str, endpoint: Any) -> None:
-    """Accept ``tcp://HOST:PORT`` and ``ipc:///absolute/path``, the two transports a PUB feed needs."""
-    if not isinstance(endpoint, str):
-        raise ConfigError(f"{path}: must be an endpoint string like {_ENDPOINT_FORMS}, got {_show(endpoint)}")
-    transport, sep, address = endpoint.partition("://")
-    if not sep:
-        raise ConfigError(f"{path}: must be an endpoint like {_ENDPOINT_FORMS}, got {_show(endpoint)}")
-    if transport == "tcp":
-        _split_host_port(path, address, endpoint, allow_wildcard=True)
-    elif transport == "ipc":
-        if not address.startswith("/"):
-            raise ConfigError(f"{path}: ipc path must be absolute (ipc:///run/...), got {_show(endpoint)}")
-        if "\0" in address:
-            raise ConfigError(f"{path}: ipc path must not contain a NUL character, got {_show(endpoint)}")
-        size = _utf8_len(path, address)
-        if size > _IPC_PATH_MAX_BYTES:
-            raise ConfigError(
-                f"{path}: ipc path is {size} bytes, "
-                f"at most {_IPC_PATH_MAX_BYTES} fit in a Unix socket address"
-            )
-    else:
-        raise ConfigError(f"{path}: unsupported transport {_show(transport)}; expected {_ENDPOINT_FORMS}")
-
-
-def _split_host_port(path: str, address: str, whole: str, *, allow_wildcard: bool) -> tuple[str, int]:
-    """Split ``host:port`` or ``[v6addr]:port``; return the host without brackets and the port."""
-    if address.startswith("["):
-        inside, bracket, rest = address[1:].partition("]")
-        if not bracket:
-            raise ConfigError(f"{path}: missing ']' after the IPv6 address in {_show(whole)}")
-        try:
-            ipaddress.IPv6Address(inside)
-        except ValueError:
-            raise ConfigError(f"{path}: not an IPv6 address in brackets: {_show(inside)}") from None
-        if not rest.startswith(":"):
-            raise ConfigError(f"{path}: missing ':PORT' after ']' in {_show(whole)}")
-        host, port_text = inside, rest[1:]
-    else:
-        host, colon, port_text = address.rpartition(":")
-        if not colon:
-            raise ConfigError(f"{path}: missing ':PORT' in {_show(whole)}")
-        if ":" in host:
-            raise ConfigError(
-                f"{path}: an IPv6 address needs brackets, like [::1]:{port_text}; got {_show(whole)}"
-            )
-        _check_host(path, host, allow_wildcard=allow_wildcard)
-    if port_text == "*":
-        raise ConfigError(f"{path}: a wildcard port is not allowed; name a port 1..65535")
-    if not (port_text.isascii() and port_text.isdigit()):
-        raise ConfigError(f"{path}: port must be an integer 1..65535, got {_show(port_text)}")
-    port = int(port_text)
-    if not _PORT_RANGE[0] <= port <= _PORT_RANGE[1]:
-        raise ConfigError(f"{path}: port must be an integer 1..65535, got {port}")
-    return host, port
-
-
-def _check_host(path: str, host: str, *, allow_wildcard: bool) -> None:
-    """An IPv4 address, a bare IPv6 address, ``*`` if allowed, or a DNS/interface name."""
-    if not host:
-        hint = "'*' or 0.0.0.0 for all addresses" if allow_wildcard else "0.0.0.0 for all addresses"
-        raise ConfigError(f"{path}: missing host before ':PORT' (use {hint})")
-    if host == "*":
-        if allow_wildcard:
-            return
-        raise ConfigError(f"{path}: '*' is not a host here; use 0.0.0.0 or [::] for all addresses")
-    if re.fullmatch(r"[0-9.]+", host):
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            raise ConfigError(f"{path}: not a valid IPv4 address: {_show(host)}") from None
-        return
-    if ":" in host:
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ConfigError(f"{path}: not a valid IPv6 address: {_show(host)}") from None
-        return
-    name = host[:-1] if host.endswith(".") else host
-    if len(name) > 253 or not all(_HOST_LABEL.match(label) for label in name.split(".")):
-        raise ConfigError(
-            f"{path}: not an IP address or host name: {_show(host)} "
-            "(names are dot-separated labels of letters, digits, '-' and '_')"
-        )
-
-
-def _is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 (or ::ffff:127.x.y.z) and the name ``localhost``; not ``*``, not names."""
-    if host == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
-
-
-def _check_exposure(path: str, bind: Any, curve: CurveConfig | None, insecure: bool) -> None:
-    """Refuse a tcp endpoint other hosts can reach when nothing protects it."""
-    if curve is not None or insecure:
-        return
-    for i, endpoint in enumerate(bind):
-        if not endpoint.startswith("tcp://"):
-            continue
-        host, _ = _split_host_port(f"{path}[{i}]", endpoint[len("tcp://") :], endpoint, allow_wildcard=True)
-        if not _is_loopback(host):
-            raise ConfigError(
-                f"{path}[{i}]: {endpoint} is not a loopback address and publish.curve is not set: "
-                "every host that reaches it could read the feed; set publish.curve "
-                "(docs/security.md) or publish.insecure: true"
-            )
-
-
-# --- scalars -------------------------------------------------------------------------------------
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_int(path: str, value: Any, lo: int, hi: int) -> int:
-    """The one integer check: ``bool`` is not an integer, and the range is inclusive."""
-    if not _is_int(value) or not lo <= value <= hi:
-        raise ConfigError(f"{path}: must be an integer {lo}..{hi}, got {_show(value)}")
-    return value
-
-
-def _check_text(path: str, value: Any, lo: int, hi: int) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{path}: must be a string of {lo}..{hi} UTF-8 bytes, got {_show(value)}")
-    size = _utf8_len(path, value)
-    if not lo <= size <= hi:
-        raise ConfigError(f"{path}: must be a string of {lo}..{hi} UTF-8 bytes, got {size} bytes")
-    return value
-
-
-def _check_netns(path: str, value: Any) -> None:
-    """None, a name as ``ip netns`` makes them, or an absolute path of a namespace file."""
-    if value is None:
-        return
-    form = "a name under /run/netns or an absolute path like /proc/PID/ns/net"
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{path}: must be {form}, got {_show(value)}")
-    if "\0" in value:
-        raise ConfigError(f"{path}: must not contain a NUL character, got {_show(value)}")
-    size = _utf8_len(path, value)
-    if "/" in value:
-        if not value.startswith("/"):
-            raise ConfigError(
-                f"{path}: a path must be absolute (/run/netns/NAME, /proc/PID/ns/net), got {_show(value)}"
-            )
-        if size > _PATH_MAX:
-            raise ConfigError(f"{path}: path is {size} bytes, at most {_PATH_MAX}")
-    elif value in (".", "..") or not _NETNS_NAME.fullmatch(value) or size > _NAME_MAX:
-        raise ConfigError(
-            f"{path}: not a namespace name: {_show(value)} "
-            f"(up to {_NAME_MAX} letters, digits, '_', '-', '.'; or an absolute path)"
-        )
-
-
-def _utf8_len(path: str, text: str) -> int:
-    try:
-        return len(text.encode("utf-8"))
-    except UnicodeEncodeError as e:
-        raise ConfigError(
-            f"{path}: not encodable as UTF-8: character {text[e.start]!r} at offset {e.start}"
-        ) from None
+# --- the mapping's own checks --------------------------------------------------------------------
 
 
 def _check_keys(path: str, mapping: dict[Any, Any], allowed: tuple[str, ...]) -> None:
     for key in mapping:
         if key not in allowed:
             raise ConfigError(
-                f"{path}: unknown key {_show(key)}; expected one of {', '.join(sorted(allowed))}"
+                f"{path}: unknown key {show(key)}; expected one of {', '.join(sorted(allowed))}"
             )
 
 
-def _show(value: Any, limit: int = 60) -> str:
-    """A value as the message's "got ...": YAML spelling for scalars, a kind for containers."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int) and value.bit_length() > 192:
-        return f"a {value.bit_length()}-bit integer"  # str() of a huge int is slow, or refused
-    if isinstance(value, (int, float, str)):
-        text = repr(value) if isinstance(value, (str, float)) else str(value)
-        return text if len(text) <= limit else text[: limit - 3] + "..."
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "a mapping"
-    return f"a {type(value).__name__}"
+def _check_text(path: str, value: Any, lo: int, hi: int) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{path}: must be a string of {lo}..{hi} UTF-8 bytes, got {show(value)}")
+    size = utf8_len(path, value)
+    if not lo <= size <= hi:
+        raise ConfigError(f"{path}: must be a string of {lo}..{hi} UTF-8 bytes, got {size} bytes")
+    return value
 
 
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+def _check_absolute(path: str, value: Any) -> None:
+    """A key file's path: absolute, without a NUL."""
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise ConfigError(f"{path}: must be an absolute path, got {show(value)}")
+
+
+def _require_curve(path: str) -> None:
+    if not zmq.has("curve"):
+        raise ConfigError(f"{path}: this libzmq was built without CURVE support")

@@ -193,3 +193,18 @@ def test_the_alias_modules_are_the_classic_api():
     assert nflog_cffi.NFLOG is nflogd.classic.NFLOG
     assert scapy_nflog.NFLOGListenSocket is nflogd.scapy_listen.NFLOGListenSocket
     assert scapy_nflog.install_nflog_listener is nflogd.scapy_listen.install_nflog_listener
+
+
+def test_group_settings_need_no_yaml():
+    """GroupConfig is capture's settings: the classic API builds them without the YAML layer."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, nflogd.classic\n"
+        "settings = nflogd.classic.group_settings([1, 2], qthresh=8, timeout=0.05)\n"
+        "assert [(g.group, g.queue_threshold, g.flush_ms) for g in settings] == [(1, 8, 50), (2, 8, 50)]\n"
+        "print(sorted(m for m in sys.modules if m == 'yaml' or m.startswith(('yaml.', 'nflogd.yamlload'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout == "[]\n"
