@@ -33,6 +33,7 @@ typedef struct {
 static struct {
     int (*msg_init)(zmq_msg_t *);
     int (*msg_init_size)(zmq_msg_t *, size_t);
+    int (*msg_init_data)(zmq_msg_t *, void *, size_t, void (*)(void *, void *), void *);
     void *(*msg_data)(zmq_msg_t *);
     int (*msg_send)(zmq_msg_t *, void *, int);
     int (*msg_close)(zmq_msg_t *);
@@ -53,6 +54,7 @@ int nflogd_zmq_load(const char *path, int *major, int *minor, int *patch)
         return -ENOSYS;
     SYM(msg_init, "zmq_msg_init")
     SYM(msg_init_size, "zmq_msg_init_size")
+    SYM(msg_init_data, "zmq_msg_init_data")
     SYM(msg_data, "zmq_msg_data")
     SYM(msg_send, "zmq_msg_send")
     SYM(msg_close, "zmq_msg_close")
@@ -160,6 +162,100 @@ static inline void put64(uint8_t *p, uint64_t v)
     memcpy(p, &v, 8);
 }
 
+/* The data frame without a copy: a large batch's data buffer goes to ZeroMQ as the frame
+ * (zmq_msg_init_data) and the reader goes on with another buffer of its pool. ZeroMQ gives
+ * each back when it has written it (pool_give_back, in its I/O thread). A pool lends at most
+ * POOL_BUFFERS at once; beyond that (a subscriber slow enough for ZeroMQ to queue more),
+ * or for a small frame, the data is copied, so memory stays bounded. The pool outlives its
+ * reader as long as ZeroMQ holds one of its buffers. */
+#define POOL_BUFFERS 4
+#define ZERO_COPY_MIN 8192
+
+struct nflogd_pool {
+    pthread_mutex_t lock;
+    size_t size;                /* bytes per buffer: the reader's data_cap */
+    char *spare[POOL_BUFFERS];  /* buffers back from ZeroMQ, ready to use */
+    int nspare;
+    int lent;                   /* buffers ZeroMQ holds */
+    int released;               /* the reader is gone: free buffers as they come back */
+};
+
+static void pool_free(struct nflogd_pool *p)
+{
+    for (int i = 0; i < p->nspare; i++)
+        free(p->spare[i]);
+    pthread_mutex_destroy(&p->lock);
+    free(p);
+}
+
+static void pool_give_back(void *data, void *hint)
+{
+    struct nflogd_pool *p = hint;
+    pthread_mutex_lock(&p->lock);
+    p->lent--;
+    if (!p->released && p->nspare < POOL_BUFFERS) {
+        p->spare[p->nspare++] = data;
+        data = NULL;
+    }
+    int done = p->released && p->lent == 0;
+    pthread_mutex_unlock(&p->lock);
+    free(data);
+    if (done)
+        pool_free(p);
+}
+
+void nflogd_pool_release(struct nflogd_pool *p)
+{
+    if (!p)
+        return;
+    pthread_mutex_lock(&p->lock);
+    p->released = 1;
+    int done = p->lent == 0;
+    pthread_mutex_unlock(&p->lock);
+    if (done)
+        pool_free(p);
+}
+
+/* Lend r's data buffer to ZeroMQ as m, and give r another; 0, or -1 to copy instead. */
+static int lend_data(zmq_msg_t *m, struct nflogd_reader *r)
+{
+    struct nflogd_pool *p = r->pool;
+    if (!p) {
+        p = r->pool = calloc(1, sizeof(*p));
+        if (!p)
+            return -1;
+        pthread_mutex_init(&p->lock, NULL);
+        p->size = r->data_cap;
+    }
+    int slot = 0;
+    char *next = NULL;
+    pthread_mutex_lock(&p->lock);
+    if (p->lent < POOL_BUFFERS) {
+        slot = 1;
+        p->lent++;  /* counted before ZeroMQ may give the buffer back */
+        if (p->nspare)
+            next = p->spare[--p->nspare];
+    }
+    pthread_mutex_unlock(&p->lock);
+    if (!slot)
+        return -1;
+    if (!next)
+        next = malloc(p->size);
+    if (!next || z.msg_init_data(m, r->data, r->data_len, pool_give_back, p) != 0) {
+        pthread_mutex_lock(&p->lock);
+        p->lent--;
+        if (next && p->nspare < POOL_BUFFERS) {
+            p->spare[p->nspare++] = next;
+            next = NULL;
+        }
+        pthread_mutex_unlock(&p->lock);
+        free(next);
+        return -1;
+    }
+    r->data = next;
+    return 0;
+}
+
 static int frame(zmq_msg_t *m, const void *src, size_t len)
 {
     if (z.msg_init_size(m, len) != 0)
@@ -213,7 +309,8 @@ static int send_batch(struct nflogd_feed *f, struct nflogd_reader *r, uint32_t c
     zmq_msg_t m[4], copy[4];
     if (frame(&m[0], topic, 2) || frame(&m[1], header, HEADER_SIZE + f->node_len)
         || frame(&m[2], r->records, (size_t)count * sizeof(struct nflogd_record))
-        || frame(&m[3], r->data, r->data_len))
+        || ((r->data_len < ZERO_COPY_MIN || lend_data(&m[3], r) != 0)
+            && frame(&m[3], r->data, r->data_len)))
         return -ENOMEM;  /* zmq_msg_init_size fails only for want of memory */
     int rc = 1;
     for (int s = 0; s < f->nsockets; s++) {

@@ -72,6 +72,7 @@ struct nflogd_reader {
     uint64_t feed_seq;
     uint64_t dropped_base;
     int woken;                  /* set by nflogd_wake(): nflogd_pump() returns */
+    struct nflogd_pool *pool;   /* data buffers lent to ZeroMQ with a message (_feed.c) */
 
     /* Sequence tracking and internals. */
     uint32_t qthresh;           /* as configured: a buffer this full likely has more behind it */
@@ -131,6 +132,11 @@ int nflogd_set_keepcaps(int on);
  * and set PR_SET_NO_NEW_PRIVS, so that no execve() gives back what capset() takes away.
  * Threads created afterwards inherit both. 0 or -errno. */
 int nflogd_confine(void);
+
+/* Let go of r's pool of data buffers (at the reader's end): buffers ZeroMQ still holds
+ * are freed when it is done with them. */
+struct nflogd_pool;
+void nflogd_pool_release(struct nflogd_pool *pool);
 
 /* The feed: pyzmq's XPUB sockets, shared by the capture threads (nflogd_pump) and the
  * control thread, which holds nflogd_feed_lock() for every use of them (_feed.c). */
