@@ -67,6 +67,7 @@ from typing import Callable, Iterable
 
 import zmq
 from nflogd_client import wire
+from nflogd_client.endpoints import Monitor
 
 from .episodes import QUIET_S, Episodes
 from .errors import NflogdError
@@ -110,10 +111,6 @@ TCP_KEEPALIVE = (
 
 #: ZAP domain of the CURVE socket; ``nflogd.access`` configures the authorized keys for it.
 ZAP_DOMAIN = "nflogd"
-
-# A monitor message's first frame: event (u16) and value (u32, the fd for
-# ACCEPTED/DISCONNECTED), native byte order (zmq_socket_monitor(3)).
-_EVENT = struct.Struct("=HI")
 
 
 def _peer_socket(fd: int, endpoint: str) -> socket.socket | None:
@@ -302,7 +299,8 @@ class Publisher:
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_on_incoming = False  # publish() looks (the C sender has its own flag)
         self._seq: dict[int, int] = {}
-        self._peers: dict[zmq.Socket, dict[int, str]] = {}  # monitor -> {fd: endpoint accepted on}
+        self._monitors: dict[zmq.Socket, Monitor] = {}  # feed socket -> its monitor
+        self._peers: dict[zmq.Socket, dict[int, str]] = {}  # feed socket -> {fd: endpoint accepted on}
         self._conns: dict[str, set[int]] = {}  # endpoint (as the monitor names it) -> fds
         self.max_connections = getattr(publish, "max_connections", 256)
         self.handshake_timeout_ms = getattr(publish, "handshake_timeout_ms", 10_000)
@@ -398,17 +396,13 @@ class Publisher:
         sock.setsockopt(zmq.HANDSHAKE_IVL, self.handshake_timeout_ms)
         for option, value in TCP_KEEPALIVE:
             sock.setsockopt(option, value)
-        # Not get_monitor_socket(): its queue holds 1,000 events and drops the rest, and a burst of
+        # No limit on the monitor's queue (get_monitor_socket()'s drops past 1,000): a burst of
         # connections must not lose ACCEPTED/DISCONNECTED events (the budget counts them).
-        address = f"inproc://nflogd-monitor-{id(self)}-{len(self.monitors)}"
-        sock.monitor(address, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        monitor = sock.context.socket(zmq.PAIR)
-        monitor.setsockopt(zmq.RCVHWM, 0)
-        monitor.setsockopt(zmq.LINGER, 0)
-        monitor.connect(address)
-        self.monitors.append(monitor)
-        self._peers[monitor] = {}
-        return monitor
+        monitor = Monitor(sock, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED, hwm=0)
+        self._monitors[sock] = monitor
+        self._peers[sock] = {}
+        self.monitors.append(monitor.socket)
+        return monitor.socket
 
     def set_verbose(self, verbose: bool) -> None:
         """XPUB_VERBOSE on every socket (the relay wants it off)."""
@@ -658,9 +652,8 @@ class Publisher:
             address = frame.get("Peer-Address")
         except (zmq.ZMQError, KeyError, UnicodeDecodeError):
             address = ""
-        mon = self.monitors[self.sockets.index(sock)]
         hung = 0
-        for fd, endpoint in list(self._peers.get(mon, {}).items()):
+        for fd, endpoint in list(self._peers.get(sock, {}).items()):
             if _peer_matches(fd, endpoint, address) and _hang_up(fd, endpoint):
                 hung += 1
         self.dropped_peers += hung
@@ -689,17 +682,12 @@ class Publisher:
         per episode.
         """
         budget = None
-        for mon, peers in self._peers.items():
-            while True:
-                try:
-                    frames = mon.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if not frames or len(frames[0]) < _EVENT.size:
-                    continue
-                event, fd = _EVENT.unpack_from(frames[0])
+        for sock, mon in self._monitors.items():
+            peers = self._peers[sock]
+            for ev in mon.events():
+                event, fd = ev["event"], int(ev["value"])
                 if event == zmq.EVENT_ACCEPTED:
-                    endpoint = frames[1].decode(errors="replace") if len(frames) > 1 else ""
+                    endpoint = ev["endpoint"].decode(errors="replace")
                     conns = self._conns.setdefault(endpoint, set())
                     if budget is None:
                         budget = self.budget()
@@ -736,14 +724,10 @@ class Publisher:
         with self.lock:
             if self.cfeed is not None:
                 self.cfeed.set_sockets([])
-            for sock, mon in zip(self.sockets, self.monitors):
-                if not mon.closed:
-                    try:
-                        sock.disable_monitor()
-                    except zmq.ZMQError:
-                        pass
-                    mon.close(linger=0)
+            for mon in self._monitors.values():
+                mon.close()
             self.monitor = self.curve_monitor = None
+            self._monitors = {}
             self._peers = {}
             for sock in [self.socket, *self.sockets]:
                 if not sock.closed:

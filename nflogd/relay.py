@@ -62,7 +62,7 @@ from collections import Counter
 from typing import Callable
 
 import zmq
-from nflogd_client.endpoints import CONNECTED, EndpointTracker, Monitor, Prober
+from nflogd_client.endpoints import CONNECTED, EndpointTracker, EndpointWatch
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector as _Collector
 from prometheus_client.registry import CollectorRegistry
@@ -110,41 +110,47 @@ class Upstream:
         self.endpoint: str = settings.endpoint
         self.messages = 0
         self.bytes = 0
-        #: The endpoint's state, fed by the monitor and by probes.
-        self.tracker = EndpointTracker(
-            [self.endpoint], curve=bool(settings.curve), logger=log, label="upstream"
-        )
-        self._prober = Prober(self.tracker)  # probes in threads: a tcp one may wait a second
         self.socket = ctx.socket(zmq.XSUB)
-        self._monitor: Monitor | None = None
+        sock = self.socket
+        watch: EndpointWatch | None = None
         try:
-            sock = self.socket
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVHWM, UPSTREAM_HWM)
-            sock.setsockopt(zmq.MAXMSGSIZE, UPSTREAM_MAX_MESSAGE)
-            sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-            if settings.curve:
-                sock.setsockopt(zmq.CURVE_SERVERKEY, settings.server_key)
-                sock.setsockopt(zmq.CURVE_PUBLICKEY, settings.client_public_key)
-                sock.setsockopt(zmq.CURVE_SECRETKEY, settings.client_secret_key)
-            self._monitor = Monitor(sock)
-            for topic, n in (topics or {}).items():
-                for _ in range(n):
-                    sock.send(b"\x01" + topic)
-            sock.connect(self.endpoint)
-        except zmq.ZMQError as e:
-            self.close()
-            raise NflogdError(f"upstreams: {self.endpoint}: {zmq.strerror(e.errno)}") from None
+            try:
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.RCVHWM, UPSTREAM_HWM)
+                sock.setsockopt(zmq.MAXMSGSIZE, UPSTREAM_MAX_MESSAGE)
+                sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+                sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+                if settings.curve:
+                    sock.setsockopt(zmq.CURVE_SERVERKEY, settings.server_key)
+                    sock.setsockopt(zmq.CURVE_PUBLICKEY, settings.client_public_key)
+                    sock.setsockopt(zmq.CURVE_SECRETKEY, settings.client_secret_key)
+                watch = EndpointWatch(
+                    sock, [self.endpoint], curve=bool(settings.curve), logger=log, label="upstream"
+                )
+                for topic, n in (topics or {}).items():
+                    for _ in range(n):
+                        sock.send(b"\x01" + topic)
+                sock.connect(self.endpoint)
+            except zmq.ZMQError as e:
+                raise NflogdError(f"upstreams: {self.endpoint}: {zmq.strerror(e.errno)}") from None
         except BaseException:
-            self.close()
+            if watch is not None:
+                watch.close()
+            sock.close(linger=0)
             raise
+        #: The endpoint's monitor, probes and connects again after a refusal; ``tracker`` its state.
+        self._watch = watch
         log.info("upstream %s: connecting%s", self.endpoint, " (CURVE)" if settings.curve else "")
+
+    @property
+    def tracker(self) -> EndpointTracker:
+        """The endpoint's state, fed by the monitor and by probes."""
+        return self._watch.tracker
 
     @property
     def monitor(self) -> zmq.Socket | None:
         """The monitor's socket, for the relay's poller."""
-        return None if self._monitor is None else self._monitor.socket
+        return self._watch.monitor
 
     @property
     def up(self) -> bool:
@@ -161,8 +167,7 @@ class Upstream:
     @property
     def retry_at(self) -> float | None:
         """When ``reconnect()`` has something to do (monotonic seconds), or None."""
-        due = [t for t in (self.tracker.due_at(), self._prober.due_at()) if t is not None]
-        return min(due) if due else None
+        return self._watch.due_at()
 
     def forward(self, outs: list[zmq.Socket], offer: Callable[[list], None] | None = None) -> None:
         """Pass up to BURST queued messages to every socket of ``outs``, frames as received,
@@ -202,28 +207,15 @@ class Upstream:
 
     def handle_monitor(self) -> None:
         """Apply queued monitor events to the endpoint's state (which logs its changes)."""
-        if self._monitor is not None:
-            for ev in self._monitor.events():
-                self.tracker.event(ev)
+        self._watch.handle_monitor()
 
     def reconnect(self) -> None:
         """Do what ``retry_at`` was for: collect or start a probe, connect again after a refusal
         (the subscriptions are sent again on connect)."""
-        tracker = self.tracker
-        self._prober.step()
-        if tracker.reconnects_due():
-            tracker.reconnected(self.endpoint)
-            try:
-                self.socket.disconnect(self.endpoint)
-            except zmq.ZMQError:
-                pass  # libzmq already dropped it
-            self.socket.connect(self.endpoint)
-            log.debug("upstream %s: connecting again", self.endpoint)
+        self._watch.step()
 
     def close(self) -> None:
-        if self._monitor is not None:
-            self._monitor.close()
-            self._monitor = None
+        self._watch.close()
         if not self.socket.closed:
             self.socket.close(linger=0)
 

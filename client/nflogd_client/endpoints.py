@@ -14,10 +14,12 @@ retries after it are quiet (debug), a new cause is said again, and so is the rec
 and probe results (``probed``), it says what is due (``probes_due``, ``reconnects_due``,
 ``timeout``) and never receives or waits itself, so a blocking client (``Subscriber``), a
 poll loop (``nflogd-relay``'s upstreams) or an event loop can drive it alike. ``Monitor``
-is the one wrapper of libzmq's socket monitor they share; ``Prober`` runs the probes a
-tracker asks for in threads of their own, so that no driver waits for a resolver or a
-tcp connect while other endpoints deliver. ``check_endpoint`` refuses a
-malformed endpoint before libzmq does, with the accepted forms.
+is the one wrapper of libzmq's socket monitor (the daemon's feed counts its peers with one
+too); ``Prober`` runs the probes a tracker asks for in threads of their own, so that no
+driver waits for a resolver or a tcp connect while other endpoints deliver;
+``EndpointWatch`` holds the three for one connecting socket and connects again where a
+handshake was refused. ``check_endpoint`` refuses a malformed endpoint before libzmq does,
+with the accepted forms.
 
 States (``EndpointStatus.state``):
 
@@ -54,6 +56,7 @@ __all__ = [
     "REFUSED",
     "EndpointStatus",
     "EndpointTracker",
+    "EndpointWatch",
     "Monitor",
     "Prober",
     "check_endpoint",
@@ -223,15 +226,33 @@ def probe(endpoint: str) -> str | None:
 
 
 class Monitor:
-    """libzmq's socket monitor of ``sock``: ``socket`` to poll, ``events()`` parsed and drained."""
+    """libzmq's socket monitor of ``sock``: ``socket`` to poll, ``events()`` parsed and drained.
 
-    def __init__(self, sock: zmq.Socket, events: int = EVENTS):
+    ``events``: the zmq_socket_monitor(3) mask. ``hwm``: events queued before libzmq drops
+    more; None is pyzmq's ``get_monitor_socket()`` (1,000), 0 no limit, for a count that must
+    not lose one in a burst (the feed's connection budget). ``close()`` stops monitoring
+    and closes ``socket``; safe to call twice.
+    """
+
+    def __init__(self, sock: zmq.Socket, events: int = EVENTS, *, hwm: int | None = None):
         self._watched = sock
         #: The PAIR socket the events arrive on, for a poller.
-        self.socket: zmq.Socket | None = sock.get_monitor_socket(events)
+        self.socket: zmq.Socket | None
+        if hwm is None:
+            self.socket = sock.get_monitor_socket(events)
+            return
+        address = f"inproc://nflogd-monitor-{id(self)}"
+        sock.monitor(address, events)
+        self.socket = sock.context.socket(zmq.PAIR)
+        self.socket.setsockopt(zmq.RCVHWM, hwm)  # before connect: the pipe takes it then
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(address)
 
     def events(self) -> Iterator[dict]:
-        """The queued events, as ``zmq.utils.monitor.parse_monitor_message`` gives them; never waits."""
+        """The queued events, as ``zmq.utils.monitor.parse_monitor_message`` gives them; never waits.
+
+        ``event`` and ``value`` (the fd for ACCEPTED and DISCONNECTED, an errno or protocol
+        error for failures) compare as ints; ``endpoint`` is bytes."""
         mon = self.socket
         while mon is not None:
             try:
@@ -240,7 +261,7 @@ class Monitor:
                 return
             try:
                 yield parse_monitor_message(frames)
-            except (ValueError, TypeError, IndexError):  # pragma: no cover - libzmq's own format
+            except RuntimeError:  # pragma: no cover - pyzmq's refusal of what libzmq never sends
                 continue
 
     def close(self) -> None:
@@ -252,6 +273,68 @@ class Monitor:
             pass
         self.socket.close(linger=0)
         self.socket = None
+
+
+class EndpointWatch:
+    """Where a connecting socket stands with each endpoint, kept from its monitor and probes.
+
+    Owns the socket's ``Monitor``, an ``EndpointTracker`` (``tracker``; ``curve``, ``logger``
+    and ``label`` are its) and a ``Prober``. The driver polls ``monitor`` and calls
+    ``handle_monitor()`` when it is readable, and ``step()`` by ``due_at()``: that collects
+    and starts probes and connects again an endpoint that refused the handshake (libzmq
+    gives up on it), by ``connect`` (default ``sock.connect``: the client's own, when options
+    must be set before each connect). Create it before connecting, so that no event is missed.
+    """
+
+    def __init__(
+        self,
+        sock: zmq.Socket,
+        endpoints: Iterable[str],
+        *,
+        curve: bool = False,
+        logger: logging.Logger | None = None,
+        label: str = "nflogd feed",
+        connect=None,
+    ):
+        self._sock = sock
+        self._connect = connect if connect is not None else sock.connect
+        self._log = logger or logging.getLogger(__name__)
+        self.tracker = EndpointTracker(endpoints, curve=curve, logger=self._log, label=label)
+        self._prober = Prober(self.tracker)  # probes in threads: a tcp one may wait a second
+        self._monitor = Monitor(sock)
+
+    @property
+    def monitor(self) -> zmq.Socket | None:
+        """The monitor's socket, for the driver's poller (None once closed)."""
+        return self._monitor.socket
+
+    def handle_monitor(self) -> None:
+        """Apply the monitor's queued events to ``tracker`` (which logs the changes)."""
+        for ev in self._monitor.events():
+            self.tracker.event(ev)
+
+    def step(self) -> None:
+        """Collect finished probes, start the due ones, connect again the endpoints due
+        after a refusal (disconnect first: libzmq may still hold the connection)."""
+        tracker = self.tracker
+        self._prober.step()
+        for endpoint in tracker.reconnects_due():
+            tracker.reconnected(endpoint)
+            try:
+                self._sock.disconnect(endpoint)
+            except zmq.ZMQError:
+                pass  # libzmq already dropped it
+            self._connect(endpoint)
+            self._log.debug("%s %s: connecting again", tracker.label, endpoint)
+
+    def due_at(self) -> float | None:
+        """When ``step()`` has something to do (``time.monotonic()`` seconds), or None."""
+        due = [t for t in (self.tracker.due_at(), self._prober.due_at()) if t is not None]
+        return min(due) if due else None
+
+    def close(self) -> None:
+        """Stop monitoring (the socket itself stays the caller's); safe to call twice."""
+        self._monitor.close()
 
 
 class Prober:

@@ -84,7 +84,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import zmq
 
 from . import curve, wire
-from .endpoints import AUTH_RETRY_S, EndpointStatus, EndpointTracker, Monitor, Prober, check_endpoint
+from .endpoints import AUTH_RETRY_S, EndpointStatus, EndpointWatch, check_endpoint
 from .wire import Batch, Packet, WireError
 
 __all__ = ["AUTH_RETRY_S", "DEFAULT_ENDPOINT", "EndpointStatus", "Subscriber"]
@@ -260,10 +260,7 @@ class Subscriber(_BatchCursor):
         ctx = context if context is not None else zmq.Context.instance()
         #: The SUB socket, for a ``zmq.Poller``.
         self.socket = ctx.socket(zmq.SUB)
-        #: Connection state per endpoint, from libzmq's socket monitor (polled alongside) and probes.
-        self._tracker = EndpointTracker(self._endpoints, curve=keys is not None)
-        self._prober = Prober(self._tracker)
-        self._monitor: Monitor | None = None
+        watch: EndpointWatch | None = None
         self._poller = zmq.Poller()
         self._server_keys: dict[str, bytes] = {}  # endpoint -> its daemon's key (CURVE)
         try:
@@ -272,17 +269,20 @@ class Subscriber(_BatchCursor):
                 self._server_keys, public, secret = keys
                 self.socket.setsockopt(zmq.CURVE_PUBLICKEY, public)
                 self.socket.setsockopt(zmq.CURVE_SECRETKEY, secret)
-            self._monitor = Monitor(self.socket)
+            watch = EndpointWatch(self.socket, self._endpoints, curve=keys is not None, connect=self._connect)
             self._poller.register(self.socket, zmq.POLLIN)
-            self._poller.register(self._monitor.socket, zmq.POLLIN)
+            self._poller.register(watch.monitor, zmq.POLLIN)
             for t in topics:
                 self.socket.setsockopt(zmq.SUBSCRIBE, t)
             for e in self._endpoints:
                 self._connect(e)
         except BaseException:
-            self._close_monitor()
+            if watch is not None:
+                watch.close()
             self.socket.close(linger=0)
             raise
+        #: Connection state per endpoint, from libzmq's socket monitor (polled alongside) and probes.
+        self._watch = watch
         #: Packets the feed lost, per (node, group), from sequence gaps and restarts.
         self.lost: dict[tuple[str, int], int] = {}
         #: The latest ``kernel_dropped`` header value per (node, group).
@@ -360,28 +360,15 @@ class Subscriber(_BatchCursor):
         change, or a probe's result, whichever is first; None: no limit. Both drivers'."""
         now = time.monotonic()
         waits = [] if deadline is None else [deadline - now]
-        due = self._tracker.timeout(now)
+        due = self._watch.due_at()
         if due is not None:
-            waits.append(due)
-        check = self._prober.due_at()
-        if check is not None:
-            waits.append(check - now)
+            waits.append(due - now)
         return None if not waits else max(0, int(min(waits) * 1000 + 0.999))
 
     def _update(self) -> None:
         """Apply the monitor's events, run the probes and reconnects that are due."""
-        tracker = self._tracker
-        if self._monitor is not None:
-            for ev in self._monitor.events():
-                tracker.event(ev)
-        self._prober.step()  # probes run in threads: collect the finished ones, start the due
-        for endpoint in tracker.reconnects_due():
-            tracker.reconnected(endpoint)
-            try:
-                self.socket.disconnect(endpoint)
-            except zmq.ZMQError:
-                pass  # libzmq already dropped it
-            self._connect(endpoint)
+        self._watch.handle_monitor()
+        self._watch.step()
 
     @property
     def endpoints(self) -> dict[str, EndpointStatus]:
@@ -390,12 +377,12 @@ class Subscriber(_BatchCursor):
         A copy, in the order the endpoints were given; iterating it gives the endpoints."""
         if not self.socket.closed:
             self._update()
-        return self._tracker.status()
+        return self._watch.tracker.status()
 
     @property
     def refused(self) -> int:
         """Handshakes the daemons refused or that failed (a CURVE key they do not hold, ...)."""
-        return sum(st.handshake_failures for st in self._tracker.status().values())
+        return sum(st.handshake_failures for st in self._watch.tracker.status().values())
 
     def _connect(self, endpoint: str) -> None:
         """Connect, with CURVE the endpoint's server key set first: libzmq takes the socket's
@@ -404,11 +391,6 @@ class Subscriber(_BatchCursor):
         if key is not None:
             self.socket.setsockopt(zmq.CURVE_SERVERKEY, key)
         self.socket.connect(endpoint)
-
-    def _close_monitor(self) -> None:
-        if self._monitor is not None:
-            self._monitor.close()
-            self._monitor = None
 
     def _malformed(self, msg: list[bytes], err: WireError) -> None:
         self.malformed += 1
@@ -523,7 +505,7 @@ class Subscriber(_BatchCursor):
 
     def close(self, linger: int = 0) -> None:
         """Close the socket (``linger`` ms for nothing: a SUB socket sends only subscriptions)."""
-        self._close_monitor()
+        self._watch.close()
         if not self.socket.closed:
             self.socket.close(linger=linger)
 
