@@ -2,7 +2,7 @@
 
 A ``GroupReader`` owns one netlink socket bound to one group, so a busy group's overflow
 never costs another group packets. Each ``read()`` returns one kernel batch as a
-``Batch``: a record table already in the wire format's layout plus the payload bytes, so
+``KernelBatch``: a record table already in the wire format's layout plus the payload bytes, so
 the daemon publishes it without touching single packets::
 
     with GroupReader(GroupConfig(group=5)) as reader:
@@ -30,7 +30,7 @@ from .episodes import Episodes
 from .errors import BufferOverflow
 from .ffi import NflogSocket
 
-__all__ = ["GroupCounters", "Batch", "GroupReader", "GroupSet", "OVERFLOW_EPISODE_GAP"]
+__all__ = ["GroupCounters", "KernelBatch", "GroupReader", "GroupSet", "OVERFLOW_EPISODE_GAP"]
 
 log = logging.getLogger("nflogd.capture")
 
@@ -63,7 +63,7 @@ class GroupCounters:
         return f"GroupCounters({self.as_dict()})"
 
 
-class Batch:
+class KernelBatch:
     """One kernel batch of one group: ``count`` wire records in ``table``, payloads in ``data``."""
 
     __slots__ = ("group", "count", "table", "data", "bytes", "truncated")
@@ -82,7 +82,7 @@ class Batch:
         return wire.decode(msg).packets
 
     def __repr__(self) -> str:
-        return f"<Batch group={self.group} count={self.count} bytes={self.bytes}>"
+        return f"<KernelBatch group={self.group} count={self.count} bytes={self.bytes}>"
 
 
 class GroupReader:
@@ -136,7 +136,7 @@ class GroupReader:
     def closed(self) -> bool:
         return self._sock is None
 
-    def read(self, timeout: float | None = 0, *, copy: bool = True) -> Batch | None:
+    def read(self, timeout: float | None = 0, *, copy: bool = True) -> KernelBatch | None:
         """One batch, or None when none arrived within ``timeout`` seconds (or ``wake()``).
 
         A batch is what the kernel sent, with whatever it queued behind it while this call
@@ -156,7 +156,7 @@ class GroupReader:
         if not n:
             return None
         table, data = sock.views(n) if not copy else (sock.table(n), sock.data())
-        return Batch(self.group, n, table, data, sock.batch_bytes, sock.batch_truncated)
+        return KernelBatch(self.group, n, table, data, sock.batch_bytes, sock.batch_truncated)
 
     def pump(self, feed, timeout: float | None) -> None:
         """Read and send every batch on ``feed`` (a ``ffi.CFeed``; None only counts) in C,
@@ -264,7 +264,7 @@ class GroupSet:
     def closed(self) -> bool:
         return self._epoll.closed
 
-    def read(self, timeout: float | None = 0) -> list[Batch]:
+    def read(self, timeout: float | None = 0) -> list[KernelBatch]:
         """Every batch ready, at most one per group, waiting up to ``timeout`` seconds for one."""
         if len(self.readers) == 1:
             batch = self.readers[0].read(timeout)

@@ -510,7 +510,7 @@ class Publisher:
         self._seq[group] = seq
 
     def publish(self, batch, kernel_dropped: int = 0) -> bool:
-        """Send one capture Batch on every socket; True if ZeroMQ took it. Never blocks.
+        """Send one capture KernelBatch on every socket; True if ZeroMQ took it. Never blocks.
 
         Thread-safe: each group's capture thread calls it. ``batch.table`` and ``batch.data``
         may be views of the reader's buffers: ZeroMQ copies them before this returns.
