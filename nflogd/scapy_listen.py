@@ -10,9 +10,10 @@
         sniff(opened_socket=sock, timeout=5)
     install_nflog_listener(queues=5)     # conf.L2listen: plain sniff() reads group 5
 
-Packets come back as ``IP`` or ``IPv6`` by hardware protocol (the raw layer otherwise),
-``.time`` the capture time, ``.wirelen`` the real length. Packets of a batch that were
-read but not yet returned count as ready in ``select()``, so none waits unseen. Needs
+Packets come back as ``IP``, ``IPv6`` or ``ARP`` by hardware protocol (the raw layer
+otherwise; ``nflogd_client.layers``, as on the feed), ``.time`` the capture time,
+``.wirelen`` the real length. Packets of a batch that were read but not yet returned
+count as ready in ``select()``, so none waits unseen. Needs
 CAP_NET_ADMIN, as the groups are bound in this process; unprivileged readers use
 ``nflogd_client.ZMQNFLOGSocket`` on the daemon's feed instead.
 """
@@ -23,18 +24,15 @@ import collections
 import functools
 import select
 
+from nflogd_client.layers import LAYERS
 from scapy.config import conf
 from scapy.error import Scapy_Exception
-from scapy.layers.inet import IP
-from scapy.layers.inet6 import IPv6
 from scapy.supersocket import SuperSocket
 
 from .capture import GroupSet
 from .classic import group_settings
 
 __all__ = ["NFLOGListenSocket", "install_nflog_listener"]
-
-LAYERS = {0x0800: IP, 0x86DD: IPv6}
 
 
 class NFLOGListenSocket(SuperSocket):

@@ -69,20 +69,15 @@ import zmq
 from scapy.config import conf
 from scapy.data import MTU
 from scapy.interfaces import InterfaceProvider, NetworkInterface
-from scapy.layers.inet import IP
-from scapy.layers.inet6 import IPv6
-from scapy.layers.l2 import ARP
 from scapy.supersocket import SuperSocket
 from scapy.utils import EDecimal
 
 from . import jetstream as _jetstream
+from .layers import LAYERS
 from .subscriber import Subscriber
 from .wire import Packet as WirePacket
 
 __all__ = ["LAYERS", "ZMQNFLOGSocket", "install_zmq_listener"]
-
-#: hw_protocol (the ethertype in NFULA_PACKET_HDR) -> the layer the captured bytes start with.
-LAYERS = {0x0800: IP, 0x86DD: IPv6, 0x0806: ARP}
 
 _IFACE = "nflog"
 

@@ -350,7 +350,7 @@ def _pcap_writer(out: BinaryIO, linktype: str) -> Callable[[Packet], None]:
 def _printer(out) -> Callable[[Packet], None]:
     from scapy.config import conf
 
-    from .scapy_socket import LAYERS
+    from .layers import LAYERS
 
     def emit(p: Packet) -> None:
         sec, usec = _pcap_time(p.ts_ns)
