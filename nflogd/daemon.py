@@ -64,7 +64,7 @@ from .access import CurveAccess
 from .capture import GroupCounters, GroupReader
 from .capture_loop import CaptureLoop
 from .errors import ConfigError, NamespaceError, NflogdError
-from .metrics import Collector, MetricsServer
+from .metrics import DaemonCollector, MetricsServer
 from .publish import Publisher, check_restart_only, make_ipc_dirs
 from .sdnotify import Notifier
 from .service import Program
@@ -117,7 +117,7 @@ class Daemon(Program):
         self.publisher = Publisher(self.ctx, cfg.publish, node=cfg.node)
         self.registry = CollectorRegistry()
         publisher = self.publisher
-        Collector(
+        DaemonCollector(
             self.group_counters, lambda: publisher.subscribers, registry=self.registry,
             limits=lambda: (self.publisher, self.metrics_server),
         )  # fmt: skip

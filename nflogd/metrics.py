@@ -3,8 +3,8 @@
 Use::
 
     registry = CollectorRegistry(auto_describe=True)      # the daemon's own, never REGISTRY
-    Collector(groups=lambda: daemon.counters(), subscribers=lambda: pub.subscribers,
-              registry=registry)
+    DaemonCollector(groups=daemon.group_counters, subscribers=lambda: pub.subscribers,
+                    registry=registry, limits=lambda: (pub, server))
     server = MetricsServer(cfg.metrics.host, cfg.metrics.port, registry)
     ...
     server.close()
@@ -50,7 +50,7 @@ from prometheus_client.registry import CollectorRegistry
 from .episodes import Episodes
 from .errors import NflogdError
 
-__all__ = ["Collector", "MetricsServer", "limit_families", "version"]
+__all__ = ["DaemonCollector", "MetricsServer", "limit_families", "version"]
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def version() -> str:
         return __version__
 
 
-class Collector(_Collector):
+class DaemonCollector(_Collector):
     """The daemon's metrics, read from live counters on every scrape.
 
     ``groups()`` returns (group number, counters) pairs, counters having the

@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from nflogd import __version__
 from nflogd.capture import GroupCounters
 from nflogd.errors import NflogdError
-from nflogd.metrics import Collector, MetricsServer, version
+from nflogd.metrics import DaemonCollector, MetricsServer, version
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -32,7 +32,7 @@ def registry():
 def test_values_come_from_live_counters(registry):
     groups = {1: counters(packets=10, bytes=1500, truncated=2, kernel_dropped=3, overflows=1), 7: counters()}
     subs = [2]
-    Collector(lambda: groups.items(), lambda: subs[0], build_version="9.9", registry=registry)
+    DaemonCollector(lambda: groups.items(), lambda: subs[0], build_version="9.9", registry=registry)
     get = registry.get_sample_value
     assert get("nflogd_packets_total", {"group": "1"}) == 10
     assert get("nflogd_bytes_total", {"group": "1"}) == 1500
@@ -51,10 +51,10 @@ def test_values_come_from_live_counters(registry):
 
 
 def test_own_registry_only(registry):
-    Collector(lambda: [(1, counters(packets=4))], lambda: 0, registry=registry)
+    DaemonCollector(lambda: [(1, counters(packets=4))], lambda: 0, registry=registry)
     assert REGISTRY.get_sample_value("nflogd_packets_total", {"group": "1"}) is None
     with pytest.raises(ValueError):  # describe() names the metrics: a duplicate is caught
-        Collector(lambda: [], lambda: 0, registry=registry)
+        DaemonCollector(lambda: [], lambda: 0, registry=registry)
 
 
 def test_collect_never_fails(registry, caplog):
@@ -64,7 +64,7 @@ def test_collect_never_fails(registry, caplog):
     def no_subscribers():
         raise OSError("monitor closed")
 
-    Collector(broken, no_subscribers, build_version="1", registry=registry)
+    DaemonCollector(broken, no_subscribers, build_version="1", registry=registry)
     text = generate_latest(registry).decode()
     assert 'nflogd_build_info{version="1"} 1.0' in text
     assert "# TYPE nflogd_packets_total counter" in text
@@ -76,13 +76,13 @@ def test_odd_counter_objects_read_as_zero(registry):
     class Partial:
         packets = 3
 
-    Collector(lambda: [(2, Partial())], lambda: 1, registry=registry)
+    DaemonCollector(lambda: [(2, Partial())], lambda: 1, registry=registry)
     assert registry.get_sample_value("nflogd_packets_total", {"group": "2"}) == 3
     assert registry.get_sample_value("nflogd_bytes_total", {"group": "2"}) == 0
 
 
 def test_version_label_defaults_to_package_version(registry):
-    Collector(lambda: [], lambda: 0, registry=registry)
+    DaemonCollector(lambda: [], lambda: 0, registry=registry)
     assert version() == __version__  # the installed metadata agrees with the package
     assert registry.get_sample_value("nflogd_build_info", {"version": version()}) == 1
 
@@ -97,7 +97,7 @@ def get_metrics(port: int) -> str:
 
 
 def test_server_serves_and_closes_quickly(registry):
-    Collector(lambda: [(4, counters(packets=8))], lambda: 1, registry=registry)
+    DaemonCollector(lambda: [(4, counters(packets=8))], lambda: 1, registry=registry)
     server = MetricsServer("127.0.0.1", 0, registry)
     port = server.port
     assert 'nflogd_packets_total{group="4"} 8.0' in get_metrics(port)
