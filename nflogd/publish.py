@@ -4,8 +4,8 @@ Use::
 
     ctx = zmq.Context()
     pub = Publisher(ctx, cfg.publish, node=cfg.node)      # binds every endpoint now
-    for sock in pub.sockets:
-        poller.register(sock, zmq.POLLIN)                 # subscriptions: pub.handle_incoming()
+    for fd in pub.fds:
+        poller.register(fd, zmq.POLLIN)                   # subscriptions: pub.handle_incoming()
     for mon in pub.monitors:
         poller.register(mon, zmq.POLLIN)                  # connects, disconnects: handle_monitor()
     ...
@@ -13,42 +13,21 @@ Use::
     pub.subscribers                                       # peers connected right now
     pub.close()
 
-Two sockets when ``publish.curve`` is set: ``socket`` (NULL mechanism) holds the ipc
-endpoints, ``curve_socket`` (CURVE server, ZAP domain ``ZAP_DOMAIN``) every tcp endpoint.
-CURVE is a per-socket option in ZeroMQ, and ipc clients are admitted by the socket file's
-mode and group, so they keep working without keys. Each message is sent on both sockets,
-the same frames with the same ``seq``: a client sees one feed whichever it connects to.
-The ZAP handler (``nflogd.access``) must run before ``curve_socket`` binds: libzmq admits
-every CURVE client when no handler is there. Without ``publish.curve`` there is one socket
-and ``curve_socket`` is None. ``publish.ipc_filter_gids`` sets ``IPC_FILTER_GID`` on
-``socket``: libzmq then accepts an ipc peer only if its gid is listed or its user is a
-member of a listed group (the group database, not the peer's supplementary groups).
+Sockets: ``socket`` (NULL mechanism) holds every endpoint; with ``publish.curve`` it holds
+the ipc ones and ``curve_socket`` (CURVE server, ZAP domain ``ZAP_DOMAIN``) every tcp one,
+each message sent on both with the same frames and ``seq`` (else ``curve_socket`` is None).
+The ZAP handler (``nflogd.access``) must run before ``curve_socket`` binds.
+``publish.ipc_filter_gids`` sets ``IPC_FILTER_GID`` on ``socket``.
 
-Threads: every group's capture thread sends at once, in C (``cfeed``, an
-``ffi.CFeed`` over these sockets, when pyzmq's libzmq can be shared) or through
-``publish()``; ``lock`` (the C feed's mutex, or a ``threading.Lock``) serialises that
-with everything else that touches the sockets (subscriptions, binds, options, close),
-since a ZeroMQ socket is not thread-safe. The control thread never
-polls the feed sockets themselves (``zmq_poll`` on them would race with a send): it
-polls their ``ZMQ_FD``s (``fds``) and calls ``handle_incoming()``, which looks under the
-lock, at most ``SUBSCRIPTIONS_PER_TURN`` messages per socket at a time.
+Threads: every capture thread sends at once, in C (``cfeed``) or through ``publish()``;
+``lock`` serialises that with every other use of the sockets. The control thread polls the
+sockets' ``fds`` (never the sockets) for ``handle_incoming()``, which reads at most
+``SUBSCRIPTIONS_PER_TURN`` messages per socket, and ``monitors`` for ``handle_monitor()``.
 
-Delivery: ``SNDHWM = publish.hwm`` messages per subscriber and ``XPUB_NODROP``
-off, so a subscriber that does not keep up loses its own messages at its high
-water mark (it sees a gap in ``seq``) and capture never waits for anyone.
-
-Sequence numbers: each group's feed counts packets from 0 in each epoch (the
-daemon's start time in ns); the ``first_seq`` of a message is the previous
-message's ``first_seq + count``. A batch sent while nobody listens still moves
-the sequence on, so ``seq`` counts packets captured, not packets delivered.
-
-The subscriber gauge comes from a socket monitor, not from subscription
-messages: XPUB passes on only the first subscription to each topic and cannot
-say which peer sent one, so subscriptions cannot count peers. The monitor
-reports ``EVENT_ACCEPTED`` and ``EVENT_DISCONNECTED`` with the connection's fd;
-the gauge is the set of fds accepted and not yet disconnected (``EVENT_CLOSED``
-is a listener closing, not a peer leaving). A peer counts from its TCP/ipc
-connect, before it has subscribed to anything.
+Delivery: ``publish()`` never blocks; a subscriber past ``publish.hwm`` messages loses its
+own (a gap in ``seq``). ``seq`` counts the packets captured per group and epoch, delivered or
+not (``docs/wire-format.md``). ``subscribers`` is the peers connected now, from the sockets'
+monitors, each from its connect. Why it is built so: ``docs/design.md``.
 """
 
 from __future__ import annotations
