@@ -15,33 +15,18 @@ Topology (``docs/relay.md``)::
     router3  nflogd XPUB ─┘                            └─ SUB
 
 Sockets: one XSUB per upstream, connected to its endpoint (a CURVE client when the upstream
-has keys), and downstream the daemon's own ``Publisher`` (an XPUB, and a second one for the tcp
-endpoints when ``publish.curve`` is set). One poll loop moves:
+has keys), and downstream the daemon's own ``Publisher``. One poll loop moves messages
+upstream to downstream, received and sent with ``copy=False`` and never decoded (a record
+keeps its node, epoch and sequence numbers: a message the relay drops shows at the client as
+a gap in that node's ``seq``), and subscriptions downstream to upstream (the first to a
+topic, the last unsubscription, to every upstream XSUB, which sends them again after every
+reconnect).
 
-- messages, upstream to downstream: received and sent with ``copy=False``, never decoded, so
-  a record keeps its node, epoch and sequence numbers and clients account loss per node as if
-  connected to each daemon;
-- subscriptions, downstream to upstream: the relay's XPUB is not verbose, so it reports the
-  first subscription to a topic and the last unsubscription; each goes to every upstream XSUB,
-  which keeps them and sends them again after every reconnect. Each daemon thus filters at
-  the source: a group nobody downstream wants never leaves its router.
-
-Why a loop and not ``zmq.proxy``: an XSUB connected to several daemons does not say which one
-a message came from, and the metrics count per upstream. ``bench/relay.py`` measures the cost
-(the README's "Relay" section has the figures). The relay adds no sequence numbers of its own:
-a message it drops (a client's queue full at ``publish.hwm``, an upstream queue full at
-``UPSTREAM_HWM``) shows at the client as a gap in that node's ``seq``.
-
-Upstream state comes from each XSUB's socket monitor, kept by the clients' own
-``nflogd_client.endpoints.EndpointTracker``: up at ``EVENT_HANDSHAKE_SUCCEEDED`` (the ZMTP
-handshake, CURVE's included, is done), down at ``EVENT_DISCONNECTED``. A failure (nothing
-listening, no such socket, permission denied, a refused handshake: wrong ``server_public_key``,
-a client key the daemon does not hold) is counted and logged once with its likely cause until
-the next success, found by a probe in a short-lived thread where the monitor cannot tell, and
-the recovery is logged. ZeroMQ reconnects by itself, except after a refusal: then the relay
-connects again every ``AUTH_RETRY_S`` seconds, so that a daemon given the relay's key and
-reloaded is joined without a relay restart. Heartbeats (``HEARTBEAT_IVL_MS``) find a daemon
-that vanished without closing its connection.
+Upstream state: each XSUB's ``nflogd_client.endpoints.EndpointWatch``, as a Subscriber's:
+up at the handshake, down at a disconnect, each failure counted and logged once with its
+likely cause, the recovery logged; after a refused handshake the relay connects again every
+``AUTH_RETRY_S`` seconds. ``docs/relay.md`` has why a loop and not ``zmq.proxy``, its cost,
+and the rest of the design.
 
 SIGHUP rereads the config: upstreams added, removed or with new keys are connected or closed
 (the others keep their connections), ``publish.bind`` and ``publish.hwm`` are applied as the
