@@ -4,7 +4,7 @@ Use::
 
     ctx = zmq.Context()
     pub = Publisher(ctx, cfg.publish, node=cfg.node)      # binds every endpoint now
-    for fd in pub.fds:
+    for fd in [*pub.fds, pub.wake_fd]:
         poller.register(fd, zmq.POLLIN)                   # subscriptions: pub.handle_incoming()
     for mon in pub.monitors:
         poller.register(mon, zmq.POLLIN)                  # connects, disconnects: handle_monitor()
@@ -22,7 +22,9 @@ The ZAP handler (``nflogd.access``) must run before ``curve_socket`` binds.
 Threads: every capture thread sends at once, in C (``cfeed``) or through ``publish()``;
 ``lock`` serialises that with every other use of the sockets. The control thread polls the
 sockets' ``fds`` (never the sockets) for ``handle_incoming()``, which reads at most
-``SUBSCRIPTIONS_PER_TURN`` messages per socket, and ``monitors`` for ``handle_monitor()``.
+``SUBSCRIPTIONS_PER_TURN`` messages per socket, ``wake_fd`` (a capture thread's send found
+subscriptions waiting) and ``monitors`` for ``handle_monitor()``; it waits at most
+``next_check_ms()`` (None: for events only).
 
 Delivery: ``publish()`` never blocks; a subscriber past ``publish.hwm`` messages loses its
 own (a gap in ``seq``). ``seq`` counts the packets captured per group and epoch, delivered or
