@@ -14,10 +14,7 @@
 #include <arpa/inet.h>
 #include <endian.h>
 #include <sys/eventfd.h>
-#include <sys/prctl.h>
 #include <sys/socket.h>
-#include <sys/syscall.h>
-#include <linux/capability.h>
 #include <linux/netlink.h>
 #include <linux/netfilter/nfnetlink.h>
 #include <libmnl/libmnl.h>
@@ -495,39 +492,4 @@ int nflogd_wake(struct nflogd_reader *r)
     uint64_t one = 1;
     __atomic_store_n(&r->woken, 1, __ATOMIC_RELEASE);
     return write(r->wake_fd, &one, sizeof(one)) < 0 && errno != EAGAIN ? -errno : 0;
-}
-
-int nflogd_set_keepcaps(int on)
-{
-    return prctl(PR_SET_KEEPCAPS, on ? 1 : 0, 0, 0, 0) == 0 ? 0 : -errno;
-}
-
-int nflogd_keep_net_admin(void)
-{
-    struct __user_cap_header_struct hdr = { .version = _LINUX_CAPABILITY_VERSION_3, .pid = 0 };
-    struct __user_cap_data_struct data[2];
-    memset(data, 0, sizeof(data));
-    data[CAP_TO_INDEX(CAP_NET_ADMIN)].effective = CAP_TO_MASK(CAP_NET_ADMIN);
-    data[CAP_TO_INDEX(CAP_NET_ADMIN)].permitted = CAP_TO_MASK(CAP_NET_ADMIN);
-    if (syscall(SYS_capset, &hdr, data) != 0)
-        return -errno;
-    prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0);
-    return 0;
-}
-
-int nflogd_confine(void)
-{
-    /* prctl(2): PR_CAPBSET_READ fails with EINVAL past the kernel's last capability. */
-    for (int cap = 0; cap < 64; cap++) {
-        if (cap == CAP_NET_ADMIN)
-            continue;
-        int in_set = prctl(PR_CAPBSET_READ, cap, 0, 0, 0);
-        if (in_set < 0)
-            break;
-        if (in_set == 1 && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 && errno != EPERM)
-            return -errno;
-    }
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
-        return -errno;
-    return 0;
 }

@@ -122,17 +122,6 @@ int nflogd_read(struct nflogd_reader *r, int timeout_ms);
 /* End the wait of an nflogd_read() in another thread (it returns 0); 0 or -errno. */
 int nflogd_wake(struct nflogd_reader *r);
 
-/* Keep only CAP_NET_ADMIN in the permitted and effective sets (after setuid with
- * PR_SET_KEEPCAPS); 0 or -errno. */
-int nflogd_keep_net_admin(void);
-int nflogd_set_keepcaps(int on);
-
-/* Make this thread's privileges final: drop every capability but CAP_NET_ADMIN from the
- * bounding set (where it can: that needs CAP_SETPCAP, so before setuid; EPERM is skipped)
- * and set PR_SET_NO_NEW_PRIVS, so that no execve() gives back what capset() takes away.
- * Threads created afterwards inherit both. 0 or -errno. */
-int nflogd_confine(void);
-
 /* Let go of r's pool of data buffers (at the reader's end): buffers ZeroMQ still holds
  * are freed when it is done with them. */
 struct nflogd_pool;

@@ -1,7 +1,8 @@
 """The binding to nflogd's compiled C: the NFLOG reader (``_nflog.c``) and the feed sender (``_feed.c``).
 
-errno becomes an exception in one place (``check``), and kernel units appear only here
-(the flush timeout goes to the kernel in 1/100 s)::
+errno becomes an exception in one place (``check``, which names a busy group's holder from
+/proc and asks ``privileges`` whether CAP_NET_ADMIN is held), and kernel units appear only
+here (the flush timeout goes to the kernel in 1/100 s)::
 
     sock = NflogSocket(5)
     sock.set_rcvbuf(8 << 20)
@@ -26,11 +27,9 @@ import threading
 
 from ._nflog_cffi import ffi, lib
 from .errors import BufferOverflow, GroupBusy, NFLogError, NoPermission
+from .privileges import CAP_NET_ADMIN, has_capability
 
-__all__ = [
-    "NflogSocket", "CFeed", "check", "set_keepcaps", "keep_net_admin", "confine", "has_capability",
-    "RECORD_SIZE", "KERNEL_NLBUFSIZ",
-]  # fmt: skip
+__all__ = ["NflogSocket", "CFeed", "check", "RECORD_SIZE", "KERNEL_NLBUFSIZ"]
 
 RECORD_SIZE = ffi.sizeof("struct nflogd_record")
 
@@ -40,25 +39,6 @@ KERNEL_NLBUFSIZ = 131072
 
 #: Where the kernel lists bound groups: "group portid qlen copy_mode copy_range timeout use".
 PROC_NFLOG = "/proc/net/netfilter/nfnetlink_log"
-
-CAP_NET_ADMIN = 12  # <linux/capability.h>
-
-
-def has_capability(cap: int) -> bool:
-    """True when capability number ``cap`` is in the calling thread's effective set."""
-    try:
-        with open("/proc/thread-self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> cap & 1)
-    except (OSError, ValueError):
-        pass
-    return False
-
-
-def has_net_admin() -> bool:
-    """True when CAP_NET_ADMIN, which binding a group needs, is in this thread's effective set."""
-    return has_capability(CAP_NET_ADMIN)
 
 
 def group_holder(group: int) -> int | None:
@@ -118,7 +98,7 @@ def check(rc: int, group: int, op: str) -> int:
     if err == errno.ENOBUFS:
         raise BufferOverflow()
     if err == errno.EPERM and op == "bind":
-        if not has_net_admin():
+        if not has_capability(CAP_NET_ADMIN):
             raise NoPermission(group)
         portid = group_holder(group)
         raise GroupBusy(group, portid, None if portid is None else port_process(portid))
@@ -271,27 +251,6 @@ class NflogSocket:
             self.bound = False
         self._r = None
         ffi.release(r)
-
-
-def set_keepcaps(on: bool) -> None:
-    """prctl(PR_SET_KEEPCAPS): keep the permitted capabilities across setuid()."""
-    rc = lib.nflogd_set_keepcaps(1 if on else 0)
-    if rc < 0:
-        raise OSError(-rc, f"PR_SET_KEEPCAPS: {os.strerror(-rc)}")
-
-
-def keep_net_admin() -> None:
-    """Reduce the permitted and effective capabilities to CAP_NET_ADMIN alone."""
-    rc = lib.nflogd_keep_net_admin()
-    if rc < 0:
-        raise OSError(-rc, f"capset(CAP_NET_ADMIN): {os.strerror(-rc)}")
-
-
-def confine() -> None:
-    """Bounding set down to CAP_NET_ADMIN (where CAP_SETPCAP allows) and PR_SET_NO_NEW_PRIVS."""
-    rc = lib.nflogd_confine()
-    if rc < 0:
-        raise OSError(-rc, f"prctl(PR_SET_NO_NEW_PRIVS): {os.strerror(-rc)}")
 
 
 def _libzmq_path() -> str | None:

@@ -28,7 +28,7 @@ import stat
 from typing import Iterator
 
 from .errors import NamespaceError
-from .ffi import has_capability
+from .privileges import CAP_SYS_ADMIN, has_capability
 
 __all__ = ["RUN_NETNS", "path_of", "identity", "can_enter", "entered"]
 
@@ -36,7 +36,6 @@ __all__ = ["RUN_NETNS", "path_of", "identity", "can_enter", "entered"]
 RUN_NETNS = "/run/netns"
 
 CLONE_NEWNET = 0x40000000  # <sched.h>: setns()'s nstype for a network namespace
-CAP_SYS_ADMIN = 21  # <linux/capability.h>
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
