@@ -14,10 +14,12 @@ has one thread; umask 0o007; the ZeroMQ context; the CURVE authenticator
 (``publish.curve``; before the CURVE socket binds); the publisher; the metrics
 HTTP server; a capture thread per group (``nflogd.capture_loop``); ``READY=1``.
 Every thread starts after the drop. The capture threads read their groups and
-publish each batch on their own; the main thread is the control plane: one poll
-loop over a signal wakeup socket, the feed sockets' subscriptions, their
-monitors and the capture threads' fault pipe, with the watchdog; signal handlers
-do nothing but wake it. A capture thread that fails stops the daemon (exit 1).
+publish each batch on their own; the main thread is the control plane, the
+loop of ``service.Program`` over the signal wakeup, the feed sockets' fds, their
+monitors, the publisher's ``wake_fd`` and the capture threads' fault pipe, with
+the feed's subscriptions read after every poll (``Publisher.next_check_ms``
+bounds the wait) and the watchdog; signal handlers do nothing but wake it. A
+capture thread that fails stops the daemon (exit 1).
 
 SIGHUP rereads the config. An invalid one is logged on one line and the
 running config stays. Otherwise, applied without a restart:
@@ -51,7 +53,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import pwd
 import time
@@ -63,7 +64,7 @@ from . import config, netns, privileges, service
 from .access import CurveAccess
 from .capture import GroupCounters, GroupReader
 from .capture_loop import CaptureLoop
-from .errors import ConfigError, NamespaceError, NflogdError
+from .errors import NamespaceError, NflogdError
 from .metrics import DaemonCollector, MetricsServer
 from .publish import Publisher, check_restart_only, make_ipc_dirs
 from .sdnotify import Notifier
@@ -82,17 +83,20 @@ def _group_error(group: int, err: Exception) -> str:
     return text if f"group {group}" in text else f"group {group}: {text}"
 
 
+def _wake_only() -> None:
+    """The handler of an fd that only has to wake the control loop."""
+
+
 class Daemon(Program):
     """One run of the daemon over one config; ``install_signals()``, ``start()``, ``run()``, ``close()``."""
 
+    load = staticmethod(config.load)
+
     def __init__(self, cfg, path: str, notifier: Notifier | None = None):
-        super().__init__(notifier)
-        self.cfg = cfg
-        self.path = path
+        super().__init__(cfg, path, notifier)
         self.readers: dict = {}  # group -> GroupReader; replaced, never mutated (metrics reads it)
         self.retired: dict[int, GroupCounters] = {}  # counts of groups a reload closed
         self.registry: CollectorRegistry | None = None
-        self.poller = zmq.Poller()
         self.loops: dict[int, CaptureLoop] = {}  # group -> its capture thread
         self._fault_r, self._fault_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # a capture thread failed
 
@@ -123,16 +127,18 @@ class Daemon(Program):
         )  # fmt: skip
         if cfg.metrics is not None:
             self.metrics_server = MetricsServer(cfg.metrics.host, cfg.metrics.port, self.registry)
-        self.poller.register(self._wakeup.fileno(), zmq.POLLIN)
-        self.poller.register(self._fault_r, zmq.POLLIN)
-        for fd in [*publisher.fds, publisher.wake_fd]:
-            self.poller.register(fd, zmq.POLLIN)
+        self.watch(self._fault_r, self._check_capture)
+        for fd in publisher.fds:  # readable: subscriptions may be queued, read by _check_feed
+            self.watch(fd, _wake_only)
+        self.watch(publisher.wake_fd, publisher.take_wake)
         for mon in publisher.monitors:
-            self.poller.register(mon, zmq.POLLIN)
+            self.watch(mon, publisher.handle_monitor)
         for reader in self.readers.values():
-            self._watch(reader)
-        log.info("capturing %s", self._groups_text())
-        self.notifier.ready(self._status())
+            self._start_capture(reader)
+        self._feed_check = self.timer(self._check_feed, each_turn=True)
+        self._schedule_feed_check()
+        log.info("%s", self.status())
+        self.notifier.ready(self.status())
 
     def _open_reader(self, settings):
         try:
@@ -169,7 +175,7 @@ class Daemon(Program):
         )  # fmt: skip
         return False
 
-    def _watch(self, reader) -> None:
+    def _start_capture(self, reader) -> None:
         """Start the group's capture thread."""
         g = reader.group
         retired = self.retired
@@ -182,7 +188,7 @@ class Daemon(Program):
         self.loops[g] = loop
         loop.start()
 
-    def _unwatch(self, reader) -> None:
+    def _stop_capture(self, reader) -> None:
         """Stop the group's capture thread; the batch it is sending goes out first."""
         loop = self.loops.pop(reader.group, None)
         if loop is not None:
@@ -197,33 +203,18 @@ class Daemon(Program):
 
     # -- loop ------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Serve the control plane until SIGTERM/SIGINT; the capture threads do the rest."""
-        interval = self.notifier.watchdog_interval
-        next_wd = time.monotonic() + interval if interval else None
-        publisher = self.publisher
-        assert publisher is not None and self._wakeup is not None
-        wake_fd, fault_fd = self._wakeup.fileno(), self._fault_r
-        feed_monitors = publisher.monitors
-        more = False  # subscriptions left for the next turn
-        while not self._stop:
-            timeout = 0 if more else publisher.next_check_ms()  # None: until an event
-            if next_wd is not None:
-                wd = max(0, math.ceil((next_wd - time.monotonic()) * 1000))
-                timeout = wd if timeout is None else min(timeout, wd)
-            for obj, _ in self.poller.poll(timeout):
-                if obj in feed_monitors:
-                    publisher.handle_monitor()
-                elif obj == publisher.wake_fd:
-                    publisher.take_wake()
-                elif obj == wake_fd:
-                    self._handle_signals()
-                elif obj == fault_fd:
-                    self._check_capture()
-            more = publisher.handle_incoming()
-            if next_wd is not None and time.monotonic() >= next_wd:
-                self.notifier.watchdog()
-                next_wd = time.monotonic() + interval
+    def _check_feed(self) -> None:
+        """Read the feed's queued subscriptions (after every poll), then set when to look again."""
+        self._schedule_feed_check(self.publisher.handle_incoming())
+
+    def _schedule_feed_check(self, more: bool = False) -> None:
+        """At once if a turn's worth was left (``more``), else when ``next_check_ms()`` says
+        (None: only after an event, a feed fd or ``wake_fd`` readable)."""
+        if more:
+            self._feed_check.hurry()
+            return
+        ms = self.publisher.next_check_ms()
+        self._feed_check.due = None if ms is None else time.monotonic() + ms / 1000
 
     def _check_capture(self) -> None:
         """Raise the error that stopped a capture thread (the daemon exits 1)."""
@@ -237,29 +228,8 @@ class Daemon(Program):
 
     # -- reload ----------------------------------------------------------------
 
-    def reload(self) -> bool:
-        """Reread the config and apply it (module docstring); False if it was not applied."""
-        self.notifier.reloading()
-        try:
-            new = config.load(self.path)
-        except ConfigError as e:
-            return self._reload_failed(str(e))
-        except OSError as e:
-            return self._reload_failed(f"{self.path}: {e.strerror or e}")
-        try:
-            self._apply(new)
-        except NflogdError as e:
-            return self._reload_failed(str(e))
-        log.info("reloaded %s: capturing %s", self.path, self._groups_text())
-        self.notifier.ready(self._status())
-        return True
-
-    def _reload_failed(self, why: str) -> bool:
-        log.error("reload: %s; keeping the running configuration", why)
-        self.notifier.ready(f"{self._status()}; last reload failed: {why}")
-        return False
-
-    def _apply(self, new) -> None:
+    def apply(self, new) -> None:
+        """Put the reread config in force (module docstring); NflogdError with nothing changed."""
         old = self.cfg
         publisher = self.publisher
         check_restart_only(old.publish, new.publish)
@@ -285,23 +255,16 @@ class Daemon(Program):
         # 2. what cannot fail
         if old_server is not None:
             old_server.close()
-        if self.access is not None:
-            try:
-                self.access.configure(new.publish.curve)
-            except NflogdError as e:  # only if the directory changed since config.load read it
-                log.error("reload: %s; the authorized keys loaded before stay", e)
         if new.user != old.user:
             log.warning("reload: user changed to %r: takes effect at the next restart", new.user)
         if new.node != old.node:
             publisher.node = new.node
             log.info("reload: node is now %r", new.node)
-        if new.publish.hwm != publisher.hwm:
-            publisher.set_hwm(new.publish.hwm)
-            log.info("reload: publish.hwm %d applies to subscribers connecting from now on", new.publish.hwm)
+        self._apply_publish(new.publish)
         readers = dict(self.readers)
         for g in [g for g in readers if g not in wanted or g in moved]:
             reader = readers.pop(g)
-            self._unwatch(reader)
+            self._stop_capture(reader)
             self.retired[g] = self.retired.get(g, GroupCounters()).add(reader.counters)
             self._close_reader(reader)
             log.info("group %d closed%s", g, " (moving namespaces)" if g in moved else "")
@@ -314,10 +277,9 @@ class Daemon(Program):
                     log.error("reload: %s; group %d keeps its settings", _group_error(g, e), g)
         for g, reader in added.items():
             readers[g] = reader
-            self._watch(reader)
+            self._start_capture(reader)
             log.info("group %d added", g)
         self.readers = {g: readers[g] for g in wanted if g in readers}
-        self.cfg = new
 
     def _swap_metrics(self, old, new) -> MetricsServer | None:
         """Start the server for ``new`` if it differs; return the old server to close."""
@@ -373,7 +335,7 @@ class Daemon(Program):
         groups = sorted(self.readers)
         return ("groups " + ", ".join(map(name, groups))) if groups else "no groups"
 
-    def _status(self) -> str:
+    def status(self) -> str:
         return f"capturing {self._groups_text()}"
 
     # -- stop ------------------------------------------------------------------

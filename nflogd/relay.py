@@ -15,12 +15,12 @@ Topology (``docs/relay.md``)::
     router3  nflogd XPUB ─┘                            └─ SUB
 
 Sockets: one XSUB per upstream, connected to its endpoint (a CURVE client when the upstream
-has keys), and downstream the daemon's own ``Publisher``. One poll loop moves messages
-upstream to downstream, received and sent with ``copy=False`` and never decoded (a record
-keeps its node, epoch and sequence numbers: a message the relay drops shows at the client as
-a gap in that node's ``seq``), and subscriptions downstream to upstream (the first to a
-topic, the last unsubscription, to every upstream XSUB, which sends them again after every
-reconnect).
+has keys), and downstream the daemon's own ``Publisher``. One poll loop (``service.Program``'s,
+with the upstreams' reconnects on a timer) moves messages upstream to downstream, received
+and sent with ``copy=False`` and never decoded (a record keeps its node, epoch and sequence
+numbers: a message the relay drops shows at the client as a gap in that node's ``seq``), and
+subscriptions downstream to upstream (the first to a topic, the last unsubscription, to every
+upstream XSUB, which sends them again after every reconnect).
 
 Upstream state: each XSUB's ``nflogd_client.endpoints.EndpointWatch``, as a Subscriber's:
 up at the handshake, down at a disconnect, each failure counted and logged once with its
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import sys
 import time
@@ -274,18 +273,17 @@ class RelayCollector(_Collector):
 class Relay(Program):
     """One run of the relay over one config: ``install_signals()``, ``start()``, ``run()``, ``close()``."""
 
+    load = staticmethod(config.load_relay)
+
     def __init__(self, cfg, path: str, notifier: Notifier | None = None):
-        super().__init__(notifier)
-        self.cfg = cfg
-        self.path = path
+        super().__init__(cfg, path, notifier)
         #: endpoint -> Upstream; replaced, never mutated (the metrics thread reads it).
         self.upstreams: dict[str, Upstream] = {}
         #: Subscriptions in force upstream: topic -> downstream sockets that hold it.
         self.topics: Counter[bytes] = Counter()
         self.registry: CollectorRegistry | None = None
-        self.poller = zmq.Poller()
-        self._handlers: dict[object, Callable[[], None]] = {}
         self._retries: dict[str, Upstream] = {}  # endpoint -> upstream with a retry_at
+        self._retry = self.timer(self._reconnect)  # due at the first retry_at
         #: The jetstream section's publisher (nflogd/streampub.py), or None.
         self.stream = None
 
@@ -307,14 +305,13 @@ class Relay(Program):
         if cfg.jetstream is not None:
             self.stream = _open_stream(cfg.jetstream, self.registry)
             self.topics[b""] += 1  # the stream takes every group of every upstream
-        self._watch(self._wakeup.fileno(), self._handle_signals)
         for sock in self.publisher.sockets:
-            self._watch(sock, self._handle_subscriptions)
+            self.watch(sock, self._handle_subscriptions)
         for mon in self.publisher.monitors:
-            self._watch(mon, self.publisher.handle_monitor)
+            self.watch(mon, self.publisher.handle_monitor)
         self.upstreams = {u.endpoint: self._open_upstream(u) for u in cfg.upstreams}
-        log.info("relaying %s", self._upstreams_text())
-        self.notifier.ready(self._status())
+        log.info("%s", self.status())
+        self.notifier.ready(self.status())
 
     def _make_publisher(self, publish) -> Publisher:
         """The daemon's Publisher, its sockets not verbose, then bound.
@@ -336,8 +333,8 @@ class Relay(Program):
     def _open_upstream(self, settings) -> Upstream:
         up = Upstream(self.ctx, settings, self.topics)
         offer = self.stream.offer if self.stream is not None else None
-        self._watch(up.socket, lambda: up.forward(self.publisher.sockets, offer))
-        self._watch(up.monitor, lambda: self._handle_monitor(up))
+        self.watch(up.socket, lambda: up.forward(self.publisher.sockets, offer))
+        self.watch(up.monitor, lambda: self._handle_monitor(up))
         return up
 
     def _handle_monitor(self, up: Upstream) -> None:
@@ -346,49 +343,36 @@ class Relay(Program):
             self._retries.pop(up.endpoint, None)
         else:
             self._retries[up.endpoint] = up
+        self._schedule_retry()
 
     def _close_upstream(self, up: Upstream) -> None:
         self._retries.pop(up.endpoint, None)
+        self._schedule_retry()
         for sock in (up.socket, up.monitor):
             if sock is not None:
-                self._handlers.pop(sock, None)
-                self.poller.unregister(sock)
+                self.unwatch(sock)
         up.close()
-
-    def _watch(self, obj, handler: Callable[[], None]) -> None:
-        self._handlers[obj] = handler
-        self.poller.register(obj, zmq.POLLIN)
 
     # -- loop ------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Poll until SIGTERM/SIGINT."""
-        interval = self.notifier.watchdog_interval
-        next_wd = time.monotonic() + interval if interval else None
-        handlers = self._handlers
+    def _schedule_retry(self) -> None:
+        """The retry timer set to the first upstream's ``retry_at`` (idle if none has one)."""
+        due = [u.retry_at for u in self._retries.values()]
+        self._retry.due = min(due) if due else None
+
+    def _reconnect(self) -> None:
+        """Probe or connect again each upstream whose ``retry_at`` has come."""
+        now = time.monotonic()
         retries = self._retries
-        while not self._stop:
-            wake = [u.retry_at for u in retries.values()]
-            if next_wd is not None:
-                wake.append(next_wd)
-            timeout = None if not wake else max(0, math.ceil((min(wake) - time.monotonic()) * 1000))
-            for obj, _ in self.poller.poll(timeout):
-                handler = handlers.get(obj)  # None: closed by a reload earlier this turn
-                if handler is not None:
-                    handler()
-            if retries:
-                now = time.monotonic()
-                for endpoint, up in list(retries.items()):
-                    at = up.retry_at
-                    if at is None:
-                        del retries[endpoint]
-                    elif at <= now:
-                        up.reconnect()
-                        if up.retry_at is None:
-                            del retries[endpoint]
-            if next_wd is not None and time.monotonic() >= next_wd:
-                self.notifier.watchdog()
-                next_wd = time.monotonic() + interval
+        for endpoint, up in list(retries.items()):
+            at = up.retry_at
+            if at is None:
+                del retries[endpoint]
+            elif at <= now:
+                up.reconnect()
+                if up.retry_at is None:
+                    del retries[endpoint]
+        self._schedule_retry()
 
     def _handle_subscriptions(self) -> None:
         """Pass downstream (un)subscriptions to every upstream (``Publisher.handle_incoming``
@@ -411,21 +395,8 @@ class Relay(Program):
 
     # -- reload ----------------------------------------------------------------
 
-    def reload(self) -> bool:
-        """Reread the config and apply it (module docstring); False if it was not applied."""
-        self.notifier.reloading()
-        try:
-            new = config.load_relay(self.path)
-            self._apply(new)
-        except NflogdError as e:  # ConfigError included
-            log.error("reload: %s; keeping the running configuration", e)
-            self.notifier.ready(f"{self._status()}; last reload failed: {e}")
-            return False
-        log.info("reloaded %s: relaying %s", self.path, self._upstreams_text())
-        self.notifier.ready(self._status())
-        return True
-
-    def _apply(self, new) -> None:
+    def apply(self, new) -> None:
+        """Put the reread config in force (module docstring); NflogdError with nothing changed."""
         old = self.cfg
         publisher = self.publisher
         check_restart_only(old.publish, new.publish, unit="nflogd-relay")
@@ -447,14 +418,7 @@ class Relay(Program):
                 self._close_upstream(up)
             raise
         # 2. what cannot fail
-        if self.access is not None:
-            try:
-                self.access.configure(new.publish.curve)
-            except NflogdError as e:  # only if the directory changed since the config was read
-                log.error("reload: %s; the authorized keys loaded before stay", e)
-        if new.publish.hwm != publisher.hwm:
-            publisher.set_hwm(new.publish.hwm)
-            log.info("reload: publish.hwm %d applies to subscribers connecting from now on", new.publish.hwm)
+        self._apply_publish(new.publish)
         upstreams = {}
         for endpoint in wanted:
             upstreams[endpoint] = added.get(endpoint) or current[endpoint]
@@ -463,7 +427,6 @@ class Relay(Program):
                 self._close_upstream(up)
                 log.info("upstream %s: closed", endpoint)
         self.upstreams = upstreams
-        self.cfg = new
 
     # -- state -----------------------------------------------------------------
 
@@ -471,7 +434,7 @@ class Relay(Program):
         n = len(self.upstreams)
         return f"{n} upstream{'' if n == 1 else 's'}"
 
-    def _status(self) -> str:
+    def status(self) -> str:
         return f"relaying {self._upstreams_text()}"
 
     # -- stop ------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""What ``nflogd`` and ``nflogd-relay`` share as programs: command line, logging, signals.
+"""What ``nflogd`` and ``nflogd-relay`` share as programs: command line, logging, the control
+loop with its signals, timers and watchdog, and the reload.
 
 ::
 
@@ -7,10 +8,18 @@
                             default_config="/etc/nflogd-relay.yaml",
                             load=config.load_relay, make=Relay)
 
-    wakeup = SignalWakeup()                      # in a program's install_signals()
-    poller.register(wakeup.fileno(), zmq.POLLIN)
-    signums = wakeup.read()                      # when it polls readable: {signal.SIGHUP}, ...
-    wakeup.close()
+    class Relay(Program):                        # what a program adds of its own
+        load = staticmethod(config.load_relay)   # reload() rereads self.path with it
+        def start(self):
+            self.watch(sock, handler)            # handler() whenever sock polls readable
+            timer = self.timer(callback, 0.25)   # callback() every 0.25 s; timer.hurry(): now
+        def apply(self, new): ...                # put a reread config in force, or NflogdError
+        def status(self) -> str: ...             # systemd's STATUS, the reload's log line
+
+``Program.run()`` polls until SIGTERM/SIGINT; SIGHUP calls ``reload()``: ``RELOADING=1``,
+load, ``apply()``, then ``READY=1`` with ``STATUS=<status()>`` and ``reloaded PATH:
+<status()>``, or ``reload: <error>; keeping the running configuration`` and the status
+with ``; last reload failed: <error>``. ``WATCHDOG=1`` every half ``$WATCHDOG_USEC``.
 
 Command line: ``PROG [-c PATH] [--check] [--log-level LEVEL] [--log-file PATH] [--version]``.
 ``--check`` loads the config, prints ``ok`` and exits 0, or prints ``PROG: <error>`` and
@@ -31,6 +40,7 @@ from __future__ import annotations
 import argparse
 import logging
 import logging.handlers
+import math
 import os
 import resource
 import signal
@@ -45,7 +55,7 @@ import zmq
 from .errors import ConfigError, NflogdError
 from .sdnotify import Notifier
 
-__all__ = ["Program", "SignalWakeup", "check_limits", "fail", "main", "setup_logging"]
+__all__ = ["Program", "SignalWakeup", "Timer", "check_limits", "fail", "main", "setup_logging"]
 
 log = logging.getLogger("nflogd")
 
@@ -86,15 +96,49 @@ class SignalWakeup:
         self._w.close()
 
 
-class Program:
-    """What the daemon and the relay hold alike, and how they let it go.
+class Timer:
+    """A callback that ``Program.run()`` calls once ``due`` (``time.monotonic()`` seconds) has come.
 
-    Subclasses set ``ctx``, ``access`` (the CURVE authenticator), ``publisher`` and
-    ``metrics_server`` in ``start()``, poll ``_wakeup.fileno()`` and call ``_handle_signals()``
-    when it is readable, implement ``reload()``, and end ``close()`` with ``_release()``.
+    With an ``interval`` (seconds) it is due again that long after each call; without one it
+    is idle after a call (``due`` None) until the program sets ``due`` again. ``hurry()``
+    makes it due now: the loop's next poll does not wait. ``each_turn``: called after every
+    poll as well, whatever woke it (the interval is then the longest wait between calls).
     """
 
-    def __init__(self, notifier: Notifier | None = None):
+    def __init__(
+        self, callback: Callable[[], object], interval: float | None = None, each_turn: bool = False
+    ):
+        self.callback = callback
+        self.interval = interval
+        self.each_turn = each_turn
+        self.due: float | None = None if interval is None else time.monotonic() + interval
+
+    def hurry(self) -> None:
+        self.due = time.monotonic()
+
+
+class Program:
+    """What the daemon and the relay hold alike: their state, their control loop, their reload.
+
+    The loop (``run()``) polls the sockets and fds given to ``watch()`` until the next
+    ``Timer`` is due, calls the handler of each one readable, then every timer due (or called
+    each turn); the signal wakeup is watched from ``install_signals()`` (SIGTERM/SIGINT stop
+    the loop, SIGHUP calls ``reload()``) and the systemd watchdog is pinged from a timer
+    while ``$WATCHDOG_USEC`` asks for it. ``reload()`` says RELOADING, loads the file at ``path``
+    with ``load``, ``apply()``s it, then READY with ``status()``, or logs why not and keeps
+    the running config.
+
+    Subclasses set ``load``, set ``ctx``, ``access`` (the CURVE authenticator), ``publisher``
+    and ``metrics_server`` in ``start()`` and watch their own sockets there, implement
+    ``apply()`` and ``status()``, and end ``close()`` with ``_release()``.
+    """
+
+    #: Reads and checks the program's config file (``config.load``, ``config.load_relay``).
+    load: Callable[[str], Any]
+
+    def __init__(self, cfg: Any, path: str, notifier: Notifier | None = None):
+        self.cfg = cfg
+        self.path = path
         self.notifier = notifier if notifier is not None else Notifier.from_environ()
         self.ctx: zmq.Context | None = None
         self.access = None
@@ -102,13 +146,59 @@ class Program:
         self.metrics_server = None
         self._stop = False
         self._wakeup: SignalWakeup | None = None
+        self._poller = zmq.Poller()
+        self._handlers: dict[object, Callable[[], None]] = {}  # watched socket or fd -> handler
+        self._timers: list[Timer] = []
+
+    # -- the loop --------------------------------------------------------------
 
     def install_signals(self) -> None:
         """SIGTERM/SIGINT/SIGHUP only wake the loop (``SignalWakeup``)."""
         self._wakeup = SignalWakeup()
+        self.watch(self._wakeup.fileno(), self._handle_signals)
 
-    def reload(self) -> bool:  # pragma: no cover - every program has its own
-        raise NotImplementedError
+    def watch(self, obj: zmq.Socket | int, handler: Callable[[], None]) -> None:
+        """Call ``handler()`` whenever ``obj`` (a ZeroMQ socket or an fd) polls readable."""
+        self._handlers[obj] = handler
+        self._poller.register(obj, zmq.POLLIN)
+
+    def unwatch(self, obj: zmq.Socket | int) -> None:
+        """Stop watching ``obj``; its handler is not called again, not even later this turn."""
+        if self._handlers.pop(obj, None) is not None:
+            self._poller.unregister(obj)
+
+    def timer(
+        self, callback: Callable[[], object], interval: float | None = None, each_turn: bool = False
+    ) -> Timer:
+        """A Timer that ``run()`` serves (every ``interval`` seconds, or when its ``due`` is set;
+        ``each_turn``: after every poll too)."""
+        t = Timer(callback, interval, each_turn)
+        self._timers.append(t)
+        return t
+
+    def run(self) -> None:
+        """Serve the watched sockets and the timers until SIGTERM/SIGINT."""
+        interval = self.notifier.watchdog_interval
+        if interval:
+            self.timer(self.notifier.watchdog, interval)
+        handlers, timers = self._handlers, self._timers
+        while not self._stop:
+            for obj, _ in self._poller.poll(self._timeout()):
+                handler = handlers.get(obj)  # None: unwatched by a handler earlier this turn
+                if handler is not None:
+                    handler()
+            now = time.monotonic()
+            for t in timers:
+                if t.each_turn or (t.due is not None and t.due <= now):
+                    t.due = None if t.interval is None else now + t.interval
+                    t.callback()
+
+    def _timeout(self) -> int | None:
+        """Milliseconds until the first timer is due (None: none is)."""
+        due = [t.due for t in self._timers if t.due is not None]
+        if not due:
+            return None
+        return max(0, math.ceil((min(due) - time.monotonic()) * 1000))
 
     def _handle_signals(self) -> None:
         """SIGTERM/SIGINT end the loop; SIGHUP reloads."""
@@ -118,6 +208,54 @@ class Program:
             self._stop = True
         elif signal.SIGHUP in signums:
             self.reload()
+
+    # -- reload ----------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Reread the config and apply it; False if it was not applied."""
+        self.notifier.reloading()
+        try:
+            new = self.load(self.path)
+        except ConfigError as e:
+            return self._reload_failed(str(e))
+        except OSError as e:
+            return self._reload_failed(f"{self.path}: {e.strerror or e}")
+        try:
+            self.apply(new)
+        except NflogdError as e:
+            return self._reload_failed(str(e))
+        self.cfg = new
+        log.info("reloaded %s: %s", self.path, self.status())
+        self.notifier.ready(self.status())
+        return True
+
+    def _reload_failed(self, why: str) -> bool:
+        log.error("reload: %s; keeping the running configuration", why)
+        self.notifier.ready(f"{self.status()}; last reload failed: {why}")
+        return False
+
+    def apply(self, new: Any) -> None:  # pragma: no cover - every program has its own
+        """Put ``new`` (a config ``load`` read) in force, or raise NflogdError with nothing changed."""
+        raise NotImplementedError
+
+    def status(self) -> str:  # pragma: no cover - every program has its own
+        """What the program does now, one line: systemd's STATUS and the reload log line."""
+        raise NotImplementedError
+
+    def _apply_publish(self, publish: Any) -> None:
+        """What a reload changes of the ``publish`` section and cannot fail, once the endpoints
+        are rebound: the CURVE authorized keys read again, ``hwm`` for new subscribers."""
+        if self.access is not None:
+            try:
+                self.access.configure(publish.curve)
+            except NflogdError as e:  # only if the directory changed since the config was read
+                log.error("reload: %s; the authorized keys loaded before stay", e)
+        publisher = self.publisher
+        if publish.hwm != publisher.hwm:
+            publisher.set_hwm(publish.hwm)
+            log.info("reload: publish.hwm %d applies to subscribers connecting from now on", publish.hwm)
+
+    # -- stop ------------------------------------------------------------------
 
     def _release(self) -> None:
         """The end of ``close()``: metrics, the feed, then the authenticator (libzmq admits every
