@@ -5,8 +5,10 @@ from nsutil import NetNS
 
 
 @pytest.fixture
-def netns():
-    """A fresh network namespace with loopback up, deleted after the test."""
+def netns(request):
+    """A fresh network namespace with loopback up, deleted after the test (root: kernel tests only)."""
+    if request.node.get_closest_marker("kernel") is None:
+        pytest.fail("a test that uses the netns fixture needs @pytest.mark.kernel")
     ns = NetNS()
     try:
         yield ns

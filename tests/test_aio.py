@@ -24,6 +24,7 @@ def payloads(pkts) -> list[bytes]:
     return [p.data[28:] for p in pkts]  # IPv4 + UDP headers
 
 
+@pytest.mark.kernel
 def test_async_with_for_recv_and_batches(netns, tmp_path):
     netns.log_rule(1, match="udp dport 9999")
     with NflogdProcess(netns, tmp_path / "d", groups=[1]) as d:
@@ -55,6 +56,7 @@ def test_async_with_for_recv_and_batches(netns, tmp_path):
         asyncio.run(main())
 
 
+@pytest.mark.kernel
 def test_cancellation_loses_nothing_and_the_loop_keeps_running(netns, tmp_path):
     netns.log_rule(1, match="udp dport 9999")
     with NflogdProcess(netns, tmp_path / "d", groups=[1]) as d:
@@ -106,6 +108,7 @@ def test_cancellation_loses_nothing_and_the_loop_keeps_running(netns, tmp_path):
         asyncio.run(main())
 
 
+@pytest.mark.kernel
 def test_daemon_restart_mid_stream(netns, tmp_path):
     netns.log_rule(1, match="udp dport 9991")
     d = NflogdProcess(netns, tmp_path / "d", groups=[1])
@@ -137,6 +140,7 @@ def test_daemon_restart_mid_stream(netns, tmp_path):
             sender.stop()
 
 
+@pytest.mark.kernel
 def test_curve_refused_then_admitted(netns, tmp_path):
     """The Subscriber's refusal handling, driven by the event loop: bob is refused and counted;
     once his key is added and the daemon reloaded, the same AsyncSubscriber gets in."""
@@ -196,6 +200,7 @@ def test_docs_snippet_imports_what_it_uses():
             assert all(hasattr(module, a.name) for a in node.names)
 
 
+@pytest.mark.kernel
 def test_endpoint_state_kept_while_awaiting(netns, tmp_path):
     """sub.endpoints as on a Subscriber, kept up by the awaiting recv: connecting with the
     cause while no daemon is there, connected once it is, connecting again after it stops."""

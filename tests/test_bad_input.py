@@ -209,6 +209,7 @@ def test_tagged_value_its_tag_cannot_read_is_a_config_error(text):
     assert str(info.value) == f"<config>: invalid YAML at {BAD_TAGGED[text]}"
 
 
+@pytest.mark.kernel
 def test_check_and_sighup_with_a_bad_tagged_value(netns, tmp_path):
     """``--check`` says so on one line (exit 2); a SIGHUP keeps the running config."""
     text = 'groups: [!!int ""]'
@@ -274,6 +275,7 @@ def recv_n(sub: Subscriber, n: int, timeout: float = 10.0) -> list:
     return got
 
 
+@pytest.mark.kernel
 def test_boundary_records_pass_through_intact(netns, tmp_path):
     """Group 1 copies metadata only (copy_range 0) and logs at OUTPUT and INPUT, so that
     every optional attribute is absent in one record or the other; group 2 copies the most

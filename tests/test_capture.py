@@ -13,7 +13,7 @@ from nflogd.capture import GroupReader, GroupSet
 from nflogd.config import GroupConfig
 from nflogd.errors import GroupBusy, NoPermission
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.kernel]
 
 
 def read_n(reader, n, deadline=5.0):

@@ -19,7 +19,7 @@ from nflogd.capture_loop import WAIT_S, CaptureLoop
 from nflogd.config import GroupConfig, PublishConfig
 from nflogd.publish import Publisher
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.kernel]
 
 GROUP = 7
 

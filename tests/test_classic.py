@@ -12,6 +12,7 @@ from nflogd.errors import GroupBusy
 pytestmark = pytest.mark.timeout(60)
 
 
+@pytest.mark.kernel
 def test_readme_example(netns):
     netns.log_rule(0, match="udp dport 9999")
     with netns.entered():
@@ -29,6 +30,7 @@ def test_readme_example(netns):
     nflog.close()
 
 
+@pytest.mark.kernel
 def test_payload_only_without_extra_attrs_and_every_attr(netns):
     netns.log_rule(3, hook="input", match="udp dport 9999", extra='prefix "in"')
     with netns.entered():
@@ -45,11 +47,13 @@ def test_payload_only_without_extra_attrs_and_every_attr(netns):
     plain.close()
 
 
+@pytest.mark.kernel
 def test_unknown_attr_is_refused_before_binding(netns):
     with netns.entered(), pytest.raises(ValueError, match="unknown extra_attrs name 'bogus'"):
         NFLOG().generator(0, extra_attrs=["bogus"])
 
 
+@pytest.mark.kernel
 def test_send_true_never_blocks(netns):
     netns.log_rule(6, match="udp dport 9999")
     with netns.entered():
@@ -66,6 +70,7 @@ def test_send_true_never_blocks(netns):
     gen.close()
 
 
+@pytest.mark.kernel
 def test_several_instances_and_generators(netns):
     netns.log_rule(1, match="udp dport 1111")
     netns.log_rule(2, match="udp dport 2222")
@@ -83,6 +88,7 @@ def test_several_instances_and_generators(netns):
     gb.close()
 
 
+@pytest.mark.kernel
 def test_closing_the_generator_releases_its_groups(netns):
     with netns.entered():
         nflog = NFLOG()
@@ -96,6 +102,7 @@ def test_closing_the_generator_releases_its_groups(netns):
         again.close()
 
 
+@pytest.mark.kernel
 def test_overflow_is_counted_and_the_generator_goes_on(netns, caplog):
     netns.log_rule(9, match="udp dport 9999")
     with netns.entered():
@@ -167,12 +174,14 @@ def _run_in_netns(netns, code: str) -> str:
     return out
 
 
+@pytest.mark.kernel
 def test_the_ancestors_nflog_cffi_example_runs_unchanged(netns):
     netns.log_rule(0, match="udp dport 9999")
     out = _run_in_netns(netns, ANCESTOR_NFLOG_CFFI)
     assert out.startswith("Got packet, len: 33, ts: ")
 
 
+@pytest.mark.kernel
 def test_the_ancestors_scapy_nflog_example_runs_unchanged(netns):
     netns.log_rule(0, match="udp dport 9999")
     code = ANCESTOR_SCAPY_NFLOG + (

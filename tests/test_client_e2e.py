@@ -40,7 +40,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.sendrecv import AsyncSniffer, sniff
 from scapy.utils import EDecimal, RawPcapReader
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.kernel]
 
 WAIT = 10.0  # seconds: the bound on anything that should happen at once
 TAP_WAIT = 30.0  # a subprocess that imports scapy first

@@ -131,6 +131,7 @@ def used_names() -> dict[str, tuple[set[str], set[str]]]:
     return out
 
 
+@pytest.mark.kernel
 def test_every_metric_and_label_used_is_exported(exported):
     names, labels = exported
     for where, (used, used_labels) in used_names().items():
@@ -140,6 +141,7 @@ def test_every_metric_and_label_used_is_exported(exported):
         assert not unknown, f"{where}: no such label: {unknown}"
 
 
+@pytest.mark.kernel
 def test_alert_annotations_name_labels_the_alert_has(exported):
     _, labels = exported
     for r in rules():

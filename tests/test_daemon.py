@@ -84,6 +84,7 @@ def check_ipv6(data: bytes, payload: bytes, dport: int) -> None:
     assert data[48:] == payload
 
 
+@pytest.mark.kernel
 def test_feed_ipv4_ipv6_and_metrics(netns, tmp_path, ctx):
     ports = {1: 9991, 2: 9992}
     for g, port in ports.items():
@@ -141,6 +142,7 @@ def thread_wakeups(pid: int) -> dict[str, int]:
     return out
 
 
+@pytest.mark.kernel
 def test_an_idle_daemon_makes_no_wakeups(netns, tmp_path, ctx):
     """Between packets no thread of the daemon runs: the capture thread waits in C for the
     kernel with no timeout, and the control loop waits for events (the first send after
@@ -162,6 +164,7 @@ def test_an_idle_daemon_makes_no_wakeups(netns, tmp_path, ctx):
     assert d.returncode == 0
 
 
+@pytest.mark.kernel
 def test_flood_while_stopped_loss_is_exact(netns, tmp_path, ctx):
     """SIGSTOP under a flood overruns a small rcvbuf; every packet is published or counted lost."""
     netns.log_rule(1, match="udp dport 9999")
@@ -246,6 +249,7 @@ def test_check_bad_config(tmp_path, text, expect):
     assert res.stdout == ""
 
 
+@pytest.mark.kernel
 def test_bad_config_at_start_exits_2(netns, tmp_path):
     d = NflogdProcess(netns, tmp_path)
     d.write_config("groups: []\n")
@@ -258,6 +262,7 @@ def test_bad_config_at_start_exits_2(netns, tmp_path):
     assert "groups: must not be empty" in d.stderr
 
 
+@pytest.mark.kernel
 def test_group_held_by_another_process(netns, tmp_path):
     with NflogdProcess(netns, tmp_path / "a", groups=[7], metrics=False):
         b = NflogdProcess(netns, tmp_path / "b", groups=[8, 7], metrics=False, log_level="warning")
@@ -272,6 +277,7 @@ def test_group_held_by_another_process(netns, tmp_path):
         assert bound_groups(netns) == {7}  # b let go of group 8 again
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_within_a_second(netns, tmp_path, signum):
     netns.log_rule(3, match="udp dport 9999")
@@ -290,6 +296,7 @@ def test_signal_stops_within_a_second(netns, tmp_path, signum):
     assert not os.path.exists(sock_path)
 
 
+@pytest.mark.kernel
 def test_ipc_file_modes(netns, tmp_path):
     with NflogdProcess(netns, tmp_path, metrics=False) as d:
         path = Path(d.endpoint[len("ipc://") :])
@@ -297,6 +304,7 @@ def test_ipc_file_modes(netns, tmp_path):
         assert oct(path.parent.stat().st_mode & 0o777) == oct(0o750)
 
 
+@pytest.mark.kernel
 def test_second_daemon_on_same_ipc_path_refused(netns, tmp_path):
     with NflogdProcess(netns, tmp_path / "a", groups=[1], metrics=False) as a:
         b = NflogdProcess(
@@ -321,6 +329,7 @@ def test_second_daemon_on_same_ipc_path_refused(netns, tmp_path):
         assert c.alive()
 
 
+@pytest.mark.kernel
 def test_metrics_port_in_use(netns, tmp_path):
     holder = netns.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -340,6 +349,7 @@ def test_metrics_port_in_use(netns, tmp_path):
 # -- reload ---------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_sighup_adds_removes_and_reconfigures_groups_under_traffic(netns, tmp_path, ctx):
     for g in (1, 2, 3, 4):
         netns.log_rule(g, match=f"udp dport {9990 + g}")
@@ -391,6 +401,7 @@ def test_sighup_adds_removes_and_reconfigures_groups_under_traffic(netns, tmp_pa
     assert d.returncode == 0
 
 
+@pytest.mark.kernel
 def test_sighup_with_invalid_config_keeps_running(netns, tmp_path, ctx):
     netns.log_rule(1, match="udp dport 9999")
     with NflogdProcess(netns, tmp_path, groups=[1]) as d:
@@ -408,6 +419,7 @@ def test_sighup_with_invalid_config_keeps_running(netns, tmp_path, ctx):
     assert d.returncode == 0
 
 
+@pytest.mark.kernel
 def test_a_busy_group_names_the_process_holding_it(netns, tmp_path):
     with NflogdProcess(netns, tmp_path / "a", groups=[5], metrics=False) as holder:
         d = NflogdProcess(netns, tmp_path / "b", groups=[5], metrics=False)
@@ -422,6 +434,7 @@ def test_a_busy_group_names_the_process_holding_it(netns, tmp_path):
     )
 
 
+@pytest.mark.kernel
 def test_sighup_group_busy_applies_nothing(netns, tmp_path):
     with NflogdProcess(netns, tmp_path / "a", groups=[5], metrics=False):
         with NflogdProcess(netns, tmp_path / "b", groups=[1]) as d:
@@ -432,6 +445,7 @@ def test_sighup_group_busy_applies_nothing(netns, tmp_path):
             assert d.metric("nflogd_packets_total", group="1") == 0  # metrics stayed on
 
 
+@pytest.mark.kernel
 def test_sighup_changes_endpoints_node_and_metrics(netns, tmp_path, ctx):
     netns.log_rule(1, match="udp dport 9999")
     with NflogdProcess(netns, tmp_path, groups=[1]) as d:
@@ -463,6 +477,7 @@ def test_sighup_changes_endpoints_node_and_metrics(netns, tmp_path, ctx):
 # -- privileges -----------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_drops_to_user_keeping_net_admin(netns, ctx):
     """user: nobody -> every thread uid 65534 with CAP_NET_ADMIN only; a reload can still bind a
     new group. (tests/test_security.py: the same with the CURVE authenticator, and without user.)"""
@@ -497,6 +512,7 @@ def test_drops_to_user_keeping_net_admin(netns, ctx):
 # -- sd_notify ------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("own_pid", [True, False], ids=["ours", "other-pid"])
 def test_watchdog(netns, tmp_path, own_pid):
     env = {"WATCHDOG_USEC": "200000"}  # every 0.1 s
@@ -534,6 +550,7 @@ def test_notifier_vanished_socket_does_not_raise(tmp_path):
     n.close()
 
 
+@pytest.mark.kernel
 def test_daemon_error_names_stderr(netns, tmp_path):
     """The helper's own failure report carries the daemon's stderr."""
     d = NflogdProcess(netns, tmp_path, ready_timeout=5)

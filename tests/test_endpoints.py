@@ -89,6 +89,7 @@ def test_good_endpoints_pass(endpoint):
 # -- the daemon away, then there -----------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_nflog_tap_says_once_why_it_gets_nothing_and_that_it_recovered(netns, tmp_path):
     """The daemon is not running yet: the tap says so within seconds, once; the daemon starts:
     the tap says it connected and prints the packet."""
@@ -127,6 +128,7 @@ def test_nflog_tap_says_once_why_it_gets_nothing_and_that_it_recovered(netns, tm
     assert lines[-1] == "nflog-tap: 1 packets printed, 0 lost"
 
 
+@pytest.mark.kernel
 def test_subscriber_state_follows_the_daemon(netns, tmp_path, caplog):
     """``sub.endpoints``: connecting with the cause, connected, connecting again after the
     daemon stops (said once), connected after it starts again."""
@@ -190,6 +192,7 @@ def test_stats_shows_each_endpoint_state(tmp_path):
 # -- permissions -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_permission_denied_names_the_group_to_join(netns, tmp_path):
     """A user outside the group of the daemon's socket directory is told which group to join."""
     group = next((g for g in ("nflog", "adm", "disk", "sys") if _has_group(g)), None)
@@ -304,6 +307,7 @@ def test_curve_failures_say_what_is_wrong(ctx, keys, caplog):
     ]
 
 
+@pytest.mark.kernel
 def test_relay_says_once_why_an_upstream_is_away(netns, tmp_path):
     from daemonutil import RelayProcess
 

@@ -141,6 +141,7 @@ def test_capture_filter_validation_call(home):
 # -- capturing with tshark -------------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_tshark_captures_real_packets_with_group_prefix_payload(netns, tmp_path, home):
     log_rules(netns)
     with NflogdProcess(netns, tmp_path / "d", groups=[1, 2]) as d:
@@ -161,6 +162,7 @@ def test_tshark_captures_real_packets_with_group_prefix_payload(netns, tmp_path,
     assert {r[0] for r in fields(out, "nflog.hook")} == {"1"}  # NF_INET_LOCAL_IN
 
 
+@pytest.mark.kernel
 def test_capture_filter_is_applied(netns, tmp_path, home):
     log_rules(netns)
     with NflogdProcess(netns, tmp_path / "d", groups=[1, 2]) as d:
@@ -176,6 +178,7 @@ def test_capture_filter_is_applied(netns, tmp_path, home):
         assert rc != 0 and "can't parse filter expression: syntax error" in err, err
 
 
+@pytest.mark.kernel
 def test_raw_linktype_and_group_option(netns, tmp_path, home):
     log_rules(netns)
     with NflogdProcess(netns, tmp_path / "d", groups=[1, 2]) as d:
@@ -190,6 +193,7 @@ def test_raw_linktype_and_group_option(netns, tmp_path, home):
     assert len(rows) == 5 and all(r[0].startswith("raw:ip:udp") and r[1] == "9991" for r in rows), rows
 
 
+@pytest.mark.kernel
 def test_daemon_restart_is_a_comment_and_in_the_statistics(netns, tmp_path, home):
     log_rules(netns)
     d = NflogdProcess(netns, tmp_path / "d", groups=[1])
@@ -229,6 +233,7 @@ def test_daemon_restart_is_a_comment_and_in_the_statistics(netns, tmp_path, home
     )
 
 
+@pytest.mark.kernel
 def test_curve_feed_through_the_key_options(netns, tmp_path, home):
     keys = make_keys(tmp_path / "curve")
     log_rules(netns)
@@ -345,6 +350,7 @@ def test_documented_install_lines_run(tmp_path):
     assert "nflogd-ipc-run-nflogd-relay-feed-sock (nflogd feed all routers (relay))" in listed
 
 
+@pytest.mark.kernel
 def test_reordering_option_puts_two_groups_in_time_order(netns, tmp_path, home):
     """Group 1 cut every 200 ms, group 2 every 10 ms: frames step back in time without a
     window, and never with the option's 500 ms, given through tshark's -o."""

@@ -27,7 +27,7 @@ from feedutil import collect
 from nflogd_client import Subscriber, wire
 from nsutil import SteadyTraffic
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.kernel]
 
 OVERLOAD_SECONDS = 20.0
 FLOOD_CHUNK = 200_000  # packets per flood run while overloading (about a second flat out)

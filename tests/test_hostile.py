@@ -158,6 +158,7 @@ def finished(p: subprocess.Popen) -> None:
 # -- 1. file descriptors --------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_idle_connections_cannot_exhaust_file_descriptors(netns, tmp_path, monkeypatch):
     """700 idle tcp connections from uid 65534 against a daemon started with a soft limit of
     256 open files: it raises the limit to the hard one, keeps max_connections per endpoint
@@ -196,6 +197,7 @@ def test_idle_connections_cannot_exhaust_file_descriptors(netns, tmp_path, monke
 # -- 2. subscription flood ------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_subscription_flood_stalls_nothing(netns, tmp_path):
     """uid 65534 floods one topic's subscription over loopback tcp for 4 s while packets flow:
     the watchdog pings on time, the kernel drops nothing, every packet is captured; the flood
@@ -233,6 +235,7 @@ def test_subscription_flood_stalls_nothing(netns, tmp_path):
 # -- 3. memory ------------------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("mode", ["topics", "huge"])
 def test_peer_cannot_grow_memory(netns, tmp_path, mode):
     """topics: distinct 60-byte subscriptions as fast as they go (before, with 400-byte ones:
@@ -257,6 +260,7 @@ def test_peer_cannot_grow_memory(netns, tmp_path, mode):
     assert d.returncode == 0, d.stderr
 
 
+@pytest.mark.kernel
 def test_a_foreign_topic_under_traffic_is_hung_up_on(netns, tmp_path):
     """While the capture thread sends (each send takes the feed socket's ZMQ_FD wake-ups) and
     the control loop waits for events only, a subscription still reaches it at once: a peer
@@ -280,6 +284,7 @@ def test_a_foreign_topic_under_traffic_is_hung_up_on(netns, tmp_path):
     assert d.returncode == 0, d.stderr
 
 
+@pytest.mark.kernel
 def test_relay_bounds_what_its_readers_send(netns, tmp_path):
     """Through the relay: long topics from uid 65534 are dropped at the relay (its reader hung
     up on, counted) and never reach the daemon behind it."""
@@ -327,6 +332,7 @@ def test_config_that_is_not_a_regular_file(tmp_path):
     assert r.returncode == 2 and "larger than" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
+@pytest.mark.kernel
 def test_fifo_as_netns_is_refused_at_start_and_reload(netns, tmp_path):
     netns.log_rule(1, match="udp dport 9999")
     fifo = tmp_path / "ns.fifo"
@@ -407,6 +413,7 @@ def test_tap_writes_extremes_tcpdump_reads(feed, tmp_path, linktype):
 # -- 6. ipc directory -----------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("owner, mode", [(65534, 0o1777), (0, 0o777), (0, 0o770)])
 def test_ipc_directory_others_can_write_is_refused(netns, tmp_path, owner, mode):
     shared = tmp_path / "shared"
@@ -428,6 +435,7 @@ def test_ipc_directory_others_can_write_is_refused(netns, tmp_path, owner, mode)
 # -- 7. metrics server under a task limit ---------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_metrics_under_a_task_limit(netns, tmp_path):
     """A pids cgroup of 40 and 60 idle connections to /metrics: the scrape works, SIGTERM exits
     0 and removes the ipc socket (before: a thread per connection, tracebacks, exit 1)."""
@@ -487,6 +495,7 @@ def test_subscriber_bounds_nodes_and_names_a_shared_node(feed):
 # -- 9. tight limits ------------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("limit", ["--nofile=10", "--nofile=12", "--as=62914560", "--as=209715200"])
 def test_tight_limits_one_line_or_clean_stop(netns, tmp_path, monkeypatch, limit):
     """Either a one-line error at start, or a run that SIGTERM ends with status 0; never a

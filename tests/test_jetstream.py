@@ -302,6 +302,7 @@ def test_an_existing_stream_is_checked_and_brought_to_the_config(tmp_path, feed)
 # -- routers -> daemons -> relay -> JetStream -> consumers --------------------------------------
 
 
+@pytest.mark.kernel
 def test_daemons_to_a_consumer_group_and_replay(tmp_path):
     from nsutil import NetNS
 

@@ -151,6 +151,7 @@ def test_five_tuple():
 # -- the real daemon -------------------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_real_packets_through_jq_and_flushed_per_batch(netns, tmp_path):
     netns.log_rule(1, hook="input", match="udp dport 9991", extra='prefix "g1 in: "')
     with NflogdProcess(netns, tmp_path / "d", groups=[1]) as d:

@@ -49,6 +49,7 @@ def other():
 # -- nflogd.netns -----------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_entered_by_name_and_by_path_and_back(netns):
     home = own_netns()
     target = os.stat(netns.path)
@@ -63,6 +64,7 @@ def test_entered_by_name_and_by_path_and_back(netns):
         assert ident is None and own_netns() == home
 
 
+@pytest.mark.kernel
 def test_body_raising_still_returns(netns):
     home = own_netns()
     with pytest.raises(KeyError):
@@ -90,6 +92,7 @@ def test_errors_name_the_namespace(spec, err, text):
     assert own_netns() == home
 
 
+@pytest.mark.kernel
 def test_entering_needs_cap_sys_admin(netns):
     """Without CAP_SYS_ADMIN (here: root with only CAP_NET_ADMIN), the error says what is missing."""
     code = (
@@ -112,6 +115,7 @@ def test_entering_needs_cap_sys_admin(netns):
 # -- GroupReader ------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_reader_opens_in_the_namespace_and_the_thread_comes_back(netns):
     netns.log_rule(7, match="udp dport 9999")
     home = own_netns()
@@ -125,6 +129,7 @@ def test_reader_opens_in_the_namespace_and_the_thread_comes_back(netns):
     assert bound_groups(netns) == set()
 
 
+@pytest.mark.kernel
 def test_busy_group_in_the_namespace_comes_back_too(netns):
     home = own_netns()
     with GroupReader(GroupConfig(group=8, netns=netns.path)):
@@ -136,6 +141,7 @@ def test_busy_group_in_the_namespace_comes_back_too(netns):
 # -- the daemon -------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_daemon_captures_a_group_of_another_namespace(netns, other, tmp_path, ctx):
     """Daemon in B; group 3 in A through ``netns``, group 4 in B. A's packets arrive, B binds only 4."""
     netns.log_rule(3, match="udp dport 9999")
@@ -184,6 +190,7 @@ def test_daemon_captures_a_group_of_another_namespace(netns, other, tmp_path, ct
     assert (bound_groups(netns), bound_groups(other)) == (set(), set())
 
 
+@pytest.mark.kernel
 def test_container_by_attached_name_and_by_proc_path(other, tmp_path, ctx):
     """docs/operations.md's container recipe: ``ip netns attach NAME PID``, or /proc/PID/ns/net."""
     proc = subprocess.Popen(["unshare", "--net", "sleep", "30"])
@@ -216,6 +223,7 @@ def test_container_by_attached_name_and_by_proc_path(other, tmp_path, ctx):
         subprocess.run(["ip", "netns", "del", ctr.name], check=False, capture_output=True)
 
 
+@pytest.mark.kernel
 def test_missing_namespace_at_start_is_one_line(other, tmp_path):
     d = NflogdProcess(other, tmp_path, groups=[1, {"group": 3, "netns": "nflt-not-there"}])
     d.start(wait_ready=False)
@@ -228,6 +236,7 @@ def test_missing_namespace_at_start_is_one_line(other, tmp_path):
     d.stop()
 
 
+@pytest.mark.kernel
 def test_service_user_with_cap_sys_admin_at_start(netns, other, monkeypatch):
     """The systemd unit with docs/operations.md's netns drop-in, emulated with setpriv: user
     nobody, ambient CAP_NET_ADMIN and CAP_SYS_ADMIN. The group opens in A; then CAP_NET_ADMIN alone."""
@@ -258,6 +267,7 @@ def test_service_user_with_cap_sys_admin_at_start(netns, other, monkeypatch):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.mark.kernel
 def test_dropped_user_keeps_namespace_groups_but_cannot_add_one(netns, other, ctx):
     """user: nobody: groups with netns are opened as root at start; after the drop (CAP_NET_ADMIN
     only) a reload that would enter a namespace fails, saying why, and the rest keeps running."""

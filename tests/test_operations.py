@@ -49,6 +49,7 @@ def need(exe: str) -> None:
 # -- firewall rules ---------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_nft_rules_load(netns):
     lines = commands(("nft ",))
     assert len(lines) >= 9
@@ -65,6 +66,7 @@ def test_nft_rules_load(netns):
         assert expect in ruleset, ruleset
 
 
+@pytest.mark.kernel
 def test_iptables_rules_load(netns):
     need("iptables")
     lines = commands(("iptables ", "ip6tables "))
@@ -79,6 +81,7 @@ def test_iptables_rules_load(netns):
     assert "--nflog-group 3 --nflog-size 64 --nflog-threshold 64" in v4
 
 
+@pytest.mark.kernel
 def test_nflog_range_does_nothing(netns):
     """The doc says to write --nflog-size: iptables warns about --nflog-range and drops it."""
     need("iptables")
@@ -102,6 +105,7 @@ def add_rule(netns, tool: str, group: int, port: int, size: int | None = None, t
         netns.run(*cmd)
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("tool", ["nft", "iptables"])
 def test_rule_and_group_settings_meet_as_documented(netns, tool):
     """Bytes copied and batch size: the smaller of the rule's and the group's."""
@@ -185,6 +189,7 @@ def test_systemd_dropins_verify(tmp_path):
 # -- tables -----------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_metrics_table_is_what_the_daemon_exports(netns, tmp_path):
     documented = {}
     for row in table("Metrics"):

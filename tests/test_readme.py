@@ -115,6 +115,7 @@ def test_starts_with_the_two_commands():
 # -- firewall rules and vectors ----------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("block", of_kind("firewall"))
 def test_firewall_block(block, netns):
     res = netns.run("sh", "-e", "-c", block.code, check=False)
@@ -128,6 +129,7 @@ def test_vector_block(block):
     assert wire.decode(namespace["frames"]).packets
 
 
+@pytest.mark.kernel
 def test_the_readme_rules_do_not_log_the_feed(tmp_path):
     """Pasted on a router whose feed a reader on another host reads over tcp, the README's
     catch-all rule must not log that connection: the reader's ACKs would feed it itself."""
@@ -227,6 +229,7 @@ def lab(tmp_path_factory):
         ns.close()
 
 
+@pytest.mark.kernel
 @pytest.mark.parametrize("block", of_kind("lab"))
 def test_readme_block(block, lab, tmp_path):
     status, out, err = lab.run_block(block, tmp_path / "home")

@@ -168,6 +168,7 @@ def contiguous(batches) -> None:
 # -- fan-in, fan-out, and a restart -----------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_every_packet_arrives_once_at_each_client_and_a_restart_is_one_nodes_gap(lab, tmp_path):
     lab = lab(3)
     nodes = ["router1", "router2", "router3"]
@@ -261,6 +262,7 @@ def test_every_packet_arrives_once_at_each_client_and_a_restart_is_one_nodes_gap
 # -- filtering at the source ------------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_subscriptions_reach_the_daemon_and_other_groups_stay_there(lab, tmp_path, ctx):
     lab = lab(1)
     router = lab.routers[0]
@@ -307,6 +309,7 @@ def test_subscriptions_reach_the_daemon_and_other_groups_stay_there(lab, tmp_pat
 # -- CURVE on both sides ----------------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_curve_upstream_and_downstream(lab, tmp_path):
     lab = lab(1)
     router = lab.routers[0]
@@ -384,6 +387,7 @@ def test_curve_upstream_and_downstream(lab, tmp_path):
 # -- reload -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_sighup_adds_and_removes_upstreams(lab, tmp_path, ctx):
     lab = lab(2)
     with (

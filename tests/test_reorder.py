@@ -119,6 +119,7 @@ def run_json(netns, d, window: str, n: int) -> list[int]:
     return [o["time_ns"] for o in objs if o["event"] == "packet"]
 
 
+@pytest.mark.kernel
 def test_real_daemon_two_groups_in_time_order(netns, tmp_path):
     """Group 1's batches are cut every 200 ms, group 2's every 10 ms: without a window the
     output steps back in time at each group-1 batch; with 500 ms it never does."""

@@ -11,7 +11,7 @@ from scapy.sendrecv import AsyncSniffer, sniff
 
 from nflogd import NFLOGListenSocket, install_nflog_listener
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.kernel]
 
 
 def payloads(pkts):

@@ -105,6 +105,7 @@ def task_status(pid: int) -> list[dict[str, str]]:
 # -- CURVE end to end ---------------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_authorized_client_reads_tcp_with_the_seq_of_ipc(netns, tmp_path, keys, ctx):
     """alice (key file) and nflog-tap read over CURVE; an ipc client without keys reads the same
     packets with the same seq; a client without CURVE on the tcp endpoint gets nothing."""
@@ -152,6 +153,7 @@ def test_authorized_client_reads_tcp_with_the_seq_of_ipc(netns, tmp_path, keys, 
     assert d.returncode == 0
 
 
+@pytest.mark.kernel
 def test_unknown_client_gets_nothing_until_sighup_adds_its_key(netns, tmp_path, keys):
     netns.log_rule(1, match="udp dport 9999")
     with curve_daemon(netns, tmp_path / "d", keys) as d:
@@ -247,6 +249,7 @@ def test_bad_keys_fail_check_on_one_line(tmp_path, keys, case):
     assert (res.returncode, res.stderr) == (2, f"nflogd: {expect}\n")
 
 
+@pytest.mark.kernel
 def test_keys_the_user_cannot_read_stop_the_start(netns):
     """root reads the keys at --check; the daemon, once it is nobody, cannot: exit 2 at start."""
     workdir = Path(tempfile.mkdtemp(prefix="nflogd-sec-", dir="/tmp"))
@@ -384,6 +387,7 @@ def test_keygen_writes_a_usable_pair(tmp_path):
 # -- privileges ---------------------------------------------------------------------------------
 
 
+@pytest.mark.kernel
 def test_every_thread_is_the_user_with_net_admin_at_most(netns):
     """user: nobody, CURVE and metrics: the ZeroMQ threads, the authenticator and the metrics
     server run as nobody, with no capability but CAP_NET_ADMIN, for good (bounding set, NNP)."""
@@ -403,6 +407,7 @@ def test_every_thread_is_the_user_with_net_admin_at_most(netns):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@pytest.mark.kernel
 def test_without_user_root_keeps_net_admin_only(netns, tmp_path, keys):
     with curve_daemon(netns, tmp_path / "d", keys) as d:
         tasks = task_status(d.pid)

@@ -48,6 +48,7 @@ def test_check_says_ok(command, config):
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d{4}"
 
 
+@pytest.mark.kernel
 def test_log_lines_carry_a_time_outside_the_journal(netns, tmp_path):
     with NflogdProcess(netns, tmp_path, groups=[1]) as d:
         pass
@@ -55,6 +56,7 @@ def test_log_lines_carry_a_time_outside_the_journal(netns, tmp_path):
     assert lines and all(re.match(rf"^{STAMP} (DEBUG|INFO|WARNING|ERROR): ", line) for line in lines), lines
 
 
+@pytest.mark.kernel
 def test_log_file(netns, tmp_path):
     log = tmp_path / "nflogd.log"
     with NflogdProcess(netns, tmp_path, groups=[1], args=("--log-file", str(log))) as d:
