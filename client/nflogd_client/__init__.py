@@ -8,6 +8,7 @@ importing this package imports neither scapy nor asyncio.
 
 from importlib import import_module as _import_module
 from importlib import resources as _resources
+from typing import Any as _Any
 
 #: The version of nflogd and nflogd-client: the one source is ``nflogd_client/VERSION``.
 __version__ = _resources.files(__name__).joinpath("VERSION").read_text().strip()
@@ -36,7 +37,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> _Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -45,5 +46,5 @@ def __getattr__(name: str):
     return value
 
 
-def __dir__() -> list:
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -48,14 +50,21 @@ class AsyncSubscriber(Subscriber):
     """``Subscriber`` (same arguments, same counters) with ``await recv()``, ``await recv_batch()``,
     ``async for`` and ``async with``."""
 
-    def __init__(self, endpoints=None, groups=None, *, context: zmq.Context | None = None, **kw):
+    def __init__(
+        self,
+        endpoints: str | Iterable[str] | None = None,
+        groups: int | Iterable[int] | None = None,
+        *,
+        context: zmq.Context[Any] | None = None,
+        **kw: Any,
+    ) -> None:
         if isinstance(context, zmq.asyncio.Context):  # its sockets are asyncio's: take the plain kind
             context = zmq.Context.shadow(context.underlying)
         super().__init__(endpoints, groups, context=context, **kw)
         # The Subscriber's own plain socket does everything but the wait: a shadow of it, on
         # the running event loop, is what ``recv`` awaits (libzmq's ZMQ_FD in the loop).
         self._waiter = zmq.asyncio.Socket.shadow(self.socket.underlying)
-        self._polling = None  # the wait under way, cancelled by close()
+        self._polling: asyncio.Future[int] | None = None  # the wait under way, cancelled by close()
 
     async def recv(self, timeout: float | None = None) -> Packet | None:  # type: ignore[override]
         """The next packet, or ``None`` after ``timeout`` seconds (``None``: wait forever)."""
@@ -90,9 +99,13 @@ class AsyncSubscriber(Subscriber):
                 self._update()  # the Subscriber's endpoint states: monitor events, probes, retries
                 ms = self._poll_ms(deadline)
                 tick = int(MONITOR_TICK_S * 1000)  # the monitor's socket is not awaited: look again
-                self._polling = self._waiter.poll(tick if ms is None else min(ms, tick), zmq.POLLIN)
+                # pyzmq's _future.pyi gives Socket.poll the Poller's signature and result
+                polling: asyncio.Future[int] = self._waiter.poll(  # type: ignore[call-arg, assignment]
+                    tick if ms is None else min(ms, tick), zmq.POLLIN
+                )
+                self._polling = polling
                 try:
-                    ready = await self._polling
+                    ready = await polling
                 finally:
                     self._polling = None
                 if not ready and deadline is not None and time.monotonic() >= deadline:
@@ -103,7 +116,7 @@ class AsyncSubscriber(Subscriber):
             if batch is not None:
                 return batch
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Packet]:
         raise TypeError("AsyncSubscriber: use 'async for pkt in sub'")
 
     def __aiter__(self) -> AsyncSubscriber:
@@ -115,7 +128,7 @@ class AsyncSubscriber(Subscriber):
     async def __aenter__(self) -> AsyncSubscriber:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         self.close()
 
     def close(self, linger: int = 0) -> None:

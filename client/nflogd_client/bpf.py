@@ -22,6 +22,8 @@ import ctypes
 import ctypes.util
 import threading
 
+from .wire import Packet
+
 __all__ = ["CaptureFilter", "FilterError"]
 
 DLT_RAW = 12  # pcap_open_dead takes DLT_ values; DLT_RAW is LINKTYPE_RAW (101) in files
@@ -46,11 +48,11 @@ class _PktHdr(ctypes.Structure):  # struct pcap_pkthdr, <pcap/pcap.h>
     ]
 
 
-_lib = None
+_lib: ctypes.CDLL | None = None
 _lock = threading.Lock()  # pcap_compile is not thread-safe in older libpcap
 
 
-def _libpcap():
+def _libpcap() -> ctypes.CDLL:
     global _lib
     if _lib is None:
         name = ctypes.util.find_library("pcap") or "libpcap.so.0.8"
@@ -88,15 +90,14 @@ class CaptureFilter:
     def __init__(self, expression: str):
         self.expression = expression
         lib = _libpcap()
-        self._prog = _Program()
+        prog = _Program()
+        self._prog: _Program | None = prog
         with _lock:
             handle = lib.pcap_open_dead(DLT_RAW, _SNAPLEN)
             if not handle:
                 raise FilterError("libpcap: pcap_open_dead failed")
             try:
-                rc = lib.pcap_compile(
-                    handle, ctypes.byref(self._prog), expression.encode(), 1, _NETMASK_UNKNOWN
-                )
+                rc = lib.pcap_compile(handle, ctypes.byref(prog), expression.encode(), 1, _NETMASK_UNKNOWN)
                 if rc != 0:
                     why = (lib.pcap_geterr(handle) or b"cannot compile").decode(errors="replace")
                     raise FilterError(f"capture filter {expression!r}: {why}")
@@ -105,12 +106,15 @@ class CaptureFilter:
         self._lib = lib
         self._hdr = _PktHdr()
 
-    def match(self, pkt) -> bool:
+    def match(self, pkt: Packet) -> bool:
         """True if the filter accepts this ``wire.Packet`` (its IP bytes, caplen and len)."""
+        prog = self._prog
+        if prog is None:
+            raise ValueError(f"capture filter {self.expression!r} is closed")
         h = self._hdr
         h.caplen = pkt.caplen
         h.len = max(pkt.len, pkt.caplen)
-        return self._lib.pcap_offline_filter(ctypes.byref(self._prog), ctypes.byref(h), pkt.data) != 0
+        return bool(self._lib.pcap_offline_filter(ctypes.byref(prog), ctypes.byref(h), pkt.data) != 0)
 
     def close(self) -> None:
         if self._prog is not None:

@@ -19,23 +19,41 @@ are the daemon's ``kernel_dropped`` header field, counted from the second batch 
 
 from __future__ import annotations
 
+from typing import Any, Mapping, Protocol
+
+from .wire import Batch
+
 __all__ = ["FeedEvents", "describe"]
+
+#: An event: the keys of ``docs/json-lines.md``.
+Event = dict[str, Any]
+
+
+class Accounting(Protocol):
+    """What FeedEvents reads of a subscriber (``Subscriber``, ``JetStreamSubscriber``)."""
+
+    @property
+    def restarts(self) -> int: ...
+    @property
+    def lost(self) -> Mapping[tuple[str, int], int]: ...
+    @property
+    def evicted(self) -> int: ...
 
 
 class FeedEvents:
-    def __init__(self, sub) -> None:
+    def __init__(self, sub: Accounting) -> None:
         self._sub = sub
         self._restarts = sub.restarts
         self._lost: dict[tuple[str, int], int] = dict(sub.lost)
         self._kernel: dict[tuple[str, int], int] = {}
         #: Kernel drops seen over every (node, group), from the events so far.
         self.kernel_lost = 0
-        self._evicted = getattr(sub, "evicted", 0)
+        self._evicted = sub.evicted
 
-    def after(self, batch) -> list[dict]:
+    def after(self, batch: Batch) -> list[Event]:
         """The events of ``batch``, which the Subscriber has just returned (and accounted)."""
         sub = self._sub
-        evicted = getattr(sub, "evicted", 0)
+        evicted = sub.evicted
         if evicted != self._evicted:  # the Subscriber forgot nodes (max_nodes): so do we
             self._evicted = evicted
             for key in [k for k in self._kernel if k not in sub.lost]:
@@ -43,7 +61,7 @@ class FeedEvents:
                 self._lost.pop(key, None)
         node, group = batch.node, batch.group
         key = (node, group)
-        events = []
+        events: list[Event] = []
         if sub.restarts != self._restarts:
             self._restarts = sub.restarts
             events.append({"event": "restart", "node": node, "group": group, "where": None, "lost": None})
@@ -64,7 +82,7 @@ class FeedEvents:
         return events
 
 
-def describe(events: list[dict], batch) -> str | None:
+def describe(events: list[Event], batch: Batch) -> str | None:
     """One line for people (a pcapng comment, a log window) on ``batch``; None without events."""
     if not events:
         return None

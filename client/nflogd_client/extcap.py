@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import IO, Callable, TextIO
 
 from . import __version__, tap
 from .bpf import CaptureFilter, FilterError
@@ -44,6 +45,7 @@ from .events import FeedEvents, describe
 from .pcapng import PcapngWriter
 from .reorder import Reorder
 from .subscriber import DEFAULT_ENDPOINT
+from .wire import Packet
 
 _package = __name__.rpartition(".")[0]  # nflogd_client: its loggers
 
@@ -121,7 +123,7 @@ def _find(interface: str) -> tuple[str, str, str]:
     raise UsageError(f"--extcap-interface {interface!r}: not one of this program's interfaces")
 
 
-def print_interfaces(out) -> None:
+def print_interfaces(out: TextIO) -> None:
     out.write(f"extcap {{version={VERSION}}}{{display=nflogd feed}}\n")
     for name, _, display in interfaces():
         out.write(f"interface {{value={name}}}{{display={display}}}\n")
@@ -131,14 +133,14 @@ def print_interfaces(out) -> None:
     )
 
 
-def print_dlts(out) -> None:
+def print_dlts(out: TextIO) -> None:
     out.write(
         f"dlt {{number={tap.LINKTYPE_NFLOG}}}{{name=NFLOG}}{{display=NFLOG: packets with their attributes}}\n"
     )
     out.write(f"dlt {{number={tap.LINKTYPE_RAW}}}{{name=RAW}}{{display=Raw IPv4/IPv6}}\n")
 
 
-def print_config(interface: str, out) -> None:
+def print_config(interface: str, out: TextIO) -> None:
     _, endpoint, _ = _find(interface)
     args = [
         "{call=--endpoint}{display=Endpoint}{type=string}{required=true}"
@@ -226,15 +228,15 @@ def _groups(text: str | None) -> list[int] | None:
 class _Control:
     """Wireshark's control pipes: log lines out (the toolbar's logger), EOF on ``in`` stops."""
 
-    def __init__(self, path_in: str | None, path_out: str | None, on_close) -> None:
-        self._out = None
+    def __init__(self, path_in: str | None, path_out: str | None, on_close: Callable[[], None]) -> None:
+        self._out: IO[bytes] | None = None
         self._pending: list[bytes] = []
         self._lock = threading.Lock()
         self._on_close = on_close
         if path_in or path_out:
             threading.Thread(target=self._run, args=(path_in, path_out), daemon=True).start()
 
-    def _run(self, path_in, path_out) -> None:
+    def _run(self, path_in: str | None, path_out: str | None) -> None:
         try:
             if path_out:
                 out = open(path_out, "wb", buffering=0)  # blocks until Wireshark opens its end
@@ -242,7 +244,7 @@ class _Control:
                     self._out = out
                     pending, self._pending = self._pending, []
                 for frame in pending:
-                    self._write(frame)
+                    self._write(out, frame)
             if path_in:
                 with open(path_in, "rb", buffering=0) as f:
                     while f.read(65536):  # Initialized, Set: nothing of ours to set
@@ -251,9 +253,10 @@ class _Control:
         except OSError:
             self._on_close()
 
-    def _write(self, frame: bytes) -> None:
+    @staticmethod
+    def _write(out: IO[bytes], frame: bytes) -> None:
         try:
-            self._out.write(frame)
+            out.write(frame)
         except OSError:
             pass
 
@@ -262,10 +265,11 @@ class _Control:
         n = len(payload) + 2
         frame = b"T" + struct.pack(">I", n)[1:] + bytes((control, command)) + payload
         with self._lock:
-            if self._out is None:
+            out = self._out
+            if out is None:
                 self._pending.append(frame)
                 return
-        self._write(frame)
+        self._write(out, frame)
 
 
 class _ControlLog(logging.Handler):
@@ -337,7 +341,7 @@ def _capture(args: argparse.Namespace) -> int:
             )
             out.flush()
 
-            def emit(p, comment) -> None:
+            def emit(p: Packet, comment: str | None) -> None:
                 nonlocal written
                 if nflog:
                     record = tap.nflog_record(p)
@@ -388,7 +392,7 @@ def _capture(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(sub, events: FeedEvents, written: int, control: _Control) -> None:
+def _summary(sub: tap.Reader, events: FeedEvents, written: int, control: _Control) -> None:
     """The count at the end. Wireshark shows whatever an extcap writes to stderr as an error:
     only loss, restarts and skipped messages go there; the log window gets the count anyway."""
     trouble = []

@@ -50,13 +50,22 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeGuard, Union
 from urllib.parse import parse_qs
 
 from . import stream, wire
 from .subscriber import _BatchCursor, _topics
 from .wire import Batch, Packet, WireError
 
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+    from nats.js import JetStreamContext
+    from nats.js.api import DeliverPolicy
+
 __all__ = ["JetStreamSubscriber", "is_jetstream_endpoint", "parse_endpoint", "DEFAULT_STREAM"]
+
+#: Where a new consumer begins: "all", "new", a stream sequence, a time (datetime or epoch seconds).
+Start = Union[str, int, float, _dt.datetime]
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +78,12 @@ MAX_GAPS = 256
 _PARTITION_SUBJECT = re.compile(r"(.+)\.(\d+)\.>\Z")
 
 
-def is_jetstream_endpoint(endpoint) -> bool:
+def is_jetstream_endpoint(endpoint: object) -> TypeGuard[str]:
     """True for a ``nats://`` (or ``tls://``) endpoint string."""
     return isinstance(endpoint, str) and endpoint.startswith(("nats://", "tls://"))
 
 
-def parse_endpoint(endpoint: str) -> dict:
+def parse_endpoint(endpoint: str) -> dict[str, Any]:
     """``nats://h1:4222,h2:4222/STREAM?durable=..`` -> keyword arguments of JetStreamSubscriber.
 
     Raises ValueError naming the endpoint and the part that is wrong.
@@ -87,7 +96,7 @@ def parse_endpoint(endpoint: str) -> dict:
     if not hosts:
         raise ValueError(f"{endpoint!r}: no HOST:PORT")
     servers = [f"{scheme}://{h}" for h in hosts.split(",") if h]
-    out: dict = {"servers": servers, "stream": name or DEFAULT_STREAM}
+    out: dict[str, Any] = {"servers": servers, "stream": name or DEFAULT_STREAM}
     for key, values in parse_qs(query, keep_blank_values=True, strict_parsing=False).items():
         value = values[-1]
         if key == "durable":
@@ -105,7 +114,7 @@ def parse_endpoint(endpoint: str) -> dict:
     return out
 
 
-def _parse_start(value: str, where: str):
+def _parse_start(value: str, where: str) -> Start:
     if value in ("all", "new"):
         return value
     if value.isdigit():
@@ -118,7 +127,7 @@ def _parse_start(value: str, where: str):
         ) from None
 
 
-def _deliver(start):
+def _deliver(start: Start) -> tuple[DeliverPolicy, int | None, _dt.datetime | None]:
     """(deliver_policy, opt_start_seq, opt_start_time) for ``start``."""
     from nats.js.api import DeliverPolicy
 
@@ -153,7 +162,7 @@ class _Account:
         self.max_nodes = max_nodes
         self.evicted = 0  # nodes forgotten for max_nodes; their loss stays in evicted_lost
         self.evicted_lost = 0
-        self._streams: dict[tuple[str, int], list] = {}  # key -> [epoch, next_seq, gaps]
+        self._streams: dict[tuple[str, int], list[Any]] = {}  # key -> [epoch, next_seq, gaps]
         #: node -> latest epoch, ordered by when each node was last heard from (oldest first)
         self._epochs: dict[str, int] = {}
         self._groups_of: dict[str, set[int]] = {}
@@ -206,7 +215,7 @@ class _Account:
             self.kernel_dropped.pop(key, None)
             self.evicted_lost += self.lost.pop(key, 0)
 
-    def _fill(self, key, gaps: list, first: int, nxt: int) -> bool:
+    def _fill(self, key: tuple[str, int], gaps: list[list[int]], first: int, nxt: int) -> bool:
         for i, (a, b) in enumerate(gaps):
             if a <= first and nxt <= b:
                 self.lost[key] -= nxt - first
@@ -241,13 +250,13 @@ class JetStreamSubscriber(_BatchCursor):
         durable: str | None = None,
         workers: int | None = None,
         worker: int | None = None,
-        start=None,
+        start: Start | None = None,
         prefetch: int = 1024,
         ack_wait_s: float = 30.0,
         max_nodes: int = 4096,
         timeout: float = 10.0,
-    ):
-        opts: dict = {}
+    ) -> None:
+        opts: dict[str, Any] = {}
         if isinstance(servers, str):
             opts = parse_endpoint(servers) if is_jetstream_endpoint(servers) else {"servers": [servers]}
         else:
@@ -255,12 +264,12 @@ class JetStreamSubscriber(_BatchCursor):
         given = {"stream": stream, "durable": durable, "workers": workers, "worker": worker, "start": start}
         opts.update({k: v for k, v in given.items() if v is not None})
         self.servers: list[str] = opts["servers"]
-        self.endpoints = self.servers
+        self.endpoints: list[str] = self.servers
         self.stream: str = opts.get("stream", DEFAULT_STREAM)
         self.durable: str | None = opts.get("durable") or None
         self.workers: int = opts.get("workers", 1)
         self.worker: int = opts.get("worker", 0)
-        self.start = opts.get("start", "new")
+        self.start: Start = opts.get("start", "new")
         if not 1 <= self.workers or not 0 <= self.worker < self.workers:
             raise ValueError(f"worker: must be 0..workers-1 (workers={self.workers}), got {self.worker}")
         if self.workers > 1 and self.durable is None:
@@ -278,16 +287,16 @@ class JetStreamSubscriber(_BatchCursor):
         self.last_stream_seq: int | None = None
         #: The partitions this reader consumes (``None`` for an ephemeral reader: all).
         self.partitions: list[int] | None = None
-        self._q: queue.Queue = queue.Queue()
+        self._q: queue.Queue[Msg | None] = queue.Queue()
         self._batch: Batch | None = None
         self._index = 0
-        self._acks: collections.deque = collections.deque()  # appended here, drained by the loop
+        self._acks: collections.deque[Msg] = collections.deque()  # appended here, drained by the loop
         self._ack_scheduled = False
         self._closed = False
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
-        ready: queue.Queue = queue.Queue()
+        ready: queue.Queue[BaseException | None] = queue.Queue()
         self._thread = threading.Thread(
             target=self._run, args=(ready, timeout), name="nflogd-jetstream", daemon=True
         )
@@ -303,18 +312,37 @@ class JetStreamSubscriber(_BatchCursor):
 
     # -- accounting, as Subscriber's ----------------------------------------------------------
 
-    lost = property(lambda self: self._acct.lost, doc="{(node, group): packets lost}")
-    kernel_dropped = property(lambda self: self._acct.kernel_dropped)
-    restarts = property(lambda self: self._acct.restarts)
-    received = property(lambda self: self._acct.received)
-    duplicates = property(lambda self: self._acct.duplicates, doc="messages seen before, skipped")
+    @property
+    def lost(self) -> dict[tuple[str, int], int]:
+        """{(node, group): packets lost}"""
+        return self._acct.lost
+
+    @property
+    def kernel_dropped(self) -> dict[tuple[str, int], int]:
+        return self._acct.kernel_dropped
+
+    @property
+    def restarts(self) -> int:
+        return self._acct.restarts
+
+    @property
+    def received(self) -> int:
+        return self._acct.received
+
+    @property
+    def duplicates(self) -> int:
+        """messages seen before, skipped"""
+        return self._acct.duplicates
 
     @property
     def total_lost(self) -> int:
         """Packets lost, over every (node, group), forgotten nodes' included."""
         return sum(self._acct.lost.values()) + self._acct.evicted_lost
 
-    evicted = property(lambda self: self._acct.evicted, doc="nodes forgotten for max_nodes")
+    @property
+    def evicted(self) -> int:
+        """nodes forgotten for max_nodes"""
+        return self._acct.evicted
 
     def _where(self) -> str:
         return f"{','.join(self.servers)}/{self.stream}"
@@ -371,7 +399,7 @@ class JetStreamSubscriber(_BatchCursor):
 
     # -- the asyncio side ---------------------------------------------------------------------
 
-    def _ack(self, msg) -> None:
+    def _ack(self, msg: Msg) -> None:
         if self.durable is None:
             return  # ephemeral readers use AckPolicy none
         self._acks.append(msg)
@@ -386,7 +414,7 @@ class JetStreamSubscriber(_BatchCursor):
         self._ack_scheduled = False
         acks = self._acks
         bg = self._bg
-        batch = []
+        batch: list[Msg] = []
         while acks:  # the flag is down first: an ack appended after this loop schedules another
             batch.append(acks.popleft())
         if batch:
@@ -394,39 +422,39 @@ class JetStreamSubscriber(_BatchCursor):
             bg.add(t)
             t.add_done_callback(bg.discard)
 
-    def _nak(self, msgs: list) -> None:
+    def _nak(self, msgs: list[Msg]) -> None:
         for m in msgs:
             self._bg.add(asyncio.ensure_future(self._nak_one(m)))
 
-    async def _nak_one(self, msg) -> None:
+    async def _nak_one(self, msg: Msg) -> None:
         try:
             await msg.nak()
         except Exception as e:  # delivered again after ack_wait instead
             log.debug("nak failed: %r", e)
 
-    async def _ack_all(self, msgs: list) -> None:
+    async def _ack_all(self, msgs: list[Msg]) -> None:
         for msg in msgs:
             try:
                 await msg.ack()
             except Exception as e:  # redelivered later, then skipped as a duplicate
                 log.debug("ack failed: %r", e)
 
-    def _run(self, ready: queue.Queue, timeout: float) -> None:
+    def _run(self, ready: queue.Queue[BaseException | None], timeout: float) -> None:
         try:
             asyncio.run(self._main(ready, timeout))
         except BaseException as e:  # pragma: no cover - reported to recv()
             self._error = e
             ready.put(ConnectionError(f"{self._where()}: {e!r}"))
 
-    async def _main(self, ready: queue.Queue, timeout: float) -> None:
+    async def _main(self, ready: queue.Queue[BaseException | None], timeout: float) -> None:
         import nats
         import nats.errors
         import nats.js.errors
 
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        self._bg: set = set()
-        self._give_back: list = []
+        self._bg: set[asyncio.Future[None]] = set()
+        self._give_back: list[Msg] = []
         nc = None
         try:
             try:
@@ -484,7 +512,7 @@ class JetStreamSubscriber(_BatchCursor):
     async def _nats_error(self, e: Exception) -> None:
         log.debug("%s: %r", self._where(), e)
 
-    async def _subscribe(self, js) -> list:
+    async def _subscribe(self, js: JetStreamContext) -> list[JetStreamContext.PullSubscription]:
         import nats.js.errors
         from nats.js.api import AckPolicy, ConsumerConfig
 
@@ -501,7 +529,7 @@ class JetStreamSubscriber(_BatchCursor):
             raise ConnectionError(f"{self._where()}: not an nflogd stream (subjects {info.config.subjects})")
         prefix = next(iter(parts.values()))
         policy, seq, when = _deliver(self.start)
-        common = dict(deliver_policy=policy, opt_start_seq=seq, opt_start_time=when)
+        common: dict[str, Any] = dict(deliver_policy=policy, opt_start_seq=seq, opt_start_time=when)
         if self.durable is None:
             cfg = ConsumerConfig(ack_policy=AckPolicy.NONE, inactive_threshold=60.0, **common)
             return [await js.pull_subscribe(f"{prefix}.>", stream=self.stream, config=cfg)]
@@ -524,7 +552,7 @@ class JetStreamSubscriber(_BatchCursor):
             )
         return subs
 
-    async def _fetch(self, sub) -> None:
+    async def _fetch(self, sub: JetStreamContext.PullSubscription) -> None:
         import nats.errors
 
         q = self._q
@@ -577,7 +605,7 @@ class JetStreamSubscriber(_BatchCursor):
     def __enter__(self) -> JetStreamSubscriber:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

@@ -25,7 +25,10 @@ import socket
 import struct
 import time
 from functools import lru_cache
-from typing import TextIO
+from typing import IO, Any
+
+from .events import Event
+from .wire import Packet
 
 __all__ = ["HOOKS", "JsonLines", "five_tuple", "packet_object", "rfc3339"]
 
@@ -35,7 +38,14 @@ HOOKS = {0: "prerouting", 1: "input", 2: "forward", 3: "output", 4: "postrouting
 _PORTS = {6, 17, 33, 132, 136}  # TCP, UDP, DCCP, SCTP, UDP-Lite: ports in the first 4 bytes
 _V6_EXT = {0, 43, 60}  # hop-by-hop, routing, destination options: skipped to the next header
 _V6_FRAG = 44
-_NONE = {"family": None, "src": None, "dst": None, "protocol": None, "sport": None, "dport": None}
+_NONE: dict[str, str | int | None] = {
+    "family": None,
+    "src": None,
+    "dst": None,
+    "protocol": None,
+    "sport": None,
+    "dport": None,
+}
 
 
 def rfc3339(ts_ns: int) -> str:
@@ -44,7 +54,7 @@ def rfc3339(ts_ns: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{ns:09d}Z"
 
 
-def five_tuple(hw_protocol: int, data: bytes) -> dict:
+def five_tuple(hw_protocol: int, data: bytes) -> dict[str, str | int | None]:
     """family, src, dst, protocol and ports (TCP, UDP, SCTP, DCCP, UDP-Lite) from the IP header.
 
     Fields the captured bytes do not hold (cut by the copy range, a non-first fragment, no
@@ -65,7 +75,8 @@ def five_tuple(hw_protocol: int, data: bytes) -> dict:
         out["family"] = "ipv6"
         out["src"] = str(ipaddress.IPv6Address(data[8:24]))
         out["dst"] = str(ipaddress.IPv6Address(data[24:40]))
-        nh, off = data[6], 40
+        nh: int | None = data[6]
+        off = 40
         while nh in _V6_EXT or nh == _V6_FRAG:
             if n < off + 8:
                 nh = None
@@ -91,11 +102,11 @@ def _ifname(index: int) -> str | None:
         return None
 
 
-def packet_object(p, *, payload: bool = False, ifnames: bool = False) -> dict:
+def packet_object(p: Packet, *, payload: bool = False, ifnames: bool = False) -> dict[str, Any]:
     """The JSON object of one ``wire.Packet`` (docs/json-lines.md)."""
     names = ifnames
 
-    def dev(index):
+    def dev(index: int | None) -> str | None:
         return _ifname(index) if names and index is not None else None
 
     hw = p.hwaddr
@@ -135,18 +146,18 @@ def packet_object(p, *, payload: bool = False, ifnames: bool = False) -> dict:
 class JsonLines:
     """Writes objects to a text stream, one per line; the caller flushes (per batch)."""
 
-    def __init__(self, out: TextIO, *, payload: bool = False, ifnames: bool = False) -> None:
+    def __init__(self, out: IO[str], *, payload: bool = False, ifnames: bool = False) -> None:
         self.out = out
         self.payload = payload
         self.ifnames = ifnames
         self._host = socket.gethostname()
         self._dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
-    def packet(self, p) -> None:
+    def packet(self, p: Packet) -> None:
         names = self.ifnames or p.node == self._host
         self.out.write(self._dumps(packet_object(p, payload=self.payload, ifnames=names)) + "\n")
 
-    def events(self, events: list[dict]) -> None:
+    def events(self, events: list[Event]) -> None:
         """Loss and restart objects (``events.FeedEvents``), each with the time it was seen."""
         for e in events:
             now = time.time_ns()

@@ -25,6 +25,9 @@ import heapq
 import itertools
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any
+
+from .wire import Packet
 
 __all__ = ["Reorder"]
 
@@ -36,15 +39,15 @@ class Reorder:
         self.window = window
         self._window_ns = int(window * 1e9)
         self.max_packets = max_packets
-        self._heap: list = []  # (ts_ns, order, arrival_ns, packet, note)
+        self._heap: list[tuple[int, int, int, Packet, Any]] = []  # (ts_ns, order, arrival_ns, packet, note)
         self._order = itertools.count()
         self._newest = 0  # the newest packet timestamp seen
-        self._pass: list = []  # window 0: arrival order
+        self._pass: list[tuple[Packet, Any]] = []  # window 0: arrival order
 
     def __len__(self) -> int:
         return len(self._heap) + len(self._pass)
 
-    def add(self, packets: Iterable, note=None, now_ns: int | None = None) -> None:
+    def add(self, packets: Iterable[Packet], note: Any = None, now_ns: int | None = None) -> None:
         """Packets of one batch, in their order; ``note`` goes with the first of them."""
         if not self._window_ns:
             for p in packets:
@@ -60,7 +63,7 @@ class Reorder:
             if ts > self._newest:
                 self._newest = ts
 
-    def ready(self, now_ns: int | None = None) -> Iterator:
+    def ready(self, now_ns: int | None = None) -> Iterator[tuple[Packet, Any]]:
         """(packet, note) for each packet whose turn has come, oldest first."""
         if self._pass:
             out, self._pass = self._pass, []
@@ -89,7 +92,7 @@ class Reorder:
         due = max(0.0, due)
         return due if timeout is None else min(timeout, due)
 
-    def drain(self) -> Iterator:
+    def drain(self) -> Iterator[tuple[Packet, Any]]:
         """Every packet still held, oldest first."""
         yield from self._pass
         self._pass = []

@@ -69,6 +69,7 @@ import zmq
 from scapy.config import conf
 from scapy.data import MTU
 from scapy.interfaces import InterfaceProvider, NetworkInterface
+from scapy.packet import Packet
 from scapy.supersocket import SuperSocket
 from scapy.utils import EDecimal
 
@@ -149,7 +150,7 @@ class ZMQNFLOGSocket(SuperSocket):
         *,
         filter: str | None = None,  # noqa: A002 - scapy's name for it
         **kwargs: Any,
-    ):
+    ) -> None:
         self.closed = True  # until the Subscriber exists: close() and __del__ have nothing to do
         self.ins = self.outs = None  # type: ignore[assignment]  # no OS socket of its own
         options = {**self.default_options}
@@ -172,17 +173,18 @@ class ZMQNFLOGSocket(SuperSocket):
                 groups = self.default_groups
         if endpoint is None:
             endpoint = self.default_endpoint
+        self.subscriber: Subscriber | _jetstream.JetStreamSubscriber
         if _jetstream.is_jetstream_endpoint(endpoint):  # a stream (docs/jetstream.md)
             self.subscriber = _jetstream.JetStreamSubscriber(endpoint, groups, **options)
         else:
             self.subscriber = Subscriber(endpoint, groups, **options)
         self.closed = False
-        self.iface = _iface_name(groups)  # type: ignore[assignment]
+        self.iface = _iface_name(groups)
         self._ready = False  # select() saw the socket readable: recv() must not block
 
     # -- receiving: the per-packet path, kept short ------------------------------------------
 
-    def recv(self, x: int = MTU, timeout: float | None = None, **kwargs: Any):  # type: ignore[override]
+    def recv(self, x: int = MTU, timeout: float | None = None, **kwargs: Any) -> Packet | None:
         """The next packet as a scapy packet, or ``None`` after ``timeout`` seconds.
 
         ``timeout=None`` waits for one, except right after ``select()`` reported this socket
@@ -216,7 +218,7 @@ class ZMQNFLOGSocket(SuperSocket):
         d["nflog_packet"] = p
         return pkt
 
-    def recv_raw(self, x: int = MTU):  # type: ignore[override]
+    def recv_raw(self, x: int = MTU) -> tuple[type[Packet] | None, bytes | None, float | None]:
         """``(layer class, captured bytes, timestamp)``, or ``(None, None, None)`` if nothing came."""
         p: WirePacket | None = self.subscriber.recv(0 if self._ready else None)
         self._ready = False
@@ -269,7 +271,10 @@ class ZMQNFLOGSocket(SuperSocket):
 
     def fileno(self) -> int:
         """The SUB socket's ZMQ_FD: edge-triggered; wait with ``select()`` or a zmq.Poller instead."""
-        return self.subscriber.socket.getsockopt(zmq.FD)
+        sock = self.subscriber.socket
+        if sock is None:
+            raise _unsupported("give a file descriptor for a JetStream reader (select() waits on its queue)")
+        return int(sock.getsockopt(zmq.FD))
 
     # -- the rest of SuperSocket ---------------------------------------------------------------
 
@@ -329,7 +334,7 @@ def install_zmq_listener(
         },
     )
     conf.L2listen = cls
-    return cls  # type: ignore[return-value]
+    return cls
 
 
 # -- "nflog" interface names in scapy ----------------------------------------------------------
@@ -395,12 +400,16 @@ class _FeedProvider(InterfaceProvider):
 conf.ifaces.register_provider(_FeedProvider)
 
 
-def _select_streams(sockets, streams, remain):
+def _queued(sub: Subscriber | _jetstream.JetStreamSubscriber) -> int:
+    return sub.queued() if isinstance(sub, _jetstream.JetStreamSubscriber) else sub.pending()
+
+
+def _select_streams(sockets: list[Any], streams: list[ZMQNFLOGSocket], remain: float | None) -> list[Any]:
     """select() when JetStream readers are among the sockets: their queues, in 20 ms steps."""
     deadline = None if remain is None else time.monotonic() + remain
     others = [s for s in sockets if s not in streams]
     while True:
-        ready = [s for s in streams if s.closed or s.subscriber.queued()]
+        ready = [s for s in streams if s.closed or _queued(s.subscriber)]
         if others:
             ready = ZMQNFLOGSocket.select(others, 0) + ready
         if ready or (deadline is not None and time.monotonic() >= deadline):

@@ -19,9 +19,12 @@ same partition number.
 from __future__ import annotations
 
 import zlib
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 from . import wire
+
+if TYPE_CHECKING:
+    import zmq
 
 __all__ = ["Record", "node_token", "partition", "record", "subject", "frames_of", "MSG_ID_HEADER"]
 
@@ -39,7 +42,7 @@ class Record(NamedTuple):
     group: int
     epoch: int
     first_seq: int
-    count: int
+    count: int  # type: ignore[assignment]  # the header's field name; shadows tuple.count
     partition: int
     key: str  # "<node token>.<group>"
     msg_id: str  # "<key>.<epoch>.<first_seq>"
@@ -66,7 +69,7 @@ def partition(node: str | bytes, group: int, partitions: int) -> int:
     return zlib.crc32(raw + b"\0" + wire.TOPIC.pack(group)) % partitions
 
 
-def record(frames: Sequence, partitions: int = 1) -> Record:
+def record(frames: Sequence[bytes | zmq.Frame], partitions: int = 1) -> Record:
     """The record of one feed message; raises ``wire.WireError`` if its header is not version 1.
 
     Only the header is read (the records and data are passed on unread): the relay maps every
@@ -74,7 +77,8 @@ def record(frames: Sequence, partitions: int = 1) -> Record:
     """
     if len(frames) != 4:
         raise wire.WireError(f"expected 4 frames, got {len(frames)}")
-    header = frames[1] if isinstance(frames[1], bytes) else bytes(frames[1])
+    f1 = frames[1]
+    header = f1 if isinstance(f1, bytes) else f1.bytes
     if len(header) < wire.HEADER.size:
         raise wire.WireError(f"header is {len(header)} bytes, expected at least {wire.HEADER.size}")
     magic, version, _, group, count, _, node_len, epoch, first_seq, _ = wire.HEADER.unpack_from(header)

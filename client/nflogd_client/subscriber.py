@@ -80,6 +80,7 @@ import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import zmq
 
@@ -132,7 +133,9 @@ def _topics(groups: int | Iterable[int] | None) -> list[bytes]:
 
 
 def _curve_keys(
-    endpoints: list[str], server_public_key, client_secret_key_file
+    endpoints: list[str],
+    server_public_key: curve.PathLike | bytes | Mapping[str, str | bytes] | None,
+    client_secret_key_file: curve.PathLike | None,
 ) -> tuple[dict[str, bytes], bytes, bytes] | None:
     """({endpoint: its daemon's public key}, client public, client secret) in Z85, or None."""
     if server_public_key is None and client_secret_key_file is None:
@@ -163,7 +166,7 @@ def _curve_keys(
     return servers, public, secret
 
 
-def _server_key(what: str, value) -> bytes:
+def _server_key(what: str, value: curve.PathLike | bytes) -> bytes:
     try:
         return curve.public_key(value)
     except curve.KeyFileError as e:
@@ -248,7 +251,7 @@ class Subscriber(_BatchCursor):
         endpoints: str | Iterable[str] | None = None,
         groups: int | Iterable[int] | None = None,
         *,
-        context: zmq.Context | None = None,
+        context: zmq.Context[Any] | None = None,
         rcvhwm: int = 100_000,
         max_nodes: int = 4096,
         server_public_key: str | bytes | os.PathLike[str] | Mapping[str, str | bytes] | None = None,
@@ -259,7 +262,7 @@ class Subscriber(_BatchCursor):
         keys = _curve_keys(self._endpoints, server_public_key, client_secret_key_file)
         ctx = context if context is not None else zmq.Context.instance()
         #: The SUB socket, for a ``zmq.Poller``.
-        self.socket = ctx.socket(zmq.SUB)
+        self.socket: zmq.Socket[bytes] = ctx.socket(zmq.SUB)
         watch: EndpointWatch | None = None
         self._poller = zmq.Poller()
         self._server_keys: dict[str, bytes] = {}  # endpoint -> its daemon's key (CURVE)
@@ -323,9 +326,10 @@ class Subscriber(_BatchCursor):
             try:
                 msg = recv(zmq.NOBLOCK)  # while messages flow, no poll and no monitor
             except zmq.Again:
-                msg = self._wait(deadline)
-                if msg is None:
+                waited = self._wait(deadline)
+                if waited is None:
                     return None
+                msg = waited
             batch = self._take(msg)
             if batch is not None:
                 return batch
@@ -512,7 +516,7 @@ class Subscriber(_BatchCursor):
     def __enter__(self) -> Subscriber:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

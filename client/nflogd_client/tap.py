@@ -22,7 +22,8 @@ import signal
 import struct
 import sys
 import time
-from typing import BinaryIO, Callable
+from types import FrameType
+from typing import IO, Any, Callable, TextIO, Union
 
 import zmq
 
@@ -33,6 +34,9 @@ from .events import FeedEvents
 from .reorder import Reorder
 from .subscriber import Subscriber
 from .wire import Packet
+
+#: What the tap reads: the feed, or a JetStream stream of it.
+Reader = Union[Subscriber, _jetstream.JetStreamSubscriber]
 
 __all__ = [
     "FAMILY",
@@ -243,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _connect(
-    endpoints: list[str] | None, groups: list[int] | None, *, prog: str = "nflog-tap", **keys
-) -> Subscriber:
+    endpoints: list[str] | None, groups: list[int] | None, *, prog: str = "nflog-tap", **keys: Any
+) -> Reader:
     """The Subscriber; a rejected endpoint or key raises SystemExit(2) after one line naming it."""
     if endpoints and any(_jetstream.is_jetstream_endpoint(e) for e in endpoints):
         return _connect_stream(endpoints, groups, **keys)
@@ -257,7 +261,7 @@ def _connect(
         err: BaseException = e
     # Subscriber connects all endpoints on one socket: find the culprit on a throwaway one.
     culprit = None
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     for ep in _subscriber._endpoints(endpoints):
         probe = ctx.socket(zmq.SUB)
         try:
@@ -268,12 +272,16 @@ def _connect(
         finally:
             probe.close(linger=0)
     where = f"endpoint {culprit!r}: " if culprit is not None else ""
-    reason = zmq.strerror(err.errno) if isinstance(err, zmq.ZMQError) else err  # without "(addr=...)"
+    reason = (
+        zmq.strerror(err.errno) if isinstance(err, zmq.ZMQError) and err.errno is not None else err
+    )  # without "(addr=...)"
     print(f"{prog}: {where}{reason}", file=sys.stderr)
     raise SystemExit(2)
 
 
-def _connect_stream(endpoints: list[str], groups, **keys):
+def _connect_stream(
+    endpoints: list[str], groups: list[int] | None, **keys: Any
+) -> _jetstream.JetStreamSubscriber:
     """A JetStreamSubscriber for one nats:// endpoint (nflogd_client.jetstream); errors as _connect's."""
     try:
         if len(endpoints) != 1:
@@ -301,7 +309,7 @@ class _Signals:
         self.waiting = False
         self._saved: dict[int, object] = {}
 
-    def _handler(self, signum, frame) -> None:
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
         self.stop = True
         if self.waiting:
             raise KeyboardInterrupt
@@ -311,12 +319,12 @@ class _Signals:
             self._saved[sig] = signal.signal(sig, self._handler)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, old in self._saved.items():
             signal.signal(sig, old)  # type: ignore[arg-type]
 
 
-def _pcap_writer(out: BinaryIO, linktype: str) -> Callable[[Packet], None]:
+def _pcap_writer(out: IO[bytes], linktype: str) -> Callable[[Packet], bool | None]:
     from scapy.utils import PcapWriter
 
     writer = PcapWriter(
@@ -327,11 +335,12 @@ def _pcap_writer(out: BinaryIO, linktype: str) -> Callable[[Packet], None]:
 
     if linktype == "nflog":
 
-        def emit(p: Packet) -> None:
+        def emit(p: Packet) -> bool | None:
             sec, usec = _pcap_time(p.ts_ns)
             record = nflog_record(p)[:SNAPLEN]
             n = len(record)  # as libpcap's nflog device: len == caplen, the IP header tells the rest
             write(record, sec=sec, usec=usec, caplen=n, wirelen=n)
+            return None
 
     else:
 
@@ -347,7 +356,7 @@ def _pcap_writer(out: BinaryIO, linktype: str) -> Callable[[Packet], None]:
     return emit
 
 
-def _printer(out) -> Callable[[Packet], None]:
+def _printer(out: IO[str]) -> Callable[[Packet], None]:
     from scapy.config import conf
 
     from .layers import LAYERS
@@ -419,17 +428,19 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
         build_parser().error("--format pcap needs -w FILE (or -w - for stdout)")
     if (args.payload or args.ifnames) and fmt != "json":
         build_parser().error("--payload and --ifnames go with --format json")
-    out = None
+    out: IO[Any] | None = None
     try:
         binary = fmt == "pcap"
         if args.write in (None, "-"):
-            out = sys.stdout.buffer if binary else sys.stdout
+            stream: IO[Any] = sys.stdout.buffer if binary else sys.stdout
         else:
             try:
-                out = open(args.write, "wb" if binary else "w")
+                stream = open(args.write, "wb" if binary else "w")
             except OSError as e:
                 print(f"nflog-tap: cannot write {args.write!r}: {e.strerror}", file=sys.stderr)
                 return 1
+        out = stream
+        emit: Callable[[Packet], bool | None]
         on_events = None
         if fmt == "text":
             emit = _printer(out)
@@ -510,7 +521,7 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
         sub.close()
 
 
-def _stats(sub: Subscriber, signals: _Signals, out, interval: float = 1.0) -> int:
+def _stats(sub: Reader, signals: _Signals, out: TextIO, interval: float = 1.0) -> int:
     """``--stats``: per (node, group), totals from batches, a table every ``interval`` seconds."""
     seen: dict[tuple[str, int], list[int]] = {}  # key -> [packets, bytes, kernel lost]
     events = FeedEvents(sub)
@@ -545,7 +556,13 @@ def _stats(sub: Subscriber, signals: _Signals, out, interval: float = 1.0) -> in
     return 0
 
 
-def _stats_table(sub: Subscriber, seen: dict, shown: dict, elapsed: float, redraw: bool) -> str:
+def _stats_table(
+    sub: Reader,
+    seen: dict[tuple[str, int], list[int]],
+    shown: dict[tuple[str, int], tuple[int, int]],
+    elapsed: float,
+    redraw: bool,
+) -> str:
     when = time.strftime("%H:%M:%S")
     lines = [f"nflog-tap --stats {when}", f"{'node':<16} {'group':>5} {'packets/s':>10} {'bytes/s':>11} "
              f"{'packets':>10} {'lost':>8} {'kernel':>8}"]  # fmt: skip
@@ -561,7 +578,8 @@ def _stats_table(sub: Subscriber, seen: dict, shown: dict, elapsed: float, redra
         )
     if not seen:
         lines.append("(no packets yet)")
-    for endpoint, st in sub.endpoints.items():
+    statuses = sub.endpoints if isinstance(sub, Subscriber) else {}  # a JetStream reader has none
+    for endpoint, st in statuses.items():
         lines.append(f"endpoint {endpoint}: {st.state}" + (f" ({st.error})" if st.error else ""))
     text = "\n".join(lines) + "\n"
     return "\x1b[H\x1b[J" + text if redraw else text + "\n"
@@ -575,7 +593,7 @@ def _si(bps: float) -> str:
     return f"{bps:.1f} GB/s"
 
 
-def _extra(sub: Subscriber) -> str:
+def _extra(sub: Reader) -> str:
     extra = ""
     if sub.malformed:
         extra += f", {sub.malformed} malformed messages skipped"

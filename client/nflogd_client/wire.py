@@ -22,7 +22,7 @@ Encode one (tests, tools; the daemon hands over the record table its C parser fi
 from __future__ import annotations
 
 import struct
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 __all__ = [
     "VERSION",
@@ -92,7 +92,9 @@ class Packet:
 
     __slots__ = ("_r", "data", "group", "node", "seq", "prefix")
 
-    def __init__(self, raw: tuple, data: bytes, group: int, node: str, seq: int, prefix):
+    def __init__(
+        self, raw: tuple[Any, ...], data: bytes, group: int, node: str, seq: int, prefix: str | None
+    ):
         self._r = raw
         self.data = data
         self.group = group
@@ -164,7 +166,7 @@ class Packet:
     # 8 physoutdev, 9 uid, 10 gid, 11 kernel_seq, 12 prefix_off, 13 prefix_len,
     # 14 hw_protocol, 15 present, 16 hwaddr_len, 17 hook, 18 hwaddr.
 
-    def _opt(self, index: int, bit: int):
+    def _opt(self, index: int, bit: int) -> int | None:
         r = self._r
         return r[index] if r[15] & bit else None
 
@@ -188,18 +190,18 @@ class Packet:
     @property
     def truncated(self) -> bool:
         """True where the copy range cut the packet (``caplen < len``)."""
-        return self._r[2] < self._r[3]
+        return bool(self._r[2] < self._r[3])
 
     @property
     def hwaddr(self) -> bytes | None:
         r = self._r
         return r[18][: r[16]] if r[15] & F_HWADDR else None
 
-    def fields(self) -> dict:
+    def fields(self) -> dict[str, Any]:
         """Every field by name, for printing and comparing."""
         return {name: getattr(self, name) for name in FIELDS}
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         return isinstance(other, Packet) and self.fields() == other.fields()
 
     __hash__ = None  # type: ignore[assignment]
@@ -230,7 +232,9 @@ class Batch:
 
     __slots__ = ("group", "node", "epoch", "first_seq", "kernel_dropped", "packets")
 
-    def __init__(self, group, node, epoch, first_seq, kernel_dropped, packets):
+    def __init__(
+        self, group: int, node: str, epoch: int, first_seq: int, kernel_dropped: int, packets: list[Packet]
+    ) -> None:
         self.group = group
         self.node = node
         self.epoch = epoch
@@ -341,7 +345,7 @@ def decode(msg: Sequence[bytes]) -> Batch:
     if rsize != RECORD.size:  # a later minor version appended fields: read the first 72 bytes
         table = b"".join(table[i : i + RECORD.size] for i in range(0, builtins_len(table), rsize))
     dlen = builtins_len(data)
-    packets = []
+    packets: list[Packet] = []
     append = packets.append
     seq = first_seq
     new = Packet.__new__
