@@ -60,8 +60,9 @@ class CurveAccess:
     def __init__(self, ctx: zmq.Context, settings):
         self.settings = settings
         self.authorized: dict[bytes, str] = {}
-        self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("nflogd.auth"))
-        self.auth.start()
+        auth = ThreadAuthenticator(ctx, log=logging.getLogger("nflogd.auth"))
+        self.auth: ThreadAuthenticator | None = auth
+        auth.start()
         try:
             self.configure(settings)
         except BaseException:
@@ -77,8 +78,10 @@ class CurveAccess:
         # The keys check_keys read (each file refused unless regular, opened without blocking),
         # in the form configure_curve would store; not configure_curve itself, whose
         # load_certificates opens every *.key file blocking (a FIFO there would hang us).
-        self.auth.allow_any = False
-        self.auth.certs[ZAP_DOMAIN] = dict.fromkeys(keys, True)
+        auth = self.auth
+        assert auth is not None, "configure() after close()"
+        auth.allow_any = False
+        auth.certs[ZAP_DOMAIN] = dict.fromkeys(keys, True)
         self.settings = settings
         self.authorized = keys
         if keys:

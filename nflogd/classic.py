@@ -19,6 +19,8 @@ from __future__ import annotations
 import collections
 import math
 
+from nflogd_client.wire import Packet
+
 from .capture import GroupCounters, GroupSet
 from .config import GroupConfig
 
@@ -130,7 +132,7 @@ class NFLOG:
         return self._run(gset, getters)
 
     def _run(self, gset: GroupSet, getters):
-        pending = collections.deque()
+        pending: collections.deque[Packet] = collections.deque()
         try:
             peek = yield gset.fileno()
             while True:

@@ -24,7 +24,10 @@ import logging
 import nats
 import nats.errors
 import nats.js.errors
-from nats.js import api
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext, api
 from nflogd_client import stream
 
 from .config import JetStreamConfig
@@ -92,11 +95,11 @@ class JetStreamDriver:
         self.cfg = cfg
         self.name = cfg.stream
         self.connected = False
-        self._nc = None
-        self._js = None
+        self._nc: Client | None = None
         self._ack_timeout = cfg.ack_timeout_ms / 1000
         self._prefix = cfg.subject_prefix
-        self._acks = None  # the inbox subscription for acks, made at the first publish
+        #: The inbox subscription for acks, made at the first publish.
+        self._acks: Subscription | None = None
         self._inbox = ""
         self._token = 0
         self._pending: dict[str, tuple[asyncio.Future, float]] = {}  # token -> (future, deadline)
@@ -107,7 +110,7 @@ class JetStreamDriver:
         where = ", ".join(cfg.servers)
         timeout = cfg.connect_timeout_ms / 1000
         try:
-            self._nc = await asyncio.wait_for(
+            nc = await asyncio.wait_for(
                 nats.connect(
                     servers=list(cfg.servers),
                     name="nflogd-relay",
@@ -125,12 +128,11 @@ class JetStreamDriver:
             raise NflogdError(f"jetstream.servers: no answer from {where} within {timeout:g} s") from None
         except Exception as e:
             raise NflogdError(f"jetstream.servers: cannot connect to {where}: {_reason(e)}") from None
+        self._nc = nc
         self.connected = True
-        self._js = self._nc.jetstream(timeout=timeout)
-        await self._ensure_stream(timeout)
+        await self._ensure_stream(nc.jetstream(timeout=timeout), timeout)
 
-    async def _ensure_stream(self, timeout: float) -> None:
-        js = self._js
+    async def _ensure_stream(self, js: JetStreamContext, timeout: float) -> None:
         want = stream_config(self.cfg)
         name = self.cfg.stream
         try:
@@ -147,7 +149,7 @@ class JetStreamDriver:
                 key or field
                 for field, key in _CHECKED
                 if getattr(have, field) != getattr(want, field)
-                and not (field == "subjects" and sorted(have.subjects or []) == sorted(want.subjects))
+                and not (field == "subjects" and sorted(have.subjects or []) == sorted(want.subjects or []))
             ]
             if not diff:
                 log.info("jetstream: stream %s is as configured (%s)", name, self._settings())
@@ -185,16 +187,18 @@ class JetStreamDriver:
         sweeper fails the publishes without an ack after ``ack_timeout_ms``: no task, request or
         timer per message (a third of the CPU of ``js.publish()`` per message)."""
         loop = asyncio.get_running_loop()
+        nc = self._nc
+        assert nc is not None, "publish() before open()"
         if self._acks is None:
-            self._inbox = self._nc.new_inbox() + "."
-            self._acks = await self._nc.subscribe(self._inbox + "*", cb=self._ack)
+            self._inbox = nc.new_inbox() + "."
+            self._acks = await nc.subscribe(self._inbox + "*", cb=self._ack)
             self._sweeper = asyncio.ensure_future(self._sweep())
         self._token += 1
         token = str(self._token)
         fut = loop.create_future()
         self._pending[token] = (fut, loop.time() + self._ack_timeout)
         try:
-            await self._nc.publish(
+            await nc.publish(
                 stream.subject(self._prefix, rec),
                 rec.value,
                 reply=self._inbox + token,
@@ -208,7 +212,7 @@ class JetStreamDriver:
             raise Transient(_reason(e)) from None
         return fut
 
-    async def _ack(self, msg) -> None:
+    async def _ack(self, msg: Msg) -> None:
         entry = self._pending.pop(msg.subject[len(self._inbox) :], None)
         if entry is None or entry[0].done():
             return  # timed out already: the retry's ack will do

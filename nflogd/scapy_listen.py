@@ -25,6 +25,7 @@ import functools
 import select
 
 from nflogd_client.layers import LAYERS
+from nflogd_client.wire import Packet
 from scapy.config import conf
 from scapy.error import Scapy_Exception
 from scapy.supersocket import SuperSocket
@@ -70,9 +71,9 @@ class NFLOGListenSocket(SuperSocket):
             queues, copy_range=copy_range, qthresh=qthresh, timeout=timeout, nlbufsiz=nlbufsiz
         )
         self.iface = iface or "nflog:" + ",".join(str(s.group) for s in settings)
-        self._pending = collections.deque()
+        self._pending: collections.deque[Packet] = collections.deque()
         self.closed = False
-        self.ins = self.outs = None
+        self.ins = self.outs = None  # type: ignore[assignment]  # no OS socket of its own
         self._groups = GroupSet(settings)
 
     def fileno(self) -> int:

@@ -289,6 +289,7 @@ class StreamPublisher:
 
     async def _wait_room(self, timeout: float | None) -> None:
         room = self._room
+        assert room is not None, "the publisher thread makes it first"
         room.clear()
         try:
             await asyncio.wait_for(room.wait(), timeout)
