@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Iterable
 
 from nflogd_client.wire import Packet
 
@@ -58,7 +59,12 @@ EXTRA_ATTRS = {
 
 
 def group_settings(
-    qids, *, copy_range=0xFFFF, qthresh=None, timeout=None, nlbufsiz=None
+    qids: int | Iterable[int],
+    *,
+    copy_range: int = 0xFFFF,
+    qthresh: int | None = None,
+    timeout: float | None = None,
+    nlbufsiz: int | None = None,
 ) -> list[GroupConfig]:
     """GroupConfig per group from the classic keywords; None keeps the daemon's default."""
     groups = [qids] if isinstance(qids, int) else list(qids)
@@ -83,7 +89,7 @@ class NFLOG:
     group.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._sets: list[GroupSet] = []
         self._retired = GroupCounters()  # totals of closed generators
 
