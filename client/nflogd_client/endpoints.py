@@ -42,7 +42,8 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -348,10 +349,11 @@ class Prober:
     #: Seconds between looks at a probe under way.
     CHECK_S = 0.05
 
-    def __init__(self, tracker: EndpointTracker, probe=probe):
+    def __init__(self, tracker: EndpointTracker, probe: Callable[[str], str | None] = probe) -> None:
         self._tracker = tracker
         self._probe = probe
-        self._running: dict[str, tuple[threading.Thread, list]] = {}  # endpoint -> (thread, [result])
+        #: endpoint -> (thread, [result])
+        self._running: dict[str, tuple[threading.Thread, list[str | None]]] = {}
         self._check_at = 0.0
 
     def step(self) -> None:
@@ -361,12 +363,12 @@ class Prober:
                 del self._running[endpoint]
                 tracker.probed(endpoint, box[0])
         for endpoint in tracker.probes_due():
-            box: list = [None]
+            result: list[str | None] = [None]
             thread = threading.Thread(
-                target=self._run, args=(endpoint, box), name=f"nflogd probe {endpoint}", daemon=True
+                target=self._run, args=(endpoint, result), name=f"nflogd probe {endpoint}", daemon=True
             )
             tracker.probe_started(endpoint)
-            self._running[endpoint] = (thread, box)
+            self._running[endpoint] = (thread, result)
             thread.start()
         if self._running:
             self._check_at = time.monotonic() + self.CHECK_S
@@ -374,7 +376,7 @@ class Prober:
     def due_at(self) -> float | None:
         return self._check_at if self._running else None
 
-    def _run(self, endpoint: str, box: list) -> None:
+    def _run(self, endpoint: str, box: list[str | None]) -> None:
         try:
             box[0] = self._probe(endpoint)
         except Exception as e:  # pragma: no cover - probe() catches what it expects
@@ -419,8 +421,8 @@ class EndpointTracker:
         curve: bool = False,
         logger: logging.Logger | None = None,
         label: str = "nflogd feed",
-        clock=time.monotonic,
-    ):
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.curve = curve
         self.label = label
         self._log = logger or logging.getLogger(__name__)
@@ -452,7 +454,7 @@ class EndpointTracker:
 
     # -- input ------------------------------------------------------------------------------------
 
-    def event(self, ev: dict) -> None:
+    def event(self, ev: Mapping[str, Any]) -> None:
         """Apply one parsed monitor event (``parse_monitor_message``)."""
         raw = ev.get("endpoint", b"")
         endpoint = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
