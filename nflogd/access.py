@@ -24,11 +24,13 @@ so the handler starts before the CURVE socket binds and stops after it closes.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import zmq
 from nflogd_client import curve
 from zmq.auth.thread import ThreadAuthenticator
 
+from .config import CurveConfig
 from .errors import ConfigError
 from .publish import ZAP_DOMAIN
 
@@ -37,7 +39,7 @@ __all__ = ["CurveAccess", "check_keys"]
 log = logging.getLogger(__name__)
 
 
-def check_keys(settings) -> dict[bytes, str]:
+def check_keys(settings: CurveConfig) -> dict[bytes, str]:
     """Read ``settings`` (a CurveConfig) now: its secret key file must still hold the same key,
     and the authorized keys are returned as ``{Z85 key: file}``; ConfigError naming the key."""
     try:
@@ -57,7 +59,7 @@ def check_keys(settings) -> dict[bytes, str]:
 class CurveAccess:
     """The context's ZAP handler, admitting the CURVE clients of ``settings.authorized_keys_dir``."""
 
-    def __init__(self, ctx: zmq.Context, settings):
+    def __init__(self, ctx: zmq.Context[Any], settings: CurveConfig) -> None:
         self.settings = settings
         self.authorized: dict[bytes, str] = {}
         auth = ThreadAuthenticator(ctx, log=logging.getLogger("nflogd.auth"))
@@ -69,7 +71,7 @@ class CurveAccess:
             self.close()
             raise
 
-    def configure(self, settings) -> int:
+    def configure(self, settings: CurveConfig) -> int:
         """Load the authorized keys of ``settings`` (start, SIGHUP); the number of keys.
 
         On a ConfigError nothing changes: the keys loaded before stay in force.

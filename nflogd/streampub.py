@@ -32,11 +32,12 @@ import logging
 import struct
 import threading
 import time
-from typing import Protocol
+from typing import Protocol, Sequence, Union
 
+import zmq
 from nflogd_client import stream
 from nflogd_client.wire import WireError
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector as _Collector
 from prometheus_client.registry import CollectorRegistry
 
@@ -61,21 +62,26 @@ class Rejected(Exception):
     """The engine refused the record for good (too large, stream limits): drop it."""
 
 
+#: One feed message as received: its four frames.
+Frames = Sequence[Union[bytes, zmq.Frame]]
+
+
 class Driver(Protocol):
     name: str  # the stream, for metrics and logs
     connected: bool
 
     async def open(self) -> None: ...
 
-    async def publish(self, rec: stream.Record) -> asyncio.Future: ...
+    async def publish(self, rec: stream.Record) -> asyncio.Future[bool]: ...
 
     async def close(self) -> None: ...
 
 
-def _packets(frames) -> int:
+def _packets(frames: Frames) -> int:
     """The header's packet count, or 0 for a message too short to have one."""
     try:
-        return _COUNT.unpack_from(getattr(frames[1], "buffer", frames[1]), 8)[0]
+        header = frames[1]
+        return _COUNT.unpack_from(header.buffer if isinstance(header, zmq.Frame) else header, 8)[0]
     except (IndexError, struct.error, TypeError):
         return 0
 
@@ -93,7 +99,7 @@ class StreamPublisher:
         self.partitions = partitions
         self.max_in_flight = max_in_flight
         self.buffer_bytes = buffer_bytes
-        self._queue: collections.deque = collections.deque()
+        self._queue: collections.deque[tuple[Frames, int]] = collections.deque()
         self._lock = threading.Lock()
         self.held_bytes = 0  # queued + in flight
         self.held_messages = 0
@@ -135,7 +141,7 @@ class StreamPublisher:
                 f"jetstream: the stream {self.driver.name} was not ready in {timeout:g} s"
             ) from None
 
-    def offer(self, frames) -> None:
+    def offer(self, frames: Frames) -> None:
         """Take one message (its frames, as received) or drop it: never blocks."""
         size = 0
         for f in frames:
@@ -169,7 +175,7 @@ class StreamPublisher:
                         "jetstream %s: the publisher has stopped; messages are dropped", self.driver.name
                     )
 
-    def _drop(self, frames) -> None:
+    def _drop(self, frames: Frames) -> None:
         n = _packets(frames)
         self.dropped_messages["buffer"] += 1
         self.dropped_packets["buffer"] += n
@@ -296,7 +302,7 @@ class StreamPublisher:
         except asyncio.TimeoutError:
             pass
 
-    async def _publish(self, rec, size: int, delay: float) -> None:
+    async def _publish(self, rec: stream.Record, size: int, delay: float) -> None:
         """One attempt (``in_flight`` counts it already); the outcome in ``_outcome``."""
         try:
             fut = await self.driver.publish(rec)
@@ -305,14 +311,16 @@ class StreamPublisher:
             return
         fut.add_done_callback(lambda f: self._settled(f, rec, size, delay))
 
-    def _settled(self, fut: asyncio.Future, rec, size: int, delay: float) -> None:
+    def _settled(self, fut: asyncio.Future[bool], rec: stream.Record, size: int, delay: float) -> None:
         if fut.cancelled():
             self._outcome(rec, size, delay, asyncio.CancelledError(), False)
         else:
             exc = fut.exception()
             self._outcome(rec, size, delay, exc, exc is None and fut.result())
 
-    def _outcome(self, rec, size: int, delay: float, exc: BaseException | None, dup: bool) -> None:
+    def _outcome(
+        self, rec: stream.Record, size: int, delay: float, exc: BaseException | None, dup: bool
+    ) -> None:
         if exc is None:
             self.published += 1
             if dup:
@@ -344,7 +352,7 @@ class StreamPublisher:
             log.warning("jetstream %s: %s: %r; dropped", self.driver.name, rec.msg_id, exc)
             self._release(size)
 
-    def _retry(self, rec, size: int, delay: float) -> None:
+    def _retry(self, rec: stream.Record, size: int, delay: float) -> None:
         self._waiting.pop(id(rec), None)
         if self._closed:
             self._count_drop("shutdown", rec.count)
@@ -365,7 +373,7 @@ class StreamPublisher:
         self.dropped_messages[reason] += 1
         self.dropped_packets[reason] += packets
 
-    def _dropped_at_stop(self, frames, size: int) -> None:
+    def _dropped_at_stop(self, frames: Frames, size: int) -> None:
         self._count_drop("shutdown", _packets(frames))
         with self._lock:
             self.held_bytes -= size
@@ -407,12 +415,14 @@ class StreamCollector(_Collector):
         ("nflogd_relay_stream_connected", "1 while connected to the stream engine.", "connected"),
     )
 
-    def __init__(self, publisher: StreamPublisher, registry: CollectorRegistry | None = None):
+    def __init__(self, publisher: StreamPublisher, registry: CollectorRegistry | None = None) -> None:
         self._pub = publisher
         if registry is not None:
             registry.register(self)
 
-    def _families(self):
+    def _families(
+        self,
+    ) -> tuple[list[CounterMetricFamily], list[GaugeMetricFamily], list[CounterMetricFamily]]:
         label = ["stream"]
         counters = [CounterMetricFamily(n, d, labels=label) for n, d, _ in self._COUNTERS]
         gauges = [GaugeMetricFamily(n, d, labels=label) for n, d, _ in self._GAUGES]
@@ -430,19 +440,19 @@ class StreamCollector(_Collector):
         ]
         return counters, gauges, drops
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         counters, gauges, drops = self._families()
         return [*counters, *gauges, *drops]
 
-    def collect(self):
+    def collect(self) -> list[Metric]:
         counters, gauges, drops = self._families()
         pub = self._pub
         name = [pub.driver.name]
         try:
             for fam, (_, _, attr) in zip(counters, self._COUNTERS):
                 fam.add_metric(name, getattr(pub, attr))
-            for fam, (_, _, attr) in zip(gauges, self._GAUGES):
-                fam.add_metric(name, int(getattr(pub, attr)))
+            for gauge, (_, _, attr) in zip(gauges, self._GAUGES):
+                gauge.add_metric(name, int(getattr(pub, attr)))
             for reason in _DROP_REASONS:
                 drops[0].add_metric([*name, reason], pub.dropped_messages[reason])
                 drops[1].add_metric([*name, reason], pub.dropped_packets[reason])
