@@ -1,7 +1,17 @@
+import shutil
+
 import pytest
 import zmq
 from feedutil import FakeFeed
 from nsutil import NetNS
+
+
+def pytest_runtest_setup(item):
+    """``@pytest.mark.needs("tcpdump")``: skipped where the program is not installed."""
+    for mark in item.iter_markers("needs"):
+        for program in mark.args:
+            if shutil.which(program) is None:
+                pytest.skip(f"{program} is not installed (make debs installs it)")
 
 
 @pytest.fixture

@@ -102,6 +102,7 @@ def log_rules(netns) -> None:
 # -- listing and the protocol ----------------------------------------------------------------------
 
 
+@pytest.mark.needs("tshark")
 def test_install_lists_generic_and_configured_interfaces(home):
     assert "nflogd (nflogd feed (any endpoint: set it in the options))" in tshark_interfaces(home)
     configure(home, "tcp://router1:5555  router1", "ipc:///run/nflogd/feed.sock")
@@ -323,6 +324,7 @@ def _open_writer(path) -> int | None:
         return None
 
 
+@pytest.mark.needs("tshark")
 def test_documented_install_lines_run(tmp_path):
     """The README's and docs/extcap.md's install blocks, as pasted, in a fresh HOME."""
     import re

@@ -399,6 +399,7 @@ def tcpdump_reads(path: Path) -> list[str]:
     return r.stdout.splitlines()
 
 
+@pytest.mark.needs("tcpdump")
 @pytest.mark.parametrize("linktype", ["ip", "nflog"])
 def test_tap_writes_extremes_tcpdump_reads(feed, tmp_path, linktype):
     ip = bytes.fromhex("4500") + struct.pack(">H", 20) + bytes(16)

@@ -573,6 +573,7 @@ def test_r3_one_cluster_node_killed_mid_stream_loses_nothing(tmp_path, feed):
 # -- nflog-tap and scapy on a stream -------------------------------------------------------------
 
 
+@pytest.mark.needs("tcpdump")
 def test_an_hour_old_capture_opens_in_tcpdump_and_scapy(tmp_path, feed):
     from nflogd_client import ZMQNFLOGSocket
     from scapy.all import UDP, sniff

@@ -48,6 +48,7 @@ def lines(out: bytes) -> list[dict]:
 # -- the schema, exactly ---------------------------------------------------------------------------
 
 
+@pytest.mark.needs("jq")
 def test_packets_as_json_lines(feed, procs):
     feed.publish_when_subscribed(
         topics(5, 6),
@@ -90,6 +91,7 @@ def test_packets_as_json_lines(feed, procs):
     assert jq("map(keys) | unique | length", text, "-s") == [1]
 
 
+@pytest.mark.needs("jq")
 def test_payload_only_when_asked(feed, procs):
     feed.publish_when_subscribed(topics(5), msg(5, rec(5, V4), rec(5, V4_BIG[:60], len=len(V4_BIG))))
     p = run_tap(procs, "-e", feed.endpoint, "-g", "5", "-c", "2", "--format", "json", "--payload")
@@ -99,6 +101,7 @@ def test_payload_only_when_asked(feed, procs):
     assert jq(".payload | @base64d | length", out.decode()) == [len(V4), 60]
 
 
+@pytest.mark.needs("jq")
 def test_loss_and_restart_lines(feed, procs):
     feed.publish_when_subscribed(
         topics(5),
@@ -205,6 +208,7 @@ def documented_lines() -> list[str]:
     return found
 
 
+@pytest.mark.needs("jq")
 @pytest.mark.parametrize("line", documented_lines())
 def test_documented_command_lines_run(line, tmp_path):
     import os

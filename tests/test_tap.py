@@ -96,6 +96,7 @@ def parse_nflog(record: bytes) -> tuple[tuple[int, int, int], dict[int, bytes]]:
 # -- pcap output -----------------------------------------------------------------------------------
 
 
+@pytest.mark.needs("tcpdump")
 def test_write_linktype_ip(feed, procs, tmp_path):
     out = tmp_path / "ip.pcap"
     standard_feed(feed)
@@ -120,6 +121,7 @@ def test_write_linktype_ip(feed, procs, tmp_path):
     assert "IP6 2001:db8::1.40000 > 2001:db8::2.40002: UDP, length 10" in lines[2]
 
 
+@pytest.mark.needs("tcpdump", "tshark")
 def test_write_linktype_nflog(feed, procs, tmp_path):
     out = tmp_path / "nflog.pcap"
     standard_feed(feed)
@@ -199,6 +201,7 @@ def test_nflog_record_layout():
     assert tlvs[tap.NFULA_PREFIX] == b"ab\0" and tlvs[tap.NFULA_PAYLOAD] == b"\x45" * 21
 
 
+@pytest.mark.needs("tcpdump")
 def test_stdout_into_tcpdump(feed, procs):
     standard_feed(feed)
     p = run_tap(procs, "-e", feed.endpoint, "-g", "5", "-g", "6", "-c", "3", "-w", "-")
@@ -208,6 +211,7 @@ def test_stdout_into_tcpdump(feed, procs):
     assert len(lines) == 3 and "IP6 2001:db8::1.40000" in lines[2]
 
 
+@pytest.mark.needs("tcpdump")
 def test_stdout_is_live_and_ends_when_the_reader_goes(feed, procs):
     """tcpdump -c 2 ends while the tap still runs: every packet is flushed as it comes."""
     feed.publish_when_subscribed(topics(5), msg(5, rec(5, V4)), msg(5, rec(5, V6), first_seq=1))
@@ -227,6 +231,7 @@ def test_stdout_is_live_and_ends_when_the_reader_goes(feed, procs):
 # -- ending ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.needs("tcpdump")
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_under_traffic_leaves_a_complete_file(feed, procs, tmp_path, sig):
     out = tmp_path / "live.pcap"
@@ -248,6 +253,7 @@ def test_signal_under_traffic_leaves_a_complete_file(feed, procs, tmp_path, sig)
     assert len(tcpdump("-r", str(out))) == written
 
 
+@pytest.mark.needs("tcpdump")
 def test_signal_while_idle_leaves_an_empty_valid_file(feed, procs, tmp_path):
     out = tmp_path / "idle.pcap"
     p = run_tap(procs, "-e", feed.endpoint, "-w", str(out), "--linktype", "nflog")
