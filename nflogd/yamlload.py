@@ -117,7 +117,8 @@ class _StrictLoader(yaml.SafeLoader):
                         key_node.start_mark,
                     )
                 seen[key] = key_node.start_mark
-        return super().construct_mapping(node, deep=deep)
+        # Any other node: SafeConstructor raises its own "expected a mapping node" error.
+        return super().construct_mapping(node, deep=deep)  # type: ignore[arg-type]
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
