@@ -22,13 +22,17 @@ from __future__ import annotations
 import logging
 import math
 import select
+from typing import TYPE_CHECKING
 
 from nflogd_client import wire
 
 from . import netns
 from .episodes import Episodes
 from .errors import BufferOverflow
-from .ffi import NflogSocket
+from .ffi import CFeed, NflogSocket
+
+if TYPE_CHECKING:
+    from .config import GroupConfig
 
 __all__ = ["GroupCounters", "KernelBatch", "GroupReader", "GroupSet", "OVERFLOW_EPISODE_GAP"]
 
@@ -68,7 +72,15 @@ class KernelBatch:
 
     __slots__ = ("group", "count", "table", "data", "bytes", "truncated")
 
-    def __init__(self, group: int, count: int, table: bytes, data: bytes, nbytes: int, truncated: int):
+    def __init__(
+        self,
+        group: int,
+        count: int,
+        table: bytes | memoryview,
+        data: bytes | memoryview,
+        nbytes: int,
+        truncated: int,
+    ) -> None:
         self.group = group
         self.count = count
         self.table = table
@@ -78,7 +90,8 @@ class KernelBatch:
 
     def packets(self, node: str = "", first_seq: int = 0) -> list[wire.Packet]:
         """The batch's packets, decoded by the feed's own decoder."""
-        msg = wire.frames(self.group, node, 0, first_seq, 0, self.count, self.table, self.data)
+        table, data = bytes(self.table), bytes(self.data)  # the same objects unless views
+        msg = wire.frames(self.group, node, 0, first_seq, 0, self.count, table, data)
         return wire.decode(msg).packets
 
     def __repr__(self) -> str:
@@ -99,33 +112,41 @@ class GroupReader:
     ``netns_id`` is the namespace's ``netns.identity()`` then (None for the thread's own).
     """
 
-    def __init__(self, settings, *, warn_overflow: bool = True):
+    def __init__(self, settings: GroupConfig, *, warn_overflow: bool = True) -> None:
         self.settings = settings
         self.group: int = settings.group
         self._counters = GroupCounters()
         self._overflows_seen = 0
         self.warn_overflow = warn_overflow
         self._overruns = Episodes(log, OVERFLOW_EPISODE_GAP)
-        self._sock = None
+        self._sock: NflogSocket | None = None
         # Bind inside too, so that a GroupBusy names the holder from that namespace's /proc.
-        with netns.entered(getattr(settings, "netns", None)) as self.netns_id:
-            self._sock = NflogSocket(self.group)
-            self._portid = self._sock.portid
+        with netns.entered(settings.netns) as self.netns_id:
+            sock = NflogSocket(self.group)
+            self._sock = sock
+            self._portid = sock.portid
             try:
-                self._sock.set_rcvbuf(settings.rcvbuf)
+                sock.set_rcvbuf(settings.rcvbuf)
                 self._configure(settings, bind=True)
             except BaseException:
-                self._sock.close()
+                sock.close()
                 self._sock = None
                 raise
 
-    def _configure(self, s, bind: bool) -> None:
-        self._sock.configure(
+    def _open(self) -> NflogSocket:
+        """The socket, until ``close()``."""
+        sock = self._sock
+        if sock is None:
+            raise ValueError(f"group {self.group}: the reader is closed")
+        return sock
+
+    def _configure(self, s: GroupConfig, bind: bool) -> None:
+        self._open().configure(
             copy_range=s.copy_range, queue_threshold=s.queue_threshold, flush_ms=s.flush_ms, bind=bind
         )
 
     def fileno(self) -> int:
-        return self._sock.fileno()
+        return self._open().fileno()
 
     @property
     def portid(self) -> int:
@@ -146,7 +167,7 @@ class GroupReader:
         buffers, valid only until the next read: the capture loop sends them at once.
         """
         ms = -1 if timeout is None else math.ceil(timeout * 1000)
-        sock = self._sock
+        sock = self._open()
         try:
             n = sock.read(ms)
         except BufferOverflow:
@@ -158,26 +179,26 @@ class GroupReader:
         table, data = sock.views(n) if not copy else (sock.table(n), sock.data())
         return KernelBatch(self.group, n, table, data, sock.batch_bytes, sock.batch_truncated)
 
-    def pump(self, feed, timeout: float | None) -> None:
+    def pump(self, feed: CFeed | None, timeout: float | None) -> None:
         """Read and send every batch on ``feed`` (a ``ffi.CFeed``; None only counts) in C,
         until a read gets nothing within ``timeout`` seconds (None: no end) or ``wake()`` is
         called. The feed's ``first_seq`` continues from ``feed_seq``; overruns are warned
         about here."""
-        if self._sock.pump(feed, -1 if timeout is None else math.ceil(timeout * 1000)):
+        if self._open().pump(feed, -1 if timeout is None else math.ceil(timeout * 1000)):
             self._overflowed()
 
     @property
     def feed_seq(self) -> int:
         """The next message's ``first_seq`` for ``pump()``."""
-        return self._sock.feed_seq
+        return self._open().feed_seq
 
     @feed_seq.setter
     def feed_seq(self, value: int) -> None:
-        self._sock.feed_seq = value
+        self._open().feed_seq = value
 
     def set_dropped_base(self, dropped: int) -> None:
         """Kernel drops of earlier readers of this group, which the feed's count includes."""
-        self._sock.dropped_base = dropped
+        self._open().dropped_base = dropped
 
     @property
     def counters(self) -> GroupCounters:
@@ -190,10 +211,10 @@ class GroupReader:
 
     def wake(self) -> None:
         """End a ``read()`` another thread waits in; it returns None."""
-        self._sock.wake()
+        self._open().wake()
 
     def _overflowed(self) -> None:
-        self._overflows_seen = self._sock.overflows
+        self._overflows_seen = self._open().overflows
         self._overruns.hit(
             "group %d: netlink receive buffer overrun (rcvbuf %d bytes): the kernel is dropping "
             "packets; counting them exactly, warning again after %.0f s without overruns",
@@ -201,7 +222,7 @@ class GroupReader:
             level=logging.WARNING if self.warn_overflow else logging.DEBUG,
         )  # fmt: skip
 
-    def reconfigure(self, settings) -> None:
+    def reconfigure(self, settings: GroupConfig) -> None:
         """Apply new settings to the bound group without rebinding: no packet is lost.
 
         The socket stays in the namespace it was opened in; ``settings.netns`` is not looked at.
@@ -209,7 +230,7 @@ class GroupReader:
         if settings.group != self.group:
             raise ValueError(f"reader of group {self.group} cannot take settings of group {settings.group}")
         if settings.rcvbuf != self.settings.rcvbuf:
-            self._sock.set_rcvbuf(settings.rcvbuf)
+            self._open().set_rcvbuf(settings.rcvbuf)
         self._configure(settings, bind=False)
         self.settings = settings
 
