@@ -235,10 +235,10 @@ class Monitor:
     and closes ``socket``; safe to call twice.
     """
 
-    def __init__(self, sock: zmq.Socket, events: int = EVENTS, *, hwm: int | None = None):
+    def __init__(self, sock: zmq.Socket[Any], events: int = EVENTS, *, hwm: int | None = None) -> None:
         self._watched = sock
         #: The PAIR socket the events arrive on, for a poller.
-        self.socket: zmq.Socket | None
+        self.socket: zmq.Socket[Any] | None
         if hwm is None:
             self.socket = sock.get_monitor_socket(events)
             return
@@ -249,7 +249,7 @@ class Monitor:
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.connect(address)
 
-    def events(self) -> Iterator[dict]:
+    def events(self) -> Iterator[Mapping[str, Any]]:
         """The queued events, as ``zmq.utils.monitor.parse_monitor_message`` gives them; never waits.
 
         ``event`` and ``value`` (the fd for ACCEPTED and DISCONNECTED, an errno or protocol
@@ -289,14 +289,14 @@ class EndpointWatch:
 
     def __init__(
         self,
-        sock: zmq.Socket,
+        sock: zmq.Socket[Any],
         endpoints: Iterable[str],
         *,
         curve: bool = False,
         logger: logging.Logger | None = None,
         label: str = "nflogd feed",
-        connect=None,
-    ):
+        connect: Callable[[str], None] | None = None,
+    ) -> None:
         self._sock = sock
         self._connect = connect if connect is not None else sock.connect
         self._log = logger or logging.getLogger(__name__)
@@ -305,7 +305,7 @@ class EndpointWatch:
         self._monitor = Monitor(sock)
 
     @property
-    def monitor(self) -> zmq.Socket | None:
+    def monitor(self) -> zmq.Socket[Any] | None:
         """The monitor's socket, for the driver's poller (None once closed)."""
         return self._monitor.socket
 
