@@ -333,7 +333,7 @@ class Publisher:
             self.close(linger=0)
             raise
         #: The sockets' ZMQ_FD: readable when a socket may have something for handle_incoming().
-        self.fds: list[int] = [sock.get(zmq.FD) for sock in self.sockets]
+        self.fds: list[int] = [int(sock.get(zmq.FD)) for sock in self.sockets]
         if self.cfeed is not None:
             with self.lock:
                 self.cfeed.set_sockets(self.sockets)
@@ -382,8 +382,10 @@ class Publisher:
         monitor = Monitor(sock, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED, hwm=0)
         self._monitors[sock] = monitor
         self._peers[sock] = {}
-        self.monitors.append(monitor.socket)
-        return monitor.socket
+        mon = monitor.socket
+        assert mon is not None  # a Monitor has its socket until close()
+        self.monitors.append(mon)
+        return mon
 
     def set_verbose(self, verbose: bool) -> None:
         """XPUB_VERBOSE on every socket (the relay wants it off)."""
@@ -412,7 +414,7 @@ class Publisher:
             with self.lock:
                 sock.bind(endpoint)
         except zmq.ZMQError as e:
-            raise NflogdError(f"publish.bind: {endpoint}: {zmq.strerror(e.errno)}") from None
+            raise NflogdError(f"publish.bind: {endpoint}: {zmq.strerror(e.errno or 0)}") from None
         finally:
             if path is not None:
                 os.umask(old)
@@ -432,7 +434,7 @@ class Publisher:
             with self.lock:
                 self._bound.pop(endpoint, self.socket).unbind(endpoint)
         except zmq.ZMQError as e:
-            log.warning("publish.bind: %s: unbind failed: %s", endpoint, zmq.strerror(e.errno))
+            log.warning("publish.bind: %s: unbind failed: %s", endpoint, zmq.strerror(e.errno or 0))
         if endpoint in self.endpoints:
             self.endpoints.remove(endpoint)
         self._remove_file(endpoint)
@@ -518,7 +520,9 @@ class Publisher:
                     send(last, NOBLOCK)
                 except zmq.Again:
                     taken = False
-            if self._wake_on_incoming and any(sock.get(zmq.EVENTS) & zmq.POLLIN for sock in self.sockets):
+            if self._wake_on_incoming and any(
+                int(sock.get(zmq.EVENTS)) & zmq.POLLIN for sock in self.sockets
+            ):
                 self._wake_on_incoming = False
                 os.eventfd_write(self.wake_fd, 1)
             if not taken:
@@ -537,7 +541,7 @@ class Publisher:
         events only, and an idle feed costs no wake-ups.
         """
         with self.lock:
-            if any(sock.get(zmq.EVENTS) & zmq.POLLIN for sock in self.sockets):
+            if any(int(sock.get(zmq.EVENTS)) & zmq.POLLIN for sock in self.sockets):
                 return 0
             if self.cfeed is not None:
                 self.cfeed.wake_on_incoming(self.wake_fd)
@@ -580,7 +584,7 @@ class Publisher:
         recv = sock.recv
         n = 0
         for n in range(1, SUBSCRIPTIONS_PER_TURN + 1):
-            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+            if not int(sock.get(zmq.EVENTS)) & zmq.POLLIN:
                 n -= 1
                 break
             try:
