@@ -44,7 +44,7 @@ import stat
 import struct
 import threading
 import time
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import zmq
 from nflogd_client import wire
@@ -53,6 +53,9 @@ from nflogd_client.endpoints import Monitor
 from .episodes import QUIET_S, Episodes
 from .errors import NflogdError
 from .ffi import CFeed
+
+if TYPE_CHECKING:
+    from .config import PublishConfig
 
 __all__ = [
     "Publisher", "ZAP_DOMAIN", "check_ipc_dir", "check_ipc_path", "check_restart_only",
@@ -267,7 +270,9 @@ class Publisher:
     left bound then.
     """
 
-    def __init__(self, ctx: zmq.Context, publish, node: str = "", epoch: int | None = None):
+    def __init__(
+        self, ctx: zmq.Context[Any], publish: PublishConfig, node: str = "", epoch: int | None = None
+    ) -> None:
         self.epoch = time.time_ns() if epoch is None else epoch
         #: The C sender over these sockets (None: pyzmq's libzmq cannot be shared; publish()).
         self.cfeed: CFeed | None = CFeed.create(self.epoch)
@@ -283,8 +288,8 @@ class Publisher:
         self._monitors: dict[zmq.Socket, Monitor] = {}  # feed socket -> its monitor
         self._peers: dict[zmq.Socket, dict[int, str]] = {}  # feed socket -> {fd: endpoint accepted on}
         self._conns: dict[str, set[int]] = {}  # endpoint (as the monitor names it) -> fds
-        self.max_connections = getattr(publish, "max_connections", 256)
-        self.handshake_timeout_ms = getattr(publish, "handshake_timeout_ms", 10_000)
+        self.max_connections = publish.max_connections
+        self.handshake_timeout_ms = publish.handshake_timeout_ms
         #: What hostile peers cost, for the metrics: connections closed over budget per endpoint,
         #: peers hung up on for a foreign topic, flood episodes, subscription messages read.
         self.refused: dict[str, int] = {}
@@ -302,7 +307,7 @@ class Publisher:
         #: Held for every use of the sockets: capture threads send while the control thread
         #: reads subscriptions, binds and sets options.
         self.lock = self.cfeed if self.cfeed is not None else threading.Lock()
-        curve = getattr(publish, "curve", None)
+        curve = publish.curve
         #: Every XPUB socket, the NULL one first; and their monitors, in the same order.
         self.sockets: list[zmq.Socket] = []
         self.monitors: list[zmq.Socket] = []
@@ -313,7 +318,7 @@ class Publisher:
         try:
             self.monitor = self._setup(self.socket, publish.hwm)
             self.socket.setsockopt(zmq.MAXMSGSIZE, PEER_MAX_MESSAGE_NULL)
-            for gid in getattr(publish, "ipc_filter_gids", ()):
+            for gid in publish.ipc_filter_gids:
                 try:
                     self.socket.setsockopt(zmq.IPC_FILTER_GID, gid)
                 except (zmq.ZMQError, AttributeError):  # libzmq without SO_PEERCRED filters
@@ -724,14 +729,15 @@ class Publisher:
             self.wake_fd = -1
 
 
-def check_restart_only(old, new, unit: str = "nflogd") -> None:
+def check_restart_only(old: PublishConfig, new: PublishConfig, unit: str = "nflogd") -> None:
     """Refuse a reload that changes what the feed's sockets took at start (PublishConfig)."""
     if (old.curve is None) != (new.curve is None):
         what = "turning CURVE on" if new.curve is not None else "turning CURVE off"
         raise NflogdError(f"publish.curve: {what} needs a restart (systemctl restart {unit})")
-    if old.curve is not None and (old.curve.public_key, old.curve.secret_key) != (
-        new.curve.public_key,
-        new.curve.secret_key,
+    if (
+        old.curve is not None
+        and new.curve is not None  # both or neither, from here
+        and (old.curve.public_key, old.curve.secret_key) != (new.curve.public_key, new.curve.secret_key)
     ):
         raise NflogdError("publish.curve.secret_key_file: a new server key needs a restart")
     if old.ipc_filter_gids != new.ipc_filter_gids:
