@@ -96,7 +96,7 @@ class Daemon(Program):
         super().__init__(cfg, path, notifier)
         self.readers: dict = {}  # group -> GroupReader; replaced, never mutated (metrics reads it)
         self.retired: dict[int, GroupCounters] = {}  # counts of groups a reload closed
-        self.registry: CollectorRegistry | None = None
+        self.registry = CollectorRegistry()
         self.loops: dict[int, CaptureLoop] = {}  # group -> its capture thread
         self._fault_r, self._fault_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # a capture thread failed
 
@@ -119,7 +119,6 @@ class Daemon(Program):
         if cfg.publish.curve is not None:
             self.access = CurveAccess(self.ctx, cfg.publish.curve)  # before the CURVE socket binds
         self.publisher = Publisher(self.ctx, cfg.publish, node=cfg.node)
-        self.registry = CollectorRegistry()
         publisher = self.publisher
         DaemonCollector(
             self.group_counters, lambda: publisher.subscribers, registry=self.registry,
@@ -184,7 +183,7 @@ class Daemon(Program):
             base = retired.get(g)
             return base.kernel_dropped if base is not None else 0
 
-        loop = CaptureLoop(reader, self.publisher, on_error=self._capture_failed, base_dropped=base_dropped)
+        loop = CaptureLoop(reader, self._feed(), on_error=self._capture_failed, base_dropped=base_dropped)
         self.loops[g] = loop
         loop.start()
 
@@ -205,7 +204,7 @@ class Daemon(Program):
 
     def _check_feed(self) -> None:
         """Read the feed's queued subscriptions (after every poll), then set when to look again."""
-        self._schedule_feed_check(self.publisher.handle_incoming())
+        self._schedule_feed_check(self._feed().handle_incoming())
 
     def _schedule_feed_check(self, more: bool = False) -> None:
         """At once if a turn's worth was left (``more``), else when ``next_check_ms()`` says
@@ -213,7 +212,7 @@ class Daemon(Program):
         if more:
             self._feed_check.hurry()
             return
-        ms = self.publisher.next_check_ms()
+        ms = self._feed().next_check_ms()
         self._feed_check.due = None if ms is None else time.monotonic() + ms / 1000
 
     def _check_capture(self) -> None:
@@ -231,7 +230,7 @@ class Daemon(Program):
     def apply(self, new) -> None:
         """Put the reread config in force (module docstring); NflogdError with nothing changed."""
         old = self.cfg
-        publisher = self.publisher
+        publisher = self._feed()
         check_restart_only(old.publish, new.publish)
         wanted = {g.group: g for g in new.groups}
         moved = {g for g, r in self.readers.items() if g in wanted and self._moved(r, wanted[g])}

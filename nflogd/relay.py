@@ -116,7 +116,7 @@ class Upstream:
                         sock.send(b"\x01" + topic)
                 sock.connect(self.endpoint)
             except zmq.ZMQError as e:
-                raise NflogdError(f"upstreams: {self.endpoint}: {zmq.strerror(e.errno)}") from None
+                raise NflogdError(f"upstreams: {self.endpoint}: {zmq.strerror(e.errno or 0)}") from None
         except BaseException:
             if watch is not None:
                 watch.close()
@@ -321,7 +321,7 @@ class Relay(Program):
         XPUB reports every subscription but still only the last unsubscription, so the
         daemons would never hear that nobody wants a group any more.
         """
-        pub = Publisher(self.ctx, dataclasses.replace(publish, bind=()))
+        pub = Publisher(self._context(), dataclasses.replace(publish, bind=()))
         try:
             pub.set_verbose(False)
             pub.rebind(publish.bind)
@@ -331,10 +331,12 @@ class Relay(Program):
         return pub
 
     def _open_upstream(self, settings) -> Upstream:
-        up = Upstream(self.ctx, settings, self.topics)
+        up = Upstream(self._context(), settings, self.topics)
         offer = self.stream.offer if self.stream is not None else None
-        self.watch(up.socket, lambda: up.forward(self.publisher.sockets, offer))
-        self.watch(up.monitor, lambda: self._handle_monitor(up))
+        self.watch(up.socket, lambda: up.forward(self._feed().sockets, offer))
+        monitor = up.monitor
+        if monitor is not None:  # an Upstream has its monitor until close()
+            self.watch(monitor, lambda: self._handle_monitor(up))
         return up
 
     def _handle_monitor(self, up: Upstream) -> None:
@@ -357,7 +359,7 @@ class Relay(Program):
 
     def _schedule_retry(self) -> None:
         """The retry timer set to the first upstream's ``retry_at`` (idle if none has one)."""
-        due = [u.retry_at for u in self._retries.values()]
+        due = [u.retry_at for u in self._retries.values() if u.retry_at is not None]
         self._retry.due = min(due) if due else None
 
     def _reconnect(self) -> None:
@@ -377,7 +379,7 @@ class Relay(Program):
     def _handle_subscriptions(self) -> None:
         """Pass downstream (un)subscriptions to every upstream (``Publisher.handle_incoming``
         reads a bounded number per turn and drops peers sending topics no group can match)."""
-        self.publisher.handle_incoming(self._subscription)
+        self._feed().handle_incoming(self._subscription)
 
     def _subscription(self, msg: bytes) -> None:
         """One downstream (un)subscription: ``topics`` kept up to date, passed to every upstream."""
@@ -398,7 +400,7 @@ class Relay(Program):
     def apply(self, new) -> None:
         """Put the reread config in force (module docstring); NflogdError with nothing changed."""
         old = self.cfg
-        publisher = self.publisher
+        publisher = self._feed()
         check_restart_only(old.publish, new.publish, unit="nflogd-relay")
         if new.metrics != old.metrics:
             raise NflogdError("metrics: a change needs a restart")

@@ -48,12 +48,18 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 
 from .errors import ConfigError, NflogdError
 from .sdnotify import Notifier
+
+if TYPE_CHECKING:
+    from .access import CurveAccess
+    from .config import PublishConfig
+    from .metrics import MetricsServer
+    from .publish import Publisher
 
 __all__ = ["Program", "SignalWakeup", "Timer", "check_limits", "fail", "main", "setup_logging"]
 
@@ -140,10 +146,10 @@ class Program:
         self.cfg = cfg
         self.path = path
         self.notifier = notifier if notifier is not None else Notifier.from_environ()
-        self.ctx: zmq.Context | None = None
-        self.access = None
-        self.publisher = None
-        self.metrics_server = None
+        self.ctx: zmq.Context[Any] | None = None
+        self.access: CurveAccess | None = None
+        self.publisher: Publisher | None = None
+        self.metrics_server: MetricsServer | None = None
         self._stop = False
         self._wakeup: SignalWakeup | None = None
         self._poller = zmq.Poller()
@@ -202,7 +208,7 @@ class Program:
 
     def _handle_signals(self) -> None:
         """SIGTERM/SIGINT end the loop; SIGHUP reloads."""
-        signums = self._wakeup.read()
+        signums = self._wakeup.read() if self._wakeup is not None else set()
         if signums & {signal.SIGTERM, signal.SIGINT}:
             log.info("%s: stopping", "SIGTERM" if signal.SIGTERM in signums else "SIGINT")
             self._stop = True
@@ -242,15 +248,27 @@ class Program:
         """What the program does now, one line: systemd's STATUS and the reload log line."""
         raise NotImplementedError
 
-    def _apply_publish(self, publish: Any) -> None:
+    def _context(self) -> zmq.Context[Any]:
+        """The ZeroMQ context that ``start()`` made."""
+        if self.ctx is None:
+            raise RuntimeError("the program has not started")
+        return self.ctx
+
+    def _feed(self) -> Publisher:
+        """The publisher that ``start()`` made (the loop and reloads run only after it)."""
+        if self.publisher is None:
+            raise RuntimeError("the program has not started")
+        return self.publisher
+
+    def _apply_publish(self, publish: PublishConfig) -> None:
         """What a reload changes of the ``publish`` section and cannot fail, once the endpoints
         are rebound: the CURVE authorized keys read again, ``hwm`` for new subscribers."""
-        if self.access is not None:
+        if self.access is not None and publish.curve is not None:  # CURVE on or off: a restart
             try:
                 self.access.configure(publish.curve)
             except NflogdError as e:  # only if the directory changed since the config was read
                 log.error("reload: %s; the authorized keys loaded before stay", e)
-        publisher = self.publisher
+        publisher = self._feed()
         if publish.hwm != publisher.hwm:
             publisher.set_hwm(publish.hwm)
             log.info("reload: publish.hwm %d applies to subscribers connecting from now on", publish.hwm)
