@@ -22,7 +22,8 @@ PROMTOOL := $(VENV)/bin/promtool
 # nats-server package into the venv, since installing that package enables and starts a server
 # on port 4222; the tests start their own on free loopback ports.
 NATS_SERVER := $(VENV)/bin/nats-server
-DEV_PKGS := pytest pytest-timeout hypothesis ruff
+# mypy with the stubs of the libraries that ship none (PyYAML, cffi): make check runs it.
+DEV_PKGS := pytest pytest-timeout hypothesis ruff mypy types-PyYAML types-cffi
 APT := apt-get -o DPkg::Lock::Timeout=600
 SOURCES := pyproject.toml setup.py scapy_nflog.py nflog_cffi.py client/pyproject.toml client/nflogd_client/VERSION nflogd/_nflog.h nflogd/_nflog.c nflogd/_feed.c nflogd/ffi_build.py
 
@@ -51,8 +52,9 @@ $(VENV)/.installed-run: $(SOURCES) | run-debs
 	$(VPY) -m pip install -q --disable-pip-version-check -e ./client -e .
 	touch $@
 
-# The tests' too: the client's jetstream extra (nats-py) for tests/test_jetstream.py.
-$(VENV)/.installed: $(VENV)/.installed-run | debs
+# The tests' too: the client's jetstream extra (nats-py) for tests/test_jetstream.py. Again when
+# the Makefile changes, so that a venv made before gets a tool added to DEV_PKGS.
+$(VENV)/.installed: $(VENV)/.installed-run Makefile | debs
 	$(VPY) -m pip install -q --disable-pip-version-check -e './client[jetstream]' $(DEV_PKGS)
 	touch $@
 
@@ -77,6 +79,7 @@ run: run-deps
 check: deps
 	$(VENV)/bin/ruff check nflogd client tests tests_system bench fuzz scapy_nflog.py nflog_cffi.py
 	$(VENV)/bin/ruff format --check nflogd client tests tests_system bench fuzz scapy_nflog.py nflog_cffi.py
+	$(VENV)/bin/mypy  # what and how strictly: [tool.mypy] in pyproject.toml
 
 test: check
 	$(VPY) -m pytest -q -p no:cacheprovider tests
