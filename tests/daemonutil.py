@@ -149,7 +149,46 @@ class NotifySocket:
             pass
 
 
-class NflogdProcess:
+class Started:
+    """``with x:`` starts ``x`` (unless ``running()``) and stops it at the end; a start that
+    fails half-way stops what it started."""
+
+    def running(self) -> bool:
+        return False
+
+    def start(self) -> object:
+        raise NotImplementedError
+
+    def stop(self) -> object:
+        raise NotImplementedError
+
+    def __enter__(self):
+        if not self.running():
+            try:
+                self.start()
+            except BaseException:
+                self.stop()
+                raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def end_process(proc: subprocess.Popen | None, signum: int = signal.SIGTERM, timeout: float = 10) -> None:
+    """Signal a child that still runs (after SIGCONT, in case a test left it stopped) and
+    wait for it; SIGKILL after ``timeout`` s."""
+    if proc is not None and proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGCONT)
+            proc.send_signal(signum)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class NflogdProcess(Started):
     """One nflogd run in ``netns`` with its files in ``workdir`` (see the module docstring).
 
     ``groups``: group numbers or mappings as the config's ``groups`` takes them.
@@ -285,29 +324,13 @@ class NflogdProcess:
     def stop(self, signum: int = signal.SIGTERM) -> int | None:
         """Signal the daemon and wait; SIGKILL after ``stop_timeout``. Its exit status."""
         proc = self.proc
-        if proc is not None and proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGCONT)  # in case a test left it stopped
-                proc.send_signal(signum)
-                proc.wait(self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        end_process(proc, signum, self.stop_timeout)
         if self.notify is not None:
             self.notify.close()
         return None if proc is None else proc.returncode
 
-    def __enter__(self) -> NflogdProcess:
-        if self.proc is None:
-            try:
-                self.start()
-            except BaseException:
-                self.stop()
-                raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def running(self) -> bool:
+        return self.proc is not None
 
     # -- feed ------------------------------------------------------------------
 

@@ -19,11 +19,12 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+from daemonutil import Started, end_process
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,7 +43,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class NatsServer:
+class NatsServer(Started):
     """One nats-server with JetStream; ``routes``/``cluster_port`` make it a cluster member."""
 
     def __init__(
@@ -135,30 +136,13 @@ class NatsServer:
             self.proc.wait()
 
     def stop(self) -> None:
-        proc = self.proc
-        if proc is not None and proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGCONT)
-                proc.terminate()
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        end_process(self.proc)
 
-    def __enter__(self) -> NatsServer:
-        if self.proc is None:
-            try:
-                self.start()
-            except BaseException:
-                self.stop()
-                raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+    def running(self) -> bool:
+        return self.proc is not None
 
 
-class NatsCluster:
+class NatsCluster(Started):
     """``n`` servers routed to each other (cluster ``nflt``), JetStream on every one."""
 
     def __init__(self, workdir: Path, n: int = 3):
@@ -187,14 +171,3 @@ class NatsCluster:
     def stop(self) -> None:
         for s in self.servers:
             s.stop()
-
-    def __enter__(self) -> NatsCluster:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
