@@ -714,6 +714,8 @@ class Publisher:
         with self.lock:
             if self.cfeed is not None:
                 self.cfeed.set_sockets([])
+                self.cfeed.wake_on_incoming(-1)  # wake_fd is closed below
+            self._wake_on_incoming = False
             for mon in self._monitors.values():
                 mon.close()
             self.monitor = self.curve_monitor = None
