@@ -302,6 +302,15 @@ class NflogdProcess(Started):
         assert self.proc is not None
         self.proc.send_signal(signum)
 
+    def run_to_exit(self, timeout: float = 10.0) -> int:
+        """Start without waiting for READY=1 and wait for the process to end by itself (a
+        start that must fail); its exit status. Stopped whatever happens."""
+        self.start(wait_ready=False)
+        try:
+            return self.wait(timeout)
+        finally:
+            self.stop()
+
     def wait(self, timeout: float = 5.0) -> int:
         """Wait for the daemon to exit by itself; its exit status."""
         assert self.proc is not None

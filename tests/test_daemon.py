@@ -253,11 +253,7 @@ def test_check_bad_config(tmp_path, text, expect):
 def test_bad_config_at_start_exits_2(netns, tmp_path):
     d = NflogdProcess(netns, tmp_path)
     d.write_config("groups: []\n")
-    d.start(wait_ready=False)
-    try:
-        assert d.wait(10) == 2
-    finally:
-        d.stop()
+    assert d.run_to_exit() == 2
     assert error_lines(d.stderr) == [line for line in d.stderr.splitlines() if line.strip()]
     assert "groups: must not be empty" in d.stderr
 
@@ -266,11 +262,7 @@ def test_bad_config_at_start_exits_2(netns, tmp_path):
 def test_group_held_by_another_process(netns, tmp_path):
     with NflogdProcess(netns, tmp_path / "a", groups=[7], metrics=False):
         b = NflogdProcess(netns, tmp_path / "b", groups=[8, 7], metrics=False, log_level="warning")
-        b.start(wait_ready=False)
-        try:
-            assert b.wait(10) == 1
-        finally:
-            b.stop()
+        assert b.run_to_exit() == 1
         lines = b.stderr.splitlines()
         assert len(lines) == 1 and "Traceback" not in b.stderr, b.stderr
         assert lines[0].startswith("nflogd: group 7 is already bound"), lines[0]
@@ -311,11 +303,7 @@ def test_second_daemon_on_same_ipc_path_refused(netns, tmp_path):
             netns, tmp_path / "b", groups=[2], metrics=False, log_level="warning",
             extra={"publish": {"bind": [a.endpoint]}},
         )  # fmt: skip
-        b.start(wait_ready=False)
-        try:
-            assert b.wait(10) == 1
-        finally:
-            b.stop()
+        assert b.run_to_exit() == 1
         assert b.stderr.splitlines() == [
             f"nflogd: publish.bind: {a.endpoint}: another process is serving this path"
         ]
@@ -336,11 +324,7 @@ def test_metrics_port_in_use(netns, tmp_path):
         holder.bind(("127.0.0.1", 9477))
         holder.listen()
         d = NflogdProcess(netns, tmp_path, log_level="warning")
-        d.start(wait_ready=False)
-        try:
-            assert d.wait(10) == 1
-        finally:
-            d.stop()
+        assert d.run_to_exit() == 1
         assert d.stderr.splitlines() == ["nflogd: metrics: 127.0.0.1:9477: Address already in use"]
     finally:
         holder.close()
@@ -423,11 +407,7 @@ def test_sighup_with_invalid_config_keeps_running(netns, tmp_path, ctx):
 def test_a_busy_group_names_the_process_holding_it(netns, tmp_path):
     with NflogdProcess(netns, tmp_path / "a", groups=[5], metrics=False) as holder:
         d = NflogdProcess(netns, tmp_path / "b", groups=[5], metrics=False)
-        d.start(wait_ready=False)
-        try:
-            assert d.wait(10) == 1
-        finally:
-            d.stop()
+        assert d.run_to_exit() == 1
     (line,) = [x for x in d.stderr.splitlines() if x.startswith("nflogd: ")]
     assert re.fullmatch(
         rf"nflogd: group 5 is already bound by netlink port \d+ \(pid {holder.pid}, nflogd\)", line

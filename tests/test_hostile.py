@@ -338,11 +338,7 @@ def test_fifo_as_netns_is_refused_at_start_and_reload(netns, tmp_path):
     fifo = tmp_path / "ns.fifo"
     os.mkfifo(fifo)
     d = NflogdProcess(netns, tmp_path, groups=[{"group": 2, "netns": str(fifo)}])
-    d.start(wait_ready=False)
-    try:
-        assert d.wait(10) == 1
-    finally:
-        d.stop()
+    assert d.run_to_exit() == 1
     assert d.stderr.strip().splitlines()[-1] == f"nflogd: group 2: netns '{fifo}': not a network namespace", (
         d.stderr
     )
@@ -423,11 +419,7 @@ def test_ipc_directory_others_can_write_is_refused(netns, tmp_path, owner, mode)
     os.chmod(shared, mode)
     d = NflogdProcess(netns, tmp_path, groups=[1])
     d.write_config(d.make_config(extra={"publish": {"bind": [f"ipc://{shared}/feed.sock"]}}))
-    d.start(wait_ready=False)
-    try:
-        assert d.wait(10) == 1
-    finally:
-        d.stop()
+    assert d.run_to_exit() == 1
     last = d.stderr.strip().splitlines()[-1]
     assert last.startswith(f"nflogd: publish.bind: ipc://{shared}/feed.sock: {shared} is "), d.stderr
     assert "could replace the socket" in last and not (shared / "feed.sock").exists()

@@ -260,11 +260,7 @@ def test_the_relay_says_in_one_line_when_the_server_refuses_the_stream(tmp_path,
         relay = StreamRelay(
             tmp_path / "relay", upstreams=[feed.endpoint], jetstream={"servers": [srv.url], "replicas": 3}
         )
-        try:
-            relay.start(wait_ready=False)
-            assert relay.wait(15) == 1
-        finally:
-            relay.stop()
+        assert relay.run_to_exit(15) == 1
         last = relay.stderr.strip().splitlines()[-1]
         assert last.startswith("nflogd-relay: jetstream: the server refused stream NFLOG (R3"), relay.stderr
         assert "replicas" in last and "Traceback" not in relay.stderr
@@ -277,11 +273,7 @@ def test_the_relay_says_in_one_line_when_no_server_answers(tmp_path, feed):
         upstreams=[feed.endpoint],
         jetstream={"servers": [url], "connect_timeout_ms": 1000},
     )
-    try:
-        relay.start(wait_ready=False)
-        assert relay.wait(15) == 1
-    finally:
-        relay.stop()
+    assert relay.run_to_exit(15) == 1
     last = relay.stderr.strip().splitlines()[-1]
     assert last.startswith("nflogd-relay: jetstream.servers: ") and url in last, relay.stderr
     assert "Traceback" not in relay.stderr
@@ -634,11 +626,7 @@ def test_the_relay_runs_without_nats_py_unless_it_has_a_jetstream_section(tmp_pa
         tmp_path / "js", upstreams=[feed.endpoint], jetstream={"servers": ["nats://127.0.0.1:1"]}
     )
     with_js.command = lambda: [sys.executable, "-c", hide]
-    try:
-        with_js.start(wait_ready=False)
-        assert with_js.wait(15) == 1
-    finally:
-        with_js.stop()
+    assert with_js.run_to_exit(15) == 1
     last = with_js.stderr.strip().splitlines()[-1]
     assert last.startswith("nflogd-relay: jetstream: needs the nats-py package"), with_js.stderr
 

@@ -226,14 +226,12 @@ def test_container_by_attached_name_and_by_proc_path(other, tmp_path, ctx):
 @pytest.mark.kernel
 def test_missing_namespace_at_start_is_one_line(other, tmp_path):
     d = NflogdProcess(other, tmp_path, groups=[1, {"group": 3, "netns": "nflt-not-there"}])
-    d.start(wait_ready=False)
-    assert d.wait(10) == 1
+    assert d.run_to_exit() == 1
     lines = [line for line in d.stderr.splitlines() if line.startswith("nflogd: ")]
     assert lines == [
         "nflogd: group 3: netns 'nflt-not-there' (/run/netns/nflt-not-there): no such network namespace"
     ]
     assert "Traceback" not in d.stderr
-    d.stop()
 
 
 @pytest.mark.kernel

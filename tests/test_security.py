@@ -259,13 +259,11 @@ def test_keys_the_user_cannot_read_stop_the_start(netns):
         os.chown(keys.server_secret, 65534, 65534)  # the service user owns its secret key
         os.chmod(keys.clients, 0o700)  # ... but the client keys are root's alone
         d = curve_daemon(netns, workdir, keys, extra={"user": "nobody"}, log_level="warning")
-        d.start(wait_ready=False)
-        assert d.wait(10) == 2
+        assert d.run_to_exit() == 2
         assert d.stderr.splitlines() == [
             f"nflogd: publish.curve.authorized_keys_dir: cannot read {keys.clients}: "
             "[Errno 13] Permission denied"
         ]
-        d.stop()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
