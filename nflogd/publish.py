@@ -525,9 +525,7 @@ class Publisher:
                     send(last, NOBLOCK)
                 except zmq.Again:
                     taken = False
-            if self._wake_on_incoming and any(
-                int(sock.get(zmq.EVENTS)) & zmq.POLLIN for sock in self.sockets
-            ):
+            if self._wake_on_incoming and any(map(_has_incoming, self.sockets)):
                 self._wake_on_incoming = False
                 os.eventfd_write(self.wake_fd, 1)
             if not taken:
@@ -546,7 +544,7 @@ class Publisher:
         events only, and an idle feed costs no wake-ups.
         """
         with self.lock:
-            if any(int(sock.get(zmq.EVENTS)) & zmq.POLLIN for sock in self.sockets):
+            if any(map(_has_incoming, self.sockets)):
                 return 0
             if self.cfeed is not None:
                 self.cfeed.wake_on_incoming(self.wake_fd)
@@ -589,7 +587,7 @@ class Publisher:
         recv = sock.recv
         n = 0
         for n in range(1, SUBSCRIPTIONS_PER_TURN + 1):
-            if not int(sock.get(zmq.EVENTS)) & zmq.POLLIN:
+            if not _has_incoming(sock):
                 n -= 1
                 break
             try:
@@ -729,6 +727,11 @@ class Publisher:
         if self.wake_fd >= 0:
             os.close(self.wake_fd)
             self.wake_fd = -1
+
+
+def _has_incoming(sock: zmq.Socket) -> bool:
+    """Whether a socket has a message to read (its pending ZeroMQ commands are run first)."""
+    return bool(int(sock.get(zmq.EVENTS)) & zmq.POLLIN)
 
 
 def check_restart_only(old: PublishConfig, new: PublishConfig, unit: str = "nflogd") -> None:
