@@ -29,6 +29,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from nflogd_client import stream
+from nflogd_client.jetstream import nats_connect
 
 from .config import JetStreamConfig
 from .errors import NflogdError
@@ -110,20 +111,10 @@ class JetStreamDriver:
         where = ", ".join(cfg.servers)
         timeout = cfg.connect_timeout_ms / 1000
         try:
-            nc = await asyncio.wait_for(
-                nats.connect(
-                    servers=list(cfg.servers),
-                    name="nflogd-relay",
-                    connect_timeout=max(1, int(timeout)),
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    reconnect_time_wait=0.5,
-                    error_cb=self._error,
-                    disconnected_cb=self._disconnected,
-                    reconnected_cb=self._reconnected,
-                ),
-                timeout,
-            )
+            nc = await nats_connect(
+                list(cfg.servers), "nflogd-relay", timeout,
+                error_cb=self._error, disconnected_cb=self._disconnected, reconnected_cb=self._reconnected,
+            )  # fmt: skip
         except asyncio.TimeoutError:
             raise NflogdError(f"jetstream.servers: no answer from {where} within {timeout:g} s") from None
         except Exception as e:

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
     from nats.js.api import DeliverPolicy
 
-__all__ = ["JetStreamSubscriber", "is_jetstream_endpoint", "parse_endpoint", "DEFAULT_STREAM"]
+__all__ = ["JetStreamSubscriber", "is_jetstream_endpoint", "parse_endpoint", "nats_connect", "DEFAULT_STREAM"]
 
 #: Where a new consumer begins: "all", "new", a stream sequence, a time (datetime or epoch seconds).
 Start = Union[str, int, float, _dt.datetime]
@@ -148,6 +148,26 @@ def _deliver(start: Start) -> tuple[DeliverPolicy, int | None, _dt.datetime | No
             start = start.astimezone()
         return DeliverPolicy.BY_START_TIME, None, start.astimezone(_dt.timezone.utc)
     raise TypeError(f"start: expected all, new, a stream sequence, a time; got {start!r}")
+
+
+async def nats_connect(servers: list[str], name: str, timeout: float, **callbacks: Any) -> Any:
+    """A NATS connection as the reader and the relay keep one: reconnecting forever, every
+    0.5 s; the first connection within ``timeout`` s (``asyncio.TimeoutError`` if not).
+    ``callbacks``: nats-py's (``error_cb``, ``disconnected_cb``, ...)."""
+    import nats
+
+    return await asyncio.wait_for(
+        nats.connect(
+            servers=servers,
+            name=name,
+            connect_timeout=max(1, int(timeout)),
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            **callbacks,
+        ),
+        timeout,
+    )
 
 
 class _Account:
@@ -458,18 +478,7 @@ class JetStreamSubscriber(_BatchCursor):
         nc = None
         try:
             try:
-                nc = await asyncio.wait_for(
-                    nats.connect(
-                        servers=self.servers,
-                        name="nflogd-client",
-                        connect_timeout=max(1, int(timeout)),
-                        allow_reconnect=True,
-                        max_reconnect_attempts=-1,
-                        reconnect_time_wait=0.5,
-                        error_cb=self._nats_error,
-                    ),
-                    timeout,
-                )
+                nc = await nats_connect(self.servers, "nflogd-client", timeout, error_cb=self._nats_error)
                 js = nc.jetstream(timeout=timeout)
                 subs = await self._subscribe(js)
             except (ConnectionError, ValueError) as e:  # ours: they name the stream already
