@@ -2,10 +2,12 @@
  *
  * nflogd_pump() runs in the group's capture thread with the GIL released: it reads a batch
  * (_nflog.c), builds the wire format's four frames (docs/wire-format.md: topic, header +
- * node, record table, data) and sends them on every feed socket under the feed's mutex,
- * with no Python between the kernel and ZeroMQ.
+ * node, record table, data) and, under the feed's mutex, writes them to the feed's own
+ * peers (_peers.c: the subscribers of its NULL-mechanism endpoints) and sends them on the
+ * feed's ZeroMQ sockets (the CURVE endpoints' XPUB), with no Python between the kernel and
+ * the subscribers.
  *
- * The sockets are pyzmq's: the same libzmq copy that pyzmq loaded must send on them (a
+ * The ZeroMQ sockets are pyzmq's: the same libzmq copy that pyzmq loaded must send on them (a
  * socket of one copy of the library must never be used by another), so this file links no
  * libzmq. nflogd_zmq_load() takes the few functions it needs from the library pyzmq mapped
  * into the process (dlopen RTLD_NOLOAD: never a second copy).
@@ -20,6 +22,7 @@
 #include <unistd.h>
 
 #include "_nflog.h"
+#include "_peers.h"
 
 /* zmq.h: zmq_msg_t is 64 opaque bytes, pointer-aligned; the flags of zmq_msg_send(). */
 typedef struct {
@@ -78,7 +81,8 @@ struct nflogd_feed {
     uint64_t epoch;
     uint8_t node[MAX_NODE];
     uint16_t node_len;
-    uint64_t sent;    /* messages handed to ZeroMQ */
+    struct nflogd_peers *peers;  /* the feed's own peers (_peers.c) */
+    uint64_t sent;    /* messages sent (to the peers and every socket) */
     uint64_t unsent;  /* messages a socket refused (EAGAIN) */
     int wake_fd;      /* >= 0: the control loop waits for events; see send_batch() */
 };
@@ -88,6 +92,10 @@ struct nflogd_feed *nflogd_feed_new(uint64_t epoch)
     struct nflogd_feed *f = calloc(1, sizeof(*f));
     if (!f)
         return NULL;
+    if (!(f->peers = peers_new())) {
+        free(f);
+        return NULL;
+    }
     pthread_mutex_init(&f->lock, NULL);
     f->epoch = epoch;
     f->wake_fd = -1;
@@ -98,8 +106,14 @@ void nflogd_feed_free(struct nflogd_feed *f)
 {
     if (!f)
         return;
+    peers_free(f->peers);
     pthread_mutex_destroy(&f->lock);
     free(f);
+}
+
+struct nflogd_peers *nflogd_feed_peers(struct nflogd_feed *f)
+{
+    return f->peers;
 }
 
 void nflogd_feed_lock(struct nflogd_feed *f)
@@ -285,9 +299,9 @@ static void pass_on_incoming(struct nflogd_feed *f)
     }
 }
 
-/* One message of the batch in r on every socket of f. The caller holds the lock. Returns 1
- * if every socket took it, 0 if one refused it (EAGAIN: only with XPUB_NODROP, never set),
- * -errno for anything else. */
+/* One message of the batch in r to f's peers and on every socket of f. The caller holds the
+ * lock. Returns 1 if every socket took it, 0 if one refused it (EAGAIN: only with
+ * XPUB_NODROP, never set), -errno for anything else. */
 static int send_batch(struct nflogd_feed *f, struct nflogd_reader *r, uint32_t count)
 {
     uint8_t topic[2] = { (uint8_t)(r->group >> 8), (uint8_t)r->group };
@@ -305,10 +319,19 @@ static int send_batch(struct nflogd_feed *f, struct nflogd_reader *r, uint32_t c
     put64(header + 24, first_seq);
     put64(header + 32, r->lost + r->dropped_base);
     memcpy(header + HEADER_SIZE, f->node, f->node_len);
+    size_t records_len = (size_t)count * sizeof(struct nflogd_record);
+    const struct iovec frames[4] = {
+        { topic, 2 }, { header, HEADER_SIZE + f->node_len }, { r->records, records_len }, { r->data, r->data_len },
+    };
+    peers_send(f->peers, r->group, frames);
+    if (f->nsockets == 0) {
+        __atomic_add_fetch(&f->sent, 1, __ATOMIC_RELAXED);
+        return 1;
+    }
 
     zmq_msg_t m[4], copy[4];
     if (frame(&m[0], topic, 2) || frame(&m[1], header, HEADER_SIZE + f->node_len)
-        || frame(&m[2], r->records, (size_t)count * sizeof(struct nflogd_record))
+        || frame(&m[2], r->records, records_len)
         || ((r->data_len < ZERO_COPY_MIN || lend_data(&m[3], r) != 0)
             && frame(&m[3], r->data, r->data_len)))
         return -ENOMEM;  /* zmq_msg_init_size fails only for want of memory */
@@ -335,9 +358,6 @@ static int send_batch(struct nflogd_feed *f, struct nflogd_reader *r, uint32_t c
         for (; i < 4; i++)  /* what was not sent is still ours */
             z.msg_close(&out[i]);
     }
-    if (f->nsockets == 0)
-        for (int i = 0; i < 4; i++)
-            z.msg_close(&m[i]);
     if (rc > 0)
         __atomic_add_fetch(&f->sent, 1, __ATOMIC_RELAXED);
     else if (rc == 0)

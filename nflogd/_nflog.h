@@ -127,8 +127,9 @@ int nflogd_wake(struct nflogd_reader *r);
 struct nflogd_pool;
 void nflogd_pool_release(struct nflogd_pool *pool);
 
-/* The feed: pyzmq's XPUB sockets, shared by the capture threads (nflogd_pump) and the
- * control thread, which holds nflogd_feed_lock() for every use of them (_feed.c). */
+/* The feed: its own peers and pyzmq's XPUB sockets, shared by the capture threads
+ * (nflogd_pump) and the control thread, which holds nflogd_feed_lock() for every use of
+ * them (_feed.c, _peers.c). */
 struct nflogd_feed;
 
 /* Take the libzmq functions the feed needs from the library at path, which pyzmq must
@@ -144,6 +145,36 @@ void nflogd_feed_unlock(struct nflogd_feed *f);
 int nflogd_feed_set_sockets(struct nflogd_feed *f, void *first, void *second);
 int nflogd_feed_set_node(struct nflogd_feed *f, const char *node, uint32_t len);
 uint64_t nflogd_feed_sent(struct nflogd_feed *f);
+/* The feed's own peers: sockets nflogd writes itself once nflogd/zmtp.py has done their
+ * handshake (_peers.c). Every call under the feed's lock; id is a peer's slot. */
+struct nflogd_peers;
+struct nflogd_peers *nflogd_feed_peers(struct nflogd_feed *f);
+/* The epoll on which a peer with queued messages is armed for EPOLLOUT (the peer's fd must
+ * be in it, for EPOLLIN, with data.fd the fd), and an eventfd written when a peer begins to
+ * drop messages (-1: none); what a peer may queue: hwm messages. */
+void nflogd_peers_set_poll(struct nflogd_peers *ps, int epfd, int wake_fd);
+void nflogd_peers_set_hwm(struct nflogd_peers *ps, uint32_t hwm);
+/* A peer whose handshake is done (nothing else may write fd from now on): its id, or -errno. */
+int nflogd_peers_add(struct nflogd_peers *ps, int fd);
+/* Forget the peer and its queue (then the caller closes fd). */
+void nflogd_peers_remove(struct nflogd_peers *ps, int id);
+/* What the peer gets: every group (all), the groups whose high byte has its bit in the
+ * 32 bytes of prefix (1-byte topics), the groups whose bit is set in the 8192 bytes of
+ * exact (2-byte topics; NULL: none). 0 or -errno. */
+int nflogd_peers_filter(struct nflogd_peers *ps, int id, int all, const uint8_t *prefix, const uint8_t *exact);
+/* Write what the peer has queued: 1 all written, 0 its socket is full, -errno it failed
+ * (a failed peer is armed for EPOLLOUT so that its next flush says so). */
+int nflogd_peers_flush(struct nflogd_peers *ps, int id);
+/* A ZMTP command frame (a PONG) to the peer, after what it has queued: 1 written or
+ * queued, 0 dropped (hwm queued), -errno. */
+int nflogd_peers_command(struct nflogd_peers *ps, int id, const uint8_t *frame, uint32_t len);
+/* Messages dropped (hwm reached) and queued now, of peer id, or of every peer (id -1). */
+uint64_t nflogd_peers_dropped(struct nflogd_peers *ps, int id);
+uint64_t nflogd_peers_queued(struct nflogd_peers *ps, int id);
+/* One message, its four frames, to every peer subscribed to group (publish() from Python). */
+void nflogd_peers_send(struct nflogd_peers *ps, uint16_t group, const uint8_t *topic, uint32_t tlen,
+                       const uint8_t *header, uint32_t hlen, const uint8_t *records, uint32_t rlen,
+                       const uint8_t *data, uint32_t dlen);
 uint64_t nflogd_feed_unsent(struct nflogd_feed *f);
 /* Under the lock: the control loop is about to wait for events. A send that finds a
  * socket with incoming messages afterwards writes 1 to the eventfd fd (once): the send took

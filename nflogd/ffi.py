@@ -10,9 +10,10 @@ here (the flush timeout goes to the kernel in 1/100 s)::
     n = sock.read(timeout_ms=100)      # records in sock.table(n), payloads in sock.data()
     sock.close()
 
-    feed = CFeed.create(epoch)         # None when pyzmq's libzmq cannot be shared
-    with feed:                         # the mutex every user of the sockets holds
+    feed = CFeed(epoch)                # feed.zmq: False when pyzmq's libzmq cannot be shared
+    with feed:                         # the mutex every user of the peers and sockets holds
         feed.set_sockets([xpub]); feed.set_node(b"r1")
+        peer = feed.add_peer(fd)       # a subscriber's socket, its handshake done (zmtp.py)
     sock.pump(feed, timeout_ms=1000)   # read and publish until idle, woken or overrun
 
 Every call releases the GIL (CFFI does for every call into the module).
@@ -290,10 +291,12 @@ def load_libzmq() -> bool:
 
 
 class CFeed:
-    """The feed's sockets as the C sender sees them, and the mutex every user of them holds.
+    """The feed as the C sender sees it: its own peers (``_peers.c``), the ZeroMQ sockets,
+    and the mutex every user of them holds.
 
-    ``with feed:`` holds the mutex (waiting without the GIL). ``CFeed.create()`` returns
-    None when pyzmq's libzmq cannot be shared (see ``load_libzmq``).
+    ``with feed:`` holds the mutex (waiting without the GIL); every other method but
+    ``sent``/``unsent`` is called holding it. ``zmq``: whether pyzmq's libzmq is shared with
+    the C sender (``load_libzmq``); without it ``set_sockets`` must not be called.
     """
 
     def __init__(self, epoch: int):
@@ -301,10 +304,8 @@ class CFeed:
         if f == ffi.NULL:
             raise MemoryError("nflogd_feed_new")
         self._f = ffi.gc(f, lib.nflogd_feed_free)
-
-    @classmethod
-    def create(cls, epoch: int) -> CFeed | None:
-        return cls(epoch) if load_libzmq() else None
+        self._p = lib.nflogd_feed_peers(self._f)
+        self.zmq = load_libzmq()
 
     def __enter__(self) -> CFeed:
         lib.nflogd_feed_lock(self._f)
@@ -315,6 +316,8 @@ class CFeed:
 
     def set_sockets(self, sockets) -> None:
         """The pyzmq sockets to send on, at most two; the caller holds the lock."""
+        if sockets and not self.zmq:
+            raise RuntimeError("the C sender cannot use pyzmq's sockets (load_libzmq)")
         ptrs = [ffi.cast("void *", s.underlying) for s in sockets] + [ffi.NULL] * (2 - len(sockets))
         lib.nflogd_feed_set_sockets(self._f, ptrs[0], ptrs[1])
 
@@ -327,6 +330,57 @@ class CFeed:
         """A send that finds a socket with incoming messages writes 1 to the eventfd ``fd``,
         once; the caller holds the lock."""
         lib.nflogd_feed_wake_on_incoming(self._f, fd)
+
+    # -- the feed's own peers (_peers.c) ------------------------------------------
+
+    def set_peer_poll(self, epfd: int, wake_fd: int) -> None:
+        """The epoll on which a peer with queued messages is armed for EPOLLOUT, and the
+        eventfd written when a peer begins to drop messages (-1: none)."""
+        lib.nflogd_peers_set_poll(self._p, epfd, wake_fd)
+
+    def set_hwm(self, hwm: int) -> None:
+        """Messages a peer may have queued; past that its new ones are dropped (counted)."""
+        lib.nflogd_peers_set_hwm(self._p, hwm)
+
+    def add_peer(self, fd: int) -> int:
+        """A subscriber's socket, its handshake done: from now on only the feed writes it.
+        Its id, or -errno."""
+        return lib.nflogd_peers_add(self._p, fd)
+
+    def remove_peer(self, peer: int) -> None:
+        """Forget the peer and its queue; the caller closes its socket afterwards."""
+        lib.nflogd_peers_remove(self._p, peer)
+
+    def peer_filter(self, peer: int, every: bool, prefix: bytes, exact: bytes | bytearray | None) -> None:
+        """The groups the peer gets: all, those whose high byte has its bit in the 32 bytes of
+        ``prefix``, those whose bit is set in the 8192 bytes of ``exact``."""
+        bits = ffi.from_buffer(exact) if exact is not None else ffi.NULL
+        rc = lib.nflogd_peers_filter(self._p, peer, 1 if every else 0, ffi.from_buffer(prefix), bits)
+        if rc < 0:
+            raise MemoryError("nflogd_peers_filter") if rc == -errno.ENOMEM else KeyError(peer)
+
+    def flush_peer(self, peer: int) -> int:
+        """Write what the peer has queued: 1 all of it, 0 its socket is full, -errno failed."""
+        return lib.nflogd_peers_flush(self._p, peer)
+
+    def peer_command(self, peer: int, frame: bytes) -> int:
+        """A command frame to the peer after its queue: 1 sent or queued, 0 dropped, -errno."""
+        return lib.nflogd_peers_command(self._p, peer, ffi.from_buffer(frame), len(frame))
+
+    def peer_queued(self, peer: int = -1) -> int:
+        """Messages the peer (-1: every peer) has queued now."""
+        return lib.nflogd_peers_queued(self._p, peer)
+
+    def peer_dropped(self, peer: int = -1) -> int:
+        """Messages dropped for the peer (-1: every peer, gone ones too) at its hwm."""
+        return lib.nflogd_peers_dropped(self._p, peer)
+
+    def send_to_peers(self, group: int, frames) -> None:
+        """One message (its four frames) to every peer subscribed to ``group``."""
+        topic, header, table, data = (ffi.from_buffer(f) for f in frames)
+        lib.nflogd_peers_send(
+            self._p, group, topic, len(topic), header, len(header), table, len(table), data, len(data)
+        )
 
     @property
     def sent(self) -> int:

@@ -25,6 +25,9 @@ Exposed:
 ``nflogd_feed_dropped_peers_total``        peers hung up on for a topic no group has
 ``nflogd_feed_subscription_floods_total``  subscription flood episodes
 ``nflogd_feed_subscription_messages_total`` subscription messages read
+``nflogd_feed_slow_dropped_messages_total`` messages a subscriber lost with publish.hwm queued
+``nflogd_feed_queued_messages``            messages queued for slow subscribers now
+``nflogd_feed_handshake_timeouts_total``   peers hung up on for an unfinished handshake
 ``nflogd_metrics_dropped_connections_total`` metrics connections closed for the server's limits
 =========================================  =====================================================
 
@@ -363,6 +366,15 @@ def limit_families(prefix: str, feed, server) -> list:
     subs = CounterMetricFamily(
         f"{prefix}_feed_subscription_messages", "Subscription messages read from peers."
     )
+    slow = CounterMetricFamily(
+        f"{prefix}_feed_slow_dropped_messages",
+        "Messages not sent to a subscriber that had publish.hwm messages queued (it sees a gap).",
+    )
+    queued = GaugeMetricFamily(f"{prefix}_feed_queued_messages", "Messages queued for slow subscribers now.")
+    timeouts = CounterMetricFamily(
+        f"{prefix}_feed_handshake_timeouts",
+        "Feed peers hung up on for not finishing the handshake within publish.handshake_timeout_ms.",
+    )
     http = CounterMetricFamily(
         f"{prefix}_metrics_dropped_connections",
         "Metrics connections closed for the server's limits (too many, too slow, too large).",
@@ -374,5 +386,10 @@ def limit_families(prefix: str, feed, server) -> list:
         dropped.add_metric([], feed.dropped_peers)
         floods.add_metric([], feed.subscription_floods)
         subs.add_metric([], feed.subscription_messages)
+    own = feed is not None and feed.server is not None  # the relay's XPUB sockets do not tell
+    if own:
+        slow.add_metric([], feed.slow_dropped)
+        queued.add_metric([], feed.queued)
+        timeouts.add_metric([], feed.handshake_timeouts)
     http.add_metric([], server.dropped if server is not None else 0)
-    return [refused, dropped, floods, subs, http]
+    return [refused, dropped, floods, subs, *([slow, queued, timeouts] if own else []), http]

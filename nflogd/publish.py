@@ -1,4 +1,4 @@
-"""The feed: the ZeroMQ XPUB socket(s) that every kernel batch goes out on.
+"""The feed: the endpoints every kernel batch goes out on, to every subscriber.
 
 Use::
 
@@ -13,23 +13,28 @@ Use::
     pub.subscribers                                       # peers connected right now
     pub.close()
 
-Sockets: ``socket`` (NULL mechanism) holds every endpoint; with ``publish.curve`` it holds
-the ipc ones and ``curve_socket`` (CURVE server, ZAP domain ``ZAP_DOMAIN``) every tcp one,
-each message sent on both with the same frames and ``seq`` (else ``curve_socket`` is None).
-The ZAP handler (``nflogd.access``) must run before ``curve_socket`` binds.
-``publish.ipc_filter_gids`` sets ``IPC_FILTER_GID`` on ``socket``.
+Endpoints: the NULL-mechanism ones (ipc, and tcp without CURVE) are served by nflogd itself,
+``server`` (``nflogd.zmtp``: ZMTP 3.0, as an XPUB socket would), whose peers the capture
+threads write straight to; with ``direct=False`` (the relay, which forwards on XPUB
+sockets) an XPUB socket, ``socket``, holds them instead. With ``publish.curve`` every tcp
+endpoint is on ``curve_socket`` (a CURVE server XPUB, ZAP domain ``ZAP_DOMAIN``), each
+message sent there with the same frames and ``seq`` (else ``curve_socket`` is None). The ZAP
+handler (``nflogd.access``) must run before ``curve_socket`` binds.
+``publish.ipc_filter_gids`` filters the peers of the ipc endpoints by group.
 
 Threads: every capture thread sends at once, in C (``cfeed``) or through ``publish()``;
-``lock`` serialises that with every other use of the sockets. The control thread polls the
-sockets' ``fds`` (never the sockets) for ``handle_incoming()``, which reads at most
-``SUBSCRIPTIONS_PER_TURN`` messages per socket, ``wake_fd`` (a capture thread's send found
-subscriptions waiting) and ``monitors`` for ``handle_monitor()``; it waits at most
+``lock`` serialises that with every other use of the peers and sockets. The control thread
+polls ``fds`` (the server's epoll, the XPUB sockets' ``ZMQ_FD``, never the sockets) for
+``handle_incoming()``, which reads at most ``SUBSCRIPTIONS_PER_TURN`` subscriptions per
+socket and from the server's peers, ``wake_fd`` (a capture thread's send found subscriptions
+waiting on an XPUB) and ``monitors`` for ``handle_monitor()``; it waits at most
 ``next_check_ms()`` (None: for events only).
 
-Delivery: ``publish()`` never blocks; a subscriber past ``publish.hwm`` messages loses its
-own (a gap in ``seq``). ``seq`` counts the packets captured per group and epoch, delivered or
-not (``docs/wire-format.md``). ``subscribers`` is the peers connected now, from the sockets'
-monitors, each from its connect. Why it is built so: ``docs/design.md``.
+Delivery: ``publish()`` never blocks; a subscriber past ``publish.hwm`` messages queued
+loses its own (a gap in ``seq``; counted in ``slow_dropped`` for the server's peers).
+``seq`` counts the packets captured per group and epoch, delivered or not
+(``docs/wire-format.md``). ``subscribers`` is the peers connected now, each from its
+connect (the XPUB sockets' from their monitors). Why it is built so: ``docs/design.md``.
 """
 
 from __future__ import annotations
@@ -42,7 +47,6 @@ import resource
 import socket
 import stat
 import struct
-import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -53,6 +57,7 @@ from nflogd_client.endpoints import Monitor
 from .episodes import QUIET_S, Episodes
 from .errors import NflogdError
 from .ffi import CFeed
+from .zmtp import MAX_FRAME, ZmtpServer
 
 if TYPE_CHECKING:
     from .config import PublishConfig
@@ -75,10 +80,10 @@ LINGER_MS = 250
 #: a subscription is 3 bytes, CURVE's INITIATE about 300; a peer sending more is disconnected
 #: by libzmq before the message is allocated.
 PEER_MAX_MESSAGE = 512
-#: The same on a socket without CURVE (no 300-byte handshake commands there): a NULL READY
-#: is about 30 bytes, a subscription 3. Keeps a topic libzmq stores, byte by byte in its
-#: trie, short until handle_incoming() hangs up on its sender.
-PEER_MAX_MESSAGE_NULL = 64
+#: The same on an XPUB without CURVE (the relay's): no 300-byte handshake commands there, as on
+#: the server. Keeps a topic libzmq stores, byte by byte in its trie, short until
+#: handle_incoming() hangs up on its sender.
+PEER_MAX_MESSAGE_NULL = MAX_FRAME
 #: Messages (subscriptions) ZeroMQ queues from each peer before it stops reading that peer.
 PEER_RCVHWM = 100
 #: Subscription messages handle_incoming() reads per socket per call.
@@ -271,15 +276,21 @@ class Publisher:
     """
 
     def __init__(
-        self, ctx: zmq.Context[Any], publish: PublishConfig, node: str = "", epoch: int | None = None
+        self,
+        ctx: zmq.Context[Any],
+        publish: PublishConfig,
+        node: str = "",
+        epoch: int | None = None,
+        direct: bool = True,
     ) -> None:
         self.epoch = time.time_ns() if epoch is None else epoch
-        #: The C sender over these sockets (None: pyzmq's libzmq cannot be shared; publish()).
-        self.cfeed: CFeed | None = CFeed.create(self.epoch)
+        #: The C side: the server's peers, the sockets as the C sender sees them, and the lock.
+        self._c = CFeed(self.epoch)
+        self._c.set_hwm(publish.hwm)
         self._node = node
         self.hwm = publish.hwm
         self.endpoints: list[str] = []
-        self._sent = 0  # messages publish() handed to ZeroMQ
+        self._sent = 0  # messages publish() sent
         self._unsent = 0  # messages ZeroMQ refused (never expected with XPUB_NODROP off)
         #: Readable when a send found incoming messages after next_check_ms() (see there).
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -302,29 +313,38 @@ class Publisher:
         self._flood_log = Episodes(log)
         self._topic_log = Episodes(log)
         self._budget_log = Episodes(log)
+        self._on_subscription: Callable[[bytes], None] | None = None  # handle_incoming()'s, for the server
         self._files: dict[str, tuple[str, int, int]] = {}  # endpoint -> (path, st_dev, st_ino)
-        self._bound: dict[str, zmq.Socket] = {}  # endpoint -> the socket bound to it
-        #: Held for every use of the sockets: capture threads send while the control thread
-        #: reads subscriptions, binds and sets options.
-        self.lock = self.cfeed if self.cfeed is not None else threading.Lock()
+        self._bound: dict[str, Any] = {}  # endpoint -> the socket or server bound to it
+        #: Held for every use of the peers and sockets: capture threads send while the control
+        #: thread reads subscriptions, binds and sets options.
+        self.lock = self._c
         curve = publish.curve
-        #: Every XPUB socket, the NULL one first; and their monitors, in the same order.
+        #: Every XPUB socket, the NULL one (if any) first; and their monitors, in the same order.
         self.sockets: list[zmq.Socket] = []
         self.monitors: list[zmq.Socket] = []
         self.monitor = None
+        self.socket: zmq.Socket | None = None
+        self.server: ZmtpServer | None = None
         self.curve_socket = None
         self.curve_monitor = None
-        self.socket = ctx.socket(zmq.XPUB)
         try:
-            self.monitor = self._setup(self.socket, publish.hwm)
-            self.socket.setsockopt(zmq.MAXMSGSIZE, PEER_MAX_MESSAGE_NULL)
-            for gid in publish.ipc_filter_gids:
-                try:
-                    self.socket.setsockopt(zmq.IPC_FILTER_GID, gid)
-                except (zmq.ZMQError, AttributeError):  # libzmq without SO_PEERCRED filters
-                    raise NflogdError(
-                        "publish.ipc_filter_groups: this libzmq does not support IPC_FILTER_GID"
-                    ) from None
+            if direct:
+                self.server = ZmtpServer(
+                    self._c, owner=self, handshake_timeout_ms=publish.handshake_timeout_ms,
+                    ipc_gids=publish.ipc_filter_gids,
+                )  # fmt: skip
+            else:
+                self.socket = ctx.socket(zmq.XPUB)
+                self.monitor = self._setup(self.socket, publish.hwm)
+                self.socket.setsockopt(zmq.MAXMSGSIZE, PEER_MAX_MESSAGE_NULL)
+                for gid in publish.ipc_filter_gids:
+                    try:
+                        self.socket.setsockopt(zmq.IPC_FILTER_GID, gid)
+                    except (zmq.ZMQError, AttributeError):  # libzmq without SO_PEERCRED filters
+                        raise NflogdError(
+                            "publish.ipc_filter_groups: this libzmq does not support IPC_FILTER_GID"
+                        ) from None
             if curve is not None:
                 self.curve_socket = ctx.socket(zmq.XPUB)
                 self.curve_monitor = self._setup(self.curve_socket, publish.hwm)
@@ -337,12 +357,18 @@ class Publisher:
         except BaseException:
             self.close(linger=0)
             raise
-        #: The sockets' ZMQ_FD: readable when a socket may have something for handle_incoming().
+        #: What the control loop polls: the server's epoll, the sockets' ZMQ_FD (readable when
+        #: a socket may have something for handle_incoming()).
         self.fds: list[int] = [int(sock.get(zmq.FD)) for sock in self.sockets]
-        if self.cfeed is not None:
-            with self.lock:
-                self.cfeed.set_sockets(self.sockets)
-                self.cfeed.set_node(node.encode())
+        if self.server is not None:
+            self.fds.insert(0, self.server.fileno())
+        #: The C sender, when it can send everything (None: publish() must, as when pyzmq's
+        #: libzmq cannot be shared and there are XPUB sockets).
+        self.cfeed: CFeed | None = self._c if self._c.zmq or not self.sockets else None
+        with self.lock:
+            if self._c.zmq:
+                self._c.set_sockets(self.sockets)
+            self._c.set_node(node.encode())
 
     @property
     def node(self) -> str:
@@ -351,20 +377,36 @@ class Publisher:
 
     @node.setter
     def node(self, node: str) -> None:
-        if self.cfeed is not None:
-            with self.lock:
-                self.cfeed.set_node(node.encode())
+        with self.lock:
+            self._c.set_node(node.encode())
         self._node = node
 
     @property
     def sent(self) -> int:
-        """Messages handed to ZeroMQ."""
-        return self._sent + (self.cfeed.sent if self.cfeed is not None else 0)
+        """Messages sent (to the server's peers and on every socket)."""
+        return self._sent + self._c.sent
 
     @property
     def unsent(self) -> int:
         """Messages a socket refused (never expected with XPUB_NODROP off)."""
-        return self._unsent + (self.cfeed.unsent if self.cfeed is not None else 0)
+        return self._unsent + self._c.unsent
+
+    @property
+    def slow_dropped(self) -> int:
+        """Messages the server's peers lost at their hwm (gone peers' too)."""
+        with self.lock:
+            return self._c.peer_dropped()
+
+    @property
+    def queued(self) -> int:
+        """Messages the server's peers have queued now."""
+        with self.lock:
+            return self._c.peer_queued()
+
+    @property
+    def handshake_timeouts(self) -> int:
+        """The server's peers hung up on for not finishing the handshake in time."""
+        return self.server.handshake_timeouts if self.server is not None else 0
 
     def _setup(self, sock: zmq.Socket, hwm: int) -> zmq.Socket:
         """Options common to both sockets; returns the socket's monitor."""
@@ -398,11 +440,12 @@ class Publisher:
         for sock in self.sockets:
             sock.setsockopt(zmq.XPUB_VERBOSE, 1 if verbose else 0)
 
-    def _socket_for(self, endpoint: str) -> zmq.Socket:
-        """tcp endpoints go to the CURVE socket when there is one; everything else to ``socket``."""
+    def _socket_for(self, endpoint: str) -> Any:
+        """tcp endpoints go to the CURVE socket when there is one; everything else to the
+        server (or ``socket``)."""
         if self.curve_socket is not None and endpoint.startswith("tcp://"):
             return self.curve_socket
-        return self.socket
+        return self.server if self.server is not None else self.socket
 
     # -- endpoints -------------------------------------------------------------
 
@@ -416,8 +459,11 @@ class Publisher:
             old = os.umask(0o117)  # the socket file: rw for owner and group, nothing else
         sock = self._socket_for(endpoint)
         try:
-            with self.lock:
-                sock.bind(endpoint)
+            if isinstance(sock, ZmtpServer):
+                sock.bind(endpoint)  # the control thread's alone: no lock
+            else:
+                with self.lock:
+                    sock.bind(endpoint)
         except zmq.ZMQError as e:
             raise NflogdError(f"publish.bind: {endpoint}: {zmq.strerror(e.errno or 0)}") from None
         finally:
@@ -435,9 +481,13 @@ class Publisher:
 
     def unbind(self, endpoint: str) -> None:
         """Stop listening on an endpoint (removing its ipc file); peers connected through it stay."""
+        target = self._bound.pop(endpoint, None)
         try:
-            with self.lock:
-                self._bound.pop(endpoint, self.socket).unbind(endpoint)
+            if isinstance(target, ZmtpServer):
+                target.unbind(endpoint)
+            elif target is not None:
+                with self.lock:
+                    target.unbind(endpoint)
         except zmq.ZMQError as e:
             log.warning("publish.bind: %s: unbind failed: %s", endpoint, zmq.strerror(e.errno or 0))
         if endpoint in self.endpoints:
@@ -480,8 +530,10 @@ class Publisher:
                 log.info("no longer publishing on %s", ep)
 
     def set_hwm(self, hwm: int) -> None:
-        """Change SNDHWM; libzmq applies it to subscribers that connect afterwards."""
+        """Change the hwm: at once for the server's peers; libzmq applies SNDHWM to the
+        XPUB sockets' subscribers that connect afterwards."""
         with self.lock:
+            self._c.set_hwm(hwm)
             for sock in self.sockets:
                 sock.setsockopt(zmq.SNDHWM, hwm)
         self.hwm = hwm
@@ -498,10 +550,11 @@ class Publisher:
         self._seq[group] = seq
 
     def publish(self, batch, kernel_dropped: int = 0) -> bool:
-        """Send one capture KernelBatch on every socket; True if ZeroMQ took it. Never blocks.
+        """Send one capture KernelBatch to the server's peers and on every socket; True if
+        every socket took it. Never blocks.
 
         Thread-safe: each group's capture thread calls it. ``batch.table`` and ``batch.data``
-        may be views of the reader's buffers: ZeroMQ copies them before this returns.
+        may be views of the reader's buffers: they are written or copied before this returns.
         """
         count = batch.count
         if not count:
@@ -514,6 +567,7 @@ class Publisher:
             msg = wire.frames(
                 group, self.node, self.epoch, first_seq, kernel_dropped, count, batch.table, batch.data
             )
+            self._c.send_to_peers(group, msg)
             head, last = msg[:-1], msg[-1]
             for sock in self.sockets:
                 # Frame by frame with int flags: send_multipart's enum arithmetic cost more per
@@ -537,8 +591,9 @@ class Publisher:
     def next_check_ms(self) -> int | None:
         """How long the control loop may wait for events before its next ``handle_incoming()``.
 
-        None (no end) but during a subscription flood (until it may be over), or 0 when a
-        socket has incoming messages already. A capture thread's send takes the ZeroMQ
+        None (no end) but during a subscription flood (until it may be over) or while a peer of
+        the server has a handshake to finish (until it times out), or 0 when a socket has
+        incoming messages already. A capture thread's send takes the ZeroMQ
         events that make a socket's ``ZMQ_FD`` readable, so from this call on, a send that
         finds incoming messages makes ``wake_fd`` readable instead: the loop waits for
         events only, and an idle feed costs no wake-ups.
@@ -550,9 +605,14 @@ class Publisher:
                 self.cfeed.wake_on_incoming(self.wake_fd)
             else:
                 self._wake_on_incoming = True
-            if self._flooding:
-                return max(0, math.ceil((self._flood_seen + QUIET_S - time.monotonic()) * 1000) + 1)
+            due = [self._flood_seen + QUIET_S] if self._flooding else []
+        if self.server is not None:
+            deadline = self.server.next_deadline()
+            if deadline is not None:
+                due.append(deadline)
+        if not due:
             return None
+        return max(0, math.ceil((min(due) - time.monotonic()) * 1000) + 1)
 
     def take_wake(self) -> None:
         """Clear ``wake_fd`` (the control loop saw it readable)."""
@@ -577,7 +637,12 @@ class Publisher:
             with self.lock:  # the capture threads send on these sockets
                 if self._read_subscriptions(sock, on_subscription):
                     more = True
-                    self._flood(sock)
+                    self._flood("the CURVE socket" if sock is self.curve_socket else "the feed")
+        if self.server is not None:
+            self._on_subscription = on_subscription
+            if self.server.serve(SUBSCRIPTIONS_PER_TURN):
+                more = True
+                self._flood("the feed")
         with self.lock:
             self._end_flood()
         return more
@@ -598,19 +663,25 @@ class Publisher:
             msg = frame.bytes
             if msg[:1] not in (b"\x00", b"\x01"):
                 continue  # not a subscription: nothing else reaches an XPUB from a SUB
-            self.subscription_messages += 1
             if len(msg) - 1 > wire.TOPIC.size:
+                self.subscription_messages += 1
                 self._foreign_topic(sock, frame)
                 continue
-            if log.isEnabledFor(logging.DEBUG):
-                what = "subscribe" if msg[:1] == b"\x01" else "unsubscribe"
-                via = " (CURVE)" if sock is self.curve_socket else ""
-                log.debug("%s %r%s", what, msg[1:].hex() or "(all)", via)
-            if on_subscription is not None:
-                on_subscription(msg)
+            self._on_subscription = on_subscription
+            self.subscription(msg, " (CURVE)" if sock is self.curve_socket else "")
         return n >= SUBSCRIPTIONS_PER_TURN
 
-    def _flood(self, sock: zmq.Socket) -> None:
+    def subscription(self, msg: bytes, via: str) -> None:
+        """A valid (un)subscription from a peer (of the server, or of an XPUB ``via``): counted,
+        logged at debug level, handed to handle_incoming()'s ``on_subscription``."""
+        self.subscription_messages += 1
+        if log.isEnabledFor(logging.DEBUG):
+            what = "subscribe" if msg[:1] == b"\x01" else "unsubscribe"
+            log.debug("%s %r%s", what, msg[1:].hex() or "(all)", via)
+        if self._on_subscription is not None:
+            self._on_subscription(msg)
+
+    def _flood(self, where: str) -> None:
         self._flood_seen = time.monotonic()
         if self._flooding:
             return
@@ -622,8 +693,7 @@ class Publisher:
         self._flood_log.hit(
             "feed: subscription flood (more than %d messages at once on %s); reading %d per turn, "
             "repeated subscriptions no longer reported until %g s without one",
-            SUBSCRIPTIONS_PER_TURN, "the CURVE socket" if sock is self.curve_socket else "the feed",
-            SUBSCRIPTIONS_PER_TURN, QUIET_S,
+            SUBSCRIPTIONS_PER_TURN, where, SUBSCRIPTIONS_PER_TURN, QUIET_S,
         )  # fmt: skip
 
     def _end_flood(self) -> None:
@@ -644,11 +714,15 @@ class Publisher:
         for fd, endpoint in list(self._peers.get(sock, {}).items()):
             if _peer_matches(fd, endpoint, address) and _hang_up(fd, endpoint):
                 hung += 1
+        self.foreign_topic(address or "address unknown", len(frame) - 1, hung)
+
+    def foreign_topic(self, peer: str, length: int, hung: int) -> None:
+        """A peer subscribed to a topic longer than a group's: ``hung`` of its connections closed."""
         self.dropped_peers += hung
         self._topic_log.hit(
             "feed: a peer (%s) subscribed to a %d-byte topic, longer than any group's (%d): "
             "%d connection%s from it closed",
-            address or "address unknown", len(frame) - 1, wire.TOPIC.size, hung, "" if hung == 1 else "s",
+            peer, length, wire.TOPIC.size, hung, "" if hung == 1 else "s",
         )  # fmt: skip
 
     # -- connections -----------------------------------------------------------
@@ -680,12 +754,7 @@ class Publisher:
                     if budget is None:
                         budget = self.budget()
                     if len(conns) >= budget and _hang_up(fd, endpoint):
-                        self.refused[endpoint] = self.refused.get(endpoint, 0) + 1
-                        self._budget_log.hit(
-                            "feed: %s has %d peers, its limit (publish.max_connections, open files): "
-                            "closing new connections; %d refused so far",
-                            endpoint, len(conns), self.refused[endpoint],
-                        )  # fmt: skip
+                        self.peer_refused(endpoint, len(conns))
                         continue
                     peers[fd] = endpoint
                     conns.add(fd)
@@ -696,30 +765,45 @@ class Publisher:
         with self.lock:
             self._end_flood()
 
+    def peer_refused(self, endpoint: str, connected: int) -> None:
+        """A connection to ``endpoint`` closed at once: it has its budget (``connected``)."""
+        self.refused[endpoint] = self.refused.get(endpoint, 0) + 1
+        self._budget_log.hit(
+            "feed: %s has %d peers, its limit (publish.max_connections, open files): "
+            "closing new connections; %d refused so far",
+            endpoint, connected, self.refused[endpoint],
+        )  # fmt: skip
+
     @property
     def subscribers(self) -> int:
-        """Peers connected now (as of the last handle_monitor()), over both sockets.
+        """Peers connected now: the server's, and the XPUB sockets' as of the last
+        handle_monitor().
 
-        A CURVE peer counts from its TCP connect, before the handshake: one the ZAP handler
+        A peer counts from its connect, before the handshake: a CURVE peer the ZAP handler
         refuses counts until libzmq drops the connection.
         """
-        return sum(len(peers) for peers in self._peers.values())
+        own = self.server.subscribers if self.server is not None else 0
+        return own + sum(len(peers) for peers in self._peers.values())
 
     # -- end -------------------------------------------------------------------
 
     def close(self, linger: int | None = None) -> None:
-        """Close the sockets (queued messages get ``linger`` ms, default LINGER_MS)."""
+        """Close the server and the sockets (queued messages get ``linger`` ms, default
+        LINGER_MS)."""
+        if self.server is not None:
+            self.server.close(LINGER_MS if linger is None else linger)
+            self.server = None
         with self.lock:
-            if self.cfeed is not None:
-                self.cfeed.set_sockets([])
-                self.cfeed.wake_on_incoming(-1)  # wake_fd is closed below
+            if self._c.zmq:
+                self._c.set_sockets([])
+            self._c.wake_on_incoming(-1)  # wake_fd is closed below
             self._wake_on_incoming = False
             for mon in self._monitors.values():
                 mon.close()
             self.monitor = self.curve_monitor = None
             self._monitors = {}
             self._peers = {}
-            for sock in [self.socket, *self.sockets]:
+            for sock in [*([self.socket] if self.socket is not None else []), *self.sockets]:
                 if not sock.closed:
                     sock.close(linger=LINGER_MS if linger is None else linger)
         for endpoint in list(self._files):

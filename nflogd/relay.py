@@ -321,7 +321,9 @@ class Relay(Program):
         XPUB reports every subscription but still only the last unsubscription, so the
         daemons would never hear that nobody wants a group any more.
         """
-        pub = Publisher(self._context(), dataclasses.replace(publish, bind=()))
+        # XPUB sockets for the NULL endpoints too (direct=False): upstreams forward onto them,
+        # and their aggregation of subscriptions is what goes upstream.
+        pub = Publisher(self._context(), dataclasses.replace(publish, bind=()), direct=False)
         try:
             pub.set_verbose(False)
             pub.rebind(publish.bind)

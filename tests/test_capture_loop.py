@@ -24,10 +24,11 @@ pytestmark = [pytest.mark.timeout(60), pytest.mark.kernel]
 GROUP = 7
 
 
-def feed(ctx, tmp_path, node: str = "r1", rcvhwm: int = 0):
-    """A Publisher on an ipc endpoint and a SUB socket it has seen subscribe."""
+def feed(ctx, tmp_path, node: str = "r1", rcvhwm: int = 0, direct: bool = True):
+    """A Publisher on an ipc endpoint (its own server's, or an XPUB's) and a SUB socket it
+    has seen subscribe."""
     ep = f"ipc://{tmp_path}/feed.sock"
-    pub = Publisher(ctx, PublishConfig(bind=(ep,)), node=node, epoch=42)
+    pub = Publisher(ctx, PublishConfig(bind=(ep,)), node=node, epoch=42, direct=direct)
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, rcvhwm)
     sub.connect(ep)
@@ -40,11 +41,14 @@ def feed(ctx, tmp_path, node: str = "r1", rcvhwm: int = 0):
     return pub, sub
 
 
-def messages(sub, packets: int, deadline: float = 5.0) -> list[list[bytes]]:
-    """Raw messages until they hold ``packets`` packets or the deadline passed."""
+def messages(sub, packets: int, deadline: float = 5.0, pub: Publisher | None = None) -> list[list[bytes]]:
+    """Raw messages until they hold ``packets`` packets or the deadline passed (``pub``'s
+    control-loop side run meanwhile: it writes what a slow subscriber has queued)."""
     out, n = [], 0
     end = time.monotonic() + deadline
     while n < packets and time.monotonic() < end:
+        if pub is not None:
+            pub.handle_incoming()
         if sub.poll(100):
             msg = sub.recv_multipart()
             out.append(msg)
@@ -101,15 +105,14 @@ def test_c_and_python_senders_write_the_same_feed(netns, ctx, tmp_path):
     assert reader.counters.packets == len(sent_c) + len(sent_py)
 
 
-def test_data_lent_to_zeromq_outlives_the_reader(netns, ctx, tmp_path):
-    """A large batch's data goes to ZeroMQ without a copy, in a buffer ZeroMQ gives back when
-    written. A subscriber that does not read makes ZeroMQ hold more batches than the reader
-    lends (the rest are copied); the reader and its loop end while ZeroMQ still holds some,
-    and every message read afterwards is intact, byte for byte."""
+def slow_subscriber(netns, ctx, tmp_path, direct: bool):
+    """3000 packets of 1000 bytes read and sent while the subscriber reads nothing (its
+    socket full, then its queue); the reader and its loop end before it reads. Every message
+    it reads then is intact, byte for byte, and none is missing."""
     netns.log_rule(GROUP, match="udp dport 9999")
     with netns.entered():
         reader = GroupReader(GroupConfig(group=GROUP, flush_ms=10, rcvbuf=8 << 20))
-        pub, sub = feed(ctx, tmp_path, rcvhwm=1)
+        pub, sub = feed(ctx, tmp_path, rcvhwm=1, direct=direct)
     assert pub.cfeed is not None
     sent = [b"%05d" % i + bytes([i % 251]) * 995 for i in range(3000)]
     try:
@@ -120,7 +123,7 @@ def test_data_lent_to_zeromq_outlives_the_reader(netns, ctx, tmp_path):
             time.sleep(0.05)
         loop.stop()
         reader.close()
-        got = messages(sub, len(sent), deadline=10)
+        got = messages(sub, len(sent), deadline=10, pub=pub)
     finally:
         sub.close(linger=0)
         pub.close(linger=0)
@@ -133,6 +136,22 @@ def test_data_lent_to_zeromq_outlives_the_reader(netns, ctx, tmp_path):
         seq += len(b.packets)
         payloads += [p.data[28:] for p in b.packets]
     assert payloads == sent
+    return pub
+
+
+def test_a_slow_subscriber_gets_its_queue_intact(netns, ctx, tmp_path):
+    """The feed's own peers: what a subscriber's socket does not take is queued for it (a
+    copy), and written as the socket drains, after the reader is gone."""
+    pub = slow_subscriber(netns, ctx, tmp_path, direct=True)
+    assert pub.slow_dropped == 0
+
+
+def test_data_lent_to_zeromq_outlives_the_reader(netns, ctx, tmp_path):
+    """An XPUB socket (the CURVE endpoints'): a large batch's data goes to ZeroMQ without a
+    copy, in a buffer ZeroMQ gives back when written. A subscriber that does not read makes
+    ZeroMQ hold more batches than the reader lends (the rest are copied); the reader ends
+    while ZeroMQ still holds some."""
+    slow_subscriber(netns, ctx, tmp_path, direct=False)
 
 
 def test_stop_ends_the_wait_at_once(netns, ctx, tmp_path):

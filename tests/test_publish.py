@@ -27,25 +27,39 @@ def batch(group: int, n: int, tag: bytes = b"", size: int = 0):
     return SimpleNamespace(group=group, count=count, table=table, data=data), pkts
 
 
+def serve(pub: Publisher, until, what: str, timeout: float = 5.0) -> None:
+    """Run the publisher's control-loop side (handle_incoming, handle_monitor) until ``until()``."""
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, what
+        zmq.select([*pub.fds, *pub.monitors], [], [], 0.05)
+        pub.handle_incoming()
+        pub.handle_monitor()
+
+
 def subscribe(ctx, pub: Publisher, endpoint: str, topics=(b"",), rcvhwm: int = 0):
-    """A SUB socket the publisher has seen subscribe (XPUB_VERBOSE passes each one on)."""
+    """A SUB socket the publisher has seen subscribe (each subscription is counted)."""
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, rcvhwm)
     sub.setsockopt(zmq.LINGER, 0)
+    seen = pub.subscription_messages
     sub.connect(endpoint)
     for t in topics:
         sub.setsockopt(zmq.SUBSCRIBE, t)
-    for _ in topics:
-        assert pub.socket.poll(5000), "no subscription reached the publisher"
-        assert pub.socket.recv()[:1] == b"\x01"
+    wanted = seen + len(topics)
+    serve(pub, lambda: pub.subscription_messages >= wanted, "no subscription reached the publisher")
     return sub
 
 
-def recv_all(sub, quiet: float = 0.2) -> list[wire.Batch]:
+def recv_all(sub, quiet: float = 0.2, pub: Publisher | None = None) -> list[wire.Batch]:
+    """Every message until none came for ``quiet`` s (``pub``'s queued ones flushed meanwhile)."""
     out = []
-    while sub.poll(int(quiet * 1000)):
+    while True:
+        if pub is not None:
+            pub.handle_incoming()
+        if not sub.poll(int(quiet * 1000)):
+            return out
         out.append(wire.decode(sub.recv_multipart()))
-    return out
 
 
 def test_sequence_per_group_contiguous_and_byte_exact(ctx, tmp_path):
@@ -168,11 +182,7 @@ def test_close_leaves_a_replaced_file_alone(ctx, tmp_path):
 
 
 def wait_subscribers(pub: Publisher, n: int, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while pub.subscribers != n:
-        assert time.monotonic() < deadline, f"subscribers {pub.subscribers}, expected {n}"
-        pub.monitor.poll(50)
-        pub.handle_monitor()
+    serve(pub, lambda: pub.subscribers == n, f"subscribers {pub.subscribers}, expected {n}", timeout)
 
 
 def test_subscriber_gauge_counts_connected_peers(ctx, tmp_path):
@@ -206,9 +216,14 @@ def test_slow_subscriber_loses_its_own_messages_and_never_blocks(ctx, tmp_path):
         results = [pub.publish(msg) for _ in range(3000)]
         assert time.monotonic() - t0 < 5
         assert all(results) and pub.unsent == 0 and pub.next_seq(1) == 12000
-        seqs = [m.first_seq for m in recv_all(slow)]
-        assert 0 < len(seqs) < 3000 and seqs == sorted(seqs)
+        assert pub.queued <= 10
+        seqs = [m.first_seq for m in recv_all(slow, pub=pub)]
+        pub.publish(msg)  # once it reads again, it gets the next message
+        seqs += [m.first_seq for m in recv_all(slow, pub=pub)]
+        assert 0 < len(seqs) < 3001 and seqs == sorted(seqs) and seqs[-1] == 12000
         assert any(b - a > 4 for a, b in zip(seqs, seqs[1:])), "the slow subscriber saw no gap"
+        # what it lost is counted, message for message, and it got the rest
+        assert pub.slow_dropped == 3001 - len(seqs) and pub.queued == 0
         slow.close()
     finally:
         pub.close()
@@ -234,10 +249,28 @@ def test_rebind_adds_and_removes_endpoints(ctx, tmp_path):
         pub.close()
 
 
-def test_set_hwm(ctx, tmp_path):
-    pub = Publisher(ctx, PublishConfig(bind=(f"ipc://{tmp_path}/f.sock",), hwm=7))
+def test_set_hwm_applies_at_once_to_connected_subscribers(ctx, tmp_path):
+    ep = f"ipc://{tmp_path}/f.sock"
+    pub = Publisher(ctx, PublishConfig(bind=(ep,), hwm=7))
     try:
-        assert pub.socket.getsockopt(zmq.SNDHWM) == 7
+        slow = subscribe(ctx, pub, ep, rcvhwm=1)  # reads nothing: its socket fills, then its queue
+        msg, _ = batch(1, 4, size=1000)
+        for _ in range(2000):
+            pub.publish(msg)
+        assert pub.queued == 7
+        pub.set_hwm(70)
+        for _ in range(200):
+            pub.publish(msg)
+        assert (pub.hwm, pub.queued) == (70, 70)
+        slow.close()
+    finally:
+        pub.close()
+
+
+def test_set_hwm_on_xpub_sockets(ctx, tmp_path):
+    pub = Publisher(ctx, PublishConfig(bind=(f"ipc://{tmp_path}/f.sock",), hwm=7), direct=False)
+    try:
+        assert pub.socket is not None and pub.socket.getsockopt(zmq.SNDHWM) == 7
         pub.set_hwm(70)
         assert (pub.hwm, pub.socket.getsockopt(zmq.SNDHWM)) == (70, 70)
     finally:

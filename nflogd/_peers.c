@@ -1,0 +1,425 @@
+/* The feed's own peers: each message written straight from the capture thread to the
+ * sockets of the subscribers nflogd serves itself (nflogd/zmtp.py does their handshakes).
+ *
+ * A message is the wire format's four frames (docs/wire-format.md) in ZMTP framing, written
+ * with one sendmsg per peer, non-blocking, from the reader's own buffers. What a peer's
+ * socket does not take at once is queued for it: the message is copied once into a blob
+ * that every peer queueing it shares, and the peer's fd is armed for EPOLLOUT on the
+ * control loop's epoll, whose turn calls nflogd_peers_flush(). A peer queues at most hwm
+ * messages (publish.hwm); past that its new messages are dropped and counted (it sees a gap
+ * in seq), never the rest of a message it has begun to receive. A failed write marks the
+ * peer dead and arms it, so that the control loop hangs up on it; only the control loop
+ * closes fds, after nflogd_peers_remove().
+ *
+ * Every function here runs under the feed's mutex (nflogd_feed_lock). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "_nflog.h"
+#include "_peers.h"
+
+#define FILTER_EXACT_BYTES 8192  /* a bit per group */
+#define FLUSH_IOV 64             /* queued messages one flush writes per sendmsg */
+
+struct blob {
+    uint32_t refs;
+    uint32_t len;
+    uint8_t bytes[];
+};
+
+struct peer {
+    int fd;                      /* -1: a free slot */
+    int dead;                    /* errno of the write that failed, or 0 */
+    int armed;                   /* EPOLLOUT asked for on the control loop's epoll */
+    int all;                     /* subscribed to "" */
+    uint8_t prefix[32];          /* subscribed to a 1-byte topic: a bit per high byte of a group */
+    uint8_t *exact;              /* subscribed to 2-byte topics: FILTER_EXACT_BYTES, or NULL */
+    struct blob **queue;         /* a ring of qcap, qlen from qhead */
+    uint32_t qcap, qhead, qlen;
+    uint32_t qoff;               /* bytes of the head blob written already */
+    uint64_t dropped;            /* messages not queued: hwm reached */
+    int dropping;                /* the last message was dropped: the control loop was told */
+};
+
+struct nflogd_peers {
+    struct peer *peer;
+    int cap;
+    int epfd;                    /* the control loop's epoll (zmtp.py), -1 for none */
+    int wake_fd;                 /* eventfd in it: a peer began to drop messages */
+    uint32_t hwm;
+    uint64_t dropped;            /* every peer's, including peers gone */
+    uint64_t queued;             /* messages queued, every peer */
+};
+
+struct nflogd_peers *peers_new(void)
+{
+    struct nflogd_peers *ps = calloc(1, sizeof(*ps));
+    if (ps) {
+        ps->epfd = ps->wake_fd = -1;
+        ps->hwm = 1000;
+    }
+    return ps;
+}
+
+static void blob_unref(struct blob *b)
+{
+    if (--b->refs == 0)
+        free(b);
+}
+
+static void queue_clear(struct nflogd_peers *ps, struct peer *p)
+{
+    for (uint32_t i = 0; i < p->qlen; i++)
+        blob_unref(p->queue[(p->qhead + i) % p->qcap]);
+    ps->queued -= p->qlen;
+    p->qlen = p->qhead = p->qoff = 0;
+}
+
+static void peer_release(struct nflogd_peers *ps, struct peer *p)
+{
+    queue_clear(ps, p);
+    free(p->queue);
+    free(p->exact);
+    memset(p, 0, sizeof(*p));
+    p->fd = -1;
+}
+
+void peers_free(struct nflogd_peers *ps)
+{
+    if (!ps)
+        return;
+    for (int i = 0; i < ps->cap; i++)
+        if (ps->peer[i].fd >= 0)
+            peer_release(ps, &ps->peer[i]);
+    free(ps->peer);
+    free(ps);
+}
+
+static void arm(struct nflogd_peers *ps, struct peer *p, int on)
+{
+    if (p->armed == on || ps->epfd < 0)
+        return;
+    struct epoll_event ev = { .events = EPOLLIN | (on ? EPOLLOUT : 0), .data.fd = p->fd };
+    if (epoll_ctl(ps->epfd, EPOLL_CTL_MOD, p->fd, &ev) == 0)
+        p->armed = on;
+}
+
+static void fail(struct nflogd_peers *ps, struct peer *p, int err)
+{
+    p->dead = err;
+    queue_clear(ps, p);
+    arm(ps, p, 1);  /* the control loop's flush sees dead and hangs up */
+}
+
+static int enqueue(struct nflogd_peers *ps, struct peer *p, struct blob *b, uint32_t offset)
+{
+    if (p->qlen == p->qcap) {
+        uint32_t cap = p->qcap ? p->qcap * 2 : 8;
+        if (cap > ps->hwm + 1)
+            cap = ps->hwm + 1;  /* hwm messages, and a command past them */
+        if (cap <= p->qlen)
+            return -ENOBUFS;
+        struct blob **q = malloc(cap * sizeof(*q));
+        if (!q)
+            return -ENOMEM;
+        for (uint32_t i = 0; i < p->qlen; i++)
+            q[i] = p->queue[(p->qhead + i) % p->qcap];
+        free(p->queue);
+        p->queue = q;
+        p->qcap = cap;
+        p->qhead = 0;
+    }
+    if (p->qlen == 0)
+        p->qoff = offset;
+    p->queue[(p->qhead + p->qlen) % p->qcap] = b;
+    p->qlen++;
+    b->refs++;
+    ps->queued++;
+    arm(ps, p, 1);
+    return 0;
+}
+
+/* Write what p has queued; 1 when nothing is left, 0 when its socket is full, -errno. */
+static int flush(struct nflogd_peers *ps, struct peer *p)
+{
+    while (p->qlen) {
+        struct iovec iov[FLUSH_IOV];
+        size_t want = 0;
+        int n = 0;
+        for (uint32_t i = 0; i < p->qlen && n < FLUSH_IOV; i++, n++) {
+            struct blob *b = p->queue[(p->qhead + i) % p->qcap];
+            uint32_t off = i ? 0 : p->qoff;
+            iov[n] = (struct iovec){ b->bytes + off, b->len - off };
+            want += b->len - off;
+        }
+        struct msghdr mh = { .msg_iov = iov, .msg_iovlen = (size_t)n };
+        ssize_t done = sendmsg(p->fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (done < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)
+                return 0;
+            return -errno;
+        }
+        size_t left = (size_t)done;
+        while (left) {
+            struct blob *b = p->queue[p->qhead];
+            size_t rest = b->len - p->qoff;
+            if (left < rest) {
+                p->qoff += (uint32_t)left;
+                break;
+            }
+            left -= rest;
+            blob_unref(b);
+            p->qhead = (p->qhead + 1) % p->qcap;
+            p->qlen--;
+            p->qoff = 0;
+            ps->queued--;
+        }
+        if ((size_t)done < want)
+            return 0;
+    }
+    arm(ps, p, 0);
+    return 1;
+}
+
+static struct blob *blob_of(const struct iovec *iov, int n, size_t len)
+{
+    struct blob *b = malloc(sizeof(*b) + len);
+    if (!b)
+        return NULL;
+    b->refs = 1;
+    b->len = (uint32_t)len;
+    size_t at = 0;
+    for (int i = 0; i < n; i++) {
+        memcpy(b->bytes + at, iov[i].iov_base, iov[i].iov_len);
+        at += iov[i].iov_len;
+    }
+    return b;
+}
+
+static int subscribed(const struct peer *p, uint16_t group)
+{
+    return p->all || (p->prefix[group >> 11] & (1u << ((group >> 8) & 7)))
+           || (p->exact && (p->exact[group >> 3] & (1u << (group & 7))));
+}
+
+/* One message (iov[0..n), len bytes) to p: written at once or queued (1), dropped because
+ * p has hwm queued (0), or p failed (-1). *b is the message's blob, made by the first peer
+ * that queues it. */
+static int deliver(struct nflogd_peers *ps, struct peer *p, const struct iovec *iov, int n, size_t len,
+                   struct blob **b)
+{
+    if (p->qlen) {
+        int rc = flush(ps, p);
+        if (rc < 0) {
+            fail(ps, p, -rc);
+            return -1;
+        }
+    }
+    size_t done = 0;
+    if (p->qlen == 0) {
+        struct msghdr mh = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n };
+        ssize_t rc = sendmsg(p->fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (rc == (ssize_t)len)
+            return 1;
+        if (rc < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+            fail(ps, p, errno);
+            return -1;
+        }
+        done = rc > 0 ? (size_t)rc : 0;
+    } else if (p->qlen >= ps->hwm) {
+        return 0;
+    }
+    int rc = -ENOMEM;
+    if (*b || (*b = blob_of(iov, n, len)))
+        rc = enqueue(ps, p, *b, (uint32_t)done);
+    if (rc == 0)
+        return 1;
+    if (done) {  /* part of the message is out: the stream cannot go on without the rest */
+        fail(ps, p, -rc);
+        return -1;
+    }
+    return 0;
+}
+
+/* ZMTP frame headers for up to 4 frames (flags: MORE but on the last, LONG past 255 bytes). */
+static void frame_iov(struct iovec *iov, uint8_t heads[][9], const struct iovec *frames, int nframes,
+                      size_t *total)
+{
+    size_t len = 0;
+    for (int i = 0; i < nframes; i++) {
+        uint64_t size = frames[i].iov_len;
+        uint8_t more = i < nframes - 1 ? 1 : 0;
+        size_t hl;
+        if (size < 256) {
+            heads[i][0] = more;
+            heads[i][1] = (uint8_t)size;
+            hl = 2;
+        } else {
+            heads[i][0] = more | 2;
+            for (int k = 0; k < 8; k++)
+                heads[i][1 + k] = (uint8_t)(size >> (56 - 8 * k));
+            hl = 9;
+        }
+        iov[2 * i] = (struct iovec){ heads[i], hl };
+        iov[2 * i + 1] = frames[i];
+        len += hl + size;
+    }
+    *total = len;
+}
+
+void peers_send(struct nflogd_peers *ps, uint16_t group, const struct iovec frames[4])
+{
+    struct iovec iov[8];
+    uint8_t heads[4][9];
+    size_t len = 0;
+    int framed = 0;
+    struct blob *b = NULL;
+    for (int i = 0; i < ps->cap; i++) {
+        struct peer *p = &ps->peer[i];
+        if (p->fd < 0 || p->dead || !subscribed(p, group))
+            continue;
+        if (!framed) {
+            frame_iov(iov, heads, frames, 4, &len);
+            framed = 1;
+        }
+        int rc = deliver(ps, p, iov, 8, len, &b);
+        if (rc == 0) {
+            p->dropped++;
+            ps->dropped++;
+            if (!p->dropping && ps->wake_fd >= 0) {
+                uint64_t one = 1;
+                if (write(ps->wake_fd, &one, sizeof(one)) < 0) {
+                    /* EAGAIN: the counter is non-zero already, the loop wakes all the same */
+                }
+            }
+        }
+        p->dropping = rc == 0;
+    }
+    if (b)
+        blob_unref(b);
+}
+
+/* -- the control loop's side ------------------------------------------------------------ */
+
+void nflogd_peers_set_poll(struct nflogd_peers *ps, int epfd, int wake_fd)
+{
+    ps->epfd = epfd;
+    ps->wake_fd = wake_fd;
+}
+
+void nflogd_peers_set_hwm(struct nflogd_peers *ps, uint32_t hwm)
+{
+    ps->hwm = hwm ? hwm : 1;
+}
+
+int nflogd_peers_add(struct nflogd_peers *ps, int fd)
+{
+    int id = 0;
+    while (id < ps->cap && ps->peer[id].fd >= 0)
+        id++;
+    if (id == ps->cap) {
+        int cap = ps->cap ? ps->cap * 2 : 16;
+        struct peer *more = realloc(ps->peer, (size_t)cap * sizeof(*more));
+        if (!more)
+            return -ENOMEM;
+        for (int i = ps->cap; i < cap; i++) {
+            memset(&more[i], 0, sizeof(more[i]));
+            more[i].fd = -1;
+        }
+        ps->peer = more;
+        ps->cap = cap;
+    }
+    ps->peer[id].fd = fd;
+    return id;
+}
+
+static struct peer *peer_at(struct nflogd_peers *ps, int id)
+{
+    return id >= 0 && id < ps->cap && ps->peer[id].fd >= 0 ? &ps->peer[id] : NULL;
+}
+
+void nflogd_peers_remove(struct nflogd_peers *ps, int id)
+{
+    struct peer *p = peer_at(ps, id);
+    if (p)
+        peer_release(ps, p);
+}
+
+int nflogd_peers_filter(struct nflogd_peers *ps, int id, int all, const uint8_t *prefix, const uint8_t *exact)
+{
+    struct peer *p = peer_at(ps, id);
+    if (!p)
+        return -ENOENT;
+    if (exact && !p->exact && !(p->exact = malloc(FILTER_EXACT_BYTES)))
+        return -ENOMEM;
+    if (exact)
+        memcpy(p->exact, exact, FILTER_EXACT_BYTES);
+    else {
+        free(p->exact);
+        p->exact = NULL;
+    }
+    p->all = all;
+    memcpy(p->prefix, prefix, sizeof(p->prefix));
+    return 0;
+}
+
+int nflogd_peers_flush(struct nflogd_peers *ps, int id)
+{
+    struct peer *p = peer_at(ps, id);
+    if (!p)
+        return -ENOENT;
+    if (p->dead)
+        return -p->dead;
+    int rc = flush(ps, p);
+    if (rc < 0)
+        fail(ps, p, -rc);
+    return rc < 0 ? -p->dead : rc;
+}
+
+int nflogd_peers_command(struct nflogd_peers *ps, int id, const uint8_t *frame, uint32_t len)
+{
+    struct peer *p = peer_at(ps, id);
+    if (!p)
+        return -ENOENT;
+    if (p->dead)
+        return -p->dead;
+    struct iovec iov = { (void *)frame, len };
+    struct blob *b = NULL;
+    int rc = deliver(ps, p, &iov, 1, len, &b);  /* dropped past hwm (0): not a message of the feed */
+    if (b)
+        blob_unref(b);
+    return rc < 0 ? -p->dead : rc;
+}
+
+uint64_t nflogd_peers_dropped(struct nflogd_peers *ps, int id)
+{
+    if (id < 0)
+        return ps->dropped;
+    struct peer *p = peer_at(ps, id);
+    return p ? p->dropped : 0;
+}
+
+uint64_t nflogd_peers_queued(struct nflogd_peers *ps, int id)
+{
+    if (id < 0)
+        return ps->queued;
+    struct peer *p = peer_at(ps, id);
+    return p ? p->qlen : 0;
+}
+
+void nflogd_peers_send(struct nflogd_peers *ps, uint16_t group, const uint8_t *topic, uint32_t tlen,
+                       const uint8_t *header, uint32_t hlen, const uint8_t *records, uint32_t rlen,
+                       const uint8_t *data, uint32_t dlen)
+{
+    const struct iovec frames[4] = {
+        { (void *)topic, tlen }, { (void *)header, hlen }, { (void *)records, rlen }, { (void *)data, dlen },
+    };
+    peers_send(ps, group, frames);
+}
