@@ -90,6 +90,13 @@ elif mode == "topics":  # distinct long topics (60 bytes: what the feed's 64-byt
                 i += 2500
         except OSError:
             time.sleep(0.05)
+elif mode == "stall":  # every group subscribed, nothing ever read (a tiny receive buffer)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(GREETING + READY + frame(b"\x01"))
+    print("subscribed", flush=True)
+    time.sleep(seconds)
 elif mode == "huge":  # a message header declaring 1 GiB, then the bytes
     chunk = b"x" * (1 << 20)
     for _ in range(3):
@@ -186,12 +193,14 @@ def test_idle_connections_cannot_exhaust_file_descriptors(netns, tmp_path, monke
             one_packet_through(d, netns, b"through the crowd")
             # those let in never said a word: dropped by the daemon while the attacker holds them
             wait_until(lambda: d.metric("nflogd_subscribers") < 90, "silent peers to be dropped", timeout=6)
+            assert d.metric("nflogd_feed_handshake_timeouts_total") >= 10
             assert att.poll() is None
         finally:
             finished(att)
         assert d.alive(), d.stderr
     assert d.returncode == 0, d.stderr
     assert warnings(d, "closing new connections") == 1, d.stderr
+    assert warnings(d, "did not finish the handshake") == 1, d.stderr
 
 
 # -- 2. subscription flood ------------------------------------------------------------------
@@ -282,6 +291,45 @@ def test_a_foreign_topic_under_traffic_is_hung_up_on(netns, tmp_path):
         wait_until(lambda: d.metric("nflogd_packets_total", group="1") == sent, "every packet captured")
         one_packet_through(d, netns, b"after the topic")
     assert d.returncode == 0, d.stderr
+
+
+@pytest.mark.kernel
+def test_a_subscriber_that_never_reads_costs_at_most_its_hwm(netns, tmp_path):
+    """uid 65534 subscribes to every group over loopback tcp and reads nothing while 1000-byte
+    packets flow: the daemon queues publish.hwm messages for it and drops the rest, counted,
+    warned of once; RSS stays flat, and a reader on the ipc endpoint gets every packet."""
+    netns.log_rule(1, match="udp dport 9999")
+    d = NflogdProcess(netns, tmp_path, groups=[1])
+    feed_config(d, hwm=50)
+    with d:
+        before = rss_mb(d.pid)
+        ctx = zmq.Context()
+        sub = Subscriber(d.endpoint, groups=[1], context=ctx)
+        att = attacker(netns, "stall", 8)
+        try:
+            assert att.stdout.readline() == "subscribed\n"
+            sub.recv(timeout=0.1)  # connects
+            wait_until(lambda: d.metric("nflogd_feed_subscription_messages_total") == 2, "both subscribed")
+            traffic = SteadyTraffic(netns, [9999], interval=0.0005, size=1000)
+            traffic.start()
+            wait_until(lambda: (d.metric("nflogd_feed_slow_dropped_messages_total") or 0) > 100,
+                       "messages for the stuck peer to be dropped", timeout=8)  # fmt: skip
+            sent = traffic.stop()[9999]
+            assert d.metric("nflogd_feed_queued_messages") == 50
+            assert rss_mb(d.pid) < before + 40
+            got = 0
+            while got < sent:
+                batch = sub.recv_batch(timeout=5)
+                assert batch is not None, (got, sent)
+                got += len(batch.packets)
+            assert got == sent and sub.total_lost == 0
+        finally:
+            sub.close()
+            ctx.term()
+            finished(att)
+        wait_until(lambda: d.metric("nflogd_feed_queued_messages") == 0, "the stuck peer's queue freed")
+    assert d.returncode == 0, d.stderr
+    assert warnings(d, "is too slow") == 1, d.stderr
 
 
 @pytest.mark.kernel

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import zmq
 from nflogd_client import wire
+from pubutil import serve
 
 from nflogd.config import PublishConfig
 from nflogd.errors import NflogdError
@@ -25,16 +26,6 @@ def batch(group: int, n: int, tag: bytes = b"", size: int = 0):
     ]  # fmt: skip
     count, table, data = wire.pack_records(pkts)
     return SimpleNamespace(group=group, count=count, table=table, data=data), pkts
-
-
-def serve(pub: Publisher, until, what: str, timeout: float = 5.0) -> None:
-    """Run the publisher's control-loop side (handle_incoming, handle_monitor) until ``until()``."""
-    deadline = time.monotonic() + timeout
-    while not until():
-        assert time.monotonic() < deadline, what
-        zmq.select([*pub.fds, *pub.monitors], [], [], 0.05)
-        pub.handle_incoming()
-        pub.handle_monitor()
 
 
 def subscribe(ctx, pub: Publisher, endpoint: str, topics=(b"",), rcvhwm: int = 0):
