@@ -117,6 +117,13 @@ def batch(group: int, tag: bytes):
     return SimpleNamespace(group=group, count=count, table=table, data=data)  # a KernelBatch
 
 
+def delivered(pub, sock, group: int, data: bytes) -> bool:
+    """Whether a message of ``group`` carrying ``data``, published now, is what the libzmq
+    socket ``sock`` receives next."""
+    pub.publish(batch(group, data))
+    return bool(sock.poll(2000)) and wire.decode(sock.recv_multipart()).packets[0].data == data
+
+
 def test_the_server_speaks_zmtp_3_and_filters_by_topic(pub, path):
     """ZMTP 3.0 subscriptions (a message with a leading 1) and 3.1's SUBSCRIBE command both
     count; each peer gets the groups it asked for, as wire format v1 frames."""
@@ -159,8 +166,7 @@ def test_libzmq_heartbeats_keep_a_quiet_connection(ctx, pub, path):
         end = time.monotonic() + 1.5
         serve(pub, lambda: time.monotonic() > end, "")
         assert not events.poll(0), "the heartbeat timed out"
-        pub.publish(batch(3, b"after"))
-        assert xsub.poll(2000) and wire.decode(xsub.recv_multipart()).packets[0].data == b"after"
+        assert delivered(pub, xsub, 3, b"after")
     finally:
         xsub.disable_monitor()
         events.close(linger=0)
@@ -192,8 +198,7 @@ def test_a_peer_breaking_the_rules_is_hung_up_on(ctx, pub, path, sent, why):
     raw.send(sent)
     assert raw.closed_by_server(), why
     serve(pub, lambda: pub.subscribers == 1, "the peer gone")
-    pub.publish(batch(2, b"on"))
-    assert sub.poll(2000) and wire.decode(sub.recv_multipart()).packets[0].data == b"on"
+    assert delivered(pub, sub, 2, b"on")
     assert pub.dropped_peers == (1 if why == "a topic no group has" else 0)
     raw.close()
     sub.close(linger=0)
@@ -215,8 +220,7 @@ def test_a_foreign_topic_closes_only_its_connection_on_loopback_tcp(ctx):
         serve(pub, lambda: pub.subscription_messages == 1, "the SUB's subscription")
         bad.sendall(greeting() + ready() + frame(b"\x01" + b"abc"))
         serve(pub, lambda: pub.dropped_peers == 1 and pub.subscribers == 1, "the foreign topic's peer gone")
-        pub.publish(batch(1, b"still here"))
-        assert sub.poll(2000) and wire.decode(sub.recv_multipart()).packets[0].data == b"still here"
+        assert delivered(pub, sub, 1, b"still here")
     finally:
         bad.close()
         sub.close(linger=0)
