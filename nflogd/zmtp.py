@@ -34,6 +34,7 @@ import select
 import socket
 import struct
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
 from nflogd_client import wire
@@ -168,6 +169,8 @@ class ZmtpServer:
         self._listeners: dict[int, _Listener] = {}  # listening fd ->
         self._peers: dict[int, _Peer] = {}  # peer fd ->
         self._backlog: set[_Peer] = set()  # peers with frames left unparsed at a turn's end
+        #: Peers in their handshake, in the order of their deadlines (one timeout for all).
+        self._handshakes: deque[_Peer] = deque()
         self._dirty: set[_Peer] = set()  # peers whose subscriptions changed this turn
         self._emfile_log = Episodes(log)
         self._timeout_log = Episodes(log)
@@ -291,12 +294,21 @@ class ZmtpServer:
 
     def next_deadline(self) -> float | None:
         """When the next handshake times out or a paused listener resumes (monotonic s)."""
-        due = [p.deadline for p in self._peers.values() if p.deadline is not None]
-        due += [lst.paused_until for lst in self._listeners.values() if lst.paused_until is not None]
+        waiting = self._handshakes
+        while waiting and waiting[0].deadline is None:  # done, or gone, since
+            waiting.popleft()
+        due = [lst.paused_until for lst in self._listeners.values() if lst.paused_until is not None]
+        first = waiting[0].deadline if waiting else None
+        if first is not None:
+            due.append(first)
         return min(due) if due else None
 
     def _expire(self, now: float) -> None:
-        for peer in [p for p in self._peers.values() if p.deadline is not None and p.deadline <= now]:
+        waiting = self._handshakes
+        while waiting and (waiting[0].deadline is None or waiting[0].deadline <= now):
+            peer = waiting.popleft()
+            if peer.deadline is None:
+                continue
             self.handshake_timeouts += 1
             self._timeout_log.hit(
                 "feed: %s on %s did not finish the handshake within %g s: hung up on; %d so far",
@@ -343,6 +355,7 @@ class ZmtpServer:
             peer = _Peer(sock, lst, label, now + self.handshake_timeout_s)
             lst.peers += 1
             self._peers[peer.fd] = peer
+            self._handshakes.append(peer)
             self._ep.register(peer.fd, select.EPOLLIN)
 
     def _admit(self, sock: socket.socket, address) -> str | None:
@@ -445,12 +458,14 @@ class ZmtpServer:
                 return self._refuse(peer, f"a {size}-byte frame (at most {MAX_FRAME})", left)
             if len(buf) - start < size:
                 break
-            if left <= 0 and not flags & _COMMAND and peer.state == _Peer.OPEN:
-                self._backlog.add(peer)  # the turn's subscriptions are read: the rest next turn
+            if left <= 0 and peer.state == _Peer.OPEN:
+                self._backlog.add(peer)  # the turn's share is read: the rest next turn
                 break
             body = bytes(buf[start : start + size])
             at = start + size
             if flags & _COMMAND:
+                if peer.state == _Peer.OPEN:
+                    left -= 1  # a PING costs a turn's share too
                 if not self._command(peer, body):
                     return left
             elif peer.state != _Peer.OPEN:
@@ -538,6 +553,7 @@ class ZmtpServer:
     def _hang_up(self, peer: _Peer) -> None:
         if self._peers.pop(peer.fd, None) is None:
             return
+        peer.deadline = None  # out of _handshakes at its turn
         self._backlog.discard(peer)
         self._dirty.discard(peer)
         if peer.id >= 0:
