@@ -145,6 +145,12 @@ void nflogd_feed_unlock(struct nflogd_feed *f);
 int nflogd_feed_set_sockets(struct nflogd_feed *f, void *first, void *second);
 int nflogd_feed_set_node(struct nflogd_feed *f, const char *node, uint32_t len);
 uint64_t nflogd_feed_sent(struct nflogd_feed *f);
+uint64_t nflogd_feed_unsent(struct nflogd_feed *f);
+/* Under the lock: the control loop is about to wait for events. A send that finds a
+ * socket with incoming messages afterwards writes 1 to the eventfd fd (once): the send took
+ * the ZMQ_FD wake-up the loop would have had. */
+void nflogd_feed_wake_on_incoming(struct nflogd_feed *f, int fd);
+
 /* The feed's own peers: sockets nflogd writes itself once nflogd/zmtp.py has done their
  * handshake (_peers.c). Every call under the feed's lock; id is a peer's slot. */
 struct nflogd_peers;
@@ -175,11 +181,6 @@ uint64_t nflogd_peers_queued(struct nflogd_peers *ps, int id);
 void nflogd_peers_send(struct nflogd_peers *ps, uint16_t group, const uint8_t *topic, uint32_t tlen,
                        const uint8_t *header, uint32_t hlen, const uint8_t *records, uint32_t rlen,
                        const uint8_t *data, uint32_t dlen);
-uint64_t nflogd_feed_unsent(struct nflogd_feed *f);
-/* Under the lock: the control loop is about to wait for events. A send that finds a
- * socket with incoming messages afterwards writes 1 to the eventfd fd (once): the send took
- * the ZMQ_FD wake-up the loop would have had. */
-void nflogd_feed_wake_on_incoming(struct nflogd_feed *f, int fd);
 
 /* Read r and send each batch on f (NULL: read and count only) as one wire-format message,
  * first_seq from r->feed_seq, until a read gets nothing within timeout_ms (-1: no end) or nflogd_wake()

@@ -664,7 +664,6 @@ class Publisher:
             if msg[:1] not in (b"\x00", b"\x01"):
                 continue  # not a subscription: nothing else reaches an XPUB from a SUB
             if len(msg) - 1 > wire.TOPIC.size:
-                self.subscription_messages += 1
                 self._foreign_topic(sock, frame)
                 continue
             self._on_subscription = on_subscription
@@ -717,7 +716,9 @@ class Publisher:
         self.foreign_topic(address or "address unknown", len(frame) - 1, hung)
 
     def foreign_topic(self, peer: str, length: int, hung: int) -> None:
-        """A peer subscribed to a topic longer than a group's: ``hung`` of its connections closed."""
+        """A peer subscribed to a topic longer than a group's (a subscription message read, of
+        the server's peers or an XPUB's): ``hung`` of its connections closed."""
+        self.subscription_messages += 1
         self.dropped_peers += hung
         self._topic_log.hit(
             "feed: a peer (%s) subscribed to a %d-byte topic, longer than any group's (%d): "
