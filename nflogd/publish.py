@@ -46,7 +46,6 @@ import os
 import resource
 import socket
 import stat
-import struct
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
@@ -57,7 +56,7 @@ from nflogd_client.endpoints import Monitor
 from .episodes import QUIET_S, Episodes
 from .errors import NflogdError
 from .ffi import CFeed
-from .zmtp import MAX_FRAME, ZmtpServer
+from .zmtp import KEEPALIVE_CNT, KEEPALIVE_IDLE_S, KEEPALIVE_INTVL_S, MAX_FRAME, ZmtpServer, peer_credentials
 
 if TYPE_CHECKING:
     from .config import PublishConfig
@@ -93,9 +92,9 @@ FD_RESERVE = 64
 #: TCP keepalive on peers' connections: a peer that vanished is found in about 90 s.
 TCP_KEEPALIVE = (
     (zmq.TCP_KEEPALIVE, 1),
-    (zmq.TCP_KEEPALIVE_IDLE, 60),
-    (zmq.TCP_KEEPALIVE_INTVL, 10),
-    (zmq.TCP_KEEPALIVE_CNT, 3),
+    (zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S),
+    (zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_INTVL_S),
+    (zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_CNT),
 )
 
 #: ZAP domain of the CURVE socket; ``nflogd.access`` configures the authorized keys for it.
@@ -140,9 +139,6 @@ def _hang_up(fd: int, endpoint: str) -> bool:
         sock.detach()
 
 
-_UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
-
-
 def _peer_matches(fd: int, endpoint: str, address: str) -> bool:
     """Whether connection ``fd`` is from the peer libzmq calls ``address`` (Peer-Address:
     the IP for tcp, ``:uid:gid:pid`` for ipc)."""
@@ -153,7 +149,7 @@ def _peer_matches(fd: int, endpoint: str, address: str) -> bool:
         return False
     try:
         if sock.family == socket.AF_UNIX:
-            pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            pid, uid, gid = peer_credentials(sock)
             return address == f":{uid}:{gid}:{pid}"
         return sock.getpeername()[0] == address
     except OSError:
@@ -313,7 +309,7 @@ class Publisher:
         self._flood_log = Episodes(log)
         self._topic_log = Episodes(log)
         self._budget_log = Episodes(log)
-        self._on_subscription: Callable[[bytes], None] | None = None  # handle_incoming()'s, for the server
+        self._on_subscription: Callable[[bytes], None] | None = None  # handle_incoming()'s
         self._files: dict[str, tuple[str, int, int]] = {}  # endpoint -> (path, st_dev, st_ino)
         self._bound: dict[str, Any] = {}  # endpoint -> the socket or server bound to it
         #: Held for every use of the peers and sockets: capture threads send while the control
@@ -633,13 +629,13 @@ class Publisher:
         keep topics it cannot use. Valid (un)subscriptions go to ``on_subscription``.
         """
         more = False
+        self._on_subscription = on_subscription
         for sock in self.sockets:
             with self.lock:  # the capture threads send on these sockets
-                if self._read_subscriptions(sock, on_subscription):
+                if self._read_subscriptions(sock):
                     more = True
                     self._flood("the CURVE socket" if sock is self.curve_socket else "the feed")
         if self.server is not None:
-            self._on_subscription = on_subscription
             if self.server.serve(SUBSCRIPTIONS_PER_TURN):
                 more = True
                 self._flood("the feed")
@@ -647,7 +643,7 @@ class Publisher:
             self._end_flood()
         return more
 
-    def _read_subscriptions(self, sock: zmq.Socket, on_subscription) -> bool:
+    def _read_subscriptions(self, sock: zmq.Socket) -> bool:
         """Up to SUBSCRIPTIONS_PER_TURN messages of one socket (under the lock); True if all."""
         recv = sock.recv
         n = 0
@@ -666,7 +662,6 @@ class Publisher:
             if len(msg) - 1 > wire.TOPIC.size:
                 self._foreign_topic(sock, frame)
                 continue
-            self._on_subscription = on_subscription
             self.subscription(msg, " (CURVE)" if sock is self.curve_socket else "")
         return n >= SUBSCRIPTIONS_PER_TURN
 

@@ -39,13 +39,14 @@ from typing import TYPE_CHECKING, Protocol
 
 from nflogd_client import wire
 
+from .addresses import split_host_port
 from .episodes import Episodes
 from .errors import NflogdError
 
 if TYPE_CHECKING:
     from .ffi import CFeed
 
-__all__ = ["MAX_FRAME", "ZmtpServer", "greeting"]
+__all__ = ["MAX_FRAME", "ZmtpServer", "greeting", "peer_credentials"]
 
 log = logging.getLogger("nflogd.publish")
 
@@ -59,12 +60,18 @@ ACCEPTS_PER_TURN = 64
 BACKLOG = 100
 #: After EMFILE on accept, the listener rests this long (the connection waits in the backlog).
 ACCEPT_PAUSE_S = 0.1
-#: TCP keepalive on peers' connections: a peer that vanished is found in about 90 s.
-KEEPALIVE = ((socket.TCP_KEEPIDLE, 60), (socket.TCP_KEEPINTVL, 10), (socket.TCP_KEEPCNT, 3))
+#: TCP keepalive on peers' connections (idle s, interval s, probes): a peer that vanished is
+#: found in about 90 s. The XPUB sockets get the same (publish.TCP_KEEPALIVE).
+KEEPALIVE_IDLE_S, KEEPALIVE_INTVL_S, KEEPALIVE_CNT = 60, 10, 3
 
 _MORE, _LONG, _COMMAND = 1, 2, 4
 _UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
-_NO_TOPICS = bytes(32)
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket (SO_PEERCRED)."""
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return pid, uid, gid
 
 
 def greeting() -> bytes:
@@ -228,13 +235,12 @@ class ZmtpServer:
 
     @staticmethod
     def _bind_tcp(address: str) -> socket.socket:
-        host, _, port = address.rpartition(":")
-        host = host[1:-1] if host.startswith("[") else host
+        host, port = split_host_port("publish.bind", address, address, allow_wildcard=True)
         if host == "*":
             host = "0.0.0.0"
         try:
             family, kind, proto, _, addr = socket.getaddrinfo(
-                host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )[0]
         except socket.gaierror as e:
             raise OSError(errno.EADDRNOTAVAIL, f"cannot resolve {host}: {e.strerror}") from None
@@ -278,19 +284,26 @@ class ZmtpServer:
             peer = self._peers.get(fd)
             if peer is None:
                 continue
-            if events & select.EPOLLOUT and peer.id >= 0:
-                with self._c:
-                    rc = self._c.flush_peer(peer.id)
-                if rc < 0:
-                    log.debug("feed: %s: write failed: %s", peer.label, os.strerror(-rc))
-                    self._hang_up(peer)
-                    continue
+            if events & select.EPOLLOUT and not self._flush(peer):
+                continue
             if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
                 if peer in self._backlog:
                     continue  # parse what it sent before reading more
                 left = self._read(peer, left)
         self._push_filters()
         return left <= 0
+
+    def _flush(self, peer: _Peer) -> bool:
+        """Write what the peer has queued (its socket polled writable); False if the write
+        failed and the peer was hung up on."""
+        if peer.id < 0:
+            return True
+        with self._c:
+            rc = self._c.flush_peer(peer.id)
+        if rc < 0:
+            log.debug("feed: %s: write failed: %s", peer.label, os.strerror(-rc))
+            self._hang_up(peer)
+        return rc >= 0
 
     def next_deadline(self) -> float | None:
         """When the next handshake times out or a paused listener resumes (monotonic s)."""
@@ -362,14 +375,17 @@ class ZmtpServer:
         """Set up an accepted socket; its label, or None if ``ipc_filter_groups`` refuses it."""
         sock.setblocking(False)
         if sock.family == socket.AF_UNIX:
-            pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+            pid, uid, gid = peer_credentials(sock)
             if self._gids and not self._gid_allowed(uid, gid):
                 log.debug("feed: ipc peer uid %d gid %d refused (publish.ipc_filter_groups)", uid, gid)
                 return None
             return f":{uid}:{gid}:{pid}"
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, value in KEEPALIVE:
+        for option, value in (
+            (socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S), (socket.TCP_KEEPINTVL, KEEPALIVE_INTVL_S),
+            (socket.TCP_KEEPCNT, KEEPALIVE_CNT),
+        ):  # fmt: skip
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
         return str(address[0])
 
@@ -572,16 +588,13 @@ class ZmtpServer:
     def close(self, linger_ms: int = 0) -> None:
         """Give peers up to ``linger_ms`` to take what they have queued, then close everything."""
         end = time.monotonic() + linger_ms / 1000
-        while any(self._queued(p) for p in self._peers.values()) and time.monotonic() < end:
+        while self._queued() and time.monotonic() < end:
             for fd, events in self._ep.poll(max(0.0, end - time.monotonic()), 1024):
                 peer = self._peers.get(fd)
                 if peer is None:
                     continue
-                if events & select.EPOLLOUT and peer.id >= 0:
-                    with self._c:
-                        failed = self._c.flush_peer(peer.id) < 0
-                    if failed:
-                        self._hang_up(peer)
+                if events & select.EPOLLOUT:
+                    self._flush(peer)
                 elif events & (select.EPOLLHUP | select.EPOLLERR | select.EPOLLIN):
                     self._hang_up(peer)  # gone, or talking: no more time for it
         for peer in list(self._peers.values()):
@@ -594,8 +607,7 @@ class ZmtpServer:
         self._ep.close()
         os.close(self._slow_fd)
 
-    def _queued(self, peer: _Peer) -> int:
-        if peer.id < 0:
-            return 0
+    def _queued(self) -> int:
+        """Messages every peer has queued."""
         with self._c:
-            return self._c.peer_queued(peer.id)
+            return self._c.peer_queued()
