@@ -12,7 +12,7 @@ CONFIG ?= etc/nflogd.yaml
 # and systemd-sysusers on the unit files, iptables for the rules in docs/operations.md, jq to
 # read back nflog-tap's JSON lines. tcpdump and tshark bring libpcap, which compiles
 # nflogd-extcap's capture filters.
-RUN_DEBS := libnetfilter-log-dev libmnl-dev gcc libc6-dev pkg-config python3-dev python3-venv
+RUN_DEBS := libnetfilter-log-dev libmnl-dev libpcap-dev gcc libc6-dev pkg-config python3-dev python3-venv
 TEST_DEBS := nftables iproute2 tcpdump tshark systemd iptables jq
 DEBS := $(RUN_DEBS) $(TEST_DEBS)
 # promtool checks contrib/prometheus/: taken out of Debian's prometheus package into the venv,
@@ -25,7 +25,7 @@ NATS_SERVER := $(VENV)/bin/nats-server
 # mypy with the stubs of the libraries that ship none (PyYAML, cffi): make check runs it.
 DEV_PKGS := pytest pytest-timeout hypothesis ruff mypy types-PyYAML types-cffi
 APT := apt-get -o DPkg::Lock::Timeout=600
-SOURCES := pyproject.toml setup.py scapy_nflog.py nflog_cffi.py client/pyproject.toml client/nflogd_client/VERSION nflogd/_nflog.h nflogd/_nflog.c nflogd/_feed.c nflogd/_peers.h nflogd/_peers.c nflogd/ffi_build.py
+SOURCES := pyproject.toml setup.py scapy_nflog.py nflog_cffi.py client/pyproject.toml client/nflogd_client/VERSION nflogd/_nflog.h nflogd/_nflog.c nflogd/_feed.c nflogd/_peers.h nflogd/_peers.c nflogd/_filter.h nflogd/_filter.c nflogd/ffi_build.py
 
 .PHONY: all deps run-deps debs run-debs run test check bench bench-debs profile clean deb deb-tools test-system extcap-install
 all: test

@@ -19,6 +19,10 @@
 #define NFLOGD_F_PAYLOAD          0x0800
 #define NFLOGD_F_LEN_FROM_HEADER  0x1000
 
+/* Bits of the header's flags (docs/wire-format.md): the message went through a reader's
+ * filter, and first_seq numbers the packets that filter passed (_filter.h). */
+#define NFLOGD_WIRE_FILTERED      0x01
+
 /* One packet, exactly the wire format's 72-byte little-endian record (wire.RECORD). */
 struct nflogd_record {
     uint64_t ts_ns;        /* NFULA_TIMESTAMP, else the receive time */
@@ -146,6 +150,8 @@ int nflogd_feed_set_sockets(struct nflogd_feed *f, void *first, void *second);
 int nflogd_feed_set_node(struct nflogd_feed *f, const char *node, uint32_t len);
 uint64_t nflogd_feed_sent(struct nflogd_feed *f);
 uint64_t nflogd_feed_unsent(struct nflogd_feed *f);
+/* Bytes of the messages the XPUB sockets took, once per socket (not per subscriber). */
+uint64_t nflogd_feed_xpub_bytes(struct nflogd_feed *f);
 /* Under the lock: the control loop is about to wait for events. A send that finds a
  * socket with incoming messages afterwards writes 1 to the eventfd fd (once): the send took
  * the ZMQ_FD wake-up the loop would have had. */
@@ -174,6 +180,17 @@ int nflogd_peers_flush(struct nflogd_peers *ps, int id);
 /* A ZMTP command frame (a PONG) to the peer, after what it has queued: 1 written or
  * queued, 0 dropped (hwm queued), -errno. */
 int nflogd_peers_command(struct nflogd_peers *ps, int id, const uint8_t *frame, uint32_t len);
+/* The peer's filter (spec: NFLOGD_FILTER_* of _filter.h, len bytes; NULL: none), in place of
+ * the one it had: from now on each of its messages holds only the records the filter passed,
+ * numbered by that filter. The filter's slot, or -EINVAL with a one-line reason in why (the
+ * peer keeps its old filter), or -ENOENT. */
+int nflogd_peers_set_filter(struct nflogd_peers *ps, int id, const uint8_t *spec, uint32_t len, char *why,
+                            uint32_t whylen);
+int nflogd_peers_filter_slot(struct nflogd_peers *ps, int id);
+struct nflogd_filters;
+struct nflogd_filters *nflogd_peers_filters(struct nflogd_peers *ps);
+/* Bytes written to the peers so far. */
+uint64_t nflogd_peers_sent_bytes(struct nflogd_peers *ps);
 /* Messages dropped (hwm reached) and queued now, of peer id, or of every peer (id -1). */
 uint64_t nflogd_peers_dropped(struct nflogd_peers *ps, int id);
 uint64_t nflogd_peers_queued(struct nflogd_peers *ps, int id);

@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "_nflog.h"
+#include "_filter.h"
 #include "_peers.h"
 
 #define FILTER_EXACT_BYTES 8192  /* a bit per group */
@@ -46,6 +47,7 @@ struct peer {
     uint32_t qoff;               /* bytes of the head blob written already */
     uint64_t dropped;            /* messages not queued: hwm reached */
     int dropping;                /* the last message was dropped: the control loop was told */
+    int slot;                    /* its filter's slot in filters (_filter.c), -1: none */
 };
 
 struct nflogd_peers {
@@ -56,6 +58,12 @@ struct nflogd_peers {
     uint32_t hwm;
     uint64_t dropped;            /* every peer's, including peers gone */
     uint64_t queued;             /* messages queued, every peer */
+    uint64_t sent_bytes;         /* bytes written to peers, every peer */
+    struct nflogd_filters *filters;  /* the peers' filters, each distinct one run once a packet */
+    uint64_t *match;             /* per record of a batch: the filters it passed */
+    uint32_t match_cap;
+    uint8_t *fbuf;               /* a filtered message's header, records and data */
+    size_t fbuf_cap;
 };
 
 struct nflogd_peers *peers_new(void)
@@ -64,6 +72,10 @@ struct nflogd_peers *peers_new(void)
     if (ps) {
         ps->epfd = ps->wake_fd = -1;
         ps->hwm = 1000;
+        if (!(ps->filters = nflogd_filters_new())) {
+            free(ps);
+            return NULL;
+        }
     }
     return ps;
 }
@@ -87,8 +99,10 @@ static void peer_release(struct nflogd_peers *ps, struct peer *p)
     queue_clear(ps, p);
     free(p->queue);
     free(p->exact);
+    nflogd_filters_release(ps->filters, p->slot);
     memset(p, 0, sizeof(*p));
     p->fd = -1;
+    p->slot = -1;
 }
 
 void peers_free(struct nflogd_peers *ps)
@@ -99,6 +113,9 @@ void peers_free(struct nflogd_peers *ps)
         if (ps->peer[i].fd >= 0)
             peer_release(ps, &ps->peer[i]);
     free(ps->peer);
+    nflogd_filters_free(ps->filters);
+    free(ps->match);
+    free(ps->fbuf);
     free(ps);
 }
 
@@ -166,6 +183,7 @@ static int flush(struct nflogd_peers *ps, struct peer *p)
                 return 0;
             return -errno;
         }
+        ps->sent_bytes += (uint64_t)done;
         size_t left = (size_t)done;
         while (left) {
             struct blob *b = p->queue[p->qhead];
@@ -226,6 +244,8 @@ static int deliver(struct nflogd_peers *ps, struct peer *p, const struct iovec *
     if (p->qlen == 0) {
         struct msghdr mh = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n };
         ssize_t rc = sendmsg(p->fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (rc > 0)
+            ps->sent_bytes += (uint64_t)rc;
         if (rc == (ssize_t)len)
             return 1;
         if (rc < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
@@ -274,6 +294,121 @@ static void frame_iov(struct iovec *iov, uint8_t heads[][9], const struct iovec 
     *total = len;
 }
 
+static void delivered(struct nflogd_peers *ps, struct peer *p, int rc)
+{
+    if (rc == 0) {
+        p->dropped++;
+        ps->dropped++;
+        if (!p->dropping && ps->wake_fd >= 0) {
+            uint64_t one = 1;
+            if (write(ps->wake_fd, &one, sizeof(one)) < 0) {
+                /* EAGAIN: the counter is non-zero already, the loop wakes all the same */
+            }
+        }
+    }
+    p->dropping = rc == 0;
+}
+
+static inline void put32(uint8_t *p, uint32_t v)
+{
+    memcpy(p, &v, 4);
+}
+
+/* The message of filter slot's records (match bit set) of the batch in frames: the same
+ * header but for count, first_seq (the filter's own numbering) and the FILTERED flag, those
+ * records with their offsets rewritten, and their payloads and prefixes. out: its frames. */
+static int compose(struct nflogd_peers *ps, int slot, uint16_t group, const struct iovec frames[4], uint32_t count,
+                   struct iovec out[4])
+{
+    const struct nflogd_record *recs = frames[2].iov_base;
+    const uint8_t *data = frames[3].iov_base;
+    uint64_t bit = 1ull << slot;
+    uint32_t n = 0;
+    size_t dlen = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        if (ps->match[i] & bit) {
+            n++;
+            dlen += recs[i].caplen + ((recs[i].present & NFLOGD_F_PREFIX) ? recs[i].prefix_len : 0);
+        }
+    }
+    if (!n)
+        return 0;
+    size_t hlen = frames[1].iov_len, rlen = (size_t)n * sizeof(struct nflogd_record);
+    size_t need = hlen + rlen + dlen;
+    if (need > ps->fbuf_cap) {
+        uint8_t *more = realloc(ps->fbuf, need);
+        if (!more)
+            return -1;
+        ps->fbuf = more;
+        ps->fbuf_cap = need;
+    }
+    uint8_t *header = ps->fbuf;
+    struct nflogd_record *table = (struct nflogd_record *)(ps->fbuf + hlen);
+    uint8_t *out_data = ps->fbuf + hlen + rlen;
+    memcpy(header, frames[1].iov_base, hlen);
+    header[5] |= NFLOGD_WIRE_FILTERED;
+    put32(header + 8, n);
+    uint64_t first_seq = nflogd_filters_take_seq(ps->filters, slot, group, n);
+    memcpy(header + 24, &first_seq, 8);
+    uint32_t at = 0, k = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        if (!(ps->match[i] & bit))
+            continue;
+        struct nflogd_record r = recs[i];
+        memcpy(out_data + at, data + r.data_off, r.caplen);
+        r.data_off = at;
+        at += r.caplen;
+        if (r.present & NFLOGD_F_PREFIX) {
+            memcpy(out_data + at, data + r.prefix_off, r.prefix_len);
+            r.prefix_off = at;
+            at += r.prefix_len;
+        }
+        table[k++] = r;
+    }
+    out[0] = frames[0];
+    out[1] = (struct iovec){ header, hlen };
+    out[2] = (struct iovec){ table, rlen };
+    out[3] = (struct iovec){ out_data, at };
+    return 1;
+}
+
+/* Each filter the peers of group hold, run once on the batch; each one's message to its peers. */
+static void send_filtered(struct nflogd_peers *ps, uint16_t group, const struct iovec frames[4], uint64_t want)
+{
+    size_t rs = sizeof(struct nflogd_record);
+    uint32_t count = (uint32_t)(frames[2].iov_len / rs);
+    if (!count || frames[2].iov_len != count * rs)
+        return;
+    if (count > ps->match_cap) {
+        uint64_t *more = realloc(ps->match, count * sizeof(*more));
+        if (!more)
+            return;
+        ps->match = more;
+        ps->match_cap = count;
+    }
+    nflogd_filters_run(ps->filters, want, frames[2].iov_base, count, frames[3].iov_base,
+                       (uint32_t)frames[3].iov_len, ps->match);
+    for (int s = 0; s < NFLOGD_FILTER_MAX; s++) {
+        if (!(want & (1ull << s)))
+            continue;
+        struct iovec out[4], iov[8];
+        uint8_t heads[4][9];
+        size_t len = 0;
+        if (compose(ps, s, group, frames, count, out) <= 0)
+            continue;
+        frame_iov(iov, heads, out, 4, &len);
+        struct blob *b = NULL;
+        for (int i = 0; i < ps->cap; i++) {
+            struct peer *p = &ps->peer[i];
+            if (p->fd < 0 || p->dead || p->slot != s || !subscribed(p, group))
+                continue;
+            delivered(ps, p, deliver(ps, p, iov, 8, len, &b));
+        }
+        if (b)
+            blob_unref(b);
+    }
+}
+
 void peers_send(struct nflogd_peers *ps, uint16_t group, const struct iovec frames[4])
 {
     struct iovec iov[8];
@@ -281,29 +416,25 @@ void peers_send(struct nflogd_peers *ps, uint16_t group, const struct iovec fram
     size_t len = 0;
     int framed = 0;
     struct blob *b = NULL;
+    uint64_t want = 0;  /* the filters some subscriber of group holds */
     for (int i = 0; i < ps->cap; i++) {
         struct peer *p = &ps->peer[i];
         if (p->fd < 0 || p->dead || !subscribed(p, group))
             continue;
+        if (p->slot >= 0) {
+            want |= 1ull << p->slot;
+            continue;
+        }
         if (!framed) {
             frame_iov(iov, heads, frames, 4, &len);
             framed = 1;
         }
-        int rc = deliver(ps, p, iov, 8, len, &b);
-        if (rc == 0) {
-            p->dropped++;
-            ps->dropped++;
-            if (!p->dropping && ps->wake_fd >= 0) {
-                uint64_t one = 1;
-                if (write(ps->wake_fd, &one, sizeof(one)) < 0) {
-                    /* EAGAIN: the counter is non-zero already, the loop wakes all the same */
-                }
-            }
-        }
-        p->dropping = rc == 0;
+        delivered(ps, p, deliver(ps, p, iov, 8, len, &b));
     }
     if (b)
         blob_unref(b);
+    if (want)
+        send_filtered(ps, group, frames, want);
 }
 
 /* -- the control loop's side ------------------------------------------------------------ */
@@ -332,6 +463,7 @@ int nflogd_peers_add(struct nflogd_peers *ps, int fd)
         for (int i = ps->cap; i < cap; i++) {
             memset(&more[i], 0, sizeof(more[i]));
             more[i].fd = -1;
+            more[i].slot = -1;
         }
         ps->peer = more;
         ps->cap = cap;
@@ -368,6 +500,39 @@ int nflogd_peers_filter(struct nflogd_peers *ps, int id, int all, const uint8_t 
     p->all = all;
     memcpy(p->prefix, prefix, sizeof(p->prefix));
     return 0;
+}
+
+int nflogd_peers_set_filter(struct nflogd_peers *ps, int id, const uint8_t *spec, uint32_t len, char *why,
+                            uint32_t whylen)
+{
+    struct peer *p = peer_at(ps, id);
+    if (!p)
+        return -ENOENT;
+    int slot = -1;
+    if (spec) {
+        slot = nflogd_filters_hold(ps->filters, spec, len, why, whylen);
+        if (slot < 0)
+            return -EINVAL;
+    }
+    nflogd_filters_release(ps->filters, p->slot);
+    p->slot = slot;
+    return slot;
+}
+
+int nflogd_peers_filter_slot(struct nflogd_peers *ps, int id)
+{
+    struct peer *p = peer_at(ps, id);
+    return p ? p->slot : -1;
+}
+
+struct nflogd_filters *nflogd_peers_filters(struct nflogd_peers *ps)
+{
+    return ps->filters;
+}
+
+uint64_t nflogd_peers_sent_bytes(struct nflogd_peers *ps)
+{
+    return ps->sent_bytes;
 }
 
 int nflogd_peers_flush(struct nflogd_peers *ps, int id)

@@ -288,6 +288,7 @@ class Publisher:
         self.endpoints: list[str] = []
         self._sent = 0  # messages publish() sent
         self._unsent = 0  # messages ZeroMQ refused (never expected with XPUB_NODROP off)
+        self._xpub_bytes = 0  # bytes of the messages publish() sent on the sockets, once per socket
         #: Readable when a send found incoming messages after next_check_ms() (see there).
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_on_incoming = False  # publish() looks (the C sender has its own flag)
@@ -403,6 +404,22 @@ class Publisher:
     def handshake_timeouts(self) -> int:
         """The server's peers hung up on for not finishing the handshake in time."""
         return self.server.handshake_timeouts if self.server is not None else 0
+
+    @property
+    def sent_bytes(self) -> int:
+        """Bytes written to readers: to the server's peers, and each message once per XPUB socket."""
+        with self.lock:
+            return self._c.sent_bytes() + self._xpub_bytes
+
+    @property
+    def filters_refused(self) -> int:
+        """Filters the server's peers stated and it refused."""
+        return self.server.filters_refused if self.server is not None else 0
+
+    def filters(self) -> list[tuple[str, str, int, int, int]]:
+        """The filters in use: (digest, text, holders, packets passed, packets dropped)."""
+        with self.lock:
+            return self._c.filters()
 
     def _setup(self, sock: zmq.Socket, hwm: int) -> zmq.Socket:
         """Options common to both sockets; returns the socket's monitor."""
@@ -565,6 +582,7 @@ class Publisher:
             )
             self._c.send_to_peers(group, msg)
             head, last = msg[:-1], msg[-1]
+            size = sum(map(len, msg))
             for sock in self.sockets:
                 # Frame by frame with int flags: send_multipart's enum arithmetic cost more per
                 # message than the rest of publishing. Only the first frame can be refused.
@@ -573,6 +591,7 @@ class Publisher:
                     for frame in head:
                         send(frame, SNDMORE_NOBLOCK)
                     send(last, NOBLOCK)
+                    self._xpub_bytes += size
                 except zmq.Again:
                     taken = False
             if self._wake_on_incoming and any(map(_has_incoming, self.sockets)):

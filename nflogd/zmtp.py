@@ -37,7 +37,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
-from nflogd_client import wire
+from nflogd_client import filters, wire
 
 from .addresses import split_host_port
 from .episodes import Episodes
@@ -53,6 +53,10 @@ log = logging.getLogger("nflogd.publish")
 #: The largest frame a peer may send (bytes): a NULL READY is about 30, a subscription 3, a PING
 #: at most 21. As libzmq's MAXMSGSIZE did on the XPUB: keeps what a peer sends us short.
 MAX_FRAME = 64
+#: The largest filter (un)subscription a peer may send (bytes): a spec of
+#: NFLOGD_FILTER_MAX_INSNS instructions is about 4.5 KiB; a larger program still fits, to be
+#: refused with its reason, and a frame past this is a hang-up.
+MAX_FILTER_FRAME = 16384
 #: Bytes read from one peer at a time.
 READ_BYTES = 4096
 #: Connections accepted per listener per turn, and the listen backlog.
@@ -132,7 +136,7 @@ class _Listener:
 class _Peer:
     __slots__ = (
         "sock", "fd", "listener", "label", "state", "buf", "deadline", "id", "topics", "skip", "dropped",
-        "slow_log",
+        "slow_log", "filter",
     )  # fmt: skip
 
     GREETING, READY, OPEN = 0, 1, 2
@@ -150,6 +154,20 @@ class _Peer:
         self.skip = False  # inside a multipart message (not a subscription): its frames ignored
         self.dropped = 0  # messages dropped for it at hwm, as last logged
         self.slow_log = Episodes(log)
+        self.filter: bytes | None = None  # the spec of the filter it holds
+
+
+def message(parts: list[bytes]) -> bytes:
+    """A ZMTP message of several frames (MORE on all but the last, LONG past 255 bytes)."""
+    out = bytearray()
+    for i, part in enumerate(parts):
+        more = _MORE if i < len(parts) - 1 else 0
+        if len(part) > 255:
+            out += bytes([more | _LONG]) + struct.pack(">Q", len(part))
+        else:
+            out += bytes([more, len(part)])
+        out += part
+    return bytes(out)
 
 
 class ZmtpServer:
@@ -183,6 +201,9 @@ class ZmtpServer:
         self._timeout_log = Episodes(log)
         #: Peers dropped for not finishing the handshake in time (a metric).
         self.handshake_timeouts = 0
+        #: Filters refused (a metric), and their log.
+        self.filters_refused = 0
+        self._filter_log = Episodes(log)
 
     def fileno(self) -> int:
         return self._ep.fileno()
@@ -471,7 +492,14 @@ class ZmtpServer:
                 size = buf[at + 1]
                 start = at + 2
             if size > MAX_FRAME:
-                return self._refuse(peer, f"a {size}-byte frame (at most {MAX_FRAME})", left)
+                head = buf[start : start + 1 + len(filters.FILTER_TOPIC)]
+                if len(head) < 1 + len(filters.FILTER_TOPIC) and size <= MAX_FILTER_FRAME:
+                    break  # a filter's subscription, perhaps: wait for its first bytes
+                if (
+                    size > MAX_FILTER_FRAME or flags & _COMMAND or peer.state != _Peer.OPEN
+                    or head[:1] not in (b"\x00", b"\x01") or head[1:] != filters.FILTER_TOPIC
+                ):  # fmt: skip
+                    return self._refuse(peer, f"a {size}-byte frame (at most {MAX_FRAME})", left)
             if len(buf) - start < size:
                 break
             if left <= 0 and peer.state == _Peer.OPEN:
@@ -528,6 +556,8 @@ class ZmtpServer:
     def _subscription(self, peer: _Peer, msg: bytes) -> bool:
         """A (un)subscription; False if its topic was foreign and the peer hung up on."""
         topic = msg[1:]
+        if topic.startswith(filters.FILTER_TOPIC):
+            return self._filter(peer, msg)
         if len(topic) > wire.TOPIC.size:  # no message can match it: the peer is hung up on
             self._hang_up(peer)
             self._owner.foreign_topic(peer.label, len(topic), 1)
@@ -540,6 +570,40 @@ class ZmtpServer:
         elif topic in peer.topics:
             peer.topics.discard(topic)
             self._dirty.add(peer)
+        return True
+
+    def _filter(self, peer: _Peer, msg: bytes) -> bool:
+        """A filter's (un)subscription: the peer's filter set or cleared in C, and the reply
+        (the filter's topic, then accepted or refused with the reason); False if the peer was
+        hung up on."""
+        self._owner.subscription(msg[: 1 + len(filters.FILTER_TOPIC)], " (filter)")
+        spec = msg[1 + len(filters.FILTER_TOPIC) :]
+        if msg[:1] == b"\x00":
+            if peer.filter == spec:
+                with self._c:
+                    self._c.set_peer_filter(peer.id, None)
+                peer.filter = None
+            return True
+        if peer.filter is not None and peer.filter != spec:
+            slot, why = -1, "one filter per connection, and this one holds another"
+        else:
+            with self._c:
+                slot, why = self._c.set_peer_filter(peer.id, spec)
+        if slot >= 0:
+            peer.filter = spec
+            log.debug("feed: %s: filter %r in force", peer.label, filters.spec_text(spec))
+        else:
+            self.filters_refused += 1
+            self._filter_log.hit(
+                "feed: %s on %s: filter refused: %s; %d refused so far",
+                peer.label, peer.listener.endpoint, why, self.filters_refused,
+            )  # fmt: skip
+        answer = message(filters.reply(msg[1:], slot >= 0, why))
+        with self._c:
+            rc = self._c.peer_command(peer.id, answer)
+        if rc < 0:
+            self._hang_up(peer)
+            return False
         return True
 
     def _push_filters(self) -> None:

@@ -68,6 +68,13 @@ after it are quiet, and the recovery is logged at info level (``nflogd_client.en
 has the details). A malformed endpoint (``router1:5555``) raises ``ValueError`` at once,
 naming it and the accepted forms.
 
+Filters: ``Subscriber(endpoint, groups=[5], filter="udp port 53")`` (libpcap's language) and
+NFLOG metadata (``prefix=``, ``prefix_start=``, ``mark=``, ``uid=``, ``gid=``, ``indev=``,
+``outdev=``, ``hook=``; or ``filter=Filter(...)``) are run at the daemon, before anything is
+sent (``docs/filters.md``): ``filter_state`` is ``"pending"``, then ``"accepted"``; a refusal
+raises ``FilterRefused`` from ``recv()``. With CURVE, or ``filter_at="reader"``, this process
+runs the same filter on what it receives (``filter_state`` ``"reader"``).
+
 To wait on several sockets, register ``sub.socket`` with a ``zmq.Poller``, but call
 ``recv()`` while ``sub.pending()`` is non-zero first: packets already received do not make
 the socket readable. A Subscriber belongs to one thread, like its socket.
@@ -86,6 +93,7 @@ import zmq
 
 from . import curve, wire
 from .endpoints import AUTH_RETRY_S, EndpointStatus, EndpointWatch, check_endpoint
+from .filters import Filter, FilterRefused, filter_reply, is_reply, make_filter
 from .wire import Batch, Packet, WireError
 
 __all__ = ["AUTH_RETRY_S", "DEFAULT_ENDPOINT", "EndpointStatus", "Subscriber"]
@@ -256,10 +264,21 @@ class Subscriber(_BatchCursor):
         max_nodes: int = 4096,
         server_public_key: str | bytes | os.PathLike[str] | Mapping[str, str | bytes] | None = None,
         client_secret_key_file: str | os.PathLike[str] | None = None,
+        filter: str | Filter | None = None,  # noqa: A002 - the name tcpdump users expect
+        filter_at: str = "daemon",
+        **match: Any,
     ):
         self._endpoints = _endpoints(endpoints)
         topics = _topics(groups)
         keys = _curve_keys(self._endpoints, server_public_key, client_secret_key_file)
+        if filter_at not in ("daemon", "reader"):
+            raise ValueError(f"filter_at: 'daemon' or 'reader', got {filter_at!r}")
+        #: The filter (None: every packet), and where it runs: "pending" (sent to the daemon,
+        #: not answered yet), "accepted" (by the daemon), "reader" (here).
+        self.filter = make_filter(filter, match)
+        self.filter_state = "reader" if keys is not None or filter_at == "reader" else "pending"
+        if self.filter is not None and self.filter_state == "pending":
+            topics.append(self.filter.topic())
         ctx = context if context is not None else zmq.Context.instance()
         #: The SUB socket, for a ``zmq.Poller``.
         self.socket: zmq.Socket[bytes] = ctx.socket(zmq.SUB)
@@ -336,13 +355,29 @@ class Subscriber(_BatchCursor):
 
     def _take(self, msg: list[bytes]) -> Batch | None:
         """Decode and account one message; None if it is malformed (counted). Both drivers'."""
+        if self.filter is not None and not self._through_filter(msg):
+            return None
         try:
             batch = wire.decode(msg)
         except WireError as e:
             self._malformed(msg, e)
             return None
         self._account(batch)
+        if self.filter is not None and self.filter_state == "reader":
+            batch.packets = [p for p in batch.packets if self.filter.match(p)]
         return batch
+
+    def _through_filter(self, msg: list[bytes]) -> bool:
+        """False for the daemon's reply to the filter (FilterRefused if it refused) and, while
+        the daemon filters, for a message sent before it had the filter."""
+        if is_reply(msg):
+            accepted, why = filter_reply(msg)
+            if not accepted:
+                self.filter_state = "refused"
+                raise FilterRefused(why)
+            self.filter_state = "accepted"
+            return False
+        return self.filter_state == "reader" or bool(wire.header_flags(msg) & wire.FLAG_FILTERED)
 
     def _wait(self, deadline: float | None) -> list[bytes] | None:
         """One message, keeping the endpoint states meanwhile; None once the deadline passes."""

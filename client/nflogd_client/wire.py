@@ -38,6 +38,8 @@ __all__ = [
     "encode",
     "pack_records",
     "decode",
+    "FLAG_FILTERED",
+    "header_flags",
 ]
 
 VERSION = 1
@@ -378,3 +380,15 @@ def decode(msg: Sequence[bytes]) -> Batch:
         append(p)
         seq += 1
     return Batch(group, node, epoch, first_seq, kdrop, packets)
+
+
+#: Header flag: the message went through a reader's filter at the daemon; it holds only the
+#: packets that filter passed, and ``first_seq`` numbers them (docs/wire-format.md, "Filters").
+FLAG_FILTERED = 0x01
+
+
+def header_flags(msg: Sequence[bytes]) -> int:
+    """The header's ``flags`` byte of a message (0 if it has no header to read)."""
+    if builtins_len(msg) < 2 or builtins_len(msg[1]) < HEADER.size:
+        return 0
+    return bytes(msg[1][5:6])[0]
