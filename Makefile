@@ -25,7 +25,7 @@ NATS_SERVER := $(VENV)/bin/nats-server
 # mypy with the stubs of the libraries that ship none (PyYAML, cffi): make check runs it.
 DEV_PKGS := pytest pytest-timeout hypothesis ruff mypy types-PyYAML types-cffi
 APT := apt-get -o DPkg::Lock::Timeout=600
-SOURCES := pyproject.toml setup.py scapy_nflog.py nflog_cffi.py client/pyproject.toml client/nflogd_client/VERSION nflogd/_nflog.h nflogd/_nflog.c nflogd/_feed.c nflogd/_peers.h nflogd/_peers.c nflogd/_filter.h nflogd/_filter.c nflogd/ffi_build.py
+SOURCES := pyproject.toml setup.py scapy_nflog.py nflog_cffi.py client/pyproject.toml client/nflogd_client/VERSION nflogd/_nflog.h nflogd/_nflog.c nflogd/feed/_feed.h nflogd/feed/_feed.c nflogd/feed/_peers.h nflogd/feed/_peers.c nflogd/feed/_filter.h nflogd/feed/_filter.c nflogd/ffi_build.py
 
 .PHONY: all deps run-deps debs run-debs run test check bench bench-debs profile clean deb deb-tools test-system extcap-install
 all: test

@@ -93,7 +93,6 @@ void nflogd_reader_free(struct nflogd_reader *r)
 {
     if (!r)
         return;
-    nflogd_pool_release(r->pool);
     if (r->nl)
         mnl_socket_close(r->nl);
     if (r->wake_fd >= 0)

@@ -1,7 +1,9 @@
-/* nflogd's C side: one NFLOG group per netlink socket, a whole receive buffer parsed per call.
+/* nflogd's capture in C (_nflog.c): one NFLOG group per netlink socket, a whole receive
+ * buffer parsed per call. It calls nothing of the feed's (feed/_feed.h, feed/_peers.h),
+ * which reads from it: data flows one way.
  *
- * This file is both the C header and the CFFI cdef (ffi_build.py reads it), so it holds
- * only declarations CFFI can parse: fixed-width types, integer #defines, no includes.
+ * This file is both the C header and part of the CFFI cdef (ffi_build.py reads it), so it
+ * holds only declarations CFFI can parse: fixed-width types, integer #defines, no includes.
  */
 
 /* Bits of nflogd_record.present; the wire format's F_* (docs/wire-format.md). */
@@ -18,10 +20,6 @@
 #define NFLOGD_F_HWADDR           0x0400
 #define NFLOGD_F_PAYLOAD          0x0800
 #define NFLOGD_F_LEN_FROM_HEADER  0x1000
-
-/* Bits of the header's flags (docs/wire-format.md): the message went through a reader's
- * filter, and first_seq numbers the packets that filter passed (_filter.h). */
-#define NFLOGD_WIRE_FILTERED      0x01
 
 /* One packet, exactly the wire format's 72-byte little-endian record (wire.RECORD). */
 struct nflogd_record {
@@ -47,6 +45,8 @@ struct nflogd_record {
 };
 
 /* A reader of one group. Buffers are owned by the C side (nflogd_reader_new/free). */
+struct nflogd_pool;
+
 struct nflogd_reader {
     int fd;
     int wake_fd;                /* eventfd: nflogd_wake() ends nflogd_read()'s wait */
@@ -76,7 +76,9 @@ struct nflogd_reader {
     uint64_t feed_seq;
     uint64_t dropped_base;
     int woken;                  /* set by nflogd_wake(): nflogd_pump() returns */
-    struct nflogd_pool *pool;   /* data buffers lent to ZeroMQ with a message (_feed.c) */
+    struct nflogd_pool *pool;   /* data buffers lent to ZeroMQ with a message: the feed's
+                                 * (feed/_feed.c), let go by nflogd_pool_release() before
+                                 * nflogd_reader_free() */
 
     /* Sequence tracking and internals. */
     uint32_t qthresh;           /* as configured: a buffer this full likely has more behind it */
@@ -125,82 +127,3 @@ int nflogd_read(struct nflogd_reader *r, int timeout_ms);
 
 /* End the wait of an nflogd_read() in another thread (it returns 0); 0 or -errno. */
 int nflogd_wake(struct nflogd_reader *r);
-
-/* Let go of r's pool of data buffers (at the reader's end): buffers ZeroMQ still holds
- * are freed when it is done with them. */
-struct nflogd_pool;
-void nflogd_pool_release(struct nflogd_pool *pool);
-
-/* The feed: its own peers and pyzmq's XPUB sockets, shared by the capture threads
- * (nflogd_pump) and the control thread, which holds nflogd_feed_lock() for every use of
- * them (_feed.c, _peers.c). */
-struct nflogd_feed;
-
-/* Take the libzmq functions the feed needs from the library at path, which pyzmq must
- * have loaded already (never a second copy); its version in *major.*minor.*patch.
- * 0, -ENOENT (not loaded) or -ENOSYS (a function missing). */
-int nflogd_zmq_load(const char *path, int *major, int *minor, int *patch);
-
-struct nflogd_feed *nflogd_feed_new(uint64_t epoch);
-void nflogd_feed_free(struct nflogd_feed *f);
-void nflogd_feed_lock(struct nflogd_feed *f);
-void nflogd_feed_unlock(struct nflogd_feed *f);
-/* Both under the lock: the sockets (libzmq's void *; NULL for none), the node name. */
-int nflogd_feed_set_sockets(struct nflogd_feed *f, void *first, void *second);
-int nflogd_feed_set_node(struct nflogd_feed *f, const char *node, uint32_t len);
-uint64_t nflogd_feed_sent(struct nflogd_feed *f);
-uint64_t nflogd_feed_unsent(struct nflogd_feed *f);
-/* Bytes of the messages the XPUB sockets took, once per socket (not per subscriber). */
-uint64_t nflogd_feed_xpub_bytes(struct nflogd_feed *f);
-/* Under the lock: the control loop is about to wait for events. A send that finds a
- * socket with incoming messages afterwards writes 1 to the eventfd fd (once): the send took
- * the ZMQ_FD wake-up the loop would have had. */
-void nflogd_feed_wake_on_incoming(struct nflogd_feed *f, int fd);
-
-/* The feed's own peers: sockets nflogd writes itself once nflogd/zmtp.py has done their
- * handshake (_peers.c). Every call under the feed's lock; id is a peer's slot. */
-struct nflogd_peers;
-struct nflogd_peers *nflogd_feed_peers(struct nflogd_feed *f);
-/* The epoll on which a peer with queued messages is armed for EPOLLOUT (the peer's fd must
- * be in it, for EPOLLIN, with data.fd the fd), and an eventfd written when a peer begins to
- * drop messages (-1: none); what a peer may queue: hwm messages. */
-void nflogd_peers_set_poll(struct nflogd_peers *ps, int epfd, int wake_fd);
-void nflogd_peers_set_hwm(struct nflogd_peers *ps, uint32_t hwm);
-/* A peer whose handshake is done (nothing else may write fd from now on): its id, or -errno. */
-int nflogd_peers_add(struct nflogd_peers *ps, int fd);
-/* Forget the peer and its queue (then the caller closes fd). */
-void nflogd_peers_remove(struct nflogd_peers *ps, int id);
-/* What the peer gets: every group (all), the groups whose high byte has its bit in the
- * 32 bytes of prefix (1-byte topics), the groups whose bit is set in the 8192 bytes of
- * exact (2-byte topics; NULL: none). 0 or -errno. */
-int nflogd_peers_filter(struct nflogd_peers *ps, int id, int all, const uint8_t *prefix, const uint8_t *exact);
-/* Write what the peer has queued: 1 all written, 0 its socket is full, -errno it failed
- * (a failed peer is armed for EPOLLOUT so that its next flush says so). */
-int nflogd_peers_flush(struct nflogd_peers *ps, int id);
-/* A ZMTP command frame (a PONG) to the peer, after what it has queued: 1 written or
- * queued, 0 dropped (hwm queued), -errno. */
-int nflogd_peers_command(struct nflogd_peers *ps, int id, const uint8_t *frame, uint32_t len);
-/* The peer's filter (spec: NFLOGD_FILTER_* of _filter.h, len bytes; NULL: none), in place of
- * the one it had: from now on each of its messages holds only the records the filter passed,
- * numbered by that filter. The filter's slot, or -EINVAL with a one-line reason in why (the
- * peer keeps its old filter), or -ENOENT. */
-int nflogd_peers_set_filter(struct nflogd_peers *ps, int id, const uint8_t *spec, uint32_t len, char *why,
-                            uint32_t whylen);
-int nflogd_peers_filter_slot(struct nflogd_peers *ps, int id);
-struct nflogd_filters;
-struct nflogd_filters *nflogd_peers_filters(struct nflogd_peers *ps);
-/* Bytes written to the peers so far. */
-uint64_t nflogd_peers_sent_bytes(struct nflogd_peers *ps);
-/* Messages dropped (hwm reached) and queued now, of peer id, or of every peer (id -1). */
-uint64_t nflogd_peers_dropped(struct nflogd_peers *ps, int id);
-uint64_t nflogd_peers_queued(struct nflogd_peers *ps, int id);
-/* One message, its four frames, to every peer subscribed to group (publish() from Python). */
-void nflogd_peers_send(struct nflogd_peers *ps, uint16_t group, const uint8_t *topic, uint32_t tlen,
-                       const uint8_t *header, uint32_t hlen, const uint8_t *records, uint32_t rlen,
-                       const uint8_t *data, uint32_t dlen);
-
-/* Read r and send each batch on f (NULL: read and count only) as one wire-format message,
- * first_seq from r->feed_seq, until a read gets nothing within timeout_ms (-1: no end) or nflogd_wake()
- * was called (0), an overrun was counted (1: the caller warns and calls again), or an
- * error (-errno). Runs without the GIL. */
-int nflogd_pump(struct nflogd_reader *r, struct nflogd_feed *f, int timeout_ms);

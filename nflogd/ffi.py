@@ -1,4 +1,5 @@
-"""The binding to nflogd's compiled C: the NFLOG reader (``_nflog.c``) and the feed sender (``_feed.c``).
+"""The binding to nflogd's compiled C: the NFLOG reader (``_nflog.c``) and the feed senders
+(``feed/_feed.c``, ``feed/_peers.c``).
 
 errno becomes an exception in one place (``check``, which names a busy group's holder from
 /proc and asks ``privileges`` whether CAP_NET_ADMIN is held), and kernel units appear only
@@ -13,7 +14,7 @@ here (the flush timeout goes to the kernel in 1/100 s)::
     feed = CFeed(epoch)                # feed.zmq: False when pyzmq's libzmq cannot be shared
     with feed:                         # the mutex every user of the peers and sockets holds
         feed.set_sockets([xpub]); feed.set_node(b"r1")
-        peer = feed.add_peer(fd)       # a subscriber's socket, its handshake done (zmtp.py)
+        peer = feed.add_peer(fd)       # a subscriber's socket, its handshake done (feed/server.py)
     sock.pump(feed, timeout_ms=1000)   # read and publish until idle, woken or overrun
 
 Every call releases the GIL (CFFI does for every call into the module).
@@ -106,6 +107,12 @@ def check(rc: int, group: int, op: str) -> int:
     raise NFLogError(err, f"group {group}: {op}: {os.strerror(err)}")
 
 
+def _free_reader(r) -> None:
+    """The reader's end: the feed lets go of its pool first (the capture knows no feed)."""
+    lib.nflogd_pool_release(r.pool)
+    lib.nflogd_reader_free(r)
+
+
 class NflogSocket:
     """One netlink socket bound to one NFLOG group; the C reader's buffers behind it."""
 
@@ -119,7 +126,7 @@ class NflogSocket:
             raise NFLogError(
                 err, f"group {group}: cannot open a netfilter netlink socket: {os.strerror(err)}"
             )
-        self._r = ffi.gc(r, lib.nflogd_reader_free)
+        self._r = ffi.gc(r, _free_reader)
         self.bound = False
 
     def fileno(self) -> int:
@@ -291,7 +298,7 @@ def load_libzmq() -> bool:
 
 
 class CFeed:
-    """The feed as the C sender sees it: its own peers (``_peers.c``), the ZeroMQ sockets,
+    """The feed as the C sender sees it: its own peers (``feed/_peers.c``), the ZeroMQ sockets,
     and the mutex every user of them holds.
 
     ``with feed:`` holds the mutex (waiting without the GIL); every other method but
@@ -331,7 +338,7 @@ class CFeed:
         once; the caller holds the lock."""
         lib.nflogd_feed_wake_on_incoming(self._f, fd)
 
-    # -- the feed's own peers (_peers.c) ------------------------------------------
+    # -- the feed's own peers (feed/_peers.c) ------------------------------------------
 
     def set_peer_poll(self, epfd: int, wake_fd: int) -> None:
         """The epoll on which a peer with queued messages is armed for EPOLLOUT, and the

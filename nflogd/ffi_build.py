@@ -1,28 +1,51 @@
-"""Builds nflogd._nflog_cffi (CFFI API mode, out of line) from _nflog.h and its C files.
+"""Builds nflogd._nflog_cffi (CFFI API mode, out of line) from the C files and their headers.
+
+One module: the capture (``_nflog.c``, ``_nflog.h``) and the feed's senders
+(``feed/_peers.c``, ``feed/_feed.c`` and their headers). The cdef is the headers as they
+are, less their include guards and includes and less what follows a "C only" line.
 
 Run by setuptools at install time (``cffi_modules`` in setup.py); never at import.
+``NFLOGD_SANITIZE=1`` builds it with AddressSanitizer and UndefinedBehaviorSanitizer
+(``make test-asan``).
 """
 
 import os
+import re
 
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+HEADERS = ("_nflog.h", "feed/_peers.h", "feed/_feed.h", "feed/_filter.h")  # _filter.h after _nflog.h
+SOURCES = ("_nflog.c", "feed/_feed.c", "feed/_peers.c", "feed/_filter.c")
+_PREPROCESSOR = re.compile(r"#\s*(include|ifndef|endif)\b|#define NFLOGD_\w+_H$")
+
+
+def cdef_of(path: str) -> str:
+    """The declarations of a header that CFFI reads."""
+    with open(path) as f:
+        text = f.read()
+    text = text.split("/* -- C only", 1)[0]
+    return "\n".join(line for line in text.splitlines() if not _PREPROCESSOR.match(line))
+
 
 ffibuilder = FFI()
-for header in ("_nflog.h", "_filter.h"):  # _filter.h uses _nflog.h's struct nflogd_record
-    with open(os.path.join(HERE, header)) as f:
-        ffibuilder.cdef(f.read())
+ffibuilder.cdef("\n".join(cdef_of(os.path.join(HERE, h)) for h in HEADERS))
+
+_flags = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+_link: list[str] = []
+if os.environ.get("NFLOGD_SANITIZE"):
+    _flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
+              "-fno-sanitize-recover=undefined", "-Wall", "-Wextra", "-Wno-unused-parameter"]  # fmt: skip
+    _link = ["-fsanitize=address,undefined"]
 
 ffibuilder.set_source(
     "nflogd._nflog_cffi",
-    '#include "_nflog.h"\n#include "_filter.h"',
-    sources=[
-        os.path.relpath(os.path.join(HERE, name)) for name in ("_nflog.c", "_feed.c", "_peers.c", "_filter.c")
-    ],
+    "\n".join(f'#include "{h}"' for h in HEADERS),
+    sources=[os.path.relpath(os.path.join(HERE, name)) for name in SOURCES],
     include_dirs=[HERE],
     libraries=["netfilter_log", "mnl", "pcap", "dl", "pthread"],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    extra_compile_args=_flags,
+    extra_link_args=_link,
 )
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ Use::
     pub.close()
 
 Endpoints: the NULL-mechanism ones (ipc, and tcp without CURVE) are served by nflogd itself,
-``server`` (``nflogd.zmtp``: ZMTP 3.0, as an XPUB socket would), whose peers the capture
+``server`` (``nflogd.feed.server``: ZMTP 3.1, as an XPUB socket would), whose peers the capture
 threads write straight to; with ``direct=False`` (the relay, which forwards on XPUB
 sockets) an XPUB socket, ``socket``, holds them instead. With ``publish.curve`` every tcp
 endpoint is on ``curve_socket`` (a CURVE server XPUB, ZAP domain ``ZAP_DOMAIN``), each
@@ -55,8 +55,9 @@ from nflogd_client.endpoints import Monitor
 
 from .episodes import QUIET_S, Episodes
 from .errors import NflogdError
+from .feed.codec import MAX_FRAME
+from .feed.server import KEEPALIVE_CNT, KEEPALIVE_IDLE_S, KEEPALIVE_INTVL_S, ZmtpServer, peer_credentials
 from .ffi import CFeed
-from .zmtp import KEEPALIVE_CNT, KEEPALIVE_IDLE_S, KEEPALIVE_INTVL_S, MAX_FRAME, ZmtpServer, peer_credentials
 
 if TYPE_CHECKING:
     from .config import PublishConfig

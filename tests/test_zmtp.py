@@ -1,4 +1,4 @@
-"""The feed's own ZMTP server (nflogd/zmtp.py): what libzmq peers and hand-made ZMTP peers get.
+"""The feed's own ZMTP server (nflogd/feed/server.py): what libzmq peers and hand-made ZMTP peers get.
 
 Real sockets on loopback and ipc, a real Publisher; the raw peers speak ZMTP 3 by hand, as
 anyone can (rfc.zeromq.org/spec/23), to reach what libzmq would never send.
@@ -18,10 +18,16 @@ from nflogd_client import wire
 from pubutil import serve
 
 from nflogd.config import PublishConfig
+from nflogd.feed.codec import GREETING_REST, MAX_FRAME, PARTIAL_GREETING
+from nflogd.feed.codec import ready as server_ready
 from nflogd.publish import Publisher
-from nflogd.zmtp import HELLO, MAX_FRAME, greeting
 
 pytestmark = pytest.mark.timeout(30)
+
+
+def greeting(minor: int = 0) -> bytes:
+    """A client's ZMTP 3.x greeting with the NULL mechanism (3.0 unless told)."""
+    return b"\xff" + bytes(8) + b"\x7f" + bytes([3, minor]) + b"NULL".ljust(20, b"\0") + bytes(32)
 
 
 def frame(body: bytes, flags: int = 0) -> bytes:
@@ -105,8 +111,10 @@ def path(tmp_path):
 
 def handshake(pub, path) -> Raw:
     raw = Raw(pub, path)
-    assert raw.read(len(HELLO)) == HELLO  # greeting, NULL, READY with Socket-Type XPUB
+    assert raw.read(len(PARTIAL_GREETING)) == PARTIAL_GREETING  # signature, major version 3
     raw.send(greeting() + ready())
+    assert raw.read(len(GREETING_REST)) == GREETING_REST  # 3.1, NULL
+    assert raw.read(len(server_ready())) == server_ready()  # READY with Socket-Type XPUB
     return raw
 
 
@@ -177,7 +185,8 @@ def test_libzmq_heartbeats_keep_a_quiet_connection(ctx, pub, path):
     "sent, why",
     [
         (b"GET / HTTP/1.1\r\n\r\n", "not ZMTP"),
-        (b"\xff" + bytes(8) + b"\x7f" + b"\x02\x00" + bytes(52), "version 2"),
+        (b"\xff" + bytes(8) + b"\x7f" + b"\x00" + bytes(53), "version 0"),
+        (b"\xff" + bytes(8) + b"\x7f" + b"\x01\x00\x00\x00", "a ZMTP 2.0 PAIR"),
         (b"\xff" + bytes(8) + b"\x7f\x03\x00" + b"PLAIN".ljust(20, b"\0") + bytes(32), "PLAIN"),
         (greeting() + ready(b"PUB"), "a PUB"),
         (greeting() + frame(b"\x01"), "a message before READY"),

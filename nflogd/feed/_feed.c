@@ -1,7 +1,7 @@
 /* nflogd's hot path in C: a group's batches from nflogd_read() straight onto the feed.
  *
  * nflogd_pump() runs in the group's capture thread with the GIL released: it reads a batch
- * (_nflog.c), builds the wire format's four frames (docs/wire-format.md: topic, header +
+ * (_nflog.c, ../_nflog.h), builds the wire format's four frames (docs/wire-format.md: topic, header +
  * node, record table, data) and, under the feed's mutex, writes them to the feed's own
  * peers (_peers.c: the subscribers of its NULL-mechanism endpoints) and sends them on the
  * feed's ZeroMQ sockets (the CURVE endpoints' XPUB), with no Python between the kernel and
@@ -21,7 +21,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "_nflog.h"
+#include "../_nflog.h"
+#include "_feed.h"
 #include "_peers.h"
 
 /* zmq.h: zmq_msg_t is 64 opaque bytes, pointer-aligned; the flags of zmq_msg_send(). */

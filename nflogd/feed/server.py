@@ -2,25 +2,28 @@
 
 The capture threads write each message straight to the subscribers' sockets
 (``_peers.c``); everything else a ZeroMQ XPUB socket would do for them is done here, on the
-control thread, speaking ZMTP 3.0 (rfc.zeromq.org/spec/23) with the NULL mechanism: it
-listens, accepts within the connection budget, sends its greeting and READY (Socket-Type
-XPUB), checks the peer's (a SUB or XSUB, NULL), reads its subscriptions and answers its
-PINGs, and flushes what a slow peer queued once its socket drains. Any libzmq SUB or XSUB
-connects to it as to an XPUB::
+control thread: it listens, accepts within the connection budget, moves each peer's bytes
+through its ``Codec`` (``codec.py``: ZMTP 3.1, 3.0 and 2.0, the NULL mechanism, as an XPUB
+that binds) and acts on what the codec says: a handshake done (the peer goes to the C
+sender), a subscription, a PING (a PONG after what the peer has queued), a breach (its
+ERROR sent if the spec has one, the peer hung up on). It flushes what a slow peer queued
+once its socket drains. Any libzmq SUB or XSUB connects to it as to an XPUB::
 
     server = ZmtpServer(cfeed, owner=publisher, handshake_timeout_ms=10_000)
     server.bind("ipc:///run/nflogd/feed.sock")
     poller.register(server.fileno(), zmq.POLLIN)     # its epoll: listeners and peers
-    flood = server.serve(256)                       # a turn: at most 256 subscriptions read
+    more = server.serve(256)                        # a turn: at most 256 frames per peer
     server.next_deadline()                          # when the next handshake times out
     server.close(linger_ms=250)
 
-What a peer can make the daemon spend is bounded (docs/security.md, "Limits"): its frames at
-``MAX_FRAME`` bytes (a larger one is a hang-up), what it sent and was not parsed yet at one
-read, its time to finish the handshake, its queue at ``publish.hwm`` messages (past that
-its messages are dropped, counted), the subscriptions read per turn. The connection budget,
-the counting and the once-per-episode logs are the owner's (``Publisher``), which the
-CURVE socket's peers share.
+Each peer reads from its own share per turn (``serve``'s ``share`` frames, one read of
+``READ_BYTES``): a peer that floods subscriptions or PINGs gets its share and waits for the
+next turn like every other, so it delays nobody. What a peer can make the daemon spend is
+bounded (docs/security.md, "Limits"): its frames (``codec.MAX_READY``, ``codec.MAX_FRAME``),
+what it sent and was not parsed yet (one read), its time to finish the handshake, its
+queue at ``publish.hwm`` messages (past that its messages are dropped, counted). The
+connection budget, the counting and the once-per-episode logs are the owner's
+(``Publisher``), which the CURVE socket's peers share.
 """
 
 from __future__ import annotations
@@ -39,25 +42,19 @@ from typing import TYPE_CHECKING, Protocol
 
 from nflogd_client import filters, wire
 
-from .addresses import split_host_port
-from .episodes import Episodes
-from .errors import NflogdError
+from ..addresses import split_host_port
+from ..episodes import Episodes
+from ..errors import NflogdError
+from .codec import Cancel, Codec, Handshake, Ping, Refused, Subscribe, pong
 
 if TYPE_CHECKING:
-    from .ffi import CFeed
+    from ..ffi import CFeed
 
-__all__ = ["MAX_FRAME", "ZmtpServer", "greeting", "peer_credentials"]
+__all__ = ["Peer", "ZmtpServer", "group_members", "peer_credentials"]
 
 log = logging.getLogger("nflogd.publish")
 
-#: The largest frame a peer may send (bytes): a NULL READY is about 30, a subscription 3, a PING
-#: at most 21. As libzmq's MAXMSGSIZE did on the XPUB: keeps what a peer sends us short.
-MAX_FRAME = 64
-#: The largest filter (un)subscription a peer may send (bytes): a spec of
-#: NFLOGD_FILTER_MAX_INSNS instructions is about 4.5 KiB; a larger program still fits, to be
-#: refused with its reason, and a frame past this is a hang-up.
-MAX_FILTER_FRAME = 16384
-#: Bytes read from one peer at a time.
+#: Bytes read from one peer at a time (at most once per turn).
 READ_BYTES = 4096
 #: Connections accepted per listener per turn, and the listen backlog.
 ACCEPTS_PER_TURN = 64
@@ -68,7 +65,6 @@ ACCEPT_PAUSE_S = 0.1
 #: found in about 90 s. The XPUB sockets get the same (publish.TCP_KEEPALIVE).
 KEEPALIVE_IDLE_S, KEEPALIVE_INTVL_S, KEEPALIVE_CNT = 60, 10, 3
 
-_MORE, _LONG, _COMMAND = 1, 2, 4
 _UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
 
 
@@ -78,40 +74,21 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-def greeting() -> bytes:
-    """ZMTP 3.0's greeting with the NULL mechanism: 64 bytes."""
-    return b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" + bytes(31)
-
-
-def command(name: bytes, body: bytes) -> bytes:
-    """A ZMTP command frame (short: the caller keeps it under 256 bytes)."""
-    data = bytes([len(name)]) + name + body
-    return bytes([_COMMAND, len(data)]) + data
-
-
-def _property(name: bytes, value: bytes) -> bytes:
-    return bytes([len(name)]) + name + struct.pack(">I", len(value)) + value
-
-
-#: What the server says at once to every peer it accepts: its greeting and READY.
-HELLO = greeting() + command(b"READY", _property(b"Socket-Type", b"XPUB"))
-
-
-def _properties(data: bytes) -> dict[bytes, bytes] | None:
-    """A READY's metadata, or None if malformed."""
-    props, at = {}, 0
-    while at < len(data):
-        n = data[at]
-        name = data[at + 1 : at + 1 + n]
-        if len(name) < n or at + 1 + n + 4 > len(data):
-            return None
-        (size,) = struct.unpack_from(">I", data, at + 1 + n)
-        start = at + 1 + n + 4
-        if start + size > len(data):
-            return None
-        props[name.lower()] = data[start : start + size]
-        at = start + size
-    return props
+def group_members(gids) -> frozenset[int]:
+    """The uids of the users listed as members of the groups ``gids`` (as libzmq's
+    IPC_FILTER_GID takes them: a peer's own group, or one its user is a member of)."""
+    uids = set()
+    for gid in gids:
+        try:
+            names = grp.getgrgid(gid).gr_mem
+        except KeyError:
+            continue
+        for name in names:
+            try:
+                uids.add(pwd.getpwnam(name).pw_uid)
+            except KeyError:
+                continue
+    return frozenset(uids)
 
 
 class Owner(Protocol):
@@ -133,37 +110,62 @@ class _Listener:
         self.paused_until: float | None = None
 
 
-class _Peer:
-    __slots__ = (
-        "sock", "fd", "listener", "label", "state", "buf", "deadline", "id", "topics", "skip", "dropped",
-        "slow_log", "filter",
-    )  # fmt: skip
+class Peer:
+    """One connection of the server: its socket, its ZMTP conversation (``codec``), and what
+    it asked for (``topics``, each with its count: subscriptions add up, spec 23)."""
 
-    GREETING, READY, OPEN = 0, 1, 2
+    __slots__ = (
+        "sock", "fd", "listener", "label", "codec", "deadline", "id", "topics", "dropped", "slow_log", "spec",
+    )  # fmt: skip
 
     def __init__(self, sock: socket.socket, listener: _Listener, label: str, deadline: float):
         self.sock = sock
         self.fd = sock.fileno()
         self.listener = listener
         self.label = label  # tcp: the address; ipc: ":uid:gid:pid", as libzmq's Peer-Address
-        self.state = _Peer.GREETING
-        self.buf = bytearray()
-        self.deadline: float | None = deadline
-        self.id = -1  # the C peer, once OPEN
-        self.topics: set[bytes] = set()
-        self.skip = False  # inside a multipart message (not a subscription): its frames ignored
+        self.codec = Codec()
+        self.deadline: float | None = deadline  # its handshake's end; None once done or gone
+        self.id = -1  # the C peer, once its handshake is done
+        self.topics: dict[bytes, int] = {}
         self.dropped = 0  # messages dropped for it at hwm, as last logged
         self.slow_log = Episodes(log)
-        self.filter: bytes | None = None  # the spec of the filter it holds
+        self.spec: bytes | None = None  # the filter it holds (docs/filters.md)
+
+    def subscribe(self, topic: bytes) -> bool:
+        """Count a subscription; True if the topic is new (the filter changes)."""
+        n = self.topics.get(topic, 0)
+        self.topics[topic] = n + 1
+        return n == 0
+
+    def cancel(self, topic: bytes) -> bool:
+        """Undo one subscription; True if that was the topic's last (the filter changes)."""
+        n = self.topics.get(topic, 0)
+        if n <= 1:
+            return self.topics.pop(topic, None) is not None
+        self.topics[topic] = n - 1
+        return False
+
+    def filter(self) -> tuple[bool, bytes, bytearray | None]:
+        """The topics as the C sender takes them: every group, a bitmap of high bytes (1-byte
+        topics), a bitmap of groups (2-byte topics; None: none)."""
+        prefix, exact = bytearray(32), None
+        for t in self.topics:
+            if len(t) == 1:
+                prefix[t[0] >> 3] |= 1 << (t[0] & 7)
+            elif len(t) == 2:
+                exact = exact if exact is not None else bytearray(8192)
+                group = t[0] << 8 | t[1]
+                exact[group >> 3] |= 1 << (group & 7)
+        return b"" in self.topics, bytes(prefix), exact
 
 
 def message(parts: list[bytes]) -> bytes:
     """A ZMTP message of several frames (MORE on all but the last, LONG past 255 bytes)."""
     out = bytearray()
     for i, part in enumerate(parts):
-        more = _MORE if i < len(parts) - 1 else 0
+        more = 1 if i < len(parts) - 1 else 0
         if len(part) > 255:
-            out += bytes([more | _LONG]) + struct.pack(">Q", len(part))
+            out += bytes([more | 2]) + struct.pack(">Q", len(part))
         else:
             out += bytes([more, len(part)])
         out += part
@@ -185,6 +187,9 @@ class ZmtpServer:
         self._owner = owner
         self.handshake_timeout_s = handshake_timeout_ms / 1000
         self._gids = set(ipc_gids)
+        #: The users that are members of those groups, looked up once, here: never at an
+        #: accept (NSS may block, and the control thread serves every peer).
+        self._members = group_members(ipc_gids)
         self._ep = select.epoll()
         #: Written by the C side when a peer begins to drop messages (its queue at hwm).
         self._slow_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -192,11 +197,11 @@ class ZmtpServer:
         with cfeed:
             cfeed.set_peer_poll(self._ep.fileno(), self._slow_fd)
         self._listeners: dict[int, _Listener] = {}  # listening fd ->
-        self._peers: dict[int, _Peer] = {}  # peer fd ->
-        self._backlog: set[_Peer] = set()  # peers with frames left unparsed at a turn's end
+        self._peers: dict[int, Peer] = {}  # peer fd ->
+        self._backlog: set[Peer] = set()  # peers with their share used up at a turn's end
         #: Peers in their handshake, in the order of their deadlines (one timeout for all).
-        self._handshakes: deque[_Peer] = deque()
-        self._dirty: set[_Peer] = set()  # peers whose subscriptions changed this turn
+        self._handshakes: deque[Peer] = deque()
+        self._dirty: set[Peer] = set()  # peers whose subscriptions changed this turn
         self._emfile_log = Episodes(log)
         self._timeout_log = Episodes(log)
         #: Peers dropped for not finishing the handshake in time (a metric).
@@ -286,14 +291,14 @@ class ZmtpServer:
 
     # -- the turn --------------------------------------------------------------
 
-    def serve(self, limit: int) -> bool:
-        """Accept, handshake, read subscriptions (at most ``limit``), flush slow peers; True
-        if the limit was reached (what is left is read at the next turn)."""
+    def serve(self, share: int) -> bool:
+        """A turn: accept, flush slow peers, and let each peer with something to say have
+        ``share`` frames of it (and one read); True if some peer had more (its rest waits
+        for the next turn, which should come at once)."""
         now = time.monotonic()
         self._expire(now)
-        left = limit
-        for waiting in list(self._backlog):
-            left = self._parse(waiting, left)
+        turn = dict.fromkeys(self._backlog)  # in order, each once
+        self._backlog.clear()
         for fd, events in self._ep.poll(0, 1024):
             if fd == self._slow_fd:
                 self._slow_peers()
@@ -308,13 +313,110 @@ class ZmtpServer:
             if events & select.EPOLLOUT and not self._flush(peer):
                 continue
             if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-                if peer in self._backlog:
-                    continue  # parse what it sent before reading more
-                left = self._read(peer, left)
+                turn[peer] = None
+        for peer in turn:
+            if peer.fd in self._peers:
+                self._serve_peer(peer, share)
         self._push_filters()
-        return left <= 0
+        return bool(self._backlog)
 
-    def _flush(self, peer: _Peer) -> bool:
+    def _serve_peer(self, peer: Peer, share: int) -> None:
+        """Up to ``share`` of the peer's frames, reading it at most once."""
+        codec = peer.codec
+        read = False
+        while share > 0:
+            event = codec.next_event()
+            if event is None:
+                if read:
+                    break
+                read = True
+                if not self._read(peer):
+                    return
+                continue
+            share -= 1
+            if not self._handle(peer, event):
+                return
+        else:
+            self._backlog.add(peer)
+        if peer.id < 0:
+            self._send_handshake(peer)
+
+    def _read(self, peer: Peer) -> bool:
+        """One read of the peer into its codec; False if it was hung up on (gone, or failed)."""
+        try:
+            data = peer.sock.recv(READ_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError as e:
+            log.debug("feed: %s: %s", peer.label, e.strerror)
+            self._hang_up(peer)
+            return False
+        if not data:
+            self._hang_up(peer)
+            return False
+        peer.codec.receive(data)
+        return True
+
+    def _send_handshake(self, peer: Peer) -> None:
+        """What the codec has for the peer during its handshake (a few dozen bytes: the
+        socket's buffer takes them; one that does not is hung up on)."""
+        out = peer.codec.output()
+        if not out:
+            return
+        try:
+            sent = peer.sock.send(out)
+        except OSError:
+            sent = 0
+        if sent != len(out):
+            self._hang_up(peer)
+
+    def _handle(self, peer: Peer, event) -> bool:
+        """One codec event; False if the peer was hung up on."""
+        if isinstance(event, Subscribe):
+            return self._subscription(peer, b"\x01", event.topic)
+        if isinstance(event, Cancel):
+            return self._subscription(peer, b"\x00", event.topic)
+        if isinstance(event, Ping):
+            with self._c:
+                rc = self._c.peer_command(peer.id, pong(event.context))
+            if rc < 0:
+                self._hang_up(peer)
+                return False
+            return True
+        if isinstance(event, Handshake):
+            return self._open(peer)
+        if isinstance(event, Refused):
+            log.debug("feed: %s: %s: hanging up", peer.label, event.reason)
+            if event.error and peer.id < 0:
+                self._send_handshake(peer)  # what the codec had before its end
+                try:
+                    peer.sock.send(event.error)
+                except OSError:
+                    pass
+            self._hang_up(peer)
+            return False
+        return True  # Skipped
+
+    def _open(self, peer: Peer) -> bool:
+        """The peer's handshake is done: our last handshake bytes (READY), then it is the C
+        sender's."""
+        self._send_handshake(peer)
+        if peer.fd not in self._peers:
+            return False
+        with self._c:
+            peer.id = self._c.add_peer(peer.fd)
+        if peer.id < 0:
+            log.debug("feed: %s: %s: hanging up", peer.label, os.strerror(-peer.id))
+            self._hang_up(peer)
+            return False
+        peer.deadline = None
+        log.debug(
+            "feed: %s: subscriber connected on %s (ZMTP %d.%d)",
+            peer.label, peer.listener.endpoint, *(peer.codec.version or (0, 0)),
+        )  # fmt: skip
+        return True
+
+    def _flush(self, peer: Peer) -> bool:
         """Write what the peer has queued (its socket polled writable); False if the write
         failed and the peer was hung up on."""
         if peer.id < 0:
@@ -379,25 +481,19 @@ class ZmtpServer:
             if label is None:
                 sock.close()
                 continue
-            try:
-                sent = sock.send(HELLO)
-            except OSError:
-                sent = 0
-            if sent != len(HELLO):
-                sock.close()
-                continue
-            peer = _Peer(sock, lst, label, now + self.handshake_timeout_s)
+            peer = Peer(sock, lst, label, now + self.handshake_timeout_s)
             lst.peers += 1
             self._peers[peer.fd] = peer
             self._handshakes.append(peer)
             self._ep.register(peer.fd, select.EPOLLIN)
+            self._send_handshake(peer)  # the greeting's first 11 bytes
 
     def _admit(self, sock: socket.socket, address) -> str | None:
         """Set up an accepted socket; its label, or None if ``ipc_filter_groups`` refuses it."""
         sock.setblocking(False)
         if sock.family == socket.AF_UNIX:
             pid, uid, gid = peer_credentials(sock)
-            if self._gids and not self._gid_allowed(uid, gid):
+            if self._gids and gid not in self._gids and uid not in self._members:
                 log.debug("feed: ipc peer uid %d gid %d refused (publish.ipc_filter_groups)", uid, gid)
                 return None
             return f":{uid}:{gid}:{pid}"
@@ -409,22 +505,6 @@ class ZmtpServer:
         ):  # fmt: skip
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
         return str(address[0])
-
-    def _gid_allowed(self, uid: int, gid: int) -> bool:
-        """As libzmq's IPC_FILTER_GID: the peer's group, or a group its user is a member of."""
-        if gid in self._gids:
-            return True
-        try:
-            name = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            return False
-        for g in self._gids:
-            try:
-                if name in grp.getgrgid(g).gr_mem:
-                    return True
-            except KeyError:
-                continue
-        return False
 
     def _slow_peers(self) -> None:
         """Log (once per episode) each peer that lost messages at its hwm since the last look."""
@@ -443,154 +523,39 @@ class ZmtpServer:
                     peer.label, peer.listener.endpoint, dropped,
                 )  # fmt: skip
 
-    # -- a peer's input --------------------------------------------------------
+    # -- subscriptions ---------------------------------------------------------
 
-    def _read(self, peer: _Peer, left: int) -> int:
-        try:
-            data = peer.sock.recv(READ_BYTES)
-        except (BlockingIOError, InterruptedError):
-            return left
-        except OSError as e:
-            log.debug("feed: %s: %s", peer.label, e.strerror)
-            self._hang_up(peer)
-            return left
-        if not data:
-            self._hang_up(peer)
-            return left
-        peer.buf += data
-        return self._parse(peer, left)
-
-    def _parse(self, peer: _Peer, left: int) -> int:
-        """Handle what ``peer`` sent, up to ``left`` subscriptions; what remains of ``left``."""
-        self._backlog.discard(peer)
-        buf = peer.buf
-        at = 0
-        if peer.state == _Peer.GREETING:
-            if buf[:1] not in (b"", b"\xff") or (len(buf) >= 10 and not buf[9] & 1):
-                return self._refuse(peer, "not a ZMTP 3 peer", left)
-            if len(buf) < 64:
-                return left
-            if buf[10] < 3:
-                return self._refuse(peer, f"ZMTP version {buf[10]}", left)
-            mechanism = bytes(buf[12:32]).rstrip(b"\0")
-            if mechanism != b"NULL":
-                return self._refuse(peer, f"mechanism {mechanism.decode(errors='replace')!r}", left)
-            at = 64
-            peer.state = _Peer.READY
-        while True:
-            if len(buf) - at < 2:
-                break
-            flags = buf[at]
-            if flags & ~(_MORE | _LONG | _COMMAND):
-                return self._refuse(peer, "a malformed frame", left)
-            if flags & _LONG:
-                if len(buf) - at < 9:
-                    break
-                (size,) = struct.unpack_from(">Q", buf, at + 1)
-                start = at + 9
-            else:
-                size = buf[at + 1]
-                start = at + 2
-            if size > MAX_FRAME:
-                head = buf[start : start + 1 + len(filters.FILTER_TOPIC)]
-                if len(head) < 1 + len(filters.FILTER_TOPIC) and size <= MAX_FILTER_FRAME:
-                    break  # a filter's subscription, perhaps: wait for its first bytes
-                if (
-                    size > MAX_FILTER_FRAME or flags & _COMMAND or peer.state != _Peer.OPEN
-                    or head[:1] not in (b"\x00", b"\x01") or head[1:] != filters.FILTER_TOPIC
-                ):  # fmt: skip
-                    return self._refuse(peer, f"a {size}-byte frame (at most {MAX_FRAME})", left)
-            if len(buf) - start < size:
-                break
-            if left <= 0 and peer.state == _Peer.OPEN:
-                self._backlog.add(peer)  # the turn's share is read: the rest next turn
-                break
-            body = bytes(buf[start : start + size])
-            at = start + size
-            if flags & _COMMAND:
-                if peer.state == _Peer.OPEN:
-                    left -= 1  # a PING costs a turn's share too
-                if not self._command(peer, body):
-                    return left
-            elif peer.state != _Peer.OPEN:
-                return self._refuse(peer, "a message before READY", left)
-            elif peer.skip or flags & _MORE:
-                peer.skip = bool(flags & _MORE)  # not a subscription (nothing else reaches an XPUB)
-            elif body[:1] in (b"\x00", b"\x01"):
-                left -= 1
-                if not self._subscription(peer, body):
-                    return left
-        del buf[:at]
-        return left
-
-    def _command(self, peer: _Peer, body: bytes) -> bool:
-        """One command frame; False if the peer was hung up on."""
-        n = body[0] if body else 0
-        name, data = body[1 : 1 + n], body[1 + n :]
-        if peer.state == _Peer.READY:
-            if name != b"READY":
-                self._refuse(peer, f"{name!r} before READY", 0)
-                return False
-            props = _properties(data)
-            kind = props.get(b"socket-type") if props is not None else None
-            if kind not in (b"SUB", b"XSUB"):
-                self._refuse(peer, f"socket type {kind!r}, not SUB or XSUB", 0)
-                return False
-            with self._c:
-                peer.id = self._c.add_peer(peer.fd)
-            if peer.id < 0:
-                self._refuse(peer, os.strerror(-peer.id), 0)
-                return False
-            peer.state, peer.deadline = _Peer.OPEN, None
-            log.debug("feed: %s: subscriber connected on %s", peer.label, peer.listener.endpoint)
-        elif name == b"PING" and len(data) >= 2:
-            with self._c:
-                rc = self._c.peer_command(peer.id, command(b"PONG", data[2:18]))
-            if rc < 0:
-                self._hang_up(peer)
-                return False
-        elif name in (b"SUBSCRIBE", b"CANCEL"):  # ZMTP 3.1's form of a (un)subscription
-            return self._subscription(peer, (b"\x01" if name == b"SUBSCRIBE" else b"\x00") + data)
-        return True  # ERROR, PONG and anything newer: nothing to do
-
-    def _subscription(self, peer: _Peer, msg: bytes) -> bool:
+    def _subscription(self, peer: Peer, kind: bytes, topic: bytes) -> bool:
         """A (un)subscription; False if its topic was foreign and the peer hung up on."""
-        topic = msg[1:]
         if topic.startswith(filters.FILTER_TOPIC):
-            return self._filter(peer, msg)
+            return self._filter(peer, kind, topic[len(filters.FILTER_TOPIC) :])
         if len(topic) > wire.TOPIC.size:  # no message can match it: the peer is hung up on
             self._hang_up(peer)
             self._owner.foreign_topic(peer.label, len(topic), 1)
             return False
-        self._owner.subscription(msg, "")
-        if msg[:1] == b"\x01":
-            if topic not in peer.topics:
-                peer.topics.add(topic)
-                self._dirty.add(peer)
-        elif topic in peer.topics:
-            peer.topics.discard(topic)
+        self._owner.subscription(kind + topic, "")
+        if peer.subscribe(topic) if kind == b"\x01" else peer.cancel(topic):
             self._dirty.add(peer)
         return True
 
-    def _filter(self, peer: _Peer, msg: bytes) -> bool:
-        """A filter's (un)subscription: the peer's filter set or cleared in C, and the reply
-        (the filter's topic, then accepted or refused with the reason); False if the peer was
-        hung up on."""
-        self._owner.subscription(msg[: 1 + len(filters.FILTER_TOPIC)], " (filter)")
-        spec = msg[1 + len(filters.FILTER_TOPIC) :]
-        if msg[:1] == b"\x00":
-            if peer.filter == spec:
+    def _filter(self, peer: Peer, kind: bytes, spec: bytes) -> bool:
+        """A filter's (un)subscription: the peer's filter set or cleared in C at once, and the
+        reply (the filter's topic, then accepted or refused with the reason); False if the
+        peer was hung up on."""
+        self._owner.subscription(kind + filters.FILTER_TOPIC, " (a filter)")
+        if kind == b"\x00":
+            if peer.spec == spec:
                 with self._c:
                     self._c.set_peer_filter(peer.id, None)
-                peer.filter = None
+                peer.spec = None
             return True
-        if peer.filter is not None and peer.filter != spec:
+        if peer.spec is not None and peer.spec != spec:
             slot, why = -1, "one filter per connection, and this one holds another"
         else:
             with self._c:
                 slot, why = self._c.set_peer_filter(peer.id, spec)
         if slot >= 0:
-            peer.filter = spec
+            peer.spec = spec
             log.debug("feed: %s: filter %r in force", peer.label, filters.spec_text(spec))
         else:
             self.filters_refused += 1
@@ -598,7 +563,7 @@ class ZmtpServer:
                 "feed: %s on %s: filter refused: %s; %d refused so far",
                 peer.label, peer.listener.endpoint, why, self.filters_refused,
             )  # fmt: skip
-        answer = message(filters.reply(msg[1:], slot >= 0, why))
+        answer = message(filters.reply(filters.FILTER_TOPIC + spec, slot >= 0, why))
         with self._c:
             rc = self._c.peer_command(peer.id, answer)
         if rc < 0:
@@ -612,25 +577,11 @@ class ZmtpServer:
             return
         with self._c:
             for peer in self._dirty:
-                if peer.id < 0:
-                    continue
-                prefix, exact = bytearray(32), None
-                for t in peer.topics:
-                    if len(t) == 1:
-                        prefix[t[0] >> 3] |= 1 << (t[0] & 7)
-                    elif len(t) == 2:
-                        exact = exact if exact is not None else bytearray(8192)
-                        group = t[0] << 8 | t[1]
-                        exact[group >> 3] |= 1 << (group & 7)
-                self._c.peer_filter(peer.id, b"" in peer.topics, bytes(prefix), exact)
+                if peer.id >= 0:
+                    self._c.peer_filter(peer.id, *peer.filter())
         self._dirty.clear()
 
-    def _refuse(self, peer: _Peer, why: str, left: int) -> int:
-        log.debug("feed: %s: %s: hanging up", peer.label, why)
-        self._hang_up(peer)
-        return left
-
-    def _hang_up(self, peer: _Peer) -> None:
+    def _hang_up(self, peer: Peer) -> None:
         if self._peers.pop(peer.fd, None) is None:
             return
         peer.deadline = None  # out of _handshakes at its turn

@@ -19,7 +19,7 @@
 
 #include <pcap/bpf.h>
 
-#include "_nflog.h"
+#include "../_nflog.h"
 #include "_filter.h"
 
 struct seq_of {

@@ -4,8 +4,17 @@
  * mark under a mask, uid, gid, input and output interface, hook). docs/filters.md has the
  * languages and limits, docs/wire-format.md ("Filters") the spec's bytes.
  *
- * Like _nflog.h this is both a C header and part of the CFFI cdef (ffi_build.py reads it after
- * _nflog.h): declarations CFFI can parse only. */
+ * Also part of the CFFI cdef (ffi_build.py reads it after _nflog.h, whose struct
+ * nflogd_record it uses): fixed-width types, no includes but the guarded ones it drops. */
+#ifndef NFLOGD_FILTER_H
+#define NFLOGD_FILTER_H
+
+#include <stdint.h>
+
+
+/* The wire header's flags bit of a message that went through a reader's filter: it holds
+ * only the records that filter passed, and first_seq numbers them (docs/wire-format.md). */
+#define NFLOGD_WIRE_FILTERED 0x01
 
 /* A spec: a fixed head of NFLOGD_FILTER_HEAD bytes, then prefix_len bytes of log prefix,
  * text_len bytes of text (the reader's expression, for metrics and logs), insns x 8 bytes of
@@ -60,3 +69,5 @@ uint64_t nflogd_filters_passed(struct nflogd_filters *fs, int slot);
 uint64_t nflogd_filters_dropped(struct nflogd_filters *fs, int slot);
 uint32_t nflogd_filters_text(struct nflogd_filters *fs, int slot, char *out, uint32_t cap);
 uint64_t nflogd_filters_digest(struct nflogd_filters *fs, int slot);
+
+#endif

@@ -1,5 +1,5 @@
 /* The feed's own peers: each message written straight from the capture thread to the
- * sockets of the subscribers nflogd serves itself (nflogd/zmtp.py does their handshakes).
+ * sockets of the subscribers nflogd serves itself (nflogd/feed/server.py does their handshakes).
  *
  * A message is the wire format's four frames (docs/wire-format.md) in ZMTP framing, written
  * with one sendmsg per peer, non-blocking, from the reader's own buffers. What a peer's
@@ -22,7 +22,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#include "_nflog.h"
+#include "../_nflog.h"
 #include "_filter.h"
 #include "_peers.h"
 
@@ -53,7 +53,7 @@ struct peer {
 struct nflogd_peers {
     struct peer *peer;
     int cap;
-    int epfd;                    /* the control loop's epoll (zmtp.py), -1 for none */
+    int epfd;                    /* the control loop's epoll (server.py), -1 for none */
     int wake_fd;                 /* eventfd in it: a peer began to drop messages */
     uint32_t hwm;
     uint64_t dropped;            /* every peer's, including peers gone */

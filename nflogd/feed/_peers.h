@@ -1,0 +1,61 @@
+/* The feed's own peers (_peers.c): sockets nflogd writes itself once the server
+ * (nflogd/feed/server.py) has done their handshake. Every call under the feed's lock
+ * (nflogd_feed_lock, _feed.h); id is a peer's slot.
+ *
+ * The part above "C only" is also part of the CFFI cdef (ffi_build.py reads it): fixed-width
+ * types, no includes but the guarded ones it drops.
+ */
+#ifndef NFLOGD_PEERS_H
+#define NFLOGD_PEERS_H
+
+#include <stdint.h>
+#include <sys/uio.h>
+
+struct nflogd_peers;
+/* The epoll on which a peer with queued messages is armed for EPOLLOUT (the peer's fd must
+ * be in it, for EPOLLIN, with data.fd the fd), and an eventfd written when a peer begins to
+ * drop messages (-1: none); what a peer may queue: hwm messages. */
+void nflogd_peers_set_poll(struct nflogd_peers *ps, int epfd, int wake_fd);
+void nflogd_peers_set_hwm(struct nflogd_peers *ps, uint32_t hwm);
+/* A peer whose handshake is done (nothing else may write fd from now on): its id, or -errno. */
+int nflogd_peers_add(struct nflogd_peers *ps, int fd);
+/* Forget the peer and its queue (then the caller closes fd). */
+void nflogd_peers_remove(struct nflogd_peers *ps, int id);
+/* What the peer gets: every group (all), the groups whose high byte has its bit in the
+ * 32 bytes of prefix (1-byte topics), the groups whose bit is set in the 8192 bytes of
+ * exact (2-byte topics; NULL: none). 0 or -errno. */
+int nflogd_peers_filter(struct nflogd_peers *ps, int id, int all, const uint8_t *prefix, const uint8_t *exact);
+/* Write what the peer has queued: 1 all written, 0 its socket is full, -errno it failed
+ * (a failed peer is armed for EPOLLOUT so that its next flush says so). */
+int nflogd_peers_flush(struct nflogd_peers *ps, int id);
+/* A ZMTP command frame (a PONG) to the peer, after what it has queued: 1 written or
+ * queued, 0 dropped (hwm queued), -errno. */
+int nflogd_peers_command(struct nflogd_peers *ps, int id, const uint8_t *frame, uint32_t len);
+/* The peer's filter (spec: a filter of _filter.h, len bytes; NULL: none), in place of the
+ * one it had: from now on each of its messages holds only the records the filter passed,
+ * numbered by that filter. The filter's slot, or -EINVAL with a one-line reason in why (the
+ * peer keeps its old filter), or -ENOENT. */
+int nflogd_peers_set_filter(struct nflogd_peers *ps, int id, const uint8_t *spec, uint32_t len, char *why,
+                            uint32_t whylen);
+int nflogd_peers_filter_slot(struct nflogd_peers *ps, int id);
+/* The filters the peers hold (_filter.h), for the metrics. */
+struct nflogd_filters;
+struct nflogd_filters *nflogd_peers_filters(struct nflogd_peers *ps);
+/* Bytes written to the peers so far. */
+uint64_t nflogd_peers_sent_bytes(struct nflogd_peers *ps);
+/* Messages dropped (hwm reached) and queued now, of peer id, or of every peer (id -1). */
+uint64_t nflogd_peers_dropped(struct nflogd_peers *ps, int id);
+uint64_t nflogd_peers_queued(struct nflogd_peers *ps, int id);
+/* One message, its four frames, to every peer subscribed to group (publish() from Python). */
+void nflogd_peers_send(struct nflogd_peers *ps, uint16_t group, const uint8_t *topic, uint32_t tlen,
+                       const uint8_t *header, uint32_t hlen, const uint8_t *records, uint32_t rlen,
+                       const uint8_t *data, uint32_t dlen);
+
+/* -- C only (not in the CFFI cdef): the feed's side (_feed.c), under its mutex -- */
+
+struct nflogd_peers *peers_new(void);
+void peers_free(struct nflogd_peers *ps);
+/* One message, the wire format's four frames, to every peer subscribed to group. */
+void peers_send(struct nflogd_peers *ps, uint16_t group, const struct iovec frames[4]);
+
+#endif
