@@ -50,6 +50,8 @@ VERSION = 1
 #: outdev, instructions, text_len, reserved (docs/wire-format.md, "Filters").
 HEAD = struct.Struct("<BBBBIIIIIIHBB")
 MAX_INSNS = 512
+#: The most bytes of program sent: the daemon reads a filter's subscription up to 16 KiB.
+MAX_SPEC = 15 * 1024
 MAX_PREFIX = 128
 MAX_TEXT = 255
 #: Reply bodies: the first byte.
@@ -142,10 +144,10 @@ class Filter:
         self._what = what
         self._capture = CaptureFilter(self.expression) if self.expression else None
         program = self._capture.program() if self._capture is not None else b""
-        if len(program) // 8 > MAX_INSNS:
+        if len(program) > MAX_SPEC:  # a longer one the daemon refuses with its reason
             raise ValueError(
                 f"capture filter {self.expression!r}: {len(program) // 8} BPF instructions, "
-                f"more than the daemon's {MAX_INSNS}"
+                f"far more than a daemon runs ({MAX_INSNS})"
             )
         text = str(self).encode()[:MAX_TEXT]
         p = self.prefix or b""
