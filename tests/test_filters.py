@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from daemonutil import NflogdProcess, wait_until
+from daemonutil import NflogdProcess, RelayProcess, wait_until
 from feedutil import collect
 from nflogd_client import Filter, FilterRefused, Subscriber, wire
 from nflogd_client import filters as filters_mod
@@ -300,3 +300,24 @@ def test_filter_arguments(ctx):
     with pytest.raises(ValueError, match="outside the mask"):
         Subscriber("ipc:///nonexistent/x.sock", mark=(0x10, 0x0F), context=ctx)
     assert wire.FLAG_FILTERED == 1
+
+
+def test_through_a_relay_the_reader_filters_after_no_answer(netns, daemon, tmp_path, ctx, closing, caplog):
+    """nflogd-relay passes no filter on (its XPUB hangs up on one): FILTER_REPLY_S after
+    connecting, the reader runs the filter itself, with a warning; nothing is lost."""
+    with RelayProcess(netns, tmp_path / "relay", upstreams=[daemon.endpoint]) as relay:
+        sub = Subscriber(relay.endpoint, groups=[1], filter="udp and dst port 53", context=ctx)
+        closing.append(sub)
+        deadline = time.monotonic() + WAIT
+        while sub.filter_state == "pending" and time.monotonic() < deadline:
+            sub.recv(timeout=0.05)
+        assert sub.filter_state == "reader"
+        assert "no answer to the filter within 3 s" in caplog.text
+        wait_until(lambda: "subscribe '0001'" in daemon.stderr, "the relay's subscription upstream")
+        time.sleep(0.3)  # the relay's downstream subscription, after the hang-ups
+        send(netns, OTHER, 5, "o")
+        send(netns, DNS, 3, "d")
+        got = collect(sub, lambda ps: len(ps) >= 3, WAIT)
+        assert [dport(p) for p in got] == [DNS] * 3
+        assert sub.recv(timeout=0.3) is None and sub.total_lost == 0
+        assert relay.alive()

@@ -72,8 +72,10 @@ Filters: ``Subscriber(endpoint, groups=[5], filter="udp port 53")`` (libpcap's l
 NFLOG metadata (``prefix=``, ``prefix_start=``, ``mark=``, ``uid=``, ``gid=``, ``indev=``,
 ``outdev=``, ``hook=``; or ``filter=Filter(...)``) are run at the daemon, before anything is
 sent (``docs/filters.md``): ``filter_state`` is ``"pending"``, then ``"accepted"``; a refusal
-raises ``FilterRefused`` from ``recv()``. With CURVE, or ``filter_at="reader"``, this process
-runs the same filter on what it receives (``filter_state`` ``"reader"``).
+raises ``FilterRefused`` from ``recv()``. With CURVE, with ``filter_at="reader"``, or when no
+answer came ``FILTER_REPLY_S`` after connecting (an nflogd-relay, a daemon without filters:
+both hang up on the filter), this process runs the same filter on what it receives
+(``filter_state`` ``"reader"``, a warning says why).
 
 To wait on several sockets, register ``sub.socket`` with a ``zmq.Poller``, but call
 ``recv()`` while ``sub.pending()`` is non-zero first: packets already received do not make
@@ -96,11 +98,15 @@ from .endpoints import AUTH_RETRY_S, EndpointStatus, EndpointWatch, check_endpoi
 from .filters import Filter, FilterRefused, filter_reply, is_reply, make_filter
 from .wire import Batch, Packet, WireError
 
-__all__ = ["AUTH_RETRY_S", "DEFAULT_ENDPOINT", "EndpointStatus", "Subscriber"]
+__all__ = ["AUTH_RETRY_S", "DEFAULT_ENDPOINT", "FILTER_REPLY_S", "EndpointStatus", "Subscriber"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "ipc:///run/nflogd/feed.sock"
+
+#: Seconds from the first connection to wait for the daemon's answer to a filter before
+#: running it in this process instead.
+FILTER_REPLY_S = 3.0
 
 #: Epochs kept per node: enough to tell a second publisher of the same name from a restart.
 _EPOCHS_KEPT = 4
@@ -279,6 +285,7 @@ class Subscriber(_BatchCursor):
         self.filter_state = "reader" if keys is not None or filter_at == "reader" else "pending"
         if self.filter is not None and self.filter_state == "pending":
             topics.append(self.filter.topic())
+        self._filter_due: float | None = None  # when the answer is late (from the first connection)
         ctx = context if context is not None else zmq.Context.instance()
         #: The SUB socket, for a ``zmq.Poller``.
         self.socket: zmq.Socket[bytes] = ctx.socket(zmq.SUB)
@@ -399,6 +406,8 @@ class Subscriber(_BatchCursor):
         change, or a probe's result, whichever is first; None: no limit. Both drivers'."""
         now = time.monotonic()
         waits = [] if deadline is None else [deadline - now]
+        if self._filter_due is not None and self.filter_state == "pending":
+            waits.append(self._filter_due - now)
         due = self._watch.due_at()
         if due is not None:
             waits.append(due - now)
@@ -408,6 +417,24 @@ class Subscriber(_BatchCursor):
         """Apply the monitor's events, run the probes and reconnects that are due."""
         self._watch.handle_monitor()
         self._watch.step()
+        if self.filter_state == "pending" and self.filter is not None:
+            self._filter_late()
+
+    def _filter_late(self) -> None:
+        """No answer to the filter ``FILTER_REPLY_S`` after the first connection: run it here."""
+        now = time.monotonic()
+        if self._filter_due is None:
+            if any(st.connects for st in self._watch.tracker.status().values()):
+                self._filter_due = now + FILTER_REPLY_S
+        elif now >= self._filter_due:
+            assert self.filter is not None
+            self.socket.setsockopt(zmq.UNSUBSCRIBE, self.filter.topic())
+            self.filter_state = "reader"
+            log.warning(
+                "nflogd feed: no answer to the filter within %g s (an nflogd-relay, or a daemon "
+                "without filters); filtering in this process",
+                FILTER_REPLY_S,
+            )
 
     @property
     def endpoints(self) -> dict[str, EndpointStatus]:
