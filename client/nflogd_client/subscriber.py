@@ -280,9 +280,11 @@ class Subscriber(_BatchCursor):
         if filter_at not in ("daemon", "reader"):
             raise ValueError(f"filter_at: 'daemon' or 'reader', got {filter_at!r}")
         #: The filter (None: every packet), and where it runs: "pending" (sent to the daemon,
-        #: not answered yet), "accepted" (by the daemon), "reader" (here).
+        #: not answered yet), "accepted" (by the daemon), "refused", "reader" (here); "none".
         self.filter = make_filter(filter, match)
         self.filter_state = "reader" if keys is not None or filter_at == "reader" else "pending"
+        if self.filter is None:
+            self.filter_state = "none"
         if self.filter is not None and self.filter_state == "pending":
             topics.append(self.filter.topic())
         self._filter_due: float | None = None  # when the answer is late (from the first connection)
