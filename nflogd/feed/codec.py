@@ -186,7 +186,7 @@ _SIGNATURE, _VERSION, _REST, _V2_TYPE, _V2_IDENTITY, _READY, _OPEN, _V2_OPEN, _D
 class Codec:
     """One peer's ZMTP conversation, the feed's side (an XPUB that binds, NULL mechanism)."""
 
-    __slots__ = ("_buf", "_at", "_out", "_state", "_skip", "version", "socket_type")
+    __slots__ = ("_buf", "_at", "_out", "_state", "_skip", "_ready_sent", "version", "socket_type")
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -194,6 +194,7 @@ class Codec:
         self._out = bytearray(PARTIAL_GREETING)
         self._state = _SIGNATURE
         self._skip = False  # inside a multipart message: its frames are no subscription
+        self._ready_sent = False  # our READY went before the peer's was read (a 3.0 peer)
         #: The peer's (major, minor) once its greeting is read; (2, 0) for ZMTP 2.0.
         self.version: tuple[int, int] | None = None
         self.socket_type: bytes | None = None
@@ -264,6 +265,12 @@ class Codec:
         err = error(reason) if send_error else b""
         return Refused(reason, err)
 
+    def _may_error(self) -> bool:
+        """Whether a refusal now answers with an ERROR: in the NULL handshake, instead of our
+        READY (ZMTP 3.1: the server replies to the client's READY with READY or ERROR);
+        after our READY went (3.0) or the handshake, the grammar has no ERROR."""
+        return self._state == _READY and not self._ready_sent
+
     def _signature(self) -> Event | None:
         buf, at = self._buf, self._at
         if len(buf) > at and buf[at] != 0xFF:
@@ -280,6 +287,7 @@ class Codec:
         if got is None:
             return None
         major = got[0]
+        self.version = (major, 0)
         if major >= 3:
             self._state = _REST
             self._out += GREETING_REST
@@ -298,10 +306,13 @@ class Codec:
         minor = buf[at]
         mechanism = bytes(buf[at + 1 : at + 21]).rstrip(b"\0")
         self._at += 53  # minor, mechanism, as-server, filler: none of them checked but these
-        self.version = (buf[at - 1], minor)
+        self.version = (self.version[0] if self.version else 3, minor)
         if mechanism != b"NULL":
             return self._refuse(f"mechanism {mechanism.decode('ascii', 'replace')!r}, not NULL")
         self._state = _READY
+        if minor == 0:  # ZMTP 3.0: each side sends its READY before it reads the other's
+            self._out += ready()
+            self._ready_sent = True
         return Skipped("greeting")
 
     def _v2_type(self) -> Event | None:
@@ -338,7 +349,7 @@ class Codec:
         flags = buf[at]
         v2 = self._state == _V2_OPEN
         if flags & ~(_MORE | _LONG | (0 if v2 else _COMMAND)):
-            return self._refuse(f"a frame with flags {flags:#04x}", self._state == _READY)
+            return self._refuse(f"a frame with flags {flags:#04x}", self._may_error())
         if flags & _LONG:
             if len(buf) - at < 9:
                 return None
@@ -349,17 +360,17 @@ class Codec:
             start = at + 2
         limit = MAX_READY if self._state == _READY else MAX_FRAME
         if size > limit:
-            return self._refuse(f"a {size}-byte frame (at most {limit})", self._state == _READY)
+            return self._refuse(f"a {size}-byte frame (at most {limit})", self._may_error())
         if len(buf) - start < size:
             return None
         body = bytes(buf[start : start + size])
         self._at = start + size
         if flags & _COMMAND:
             if flags & _MORE:
-                return self._refuse("a command frame with MORE set", self._state == _READY)
+                return self._refuse("a command frame with MORE set", self._may_error())
             return self._command(body)
         if self._state == _READY:
-            return self._refuse("a message before READY", True)
+            return self._refuse("a message before READY", self._may_error())
         if self._skip or flags & _MORE:
             self._skip = bool(flags & _MORE)  # not a subscription (nothing else reaches an XPUB)
             return Skipped("a frame of a multipart message")
@@ -372,25 +383,26 @@ class Codec:
     def _command(self, body: bytes) -> Event:
         n = body[0] if body else 0
         if n == 0 or n + 1 > len(body):
-            return self._refuse("a malformed command", self._state == _READY)
+            return self._refuse("a malformed command", self._may_error())
         name, data = body[1 : 1 + n], body[1 + n :]
         if name == b"ERROR":  # fatal, whenever it comes (spec 23, "Error Handling")
             reason = data[1 : 1 + data[0]] if data else b""
             return self._refuse(f"ERROR from the peer: {reason.decode('ascii', 'replace')}")
         if self._state == _READY:
             if name != b"READY":
-                return self._refuse(f"{name.decode('ascii', 'replace')} before READY", True)
+                return self._refuse(f"{name.decode('ascii', 'replace')} before READY", self._may_error())
             props = properties(data)
             if props is None:
-                return self._refuse("a malformed READY", True)
+                return self._refuse("a malformed READY", self._may_error())
             kind = props.get(b"socket-type")
             if kind not in _PEER_TYPES:
                 shown = "none" if kind is None else kind.decode("ascii", "replace")
-                return self._refuse(f"socket type {shown}, not SUB or XSUB", True)
+                return self._refuse(f"socket type {shown}, not SUB or XSUB", self._may_error())
             assert self.version is not None
             self.socket_type = kind
             self._state = _OPEN
-            self._out += ready()
+            if not self._ready_sent:
+                self._out += ready()
             return Handshake(self.version, kind, props)
         if name == b"SUBSCRIBE":  # ZMTP 3.1's form of a (un)subscription
             return Subscribe(data)
