@@ -36,7 +36,7 @@ from nflogd.feed.codec import (
     properties,
     ready,
 )
-from nflogd.feed.server import Peer
+from nflogd.feed.server import Topics
 from nflogd.publish import Publisher
 
 pytestmark = pytest.mark.timeout(30)
@@ -356,16 +356,17 @@ def test_both_subscription_forms_in_either_version():
 
 def test_subscriptions_are_additive_and_not_idempotent():
     """23/37: "Subscribing to "A" and "A" counts as two subscriptions, and would require two
-    unsubscribe messages to undo" (the server's Peer keeps the count)."""
-    peer = Peer.__new__(Peer)
-    peer.topics = {}
-    assert peer.subscribe(b"\x00\x01") is True
-    assert peer.subscribe(b"\x00\x01") is False
-    assert peer.cancel(b"\x00\x01") is False and peer.filter()[2] is not None
-    assert peer.cancel(b"\x00\x01") is True and peer.filter() == (False, bytes(32), None)
-    assert peer.cancel(b"\x00\x01") is False  # one too many: nothing happens
+    unsubscribe messages to undo" (each peer's Topics keeps the count)."""
+    topics = Topics()
+    assert topics.subscribe(b"\x00\x01") is True
+    assert topics.subscribe(b"\x00\x01") is False
+    assert topics.cancel(b"\x00\x01") is False and topics.filter()[2] is not None
+    assert topics.cancel(b"\x00\x01") is True and topics.filter() == (False, bytes(32), None)
+    assert topics.cancel(b"\x00\x01") is False  # one too many: nothing happens
     assert (
-        peer.subscribe(b"\x00") and peer.subscribe(b"") and peer.filter()[:2] == (True, b"\x01" + bytes(31))
+        topics.subscribe(b"\x00")
+        and topics.subscribe(b"")
+        and topics.filter()[:2] == (True, b"\x01" + bytes(31))
     )
 
 
