@@ -304,7 +304,7 @@ def test_subscription_flood_stalls_nothing(netns, tmp_path):
 @pytest.mark.kernel
 @pytest.mark.parametrize("mode", ["pings", "subs"])
 def test_a_flooding_user_delays_no_new_reader(netns, tmp_path, mode):
-    """uid 65534 floods over loopback tcp from 30 connections (pings: PINGs whose PONGs it
+    """uid 65534 floods over loopback tcp from 50 connections (pings: PINGs whose PONGs it
     never reads; subs: every 2-byte topic subscribed and cancelled, again and again): each peer
     reads from its own share of a turn, so a new reader, on tcp and on ipc, gets its first
     message within a second while the flood goes on (before: when the flood ended, 11-16 s);
@@ -315,7 +315,7 @@ def test_a_flooding_user_delays_no_new_reader(netns, tmp_path, mode):
     with d:
         traffic = SteadyTraffic(netns, [9999], interval=0.002)
         traffic.start()
-        att = attacker(netns, mode, 8, "30")
+        att = attacker(netns, mode, 8, "50")
         try:
             assert att.stdout.readline() == "flooding\n", att.stderr.read() if att.poll() is not None else ""
             time.sleep(1.0)
