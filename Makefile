@@ -110,16 +110,19 @@ extcap-install: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) build *.egg-info client/*.egg-info nflogd/_nflog_cffi*.so
 
-# make fuzz: coverage-guided fuzzing of the feed decoder (fuzz/fuzz_wire.py, atheris) for
-# FUZZ_SECONDS, seeded from fuzz/corpus/wire; new inputs and any crash input go to FUZZ_WORK.
+# make fuzz: coverage-guided fuzzing (atheris) of the feed decoder (fuzz/fuzz_wire.py) and of the
+# feed server's ZMTP codec (fuzz/fuzz_zmtp.py), FUZZ_SECONDS each, seeded from fuzz/corpus/wire
+# and fuzz/corpus/zmtp; new inputs and any crash input go to FUZZ_WORK/wire and FUZZ_WORK/zmtp.
 FUZZ_SECONDS ?= 60
 FUZZ_WORK ?= /tmp/nflogd-fuzz
 .PHONY: fuzz
 fuzz: $(VENV)/.installed
 	$(VPY) -c 'import atheris' 2>/dev/null || $(VPY) -m pip install -q --disable-pip-version-check atheris
-	mkdir -p $(FUZZ_WORK)/corpus
-	$(VPY) fuzz/fuzz_wire.py $(FUZZ_WORK)/corpus fuzz/corpus/wire -max_total_time=$(FUZZ_SECONDS) \
-	    -max_len=4096 -artifact_prefix=$(FUZZ_WORK)/
+	for target in wire zmtp; do \
+	    mkdir -p $(FUZZ_WORK)/$$target/corpus && \
+	    $(VPY) fuzz/fuzz_$$target.py $(FUZZ_WORK)/$$target/corpus fuzz/corpus/$$target \
+	        -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -artifact_prefix=$(FUZZ_WORK)/$$target/ || exit 1; \
+	done
 
 # make deb: the Debian packages nflogd and python3-nflogd-client (debian/), built with
 # dpkg-buildpackage from a copy of the checkout (tracked and new files) in build/deb/nflogd, so

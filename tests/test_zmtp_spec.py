@@ -9,11 +9,15 @@ against the real server of a Publisher.
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import struct
 
 import pytest
 import zmq
+from daemonutil import REPO
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nflogd_client import wire
 from pubutil import serve
 
@@ -431,6 +435,38 @@ def test_a_zmtp_2_peer_that_cannot_subscribe_is_closed(kind):
 
 def test_every_greeting_rest_field_sits_where_the_spec_puts_it():
     assert GREETING_REST == b"\x01" + b"NULL" + bytes(16) + b"\x00" + bytes(31)
+
+
+# -- any bytes, in any pieces: the fuzzer's property ---------------------------------------
+
+
+def _fuzz_harness():
+    spec = importlib.util.spec_from_file_location("fuzz_zmtp", REPO / "fuzz" / "fuzz_zmtp.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FUZZ = _fuzz_harness()
+FRAMES = st.one_of(
+    st.binary(max_size=40).map(frame),
+    st.binary(min_size=1, max_size=40).map(lambda b: frame(b, 4)),
+    st.sampled_from([command(b"PING", b"\x00\x01ab"), command(b"SUBSCRIBE", b"\x00"), frame(b"\x01")]),
+    st.binary(max_size=12),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([b"", SIG, SIG + b"\x01\x02\x00\x00", greeting(), greeting(3, 0), OPEN]),
+    st.lists(FRAMES, max_size=8),
+    st.integers(0, 20),
+)
+def test_any_frames_in_any_pieces_hold_the_codecs_property(start, frames, step):
+    """fuzz/fuzz_zmtp.py's property (the same events and bytes whole, a byte at a time and in
+    pieces; bounded; well-formed), on streams that reach every state."""
+    FUZZ.check(bytes([step]) + start + b"".join(frames))
 
 
 # -- a few over a real socket, one byte per send ------------------------------------------

@@ -90,9 +90,14 @@ def ready(socket_type: bytes = b"XPUB") -> bytes:
 
 
 def error(reason: str) -> bytes:
-    """An ERROR command: the reason, printable ASCII, at most 255 bytes."""
-    text = "".join(c if " " <= c <= "~" else "?" for c in reason).encode()[:255]
+    """An ERROR command, a short frame: the reason, printable ASCII, at most 248 bytes."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in reason).encode()[:248]
     return command(b"ERROR", bytes([len(text)]) + text)
+
+
+def _shown(name: bytes) -> str:
+    """A peer's bytes in a reason: printable ASCII, at most 32 of them."""
+    return "".join(chr(c) if 32 <= c <= 126 else "?" for c in name[:32])
 
 
 def pong(context: bytes) -> bytes:
@@ -308,7 +313,7 @@ class Codec:
         self._at += 53  # minor, mechanism, as-server, filler: none of them checked but these
         self.version = (self.version[0] if self.version else 3, minor)
         if mechanism != b"NULL":
-            return self._refuse(f"mechanism {mechanism.decode('ascii', 'replace')!r}, not NULL")
+            return self._refuse(f"mechanism {_shown(mechanism)!r}, not NULL")
         self._state = _READY
         if minor == 0:  # ZMTP 3.0: each side sends its READY before it reads the other's
             self._out += ready()
@@ -387,16 +392,16 @@ class Codec:
         name, data = body[1 : 1 + n], body[1 + n :]
         if name == b"ERROR":  # fatal, whenever it comes (spec 23, "Error Handling")
             reason = data[1 : 1 + data[0]] if data else b""
-            return self._refuse(f"ERROR from the peer: {reason.decode('ascii', 'replace')}")
+            return self._refuse(f"ERROR from the peer: {_shown(reason)}")
         if self._state == _READY:
             if name != b"READY":
-                return self._refuse(f"{name.decode('ascii', 'replace')} before READY", self._may_error())
+                return self._refuse(f"{_shown(name)} before READY", self._may_error())
             props = properties(data)
             if props is None:
                 return self._refuse("a malformed READY", self._may_error())
             kind = props.get(b"socket-type")
             if kind not in _PEER_TYPES:
-                shown = "none" if kind is None else kind.decode("ascii", "replace")
+                shown = "none" if kind is None else _shown(kind)
                 return self._refuse(f"socket type {shown}, not SUB or XSUB", self._may_error())
             assert self.version is not None
             self.socket_type = kind
@@ -414,4 +419,4 @@ class Codec:
             return Ping(data[0] << 8 | data[1], data[2:])
         if name == b"READY":
             return self._refuse("a second READY")
-        return Skipped(f"a {name.decode('ascii', 'replace')} command")
+        return Skipped(f"a {_shown(name)} command")
