@@ -84,6 +84,24 @@ check: deps
 test: check
 	$(VPY) -m pytest -q -p no:cacheprovider tests
 
+# make test-asan: the C module built with AddressSanitizer and UndefinedBehaviorSanitizer
+# (NFLOGD_SANITIZE=1, into build/asan beside a copy of the package) runs the tests of the C paths:
+# the reader, the capture loop, the feed's senders and server. libasan is preloaded into the
+# Python process (leak detection off: Python's own allocations are not ours); any finding
+# ends the run, but those .ci/ubsan.supp names with its reason.
+ASAN_TESTS := tests/test_capture.py tests/test_capture_loop.py tests/test_classic.py tests/test_publish.py \
+    tests/test_zmtp.py tests/test_zmtp_spec.py
+.PHONY: test-asan
+test-asan: $(VENV)/.installed
+	rm -rf build/asan && mkdir -p build/asan
+	NFLOGD_SANITIZE=1 $(VPY) -c 'import sys; sys.path.insert(0, "nflogd"); import ffi_build; \
+	    ffi_build.ffibuilder.compile(tmpdir="build/asan")' > build/asan/build.log 2>&1 || { tail -20 build/asan/build.log; exit 1; }
+	tar --exclude='*.so' --exclude='*.o' --exclude=__pycache__ -cf - nflogd | tar -C build/asan -xf -
+	cd build/asan && export LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	    UBSAN_OPTIONS=suppressions=$(CURDIR)/.ci/ubsan.supp:print_stacktrace=1:halt_on_error=1 && \
+	    $(CURDIR)/$(VPY) -c 'import nflogd._nflog_cffi as m, sys; sys.exit("build/asan" not in m.__file__)' && \
+	    $(CURDIR)/$(VPY) -m pytest -q -p no:cacheprovider $(addprefix $(CURDIR)/,$(ASAN_TESTS))
+
 # The bench's other readers and the profilers: ulogd2 with its pcap output beside tcpdump,
 # perf and strace for bench/profile.py.
 BENCH_DEBS := ulogd2 ulogd2-pcap linux-perf strace
