@@ -11,9 +11,11 @@ CONFIG ?= etc/nflogd.yaml
 # and (with tshark) to read back nflog-tap's pcap files, systemd for systemd-analyze verify
 # and systemd-sysusers on the unit files, iptables for the rules in docs/operations.md, jq to
 # read back nflog-tap's JSON lines. tcpdump and tshark bring libpcap, which compiles
-# nflogd-extcap's capture filters.
+# nflogd-extcap's capture filters. python3-zmq (Debian's libzmq, another version than pyzmq's)
+# and libjeromq-java with a JDK (JeroMQ, ZMTP 2.0, no libzmq) are the other implementations
+# tests/test_interop.py runs against the feed's own server.
 RUN_DEBS := libnetfilter-log-dev libmnl-dev gcc libc6-dev pkg-config python3-dev python3-venv
-TEST_DEBS := nftables iproute2 tcpdump tshark systemd iptables jq
+TEST_DEBS := nftables iproute2 tcpdump tshark systemd iptables jq python3-zmq libjeromq-java default-jdk-headless
 DEBS := $(RUN_DEBS) $(TEST_DEBS)
 # promtool checks contrib/prometheus/: taken out of Debian's prometheus package into the venv,
 # since installing that package would also enable and start a Prometheus server.
