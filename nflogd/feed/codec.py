@@ -17,8 +17,9 @@ The conversation, as rfc.zeromq.org/spec/23 (ZMTP 3.0) and /spec/37 (ZMTP 3.1) h
 the side that binds: the first 11 bytes of the greeting go out at once; the peer's major
 version decides the rest (3 or more: the rest of a 3.1 greeting; 1 or 2: a ZMTP 2.0 peer,
 /spec/15, gets its socket type and identity and ZMTP 2.0 framing, as libzmq downgrades;
-anything else is refused). With the NULL mechanism the peer's READY comes first, parsed and
-checked (a SUB or XSUB), then ours, or an ERROR command saying why not. After that:
+anything else is refused). With the NULL mechanism a 3.1 peer's READY comes first, parsed
+and checked (a SUB or XSUB), then ours, or an ERROR command saying why not; a 3.0 peer gets
+ours with the greeting (spec 23: each side sends READY before reading the other's). After that:
 subscriptions as messages (3.0) or SUBSCRIBE/CANCEL commands (3.1), PINGs answered, every
 other message or command skipped. A protocol breach is a ``Refused`` event, the codec's
 last: the server sends its ``error`` (if any) and closes.
