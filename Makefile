@@ -11,9 +11,11 @@ CONFIG ?= etc/nflogd.yaml
 # and (with tshark) to read back nflog-tap's pcap files, systemd for systemd-analyze verify
 # and systemd-sysusers on the unit files, iptables for the rules in docs/operations.md, jq to
 # read back nflog-tap's JSON lines. tcpdump and tshark bring libpcap, which compiles
-# nflogd-extcap's capture filters.
+# nflogd-extcap's capture filters. python3-zmq (Debian's libzmq, another version than pyzmq's)
+# and libjeromq-java with a JDK (JeroMQ, ZMTP 2.0, no libzmq) are the other implementations
+# tests/test_interop.py runs against the feed's own server.
 RUN_DEBS := libnetfilter-log-dev libmnl-dev libpcap-dev gcc libc6-dev pkg-config python3-dev python3-venv
-TEST_DEBS := nftables iproute2 tcpdump tshark systemd iptables jq
+TEST_DEBS := nftables iproute2 tcpdump tshark systemd iptables jq python3-zmq libjeromq-java default-jdk-headless
 DEBS := $(RUN_DEBS) $(TEST_DEBS)
 # promtool checks contrib/prometheus/: taken out of Debian's prometheus package into the venv,
 # since installing that package would also enable and start a Prometheus server.
@@ -84,6 +86,24 @@ check: deps
 test: check
 	$(VPY) -m pytest -q -p no:cacheprovider tests
 
+# make test-asan: the C module built with AddressSanitizer and UndefinedBehaviorSanitizer
+# (NFLOGD_SANITIZE=1, into build/asan beside a copy of the package) runs the tests of the C paths:
+# the reader, the capture loop, the feed's senders and server. libasan is preloaded into the
+# Python process (leak detection off: Python's own allocations are not ours); any finding
+# ends the run, but those .ci/ubsan.supp names with its reason.
+ASAN_TESTS := tests/test_capture.py tests/test_capture_loop.py tests/test_classic.py tests/test_publish.py \
+    tests/test_zmtp.py tests/test_zmtp_spec.py
+.PHONY: test-asan
+test-asan: $(VENV)/.installed
+	rm -rf build/asan && mkdir -p build/asan
+	NFLOGD_SANITIZE=1 $(VPY) -c 'import sys; sys.path.insert(0, "nflogd"); import ffi_build; \
+	    ffi_build.ffibuilder.compile(tmpdir="build/asan")' > build/asan/build.log 2>&1 || { tail -20 build/asan/build.log; exit 1; }
+	tar --exclude='*.so' --exclude='*.o' --exclude=__pycache__ -cf - nflogd | tar -C build/asan -xf -
+	cd build/asan && export LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	    UBSAN_OPTIONS=suppressions=$(CURDIR)/.ci/ubsan.supp:print_stacktrace=1:halt_on_error=1 && \
+	    $(CURDIR)/$(VPY) -c 'import nflogd._nflog_cffi as m, sys; sys.exit("build/asan" not in m.__file__)' && \
+	    $(CURDIR)/$(VPY) -m pytest -q -p no:cacheprovider $(addprefix $(CURDIR)/,$(ASAN_TESTS))
+
 # The bench's other readers and the profilers: ulogd2 with its pcap output beside tcpdump,
 # perf and strace for bench/profile.py.
 BENCH_DEBS := ulogd2 ulogd2-pcap linux-perf strace
@@ -110,16 +130,19 @@ extcap-install: $(VENV)/.installed
 clean:
 	rm -rf $(VENV) build *.egg-info client/*.egg-info nflogd/_nflog_cffi*.so
 
-# make fuzz: coverage-guided fuzzing of the feed decoder (fuzz/fuzz_wire.py, atheris) for
-# FUZZ_SECONDS, seeded from fuzz/corpus/wire; new inputs and any crash input go to FUZZ_WORK.
+# make fuzz: coverage-guided fuzzing (atheris) of the feed decoder (fuzz/fuzz_wire.py) and of the
+# feed server's ZMTP codec (fuzz/fuzz_zmtp.py), FUZZ_SECONDS each, seeded from fuzz/corpus/wire
+# and fuzz/corpus/zmtp; new inputs and any crash input go to FUZZ_WORK/wire and FUZZ_WORK/zmtp.
 FUZZ_SECONDS ?= 60
 FUZZ_WORK ?= /tmp/nflogd-fuzz
 .PHONY: fuzz
 fuzz: $(VENV)/.installed
 	$(VPY) -c 'import atheris' 2>/dev/null || $(VPY) -m pip install -q --disable-pip-version-check atheris
-	mkdir -p $(FUZZ_WORK)/corpus
-	$(VPY) fuzz/fuzz_wire.py $(FUZZ_WORK)/corpus fuzz/corpus/wire -max_total_time=$(FUZZ_SECONDS) \
-	    -max_len=4096 -artifact_prefix=$(FUZZ_WORK)/
+	for target in wire zmtp; do \
+	    mkdir -p $(FUZZ_WORK)/$$target/corpus && \
+	    $(VPY) fuzz/fuzz_$$target.py $(FUZZ_WORK)/$$target/corpus fuzz/corpus/$$target \
+	        -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -artifact_prefix=$(FUZZ_WORK)/$$target/ || exit 1; \
+	done
 
 # make deb: the Debian packages nflogd and python3-nflogd-client (debian/), built with
 # dpkg-buildpackage from a copy of the checkout (tracked and new files) in build/deb/nflogd, so

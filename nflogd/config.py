@@ -93,6 +93,11 @@ _GROUP_RANGES: dict[str, tuple[int, int]] = {
 _HWM_RANGE = (1, 10_000_000)
 # Per endpoint: peers connected at once; beyond, a new connection is closed at once.
 _MAX_CONNECTIONS_RANGE = (1, 100_000)
+# Bytes the feed's own peers may have queued together (a slow subscriber's backlog).
+_MAX_QUEUED_BYTES_RANGE = (1 << 20, 1 << 40)
+# A subscriber that has subscribed to nothing for this long is hung up on; 0: never.
+_IDLE_TIMEOUT_RANGE = (0, 86_400_000)
+_IDLE_TIMEOUT_MIN = 1000
 # A peer that has not completed the ZMTP handshake (CURVE included) by then is dropped.
 _HANDSHAKE_TIMEOUT_RANGE = (100, 600_000)
 _NODE_MAX_BYTES = 255
@@ -102,7 +107,10 @@ _PATH_MAX = 4095
 
 _TOP_KEYS = ("groups", "metrics", "node", "publish", "user")
 # The publish keys that are PublishConfig's fields as they are; bind, curve, ipc_filter_groups are mapped.
-_PUBLISH_FIELDS = ("handshake_timeout_ms", "hwm", "insecure", "max_connections")
+_PUBLISH_FIELDS = (
+    "handshake_timeout_ms", "hwm", "idle_timeout_ms", "insecure", "max_connections",
+    "max_connections_per_source", "max_queued_bytes",
+)  # fmt: skip
 _PUBLISH_KEYS = ("bind", "curve", "ipc_filter_groups", *_PUBLISH_FIELDS)
 _CURVE_KEYS = ("authorized_keys_dir", "secret_key_file")
 _GID_MAX = 2**32 - 2  # (gid_t)-1 means "no group"
@@ -186,7 +194,11 @@ class PublishConfig:
     hosts can reach without CURVE. ``ipc_filter_gids``: IPC_FILTER_GID for the ipc endpoints.
     ``max_connections``: peers connected at once per endpoint (more are closed at once);
     ``handshake_timeout_ms``: a peer that has not finished the ZMTP handshake by then is
-    dropped (docs/security.md, "Limits").
+    dropped. On the endpoints nflogd serves itself (ipc, tcp without CURVE):
+    ``max_connections_per_source``: peers at once from one uid (ipc) or one address (tcp),
+    at most ``max_connections`` in effect; ``idle_timeout_ms``: a subscriber that has
+    subscribed to nothing for this long is hung up on (0: never); ``max_queued_bytes``: what
+    slow subscribers may have queued together (docs/security.md, "Threat model and limits").
     """
 
     bind: tuple[str, ...] = ("ipc:///run/nflogd/feed.sock",)
@@ -196,6 +208,9 @@ class PublishConfig:
     ipc_filter_gids: tuple[int, ...] = ()
     max_connections: int = 256
     handshake_timeout_ms: int = 10_000
+    max_connections_per_source: int = 64
+    idle_timeout_ms: int = 300_000
+    max_queued_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         if not isinstance(self.bind, tuple):
@@ -207,6 +222,14 @@ class PublishConfig:
         _check_exposure("bind", self.bind, self.curve, self.insecure)
         check_int("max_connections", self.max_connections, *_MAX_CONNECTIONS_RANGE)
         check_int("handshake_timeout_ms", self.handshake_timeout_ms, *_HANDSHAKE_TIMEOUT_RANGE)
+        check_int("max_connections_per_source", self.max_connections_per_source, *_MAX_CONNECTIONS_RANGE)
+        check_int("idle_timeout_ms", self.idle_timeout_ms, *_IDLE_TIMEOUT_RANGE)
+        if 0 < self.idle_timeout_ms < _IDLE_TIMEOUT_MIN:
+            raise FieldError(
+                "idle_timeout_ms",
+                f"must be 0 (never) or at least {_IDLE_TIMEOUT_MIN}, got {self.idle_timeout_ms}",
+            )
+        check_int("max_queued_bytes", self.max_queued_bytes, *_MAX_QUEUED_BYTES_RANGE)
 
 
 @dataclass(frozen=True)

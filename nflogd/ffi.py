@@ -349,6 +349,21 @@ class CFeed:
         """Messages a peer may have queued; past that its new ones are dropped (counted)."""
         lib.nflogd_peers_set_hwm(self._p, hwm)
 
+    def set_max_queued_bytes(self, max_bytes: int) -> None:
+        """Bytes every peer's queue may hold together; past them a new message is dropped for
+        a peer that would queue it (counted in ``peer_dropped`` and ``full_dropped``)."""
+        lib.nflogd_peers_set_max_bytes(self._p, max_bytes)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes queued now for every peer (a message queued for several counts once)."""
+        return lib.nflogd_peers_queued_bytes(self._p)
+
+    @property
+    def full_dropped(self) -> int:
+        """Messages dropped for a peer because the queues held their maximum of bytes."""
+        return lib.nflogd_peers_full_dropped(self._p)
+
     def add_peer(self, fd: int) -> int:
         """A subscriber's socket, its handshake done: from now on only the feed writes it.
         Its id, or -errno."""

@@ -31,17 +31,27 @@ def cdef_of(path: str) -> str:
 ffibuilder = FFI()
 ffibuilder.cdef("\n".join(cdef_of(os.path.join(HERE, h)) for h in HEADERS))
 
+SANITIZE = bool(os.environ.get("NFLOGD_SANITIZE"))
+
+
+def _source(name: str) -> str:
+    """Relative for setuptools; absolute for make test-asan's compile() in a directory of its own."""
+    path = os.path.join(HERE, name)
+    return path if SANITIZE else os.path.relpath(path)
+
+
 _flags = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 _link: list[str] = []
-if os.environ.get("NFLOGD_SANITIZE"):
+if SANITIZE:
     _flags = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-              "-fno-sanitize-recover=undefined", "-Wall", "-Wextra", "-Wno-unused-parameter"]  # fmt: skip
+              "-fno-sanitize-recover=all",
+              "-fsanitize-recover=alignment", "-Wall", "-Wextra", "-Wno-unused-parameter"]  # fmt: skip
     _link = ["-fsanitize=address,undefined"]
 
 ffibuilder.set_source(
     "nflogd._nflog_cffi",
     "\n".join(f'#include "{h}"' for h in HEADERS),
-    sources=[os.path.relpath(os.path.join(HERE, name)) for name in SOURCES],
+    sources=[_source(name) for name in SOURCES],
     include_dirs=[HERE],
     libraries=["netfilter_log", "mnl", "pcap", "dl", "pthread"],
     extra_compile_args=_flags,

@@ -32,6 +32,14 @@ Exposed:
 ``nflogd_feed_filters_refused_total``      filters readers stated and the daemon refused
 ``nflogd_feed_filter_passed_packets_total{filter,expression}``   packets a filter in use passed
 ``nflogd_feed_filter_dropped_packets_total{filter,expression}``  and dropped (each evaluated once)
+``nflogd_feed_source_refused_connections_total`` connections closed at once, their uid (ipc) or
+                                           address (tcp) over publish.max_connections_per_source,
+                                           per endpoint
+``nflogd_feed_idle_peers_total``           peers hung up on for subscribing to nothing for
+                                           publish.idle_timeout_ms
+``nflogd_feed_full_dropped_messages_total`` messages a subscriber lost because the queues held
+                                           publish.max_queued_bytes
+``nflogd_feed_queued_bytes``               bytes queued for slow subscribers now
 ``nflogd_metrics_dropped_connections_total`` metrics connections closed for the server's limits
 =========================================  =====================================================
 
@@ -393,6 +401,22 @@ def limit_families(prefix: str, feed, server) -> list:
         f"{prefix}_feed_filter_dropped_packets", "Packets a filter in use did not pass.",
         labels=["filter", "expression"],
     )  # fmt: skip
+    by_source = CounterMetricFamily(
+        f"{prefix}_feed_source_refused_connections",
+        "Connections to the feed closed at once: their uid (ipc) or address (tcp) had "
+        "publish.max_connections_per_source.",
+        labels=["endpoint"],
+    )
+    idle = CounterMetricFamily(
+        f"{prefix}_feed_idle_peers",
+        "Feed peers hung up on for subscribing to nothing for publish.idle_timeout_ms.",
+    )
+    full = CounterMetricFamily(
+        f"{prefix}_feed_full_dropped_messages",
+        "Messages not queued for a slow subscriber: the queues held publish.max_queued_bytes "
+        "(counted in slow_dropped_messages too).",
+    )
+    queued_bytes = GaugeMetricFamily(f"{prefix}_feed_queued_bytes", "Bytes queued for slow subscribers now.")
     http = CounterMetricFamily(
         f"{prefix}_metrics_dropped_connections",
         "Metrics connections closed for the server's limits (too many, too slow, too large).",
@@ -413,9 +437,16 @@ def limit_families(prefix: str, feed, server) -> list:
         for digest, text, _holders, npassed, ndropped in feed.filters():
             passed.add_metric([digest, text], npassed)
             failed.add_metric([digest, text], ndropped)
+        source_counts = dict.fromkeys(feed.server.endpoints, 0) | feed.source_refused
+        for endpoint, n in sorted(source_counts.items()):
+            by_source.add_metric([endpoint], n)
+        idle.add_metric([], feed.idle_hangups)
+        full.add_metric([], feed.full_dropped)
+        queued_bytes.add_metric([], feed.queued_bytes)
+    http.add_metric([], server.dropped if server is not None else 0)
     if feed is not None:
         sent_bytes.add_metric([], feed.sent_bytes)
-    http.add_metric([], server.dropped if server is not None else 0)
-    own_families = [slow, queued, timeouts, refused_filters, passed, failed] if own else []
+    own_families = [slow, queued, timeouts, by_source, idle, full, queued_bytes] if own else []
+    own_families += [refused_filters, passed, failed] if own else []
     feed_families = [sent_bytes] if feed is not None else []
     return [refused, dropped, floods, subs, *own_families, *feed_families, http]

@@ -284,6 +284,7 @@ class Publisher:
         #: The C side: the server's peers, the sockets as the C sender sees them, and the lock.
         self._c = CFeed(self.epoch)
         self._c.set_hwm(publish.hwm)
+        self._c.set_max_queued_bytes(publish.max_queued_bytes)
         self._node = node
         self.hwm = publish.hwm
         self.endpoints: list[str] = []
@@ -329,9 +330,9 @@ class Publisher:
         try:
             if direct:
                 self.server = ZmtpServer(
-                    self._c, owner=self, handshake_timeout_ms=publish.handshake_timeout_ms,
-                    ipc_gids=publish.ipc_filter_gids,
-                )  # fmt: skip
+                    self._c, owner=self, handshake_timeout_ms=publish.handshake_timeout_ms
+                )
+                self.server.set_limits(publish)
             else:
                 self.socket = ctx.socket(zmq.XPUB)
                 self.monitor = self._setup(self.socket, publish.hwm)
@@ -402,6 +403,18 @@ class Publisher:
             return self._c.peer_queued()
 
     @property
+    def queued_bytes(self) -> int:
+        """Bytes the server's peers have queued now (a message queued for several, once)."""
+        with self.lock:
+            return self._c.queued_bytes
+
+    @property
+    def full_dropped(self) -> int:
+        """Messages the server's peers lost because the queues held publish.max_queued_bytes."""
+        with self.lock:
+            return self._c.full_dropped
+
+    @property
     def handshake_timeouts(self) -> int:
         """The server's peers hung up on for not finishing the handshake in time."""
         return self.server.handshake_timeouts if self.server is not None else 0
@@ -421,6 +434,17 @@ class Publisher:
         """The filters in use: (digest, text, holders, packets passed, packets dropped)."""
         with self.lock:
             return self._c.filters()
+
+    @property
+    def idle_hangups(self) -> int:
+        """The server's peers hung up on for subscribing to nothing for publish.idle_timeout_ms."""
+        return self.server.idle_hangups if self.server is not None else 0
+
+    @property
+    def source_refused(self) -> dict[str, int]:
+        """Connections the server closed at once, per endpoint: their uid or address had
+        publish.max_connections_per_source."""
+        return dict(self.server.source_refused) if self.server is not None else {}
 
     def _setup(self, sock: zmq.Socket, hwm: int) -> zmq.Socket:
         """Options common to both sockets; returns the socket's monitor."""
@@ -542,6 +566,14 @@ class Publisher:
             if ep not in wanted:
                 self.unbind(ep)
                 log.info("no longer publishing on %s", ep)
+
+    def set_limits(self, publish: PublishConfig) -> None:
+        """The own server's limits again (a reload): per source, idle, the bytes queued; the
+        members of ``ipc_filter_groups`` looked up again."""
+        with self.lock:
+            self._c.set_max_queued_bytes(publish.max_queued_bytes)
+        if self.server is not None:
+            self.server.set_limits(publish)
 
     def set_hwm(self, hwm: int) -> None:
         """Change the hwm: at once for the server's peers; libzmq applies SNDHWM to the

@@ -262,13 +262,15 @@ class Program:
 
     def _apply_publish(self, publish: PublishConfig) -> None:
         """What a reload changes of the ``publish`` section and cannot fail, once the endpoints
-        are rebound: the CURVE authorized keys read again, ``hwm`` for new subscribers."""
+        are rebound: the CURVE authorized keys read again, ``hwm`` for new subscribers, the own
+        server's limits."""
         if self.access is not None and publish.curve is not None:  # CURVE on or off: a restart
             try:
                 self.access.configure(publish.curve)
             except NflogdError as e:  # only if the directory changed since the config was read
                 log.error("reload: %s; the authorized keys loaded before stay", e)
         publisher = self._feed()
+        publisher.set_limits(publish)
         if publish.hwm != publisher.hwm:
             publisher.set_hwm(publish.hwm)
             log.info("reload: publish.hwm %d applies to subscribers connecting from now on", publish.hwm)

@@ -217,8 +217,25 @@ BAD = [
     ("groups: [0]\npublish: [tcp://a:1]", "publish: must be a mapping, got a list"),
     (
         "groups: [0]\npublish: {hmw: 5}",
-        "publish: unknown key 'hmw'; expected one of bind, curve, handshake_timeout_ms, hwm, insecure, "
-        "ipc_filter_groups, max_connections",
+        "publish: unknown key 'hmw'; expected one of bind, curve, handshake_timeout_ms, hwm, "
+        "idle_timeout_ms, insecure, ipc_filter_groups, max_connections, max_connections_per_source, "
+        "max_queued_bytes",
+    ),
+    (
+        "groups: [0]\npublish: {max_connections_per_source: 0}",
+        "publish.max_connections_per_source: must be an integer 1..100000, got 0",
+    ),
+    (
+        "groups: [0]\npublish: {idle_timeout_ms: 500}",
+        "publish.idle_timeout_ms: must be 0 (never) or at least 1000, got 500",
+    ),
+    (
+        "groups: [0]\npublish: {idle_timeout_ms: -1}",
+        "publish.idle_timeout_ms: must be an integer 0..86400000, got -1",
+    ),
+    (
+        "groups: [0]\npublish: {max_queued_bytes: 1000}",
+        "publish.max_queued_bytes: must be an integer 1048576..1099511627776, got 1000",
     ),
     ("groups: [0]\npublish: {hwm: 0}", "publish.hwm: must be an integer 1..10000000, got 0"),
     ("groups: [0]\npublish: {hwm: 10000001}", "publish.hwm: must be an integer 1..10000000, got 10000001"),

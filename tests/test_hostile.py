@@ -97,6 +97,55 @@ elif mode == "stall":  # every group subscribed, nothing ever read (a tiny recei
     s.sendall(GREETING + READY + frame(b"\x01"))
     print("subscribed", flush=True)
     time.sleep(seconds)
+elif mode in ("pings", "subs"):  # argv[4] connections, each sending as fast as the server reads
+    if mode == "pings":  # PINGs, their PONGs never read
+        blob = b"\x04\x07\x04PING\x00\x00" * 20_000
+    else:  # every 2-byte topic subscribed, then cancelled, again and again
+        subs = b"".join(frame(b"\x01" + struct.pack(">H", g)) for g in range(65536))
+        blob = subs + subs.replace(b"\x00\x03\x01", b"\x00\x03\x00")
+    conns = []
+    for _ in range(int(sys.argv[4])):
+        s = zmtp()
+        s.setblocking(False)
+        conns.append([s, 0])
+    print("flooding", flush=True)
+    while time.monotonic() < end:
+        for c in conns:
+            try:
+                c[1] = (c[1] + c[0].send(blob[c[1]:])) % len(blob)  # frames stay whole
+            except BlockingIOError:
+                pass
+        time.sleep(0.0005)
+    print(len(conns), flush=True)
+elif mode == "hold":  # argv[4] connections with the handshake done, subscribed to nothing
+    conns = []
+    for _ in range(int(sys.argv[4])):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(GREETING + READY)
+        conns.append(s)
+    time.sleep(0.5)
+    open_ = 0
+    for s in conns:
+        s.setblocking(False)
+        try:
+            while s.recv(65536):
+                pass
+        except BlockingIOError:
+            open_ += 1
+        except OSError:
+            pass
+    print(open_, flush=True)
+    time.sleep(seconds)
+elif mode == "first":  # a reader: seconds from its connect to its first message (argv[4]: endpoint)
+    import zmq
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.SUB)
+    s.setsockopt(zmq.SUBSCRIBE, b"")
+    t0 = time.monotonic()
+    s.connect(sys.argv[4])
+    print("%.3f" % (time.monotonic() - t0) if s.poll(int(seconds * 1000)) else "none", flush=True)
+    s.close(linger=0)
+    ctx.term()
 elif mode == "huge":  # a message header declaring 1 GiB, then the bytes
     chunk = b"x" * (1 << 20)
     for _ in range(3):
@@ -124,6 +173,16 @@ def attacker(netns, mode: str, seconds: float, *extra: str, nofile: int = 4096) 
         str(seconds),
     ]
     return netns.popen(*cmd, *extra, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def first_message_s(netns, endpoint: str, seconds: float = 5.0) -> float | None:
+    """Seconds a new reader (root, in the namespace) waits from its connect to its first
+    message on ``endpoint``; None if none came within ``seconds``."""
+    cmd = [sys.executable, "-c", ATTACKER, "first", str(FEED_PORT), str(seconds), endpoint]  # with pyzmq
+    out = netns.popen(*cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True).communicate(
+        timeout=seconds + 10
+    )[0]
+    return None if out.strip() == "none" else float(out)
 
 
 def feed_config(d: NflogdProcess, **publish) -> None:
@@ -176,7 +235,8 @@ def test_idle_connections_cannot_exhaust_file_descriptors(netns, tmp_path, monke
     plain = daemonutil.nflogd_command
     monkeypatch.setattr(daemonutil, "nflogd_command", lambda: ["prlimit", "--nofile=256:1024", *plain()])
     d = NflogdProcess(netns, tmp_path, groups=[1])
-    feed_config(d, max_connections=100, handshake_timeout_ms=2000)
+    # one address: the per-source limit as high as the endpoint's, which this test is about
+    feed_config(d, max_connections=100, max_connections_per_source=100, handshake_timeout_ms=2000)
     endpoint = f"tcp://127.0.0.1:{FEED_PORT}"
     with d:
         limits = Path(f"/proc/{d.pid}/limits").read_text().splitlines()
@@ -239,6 +299,62 @@ def test_subscription_flood_stalls_nothing(netns, tmp_path):
         assert d.metric("nflogd_feed_subscription_floods_total") >= 1
         one_packet_through(d, netns, b"after the flood")
     assert warnings(d, "subscription flood") == 1, d.stderr[-2000:]
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("mode", ["pings", "subs"])
+def test_a_flooding_user_delays_no_new_reader(netns, tmp_path, mode):
+    """uid 65534 floods over loopback tcp from 50 connections (pings: PINGs whose PONGs it
+    never reads; subs: every 2-byte topic subscribed and cancelled, again and again): each peer
+    reads from its own share of a turn, so a new reader, on tcp and on ipc, gets its first
+    message within a second while the flood goes on (before: when the flood ended, 11-16 s);
+    the capture loses nothing."""
+    netns.log_rule(1, match="udp dport 9999")
+    d = NflogdProcess(netns, tmp_path, groups=[1])
+    feed_config(d)
+    with d:
+        traffic = SteadyTraffic(netns, [9999], interval=0.002)
+        traffic.start()
+        att = attacker(netns, mode, 8, "50")
+        try:
+            assert att.stdout.readline() == "flooding\n", att.stderr.read() if att.poll() is not None else ""
+            time.sleep(1.0)
+            for endpoint in (f"tcp://127.0.0.1:{FEED_PORT}", d.endpoint):
+                waited = first_message_s(netns, endpoint)
+                assert waited is not None and waited < 1.0, (endpoint, waited, d.stderr[-2000:])
+            assert att.poll() is None, "the flood ended before the readers were served"
+        finally:
+            sent = traffic.stop()[9999]
+            finished(att)
+        wait_until(lambda: d.metric("nflogd_packets_total", group="1") == sent, "every packet captured")
+        assert d.metric("nflogd_kernel_dropped_packets_total", group="1") == 0
+        if mode == "subs":
+            assert d.metric("nflogd_feed_subscription_messages_total") > 10_000  # the flood was read
+    assert d.returncode == 0, d.stderr
+
+
+@pytest.mark.kernel
+def test_one_address_holds_at_most_its_share_of_connections(netns, tmp_path):
+    """uid 65534 opens 100 handshaken connections over loopback tcp and holds them: 64
+    (publish.max_connections_per_source) stay, the rest are closed at once, counted and
+    logged once; the endpoint keeps room (max_connections 256), and a reader on ipc is served."""
+    netns.log_rule(1, match="udp dport 9999")
+    d = NflogdProcess(netns, tmp_path, groups=[1])
+    feed_config(d, idle_timeout_ms=0)
+    endpoint = f"tcp://127.0.0.1:{FEED_PORT}"
+    with d:
+        att = attacker(netns, "hold", 4, "100")
+        try:
+            assert int(att.stdout.readline()) == 64
+            metric = "nflogd_feed_source_refused_connections_total"
+            wait_until(lambda: d.metric(metric, endpoint=endpoint) == 36, "36 connections refused")
+            assert d.metric("nflogd_feed_refused_connections_total", endpoint=endpoint) == 0
+            assert d.metric(metric, endpoint=d.endpoint) == 0
+            one_packet_through(d, netns, b"beside the crowd")
+        finally:
+            finished(att)
+    assert d.returncode == 0, d.stderr
+    assert warnings(d, "publish.max_connections_per_source") == 1, d.stderr
 
 
 # -- 3. memory ------------------------------------------------------------------------------

@@ -287,3 +287,157 @@ def test_a_stuck_subscriber_costs_at_most_hwm_and_is_warned_of_once(ctx, tmp_pat
     finally:
         good.close(linger=0)
         pub.close(linger=0)
+
+
+# -- the limits of docs/security.md: per source, idle, the bytes queued -----------------------
+
+HOLD_IPC = r"""
+import socket, struct, sys, time
+GREETING = b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\0") + b"\0" * 32
+BODY = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 3) + b"SUB"
+conns = []
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    try:
+        s.sendall(GREETING + b"\x04" + bytes([len(BODY)]) + BODY)
+    except OSError:  # closed at once
+        pass
+    conns.append(s)
+time.sleep(1.0)
+alive = 0
+for s in conns:
+    s.setblocking(False)
+    try:
+        while s.recv(65536):
+            pass
+    except BlockingIOError:
+        alive += 1
+    except OSError:
+        pass
+print(alive, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.kernel
+def test_one_uid_holds_at_most_its_share_of_ipc_connections(ctx, caplog):
+    """uid 65534 opens 12 handshaken ipc connections with publish.max_connections_per_source
+    5: 5 stay, 7 are closed at once (its uid, from SO_PEERCRED), counted and logged once; a
+    reader of another uid connects beside them and is served."""
+    import os
+    import select
+    import shutil
+    import subprocess
+    import tempfile
+
+    where = tempfile.mkdtemp()
+    os.chmod(where, 0o755)
+    path = f"{where}/f.sock"
+    ep = f"ipc://{path}"
+    pub = Publisher(ctx, PublishConfig(bind=(ep,), max_connections_per_source=5, idle_timeout_ms=0))
+    os.chmod(path, 0o777)
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3"]
+    proc = subprocess.Popen(
+        [*nobody, "-c", HOLD_IPC, path, "12"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    sub = ctx.socket(zmq.SUB)
+    lines: list[bytes] = []
+
+    def printed() -> bool:
+        assert proc.stdout is not None
+        if select.select([proc.stdout], [], [], 0)[0]:
+            lines.append(proc.stdout.readline())
+        return bool(lines)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="nflogd.publish"):
+            serve(pub, printed, "the held connections counted", 10)
+        assert int(lines[0]) == 5 and pub.source_refused == {ep: 7} and pub.refused == {}
+        sub.connect(ep)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        serve(pub, lambda: pub.subscription_messages == 1, "the reader's subscription")
+        assert delivered(pub, sub, 3, b"beside them") and pub.subscribers == 6
+        assert sum("publish.max_connections_per_source" in r.getMessage() for r in caplog.records) == 1
+    finally:
+        proc.kill()
+        proc.communicate()
+        sub.close(linger=0)
+        pub.close(linger=0)
+        shutil.rmtree(where)
+
+
+def test_a_peer_subscribed_to_nothing_is_hung_up_on_after_the_idle_timeout(ctx, tmp_path, caplog):
+    """publish.idle_timeout_ms: a peer with its handshake done and no topic, and one that
+    cancelled its only topic, are hung up on when it runs out (counted, logged once); a
+    subscribed reader stays."""
+    path = f"{tmp_path}/f.sock"
+    pub = Publisher(ctx, PublishConfig(bind=(f"ipc://{path}",), idle_timeout_ms=1000))
+    sub = ctx.socket(zmq.SUB)
+    try:
+        sub.connect(f"ipc://{path}")
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        idle = handshake(pub, path)
+        t0 = time.monotonic()
+        fickle = handshake(pub, path)
+        fickle.send(frame(b"\x01" + wire.topic(2)))
+        serve(pub, lambda: pub.subscription_messages == 2, "two subscriptions")
+        assert pub.next_check_ms() is not None  # the loop wakes for the timeout
+        end = time.monotonic() + 0.5
+        serve(pub, lambda: time.monotonic() > end, "")
+        fickle.send(frame(b"\x00" + wire.topic(2)))
+        t1 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="nflogd.publish"):
+            serve(pub, lambda: pub.idle_hangups == 1, "the idle peer hung up on")
+            assert 0.9 < time.monotonic() - t0 < 2.5
+            serve(pub, lambda: pub.idle_hangups == 2, "the peer that cancelled hung up on")
+            assert 0.9 < time.monotonic() - t1 < 2.5
+        assert idle.closed_by_server() and fickle.closed_by_server()
+        assert pub.subscribers == 1 and delivered(pub, sub, 2, b"still subscribed")
+        assert sum("subscribed to nothing" in r.getMessage() for r in caplog.records) == 1
+        idle.close()
+        fickle.close()
+    finally:
+        sub.close(linger=0)
+        pub.close(linger=0)
+
+
+def test_slow_subscribers_share_one_cap_of_queued_bytes(ctx, tmp_path, caplog):
+    """Four peers that subscribe and never read, publish.max_queued_bytes 1 MiB, hwm far
+    above: what is queued for them stays at the cap (a message queued for all four counts
+    once), the rest is dropped, counted, warned of once; a reader beside them loses nothing;
+    when they go, the bytes are given back."""
+    path = f"{tmp_path}/f.sock"
+    cap = 1 << 20
+    pub = Publisher(ctx, PublishConfig(bind=(f"ipc://{path}",), hwm=1_000_000, max_queued_bytes=cap))
+    good = ctx.socket(zmq.SUB)
+    good.setsockopt(zmq.RCVHWM, 0)
+    stuck: list[Raw] = []
+    try:
+        for _ in range(4):
+            stuck.append(handshake(pub, path))
+            stuck[-1].send(frame(b"\x01"))
+        good.connect(f"ipc://{path}")
+        good.setsockopt(zmq.SUBSCRIBE, b"")
+        serve(pub, lambda: pub.subscription_messages == 5, "five subscriptions")
+        b = batch(1, b"x" * 1400)
+        peak = 0
+        with caplog.at_level(logging.WARNING, logger="nflogd.publish"):
+            for _ in range(3000):
+                pub.publish(b)
+                pub.handle_incoming()
+                peak = max(peak, pub.queued_bytes)
+                assert good.poll(2000)
+                good.recv_multipart()
+        assert cap - 4096 < peak <= cap + 4 * 2048  # the cap, and at most a begun message each
+        assert pub.full_dropped > 1000 and pub.slow_dropped == pub.full_dropped  # none at hwm
+        assert not good.poll(100)
+        assert sum("publish.max_queued_bytes" in r.getMessage() for r in caplog.records) == 1
+        for r in stuck:
+            r.close()
+        serve(pub, lambda: pub.subscribers == 1 and pub.queued_bytes == 0, "the bytes given back")
+    finally:
+        for r in stuck:
+            r.close()
+        good.close(linger=0)
+        pub.close(linger=0)

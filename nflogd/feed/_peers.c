@@ -14,6 +14,7 @@
  * Every function here runs under the feed's mutex (nflogd_feed_lock). */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <malloc.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +29,7 @@
 
 #define FILTER_EXACT_BYTES 8192  /* a bit per group */
 #define FLUSH_IOV 64             /* queued messages one flush writes per sendmsg */
+#define TRIM_BYTES (4u << 20)    /* queues that held this much give their memory back once empty */
 
 struct blob {
     uint32_t refs;
@@ -64,6 +66,10 @@ struct nflogd_peers {
     uint32_t match_cap;
     uint8_t *fbuf;               /* a filtered message's header, records and data */
     size_t fbuf_cap;
+    uint64_t bytes;              /* what the blobs queued cost (blob_cost), each blob once */
+    uint64_t max_bytes;          /* no new blob past this: the message is dropped for the peer */
+    uint64_t full_dropped;       /* messages dropped so (counted in dropped too) */
+    int trim_due;                /* bytes passed TRIM_BYTES since the last malloc_trim */
 };
 
 struct nflogd_peers *peers_new(void)
@@ -76,20 +82,38 @@ struct nflogd_peers *peers_new(void)
             free(ps);
             return NULL;
         }
+        ps->max_bytes = UINT64_MAX;
     }
     return ps;
 }
 
-static void blob_unref(struct blob *b)
+/* What a blob of len bytes costs: the bytes, its header and the allocator's (about 16). */
+static uint64_t blob_cost(uint64_t len)
 {
-    if (--b->refs == 0)
+    return sizeof(struct blob) + len + 16;
+}
+
+static void blob_unref(struct nflogd_peers *ps, struct blob *b)
+{
+    if (--b->refs == 0) {
+        ps->bytes -= blob_cost(b->len);
         free(b);
+    }
+}
+
+/* Give the memory of emptied queues back to the system (glibc keeps freed blocks otherwise). */
+static void maybe_trim(struct nflogd_peers *ps)
+{
+    if (ps->trim_due && ps->bytes == 0) {
+        ps->trim_due = 0;
+        malloc_trim(0);
+    }
 }
 
 static void queue_clear(struct nflogd_peers *ps, struct peer *p)
 {
     for (uint32_t i = 0; i < p->qlen; i++)
-        blob_unref(p->queue[(p->qhead + i) % p->qcap]);
+        blob_unref(ps, p->queue[(p->qhead + i) % p->qcap]);
     ps->queued -= p->qlen;
     p->qlen = p->qhead = p->qoff = 0;
 }
@@ -123,7 +147,7 @@ static void arm(struct nflogd_peers *ps, struct peer *p, int on)
 {
     if (p->armed == on || ps->epfd < 0)
         return;
-    struct epoll_event ev = { .events = EPOLLIN | (on ? EPOLLOUT : 0), .data.fd = p->fd };
+    struct epoll_event ev = { .events = EPOLLIN | EPOLLRDHUP | (on ? EPOLLOUT : 0), .data.fd = p->fd };
     if (epoll_ctl(ps->epfd, EPOLL_CTL_MOD, p->fd, &ev) == 0)
         p->armed = on;
 }
@@ -193,7 +217,7 @@ static int flush(struct nflogd_peers *ps, struct peer *p)
                 break;
             }
             left -= rest;
-            blob_unref(b);
+            blob_unref(ps, b);
             p->qhead = (p->qhead + 1) % p->qcap;
             p->qlen--;
             p->qoff = 0;
@@ -206,13 +230,16 @@ static int flush(struct nflogd_peers *ps, struct peer *p)
     return 1;
 }
 
-static struct blob *blob_of(const struct iovec *iov, int n, size_t len)
+static struct blob *blob_of(struct nflogd_peers *ps, const struct iovec *iov, int n, size_t len)
 {
     struct blob *b = malloc(sizeof(*b) + len);
     if (!b)
         return NULL;
     b->refs = 1;
     b->len = (uint32_t)len;
+    ps->bytes += blob_cost(len);
+    if (ps->bytes >= TRIM_BYTES)
+        ps->trim_due = 1;
     size_t at = 0;
     for (int i = 0; i < n; i++) {
         memcpy(b->bytes + at, iov[i].iov_base, iov[i].iov_len);
@@ -228,8 +255,9 @@ static int subscribed(const struct peer *p, uint16_t group)
 }
 
 /* One message (iov[0..n), len bytes) to p: written at once or queued (1), dropped because
- * p has hwm queued (0), or p failed (-1). *b is the message's blob, made by the first peer
- * that queues it. */
+ * p has hwm queued (0) or the queues hold max_bytes (2), or p failed (-1). *b is the
+ * message's blob, made by the first peer that queues it (a peer queueing a blob made
+ * already adds no bytes; one that has begun the message gets its rest whatever the bytes). */
 static int deliver(struct nflogd_peers *ps, struct peer *p, const struct iovec *iov, int n, size_t len,
                    struct blob **b)
 {
@@ -256,8 +284,10 @@ static int deliver(struct nflogd_peers *ps, struct peer *p, const struct iovec *
     } else if (p->qlen >= ps->hwm) {
         return 0;
     }
+    if (!*b && !done && ps->bytes + blob_cost(len) > ps->max_bytes)
+        return 2;
     int rc = -ENOMEM;
-    if (*b || (*b = blob_of(iov, n, len)))
+    if (*b || (*b = blob_of(ps, iov, n, len)))
         rc = enqueue(ps, p, *b, (uint32_t)done);
     if (rc == 0)
         return 1;
@@ -294,8 +324,14 @@ static void frame_iov(struct iovec *iov, uint8_t heads[][9], const struct iovec 
     *total = len;
 }
 
+/* Count what deliver() said of a message to p: dropped at its hwm (0) or for the cap on
+ * the bytes queued (2, counted in both). */
 static void delivered(struct nflogd_peers *ps, struct peer *p, int rc)
 {
+    if (rc == 2) {
+        ps->full_dropped++;
+        rc = 0;
+    }
     if (rc == 0) {
         p->dropped++;
         ps->dropped++;
@@ -405,7 +441,7 @@ static void send_filtered(struct nflogd_peers *ps, uint16_t group, const struct 
             delivered(ps, p, deliver(ps, p, iov, 8, len, &b));
         }
         if (b)
-            blob_unref(b);
+            blob_unref(ps, b);
     }
 }
 
@@ -432,7 +468,7 @@ void peers_send(struct nflogd_peers *ps, uint16_t group, const struct iovec fram
         delivered(ps, p, deliver(ps, p, iov, 8, len, &b));
     }
     if (b)
-        blob_unref(b);
+        blob_unref(ps, b);
     if (want)
         send_filtered(ps, group, frames, want);
 }
@@ -448,6 +484,21 @@ void nflogd_peers_set_poll(struct nflogd_peers *ps, int epfd, int wake_fd)
 void nflogd_peers_set_hwm(struct nflogd_peers *ps, uint32_t hwm)
 {
     ps->hwm = hwm ? hwm : 1;
+}
+
+void nflogd_peers_set_max_bytes(struct nflogd_peers *ps, uint64_t max_bytes)
+{
+    ps->max_bytes = max_bytes;
+}
+
+uint64_t nflogd_peers_queued_bytes(struct nflogd_peers *ps)
+{
+    return ps->bytes;
+}
+
+uint64_t nflogd_peers_full_dropped(struct nflogd_peers *ps)
+{
+    return ps->full_dropped;
 }
 
 int nflogd_peers_add(struct nflogd_peers *ps, int fd)
@@ -482,6 +533,7 @@ void nflogd_peers_remove(struct nflogd_peers *ps, int id)
     struct peer *p = peer_at(ps, id);
     if (p)
         peer_release(ps, p);
+    maybe_trim(ps);
 }
 
 int nflogd_peers_filter(struct nflogd_peers *ps, int id, int all, const uint8_t *prefix, const uint8_t *exact)
@@ -545,6 +597,7 @@ int nflogd_peers_flush(struct nflogd_peers *ps, int id)
     int rc = flush(ps, p);
     if (rc < 0)
         fail(ps, p, -rc);
+    maybe_trim(ps);
     return rc < 0 ? -p->dead : rc;
 }
 
@@ -557,10 +610,10 @@ int nflogd_peers_command(struct nflogd_peers *ps, int id, const uint8_t *frame, 
         return -p->dead;
     struct iovec iov = { (void *)frame, len };
     struct blob *b = NULL;
-    int rc = deliver(ps, p, &iov, 1, len, &b);  /* dropped past hwm (0): not a message of the feed */
+    int rc = deliver(ps, p, &iov, 1, len, &b);  /* dropped (0, 2): not a message of the feed */
     if (b)
-        blob_unref(b);
-    return rc < 0 ? -p->dead : rc;
+        blob_unref(ps, b);
+    return rc < 0 ? -p->dead : rc == 1;
 }
 
 uint64_t nflogd_peers_dropped(struct nflogd_peers *ps, int id)

@@ -13,10 +13,16 @@
 
 struct nflogd_peers;
 /* The epoll on which a peer with queued messages is armed for EPOLLOUT (the peer's fd must
- * be in it, for EPOLLIN, with data.fd the fd), and an eventfd written when a peer begins to
+ * be in it, for EPOLLIN | EPOLLRDHUP, with data.fd the fd), and an eventfd written when a peer begins to
  * drop messages (-1: none); what a peer may queue: hwm messages. */
 void nflogd_peers_set_poll(struct nflogd_peers *ps, int epfd, int wake_fd);
 void nflogd_peers_set_hwm(struct nflogd_peers *ps, uint32_t hwm);
+/* The bytes every peer's queue may hold together (a message queued for several peers counts
+ * once); past them a new message is dropped for a peer that would queue it. */
+void nflogd_peers_set_max_bytes(struct nflogd_peers *ps, uint64_t max_bytes);
+/* Bytes queued now, every peer; messages dropped because of max_bytes since the start. */
+uint64_t nflogd_peers_queued_bytes(struct nflogd_peers *ps);
+uint64_t nflogd_peers_full_dropped(struct nflogd_peers *ps);
 /* A peer whose handshake is done (nothing else may write fd from now on): its id, or -errno. */
 int nflogd_peers_add(struct nflogd_peers *ps, int fd);
 /* Forget the peer and its queue (then the caller closes fd). */

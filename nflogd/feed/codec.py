@@ -17,8 +17,9 @@ The conversation, as rfc.zeromq.org/spec/23 (ZMTP 3.0) and /spec/37 (ZMTP 3.1) h
 the side that binds: the first 11 bytes of the greeting go out at once; the peer's major
 version decides the rest (3 or more: the rest of a 3.1 greeting; 1 or 2: a ZMTP 2.0 peer,
 /spec/15, gets its socket type and identity and ZMTP 2.0 framing, as libzmq downgrades;
-anything else is refused). With the NULL mechanism the peer's READY comes first, parsed and
-checked (a SUB or XSUB), then ours, or an ERROR command saying why not. After that:
+anything else is refused). With the NULL mechanism a 3.1 peer's READY comes first, parsed
+and checked (a SUB or XSUB), then ours, or an ERROR command saying why not; a 3.0 peer gets
+ours with the greeting (spec 23: each side sends READY before reading the other's). After that:
 subscriptions as messages (3.0) or SUBSCRIBE/CANCEL commands (3.1), PINGs answered, every
 other message or command skipped. A protocol breach is a ``Refused`` event, the codec's
 last: the server sends its ``error`` (if any) and closes.
@@ -102,9 +103,14 @@ def ready(socket_type: bytes = b"XPUB") -> bytes:
 
 
 def error(reason: str) -> bytes:
-    """An ERROR command: the reason, printable ASCII, at most 255 bytes."""
-    text = "".join(c if " " <= c <= "~" else "?" for c in reason).encode()[:255]
+    """An ERROR command, a short frame: the reason, printable ASCII, at most 248 bytes."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in reason).encode()[:248]
     return command(b"ERROR", bytes([len(text)]) + text)
+
+
+def _shown(name: bytes) -> str:
+    """A peer's bytes in a reason: printable ASCII, at most 32 of them."""
+    return "".join(chr(c) if 32 <= c <= 126 else "?" for c in name[:32])
 
 
 def pong(context: bytes) -> bytes:
@@ -198,7 +204,7 @@ _SIGNATURE, _VERSION, _REST, _V2_TYPE, _V2_IDENTITY, _READY, _OPEN, _V2_OPEN, _D
 class Codec:
     """One peer's ZMTP conversation, the feed's side (an XPUB that binds, NULL mechanism)."""
 
-    __slots__ = ("_buf", "_at", "_out", "_state", "_skip", "version", "socket_type")
+    __slots__ = ("_buf", "_at", "_out", "_state", "_skip", "_ready_sent", "version", "socket_type")
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -206,6 +212,7 @@ class Codec:
         self._out = bytearray(PARTIAL_GREETING)
         self._state = _SIGNATURE
         self._skip = False  # inside a multipart message: its frames are no subscription
+        self._ready_sent = False  # our READY went before the peer's was read (a 3.0 peer)
         #: The peer's (major, minor) once its greeting is read; (2, 0) for ZMTP 2.0.
         self.version: tuple[int, int] | None = None
         self.socket_type: bytes | None = None
@@ -276,6 +283,12 @@ class Codec:
         err = error(reason) if send_error else b""
         return Refused(reason, err)
 
+    def _may_error(self) -> bool:
+        """Whether a refusal now answers with an ERROR: in the NULL handshake, instead of our
+        READY (ZMTP 3.1: the server replies to the client's READY with READY or ERROR);
+        after our READY went (3.0) or the handshake, the grammar has no ERROR."""
+        return self._state == _READY and not self._ready_sent
+
     def _signature(self) -> Event | None:
         buf, at = self._buf, self._at
         if len(buf) > at and buf[at] != 0xFF:
@@ -292,6 +305,7 @@ class Codec:
         if got is None:
             return None
         major = got[0]
+        self.version = (major, 0)
         if major >= 3:
             self._state = _REST
             self._out += GREETING_REST
@@ -310,10 +324,13 @@ class Codec:
         minor = buf[at]
         mechanism = bytes(buf[at + 1 : at + 21]).rstrip(b"\0")
         self._at += 53  # minor, mechanism, as-server, filler: none of them checked but these
-        self.version = (buf[at - 1], minor)
+        self.version = (self.version[0] if self.version else 3, minor)
         if mechanism != b"NULL":
-            return self._refuse(f"mechanism {mechanism.decode('ascii', 'replace')!r}, not NULL")
+            return self._refuse(f"mechanism {_shown(mechanism)!r}, not NULL")
         self._state = _READY
+        if minor == 0:  # ZMTP 3.0: each side sends its READY before it reads the other's
+            self._out += ready()
+            self._ready_sent = True
         return Skipped("greeting")
 
     def _v2_type(self) -> Event | None:
@@ -350,7 +367,7 @@ class Codec:
         flags = buf[at]
         v2 = self._state == _V2_OPEN
         if flags & ~(_MORE | _LONG | (0 if v2 else _COMMAND)):
-            return self._refuse(f"a frame with flags {flags:#04x}", self._state == _READY)
+            return self._refuse(f"a frame with flags {flags:#04x}", self._may_error())
         if flags & _LONG:
             if len(buf) - at < 9:
                 return None
@@ -367,17 +384,17 @@ class Codec:
             if not (maybe and head.startswith(heads)):
                 if maybe and len(head) < 15 and any(h.startswith(head) for h in heads):
                     return None  # a filter, perhaps: wait for its first bytes
-                return self._refuse(f"a {size}-byte frame (at most {limit})", self._state == _READY)
+                return self._refuse(f"a {size}-byte frame (at most {limit})", self._may_error())
         if len(buf) - start < size:
             return None
         body = bytes(buf[start : start + size])
         self._at = start + size
         if flags & _COMMAND:
             if flags & _MORE:
-                return self._refuse("a command frame with MORE set", self._state == _READY)
+                return self._refuse("a command frame with MORE set", self._may_error())
             return self._command(body)
         if self._state == _READY:
-            return self._refuse("a message before READY", True)
+            return self._refuse("a message before READY", self._may_error())
         if self._skip or flags & _MORE:
             self._skip = bool(flags & _MORE)  # not a subscription (nothing else reaches an XPUB)
             return Skipped("a frame of a multipart message")
@@ -390,25 +407,26 @@ class Codec:
     def _command(self, body: bytes) -> Event:
         n = body[0] if body else 0
         if n == 0 or n + 1 > len(body):
-            return self._refuse("a malformed command", self._state == _READY)
+            return self._refuse("a malformed command", self._may_error())
         name, data = body[1 : 1 + n], body[1 + n :]
         if name == b"ERROR":  # fatal, whenever it comes (spec 23, "Error Handling")
             reason = data[1 : 1 + data[0]] if data else b""
-            return self._refuse(f"ERROR from the peer: {reason.decode('ascii', 'replace')}")
+            return self._refuse(f"ERROR from the peer: {_shown(reason)}")
         if self._state == _READY:
             if name != b"READY":
-                return self._refuse(f"{name.decode('ascii', 'replace')} before READY", True)
+                return self._refuse(f"{_shown(name)} before READY", self._may_error())
             props = properties(data)
             if props is None:
-                return self._refuse("a malformed READY", True)
+                return self._refuse("a malformed READY", self._may_error())
             kind = props.get(b"socket-type")
             if kind not in _PEER_TYPES:
-                shown = "none" if kind is None else kind.decode("ascii", "replace")
-                return self._refuse(f"socket type {shown}, not SUB or XSUB", True)
+                shown = "none" if kind is None else _shown(kind)
+                return self._refuse(f"socket type {shown}, not SUB or XSUB", self._may_error())
             assert self.version is not None
             self.socket_type = kind
             self._state = _OPEN
-            self._out += ready()
+            if not self._ready_sent:
+                self._out += ready()
             return Handshake(self.version, kind, props)
         if name == b"SUBSCRIBE":  # ZMTP 3.1's form of a (un)subscription
             return Subscribe(data)
@@ -420,4 +438,4 @@ class Codec:
             return Ping(data[0] << 8 | data[1], data[2:])
         if name == b"READY":
             return self._refuse("a second READY")
-        return Skipped(f"a {name.decode('ascii', 'replace')} command")
+        return Skipped(f"a {_shown(name)} command")

@@ -10,6 +10,7 @@ ERROR sent if the spec has one, the peer hung up on). It flushes what a slow pee
 once its socket drains. Any libzmq SUB or XSUB connects to it as to an XPUB::
 
     server = ZmtpServer(cfeed, owner=publisher, handshake_timeout_ms=10_000)
+    server.set_limits(publish_config)               # per source, idle, ipc_filter_groups
     server.bind("ipc:///run/nflogd/feed.sock")
     poller.register(server.fileno(), zmq.POLLIN)     # its epoll: listeners and peers
     more = server.serve(256)                        # a turn: at most 256 frames per peer
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 import errno
 import grp
+import heapq
+import itertools
 import logging
 import os
 import pwd
@@ -48,14 +51,17 @@ from ..errors import NflogdError
 from .codec import Cancel, Codec, Handshake, Ping, Refused, Subscribe, pong
 
 if TYPE_CHECKING:
+    from ..config import PublishConfig
     from ..ffi import CFeed
 
-__all__ = ["Peer", "ZmtpServer", "group_members", "peer_credentials"]
+__all__ = ["Peer", "Topics", "ZmtpServer", "group_members", "peer_credentials"]
 
 log = logging.getLogger("nflogd.publish")
 
 #: Bytes read from one peer at a time (at most once per turn).
 READ_BYTES = 4096
+#: The least share of a turn a peer with something to say gets (frames), however many do.
+MIN_SHARE = 8
 #: Connections accepted per listener per turn, and the listen backlog.
 ACCEPTS_PER_TURN = 64
 BACKLOG = 100
@@ -66,6 +72,8 @@ ACCEPT_PAUSE_S = 0.1
 KEEPALIVE_IDLE_S, KEEPALIVE_INTVL_S, KEEPALIVE_CNT = 60, 10, 3
 
 _UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
+_IN = select.EPOLLIN | select.EPOLLRDHUP
+_GONE = select.EPOLLHUP | select.EPOLLERR | select.EPOLLRDHUP
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -110,53 +118,101 @@ class _Listener:
         self.paused_until: float | None = None
 
 
-class Peer:
-    """One connection of the server: its socket, its ZMTP conversation (``codec``), and what
-    it asked for (``topics``, each with its count: subscriptions add up, spec 23)."""
+class Topics:
+    """What one peer subscribed to: each topic with its count (subscriptions add up and are
+    not idempotent, spec 23), and the filter the C sender takes, kept as topics come and go
+    (never rebuilt from every topic: 65,536 of them would cost a turn each)."""
 
-    __slots__ = (
-        "sock", "fd", "listener", "label", "codec", "deadline", "id", "topics", "dropped", "slow_log", "spec",
-    )  # fmt: skip
+    __slots__ = ("counts", "_prefix", "_exact", "_exact_topics")
 
-    def __init__(self, sock: socket.socket, listener: _Listener, label: str, deadline: float):
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.listener = listener
-        self.label = label  # tcp: the address; ipc: ":uid:gid:pid", as libzmq's Peer-Address
-        self.codec = Codec()
-        self.deadline: float | None = deadline  # its handshake's end; None once done or gone
-        self.id = -1  # the C peer, once its handshake is done
-        self.topics: dict[bytes, int] = {}
-        self.dropped = 0  # messages dropped for it at hwm, as last logged
-        self.slow_log = Episodes(log)
-        self.spec: bytes | None = None  # the filter it holds (docs/filters.md)
+    def __init__(self) -> None:
+        self.counts: dict[bytes, int] = {}
+        self._prefix = bytearray(32)
+        self._exact: bytearray | None = None
+        self._exact_topics = 0
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __contains__(self, topic: bytes) -> bool:
+        return topic in self.counts
 
     def subscribe(self, topic: bytes) -> bool:
         """Count a subscription; True if the topic is new (the filter changes)."""
-        n = self.topics.get(topic, 0)
-        self.topics[topic] = n + 1
+        n = self.counts.get(topic, 0)
+        self.counts[topic] = n + 1
+        if n == 0:
+            self._mark(topic, True)
         return n == 0
 
     def cancel(self, topic: bytes) -> bool:
         """Undo one subscription; True if that was the topic's last (the filter changes)."""
-        n = self.topics.get(topic, 0)
+        n = self.counts.get(topic, 0)
         if n <= 1:
-            return self.topics.pop(topic, None) is not None
-        self.topics[topic] = n - 1
+            if self.counts.pop(topic, None) is None:
+                return False
+            self._mark(topic, False)
+            return True
+        self.counts[topic] = n - 1
         return False
 
-    def filter(self) -> tuple[bool, bytes, bytearray | None]:
+    def _mark(self, topic: bytes, on: bool) -> None:
+        if len(topic) == 1:
+            bits, at = self._prefix, topic[0]
+        elif len(topic) == 2:
+            self._exact_topics += 1 if on else -1
+            if self._exact is None:
+                self._exact = bytearray(8192)
+            bits, at = self._exact, topic[0] << 8 | topic[1]
+        else:
+            return
+        if on:
+            bits[at >> 3] |= 1 << (at & 7)
+        else:
+            bits[at >> 3] &= ~(1 << (at & 7)) & 0xFF
+        if not self._exact_topics:
+            self._exact = None
+
+    def filter(self) -> tuple[bool, bytes, bytes | None]:
         """The topics as the C sender takes them: every group, a bitmap of high bytes (1-byte
         topics), a bitmap of groups (2-byte topics; None: none)."""
-        prefix, exact = bytearray(32), None
-        for t in self.topics:
-            if len(t) == 1:
-                prefix[t[0] >> 3] |= 1 << (t[0] & 7)
-            elif len(t) == 2:
-                exact = exact if exact is not None else bytearray(8192)
-                group = t[0] << 8 | t[1]
-                exact[group >> 3] |= 1 << (group & 7)
-        return b"" in self.topics, bytes(prefix), exact
+        exact = bytes(self._exact) if self._exact is not None else None
+        return b"" in self.counts, bytes(self._prefix), exact
+
+
+class Peer:
+    """One connection of the server: its socket, its ZMTP conversation (``codec``), what it
+    asked for (``topics``), and what the server's limits count of it."""
+
+    __slots__ = (
+        "sock", "fd", "listener", "label", "source", "codec", "deadline", "id", "topics", "idle_since",
+        "idle_queued", "dropped", "slow_log", "spec",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        listener: _Listener,
+        label: str,
+        source: tuple[str, object],
+        deadline: float,
+    ):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.listener = listener
+        self.label = label  # tcp: the address; ipc: ":uid:gid:pid", as libzmq's Peer-Address
+        self.source = source  # what max_connections_per_source counts: ("uid", n) or ("address", a)
+        self.codec = Codec()
+        self.deadline: float | None = deadline  # its handshake's end; None once done or gone
+        self.id = -1  # the C peer, once its handshake is done
+        self.topics = Topics()
+        #: Since when it has had its handshake done and no topic (None: it has one, or no
+        #: handshake yet): what publish.idle_timeout_ms is counted from.
+        self.idle_since: float | None = None
+        self.idle_queued = False  # in the server's heap of idle peers
+        self.dropped = 0  # messages dropped for it at hwm, as last logged
+        self.spec: bytes | None = None  # the filter it holds (docs/filters.md)
+        self.slow_log = Episodes(log)
 
 
 def message(parts: list[bytes]) -> bytes:
@@ -180,16 +236,19 @@ class ZmtpServer:
     feed as a whole (``Owner``).
     """
 
-    def __init__(
-        self, cfeed: CFeed, *, owner: Owner, handshake_timeout_ms: int, ipc_gids: tuple[int, ...] = ()
-    ) -> None:
+    def __init__(self, cfeed: CFeed, *, owner: Owner, handshake_timeout_ms: int) -> None:
         self._c = cfeed
         self._owner = owner
         self.handshake_timeout_s = handshake_timeout_ms / 1000
-        self._gids = set(ipc_gids)
-        #: The users that are members of those groups, looked up once, here: never at an
-        #: accept (NSS may block, and the control thread serves every peer).
-        self._members = group_members(ipc_gids)
+        # The limits set_limits() sets (PublishConfig's): none until then.
+        self._gids: set[int] = set()
+        self._members: frozenset[int] = frozenset()
+        self.per_source = 1 << 30
+        self.idle_timeout_s: float | None = None
+        self._sources: dict[tuple[str, object], int] = {}  # Peer.source -> peers connected now
+        #: Peers with a handshake done and no topic, by when they became so (one entry each).
+        self._idle: list[tuple[float, int, Peer]] = []
+        self._idle_seq = itertools.count()
         self._ep = select.epoll()
         #: Written by the C side when a peer begins to drop messages (its queue at hwm).
         self._slow_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -204,11 +263,19 @@ class ZmtpServer:
         self._dirty: set[Peer] = set()  # peers whose subscriptions changed this turn
         self._emfile_log = Episodes(log)
         self._timeout_log = Episodes(log)
+        self._source_log = Episodes(log)
+        self._idle_log = Episodes(log)
+        self._full_log = Episodes(log)
+        self._full_dropped = 0  # as last logged
         #: Peers dropped for not finishing the handshake in time (a metric).
         self.handshake_timeouts = 0
         #: Filters refused (a metric), and their log.
         self.filters_refused = 0
         self._filter_log = Episodes(log)
+        #: Peers dropped for subscribing to nothing for idle_timeout_s (a metric).
+        self.idle_hangups = 0
+        #: Connections closed at once per endpoint: their source had per_source (a metric).
+        self.source_refused: dict[str, int] = {}
 
     def fileno(self) -> int:
         return self._ep.fileno()
@@ -221,6 +288,16 @@ class ZmtpServer:
     @property
     def endpoints(self) -> list[str]:
         return [lst.endpoint for lst in self._listeners.values()]
+
+    def set_limits(self, publish: PublishConfig) -> None:
+        """The limits of ``publish`` (at the start, and again at a reload): connections per
+        source (at most ``max_connections``), the idle timeout, ``ipc_filter_groups`` with
+        their members looked up now, never at an accept (NSS may block, and this thread
+        serves every peer)."""
+        self.per_source = min(publish.max_connections_per_source, publish.max_connections)
+        self.idle_timeout_s = publish.idle_timeout_ms / 1000 if publish.idle_timeout_ms else None
+        self._gids = set(publish.ipc_filter_gids)
+        self._members = group_members(publish.ipc_filter_gids)
 
     # -- listeners -------------------------------------------------------------
 
@@ -291,10 +368,12 @@ class ZmtpServer:
 
     # -- the turn --------------------------------------------------------------
 
-    def serve(self, share: int) -> bool:
-        """A turn: accept, flush slow peers, and let each peer with something to say have
-        ``share`` frames of it (and one read); True if some peer had more (its rest waits
-        for the next turn, which should come at once)."""
+    def serve(self, frames: int) -> bool:
+        """A turn: accept, flush slow peers, and let each peer with something to say have an
+        equal share of ``frames`` (at least MIN_SHARE) and one read; True if some peer had
+        more (its rest waits for the next turn, which should come at once). A turn thus
+        costs about ``frames`` however many peers flood, and each of them, a new one too,
+        gets its share of every turn."""
         now = time.monotonic()
         self._expire(now)
         turn = dict.fromkeys(self._backlog)  # in order, each once
@@ -310,10 +389,14 @@ class ZmtpServer:
             peer = self._peers.get(fd)
             if peer is None:
                 continue
+            if events & _GONE:  # closed (its writing side at least): what it sent matters no more
+                self._hang_up(peer)
+                continue
             if events & select.EPOLLOUT and not self._flush(peer):
                 continue
-            if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+            if events & select.EPOLLIN:
                 turn[peer] = None
+        share = max(MIN_SHARE, frames // max(1, len(turn)))
         for peer in turn:
             if peer.fd in self._peers:
                 self._serve_peer(peer, share)
@@ -410,6 +493,8 @@ class ZmtpServer:
             self._hang_up(peer)
             return False
         peer.deadline = None
+        if not peer.topics:
+            self._became_idle(peer, time.monotonic())
         log.debug(
             "feed: %s: subscriber connected on %s (ZMTP %d.%d)",
             peer.label, peer.listener.endpoint, *(peer.codec.version or (0, 0)),
@@ -437,6 +522,8 @@ class ZmtpServer:
         first = waiting[0].deadline if waiting else None
         if first is not None:
             due.append(first)
+        if self._idle and self.idle_timeout_s is not None:
+            due.append(self._idle[0][0] + self.idle_timeout_s)
         return min(due) if due else None
 
     def _expire(self, now: float) -> None:
@@ -451,10 +538,39 @@ class ZmtpServer:
                 peer.label, peer.listener.endpoint, self.handshake_timeout_s, self.handshake_timeouts,
             )  # fmt: skip
             self._hang_up(peer)
+        self._expire_idle(now)
         for fd, lst in self._listeners.items():
             if lst.paused_until is not None and lst.paused_until <= now:
                 lst.paused_until = None
                 self._ep.register(fd, select.EPOLLIN)
+
+    def _became_idle(self, peer: Peer, now: float) -> None:
+        peer.idle_since = now
+        if not peer.idle_queued:
+            peer.idle_queued = True
+            heapq.heappush(self._idle, (now, next(self._idle_seq), peer))
+
+    def _expire_idle(self, now: float) -> None:
+        """Hang up on the peers that have subscribed to nothing for idle_timeout_s."""
+        timeout, idle = self.idle_timeout_s, self._idle
+        if timeout is None:
+            return
+        while idle and idle[0][0] + timeout <= now:
+            _, _, peer = heapq.heappop(idle)
+            peer.idle_queued = False
+            if peer.fd not in self._peers or peer.idle_since is None:
+                continue  # gone, or subscribed since
+            if peer.idle_since + timeout > now:  # idle again since: back in, at that time
+                peer.idle_queued = True
+                heapq.heappush(idle, (peer.idle_since, next(self._idle_seq), peer))
+                continue
+            self.idle_hangups += 1
+            self._idle_log.hit(
+                "feed: %s on %s subscribed to nothing for %g s (publish.idle_timeout_ms): hung up on; "
+                "%d so far",
+                peer.label, peer.listener.endpoint, timeout, self.idle_hangups,
+            )  # fmt: skip
+            self._hang_up(peer)
 
     def _accept(self, lst: _Listener, now: float) -> None:
         budget = None
@@ -477,26 +593,42 @@ class ZmtpServer:
                 sock.close()
                 self._owner.peer_refused(lst.endpoint, lst.peers)
                 continue
-            label = self._admit(sock, address)
-            if label is None:
+            admitted = self._admit(sock, address)
+            if admitted is None:
                 sock.close()
                 continue
-            peer = Peer(sock, lst, label, now + self.handshake_timeout_s)
+            label, source = admitted
+            from_source = self._sources.get(source, 0)
+            if from_source >= min(self.per_source, budget):
+                sock.close()
+                self._source_refused(lst, source, from_source)
+                continue
+            peer = Peer(sock, lst, label, source, now + self.handshake_timeout_s)
             lst.peers += 1
+            self._sources[source] = from_source + 1
             self._peers[peer.fd] = peer
             self._handshakes.append(peer)
-            self._ep.register(peer.fd, select.EPOLLIN)
+            self._ep.register(peer.fd, _IN)
             self._send_handshake(peer)  # the greeting's first 11 bytes
 
-    def _admit(self, sock: socket.socket, address) -> str | None:
-        """Set up an accepted socket; its label, or None if ``ipc_filter_groups`` refuses it."""
+    def _source_refused(self, lst: _Listener, source: tuple[str, object], connected: int) -> None:
+        n = self.source_refused[lst.endpoint] = self.source_refused.get(lst.endpoint, 0) + 1
+        self._source_log.hit(
+            "feed: %s: %s %s has %d connections, its limit (publish.max_connections_per_source): "
+            "closing new ones from it; %d refused so far",
+            lst.endpoint, *source, connected, n,
+        )  # fmt: skip
+
+    def _admit(self, sock: socket.socket, address) -> tuple[str, tuple[str, object]] | None:
+        """Set up an accepted socket; its label and source, or None if ``ipc_filter_groups``
+        refuses it."""
         sock.setblocking(False)
         if sock.family == socket.AF_UNIX:
             pid, uid, gid = peer_credentials(sock)
             if self._gids and gid not in self._gids and uid not in self._members:
                 log.debug("feed: ipc peer uid %d gid %d refused (publish.ipc_filter_groups)", uid, gid)
                 return None
-            return f":{uid}:{gid}:{pid}"
+            return f":{uid}:{gid}:{pid}", ("uid", uid)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         for option, value in (
@@ -504,7 +636,7 @@ class ZmtpServer:
             (socket.TCP_KEEPCNT, KEEPALIVE_CNT),
         ):  # fmt: skip
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
-        return str(address[0])
+        return str(address[0]), ("address", address[0])
 
     def _slow_peers(self) -> None:
         """Log (once per episode) each peer that lost messages at its hwm since the last look."""
@@ -514,6 +646,14 @@ class ZmtpServer:
             pass
         with self._c:
             counts = [(p, self._c.peer_dropped(p.id)) for p in self._peers.values() if p.id >= 0]
+            full, queued = self._c.full_dropped, self._c.queued_bytes
+        if full > self._full_dropped:
+            self._full_dropped = full
+            self._full_log.hit(
+                "feed: the slow subscribers' queues hold %d bytes, publish.max_queued_bytes: messages "
+                "dropped for them; %d so far",
+                queued, full,
+            )  # fmt: skip
         for peer, dropped in counts:
             if dropped > peer.dropped:
                 peer.dropped = dropped
@@ -534,8 +674,12 @@ class ZmtpServer:
             self._owner.foreign_topic(peer.label, len(topic), 1)
             return False
         self._owner.subscription(kind + topic, "")
-        if peer.subscribe(topic) if kind == b"\x01" else peer.cancel(topic):
+        if peer.topics.subscribe(topic) if kind == b"\x01" else peer.topics.cancel(topic):
             self._dirty.add(peer)
+            if not peer.topics:
+                self._became_idle(peer, time.monotonic())
+            else:
+                peer.idle_since = None
         return True
 
     def _filter(self, peer: Peer, kind: bytes, spec: bytes) -> bool:
@@ -578,13 +722,17 @@ class ZmtpServer:
         with self._c:
             for peer in self._dirty:
                 if peer.id >= 0:
-                    self._c.peer_filter(peer.id, *peer.filter())
+                    self._c.peer_filter(peer.id, *peer.topics.filter())
         self._dirty.clear()
 
     def _hang_up(self, peer: Peer) -> None:
         if self._peers.pop(peer.fd, None) is None:
             return
+        n = self._sources.pop(peer.source, 1) - 1
+        if n:
+            self._sources[peer.source] = n
         peer.deadline = None  # out of _handshakes at its turn
+        peer.idle_since = None  # out of _idle at its turn
         self._backlog.discard(peer)
         self._dirty.discard(peer)
         if peer.id >= 0:
