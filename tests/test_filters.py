@@ -321,3 +321,22 @@ def test_through_a_relay_the_reader_filters_after_no_answer(netns, daemon, tmp_p
         assert [dport(p) for p in got] == [DNS] * 3
         assert sub.recv(timeout=0.3) is None and sub.total_lost == 0
         assert relay.alive()
+
+
+def test_async_subscriber_filters_at_the_daemon(netns, daemon):
+    import asyncio
+
+    from nflogd_client import AsyncSubscriber
+
+    async def run() -> list[int]:
+        async with AsyncSubscriber(daemon.endpoint, groups=[1], filter="udp and dst port 53") as sub:
+            while sub.filter_state == "pending":
+                assert await sub.recv(timeout=0.05) is None
+            assert sub.filter_state == "accepted"
+            send(netns, OTHER, 4, "o")
+            send(netns, DNS, 2, "d")
+            got = [await sub.recv(timeout=WAIT) for _ in range(2)]
+            assert await sub.recv(timeout=0.3) is None
+            return [dport(p) for p in got if p is not None]
+
+    assert asyncio.run(asyncio.wait_for(run(), 30)) == [DNS, DNS]
