@@ -340,3 +340,39 @@ def test_async_subscriber_filters_at_the_daemon(netns, daemon):
             return [dport(p) for p in got if p is not None]
 
     assert asyncio.run(asyncio.wait_for(run(), 30)) == [DNS, DNS]
+
+
+def test_a_curve_reader_runs_its_filter_itself(netns, tmp_path):
+    """CURVE endpoints are libzmq's XPUB, which the daemon's filters do not reach: the
+    Subscriber sends none and runs the filter on what it receives; nothing is lost."""
+    from test_security import TCP, curve_daemon, in_netns, make_keys
+
+    keys = make_keys(tmp_path / "curve")
+    rules(netns)
+    with curve_daemon(netns, tmp_path / "d", keys, groups=[1]) as d:
+        cctx = in_netns(netns, zmq.Context)
+        try:
+            sub = in_netns(
+                netns,
+                lambda: Subscriber(
+                    TCP,
+                    groups=[1],
+                    filter="udp and dst port 53",
+                    server_public_key=keys.server_pub,
+                    client_secret_key_file=keys.alice_secret,
+                    context=cctx,
+                ),  # fmt: skip
+            )
+            try:
+                assert sub.filter_state == "reader"
+                wait_until(lambda: "subscribe '0001' (CURVE)" in d.stderr, "the CURVE subscription")
+                send(netns, OTHER, 4, "o")
+                send(netns, DNS, 3, "d")
+                got = collect(sub, lambda ps: len(ps) >= 3, WAIT)
+                assert [dport(p) for p in got] == [DNS] * 3
+                assert sub.recv(timeout=0.3) is None and sub.total_lost == 0
+                assert "in force" not in d.stderr and "a peer (" not in d.stderr  # none sent, none hung up
+            finally:
+                sub.close()
+        finally:
+            cctx.destroy(linger=0)
