@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import errno
 import grp
-import heapq
-import itertools
 import logging
 import os
 import pwd
@@ -40,6 +38,7 @@ import select
 import socket
 import struct
 import time
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
@@ -97,6 +96,12 @@ def group_members(gids) -> frozenset[int]:
             except KeyError:
                 continue
     return frozenset(uids)
+
+
+def _waiting(entry: tuple[float, weakref.ref[Peer]]) -> Peer | None:
+    """The peer of a handshake deadline, if it is still in its handshake."""
+    peer = entry[1]()
+    return peer if peer is not None and peer.deadline is not None else None
 
 
 class Owner(Protocol):
@@ -185,8 +190,8 @@ class Peer:
     asked for (``topics``), and what the server's limits count of it."""
 
     __slots__ = (
-        "sock", "fd", "listener", "label", "source", "codec", "deadline", "id", "topics", "idle_since",
-        "idle_queued", "dropped", "slow_log", "spec",
+        "sock", "fd", "listener", "label", "source", "codec", "deadline", "id", "topics", "dropped",
+        "slow_log", "spec", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -206,10 +211,6 @@ class Peer:
         self.deadline: float | None = deadline  # its handshake's end; None once done or gone
         self.id = -1  # the C peer, once its handshake is done
         self.topics = Topics()
-        #: Since when it has had its handshake done and no topic (None: it has one, or no
-        #: handshake yet): what publish.idle_timeout_ms is counted from.
-        self.idle_since: float | None = None
-        self.idle_queued = False  # in the server's heap of idle peers
         self.dropped = 0  # messages dropped for it at hwm, as last logged
         self.spec: bytes | None = None  # the filter it holds (docs/filters.md)
         self.slow_log = Episodes(log)
@@ -246,9 +247,9 @@ class ZmtpServer:
         self.per_source = 1 << 30
         self.idle_timeout_s: float | None = None
         self._sources: dict[tuple[str, object], int] = {}  # Peer.source -> peers connected now
-        #: Peers with a handshake done and no topic, by when they became so (one entry each).
-        self._idle: list[tuple[float, int, Peer]] = []
-        self._idle_seq = itertools.count()
+        #: Peers with a handshake done and no topic -> since when, in that order (a peer
+        #: leaves it when it subscribes or goes, and comes back at the end).
+        self._idle: dict[Peer, float] = {}
         self._ep = select.epoll()
         #: Written by the C side when a peer begins to drop messages (its queue at hwm).
         self._slow_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -259,7 +260,8 @@ class ZmtpServer:
         self._peers: dict[int, Peer] = {}  # peer fd ->
         self._backlog: set[Peer] = set()  # peers with their share used up at a turn's end
         #: Peers in their handshake, in the order of their deadlines (one timeout for all).
-        self._handshakes: deque[Peer] = deque()
+        #: Weak: a peer gone or done leaves no memory held here until its deadline.
+        self._handshakes: deque[tuple[float, weakref.ref[Peer]]] = deque()
         self._dirty: set[Peer] = set()  # peers whose subscriptions changed this turn
         self._emfile_log = Episodes(log)
         self._timeout_log = Episodes(log)
@@ -516,21 +518,20 @@ class ZmtpServer:
     def next_deadline(self) -> float | None:
         """When the next handshake times out or a paused listener resumes (monotonic s)."""
         waiting = self._handshakes
-        while waiting and waiting[0].deadline is None:  # done, or gone, since
+        while waiting and _waiting(waiting[0]) is None:  # done, or gone, since
             waiting.popleft()
         due = [lst.paused_until for lst in self._listeners.values() if lst.paused_until is not None]
-        first = waiting[0].deadline if waiting else None
-        if first is not None:
-            due.append(first)
+        if waiting:
+            due.append(waiting[0][0])
         if self._idle and self.idle_timeout_s is not None:
-            due.append(self._idle[0][0] + self.idle_timeout_s)
+            due.append(next(iter(self._idle.values())) + self.idle_timeout_s)
         return min(due) if due else None
 
     def _expire(self, now: float) -> None:
         waiting = self._handshakes
-        while waiting and (waiting[0].deadline is None or waiting[0].deadline <= now):
-            peer = waiting.popleft()
-            if peer.deadline is None:
+        while waiting and (waiting[0][0] <= now or _waiting(waiting[0]) is None):
+            peer = _waiting(waiting.popleft())
+            if peer is None:
                 continue
             self.handshake_timeouts += 1
             self._timeout_log.hit(
@@ -545,25 +546,18 @@ class ZmtpServer:
                 self._ep.register(fd, select.EPOLLIN)
 
     def _became_idle(self, peer: Peer, now: float) -> None:
-        peer.idle_since = now
-        if not peer.idle_queued:
-            peer.idle_queued = True
-            heapq.heappush(self._idle, (now, next(self._idle_seq), peer))
+        self._idle.pop(peer, None)
+        self._idle[peer] = now  # at the end: the dict stays in the order of the times
 
     def _expire_idle(self, now: float) -> None:
         """Hang up on the peers that have subscribed to nothing for idle_timeout_s."""
         timeout, idle = self.idle_timeout_s, self._idle
         if timeout is None:
             return
-        while idle and idle[0][0] + timeout <= now:
-            _, _, peer = heapq.heappop(idle)
-            peer.idle_queued = False
-            if peer.fd not in self._peers or peer.idle_since is None:
-                continue  # gone, or subscribed since
-            if peer.idle_since + timeout > now:  # idle again since: back in, at that time
-                peer.idle_queued = True
-                heapq.heappush(idle, (peer.idle_since, next(self._idle_seq), peer))
-                continue
+        while idle:
+            peer, since = next(iter(idle.items()))
+            if since + timeout > now:
+                return
             self.idle_hangups += 1
             self._idle_log.hit(
                 "feed: %s on %s subscribed to nothing for %g s (publish.idle_timeout_ms): hung up on; "
@@ -603,11 +597,12 @@ class ZmtpServer:
                 sock.close()
                 self._source_refused(lst, source, from_source)
                 continue
-            peer = Peer(sock, lst, label, source, now + self.handshake_timeout_s)
+            deadline = now + self.handshake_timeout_s
+            peer = Peer(sock, lst, label, source, deadline)
             lst.peers += 1
             self._sources[source] = from_source + 1
             self._peers[peer.fd] = peer
-            self._handshakes.append(peer)
+            self._handshakes.append((deadline, weakref.ref(peer)))
             self._ep.register(peer.fd, _IN)
             self._send_handshake(peer)  # the greeting's first 11 bytes
 
@@ -679,7 +674,7 @@ class ZmtpServer:
             if not peer.topics:
                 self._became_idle(peer, time.monotonic())
             else:
-                peer.idle_since = None
+                self._idle.pop(peer, None)
         return True
 
     def _filter(self, peer: Peer, kind: bytes, spec: bytes) -> bool:
@@ -732,7 +727,7 @@ class ZmtpServer:
         if n:
             self._sources[peer.source] = n
         peer.deadline = None  # out of _handshakes at its turn
-        peer.idle_since = None  # out of _idle at its turn
+        self._idle.pop(peer, None)
         self._backlog.discard(peer)
         self._dirty.discard(peer)
         if peer.id >= 0:
