@@ -132,6 +132,16 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
+def _join(gid: int) -> str:
+    """What to do to pass a directory or socket of group ``gid``."""
+    if gid == 0:  # a daemon run as root without a group of its own: nobody else is meant to read
+        return (
+            "its group is root, so only root reads this feed: run nflogd with group nflog "
+            "(make run, or the package's unit) and join that group"
+        )
+    return f"join group {_group_name(gid)}"
+
+
 def _ipc_denied(path: str) -> str:
     """The cause of EACCES on ``path``: the first directory we may not enter, or the file."""
     parts = os.path.abspath(path).split("/")[1:]
@@ -139,13 +149,13 @@ def _ipc_denied(path: str) -> str:
     for part in parts[:-1]:
         child = os.path.join(here, part)
         if not os.access(child, os.X_OK):
-            return f"permission denied on {child}: join group {_group_name(os.stat(child).st_gid)}"
+            return f"permission denied on {child}: {_join(os.stat(child).st_gid)}"
         here = child
     try:
         gid = os.stat(path).st_gid
     except OSError:
         return f"permission denied on {path}"
-    return f"permission denied on {path}: join group {_group_name(gid)}"
+    return f"permission denied on {path}: {_join(gid)}"
 
 
 def _probe_ipc(address: str) -> str | None:
