@@ -433,3 +433,34 @@ def test_curve_endpoint_without_keys_is_said_once_to_tshark(netns, tmp_path, hom
         "server_public_key and client_secret_key_file, nflog-tap --server-key/--client-key);"
         " retrying every 2 s"
     ) in err, err
+
+
+@pytest.mark.needs("tshark")
+def test_a_packet_over_the_snaplen_is_cut_counted_and_the_file_reads(home, feed, tmp_path):
+    """Wire-valid, though no daemon sends it: 300,000 captured bytes as raw IP. The record is
+    cut to 262,144 bytes, the most Wireshark reads, its original length kept; counted at the end."""
+    from feedutil import msg, rec, topics
+
+    v4 = bytes.fromhex("4500001c000000004011") + bytes(10) + bytes(8)  # 28 bytes of IPv4 and UDP
+    feed.publish_when_subscribed(
+        topics(), msg(5, rec(5, v4), rec(5, v4 + bytes(300_000 - len(v4))), rec(5, v4))
+    )
+    out = tmp_path / "big.pcapng"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "nflogd_client.extcap", "--capture", "--fifo", str(out),
+         "--extcap-interface", "nflogd", "--endpoint", feed.endpoint, "--linktype", "ip"],
+        env=home, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: out.exists() and out.stat().st_size > 262_144 + 2 * 28, "the three packets", 30)
+        time.sleep(0.2)
+        p.terminate()
+        _, err = p.communicate(timeout=WAIT)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0
+    assert err == "nflogd-extcap: 3 packets captured, 1 packets cut to 262144 bytes\n"
+    rows = fields(out, "frame.len", "frame.cap_len")
+    assert rows == [["28", "28"], ["300000", "262144"], ["28", "28"]]
