@@ -75,8 +75,13 @@ $(NATS_SERVER): | $(VENV)/.installed
 deps: debs $(VENV)/.installed $(PROMTOOL) $(NATS_SERVER)
 run-deps: run-debs $(VENV)/.installed-run
 
+# The package's access model without systemd: group nflog (systemd/nflogd.sysusers) reads the
+# ipc feed. make run creates the group if missing and runs the daemon as root with nflog as its
+# group, so that /run/nflogd is root:nflog 0750 and the socket 0660, the package's modes; a
+# reader joins the group (usermod -aG nflog alice, then a new login).
 run: run-deps
-	$(VENV)/bin/nflogd -c $(CONFIG)
+	getent group nflog >/dev/null || groupadd --system nflog
+	setpriv --regid=nflog --clear-groups $(VENV)/bin/nflogd -c $(CONFIG)
 
 check: deps
 	$(VENV)/bin/ruff check nflogd client tests tests_system bench fuzz scapy_nflog.py nflog_cffi.py
@@ -124,7 +129,7 @@ profile: deps bench-debs
 # make extcap-install: nflogd-extcap into this user's Wireshark extcap folder (tshark -G folders);
 # EXTCAP_ARGS=--system for the system folder (as root), or EXTCAP_ARGS="--extcap-dir DIR".
 EXTCAP_ARGS ?=
-extcap-install: $(VENV)/.installed
+extcap-install: $(VENV)/.installed-run
 	$(VENV)/bin/nflogd-extcap --install $(EXTCAP_ARGS)
 
 clean:

@@ -244,12 +244,18 @@ class ZMQNFLOGSocket(SuperSocket):
         poller = zmq.Poller()
         owners: dict[Any, Any] = {}  # zmq socket -> its ZMQNFLOGSocket
         others: dict[int, Any] = {}  # fd -> any other object with a fileno()
+        subs: list[Subscriber] = []  # whose endpoint states the wait keeps up (why nothing comes)
         for s in sockets:
             if isinstance(s, ZMQNFLOGSocket):
                 if s.closed:  # recv() raises EOFError, and sniff() drops the socket
                     return [s]
-                owners[s.subscriber.socket] = s
-                poller.register(s.subscriber.socket, zmq.POLLIN)
+                sub = s.subscriber
+                assert isinstance(sub, Subscriber)
+                owners[sub.socket] = s
+                poller.register(sub.socket, zmq.POLLIN)
+                if sub._watch.monitor is not None:  # its events wake the wait, handled below
+                    poller.register(sub._watch.monitor, zmq.POLLIN)
+                subs.append(sub)
             else:  # the poller reports a plain fd back as the int
                 try:
                     fd = s.fileno()
@@ -258,16 +264,20 @@ class ZMQNFLOGSocket(SuperSocket):
                 if fd >= 0:
                     others[fd] = s
                     poller.register(fd, zmq.POLLIN)
-        timeout = None if remain is None else max(0, math.ceil(remain * 1000))
-        ready_others = []
-        for obj, _ in poller.poll(timeout):
-            owner = owners.get(obj)
-            if owner is None:
-                ready_others.append(others[obj])
-            else:
-                owner._ready = True
-                ready.append(owner)
-        return ready_others + ready  # sniff()'s stop pipe first: stop() acts before more reading
+        deadline = None if remain is None else time.monotonic() + remain
+        while True:
+            for sub in subs:  # as recv() does while it waits: a failure is said within a second
+                sub._update()
+            ready_others = []
+            for obj, _ in poller.poll(_wait_ms(subs, deadline)):
+                owner = owners.get(obj)
+                if owner is not None:
+                    owner._ready = True
+                    ready.append(owner)
+                elif obj in others:
+                    ready_others.append(others[obj])
+            if ready or ready_others or (deadline is not None and time.monotonic() >= deadline):
+                return ready_others + ready  # sniff()'s stop pipe first: stop() acts before more reading
 
     def fileno(self) -> int:
         """The SUB socket's ZMQ_FD: edge-triggered; wait with ``select()`` or a zmq.Poller instead."""
@@ -398,6 +408,15 @@ class _FeedProvider(InterfaceProvider):
 
 
 conf.ifaces.register_provider(_FeedProvider)
+
+
+def _wait_ms(subs: list[Subscriber], deadline: float | None) -> int | None:
+    """Milliseconds select() may wait: until ``deadline`` or the first endpoint's due probe or
+    reconnect, whichever is first; None: no limit."""
+    now = time.monotonic()
+    waits = [] if deadline is None else [deadline - now]
+    waits += [due - now for due in (sub._watch.due_at() for sub in subs) if due is not None]
+    return None if not waits else max(0, math.ceil(min(waits) * 1000))
 
 
 def _queued(sub: Subscriber | _jetstream.JetStreamSubscriber) -> int:
