@@ -142,7 +142,11 @@ class GroupReader:
 
     def _configure(self, s: GroupConfig, bind: bool) -> None:
         self._open().configure(
-            copy_range=s.copy_range, queue_threshold=s.queue_threshold, flush_ms=s.flush_ms, bind=bind
+            copy_range=s.copy_range,
+            queue_threshold=s.queue_threshold,
+            flush_ms=s.flush_ms,
+            bind=bind,
+            conntrack=s.conntrack,
         )
 
     def fileno(self) -> int:
