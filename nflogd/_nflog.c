@@ -7,6 +7,7 @@
  */
 #include <errno.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -42,6 +43,24 @@
 #define NFLOGD_VLAN_PROTO   1                    /* __be16 skb->vlan_proto */
 #define NFLOGD_VLAN_TCI     2                    /* __be16 skb->vlan_tci */
 
+/* The names trailer of a batch's data: entries (ifindex u32, name_len u8, name), then
+ * count u16 and the entries' bytes u16; IFNAMSIZ bounds a name (15 bytes and a NUL). */
+#define IFNAME_MAX 15
+#define TRAILER_MAX (NFLOGD_IFNAMES_PER_BATCH * (5 + IFNAME_MAX) + 4)
+
+struct ifname_entry {
+    uint32_t index;
+    uint8_t len;
+    char name[IFNAME_MAX];
+};
+
+/* A namespace's table, swapped whole under the reader's lock. */
+struct nflogd_ifnames {
+    pthread_mutex_t lock;
+    struct ifname_entry *entries;  /* sorted by index */
+    uint32_t count;
+};
+
 #if __BYTE_ORDER != __LITTLE_ENDIAN
 #error "the record table is the wire format's little-endian layout: add byte swapping first"
 #endif
@@ -60,7 +79,7 @@ struct nflogd_reader *nflogd_reader_new(uint16_t group)
     /* Room for BUFFERS_PER_READ receive buffers (a bind's ack may also follow a first batch,
      * see configure). Pages are touched only as batches grow that large. */
     r->max_records = BUFFERS_PER_READ * (RXBUF_SIZE / MIN_PACKET_MSG + 1);
-    r->data_cap = BUFFERS_PER_READ * RXBUF_SIZE;
+    r->data_cap = BUFFERS_PER_READ * RXBUF_SIZE + TRAILER_MAX;  /* the names trailer's room */
     r->rxbuf = malloc(r->rxbuf_size);
     r->records = calloc(r->max_records, sizeof(struct nflogd_record));
     r->data = malloc(r->data_cap);
@@ -103,6 +122,11 @@ void nflogd_reader_free(struct nflogd_reader *r)
     if (!r)
         return;
     nflogd_pool_release(r->pool);
+    if (r->ifnames) {
+        pthread_mutex_destroy(&r->ifnames->lock);
+        free(r->ifnames->entries);
+        free(r->ifnames);
+    }
     if (r->nl)
         mnl_socket_close(r->nl);
     if (r->wake_fd >= 0)
@@ -312,7 +336,7 @@ static void parse_packet(struct nflogd_reader *r, const struct nlmsghdr *nlh, ui
                   + (attr[NFULA_PREFIX] ? attr_len(attr[NFULA_PREFIX]) : 0)
                   + (attr[NFULA_CT] ? sizeof(struct nflogd_ct) : 0)
                   + (attr[NFLOGD_NFULA_L2HDR] ? attr_len(attr[NFLOGD_NFULA_L2HDR]) : 0);
-    if (r->count >= r->max_records || r->data_len + need > r->data_cap) {
+    if (r->count >= r->max_records || r->data_len + need + TRAILER_MAX > r->data_cap) {
         /* Only while a bind waits for its ack behind several batches: count, don't keep. */
         r->lost++;
         if (attr[NFULA_SEQ])
@@ -468,6 +492,8 @@ static int parse_buffer(struct nflogd_reader *r, const char *buf, int len, uint3
     return acked;
 }
 
+static void put_ifnames(struct nflogd_reader *r);
+
 static void reset_batch(struct nflogd_reader *r)
 {
     r->count = 0;
@@ -483,6 +509,7 @@ int nflogd_parse(struct nflogd_reader *r, const char *buf, uint32_t len)
         return -EMSGSIZE;
     reset_batch(r);
     parse_buffer(r, buf, (int)len, 0, &err);
+    put_ifnames(r);
     return (int)r->count;
 }
 
@@ -593,6 +620,116 @@ static int receive_one(struct nflogd_reader *r)
     return r->count - before >= r->qthresh || (uint32_t)n >= r->nlbufsiz / 2 ? GOT_FULL : GOT_PARTIAL;
 }
 
+int nflogd_set_ifnames(struct nflogd_reader *r, const uint8_t *blob, uint32_t len, uint32_t count)
+{
+    struct ifname_entry *entries = count ? calloc(count, sizeof(*entries)) : NULL;
+    if (count && !entries)
+        return -ENOMEM;
+    uint32_t pos = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        if (pos + 5 > len) {
+            free(entries);
+            return -EINVAL;
+        }
+        memcpy(&entries[i].index, blob + pos, 4);
+        uint8_t n = blob[pos + 4];
+        if (n > IFNAME_MAX || pos + 5 + n > len || (i && entries[i].index <= entries[i - 1].index)) {
+            free(entries);
+            return -EINVAL;
+        }
+        entries[i].len = n;
+        memcpy(entries[i].name, blob + pos + 5, n);
+        pos += 5 + n;
+    }
+    if (!r->ifnames) {
+        struct nflogd_ifnames *t = calloc(1, sizeof(*t));
+        if (!t) {
+            free(entries);
+            return -ENOMEM;
+        }
+        pthread_mutex_init(&t->lock, NULL);
+        r->ifnames = t;  /* set once, before any capture thread reads it */
+    }
+    pthread_mutex_lock(&r->ifnames->lock);
+    struct ifname_entry *old = r->ifnames->entries;
+    r->ifnames->entries = entries;
+    r->ifnames->count = count;
+    pthread_mutex_unlock(&r->ifnames->lock);
+    free(old);
+    return 0;
+}
+
+static const struct ifname_entry *find_ifname(const struct nflogd_ifnames *t, uint32_t index)
+{
+    uint32_t lo = 0, hi = t->count;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (t->entries[mid].index < index)
+            lo = mid + 1;
+        else if (t->entries[mid].index > index)
+            hi = mid;
+        else
+            return &t->entries[mid];
+    }
+    return NULL;
+}
+
+/* The names of the batch's interfaces after its data (NFLOGD_FLAG_IFNAMES), each once. */
+static void put_ifnames(struct nflogd_reader *r)
+{
+    r->batch_flags = 0;
+    struct nflogd_ifnames *t = r->ifnames;
+    if (!t || !r->count)
+        return;
+    uint32_t seen[NFLOGD_IFNAMES_PER_BATCH];
+    uint32_t nseen = 0, start = r->data_len;
+    char *out = r->data + r->data_len;
+    pthread_mutex_lock(&t->lock);
+    if (!t->count) {
+        pthread_mutex_unlock(&t->lock);
+        return;
+    }
+    uint32_t last[4] = { 0, 0, 0, 0 };  /* the previous record's: usually the same */
+    for (uint32_t i = 0; i < r->count; i++) {
+        const struct nflogd_record *rec = &r->records[i];
+        uint32_t dev[4] = {
+            rec->present & NFLOGD_F_INDEV ? rec->indev : 0,
+            rec->present & NFLOGD_F_OUTDEV ? rec->outdev : 0,
+            rec->present & NFLOGD_F_PHYSINDEV ? rec->physindev : 0,
+            rec->present & NFLOGD_F_PHYSOUTDEV ? rec->physoutdev : 0,
+        };
+        if (!memcmp(dev, last, sizeof(dev)))
+            continue;
+        memcpy(last, dev, sizeof(dev));
+        for (int d = 0; d < 4; d++) {
+            uint32_t index = dev[d], k;
+            if (!index)
+                continue;
+            for (k = 0; k < nseen && seen[k] != index; k++)
+                ;
+            if (k < nseen || nseen == NFLOGD_IFNAMES_PER_BATCH)
+                continue;
+            seen[nseen++] = index;
+            const struct ifname_entry *e = find_ifname(t, index);
+            if (!e)
+                continue;  /* not known (yet): no name, never a guess */
+            memcpy(out, &e->index, 4);
+            out[4] = (char)e->len;
+            memcpy(out + 5, e->name, e->len);
+            out += 5 + e->len;
+        }
+    }
+    pthread_mutex_unlock(&t->lock);
+    uint32_t entries_len = (uint32_t)(out - (r->data + start));
+    uint16_t count = 0;
+    for (const char *p = r->data + start; p < out; p += 5 + (uint8_t)p[4])
+        count++;
+    uint16_t tail[2] = { count, (uint16_t)entries_len };  /* little-endian (checked above) */
+    memcpy(out, tail, sizeof(tail));
+    r->data_len = start + entries_len + sizeof(tail);
+    r->batch_flags = NFLOGD_FLAG_IFNAMES;
+}
+
 static int read_batch(struct nflogd_reader *r, int timeout_ms);
 
 int nflogd_read(struct nflogd_reader *r, int timeout_ms)
@@ -604,6 +741,7 @@ int nflogd_read(struct nflogd_reader *r, int timeout_ms)
     } else {
         n = read_batch(r, timeout_ms);
     }
+    put_ifnames(r);
     if (n > 0) {
         r->packets += (uint32_t)n;
         r->bytes += r->batch_bytes;
@@ -639,7 +777,7 @@ static int read_batch(struct nflogd_reader *r, int timeout_ms)
      * out first. */
     for (int k = 1; rc == GOT_FULL && k < BUFFERS_PER_READ; k++) {
         if (r->count + r->rxbuf_size / MIN_PACKET_MSG + 1 > r->max_records
-            || r->data_len + r->rxbuf_size > r->data_cap)
+            || r->data_len + r->rxbuf_size + TRAILER_MAX > r->data_cap)
             break;
         rc = receive_one(r);
     }

@@ -140,7 +140,18 @@ struct nflogd_reader {
     uint32_t data_cap;
     void *nl;                   /* struct mnl_socket * */
     int meta_only;              /* copy_range 0: the kernel copies NFLOGD_META_BYTES, we publish none */
+
+    /* The interface names of the reader's namespace (nflogd_set_ifnames) and what the last
+     * batch carries: batch_flags is the wire header's flags (NFLOGD_FLAG_IFNAMES: the
+     * data ends with the names of the batch's interfaces). */
+    struct nflogd_ifnames *ifnames;
+    uint8_t batch_flags;
 };
+
+/* Header flags (wire.HEADER's flags). */
+#define NFLOGD_FLAG_IFNAMES 0x01
+/* Interfaces whose names one batch carries, at most. */
+#define NFLOGD_IFNAMES_PER_BATCH 256
 
 /* A metadata-only group (copy_range 0) asks the kernel for this many bytes of each packet:
  * enough for the length field of an IPv4 (tot_len, bytes 2-3) or IPv6 header (payload_len,
@@ -178,6 +189,12 @@ int nflogd_read(struct nflogd_reader *r, int timeout_ms);
  * into the batch, as nflogd_read() does, without reading: the record count, or -EMSGSIZE
  * for more than a receive buffer. For tests and fuzzing of the parser with kernel bytes. */
 int nflogd_parse(struct nflogd_reader *r, const char *buf, uint32_t len);
+
+/* The interface names of the reader's namespace, for the names trailer of its batches:
+ * count entries of (ifindex u32 little-endian, name_len u8, name) in blob, sorted by
+ * ifindex; replaces the table (thread-safe against a capture thread's nflogd_read()).
+ * count 0 turns the trailer off. 0 or -errno. */
+int nflogd_set_ifnames(struct nflogd_reader *r, const uint8_t *blob, uint32_t len, uint32_t count);
 
 /* End the wait of an nflogd_read() in another thread (it returns 0); 0 or -errno. */
 int nflogd_wake(struct nflogd_reader *r);

@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import struct
 import threading
 
 from ._nflog_cffi import ffi, lib
@@ -169,6 +170,20 @@ class NflogSocket:
         Raises BufferOverflow after an overrun (the C side has counted it already).
         """
         return check(lib.nflogd_read(self._r, timeout_ms), self.group, "receive")
+
+    def set_ifnames(self, names: dict[int, str]) -> None:
+        """The interface names of the socket's namespace (index -> name): each batch's data
+        then ends with the names of its interfaces (the wire header's IFNAMES flag)."""
+        blob = bytearray()
+        for index in sorted(names):
+            name = names[index].encode()[:15]
+            blob += struct.pack("<IB", index, len(name)) + name
+        check(lib.nflogd_set_ifnames(self._r, bytes(blob), len(blob), len(names)), self.group, "set ifnames")
+
+    @property
+    def batch_flags(self) -> int:
+        """The wire header's flags for the last batch."""
+        return int(self._r.batch_flags)
 
     def parse(self, buf: bytes) -> int:
         """Parse one receive buffer of kernel messages into the batch, as ``read()`` does

@@ -464,3 +464,25 @@ def test_vlan_tag_and_link_header_of_a_bridged_frame(netns):
     assert pkt.l2hdr is not None and pkt.l2hdr[:12] == dst + src
     assert pkt.data == ip and pkt.hw_protocol == 0x0800
     assert pkt.ct is None
+
+
+def test_batches_end_with_the_names_of_their_interfaces():
+    """With a names table, a batch's data ends with the names of the interfaces its records
+    name, each once; an index the table lacks has no name (never a guess)."""
+    msgs = b"".join(
+        packet_message(2, 2, nla(1, struct.pack(">HBB", 0x0800, 1, 0)) + nla(4, struct.pack(">I", dev)))
+        for dev in (2, 2, 7, 3)
+    ) + packet_message(2, 2, nla(1, struct.pack(">HBB", 0x0800, 3, 0)) + nla(5, struct.pack(">I", 2)))
+    sock = NflogSocket(2)
+    try:
+        sock.set_ifnames({3: "wan", 2: "lan0", 1: "lo"})
+        assert sock.parse(msgs) == 5 and sock.batch_flags == wire.FLAG_IFNAMES
+        msg = wire.frames(2, "r", 0, 0, 0, 5, sock.table(5), sock.data(), flags=sock.batch_flags)
+        assert sock.data().endswith(wire.names_trailer({2: "lan0", 3: "wan"}))
+        sock.set_ifnames({})
+        assert sock.parse(msgs) == 5 and sock.batch_flags == 0
+    finally:
+        sock.close()
+    pkts = wire.decode(msg).packets
+    assert [(p.indev, p.indev_name) for p in pkts[:4]] == [(2, "lan0"), (2, "lan0"), (7, None), (3, "wan")]
+    assert (pkts[4].outdev_name, pkts[4].indev_name) == ("lan0", None)

@@ -70,8 +70,9 @@ def unhex(d: dict) -> dict:
 def encode_from_file(vec: dict) -> list[bytes]:
     enc = vec["encode"]
     packets = [Packet.build(**unhex(p)) for p in enc["packets"]]
+    names = {int(k): v for k, v in enc["ifnames"].items()} if "ifnames" in enc else None
     return wire.encode(
-        enc["group"], enc["node"], enc["epoch"], enc["first_seq"], packets, enc["kernel_dropped"]
+        enc["group"], enc["node"], enc["epoch"], enc["first_seq"], packets, enc["kernel_dropped"], names
     )
 
 
@@ -107,7 +108,9 @@ def test_file_vector_decodes_to_its_fields(path):
     batch = wire.decode([bytes.fromhex(f) for f in vec["frames"]])
     want = vec["decoded"]
     got = {k: getattr(batch, k) for k in ("group", "node", "epoch", "first_seq", "kernel_dropped")}
-    assert got == {k: v for k, v in want.items() if k != "packets"}
+    assert got == {k: v for k, v in want.items() if k not in ("packets", "ifnames")}
+    names = {int(k): v for k, v in want.get("ifnames", {}).items()} or None
+    assert all(p.ifnames == names for p in batch.packets)
     assert [p.fields() for p in batch.packets] == [unhex(p) for p in want["packets"]]
     assert batch.next_seq == batch.first_seq + len(want["packets"])
 
@@ -116,7 +119,8 @@ def test_file_vector_decodes_to_its_fields(path):
 def test_file_vector_round_trips(path):
     frames = [bytes.fromhex(f) for f in load_vector(path)["frames"]]
     b = wire.decode(frames)
-    assert wire.encode(b.group, b.node, b.epoch, b.first_seq, b.packets, b.kernel_dropped) == frames
+    names = b.packets[0].ifnames if b.packets else None
+    assert wire.encode(b.group, b.node, b.epoch, b.first_seq, b.packets, b.kernel_dropped, names) == frames
 
 
 def test_vector_details():
@@ -296,6 +300,42 @@ def test_a_reader_of_72_byte_records_reads_extended_ones():
     assert two.vlan.id == 5 and two.l2hdr[12:] == b"\x08\x00"
 
 
+def test_names_trailer_and_readers_that_ignore_it():
+    frames = [bytes.fromhex(f) for f in load_vector(VECTOR_DIR / "v1-ifnames.json")["frames"]]
+    (pkt,) = wire.decode(frames).packets
+    assert (pkt.indev_name, pkt.outdev_name, pkt.physindev_name) == ("eth0", "wan", None)
+    # A reader that ignores flags reads the same record and payload: the trailer is behind them.
+    header = bytearray(frames[1])
+    header[5] = 0
+    (plain,) = wire.decode([frames[0], bytes(header), frames[2], frames[3]]).packets
+    assert plain.fields() == pkt.fields() and plain.indev_name is None
+
+
+@pytest.mark.parametrize(
+    "data, error",
+    [
+        (b"\x01", "too few for the names trailer"),
+        (struct.pack("<HH", 1, 40), "names trailer of 40 bytes beyond frame 3"),
+        (struct.pack("<IB", 2, 9) + b"eth0" + struct.pack("<HH", 1, 9), "a name beyond its end"),
+        (struct.pack("<IB", 2, 1) + b"e" + b"xx" + struct.pack("<HH", 1, 8), "2 bytes after its 1 entries"),
+    ],
+)
+def test_bad_names_trailers(data, error):
+    frames = wire.encode(5, "r1", 1, 0, [Packet.build(5, ts_ns=1)])
+    header = bytearray(frames[1])
+    header[5] = wire.FLAG_IFNAMES
+    with pytest.raises(WireError, match=error):
+        wire.decode([frames[0], bytes(header), frames[2], data])
+
+
+def test_payload_reaching_into_the_names_trailer_is_rejected():
+    frames = [bytes.fromhex(f) for f in load_vector(VECTOR_DIR / "v1-ifnames.json")["frames"]]
+    table = bytearray(frames[2])
+    struct.pack_into("<I", table, 12, 30)  # caplen 30: 2 bytes into the trailer at 28
+    with pytest.raises(WireError, match="payload 0\\+30 beyond data \\(28 bytes\\)"):
+        wire.decode(frames[:2] + [bytes(table), frames[3]])
+
+
 def test_extension_parts_must_lie_in_the_data_frame():
     frames = [bytes.fromhex(f) for f in load_vector(VECTOR_DIR / "v1-extended.json")["frames"]]
     table = bytearray(frames[2])
@@ -403,9 +443,10 @@ def test_wire_error_is_a_value_error():
 
 
 def test_bits_that_do_not_change_reading_are_ignored():
-    """flags (reserved), unassigned present bits, bytes of absent fields: read past, not rejected."""
+    """Unassigned flags, the extension's present bits in a 72-byte record, bytes of absent
+    fields: read past, not rejected."""
     want = wire.decode(base())
-    assert wire.decode(with_header(flags=0xFF)).packets == want.packets
+    assert wire.decode(with_header(flags=0xFF & ~wire.FLAG_IFNAMES)).packets == want.packets
     got = wire.decode(with_record(1, present=0x1BC8 | 0xE000, mark=77, indev=9, hwaddr=b"junkjunk"))
     assert got.packets[1].mark is None and got.packets[1].indev is None and got.packets[1].hwaddr is None
     # a prefix_off/len out of range is no fault while the PREFIX bit is clear

@@ -41,6 +41,8 @@ __all__ = [
     "Batch",
     "topic",
     "frames",
+    "names_trailer",
+    "FLAG_IFNAMES",
     "encode",
     "pack_records",
     "decode",
@@ -115,6 +117,11 @@ CT_STATES = {
 }
 
 MAX_NODE = 255
+
+#: Header flag: frame 3 ends with the names of the batch's interfaces (``names_trailer``).
+FLAG_IFNAMES = 0x01
+_TRAILER_END = struct.Struct("<HH")  # entries, their bytes
+_NAME_ENTRY = struct.Struct("<IB")  # ifindex, name bytes (the name follows)
 
 
 class WireError(ValueError):
@@ -509,9 +516,12 @@ def frames(
     count: int,
     table: bytes,
     data: bytes,
+    *,
+    flags: int = 0,
 ) -> list[bytes]:
     """The four frames of one message around an already packed record table (records of
-    72 bytes, or 88 with the extension: the table's length says which)."""
+    72 bytes, or 88 with the extension: the table's length says which); ``flags``
+    ``FLAG_IFNAMES`` when ``data`` ends with a names trailer."""
     node_b = node.encode() if isinstance(node, str) else node
     rsize = builtins_len(table) // count if count else RECORD.size
     if rsize * count != builtins_len(table) or (count and rsize < RECORD.size):
@@ -519,10 +529,49 @@ def frames(
     if builtins_len(node_b) > MAX_NODE:
         raise ValueError(f"node name is {builtins_len(node_b)} bytes in UTF-8, at most {MAX_NODE}")
     header = HEADER.pack(
-        MAGIC, VERSION, 0, group, count, rsize, builtins_len(node_b),
+        MAGIC, VERSION, flags, group, count, rsize, builtins_len(node_b),
         epoch, first_seq, kernel_dropped,
     ) + node_b  # fmt: skip
     return [TOPIC.pack(group), header, table, data]
+
+
+def names_trailer(names: dict[int, str]) -> bytes:
+    """The trailer that ends frame 3 under ``FLAG_IFNAMES``: per interface its index (u32),
+    the name's length (u8) and UTF-8 bytes, then the entry count and their bytes (u16 each)."""
+    out = bytearray()
+    for index, name in names.items():
+        raw = name.encode()
+        if builtins_len(raw) > 255:
+            raise ValueError(f"interface name of {builtins_len(raw)} bytes, at most 255")
+        out += _NAME_ENTRY.pack(index, builtins_len(raw)) + raw
+    if builtins_len(out) > 0xFFFF:
+        raise ValueError("the names trailer exceeds 65535 bytes")
+    return bytes(out) + _TRAILER_END.pack(builtins_len(names), builtins_len(out))
+
+
+def _read_trailer(data: bytes) -> tuple[dict[int, str], int]:
+    """The names of a ``FLAG_IFNAMES`` message and where its trailer begins in ``data``."""
+    dlen = builtins_len(data)
+    if dlen < _TRAILER_END.size:
+        raise WireError(f"IFNAMES flag set but frame 3 has {dlen} bytes, too few for the names trailer")
+    count, size = _TRAILER_END.unpack_from(data, dlen - _TRAILER_END.size)
+    start = dlen - _TRAILER_END.size - size
+    if start < 0:
+        raise WireError(f"names trailer of {size} bytes beyond frame 3 ({dlen} bytes)")
+    names: dict[int, str] = {}
+    pos, end = start, start + size
+    for _ in range(count):
+        if pos + _NAME_ENTRY.size > end:
+            raise WireError("names trailer: an entry beyond its end")
+        index, n = _NAME_ENTRY.unpack_from(data, pos)
+        pos += _NAME_ENTRY.size
+        if pos + n > end:
+            raise WireError("names trailer: a name beyond its end")
+        names[index] = data[pos : pos + n].decode("utf-8", "replace")
+        pos += n
+    if pos != end:
+        raise WireError(f"names trailer: {end - pos} bytes after its {count} entries")
+    return names, start
 
 
 def pack_records(packets: Iterable[Packet]) -> tuple[int, bytes, bytes]:
@@ -569,10 +618,14 @@ def encode(
     first_seq: int,
     packets: Sequence[Packet],
     kernel_dropped: int = 0,
+    ifnames: dict[int, str] | None = None,
 ) -> list[bytes]:
-    """One message from packet objects."""
+    """One message from packet objects; ``ifnames`` (index -> name) adds the names trailer."""
     count, table, data = pack_records(packets)
-    return frames(group, node, epoch, first_seq, kernel_dropped, count, table, data)
+    if ifnames is None:
+        return frames(group, node, epoch, first_seq, kernel_dropped, count, table, data)
+    data += names_trailer(ifnames)
+    return frames(group, node, epoch, first_seq, kernel_dropped, count, table, data, flags=FLAG_IFNAMES)
 
 
 def decode(msg: Sequence[bytes]) -> Batch:
@@ -582,7 +635,7 @@ def decode(msg: Sequence[bytes]) -> Batch:
     topic_b, header, table, data = (bytes(f) if not isinstance(f, bytes) else f for f in msg)
     if builtins_len(header) < HEADER.size:
         raise WireError(f"header is {builtins_len(header)} bytes, expected at least {HEADER.size}")
-    (magic, version, _flags, group, count, rsize, node_len, epoch, first_seq, kdrop) = HEADER.unpack_from(
+    (magic, version, flags, group, count, rsize, node_len, epoch, first_seq, kdrop) = HEADER.unpack_from(
         header
     )
     if magic != MAGIC:
@@ -606,6 +659,10 @@ def decode(msg: Sequence[bytes]) -> Batch:
     rec = RECORD_X if rsize >= RECORD_X.size else RECORD
     if rsize != rec.size:  # a later minor version appended fields: read the ones known here
         table = b"".join(table[i : i + rec.size] for i in range(0, builtins_len(table), rsize))
+    names: dict[int, str] | None = None
+    if flags & FLAG_IFNAMES:  # the trailer lies beyond every offset: records must end before it
+        names, end_of_data = _read_trailer(data)
+        data = data[:end_of_data]
     dlen = builtins_len(data)
     packets: list[Packet] = []
     append = packets.append
@@ -639,7 +696,7 @@ def decode(msg: Sequence[bytes]) -> Batch:
         p.seq = seq
         p.prefix = prefix
         p._x = _extension(r, data, seq - first_seq) if extended else None
-        p.ifnames = None
+        p.ifnames = names
         append(p)
         seq += 1
     return Batch(group, node, epoch, first_seq, kdrop, packets)
