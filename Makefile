@@ -95,7 +95,7 @@ test: check
 # (NFLOGD_SANITIZE=1, into build/asan beside a copy of the package) runs the tests of the C paths:
 # the reader, the capture loop, the feed's senders and server. libasan is preloaded into the
 # Python process (leak detection off: Python's own allocations are not ours); any finding
-# ends the run, but those .ci/ubsan.supp names with its reason.
+# ends the run.
 ASAN_TESTS := tests/test_capture.py tests/test_capture_loop.py tests/test_classic.py tests/test_publish.py \
     tests/test_zmtp.py tests/test_zmtp_spec.py
 .PHONY: test-asan
@@ -105,7 +105,7 @@ test-asan: $(VENV)/.installed
 	    ffi_build.ffibuilder.compile(tmpdir="build/asan")' > build/asan/build.log 2>&1 || { tail -20 build/asan/build.log; exit 1; }
 	tar --exclude='*.so' --exclude='*.o' --exclude=__pycache__ -cf - nflogd | tar -C build/asan -xf -
 	cd build/asan && export LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-	    UBSAN_OPTIONS=suppressions=$(CURDIR)/.ci/ubsan.supp:print_stacktrace=1:halt_on_error=1 && \
+	    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 && \
 	    $(CURDIR)/$(VPY) -c 'import nflogd._nflog_cffi as m, sys; sys.exit("build/asan" not in m.__file__)' && \
 	    $(CURDIR)/$(VPY) -m pytest -q -p no:cacheprovider $(addprefix $(CURDIR)/,$(ASAN_TESTS))
 

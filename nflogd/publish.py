@@ -594,8 +594,9 @@ class Publisher:
             first_seq = self._seq.get(group, 0)
             self._seq[group] = first_seq + count
             msg = wire.frames(
-                group, self.node, self.epoch, first_seq, kernel_dropped, count, batch.table, batch.data
-            )
+                group, self.node, self.epoch, first_seq, kernel_dropped, count, batch.table, batch.data,
+                flags=getattr(batch, "flags", 0),
+            )  # fmt: skip
             self._c.send_to_peers(group, msg)
             head, last = msg[:-1], msg[-1]
             for sock in self.sockets:

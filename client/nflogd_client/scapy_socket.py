@@ -31,8 +31,9 @@ Each packet is ``IP`` (hw_protocol 0x0800), ``IPv6`` (0x86dd), ``ARP`` (0x0806) 
 ``conf.raw_layer``, dissected from the captured bytes, with ``.time`` the capture time
 (``EDecimal`` seconds, exact to the nanosecond), ``.wirelen`` the real length (more than
 ``len(raw(p))`` when the copy range truncated it) and the feed's ``nflog_group``,
-``nflog_node``, ``nflog_seq``, ``nflog_prefix`` attributes; ``nflog_packet`` is the
-``wire.Packet`` with every other NFLOG attribute (mark, indev, uid, hook, ...).
+``nflog_node``, ``nflog_seq``, ``nflog_prefix``, ``nflog_ct`` (``wire.Conntrack``),
+``nflog_vlan`` (``wire.Vlan``), ``nflog_l2hdr`` attributes; ``nflog_packet`` is the
+``wire.Packet`` with every other NFLOG attribute (mark, indev, indev_name, uid, hook, ...).
 A packet of a metadata-only group (no payload) is ``conf.raw_layer`` of no bytes with its
 real ``.wirelen``. Why nothing arrives is said as the Subscriber says it (a warning per
 failure, logger ``nflogd_client.endpoints``), and ``sock.subscriber.endpoints`` holds each
@@ -215,6 +216,9 @@ class ZMQNFLOGSocket(SuperSocket):
         d["nflog_node"] = p.node
         d["nflog_seq"] = p.seq
         d["nflog_prefix"] = p.prefix
+        d["nflog_ct"] = p.ct
+        d["nflog_vlan"] = p.vlan
+        d["nflog_l2hdr"] = p.l2hdr
         d["nflog_packet"] = p
         return pkt
 

@@ -30,7 +30,7 @@ import zmq
 from . import __version__
 from . import jetstream as _jetstream
 from . import subscriber as _subscriber
-from .events import FeedEvents
+from .events import Event, FeedEvents
 from .reorder import Reorder
 from .subscriber import Subscriber
 from .wire import Packet
@@ -202,12 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("-c", "--count", type=_count, metavar="COUNT", help="stop after COUNT packets")
     ap.add_argument(
-        "-w", "--write", metavar="FILE", help="write to FILE (pcap unless --format says), '-' for stdout"
+        "-w",
+        "--write",
+        metavar="FILE",
+        help="write to FILE (pcapng if it ends in .pcapng, else pcap, unless --format says), '-' for stdout",
     )
     ap.add_argument(
         "--format",
-        choices=("text", "pcap", "json"),
+        choices=("text", "pcap", "pcapng", "json"),
         help="text: a line per packet (default without -w); pcap (default with -w); "
+        "pcapng: an interface per (node, group), each packet's attributes in its comment; "
         "json: JSON lines, a packet, loss or restart per line (docs/json-lines.md)",
     )
     ap.add_argument("--payload", action="store_true", help="json: each packet's captured bytes, base64")
@@ -388,6 +392,37 @@ def _pcap_writer(out: IO[bytes], linktype: str, limits: _PcapLimits) -> Callable
     return emit
 
 
+def _format_of(path: str | None) -> str:
+    """The output format a -w FILE implies: text without one, pcapng by its name, else pcap."""
+    if path is None:
+        return "text"
+    return "pcapng" if path.lower().endswith(".pcapng") else "pcap"
+
+
+def _pcapng_writer(
+    out: IO[bytes], endpoints: list[str]
+) -> tuple[Callable[[Packet], bool | None], Callable[[list[Event]], None]]:
+    """pcapng: an interface per (node, group), described by the endpoints; loss and restarts
+    as a comment on the next packet."""
+    from .events import describe
+    from .pcapng import FeedPcapng
+
+    feed = FeedPcapng(out, ", ".join(endpoints), snaplen=SNAPLEN, application=f"nflog-tap {__version__}")
+    pending: list[str] = []
+
+    def on_events(events: list[Event]) -> None:
+        text = describe(events)
+        if text:
+            pending.append(text)
+
+    def emit(p: Packet) -> bool | None:
+        feed.packet(p, "; ".join(pending) or None)
+        pending.clear()
+        return None
+
+    return emit, on_events
+
+
 def _printer(out: IO[str]) -> Callable[[Packet], None]:
     from scapy.config import conf
 
@@ -456,14 +491,18 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
             return _stats(sub, signals, sys.stdout)
         finally:
             sub.close()
-    fmt = args.format or ("text" if args.write is None else "pcap")
-    if fmt == "pcap" and args.write is None:
-        build_parser().error("--format pcap needs -w FILE (or -w - for stdout)")
+    fmt = args.format or _format_of(args.write)
+    if fmt in ("pcap", "pcapng") and args.write is None:
+        build_parser().error(f"--format {fmt} needs -w FILE (or -w - for stdout)")
+    if fmt == "pcapng" and args.linktype != "ip":
+        build_parser().error(
+            "--linktype nflog goes with --format pcap; pcapng keeps the attributes in comments"
+        )
     if (args.payload or args.ifnames) and fmt != "json":
         build_parser().error("--payload and --ifnames go with --format json")
     out: IO[Any] | None = None
     try:
-        binary = fmt == "pcap"
+        binary = fmt in ("pcap", "pcapng")
         if args.write in (None, "-"):
             stream: IO[Any] = sys.stdout.buffer if binary else sys.stdout
         else:
@@ -481,6 +520,10 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
             done = "printed"
         elif fmt == "pcap":
             emit = _pcap_writer(out, args.linktype, limits)
+            out.flush()
+            done = "written"
+        elif fmt == "pcapng":
+            emit, on_events = _pcapng_writer(out, _subscriber._endpoints(args.endpoint))
             out.flush()
             done = "written"
         else:

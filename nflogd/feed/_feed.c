@@ -311,7 +311,7 @@ static int send_batch(struct nflogd_feed *f, struct nflogd_reader *r, uint32_t c
     r->feed_seq += count;
     memcpy(header, "NFLD", 4);             /* wire.HEADER: <4sBBHIHHQQQ */
     header[4] = 1;                         /* version */
-    header[5] = 0;                         /* flags */
+    header[5] = r->batch_flags;            /* flags: NFLOGD_FLAG_IFNAMES */
     put16(header + 6, r->group);
     put32(header + 8, count);
     put16(header + 12, sizeof(struct nflogd_record));
