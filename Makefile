@@ -98,6 +98,8 @@ test: check
 # ends the run.
 ASAN_TESTS := tests/test_capture.py tests/test_capture_loop.py tests/test_classic.py tests/test_publish.py \
     tests/test_zmtp.py tests/test_zmtp_spec.py
+# The Python fallback loop under a GIL hog is timing: ASan slows its draining past the test's deadline.
+ASAN_DESELECT := --deselect tests/test_capture_loop.py::test_fallback_python_loop_loses_packets_when_the_gil_is_held
 .PHONY: test-asan
 test-asan: $(VENV)/.installed
 	rm -rf build/asan && mkdir -p build/asan
@@ -107,7 +109,7 @@ test-asan: $(VENV)/.installed
 	cd build/asan && export LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	    UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 && \
 	    $(CURDIR)/$(VPY) -c 'import nflogd._nflog_cffi as m, sys; sys.exit("build/asan" not in m.__file__)' && \
-	    $(CURDIR)/$(VPY) -m pytest -q -p no:cacheprovider $(addprefix $(CURDIR)/,$(ASAN_TESTS))
+	    $(CURDIR)/$(VPY) -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) $(ASAN_DESELECT) $(addprefix $(CURDIR)/,$(ASAN_TESTS))
 
 # The bench's other readers and the profilers: ulogd2 with its pcap output beside tcpdump,
 # perf and strace for bench/profile.py.
