@@ -181,6 +181,13 @@ class NflogSocket:
         rc = lib.nflogd_pump(self._r, feed._f if feed is not None else ffi.NULL, timeout_ms)
         return check(rc, self.group, "receive") == 1
 
+    def pump_until_idle(self, feed: CFeed | None, idle_ms: int, sent: bool) -> int:
+        """As pump(), but waiting with no end until a batch was sent (or ``sent``: one was before),
+        then until a read gets nothing within ``idle_ms``: 2 (idle after traffic), 0 if woken, 1
+        after an overrun."""
+        rc = lib.nflogd_pump_until_idle(self._r, feed._f if feed is not None else ffi.NULL, idle_ms, sent)
+        return check(rc, self.group, "receive")
+
     @property
     def feed_seq(self) -> int:
         """The ``first_seq`` of the next message pump() sends."""

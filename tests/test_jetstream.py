@@ -103,7 +103,7 @@ def test_a_late_message_fills_its_gap_and_a_repeated_one_is_skipped():
     assert acct.lost == {("r1", 1): 2}
     assert not acct.take(batch("r1", 2, 2))  # seen: a redelivery
     assert not acct.take(batch("r1", 8, 1))
-    assert acct.duplicates == 2 and acct.received == 7
+    assert acct.duplicates == 3 and acct.duplicate_messages == 2 and acct.received == 7  # packets
     assert acct.take(batch("r1", 6, 1))  # half of the other gap
     assert acct.lost == {("r1", 1): 1}
     assert acct.take(batch("r1", 3, 2, epoch=2))  # a restart: 0..2 of the new run lost
@@ -112,6 +112,36 @@ def test_a_late_message_fills_its_gap_and_a_repeated_one_is_skipped():
     assert acct.lost == {("r1", 1): 1}
     assert acct.take(batch("r2", 10, 1))  # another node: its own baseline
     assert acct.lost == {("r1", 1): 1, ("r2", 1): 0}
+
+
+def test_messages_stored_out_of_order_are_all_delivered_and_counted_in_packets():
+    """A stream holding a (node, group)'s messages out of order (retried publishes that landed
+    late, messages given back by a reader that closed): a reader starting anywhere delivers
+    every stored packet once, counts no loss where none was, and counts a redelivery in
+    packets."""
+    acct = _Account()
+    # the reader began at the stream position of 20..30; 10..20 was stored after it
+    assert acct.take(batch("r1", 20, 10))
+    assert acct.take(batch("r1", 10, 10))  # before where it began: delivered, no loss, no duplicate
+    assert acct.take(batch("r1", 40, 10))  # 30..40 missing so far
+    assert acct.take(batch("r1", 0, 5))
+    assert acct.lost == {("r1", 1): 10} and acct.duplicates == 0
+    assert acct.take(batch("r1", 30, 10))  # it came after all
+    assert acct.lost == {("r1", 1): 0} and acct.received == 45
+    assert not acct.take(batch("r1", 10, 10))  # delivered before: 10 packets skipped
+    assert acct.duplicates == 10 and acct.duplicate_messages == 1 and acct.received == 45
+
+
+def test_a_sequence_mark_shows_the_tail_lost():
+    acct = _Account()
+    assert acct.take(batch("r1", 0, 5))
+    assert acct.take(batch("r1", 9, 0))  # the mark: the run sent 0..8; 5..8 never came
+    assert acct.lost == {("r1", 1): 4} and acct.received == 5
+    assert acct.take(batch("r1", 9, 0))  # the relay's mark, the same: nothing more
+    assert acct.take(batch("r1", 5, 4))  # ... unless they come late
+    assert acct.lost == {("r1", 1): 0} and acct.duplicates == 0
+    assert acct.take(batch("r1", 2, 0, epoch=2))  # a restart whose first word is a mark
+    assert acct.restarts == 1 and acct.lost == {("r1", 1): 2}
 
 
 def test_the_accounting_keeps_max_nodes():
