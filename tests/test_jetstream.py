@@ -144,6 +144,17 @@ def test_a_sequence_mark_shows_the_tail_lost():
     assert acct.restarts == 1 and acct.lost == {("r1", 1): 2}
 
 
+def test_a_sequence_mark_has_its_own_stream_id():
+    """A mark shares first_seq with the next message: its id must differ, or the stream would
+    take that message for a duplicate of the mark."""
+    frames = wire.encode(5, "r1", 1718000000123456789, 4242, [], kernel_dropped=3)
+    r = stream.record(frames, partitions=8)
+    assert r.count == 0 and r.msg_id == "r1.5.1718000000123456789.4242.mark"
+    assert stream.record(node_msg("r1", 5, 4242, epoch=1718000000123456789)).msg_id == (
+        "r1.5.1718000000123456789.4242"
+    )
+
+
 def test_the_accounting_keeps_max_nodes():
     acct = _Account(max_nodes=2)
     acct.take(batch("a", 0, 1))
@@ -590,6 +601,52 @@ def test_r3_one_cluster_node_killed_mid_stream_loses_nothing(tmp_path, feed):
                 assert relay.stream_metric("nflogd_relay_stream_published_total") == 600
             finally:
                 reader.close()
+
+
+def test_r3_a_reader_closed_mid_stream_hands_over_to_the_next_every_stored_packet_once(tmp_path, feed):
+    """A real R3 cluster, one node killed while the stream fills; the stream holds messages out
+    of order (two pairs swapped, one where the second reader begins), lacks one message (4 packets lost on the way) and ends with a
+    sequence mark after a tail that never came (4 more). A reader closed mid-stream gives back
+    what it had fetched ahead, and a reader of the same consumer started at once delivers the
+    rest: every stored packet once, nothing skipped as a duplicate, the loss counted in packets."""
+    with NatsCluster(tmp_path / "cluster", 3) as cluster:
+        js = {"servers": cluster.urls, "replicas": 3}
+        with StreamRelay(tmp_path / "relay", upstreams=[feed.endpoint], jetstream=js) as relay:
+            feed.wait_subscribed({b""})
+            order = [b for b in range(99) if b != 50]  # block b: packets 4b .. 4b+3; 50 never sent
+            for i in (20, 60):  # 21 before 20: where the second reader begins, below its first
+                order[i], order[i + 1] = order[i + 1], order[i]
+            info = stream_info(cluster.urls[0])
+            replica = next(s for s in cluster.servers if s.name != info.cluster.leader)
+            for k, b in enumerate(order):
+                feed.publish(node_msg("r1", 1, 4 * b, n=4))
+                if k == 40:
+                    replica.kill()
+                time.sleep(0.003)
+            feed.publish(wire.encode(1, "r1", 1, 4 * 100, []))  # the mark: 396..399 never came
+            sent = len(order) + 1
+            wait_until(
+                lambda: relay.stream_metric("nflogd_relay_stream_published_total") == sent,
+                "every message stored", timeout=30,
+            )  # fmt: skip
+        replica.start()  # back: the readers need the cluster's meta leader, which it may have been
+        stored = {4 * b + k for b in order for k in range(4)}
+        url = "nats://" + ",".join(u.split("//")[1] for u in cluster.urls) + "/NFLOG?durable=g&start=all"
+        first = JetStreamSubscriber(url, prefetch=32, timeout=30)
+        try:
+            got_first = [first.recv_batch(timeout=10) for _ in range(20)]
+            assert first.queued() > 0  # fetched ahead, not handed over
+        finally:
+            first.close()
+        t0 = time.monotonic()
+        with JetStreamSubscriber(url, ack_wait_s=30) as second:
+            (rest,) = read_all([second], len(stored) - 4 * 20, timeout=15)
+            assert time.monotonic() - t0 < 15  # given back at once, not after ack_wait_s
+            delivered = [p.seq for b in got_first + rest for p in b.packets]
+            assert sorted(delivered) == sorted(stored)  # each stored packet once
+            assert first.duplicates == second.duplicates == 0
+            assert first.total_lost == 0
+            assert second.total_lost == 8 and second.lost == {("r1", 1): 8}
 
 
 # -- nflog-tap and scapy on a stream -------------------------------------------------------------
