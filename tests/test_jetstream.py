@@ -606,9 +606,10 @@ def test_r3_one_cluster_node_killed_mid_stream_loses_nothing(tmp_path, feed):
 def test_r3_a_reader_closed_mid_stream_hands_over_to_the_next_every_stored_packet_once(tmp_path, feed):
     """A real R3 cluster, one node killed while the stream fills; the stream holds messages out
     of order (two pairs swapped, one where the second reader begins), lacks one message (4
-    packets lost on the way) and ends with a sequence mark after a tail that never came (4 more). A reader closed mid-stream gives back
-    what it had fetched ahead, and a reader of the same consumer started at once delivers the
-    rest: every stored packet once, nothing skipped as a duplicate, the loss counted in packets."""
+    packets lost on the way) and ends with a sequence mark after a tail that never came (4
+    more). A reader closed mid-stream gives back what it had fetched ahead, and a reader of the
+    same consumer started at once delivers the rest: every stored packet once, nothing skipped
+    as a duplicate, the loss counted in packets."""
     with NatsCluster(tmp_path / "cluster", 3) as cluster:
         js = {"servers": cluster.urls, "replicas": 3}
         with StreamRelay(tmp_path / "relay", upstreams=[feed.endpoint], jetstream=js) as relay:
