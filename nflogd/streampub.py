@@ -48,6 +48,11 @@ __all__ = ["Driver", "Transient", "Rejected", "StreamPublisher", "StreamCollecto
 
 log = logging.getLogger("nflogd.stream")
 
+#: Seconds a JetStream stream takes no publish while it elects a new leader (measured 5.8-7.3 s
+#: with the leader killed): ``buffer_bytes`` should hold that long's worth of the feed.
+FAILOVER_S = 8.0
+#: Seconds over which the offered rate is measured for that check.
+RATE_WINDOW_S = 2.0
 #: Seconds before the first retry of a failed publish; doubled up to RETRY_MAX_S.
 RETRY_S = 0.2
 RETRY_MAX_S = 2.0
@@ -128,6 +133,11 @@ class StreamPublisher:
         self._done = threading.Event()
         self._done_logged = False
         self._rejects = Episodes(log)  # refusals: one warning per episode, then debug
+        self._window_start = time.monotonic()
+        self._window_bytes = 0
+        #: Bytes per second offered over the last RATE_WINDOW_S.
+        self.rate = 0.0
+        self._short = Episodes(log, quiet_s=60.0)  # buffer_bytes short of a failover at this rate
 
     # -- relay thread ----------------------------------------------------------------------
 
@@ -147,6 +157,10 @@ class StreamPublisher:
         for f in frames:
             size += len(f)
         self.messages += 1
+        self._window_bytes += size
+        now = time.monotonic()
+        if now - self._window_start >= RATE_WINDOW_S:
+            self._measure(now)
         with self._lock:
             fits = self.held_bytes + size <= self.buffer_bytes
             if fits:
@@ -174,6 +188,24 @@ class StreamPublisher:
                     log.error(
                         "jetstream %s: the publisher has stopped; messages are dropped", self.driver.name
                     )
+
+    def _measure(self, now: float) -> None:
+        """The offered rate over the window that ended; a warning (once an episode) when
+        ``buffer_bytes`` would not hold a leader failover's worth of it."""
+        self.rate = self._window_bytes / (now - self._window_start)
+        self._window_start, self._window_bytes = now, 0
+        if self.rate * FAILOVER_S > self.buffer_bytes:
+            self._short.hit(
+                "jetstream %s: buffer_bytes %d holds %.1f s of the feed at its rate now (%.0f bytes/s);"
+                " a leader failover stalls publishing for up to %g s: messages would be dropped."
+                " Give buffer_bytes at least %d (docs/jetstream.md, sizing)",
+                self.driver.name,
+                self.buffer_bytes,
+                self.buffer_bytes / self.rate,
+                self.rate,
+                FAILOVER_S,
+                int(self.rate * FAILOVER_S * 1.25),
+            )
 
     def _drop(self, frames: Frames) -> None:
         n = _packets(frames)
@@ -234,7 +266,7 @@ class StreamPublisher:
             await self._pump()
         finally:
             self._closed = True
-            left = len(self._queue) + self.in_flight
+            before = self.dropped_messages["shutdown"], self.dropped_packets["shutdown"]
             while self._queue:
                 frames, size = self._queue.popleft()
                 self._dropped_at_stop(frames, size)
@@ -244,9 +276,16 @@ class StreamPublisher:
                 self._count_drop("shutdown", rec.count)
                 self._release(size)
             self._waiting.clear()
-            await asyncio.sleep(0)
-            if left:
-                log.warning("jetstream %s: stopped with %d messages not published", self.driver.name, left)
+            await asyncio.sleep(0)  # the acks failed by close() are counted
+            messages = self.dropped_messages["shutdown"] - before[0]
+            if messages:
+                log.warning(
+                    "jetstream %s: stopped with %d packets not published (%d messages; counted in"
+                    " nflogd_relay_stream_dropped_packets_total{reason=\"shutdown\"})",
+                    self.driver.name,
+                    self.dropped_packets["shutdown"] - before[1],
+                    messages,
+                )
 
     def _begin_stop(self) -> None:
         self._stopping = True

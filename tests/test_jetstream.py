@@ -529,6 +529,37 @@ def test_the_server_down_the_relay_buffers_in_bounds_then_counts_drops_that_read
         srv.stop()
 
 
+def test_a_buffer_short_of_a_failover_is_warned_of_and_the_last_words_count_packets(tmp_path, feed):
+    """At a rate whose 8 s (a leader failover) exceed buffer_bytes the relay says so, once; with
+    the server gone, SIGTERM's last words give the packets not published, as the metric does."""
+    srv = NatsServer(tmp_path / "nats")
+    js = {"servers": [srv.url], "buffer_bytes": 1 << 16, "ack_timeout_ms": 500}
+    try:
+        srv.start()
+        relay = StreamRelay(tmp_path / "relay", upstreams=[feed.endpoint], jetstream=js, stop_timeout=20)
+        with relay:
+            feed.wait_subscribed({b""})
+            seq = 0
+            for _ in range(300):  # ~1.2 kB each, 100 a second: 8 s of it is twice 64 KiB
+                feed.publish(node_msg("r1", 7, seq, n=2, size=500))
+                seq += 2
+                time.sleep(0.01)
+            wait_until(lambda: relay.stream_metric("nflogd_relay_stream_published_total") >= 300, "acks")
+            wait_until(lambda: "holds" in relay.stderr, "the warning")
+            assert relay.stderr.count("a leader failover stalls publishing") == 1, relay.stderr
+            srv.stop()
+            wait_until(lambda: relay.stream_metric("nflogd_relay_stream_connected") == 0, "disconnected")
+            for _ in range(10):
+                feed.publish(node_msg("r1", 7, seq, n=3))
+                seq += 3
+            wait_until(lambda: relay.stream_metric("nflogd_relay_stream_buffered_messages") >= 10, "held")
+            relay.stop()
+        assert relay.returncode == 0
+        assert "stopped with 30 packets not published" in relay.stderr, relay.stderr
+    finally:
+        srv.stop()
+
+
 def readme_jetstream_config() -> dict:
     """The README's relay config with a jetstream section, as pasted."""
     readme = (REPO / "README.md").read_text()
