@@ -281,7 +281,7 @@ class StreamPublisher:
             if messages:
                 log.warning(
                     "jetstream %s: stopped with %d packets not published (%d messages; counted in"
-                    " nflogd_relay_stream_dropped_packets_total{reason=\"shutdown\"})",
+                    ' nflogd_relay_stream_dropped_packets_total{reason="shutdown"})',
                     self.driver.name,
                     self.dropped_packets["shutdown"] - before[1],
                     messages,
