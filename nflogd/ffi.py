@@ -378,6 +378,10 @@ class CFeed:
         """Messages the peer (-1: every peer) has queued now."""
         return lib.nflogd_peers_queued(self._p, peer)
 
+    def peer_queued_packets(self) -> int:
+        """The packets in the messages every peer has queued now."""
+        return lib.nflogd_peers_queued_packets(self._p)
+
     def peer_dropped(self, peer: int = -1) -> int:
         """Messages dropped for the peer (-1: every peer, gone ones too) at its hwm."""
         return lib.nflogd_peers_dropped(self._p, peer)

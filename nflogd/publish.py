@@ -810,8 +810,15 @@ class Publisher:
         """Close the server and the sockets (queued messages get ``linger`` ms, default
         LINGER_MS)."""
         if self.server is not None:
-            self.server.close(LINGER_MS if linger is None else linger)
+            messages, packets = self.server.close(LINGER_MS if linger is None else linger)
             self.server = None
+            if messages:
+                log.warning(
+                    "feed: stopped with %d packets not sent to subscribers that were behind"
+                    " (%d messages queued for them)",
+                    packets,
+                    messages,
+                )
         with self.lock:
             if self._c.zmq:
                 self._c.set_sockets([])
