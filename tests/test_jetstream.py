@@ -401,7 +401,7 @@ def test_daemons_to_a_consumer_group_and_replay(tmp_path):
                 third = {f"c-router1-{k}".encode() for k in range(50)}
                 routers[0].send_udp(sorted(third), port=UDP_PORT)
                 got = read_all(workers, len(third))
-                assert sorted(payloads(got[0])) == sorted(third) and not got[1]
+                assert sorted(payloads(got[0])) == sorted(third) and not payloads(got[1])
                 assert (workers[0].restarts, workers[0].total_lost, workers[1].restarts) == (1, 0, 0)
 
             # replay from the start: every packet again, in order, no loss; from a time; from a sequence
@@ -439,14 +439,15 @@ def test_a_worker_that_closes_gives_back_what_it_fetched_ahead(tmp_path, feed):
             wait_until(lambda: relay.stream_metric("nflogd_relay_stream_published_total") == 50, "50 acks")
         url = f"{srv.url}/NFLOG?durable=g&start=all"
         with JetStreamSubscriber(url) as first:
-            wait_until(lambda: first.queued() == 50, "the reader fetched ahead")
+            wait_until(lambda: first.queued() == 51, "the reader fetched ahead")  # and the exit's mark
             one = first.recv_batch(timeout=5)
         t0 = time.monotonic()
         with JetStreamSubscriber(url, ack_wait_s=30) as second:
             (rest,) = read_all([second], 49, timeout=10)
         assert time.monotonic() - t0 < 10  # not after ack_wait_s
-        assert [one.first_seq] + [b.first_seq for b in rest] == list(range(50))
-        assert second.duplicates == 0
+        assert [one.first_seq] + [b.first_seq for b in rest if b.packets] == list(range(50))
+        assert (rest[-1].packets, rest[-1].first_seq) == ([], 50)  # the relay's mark at its exit
+        assert second.duplicates == 0 and second.total_lost == 0
 
 
 # -- the engine away ---------------------------------------------------------------------------
@@ -560,6 +561,43 @@ def test_a_buffer_short_of_a_failover_is_warned_of_and_the_last_words_count_pack
         srv.stop()
 
 
+def test_a_tail_the_stream_buffer_dropped_is_counted_by_the_reader(tmp_path, feed):
+    """The server away while the last messages of a run come: the relay's buffer drops them
+    (counted), and nothing follows them. The relay's own sequence mark, two seconds after the
+    last packets, still fits the full buffer and is stored once the server is back, so the
+    reader counts the tail: lost = sent - received, equal to the relay's dropped packets."""
+    srv = NatsServer(tmp_path / "nats")
+    js = {"servers": [srv.url], "buffer_bytes": 1 << 16, "ack_timeout_ms": 500}
+    try:
+        srv.start()
+        with StreamRelay(tmp_path / "relay", upstreams=[feed.endpoint], jetstream=js) as relay:
+            feed.wait_subscribed({b""})
+            seq = 0
+            for _ in range(10):
+                feed.publish(node_msg("r1", 7, seq, n=2, size=500))
+                seq += 2
+            wait_until(lambda: relay.stream_metric("nflogd_relay_stream_published_total") == 10, "10 acks")
+            srv.stop()
+            wait_until(lambda: relay.stream_metric("nflogd_relay_stream_connected") == 0, "disconnected")
+            for _ in range(200):  # ~1.2 kB each against a 64 KiB buffer: the end is dropped
+                feed.publish(node_msg("r1", 7, seq, n=2, size=500))
+                seq += 2
+            wait_until(lambda: relay.metric("nflogd_relay_marks_total") == 1, "the relay's mark")
+            dropped = relay.stream_metric("nflogd_relay_stream_dropped_packets_total", reason="buffer")
+            assert dropped > 0
+            srv.start()
+            drained = lambda: relay.stream_metric("nflogd_relay_stream_buffered_messages") == 0  # noqa: E731
+            wait_until(drained, "drained", 30)
+            with JetStreamSubscriber(f"{srv.url}/NFLOG", start="all") as reader:
+                (got,) = read_all([reader], seq - dropped, timeout=30)
+                assert got[-1].packets == [] and got[-1].first_seq == seq  # the mark, last
+                assert max(p.seq for b in got for p in b.packets) < seq - 2  # the tail never came
+                assert reader.received == seq - dropped
+                assert reader.total_lost == dropped == seq - reader.received
+    finally:
+        srv.stop()
+
+
 def readme_jetstream_config() -> dict:
     """The README's relay config with a jetstream section, as pasted."""
     readme = (REPO / "README.md").read_text()
@@ -629,7 +667,8 @@ def test_r3_one_cluster_node_killed_mid_stream_loses_nothing(tmp_path, feed):
                 assert seen == sorted((n, s) for n in ("r1", "r2") for s in range(total))
                 assert reader.total_lost == 0
                 assert relay.stream_metric("nflogd_relay_stream_dropped_messages_total", reason="buffer") == 0
-                assert relay.stream_metric("nflogd_relay_stream_published_total") == 600
+                marks = relay.metric("nflogd_relay_marks_total")  # the relay's, two seconds after each node
+                assert relay.stream_metric("nflogd_relay_stream_published_total") == 600 + marks
             finally:
                 reader.close()
 
