@@ -22,6 +22,10 @@ numbers: a message the relay drops shows at the client as a gap in that node's `
 subscriptions downstream to upstream (the first to a topic, the last unsubscription, to every
 upstream XSUB, which sends them again after every reconnect).
 
+Sequence marks (``SequenceMarks``): the relay passes the daemons' marks on and sends its own
+for each (node, group) ``MARK_IDLE_S`` after the last packets it passed on, and at exit, so
+that its clients learn where each sequence ended (``docs/wire-format.md``).
+
 Upstream state: each XSUB's ``nflogd_client.endpoints.EndpointWatch``, as a Subscriber's:
 up at the handshake, down at a disconnect, each failure counted and logged once with its
 likely cause, the recovery logged; after a refused handshake the relay connects again every
