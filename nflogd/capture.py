@@ -200,6 +200,15 @@ class GroupReader:
         if self._open().pump(feed, -1 if timeout is None else math.ceil(timeout * 1000)):
             self._overflowed()
 
+    def pump_until_idle(self, feed: CFeed | None, idle: float, sent: bool) -> bool:
+        """As ``pump()``, with no end to the wait until a batch is sent (``sent``: one was since
+        the group's last sequence mark), then until a read gets nothing within ``idle`` seconds:
+        True then (the mark is due), False if ``wake()`` was called or after an overrun."""
+        rc = self._open().pump_until_idle(feed, math.ceil(idle * 1000), sent)
+        if rc == 1:
+            self._overflowed()
+        return rc == 2
+
     @property
     def feed_seq(self) -> int:
         """The next message's ``first_seq`` for ``pump()``."""

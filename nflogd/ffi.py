@@ -224,6 +224,13 @@ class NflogSocket:
         rc = lib.nflogd_pump(self._r, feed._f if feed is not None else ffi.NULL, timeout_ms)
         return check(rc, self.group, "receive") == 1
 
+    def pump_until_idle(self, feed: CFeed | None, idle_ms: int, sent: bool) -> int:
+        """As pump(), but waiting with no end until a batch was sent (or ``sent``: one was before),
+        then until a read gets nothing within ``idle_ms``: 2 (idle after traffic), 0 if woken, 1
+        after an overrun."""
+        rc = lib.nflogd_pump_until_idle(self._r, feed._f if feed is not None else ffi.NULL, idle_ms, sent)
+        return check(rc, self.group, "receive")
+
     @property
     def feed_seq(self) -> int:
         """The ``first_seq`` of the next message pump() sends."""
@@ -428,6 +435,10 @@ class CFeed:
     def peer_queued(self, peer: int = -1) -> int:
         """Messages the peer (-1: every peer) has queued now."""
         return lib.nflogd_peers_queued(self._p, peer)
+
+    def peer_queued_packets(self) -> int:
+        """The packets in the messages every peer has queued now."""
+        return lib.nflogd_peers_queued_packets(self._p)
 
     def peer_dropped(self, peer: int = -1) -> int:
         """Messages dropped for the peer (-1: every peer, gone ones too) at its hwm."""

@@ -146,13 +146,14 @@ def thread_wakeups(pid: int) -> dict[str, int]:
 def test_an_idle_daemon_makes_no_wakeups(netns, tmp_path, ctx):
     """Between packets no thread of the daemon runs: the capture thread waits in C for the
     kernel with no timeout, and the control loop waits for events (the first send after
-    that wakes it to watch the feed). It serves on after the quiet spell."""
+    that wakes it to watch the feed), once the group's sequence mark, a second after its
+    last packet, is out. It serves on after the quiet spell."""
     netns.log_rule(1, match="udp dport 9999")
     with NflogdProcess(netns, tmp_path, groups=[1]) as d:
         sub = d.subscribe(ctx)
         netns.send_udp([b"before"], "127.0.0.1", 9999)
         assert packet_count(receive(sub, lambda bs: packet_count(bs) >= 1)) == 1
-        time.sleep(1.0)  # the control loop's last look at the feed after that send
+        time.sleep(2.0)  # the sequence mark (at 1 s), the control loop's last look after it
         before = thread_wakeups(d.pid)
         time.sleep(3)
         after = thread_wakeups(d.pid)

@@ -388,3 +388,28 @@ int nflogd_pump(struct nflogd_reader *r, struct nflogd_feed *f, int timeout_ms)
             return 0;
     }
 }
+
+int nflogd_pump_until_idle(struct nflogd_reader *r, struct nflogd_feed *f, int idle_ms, int sent)
+{
+    uint64_t overflows = r->overflows;
+    for (;;) {
+        int n = nflogd_read(r, sent ? idle_ms : -1);
+        if (n < 0 && n != -ENOBUFS)
+            return n;
+        if (n > 0 && f) {
+            pthread_mutex_lock(&f->lock);
+            int rc = send_batch(f, r, (uint32_t)n);
+            pthread_mutex_unlock(&f->lock);
+            if (rc < 0)
+                return rc;
+        }
+        if (n > 0)
+            sent = 1;
+        if (r->overflows != overflows)
+            return 1;
+        if (__atomic_exchange_n(&r->woken, 0, __ATOMIC_ACQ_REL))
+            return 0;
+        if (n <= 0 && sent)
+            return 2;
+    }
+}
