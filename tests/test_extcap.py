@@ -193,6 +193,9 @@ def test_raw_linktype_and_group_option(netns, tmp_path, home):
         assert rc == 0, err
     rows = fields(out, "frame.protocols", "udp.dstport")
     assert len(rows) == 5 and all(r[0].startswith("raw:ip:udp") and r[1] == "9991" for r in rows), rows
+    # each packet's direction from its hook (INPUT: inbound) and its attributes in a comment
+    rows = fields(out, "frame.packet_flags_direction", "frame.comment")
+    assert all(int(r[0], 16) == 1 and f"prefix {PREFIX!r}" in r[1] for r in rows), rows
 
 
 @pytest.mark.kernel

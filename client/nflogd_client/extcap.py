@@ -42,7 +42,7 @@ from typing import IO, Callable, TextIO
 from . import __version__, tap
 from .bpf import CaptureFilter, FilterError
 from .events import FeedEvents, describe
-from .pcapng import PcapngWriter
+from .pcapng import PcapngWriter, describe_packet, direction
 from .reorder import Reorder
 from .subscriber import DEFAULT_ENDPOINT
 from .wire import Packet
@@ -345,13 +345,16 @@ def _capture(args: argparse.Namespace) -> int:
                 nonlocal written, cut
                 if nflog:
                     record = tap.nflog_record(p)
-                    w.packet(record, p.ts_ns, len(record), comment)
+                    w.packet(record, p.ts_ns, len(record), comment, flags=direction(p))
                 else:
                     if len(p.data) > tap.SNAPLEN:  # Wireshark refuses a longer record as corrupt
                         if not cut:
                             control.send(_CMD_ADD, f"{_cut_line(p)}\n")
                         cut += 1
-                    w.packet(p.data[: tap.SNAPLEN], p.ts_ns, p.len, comment)
+                    w.packet(
+                        p.data[: tap.SNAPLEN], p.ts_ns, p.len, comment,
+                        flags=direction(p), comments=(describe_packet(p),),
+                    )  # fmt: skip
                 written += 1
 
             try:
