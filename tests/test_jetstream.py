@@ -804,3 +804,17 @@ def test_a_reload_that_changes_the_jetstream_section_is_refused(tmp_path, feed):
             wait_until(
                 lambda: relay.stream_metric("nflogd_relay_stream_published_total") == 1, "still publishing"
             )
+
+
+def test_without_nats_py_the_reader_says_what_to_install():
+    """Without nats-py a JetStreamSubscriber is one ImportError naming the extra, raised
+    where it is made (not a traceback from the reader's thread)."""
+    code = (
+        "import sys; sys.modules['nats'] = None\n"
+        "from nflogd_client.jetstream import JetStreamSubscriber\n"
+        "try:\n    JetStreamSubscriber('nats://127.0.0.1:9/feed', [5])\n"
+        "except ImportError as e:\n    print(e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.strip() == "JetStreamSubscriber needs nats-py: pip install 'nflogd-client[jetstream]'"

@@ -342,6 +342,11 @@ class JetStreamSubscriber(_BatchCursor):
         max_nodes: int = 4096,
         timeout: float = 10.0,
     ) -> None:
+        try:
+            import nats  # noqa: F401  (used in the reader's own thread)
+        except ImportError as e:
+            need = "JetStreamSubscriber needs nats-py: pip install 'nflogd-client[jetstream]'"
+            raise ImportError(need) from e
         opts: dict[str, Any] = {}
         if isinstance(servers, str):
             opts = parse_endpoint(servers) if is_jetstream_endpoint(servers) else {"servers": [servers]}
