@@ -14,6 +14,7 @@ The filter's own bits (spec bytes, the metadata test in the reader) are in test_
 
 from __future__ import annotations
 
+import socket
 import struct
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from daemonutil import NflogdProcess, RelayProcess, wait_until
 from feedutil import collect
 from nflogd_client import Filter, FilterRefused, Subscriber, wire
 from nflogd_client import filters as filters_mod
+from scapy.layers.inet import IP, UDP
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.kernel]
 
@@ -302,7 +304,7 @@ def test_filter_arguments(ctx):
         Subscriber("ipc:///nonexistent/x.sock", hook="sideways", context=ctx)
     with pytest.raises(ValueError, match="outside the mask"):
         Subscriber("ipc:///nonexistent/x.sock", mark=(0x10, 0x0F), context=ctx)
-    assert wire.FLAG_FILTERED == 1
+    assert wire.FLAG_FILTERED == 2
 
 
 def test_through_a_relay_the_reader_filters_after_no_answer(netns, daemon, tmp_path, ctx, closing, caplog):
@@ -379,3 +381,93 @@ def test_a_curve_reader_runs_its_filter_itself(netns, tmp_path):
                 sub.close()
         finally:
             cctx.destroy(linger=0)
+
+
+def test_a_filtered_reader_gets_the_names_vlan_and_link_header_of_its_packets(netns, tmp_path, ctx, closing):
+    """A bridge of two veth ports, one renamed (lanport0); the bridge family logs with the
+    frames' VLAN tag and link-layer header, conntrack off. A reader whose filter passes only
+    the frames of port lanport0 gets them with the router's name of that port, their VLAN tag
+    and link header as the unfiltered reader gets them, and only the names its packets use."""
+    for cmd in (
+        "ip link add br0 type bridge",
+        "ip link add va type veth peer name vb",
+        "ip link set vb name lanport0",
+        "ip link add vc type veth peer name vd",
+        "ip link set lanport0 master br0",
+        "ip link set vd master br0",
+        "ip link set br0 up",
+        *(f"ip link set {dev} up" for dev in ("va", "lanport0", "vc", "vd")),
+    ):
+        netns.run(*cmd.split())
+    netns.nft(
+        "table bridge tb {\n  chain c {\n    type filter hook prerouting priority 0;\n"
+        '    meta l4proto udp log group 13 prefix "br"\n  }\n}\n'
+    )
+    dst, src = bytes.fromhex("020000000002"), bytes.fromhex("020000000001")
+
+    def frame(dport: int, tag: bytes) -> bytes:
+        ip = bytes(IP(src="10.99.0.1", dst="10.99.0.2") / UDP(sport=1, dport=dport) / tag)
+        return dst + src + struct.pack(">HH", 0x8100, (1 << 13) | 5) + b"\x08\x00" + ip
+
+    with NflogdProcess(netns, tmp_path / "d", groups=[13], node="f") as d:
+        mine = Subscriber(d.endpoint, groups=[13], filter="udp and dst port 9", context=ctx)
+        every = Subscriber(d.endpoint, groups=[13], context=ctx)
+        closing += [mine, every]
+        accepted(mine)
+        wait_until(lambda: d.metric("nflogd_subscribers") == 2, "two subscribers")
+        time.sleep(0.2)  # the unfiltered reader's subscription: no reply to wait for
+        with netns.entered():
+            a, c = (socket.socket(socket.AF_PACKET, socket.SOCK_RAW) for _ in range(2))
+            a.bind(("va", 0))
+            c.bind(("vc", 0))
+        with a, c:
+            for i in range(10):  # one burst: the batches hold frames of both ports
+                a.send(frame(9, b"mine %d" % i))
+                c.send(frame(10, b"other %d" % i))
+        all_ = collect(every, lambda ps: len(ps) >= 20, WAIT)
+        got = collect(mine, lambda ps: len(ps) >= 10, WAIT)
+        assert mine.recv(timeout=0.3) is None
+    assert "Traceback" not in d.stderr, d.stderr
+    want = [p for p in all_ if dport(p) == 9]
+    assert len(want) == 10 and len(got) == 10
+    port, bridge = want[0].physindev, want[0].indev  # the bridge family: the port is physindev
+    assert {(p.indev_name, p.physindev_name) for p in all_} == {("br0", "lanport0"), ("br0", "vd")}
+    for i, (p, q) in enumerate(zip(got, want)):
+        assert p.data == q.data and p.data.endswith(b"mine %d" % i)
+        assert (p.physindev, p.physindev_name, p.indev_name, p.prefix) == (port, "lanport0", "br0", "br")
+        assert p.vlan == q.vlan == (0x2005, 0x8100)
+        assert p.l2hdr == q.l2hdr and p.l2hdr is not None and p.l2hdr[:12] == dst + src
+        assert p.ct is None
+        assert p.ifnames == {bridge: "br0", port: "lanport0"}  # only the names its packets use
+    assert any(len(q.ifnames or {}) == 3 for q in all_), "no batch held frames of both ports"
+    assert mine.total_lost == 0 and every.total_lost == 0
+
+
+def test_a_filtered_reader_counts_a_lost_tail_from_the_sequence_mark(netns, tmp_path, ctx, closing):
+    """As the loss test above, but nothing comes after the loss: the group's sequence mark
+    (a message of no packets) reaches the filtered reader with the filter's numbering, so the
+    packets lost at the end are counted, exactly, in packets the filter passed."""
+    rules(netns)
+    workdir = tmp_path / "d"
+    publish = {"bind": [f"ipc://{workdir}/run/feed.sock"], "hwm": 2}
+    with NflogdProcess(netns, workdir, groups=[1], node="f", extra={"publish": publish}) as d:
+        sub = Subscriber(d.endpoint, groups=[1], filter="udp and dst port 53", rcvhwm=1, context=ctx)
+        closing.append(sub)
+        accepted(sub)
+        big = b"x" * 1400
+        for r in range(50):
+            netns.send_udp([big] * 8, "127.0.0.1", DNS)
+            netns.send_udp([big] * 8, "127.0.0.1", OTHER)
+            wait_until(lambda r=r: packets(d) >= 16 * (r + 1), "published")
+        wait_until(lambda: (d.metric("nflogd_feed_slow_dropped_messages_total") or 0) > 0, "a drop")
+        got, marks = [], []
+        deadline = time.monotonic() + WAIT
+        while not marks and time.monotonic() < deadline:
+            batch = sub.recv_batch(timeout=0.5)
+            if batch is not None:
+                (got.extend(batch.packets) if batch.packets else marks.append(batch))
+        assert marks, "no sequence mark"
+        assert d.metric("nflogd_kernel_dropped_packets_total", group="1") == 0
+    assert marks[0].first_seq == 400  # the filter's numbering: 50 x 8 passed
+    assert sub.total_lost > 0
+    assert len(got) + sub.total_lost == 400

@@ -350,24 +350,86 @@ static inline void put32(uint8_t *p, uint32_t v)
     memcpy(p, &v, 4);
 }
 
+/* Where the names trailer of a batch's data begins (NFLOGD_FLAG_IFNAMES: count u16 and size
+ * u16 in the last 4 bytes, the entries in the size bytes before), dlen if it has none. */
+static size_t trailer_start(const uint8_t *header, const uint8_t *data, size_t dlen)
+{
+    if (!(header[5] & NFLOGD_FLAG_IFNAMES) || dlen < 4)
+        return dlen;
+    uint16_t size;
+    memcpy(&size, data + dlen - 2, 2);
+    return (size_t)size + 4 <= dlen ? dlen - 4 - size : dlen;
+}
+
+/* Copy len bytes at src_off of data to out + *at; the offset they have there. */
+static uint32_t carry(uint8_t *out, uint32_t *at, const uint8_t *data, uint32_t src_off, uint32_t len)
+{
+    uint32_t off = *at;
+    memcpy(out + off, data + src_off, len);
+    *at += len;
+    return off;
+}
+
+static int names(const struct nflogd_record *r, uint32_t index)
+{
+    return ((r->present & NFLOGD_F_INDEV) && r->indev == index) || ((r->present & NFLOGD_F_OUTDEV) && r->outdev == index)
+        || ((r->present & NFLOGD_F_PHYSINDEV) && r->physindev == index)
+        || ((r->present & NFLOGD_F_PHYSOUTDEV) && r->physoutdev == index);
+}
+
+/* The names trailer of a filtered message: the entries of the batch's trailer (tr, trlen bytes
+ * with its last 4) that one of the n records of table names, then their count and size, at
+ * out + *at. Returns 0 (no trailer, the flag cleared) if none. */
+static int carry_names(uint8_t *out, uint32_t *at, const uint8_t *tr, size_t trlen, const struct nflogd_record *table,
+                       uint32_t n)
+{
+    uint32_t start = *at, o = start;
+    uint16_t count = 0;
+    size_t end = trlen - 4;
+    for (size_t e = 0; e + 5 <= end && e + 5 + tr[e + 4] <= end; e += 5 + tr[e + 4]) {
+        uint32_t index;
+        memcpy(&index, tr + e, 4);
+        for (uint32_t k = 0; k < n; k++) {
+            if (names(&table[k], index)) {
+                memcpy(out + o, tr + e, 5 + tr[e + 4]);
+                o += 5 + tr[e + 4];
+                count++;
+                break;
+            }
+        }
+    }
+    if (!count)
+        return 0;
+    uint16_t tail[2] = { count, (uint16_t)(o - start) };  /* little-endian, as the record */
+    memcpy(out + o, tail, sizeof(tail));
+    *at = o + sizeof(tail);
+    return 1;
+}
+
 /* The message of filter slot's records (match bit set) of the batch in frames: the same
  * header but for count, first_seq (the filter's own numbering) and the FILTERED flag, those
- * records with their offsets rewritten, and their payloads and prefixes. out: its frames. */
+ * records with their offsets rewritten to their payloads, prefixes, conntrack blocks and link
+ * headers, copied, and behind them the names trailer of only the names those records use
+ * (IFNAMES cleared if none). A batch of no records (a sequence mark) gives the filter's mark:
+ * first_seq where the filter's numbering of group stands. out: its frames. */
 static int compose(struct nflogd_peers *ps, int slot, uint16_t group, const struct iovec frames[4], uint32_t count,
                    struct iovec out[4])
 {
     const struct nflogd_record *recs = frames[2].iov_base;
     const uint8_t *data = frames[3].iov_base;
+    size_t full = frames[3].iov_len, dend = trailer_start(frames[1].iov_base, data, full);
     uint64_t bit = 1ull << slot;
     uint32_t n = 0;
-    size_t dlen = 0;
+    size_t dlen = full - dend;  /* the names trailer, at most all of it */
     for (uint32_t i = 0; i < count; i++) {
         if (ps->match[i] & bit) {
+            const struct nflogd_record *r = &recs[i];
             n++;
-            dlen += recs[i].caplen + ((recs[i].present & NFLOGD_F_PREFIX) ? recs[i].prefix_len : 0);
+            dlen += r->caplen + ((r->present & NFLOGD_F_PREFIX) ? r->prefix_len : 0)
+                  + ((r->present & NFLOGD_F_CT) ? r->ct_len : 0) + ((r->present & NFLOGD_F_L2HDR) ? r->l2hdr_len : 0);
         }
     }
-    if (!n)
+    if (!n && count)
         return 0;
     size_t hlen = frames[1].iov_len, rlen = (size_t)n * sizeof(struct nflogd_record);
     size_t need = hlen + rlen + dlen;
@@ -382,7 +444,7 @@ static int compose(struct nflogd_peers *ps, int slot, uint16_t group, const stru
     struct nflogd_record *table = (struct nflogd_record *)(ps->fbuf + hlen);
     uint8_t *out_data = ps->fbuf + hlen + rlen;
     memcpy(header, frames[1].iov_base, hlen);
-    header[5] |= NFLOGD_WIRE_FILTERED;
+    header[5] = (uint8_t)((header[5] & ~NFLOGD_FLAG_IFNAMES) | NFLOGD_WIRE_FILTERED);
     put32(header + 8, n);
     uint64_t first_seq = nflogd_filters_take_seq(ps->filters, slot, group, n);
     memcpy(header + 24, &first_seq, 8);
@@ -391,16 +453,17 @@ static int compose(struct nflogd_peers *ps, int slot, uint16_t group, const stru
         if (!(ps->match[i] & bit))
             continue;
         struct nflogd_record r = recs[i];
-        memcpy(out_data + at, data + r.data_off, r.caplen);
-        r.data_off = at;
-        at += r.caplen;
-        if (r.present & NFLOGD_F_PREFIX) {
-            memcpy(out_data + at, data + r.prefix_off, r.prefix_len);
-            r.prefix_off = at;
-            at += r.prefix_len;
-        }
+        r.data_off = carry(out_data, &at, data, r.data_off, r.caplen);
+        if (r.present & NFLOGD_F_PREFIX)
+            r.prefix_off = carry(out_data, &at, data, r.prefix_off, r.prefix_len);
+        if (r.present & NFLOGD_F_CT)
+            r.ct_off = carry(out_data, &at, data, r.ct_off, r.ct_len);
+        if (r.present & NFLOGD_F_L2HDR)
+            r.l2hdr_off = carry(out_data, &at, data, r.l2hdr_off, r.l2hdr_len);
         table[k++] = r;
     }
+    if (dend < full && carry_names(out_data, &at, data + dend, full - dend, table, n))
+        header[5] |= NFLOGD_FLAG_IFNAMES;
     out[0] = frames[0];
     out[1] = (struct iovec){ header, hlen };
     out[2] = (struct iovec){ table, rlen };
@@ -413,7 +476,7 @@ static void send_filtered(struct nflogd_peers *ps, uint16_t group, const struct 
 {
     size_t rs = sizeof(struct nflogd_record);
     uint32_t count = (uint32_t)(frames[2].iov_len / rs);
-    if (!count || frames[2].iov_len != count * rs)
+    if (frames[2].iov_len != count * rs)
         return;
     if (count > ps->match_cap) {
         uint64_t *more = realloc(ps->match, count * sizeof(*more));
@@ -630,6 +693,31 @@ uint64_t nflogd_peers_queued(struct nflogd_peers *ps, int id)
         return ps->queued;
     struct peer *p = peer_at(ps, id);
     return p ? p->qlen : 0;
+}
+
+/* The packets in a queued message: its header's count (frame 1, offset 8), 0 for a command. */
+static uint64_t blob_packets(const struct blob *b)
+{
+    const uint8_t *m = b->bytes;
+    if (b->len < 6 || m[0] != 1 || m[1] != 2)  /* not a message: its topic frame is 2 bytes */
+        return 0;
+    size_t at = 4 + ((m[4] & 2) ? 9 : 2) + 8;  /* frame 1's head, then the header's count */
+    if (b->len < at + 4)
+        return 0;
+    return (uint64_t)m[at] | (uint64_t)m[at + 1] << 8 | (uint64_t)m[at + 2] << 16 | (uint64_t)m[at + 3] << 24;
+}
+
+uint64_t nflogd_peers_queued_packets(struct nflogd_peers *ps)
+{
+    uint64_t n = 0;
+    for (int i = 0; i < ps->cap; i++) {
+        struct peer *p = &ps->peer[i];
+        if (p->fd < 0)
+            continue;
+        for (uint32_t k = 0; k < p->qlen; k++)
+            n += blob_packets(p->queue[(p->qhead + k) % p->qcap]);
+    }
+    return n;
 }
 
 void nflogd_peers_send(struct nflogd_peers *ps, uint16_t group, const uint8_t *topic, uint32_t tlen,
