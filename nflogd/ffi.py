@@ -435,6 +435,14 @@ class CFeed:
             raise KeyError(peer)
         return (rc, "") if rc >= 0 or spec is None else (-1, ffi.string(why).decode(errors="replace"))
 
+    def set_peer_filter_topic(self, peer: int, topic: bytes | None) -> None:
+        """The topic of the peer's filtered messages: ``topic`` (``wire.FILTERED_TOPIC`` and
+        its filter's id) and the group; None: the group's alone."""
+        if topic is not None and len(topic) != lib.NFLOGD_FILTERED_TOPIC:
+            raise ValueError(f"a filtered topic of {len(topic)} bytes")
+        if lib.nflogd_peers_set_filter_topic(self._p, peer, topic if topic is not None else ffi.NULL) < 0:
+            raise KeyError(peer)
+
     def filters(self) -> list[tuple[str, str, int, int, int]]:
         """Each filter in use: (digest in hex, its text, holders, packets passed, dropped)."""
         fs = lib.nflogd_peers_filters(self._p)

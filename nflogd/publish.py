@@ -50,12 +50,12 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import zmq
-from nflogd_client import wire
+from nflogd_client import filters, wire
 from nflogd_client.endpoints import Monitor
 
 from .episodes import QUIET_S, Episodes
 from .errors import NflogdError
-from .feed.codec import MAX_FRAME
+from .feed.codec import MAX_FILTER_FRAME, MAX_FRAME
 from .feed.server import KEEPALIVE_CNT, KEEPALIVE_IDLE_S, KEEPALIVE_INTVL_S, ZmtpServer, peer_credentials
 from .ffi import CFeed
 
@@ -279,6 +279,7 @@ class Publisher:
         node: str = "",
         epoch: int | None = None,
         direct: bool = True,
+        filter_topics: bool = False,
     ) -> None:
         self.epoch = time.time_ns() if epoch is None else epoch
         #: The C side: the server's peers, the sockets as the C sender sees them, and the lock.
@@ -309,6 +310,10 @@ class Publisher:
         self.subscription_floods = 0
         self.subscription_messages = 0
         self._verbose = True  # XPUB_VERBOSE wanted; the relay turns it off (set_verbose)
+        #: Takes readers' filter subscriptions (docs/filters.md), which are longer than a
+        #: group's topic, from the XPUB (``filter_topics``: the relay's); False: hang up on
+        #: the sender, as on any other topic longer than a group's.
+        self.on_filter: Callable[[bytes], bool] | None = None
         self._flooding = False
         self._flood_seen = 0.0
         self._flood_log = Episodes(log)
@@ -338,7 +343,13 @@ class Publisher:
             else:
                 self.socket = ctx.socket(zmq.XPUB)
                 self.monitor = self._setup(self.socket, publish.hwm)
-                self.socket.setsockopt(zmq.MAXMSGSIZE, PEER_MAX_MESSAGE_NULL)
+                # a reader's filter subscription may be longer than a group's topic
+                most = (
+                    1 + len(filters.FILTER_TOPIC) + MAX_FILTER_FRAME
+                    if filter_topics
+                    else PEER_MAX_MESSAGE_NULL
+                )
+                self.socket.setsockopt(zmq.MAXMSGSIZE, most)
                 for gid in publish.ipc_filter_gids:
                     try:
                         self.socket.setsockopt(zmq.IPC_FILTER_GID, gid)
@@ -736,7 +747,13 @@ class Publisher:
             if msg[:1] not in (b"\x00", b"\x01"):
                 continue  # not a subscription: nothing else reaches an XPUB from a SUB
             if len(msg) - 1 > wire.TOPIC.size:
-                self._foreign_topic(sock, frame)
+                if self.on_filter is not None and _filter_topic(msg) and self.on_filter(msg):
+                    self.subscription_messages += 1
+                    log.debug(
+                        "%s a filter's %r", "subscribe" if msg[:1] == b"\x01" else "unsubscribe", msg[1:6]
+                    )
+                else:
+                    self._foreign_topic(sock, frame)
                 continue
             self.subscription(msg, " (CURVE)" if sock is self.curve_socket else "")
         return n >= SUBSCRIPTIONS_PER_TURN
@@ -890,6 +907,16 @@ class Publisher:
         if self.wake_fd >= 0:
             os.close(self.wake_fd)
             self.wake_fd = -1
+
+
+def _filter_topic(msg: bytes) -> bool:
+    """A (un)subscription message of a reader's filter or of a group through it (docs/filters.md)."""
+    topic = msg[1:]
+    if topic.startswith(filters.FILTER_TOPIC):
+        return len(topic) <= len(filters.FILTER_TOPIC) + MAX_FILTER_FRAME
+    return (
+        topic.startswith(wire.FILTERED_TOPIC) and len(topic) <= len(wire.FILTERED_TOPIC) + 8 + wire.TOPIC.size
+    )
 
 
 def _has_incoming(sock: zmq.Socket) -> bool:

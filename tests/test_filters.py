@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from daemonutil import NflogdProcess, RelayProcess, wait_until
+from daemonutil import NflogdProcess, wait_until
 from feedutil import collect
 from nflogd_client import Filter, FilterRefused, Subscriber, wire
 from nflogd_client import filters as filters_mod
@@ -218,7 +218,10 @@ def test_hostile_filters_are_refused_with_a_reason_counted_and_logged_once(netns
     assert (ok, why) == (True, "")
     _, ok, why = raw_filter(ctx, d.endpoint, spec([RET_ALL], b"another"), sock=s3)  # the same connection
     assert (ok, why) == (False, "one filter per connection, and this one holds another")
-    assert d.metric("nflogd_feed_filters_refused_total") == 3
+    s4, ok, why = raw_filter(ctx, d.endpoint, spec([RET_ALL]) + b"t" * 17)
+    closing.append(s4)
+    assert (ok, why) == (False, "malformed filter: 17 bytes after the spec, more than 16")
+    assert d.metric("nflogd_feed_filters_refused_total") == 4
     assert d.alive()
     lines = [line for line in d.stderr.splitlines() if "filter refused" in line]
     assert len([line for line in lines if "WARNING" in line]) == 1, lines  # once per episode
@@ -305,27 +308,6 @@ def test_filter_arguments(ctx):
     with pytest.raises(ValueError, match="outside the mask"):
         Subscriber("ipc:///nonexistent/x.sock", mark=(0x10, 0x0F), context=ctx)
     assert wire.FLAG_FILTERED == 2
-
-
-def test_through_a_relay_the_reader_filters_after_no_answer(netns, daemon, tmp_path, ctx, closing, caplog):
-    """nflogd-relay passes no filter on (its XPUB hangs up on one): FILTER_REPLY_S after
-    connecting, the reader runs the filter itself, with a warning; nothing is lost."""
-    with RelayProcess(netns, tmp_path / "relay", upstreams=[daemon.endpoint]) as relay:
-        sub = Subscriber(relay.endpoint, groups=[1], filter="udp and dst port 53", context=ctx)
-        closing.append(sub)
-        deadline = time.monotonic() + WAIT
-        while sub.filter_state == "pending" and time.monotonic() < deadline:
-            sub.recv(timeout=0.05)
-        assert sub.filter_state == "reader"
-        assert "no answer to the filter within 3 s" in caplog.text
-        wait_until(lambda: "subscribe '0001'" in daemon.stderr, "the relay's subscription upstream")
-        time.sleep(0.3)  # the relay's downstream subscription, after the hang-ups
-        send(netns, OTHER, 5, "o")
-        send(netns, DNS, 3, "d")
-        got = collect(sub, lambda ps: len(ps) >= 3, WAIT)
-        assert [dport(p) for p in got] == [DNS] * 3
-        assert sub.recv(timeout=0.3) is None and sub.total_lost == 0
-        assert relay.alive()
 
 
 def test_async_subscriber_filters_at_the_daemon(netns, daemon):
@@ -471,3 +453,42 @@ def test_a_filtered_reader_counts_a_lost_tail_from_the_sequence_mark(netns, tmp_
     assert marks[0].first_seq == 400  # the filter's numbering: 50 x 8 passed
     assert sub.total_lost > 0
     assert len(got) + sub.total_lost == 400
+
+
+def test_tagged_subscriptions_of_one_filter_hold_it_together_and_plain_groups_get_the_group_topic(
+    netns, daemon, ctx, closing
+):
+    """Two subscriptions of one filter on one connection (tags differ, as a relay's readers'):
+    each is answered with its own topic, and the filter stays while one is left. Groups
+    subscribed with their own topics get the filtered messages with the group's topic
+    (vector 8); through the filter (wire.FILTERED_TOPIC), with the filter's topic and id."""
+    d = daemon
+    f = spec([RET_ALL])
+    sock, ok, why = raw_filter(ctx, d.endpoint, f + b"tag-one")
+    closing.append(sock)
+    assert (ok, why) == (True, "")
+    _, ok, why = raw_filter(ctx, d.endpoint, f + b"tag-two", sock=sock)
+    assert (ok, why) == (True, "")
+    sock.setsockopt(zmq.UNSUBSCRIBE, filters_mod.FILTER_TOPIC + f + b"tag-one")
+    sock.setsockopt(zmq.SUBSCRIBE, b"\x00\x02")  # group 2, its own topic
+    wait_until(lambda: "subscribe '0002'" in d.stderr, "the group's subscription")
+    send(netns, OTHER, 1, "plain")
+    assert sock.poll(int(WAIT * 1000)), "the filter went with one of its two subscriptions"
+    msg = sock.recv_multipart()
+    assert msg[0] == b"\x00\x02" and wire.header_flags(msg) & wire.FLAG_FILTERED
+    assert [p.data.endswith(b"plain #0") for p in wire.decode(msg).packets] == [True]
+
+    through = ctx.socket(zmq.SUB)
+    closing.append(through)
+    through.connect(d.endpoint)
+    other = Filter("udp", prefix="other: ")
+    through.setsockopt(zmq.SUBSCRIBE, other.topic(b"t"))
+    through.setsockopt(zmq.SUBSCRIBE, other.group_topic(b"\x00\x02"))
+    assert through.poll(int(WAIT * 1000)) and filters_mod.filter_reply(through.recv_multipart()) == (True, "")
+    wait_until(lambda: d.stderr.count("subscribe '0002'") >= 2, "the group's subscription through the filter")
+    send(netns, OTHER, 1, "through")
+    assert through.poll(int(WAIT * 1000))
+    msg = through.recv_multipart()
+    assert msg[0] == wire.FILTERED_TOPIC + filters_mod.spec_id(other.spec()) + b"\x00\x02"
+    batch = wire.decode(msg)
+    assert (batch.group, batch.first_seq, [p.prefix for p in batch.packets]) == (2, 0, ["other: "])

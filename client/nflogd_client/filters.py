@@ -22,15 +22,18 @@ without the attribute (no prefix, no uid: a forwarded packet) does not match it.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import struct
 from collections.abc import Iterable
 from typing import Any
 
 from .bpf import CaptureFilter
-from .wire import Packet
+from .wire import FILTERED_TOPIC, Packet
 
 __all__ = [
     "FILTER_TOPIC",
+    "FILTERED_TOPIC",
     "HOOKS",
     "MAX_INSNS",
     "Filter",
@@ -39,6 +42,8 @@ __all__ = [
     "is_reply",
     "make_filter",
     "reply",
+    "spec_id",
+    "spec_length",
     "spec_text",
 ]
 
@@ -54,6 +59,9 @@ MAX_INSNS = 512
 MAX_SPEC = 15 * 1024
 MAX_PREFIX = 128
 MAX_TEXT = 255
+#: Bytes a reader may add to its filter subscription after the spec (its tag: each reader's
+#: subscription a topic of its own, which an XPUB such as nflogd-relay's passes on and answers).
+MAX_TAG = 16
 #: Reply bodies: the first byte.
 ACCEPTED, REFUSED = 0, 1
 
@@ -161,9 +169,24 @@ class Filter:
         """The filter's bytes as the daemon reads them."""
         return self._spec
 
-    def topic(self) -> bytes:
-        """The subscription that states it (and the topic of the daemon's reply)."""
-        return FILTER_TOPIC + self._spec
+    def topic(self, tag: bytes = b"") -> bytes:
+        """The subscription that states it (and the topic of the daemon's reply), with the
+        reader's ``tag`` (at most MAX_TAG bytes) after the spec."""
+        return FILTER_TOPIC + self._spec + tag
+
+    def id(self) -> bytes:
+        """The filter's 8-byte id: the topics of its filtered messages carry it (``spec_id``)."""
+        return spec_id(self._spec)
+
+    def group_topic(self, topic: bytes) -> bytes:
+        """The subscription to a group (its 2-byte topic; b"": every group) through this
+        filter: the daemon sends that group's filtered messages with this topic and the group."""
+        return FILTERED_TOPIC + self.id() + topic
+
+    @staticmethod
+    def new_tag() -> bytes:
+        """A reader's tag: 8 random bytes."""
+        return os.urandom(8)
 
     def match(self, pkt: Packet) -> bool:
         """The daemon's test, run here (for a feed that does not filter: CURVE, the relay)."""
@@ -220,6 +243,20 @@ def filter_reply(msg: list[bytes]) -> tuple[bool, str]:
 def reply(spec_topic: bytes, accepted: bool, reason: str = "") -> list[bytes]:
     """The daemon's reply to a filter subscription (its frames)."""
     return [spec_topic, bytes([ACCEPTED if accepted else REFUSED]) + reason.encode()]
+
+
+def spec_id(spec: bytes) -> bytes:
+    """A filter's id: the first 8 bytes of the SHA-256 of its spec."""
+    return hashlib.sha256(spec).digest()[:8]
+
+
+def spec_length(spec: bytes) -> int:
+    """The bytes of the spec at the start of ``spec`` as its head counts them (what follows
+    is the reader's tag); 0 if there is no head."""
+    if len(spec) < HEAD.size:
+        return 0
+    head: tuple[int, ...] = HEAD.unpack_from(spec)
+    return HEAD.size + head[3] + head[11] + 8 * head[10]
 
 
 def spec_text(spec: bytes) -> str:

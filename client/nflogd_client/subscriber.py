@@ -75,10 +75,10 @@ Filters: ``Subscriber(endpoint, groups=[5], filter="udp port 53")`` (libpcap's l
 NFLOG metadata (``prefix=``, ``prefix_start=``, ``mark=``, ``uid=``, ``gid=``, ``indev=``,
 ``outdev=``, ``hook=``; or ``filter=Filter(...)``) are run at the daemon, before anything is
 sent (``docs/filters.md``): ``filter_state`` is ``"pending"``, then ``"accepted"``; a refusal
-raises ``FilterRefused`` from ``recv()``. With CURVE, with ``filter_at="reader"``, or when no
-answer came ``FILTER_REPLY_S`` after connecting (an nflogd-relay, a daemon without filters:
-both hang up on the filter), this process runs the same filter on what it receives
-(``filter_state`` ``"reader"``, a warning says why).
+raises ``FilterRefused`` from ``recv()``. Through nflogd-relay the filter runs at its
+upstream daemons. With CURVE, with ``filter_at="reader"``, or when no answer came
+``FILTER_REPLY_S`` after connecting (a daemon without filters hangs up on it), this process
+runs the same filter on what it receives (``filter_state`` ``"reader"``, a warning says why).
 
 To wait on several sockets, register ``sub.socket`` with a ``zmq.Poller``, but call
 ``recv()`` while ``sub.pending()`` is non-zero first: packets already received do not make
@@ -288,8 +288,14 @@ class Subscriber(_BatchCursor):
         self.filter_state = "reader" if keys is not None or filter_at == "reader" else "pending"
         if self.filter is None:
             self.filter_state = "none"
+        self._plain_topics = topics  # the groups' topics: what a reader filtering itself takes
+        self._filter_topics: list[bytes] = []
         if self.filter is not None and self.filter_state == "pending":
-            topics.append(self.filter.topic())
+            # the filter (tagged: a topic of this reader's own, which a relay passes on and
+            # answers), then the groups through it: their filtered messages come on these
+            f = self.filter
+            self._filter_topics = [f.topic(f.new_tag()), *(f.group_topic(t) for t in topics)]
+            topics = self._filter_topics
         self._filter_due: float | None = None  # when the answer is late (from the first connection)
         ctx = context if context is not None else zmq.Context.instance()
         #: The SUB socket, for a ``zmq.Poller``.
@@ -433,11 +439,14 @@ class Subscriber(_BatchCursor):
                 self._filter_due = now + FILTER_REPLY_S
         elif now >= self._filter_due:
             assert self.filter is not None
-            self.socket.setsockopt(zmq.UNSUBSCRIBE, self.filter.topic())
+            for t in reversed(self._filter_topics):  # the groups through the filter first
+                self.socket.setsockopt(zmq.UNSUBSCRIBE, t)
+            for t in self._plain_topics:
+                self.socket.setsockopt(zmq.SUBSCRIBE, t)
             self.filter_state = "reader"
             log.warning(
-                "nflogd feed: no answer to the filter within %g s (an nflogd-relay, or a daemon "
-                "without filters); filtering in this process",
+                "nflogd feed: no answer to the filter within %g s (a daemon without filters?); "
+                "filtering in this process",
                 FILTER_REPLY_S,
             )
 

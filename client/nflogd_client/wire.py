@@ -47,6 +47,7 @@ __all__ = [
     "pack_records",
     "decode",
     "FLAG_FILTERED",
+    "FILTERED_TOPIC",
     "header_flags",
 ]
 
@@ -125,6 +126,9 @@ FLAG_IFNAMES = 0x01
 #: Header flag: the message went through a reader's filter at the daemon; it holds only the
 #: packets that filter passed, and ``first_seq`` numbers them (docs/wire-format.md, "Filters").
 FLAG_FILTERED = 0x02
+#: A filtered message's topic when its reader subscribed in this form (docs/wire-format.md,
+#: "Filters"): these 5 bytes, the filter's 8-byte id, the group's 2.
+FILTERED_TOPIC = b"\xffNFLG"
 _TRAILER_END = struct.Struct("<HH")  # entries, their bytes
 _NAME_ENTRY = struct.Struct("<IB")  # ifindex, name bytes (the name follows)
 
@@ -647,7 +651,12 @@ def decode(msg: Sequence[bytes]) -> Batch:
         raise WireError(f"bad magic {magic!r}, expected {MAGIC!r}")
     if version != VERSION:
         raise WireError(f"unsupported version {version}, this decoder reads {VERSION}")
-    if topic_b != TOPIC.pack(group):
+    if topic_b != TOPIC.pack(group) and not (
+        flags & FLAG_FILTERED
+        and builtins_len(topic_b) == 15
+        and topic_b[:5] == FILTERED_TOPIC
+        and topic_b[13:] == TOPIC.pack(group)
+    ):
         raise WireError(f"topic {topic_b.hex()} does not match header group {group}")
     if node_len > MAX_NODE:
         raise WireError(f"node_len {node_len} exceeds {MAX_NODE}")

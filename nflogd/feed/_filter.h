@@ -15,6 +15,9 @@
 /* The wire header's flags bit of a message that went through a reader's filter: it holds
  * only the records that filter passed, and first_seq numbers them (docs/wire-format.md). */
 #define NFLOGD_WIRE_FILTERED 0x02
+/* The topic of a filtered message to a reader that subscribed to its groups through its
+ * filter: "\xffNFLG" and the filter's 8-byte id (wire.FILTERED_TOPIC), then the group's 2. */
+#define NFLOGD_FILTERED_TOPIC 13
 
 /* A spec: a fixed head of NFLOGD_FILTER_HEAD bytes, then prefix_len bytes of log prefix,
  * text_len bytes of text (the reader's expression, for metrics and logs), insns x 8 bytes of

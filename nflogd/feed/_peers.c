@@ -50,6 +50,8 @@ struct peer {
     uint64_t dropped;            /* messages not queued: hwm reached */
     int dropping;                /* the last message was dropped: the control loop was told */
     int slot;                    /* its filter's slot in filters (_filter.c), -1: none */
+    int tagged;                  /* its filtered messages' topic: ftopic and the group, not the group */
+    uint8_t ftopic[NFLOGD_FILTERED_TOPIC];  /* "\xffNFLG" and its filter's id */
 };
 
 struct nflogd_peers {
@@ -490,21 +492,33 @@ static void send_filtered(struct nflogd_peers *ps, uint16_t group, const struct 
     for (int s = 0; s < NFLOGD_FILTER_MAX; s++) {
         if (!(want & (1ull << s)))
             continue;
-        struct iovec out[4], iov[8];
-        uint8_t heads[4][9];
-        size_t len = 0;
+        struct iovec out[4], iov[2][8];
+        uint8_t heads[2][4][9], topic[NFLOGD_FILTERED_TOPIC + 2];
+        size_t len[2] = { 0, 0 };
+        int framed[2] = { 0, 0 };
         if (compose(ps, s, group, frames, count, out) <= 0)
             continue;
-        frame_iov(iov, heads, out, 4, &len);
-        struct blob *b = NULL;
+        struct blob *b[2] = { NULL, NULL };
         for (int i = 0; i < ps->cap; i++) {
             struct peer *p = &ps->peer[i];
             if (p->fd < 0 || p->dead || p->slot != s || !subscribed(p, group))
                 continue;
-            delivered(ps, p, deliver(ps, p, iov, 8, len, &b));
+            int t = p->tagged;  /* the topic it subscribed with: the group's, or the filter's */
+            if (!framed[t]) {
+                struct iovec f[4] = { out[0], out[1], out[2], out[3] };
+                if (t) {  /* every tagged peer of the slot has the same: its filter's id */
+                    memcpy(topic, p->ftopic, NFLOGD_FILTERED_TOPIC);
+                    memcpy(topic + NFLOGD_FILTERED_TOPIC, out[0].iov_base, 2);
+                    f[0] = (struct iovec){ topic, sizeof(topic) };
+                }
+                frame_iov(iov[t], heads[t], f, 4, &len[t]);
+                framed[t] = 1;
+            }
+            delivered(ps, p, deliver(ps, p, iov[t], 8, len[t], &b[t]));
         }
-        if (b)
-            blob_unref(ps, b);
+        for (int t = 0; t < 2; t++)
+            if (b[t])
+                blob_unref(ps, b[t]);
     }
 }
 
@@ -632,6 +646,17 @@ int nflogd_peers_set_filter(struct nflogd_peers *ps, int id, const uint8_t *spec
     nflogd_filters_release(ps->filters, p->slot);
     p->slot = slot;
     return slot;
+}
+
+int nflogd_peers_set_filter_topic(struct nflogd_peers *ps, int id, const uint8_t *topic)
+{
+    struct peer *p = peer_at(ps, id);
+    if (!p)
+        return -ENOENT;
+    p->tagged = topic != NULL;
+    if (topic)
+        memcpy(p->ftopic, topic, NFLOGD_FILTERED_TOPIC);
+    return 0;
 }
 
 int nflogd_peers_filter_slot(struct nflogd_peers *ps, int id)

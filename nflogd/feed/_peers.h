@@ -43,6 +43,10 @@ int nflogd_peers_command(struct nflogd_peers *ps, int id, const uint8_t *frame, 
  * peer keeps its old filter), or -ENOENT. */
 int nflogd_peers_set_filter(struct nflogd_peers *ps, int id, const uint8_t *spec, uint32_t len, char *why,
                             uint32_t whylen);
+/* The topic of the peer's filtered messages: topic (NFLOGD_FILTERED_TOPIC bytes, "\xffNFLG" and
+ * its filter's 8-byte id) followed by the group's 2, for a peer that subscribed to its groups
+ * in that form; NULL: the group's topic alone. -ENOENT for no such peer. */
+int nflogd_peers_set_filter_topic(struct nflogd_peers *ps, int id, const uint8_t *topic);
 int nflogd_peers_filter_slot(struct nflogd_peers *ps, int id);
 /* The filters the peers hold (_filter.h), for the metrics. */
 struct nflogd_filters;

@@ -191,7 +191,7 @@ class Peer:
 
     __slots__ = (
         "sock", "fd", "listener", "label", "source", "codec", "deadline", "id", "topics", "dropped",
-        "slow_log", "spec", "__weakref__",
+        "slow_log", "spec", "tags", "tagged", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -213,6 +213,8 @@ class Peer:
         self.topics = Topics()
         self.dropped = 0  # messages dropped for it at hwm, as last logged
         self.spec: bytes | None = None  # the filter it holds (docs/filters.md)
+        self.tags: set[bytes] = set()  # the subscriptions that state it, by their tags
+        self.tagged = False  # subscribed to its groups through its filter (wire.FILTERED_TOPIC)
         self.slow_log = Episodes(log)
 
 
@@ -664,6 +666,8 @@ class ZmtpServer:
         """A (un)subscription; False if its topic was foreign and the peer hung up on."""
         if topic.startswith(filters.FILTER_TOPIC):
             return self._filter(peer, kind, topic[len(filters.FILTER_TOPIC) :])
+        if topic.startswith(wire.FILTERED_TOPIC) and self._through_filter(peer, topic):
+            topic = topic[len(wire.FILTERED_TOPIC) + 8 :]  # the group's, as its filter's
         if len(topic) > wire.TOPIC.size:  # no message can match it: the peer is hung up on
             self._hang_up(peer)
             self._owner.foreign_topic(peer.label, len(topic), 1)
@@ -677,24 +681,55 @@ class ZmtpServer:
                 self._idle.pop(peer, None)
         return True
 
+    def _through_filter(self, peer: Peer, topic: bytes) -> bool:
+        """A subscription to a group through the peer's filter (``wire.FILTERED_TOPIC``, the
+        filter's id, the group's topic or none): from now on its filtered messages carry that
+        topic. False (a foreign topic) for another filter's id or no filter."""
+        at = len(wire.FILTERED_TOPIC)
+        if peer.spec is None or len(topic) > at + 8 + wire.TOPIC.size:
+            return False
+        if topic[at : at + 8] != filters.spec_id(peer.spec):
+            return False
+        if not peer.tagged:
+            with self._c:
+                self._c.set_peer_filter_topic(peer.id, topic[: at + 8])
+            peer.tagged = True
+        return True
+
     def _filter(self, peer: Peer, kind: bytes, spec: bytes) -> bool:
         """A filter's (un)subscription: the peer's filter set or cleared in C at once, and the
-        reply (the filter's topic, then accepted or refused with the reason); False if the
-        peer was hung up on."""
+        reply (the subscription's topic, then accepted or refused with the reason); False if
+        the peer was hung up on. Several subscriptions of one filter (their tags differ: the
+        readers behind an nflogd-relay) hold it together; a different one is refused."""
         self._owner.subscription(kind + filters.FILTER_TOPIC, " (a filter)")
+        topic = filters.FILTER_TOPIC + spec
+        n = filters.spec_length(spec)
+        if filters.HEAD.size <= n <= len(spec):
+            spec, tag = spec[:n], spec[n:]
+        else:
+            tag = b""  # a malformed spec: the C check says why
         if kind == b"\x00":
-            if peer.spec == spec:
-                with self._c:
-                    self._c.set_peer_filter(peer.id, None)
-                peer.spec = None
+            if peer.spec == spec and tag in peer.tags:
+                peer.tags.discard(tag)
+                if not peer.tags:
+                    with self._c:
+                        self._c.set_peer_filter(peer.id, None)
+                        self._c.set_peer_filter_topic(peer.id, None)  # the next filter's id sets it
+                    peer.spec = None
+                    peer.tagged = False
             return True
-        if peer.spec is not None and peer.spec != spec:
+        if len(tag) > filters.MAX_TAG:
+            slot, why = -1, f"malformed filter: {len(tag)} bytes after the spec, more than {filters.MAX_TAG}"
+        elif peer.spec is not None and peer.spec != spec:
             slot, why = -1, "one filter per connection, and this one holds another"
+        elif peer.spec == spec:
+            slot, why = 0, ""  # held already: one more subscription of it
         else:
             with self._c:
                 slot, why = self._c.set_peer_filter(peer.id, spec)
         if slot >= 0:
             peer.spec = spec
+            peer.tags.add(tag)
             log.debug("feed: %s: filter %r in force", peer.label, filters.spec_text(spec))
         else:
             self.filters_refused += 1
@@ -702,7 +737,7 @@ class ZmtpServer:
                 "feed: %s on %s: filter refused: %s; %d refused so far",
                 peer.label, peer.listener.endpoint, why, self.filters_refused,
             )  # fmt: skip
-        answer = message(filters.reply(filters.FILTER_TOPIC + spec, slot >= 0, why))
+        answer = message(filters.reply(topic, slot >= 0, why))
         with self._c:
             rc = self._c.peer_command(peer.id, answer)
         if rc < 0:
