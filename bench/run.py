@@ -9,7 +9,7 @@ speed, with one tcpdump per group beside one daemon serving them all.
 
     .venv/bin/python bench/run.py               # everything (make bench)
     .venv/bin/python bench/run.py capture       # one part: capture, daemon, groups, latency, idle,
-                                                # client, conntrack, ifchurn
+                                                # client, conntrack, ifchurn, filter
     .venv/bin/python bench/run.py soak --seconds 3600 --interval 60   # not part of "all"
 
 The soak runs the daemon with four groups, one of them at ``--rate`` (below capacity) and
@@ -286,7 +286,14 @@ def daemon_config(tmp: str, endpoint: str, groups: list[int] = [OURS]) -> str:  
 class Daemon:
     """The real nflogd in the namespace, and a counting subscriber of every group outside it (ipc)."""
 
-    def __init__(self, ns: NetNS, tmp: str, latency: bool = False, groups: list[int] = [OURS]):  # noqa: B006
+    def __init__(
+        self,
+        ns: NetNS,
+        tmp: str,
+        latency: bool = False,
+        groups: list[int] = [OURS],  # noqa: B006
+        filter: str | None = None,  # noqa: A002
+    ):
         endpoint = f"ipc://{tmp}/feed.sock"
         cfg = daemon_config(tmp, endpoint, groups)
         nflogd = os.path.join(os.path.dirname(PY), "nflogd")
@@ -295,16 +302,20 @@ class Daemon:
         cmd = [PY, os.path.join(HERE, "subscriber_count.py"), endpoint, ",".join(map(str, groups))]
         if latency:
             cmd.append("--latency")
+        if filter:
+            cmd += ["--filter", filter]
         self.sub = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         if isinstance(ns, BenchNS):
             ns.procs.append(self.sub)  # outside the namespace, but ended with it all the same
         wait_line(self.sub, self.sub.stdout, "^ready")
         self.cpu0 = cpu_seconds(self.proc.pid)
+        self.sub_cpu0 = cpu_seconds(self.sub.pid)
 
     def stop(self) -> tuple[dict, dict]:
         cpu = cpu_seconds(self.proc.pid) - self.cpu0
+        sub_cpu = cpu_seconds(self.sub.pid) - self.sub_cpu0
         self.sub.send_signal(signal.SIGTERM)
-        sub = json.loads(self.sub.communicate(timeout=10)[0].strip().splitlines()[-1])
+        sub = json.loads(self.sub.communicate(timeout=10)[0].strip().splitlines()[-1]) | {"cpu": sub_cpu}
         self.proc.send_signal(signal.SIGTERM)
         self.proc.communicate(timeout=10)
         ours = {"packets": sub["packets"], "cpu": cpu, "lost_on_feed": sub["lost"]}
@@ -330,6 +341,44 @@ def bench_daemon(args) -> list[dict]:
             shutil.rmtree(tmp, ignore_errors=True)
         print_row(rows[-1])
     return rows
+
+
+#: A capture filter passing 1 % of bench/flood.c's packets: the low 16 bits of its stamp (ns).
+FILTER_1PCT = "udp[14:2] < 655"
+
+
+def bench_filter(args) -> list[dict]:
+    """One reader of the group at the top rate, without a filter, then with one the daemon
+    runs for it that passes 1 %: the daemon's CPU per packet captured, the bytes of the
+    messages the reader got, and the reader's own CPU per packet captured."""
+    rows = []
+    for name, expression in (("none", None), ("1%", FILTER_1PCT)):
+        ns = namespace()
+        tmp = tempfile.mkdtemp(prefix="nflbench-")
+        try:
+            daemon = Daemon(ns, tmp, filter=expression)
+            sent = settle(ns, flood(ns, args.count, 0))
+            ours, sub = daemon.stop()
+        finally:
+            ns.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+        n = sent["sent"]
+        rows.append({
+            "case": f"filter {name}", "sent": n, "rate_pps": round(n / sent["seconds"]),
+            "kernel_dropped": ours["kernel_dropped"], "daemon_us_per_pkt": round(1e6 * ours["cpu"] / n, 3),
+            "reader_packets": sub["packets"], "reader_lost": sub["lost"], "reader_bytes": sub["bytes"],
+            "reader_us_per_pkt": round(1e6 * sub["cpu"] / n, 3),
+        })  # fmt: skip
+        print_row(rows[-1])
+    plain, filtered = rows
+    ratios = {
+        "case": "filter 1% vs none",
+        "daemon_cpu_ratio": round(filtered["daemon_us_per_pkt"] / plain["daemon_us_per_pkt"], 2),
+        "bytes_ratio_pct": round(100 * filtered["reader_bytes"] / max(plain["reader_bytes"], 1), 2),
+        "reader_cpu_fall": round(plain["reader_us_per_pkt"] / max(filtered["reader_us_per_pkt"], 1e-9), 1),
+    }
+    print_row(ratios)
+    return [*rows, ratios]
 
 
 def bench_groups(args) -> list[dict]:
@@ -651,7 +700,7 @@ def print_row(r: dict) -> None:
 PARTS = {
     "capture": bench_capture, "daemon": bench_daemon, "groups": bench_groups,
     "latency": bench_latency, "idle": bench_idle, "client": bench_client,
-    "conntrack": bench_conntrack, "ifchurn": bench_ifchurn,
+    "conntrack": bench_conntrack, "ifchurn": bench_ifchurn, "filter": bench_filter,
 }  # fmt: skip
 
 

@@ -50,12 +50,12 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import zmq
-from nflogd_client import wire
+from nflogd_client import filters, wire
 from nflogd_client.endpoints import Monitor
 
 from .episodes import QUIET_S, Episodes
 from .errors import NflogdError
-from .feed.codec import MAX_FRAME
+from .feed.codec import MAX_FILTER_FRAME, MAX_FRAME
 from .feed.server import KEEPALIVE_CNT, KEEPALIVE_IDLE_S, KEEPALIVE_INTVL_S, ZmtpServer, peer_credentials
 from .ffi import CFeed
 
@@ -279,6 +279,7 @@ class Publisher:
         node: str = "",
         epoch: int | None = None,
         direct: bool = True,
+        filter_topics: bool = False,
     ) -> None:
         self.epoch = time.time_ns() if epoch is None else epoch
         #: The C side: the server's peers, the sockets as the C sender sees them, and the lock.
@@ -290,6 +291,7 @@ class Publisher:
         self.endpoints: list[str] = []
         self._sent = 0  # messages publish() sent
         self._unsent = 0  # messages ZeroMQ refused (never expected with XPUB_NODROP off)
+        self._xpub_bytes = 0  # bytes of the messages publish() sent on the sockets, once per socket
         #: Readable when a send found incoming messages after next_check_ms() (see there).
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_on_incoming = False  # publish() looks (the C sender has its own flag)
@@ -308,6 +310,10 @@ class Publisher:
         self.subscription_floods = 0
         self.subscription_messages = 0
         self._verbose = True  # XPUB_VERBOSE wanted; the relay turns it off (set_verbose)
+        #: Takes readers' filter subscriptions (docs/filters.md), which are longer than a
+        #: group's topic, from the XPUB (``filter_topics``: the relay's); False: hang up on
+        #: the sender, as on any other topic longer than a group's.
+        self.on_filter: Callable[[bytes], bool] | None = None
         self._flooding = False
         self._flood_seen = 0.0
         self._flood_log = Episodes(log)
@@ -337,7 +343,13 @@ class Publisher:
             else:
                 self.socket = ctx.socket(zmq.XPUB)
                 self.monitor = self._setup(self.socket, publish.hwm)
-                self.socket.setsockopt(zmq.MAXMSGSIZE, PEER_MAX_MESSAGE_NULL)
+                # a reader's filter subscription may be longer than a group's topic
+                most = (
+                    1 + len(filters.FILTER_TOPIC) + MAX_FILTER_FRAME
+                    if filter_topics
+                    else PEER_MAX_MESSAGE_NULL
+                )
+                self.socket.setsockopt(zmq.MAXMSGSIZE, most)
                 for gid in publish.ipc_filter_gids:
                     try:
                         self.socket.setsockopt(zmq.IPC_FILTER_GID, gid)
@@ -419,6 +431,22 @@ class Publisher:
     def handshake_timeouts(self) -> int:
         """The server's peers hung up on for not finishing the handshake in time."""
         return self.server.handshake_timeouts if self.server is not None else 0
+
+    @property
+    def sent_bytes(self) -> int:
+        """Bytes written to readers: to the server's peers, and each message once per XPUB socket."""
+        with self.lock:
+            return self._c.sent_bytes() + self._xpub_bytes
+
+    @property
+    def filters_refused(self) -> int:
+        """Filters the server's peers stated and it refused."""
+        return self.server.filters_refused if self.server is not None else 0
+
+    def filters(self) -> list[tuple[str, str, int, int, int]]:
+        """The filters in use: (digest, text, holders, packets passed, packets dropped)."""
+        with self.lock:
+            return self._c.filters()
 
     @property
     def idle_hangups(self) -> int:
@@ -601,6 +629,7 @@ class Publisher:
             )  # fmt: skip
             self._c.send_to_peers(group, msg)
             head, last = msg[:-1], msg[-1]
+            size = sum(map(len, msg))
             for sock in self.sockets:
                 # Frame by frame with int flags: send_multipart's enum arithmetic cost more per
                 # message than the rest of publishing. Only the first frame can be refused.
@@ -609,6 +638,7 @@ class Publisher:
                     for frame in head:
                         send(frame, SNDMORE_NOBLOCK)
                     send(last, NOBLOCK)
+                    self._xpub_bytes += size
                 except zmq.Again:
                     taken = False
             if self._wake_on_incoming and any(map(_has_incoming, self.sockets)):
@@ -717,7 +747,13 @@ class Publisher:
             if msg[:1] not in (b"\x00", b"\x01"):
                 continue  # not a subscription: nothing else reaches an XPUB from a SUB
             if len(msg) - 1 > wire.TOPIC.size:
-                self._foreign_topic(sock, frame)
+                if self.on_filter is not None and _filter_topic(msg) and self.on_filter(msg):
+                    self.subscription_messages += 1
+                    log.debug(
+                        "%s a filter's %r", "subscribe" if msg[:1] == b"\x01" else "unsubscribe", msg[1:6]
+                    )
+                else:
+                    self._foreign_topic(sock, frame)
                 continue
             self.subscription(msg, " (CURVE)" if sock is self.curve_socket else "")
         return n >= SUBSCRIPTIONS_PER_TURN
@@ -871,6 +907,16 @@ class Publisher:
         if self.wake_fd >= 0:
             os.close(self.wake_fd)
             self.wake_fd = -1
+
+
+def _filter_topic(msg: bytes) -> bool:
+    """A (un)subscription message of a reader's filter or of a group through it (docs/filters.md)."""
+    topic = msg[1:]
+    if topic.startswith(filters.FILTER_TOPIC):
+        return len(topic) <= len(filters.FILTER_TOPIC) + MAX_FILTER_FRAME
+    return (
+        topic.startswith(wire.FILTERED_TOPIC) and len(topic) <= len(wire.FILTERED_TOPIC) + 8 + wire.TOPIC.size
+    )
 
 
 def _has_incoming(sock: zmq.Socket) -> bool:

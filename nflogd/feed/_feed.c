@@ -85,6 +85,7 @@ struct nflogd_feed {
     struct nflogd_peers *peers;  /* the feed's own peers (_peers.c) */
     uint64_t sent;    /* messages sent (to the peers and every socket) */
     uint64_t unsent;  /* messages a socket refused (EAGAIN) */
+    uint64_t xpub_bytes;  /* bytes of the messages the sockets took, once per socket */
     int wake_fd;      /* >= 0: the control loop waits for events; see send_batch() */
 };
 
@@ -157,6 +158,11 @@ void nflogd_feed_wake_on_incoming(struct nflogd_feed *f, int fd)
 uint64_t nflogd_feed_sent(struct nflogd_feed *f)
 {
     return __atomic_load_n(&f->sent, __ATOMIC_RELAXED);
+}
+
+uint64_t nflogd_feed_xpub_bytes(struct nflogd_feed *f)
+{
+    return __atomic_load_n(&f->xpub_bytes, __ATOMIC_RELAXED);
 }
 
 uint64_t nflogd_feed_unsent(struct nflogd_feed *f)
@@ -355,6 +361,9 @@ static int send_batch(struct nflogd_feed *f, struct nflogd_reader *r, uint32_t c
         if (i < 4) {
             int err = z.zmq_errno();
             rc = err == EAGAIN ? (rc > 0 ? 0 : rc) : -err;
+        } else {
+            __atomic_add_fetch(&f->xpub_bytes, 2 + HEADER_SIZE + f->node_len + records_len + r->data_len,
+                               __ATOMIC_RELAXED);
         }
         for (; i < 4; i++)  /* what was not sent is still ours */
             z.msg_close(&out[i]);

@@ -37,6 +37,8 @@ int nflogd_feed_set_sockets(struct nflogd_feed *f, void *first, void *second);
 int nflogd_feed_set_node(struct nflogd_feed *f, const char *node, uint32_t len);
 uint64_t nflogd_feed_sent(struct nflogd_feed *f);
 uint64_t nflogd_feed_unsent(struct nflogd_feed *f);
+/* Bytes of the messages the XPUB sockets took, once per socket (not per subscriber). */
+uint64_t nflogd_feed_xpub_bytes(struct nflogd_feed *f);
 /* Under the lock: the control loop is about to wait for events. A send that finds a
  * socket with incoming messages afterwards writes 1 to the eventfd fd (once): the send took
  * the ZMQ_FD wake-up the loop would have had. */

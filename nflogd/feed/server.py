@@ -42,7 +42,7 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Protocol
 
-from nflogd_client import wire
+from nflogd_client import filters, wire
 
 from ..addresses import split_host_port
 from ..episodes import Episodes
@@ -191,7 +191,7 @@ class Peer:
 
     __slots__ = (
         "sock", "fd", "listener", "label", "source", "codec", "deadline", "id", "topics", "dropped",
-        "slow_log", "__weakref__",
+        "slow_log", "spec", "tags", "tagged", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -212,7 +212,23 @@ class Peer:
         self.id = -1  # the C peer, once its handshake is done
         self.topics = Topics()
         self.dropped = 0  # messages dropped for it at hwm, as last logged
+        self.spec: bytes | None = None  # the filter it holds (docs/filters.md)
+        self.tags: set[bytes] = set()  # the subscriptions that state it, by their tags
+        self.tagged = False  # subscribed to its groups through its filter (wire.FILTERED_TOPIC)
         self.slow_log = Episodes(log)
+
+
+def message(parts: list[bytes]) -> bytes:
+    """A ZMTP message of several frames (MORE on all but the last, LONG past 255 bytes)."""
+    out = bytearray()
+    for i, part in enumerate(parts):
+        more = 1 if i < len(parts) - 1 else 0
+        if len(part) > 255:
+            out += bytes([more | 2]) + struct.pack(">Q", len(part))
+        else:
+            out += bytes([more, len(part)])
+        out += part
+    return bytes(out)
 
 
 class ZmtpServer:
@@ -257,6 +273,9 @@ class ZmtpServer:
         self._full_dropped = 0  # as last logged
         #: Peers dropped for not finishing the handshake in time (a metric).
         self.handshake_timeouts = 0
+        #: Filters refused (a metric), and their log.
+        self.filters_refused = 0
+        self._filter_log = Episodes(log)
         #: Peers dropped for subscribing to nothing for idle_timeout_s (a metric).
         self.idle_hangups = 0
         #: Connections closed at once per endpoint: their source had per_source (a metric).
@@ -645,6 +664,10 @@ class ZmtpServer:
 
     def _subscription(self, peer: Peer, kind: bytes, topic: bytes) -> bool:
         """A (un)subscription; False if its topic was foreign and the peer hung up on."""
+        if topic.startswith(filters.FILTER_TOPIC):
+            return self._filter(peer, kind, topic[len(filters.FILTER_TOPIC) :])
+        if topic.startswith(wire.FILTERED_TOPIC) and self._through_filter(peer, topic):
+            topic = topic[len(wire.FILTERED_TOPIC) + 8 :]  # the group's, as its filter's
         if len(topic) > wire.TOPIC.size:  # no message can match it: the peer is hung up on
             self._hang_up(peer)
             self._owner.foreign_topic(peer.label, len(topic), 1)
@@ -656,6 +679,70 @@ class ZmtpServer:
                 self._became_idle(peer, time.monotonic())
             else:
                 self._idle.pop(peer, None)
+        return True
+
+    def _through_filter(self, peer: Peer, topic: bytes) -> bool:
+        """A subscription to a group through the peer's filter (``wire.FILTERED_TOPIC``, the
+        filter's id, the group's topic or none): from now on its filtered messages carry that
+        topic. False (a foreign topic) for another filter's id or no filter."""
+        at = len(wire.FILTERED_TOPIC)
+        if peer.spec is None or len(topic) > at + 8 + wire.TOPIC.size:
+            return False
+        if topic[at : at + 8] != filters.spec_id(peer.spec):
+            return False
+        if not peer.tagged:
+            with self._c:
+                self._c.set_peer_filter_topic(peer.id, topic[: at + 8])
+            peer.tagged = True
+        return True
+
+    def _filter(self, peer: Peer, kind: bytes, spec: bytes) -> bool:
+        """A filter's (un)subscription: the peer's filter set or cleared in C at once, and the
+        reply (the subscription's topic, then accepted or refused with the reason); False if
+        the peer was hung up on. Several subscriptions of one filter (their tags differ: the
+        readers behind an nflogd-relay) hold it together; a different one is refused."""
+        self._owner.subscription(kind + filters.FILTER_TOPIC, " (a filter)")
+        topic = filters.FILTER_TOPIC + spec
+        n = filters.spec_length(spec)
+        if filters.HEAD.size <= n <= len(spec):
+            spec, tag = spec[:n], spec[n:]
+        else:
+            tag = b""  # a malformed spec: the C check says why
+        if kind == b"\x00":
+            if peer.spec == spec and tag in peer.tags:
+                peer.tags.discard(tag)
+                if not peer.tags:
+                    with self._c:
+                        self._c.set_peer_filter(peer.id, None)
+                        self._c.set_peer_filter_topic(peer.id, None)  # the next filter's id sets it
+                    peer.spec = None
+                    peer.tagged = False
+            return True
+        if len(tag) > filters.MAX_TAG:
+            slot, why = -1, f"malformed filter: {len(tag)} bytes after the spec, more than {filters.MAX_TAG}"
+        elif peer.spec is not None and peer.spec != spec:
+            slot, why = -1, "one filter per connection, and this one holds another"
+        elif peer.spec == spec:
+            slot, why = 0, ""  # held already: one more subscription of it
+        else:
+            with self._c:
+                slot, why = self._c.set_peer_filter(peer.id, spec)
+        if slot >= 0:
+            peer.spec = spec
+            peer.tags.add(tag)
+            log.debug("feed: %s: filter %r in force", peer.label, filters.spec_text(spec))
+        else:
+            self.filters_refused += 1
+            self._filter_log.hit(
+                "feed: %s on %s: filter refused: %s; %d refused so far",
+                peer.label, peer.listener.endpoint, why, self.filters_refused,
+            )  # fmt: skip
+        answer = message(filters.reply(topic, slot >= 0, why))
+        with self._c:
+            rc = self._c.peer_command(peer.id, answer)
+        if rc < 0:
+            self._hang_up(peer)
+            return False
         return True
 
     def _push_filters(self) -> None:
