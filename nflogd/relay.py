@@ -89,6 +89,9 @@ HEARTBEAT_TIMEOUT_MS = 15_000
 MARK_IDLE_S = 2.0
 _HEADER = wire.HEADER
 EVENTS, POLLIN = zmq.EVENTS, zmq.POLLIN
+#: Seconds the loop lets upstream messages gather while they keep coming (``Program.watch``'s
+#: ``gather``): a steady trickle is read and passed on in batches, at most this much later.
+GATHER_S = 0.002
 #: Seconds the relay waits at exit for the stream publisher's buffered messages to be acked.
 STREAM_CLOSE_S = 5.0
 
@@ -169,10 +172,10 @@ class Upstream:
         outs: list[zmq.Socket],
         offer: Callable[[list], None] | None = None,
         note: Callable[[zmq.Frame], None] | None = None,
-    ) -> None:
+    ) -> bool:
         """Pass up to BURST queued messages to every socket of ``outs``, frames as received,
         each message's frames to ``offer`` (the stream publisher, which never blocks) and its
-        header frame to ``note`` (``SequenceMarks.note``).
+        header frame to ``note`` (``SequenceMarks.note``); True if it stopped at BURST.
 
         Frame by frame with ``Frame.more``: a third of the CPU time of recv_multipart() and
         send_multipart() per message (bench/relay.py), the same frames and flags.
@@ -184,11 +187,11 @@ class Upstream:
             # steady rate a wake-up brings one message, and a zmq.Again per wake-up cost as
             # much as passing it on; in a burst, one question for BURST messages
             if i == 1 and not events(EVENTS) & POLLIN:
-                return
+                return False
             try:
                 frame = recv(NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return False
             frames = [frame]
             size = len(frame)
             while frame.more:  # a message arrives whole: its other frames are there already
@@ -209,6 +212,7 @@ class Upstream:
                     pass
             self.messages += 1
             self.bytes += size
+        return True
 
     def subscription(self, msg: bytes) -> None:
         """Pass on a downstream (un)subscription message."""
@@ -430,6 +434,7 @@ class Relay(Program):
         #: The sequence marks of the (node, group)s passed on, sent by ``_mark_timer``.
         self.marks = SequenceMarks(MARK_IDLE_S)
         self._mark_timer = self.timer(self._send_marks)
+        self.gather_s = GATHER_S
 
     # -- start -----------------------------------------------------------------
 
@@ -481,12 +486,13 @@ class Relay(Program):
         offer = self.stream.offer if self.stream is not None else None
         marks, timer = self.marks, self._mark_timer
 
-        def forward() -> None:
-            up.forward(self._feed().sockets, offer, marks.note)
+        def forward() -> bool:
+            more = up.forward(self._feed().sockets, offer, marks.note)
             if timer.due is None:
                 timer.due = marks.due()
+            return more
 
-        self.watch(up.socket, forward)
+        self.watch(up.socket, forward, gather=True)
         monitor = up.monitor
         if monitor is not None:  # an Upstream has its monitor until close()
             self.watch(monitor, lambda: self._handle_monitor(up))

@@ -153,8 +153,12 @@ class Program:
         self._stop = False
         self._wakeup: SignalWakeup | None = None
         self._poller = zmq.Poller()
-        self._handlers: dict[object, Callable[[], None]] = {}  # watched socket or fd -> handler
+        self._handlers: dict[object, Callable[[], object]] = {}  # watched socket or fd -> handler
         self._timers: list[Timer] = []
+        #: Seconds between two calls of the ``gather`` handlers while they keep finding work
+        #: (``watch(..., gather=True)``); 0: called at every wake-up.
+        self.gather_s = 0.0
+        self._gathered: set[object] = set()
 
     # -- the loop --------------------------------------------------------------
 
@@ -163,15 +167,26 @@ class Program:
         self._wakeup = SignalWakeup()
         self.watch(self._wakeup.fileno(), self._handle_signals)
 
-    def watch(self, obj: zmq.Socket | int, handler: Callable[[], None]) -> None:
-        """Call ``handler()`` whenever ``obj`` (a ZeroMQ socket or an fd) polls readable."""
+    def watch(self, obj: zmq.Socket | int, handler: Callable[[], object], gather: bool = False) -> None:
+        """Call ``handler()`` whenever ``obj`` (a ZeroMQ socket or an fd) polls readable.
+
+        ``gather``: a stream of messages that may wait ``gather_s`` to be handled together. The
+        handler reads until it has read everything, or a bounded number and returns True when
+        more is left; once the gathered handlers have read everything, the next wake-up for one
+        of them within ``gather_s`` waits out the rest of it (with the other events, at most
+        ``gather_s`` late), so that a steady trickle costs one wake-up per ``gather_s`` rather
+        than one per message. An event after a pause, or a backlog, is handled at once.
+        """
         self._handlers[obj] = handler
         self._poller.register(obj, zmq.POLLIN)
+        if gather:
+            self._gathered.add(obj)
 
     def unwatch(self, obj: zmq.Socket | int) -> None:
         """Stop watching ``obj``; its handler is not called again, not even later this turn."""
         if self._handlers.pop(obj, None) is not None:
             self._poller.unregister(obj)
+            self._gathered.discard(obj)
 
     def timer(
         self, callback: Callable[[], object], interval: float | None = None, each_turn: bool = False
@@ -187,12 +202,26 @@ class Program:
         interval = self.notifier.watchdog_interval
         if interval:
             self.timer(self.notifier.watchdog, interval)
-        handlers, timers = self._handlers, self._timers
+        handlers, timers, gathered, poll = self._handlers, self._timers, self._gathered, self._poller.poll
+        next_gather = 0.0  # no gathered handler before this (monotonic seconds)
         while not self._stop:
-            for obj, _ in self._poller.poll(self._timeout()):
-                handler = handlers.get(obj)  # None: unwatched by a handler earlier this turn
-                if handler is not None:
-                    handler()
+            events = poll(self._timeout())
+            if gathered and any(obj in gathered for obj, _ in events):
+                wait = next_gather - time.monotonic()
+                if wait > 0:  # woken again soon after the last read: let more gather
+                    time.sleep(wait)
+                    events = poll(0)
+                backlog = False
+                for obj, _ in events:
+                    handler = handlers.get(obj)  # None: unwatched by a handler earlier this turn
+                    if handler is not None and handler() and obj in gathered:
+                        backlog = True
+                next_gather = 0.0 if backlog else time.monotonic() + self.gather_s
+            else:
+                for obj, _ in events:
+                    handler = handlers.get(obj)
+                    if handler is not None:
+                        handler()
             now = time.monotonic()
             for t in timers:
                 if t.each_turn or (t.due is not None and t.due <= now):
