@@ -172,10 +172,10 @@ class Program:
 
         ``gather``: a stream of messages that may wait ``gather_s`` to be handled together. The
         handler reads until it has read everything, or a bounded number and returns True when
-        more is left; once the gathered handlers have read everything, the next wake-up for one
-        of them within ``gather_s`` waits out the rest of it (with the other events, at most
-        ``gather_s`` late), so that a steady trickle costs one wake-up per ``gather_s`` rather
-        than one per message. An event after a pause, or a backlog, is handled at once.
+        more is left. A turn that read such messages and emptied their queues is followed by a
+        sleep of ``gather_s`` (the other events wait as well, at most that long), then a turn
+        for everything ready: a steady trickle costs one wake-up per ``gather_s`` rather than
+        one per message. A message after a pause is handled at once, a backlog without pause.
         """
         self._handlers[obj] = handler
         self._poller.register(obj, zmq.POLLIN)
@@ -203,25 +203,22 @@ class Program:
         if interval:
             self.timer(self.notifier.watchdog, interval)
         handlers, timers, gathered, poll = self._handlers, self._timers, self._gathered, self._poller.poll
-        next_gather = 0.0  # no gathered handler before this (monotonic seconds)
+        steady = False  # the last turn read gathered messages, and emptied their queues
         while not self._stop:
-            events = poll(self._timeout())
-            if gathered and any(obj in gathered for obj, _ in events):
-                wait = next_gather - time.monotonic()
-                if wait > 0:  # woken again soon after the last read: let more gather
-                    time.sleep(wait)
-                    events = poll(0)
-                backlog = False
-                for obj, _ in events:
-                    handler = handlers.get(obj)  # None: unwatched by a handler earlier this turn
-                    if handler is not None and handler() and obj in gathered:
-                        backlog = True
-                next_gather = 0.0 if backlog else time.monotonic() + self.gather_s
+            if steady:  # more are likely on their way: let them gather, then take all at once
+                time.sleep(self.gather_s)
+                events = poll(0)
             else:
-                for obj, _ in events:
-                    handler = handlers.get(obj)
-                    if handler is not None:
-                        handler()
+                events = poll(self._timeout())
+            steady = backlog = False
+            for obj, _ in events:
+                handler = handlers.get(obj)  # None: unwatched by a handler earlier this turn
+                if handler is not None:
+                    more = handler()
+                    if obj in gathered:
+                        steady, backlog = True, backlog or bool(more)
+            if backlog or not self.gather_s:
+                steady = False
             now = time.monotonic()
             for t in timers:
                 if t.each_turn or (t.due is not None and t.due <= now):

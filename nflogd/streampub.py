@@ -58,6 +58,10 @@ RATE_WINDOW_S = 2.0
 #: Seconds the publisher thread waits, once woken from idle, for more messages to publish
 #: together (one write to the server, one wake-up for their acks).
 GATHER_S = 0.005
+#: Turns of the event loop that read what came while the publisher thread held it (the socket's
+#: data, nats-py's read loop, its subscription's task): the acks, or a connection lost, which
+#: must be known before the next publishes are written.
+READ_TURNS = 3
 #: Bytes of sequence marks held beyond ``buffer_bytes`` (a mark is ~50 bytes, one per (node,
 #: group) per idle spell): a full buffer still takes the marks that say where sequences ended.
 MARK_SLACK_BYTES = 1 << 20
@@ -323,6 +327,7 @@ class StreamPublisher:
         assert wake is not None
         partitions = self.partitions
         record, driver = stream.record, self.driver
+        steady = False  # the last turn published: more are likely on their way
         while True:
             if self._stopping:
                 remaining = self._stop_deadline - time.monotonic()
@@ -331,6 +336,17 @@ class StreamPublisher:
                 if not queue or self.in_flight >= self.max_in_flight:
                     await self._wait_room(min(remaining, 0.05))
                     continue
+            if not queue and steady:
+                # Messages keep coming: hold this thread's loop for a gathering's time (the
+                # acks of the last publishes wait in the socket meanwhile, and offer() does not
+                # wake it), then read the acks and take the messages that came in one wake-up,
+                # where an ack read, an offer's wake-up and a timer would be three
+                steady = False
+                await asyncio.sleep(0)  # nats-py's flusher writes the last publishes first
+                time.sleep(GATHER_S)
+                for _ in range(READ_TURNS):  # what came meanwhile read before anything is written
+                    await asyncio.sleep(0)
+                continue
             if not queue:
                 self._idle = True
                 if queue:  # offered between the check and the flag
@@ -360,6 +376,7 @@ class StreamPublisher:
                     continue
                 self._publish(rec, size, RETRY_S)
             await driver.flush()
+            steady = not self._stopping
 
     async def _wait_room(self, timeout: float | None) -> None:
         room = self._room
