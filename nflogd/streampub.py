@@ -55,9 +55,10 @@ log = logging.getLogger("nflogd.stream")
 FAILOVER_S = 8.0
 #: Seconds over which the offered rate is measured for that check.
 RATE_WINDOW_S = 2.0
-#: Seconds the publisher thread waits, once woken from idle, for more messages to publish
-#: together (one write to the server, one wake-up for their acks).
-GATHER_S = 0.005
+#: Seconds the publisher thread lets messages gather before it publishes them together (one
+#: write to the server, their acks read in one go): once woken from idle, and between turns
+#: while messages keep coming. A message reaches the stream up to this much later.
+GATHER_S = 0.010
 #: Turns of the event loop that read what came while the publisher thread held it (the socket's
 #: data, nats-py's read loop, its subscription's task): the acks, or a connection lost, which
 #: must be known before the next publishes are written.
