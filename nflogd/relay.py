@@ -20,7 +20,8 @@ with the upstreams' reconnects on a timer) moves messages upstream to downstream
 and sent with ``copy=False`` and never decoded (a record keeps its node, epoch and sequence
 numbers: a message the relay drops shows at the client as a gap in that node's ``seq``), and
 subscriptions downstream to upstream (the first to a topic, the last unsubscription, to every
-upstream XSUB, which sends them again after every reconnect).
+upstream XSUB, which sends them again after every reconnect). While messages keep coming the
+loop reads them in batches, sleeping ``GATHER_S`` between turns (``Program.watch``'s ``gather``).
 
 Sequence marks (``SequenceMarks``): the relay passes the daemons' marks on and sends its own
 for each (node, group) ``MARK_IDLE_S`` after the last packets it passed on, and at exit, so

@@ -155,8 +155,8 @@ class Program:
         self._poller = zmq.Poller()
         self._handlers: dict[object, Callable[[], object]] = {}  # watched socket or fd -> handler
         self._timers: list[Timer] = []
-        #: Seconds between two calls of the ``gather`` handlers while they keep finding work
-        #: (``watch(..., gather=True)``); 0: called at every wake-up.
+        #: Seconds the loop sleeps after a turn in which the ``gather`` handlers read messages
+        #: and emptied their queues (``watch(..., gather=True)``); 0: no sleep.
         self.gather_s = 0.0
         self._gathered: set[object] = set()
 
