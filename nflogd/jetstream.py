@@ -134,7 +134,6 @@ class JetStreamDriver:
         inbox = nc.new_inbox() + "."
         self._inbox = inbox.encode()
         self._acks = await nc.subscribe(inbox + "*", cb=self._ack)
-        self._sweeper = asyncio.ensure_future(self._sweep())
 
     async def _ensure_stream(self, js: JetStreamContext, timeout: float) -> None:
         want = stream_config(self.cfg)
@@ -225,6 +224,8 @@ class JetStreamDriver:
         out, nc = self._out, self._nc
         if not out or nc is None:
             return
+        if self._sweeper is None:  # from the first publish on
+            self._sweeper = asyncio.ensure_future(self._sweep())
         data = b"".join(out)
         out.clear()
         self._out_bytes = 0
