@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import time
+from importlib.metadata import version
 
 import nats
 import nats.errors
@@ -40,6 +41,14 @@ from .streampub import Rejected, Settle, Transient
 __all__ = ["JetStreamDriver", "stream_config"]
 
 log = logging.getLogger("nflogd.jetstream")
+
+# A batch of publishes is one write through the client's own buffer and flusher, its
+# ``_send_command`` and ``_flush_pending`` (what its publish() calls); nats-py 2.6 to 2.x have them.
+if not (hasattr(Client, "_send_command") and hasattr(Client, "_flush_pending")):
+    raise ImportError(
+        f"nats-py {version('nats-py')} has no Client._send_command/_flush_pending, which the relay"
+        " writes its batches with: install nats-py >= 2.6, < 3"
+    )
 
 #: Bytes nats-py holds for the next connection while it reconnects (its default ``pending_size``).
 PENDING_BYTES = DEFAULT_PENDING_SIZE

@@ -761,6 +761,8 @@ def _open_stream(js, registry):
     try:
         from .jetstream import JetStreamDriver
     except ImportError as e:
+        if e.name is None:  # nats-py is there, but not one the relay can use
+            raise NflogdError(f"jetstream: {e}") from None
         raise NflogdError(
             f"jetstream: needs the nats-py package (pip install 'nflogd-client[jetstream]'): {e}"
         ) from None

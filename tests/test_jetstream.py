@@ -861,3 +861,22 @@ def test_without_nats_py_the_reader_says_what_to_install():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert r.stdout.strip() == "JetStreamSubscriber needs nats-py: pip install 'nflogd-client[jetstream]'"
+
+
+def test_a_nats_py_without_the_batched_write_is_refused_in_one_line(tmp_path, feed):
+    """The relay writes its publishes through nats-py's Client._send_command/_flush_pending;
+    a nats-py without them is refused at start in one line that names the versions to install."""
+    hide = (
+        "import sys; from nats.aio.client import Client; del Client._send_command\n"
+        "from nflogd.relay import main; sys.exit(main())"
+    )
+    relay = StreamRelay(tmp_path, upstreams=[feed.endpoint], jetstream={"servers": ["nats://127.0.0.1:1"]})
+    relay.command = lambda: [sys.executable, "-c", hide]
+    assert relay.run_to_exit(15) == 1
+    assert "Traceback" not in relay.stderr, relay.stderr
+    last = relay.stderr.strip().splitlines()[-1]
+    assert last.startswith("nflogd-relay: jetstream: nats-py "), relay.stderr
+    assert last.endswith(
+        "has no Client._send_command/_flush_pending, which the relay writes its"
+        " batches with: install nats-py >= 2.6, < 3"
+    ), relay.stderr
