@@ -16,7 +16,7 @@ import time
 from typing import Callable
 
 import zmq
-from nflogd_client import wire
+from nflogd_client import filters, wire
 
 WAIT = 30.0  # seconds: the bound on anything the feed waits for
 TS = 1_700_000_000_123_456_789  # ns: the capture time of the packets rec() makes
@@ -53,14 +53,30 @@ class FakeFeed:
 
     def wait_subscribed(self, want: set[bytes], timeout: float = WAIT) -> None:
         """Return once every topic in ``want`` has been subscribed to."""
+        self._wait(lambda: want <= self._seen, lambda: f"{want - self._seen}", timeout)
+
+    def _wait(self, done: Callable[[], bool], what: Callable[[], str], timeout: float = WAIT) -> None:
         deadline = time.monotonic() + timeout
-        while not want <= self._seen:
+        while not done():
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self.pub.poll(int(remaining * 1000) + 1):
-                raise TimeoutError(f"no subscription to {want - self._seen} within {timeout}s")
+                raise TimeoutError(f"no subscription to {what()} within {timeout}s")
             m = self.pub.recv()
             if m[:1] == b"\x01":
                 self._seen.add(m[1:])
+
+    def reply_to_filter(self, filter_topic: bytes, accepted: bool, reason: str = "") -> None:
+        """From a thread: once a reader states this filter (its topic, the reader's tag after
+        it), the publisher's reply on that reader's own topic."""
+
+        def stated() -> bytes | None:
+            return next((t for t in self._seen if t.startswith(filter_topic)), None)
+
+        def body():
+            self._wait(lambda: stated() is not None, lambda: f"{filter_topic!r}...")
+            self.publish(filters.reply(stated(), accepted, reason))
+
+        self._start(body)
 
     def publish(self, *messages: list[bytes]) -> None:
         for m in messages:

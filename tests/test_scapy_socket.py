@@ -8,7 +8,7 @@ import time
 import pytest
 import zmq
 from feedutil import TS, msg, rec, topics
-from nflogd_client import filters, scapy_socket, wire
+from nflogd_client import scapy_socket, wire
 from nflogd_client.filters import Filter, FilterRefused
 from nflogd_client.scapy_socket import ZMQNFLOGSocket, install_zmq_listener
 from scapy.automaton import ObjectPipe
@@ -276,15 +276,13 @@ def test_sniff_L2socket(feed):
 def test_sniff_filter_goes_to_the_publisher_and_its_refusal_is_shown(feed, sockets, caplog):
     """sniff(filter=...) reaches the publisher as the filter's subscription; the publisher's
     refusal is FilterRefused from recv(), which sniff shows with its reason and ends on."""
-    topic = Filter("udp").topic()
-    feed.publish_when_subscribed({topic}, filters.reply(topic, False, "a test says no"))
+    feed.reply_to_filter(Filter("udp").topic(), False, "a test says no")
     got = sniff(L2socket=ZMQNFLOGSocket, endpoint=feed.endpoint, filter="udp", count=1, timeout=WAIT)
     feed.join()
     assert len(got) == 0 and "failed with 'a test says no'" in caplog.text
     sock = ZMQNFLOGSocket(feed.endpoint, filter="tcp")
     sockets.append(sock)
-    topic = Filter("tcp").topic()
-    feed.publish_when_subscribed({topic}, filters.reply(topic, False, "no again"))
+    feed.reply_to_filter(Filter("tcp").topic(), False, "no again")
     with pytest.raises(FilterRefused, match="^no again$"):
         sock.recv(timeout=WAIT)
     feed.join()
