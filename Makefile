@@ -14,7 +14,7 @@ CONFIG ?= etc/nflogd.yaml
 # nflogd-extcap's capture filters. python3-zmq (Debian's libzmq, another version than pyzmq's)
 # and libjeromq-java with a JDK (JeroMQ, ZMTP 2.0, no libzmq) are the other implementations
 # tests/test_interop.py runs against the feed's own server.
-RUN_DEBS := libnetfilter-log-dev libmnl-dev gcc libc6-dev pkg-config python3-dev python3-venv
+RUN_DEBS := libnetfilter-log-dev libmnl-dev libsodium-dev gcc libc6-dev pkg-config python3-dev python3-venv
 TEST_DEBS := nftables iproute2 tcpdump tshark systemd iptables jq python3-zmq libjeromq-java default-jdk-headless
 DEBS := $(RUN_DEBS) $(TEST_DEBS)
 # promtool checks contrib/prometheus/: taken out of Debian's prometheus package into the venv,

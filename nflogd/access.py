@@ -29,9 +29,11 @@ from typing import Any
 import zmq
 from nflogd_client import curve
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from .config import CurveConfig
 from .errors import ConfigError
+from .feed.curve import CurveKeys
 from .publish import ZAP_DOMAIN
 
 __all__ = ["CurveAccess", "check_keys"]
@@ -57,13 +59,21 @@ def check_keys(settings: CurveConfig) -> dict[bytes, str]:
 
 
 class CurveAccess:
-    """The context's ZAP handler, admitting the CURVE clients of ``settings.authorized_keys_dir``."""
+    """The CURVE clients admitted, those of ``settings.authorized_keys_dir``: in ``keys`` (the
+    feed's own server reads them at each handshake) and, with ``zap``, for the context's ZAP
+    handler (the relay's XPUB)."""
 
-    def __init__(self, ctx: zmq.Context[Any], settings: CurveConfig) -> None:
+    def __init__(self, ctx: zmq.Context[Any], settings: CurveConfig, zap: bool = True) -> None:
         self.settings = settings
         self.authorized: dict[bytes, str] = {}
+        #: The server's key pair and the admitted keys, raw, as ``feed.curve`` takes them.
+        self.keys = CurveKeys(z85.decode(settings.public_key), z85.decode(settings.secret_key), frozenset())
+        self.auth: ThreadAuthenticator | None = None
+        if not zap:
+            self.configure(settings)
+            return
         auth = ThreadAuthenticator(ctx, log=logging.getLogger("nflogd.auth"))
-        self.auth: ThreadAuthenticator | None = auth
+        self.auth = auth
         auth.start()
         try:
             self.configure(settings)
@@ -81,9 +91,10 @@ class CurveAccess:
         # in the form configure_curve would store; not configure_curve itself, whose
         # load_certificates opens every *.key file blocking (a FIFO there would hang us).
         auth = self.auth
-        assert auth is not None, "configure() after close()"
-        auth.allow_any = False
-        auth.certs[ZAP_DOMAIN] = dict.fromkeys(keys, True)
+        if auth is not None:
+            auth.allow_any = False
+            auth.certs[ZAP_DOMAIN] = dict.fromkeys(keys, True)
+        self.keys.authorized = frozenset(z85.decode(k) for k in keys)
         self.settings = settings
         self.authorized = keys
         if keys:

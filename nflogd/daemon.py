@@ -117,8 +117,9 @@ class Daemon(Program):
         service.probe_threads(len(cfg.groups))  # a one-line error now, not a libzmq abort later
         self.ctx = zmq.Context()
         if cfg.publish.curve is not None:
-            self.access = CurveAccess(self.ctx, cfg.publish.curve)  # before the CURVE socket binds
-        self.publisher = Publisher(self.ctx, cfg.publish, node=cfg.node)
+            self.access = CurveAccess(self.ctx, cfg.publish.curve, zap=False)
+        keys = self.access.keys if self.access is not None else None
+        self.publisher = Publisher(self.ctx, cfg.publish, node=cfg.node, curve_keys=keys)
         publisher = self.publisher
         DaemonCollector(
             self.group_counters, lambda: publisher.subscribers, registry=self.registry,

@@ -369,6 +369,16 @@ class CFeed:
         Its id, or -errno."""
         return lib.nflogd_peers_add(self._p, fd)
 
+    def set_peer_curve(self, peer: int, key: bytes, nonce: int) -> None:
+        """The peer speaks CURVE: its frames boxed with ``key`` (crypto_box_beforenm's),
+        ``nonce`` the next short nonce."""
+        if len(key) != 32 or lib.nflogd_peers_set_curve(self._p, peer, key, nonce) < 0:
+            raise KeyError(peer)
+
+    def peer_nonce(self, peer: int) -> int:
+        """A CURVE peer's next short nonce (0: not CURVE)."""
+        return lib.nflogd_peers_nonce(self._p, peer)
+
     def remove_peer(self, peer: int) -> None:
         """Forget the peer and its queue; the caller closes its socket afterwards."""
         lib.nflogd_peers_remove(self._p, peer)

@@ -52,10 +52,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import zmq
 from nflogd_client import wire
 from nflogd_client.endpoints import Monitor
+from zmq.utils import z85
 
 from .episodes import QUIET_S, Episodes
 from .errors import NflogdError
 from .feed.codec import MAX_FRAME
+from .feed.curve import CurveKeys
 from .feed.server import KEEPALIVE_CNT, KEEPALIVE_IDLE_S, KEEPALIVE_INTVL_S, ZmtpServer, peer_credentials
 from .ffi import CFeed
 
@@ -279,6 +281,7 @@ class Publisher:
         node: str = "",
         epoch: int | None = None,
         direct: bool = True,
+        curve_keys: CurveKeys | None = None,
     ) -> None:
         self.epoch = time.time_ns() if epoch is None else epoch
         #: The C side: the server's peers, the sockets as the C sender sees them, and the lock.
@@ -326,6 +329,12 @@ class Publisher:
         self.server: ZmtpServer | None = None
         self.curve_socket = None
         self.curve_monitor = None
+        #: The CURVE endpoints' keys, when the own server serves them (``nflogd.access``'s).
+        self.curve_keys = curve_keys if direct and curve is not None else None
+        if direct and curve is not None and curve_keys is None:
+            raise ValueError("publish.curve needs curve_keys for the feed's own server")
+        self.keys_refused = 0
+        self._key_log = Episodes(log)
         try:
             if direct:
                 self.server = ZmtpServer(
@@ -343,7 +352,7 @@ class Publisher:
                         raise NflogdError(
                             "publish.ipc_filter_groups: this libzmq does not support IPC_FILTER_GID"
                         ) from None
-            if curve is not None:
+            if curve is not None and not direct:
                 self.curve_socket = ctx.socket(zmq.XPUB)
                 self.curve_monitor = self._setup(self.curve_socket, publish.hwm)
                 self.curve_socket.setsockopt(zmq.CURVE_SERVER, 1)
@@ -468,6 +477,11 @@ class Publisher:
             return self.curve_socket
         return self.server if self.server is not None else self.socket
 
+    def _curve_for(self, endpoint: str) -> bool:
+        """Whether ``endpoint`` speaks CURVE (every tcp one with publish.curve)."""
+        curve = self.curve_keys is not None or self.curve_socket is not None
+        return curve and endpoint.startswith("tcp://")
+
     # -- endpoints -------------------------------------------------------------
 
     def bind(self, endpoint: str) -> None:
@@ -480,8 +494,8 @@ class Publisher:
             old = os.umask(0o117)  # the socket file: rw for owner and group, nothing else
         sock = self._socket_for(endpoint)
         try:
-            if isinstance(sock, ZmtpServer):
-                sock.bind(endpoint)  # the control thread's alone: no lock
+            if isinstance(sock, ZmtpServer):  # the control thread's alone: no lock
+                sock.bind(endpoint, self.curve_keys if self._curve_for(endpoint) else None)
             else:
                 with self.lock:
                     sock.bind(endpoint)
@@ -498,7 +512,7 @@ class Publisher:
                 pass
         self.endpoints.append(endpoint)
         self._bound[endpoint] = sock
-        log.info("publishing on %s%s", endpoint, " (CURVE)" if sock is self.curve_socket else "")
+        log.info("publishing on %s%s", endpoint, " (CURVE)" if self._curve_for(endpoint) else "")
 
     def unbind(self, endpoint: str) -> None:
         """Stop listening on an endpoint (removing its ipc file); peers connected through it stay."""
@@ -752,6 +766,15 @@ class Publisher:
             "feed: a peer (%s) subscribed to a %d-byte topic, longer than any group's (%d): "
             "%d connection%s from it closed",
             peer, length, wire.TOPIC.size, hung, "" if hung == 1 else "s",
+        )  # fmt: skip
+
+    def key_refused(self, peer: str, endpoint: str, key: bytes | None) -> None:
+        """A CURVE peer whose key is not in authorized_keys_dir: told so (ERROR 400), hung up on."""
+        self.keys_refused += 1
+        self._key_log.hit(
+            "feed: %s on %s: its CURVE key %s is not in publish.curve.authorized_keys_dir: refused; "
+            "%d so far",
+            peer, endpoint, z85.encode(key).decode() if key else "?", self.keys_refused,
         )  # fmt: skip
 
     # -- connections -----------------------------------------------------------

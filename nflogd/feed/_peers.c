@@ -23,6 +23,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <sodium.h>
+
 #include "_peers.h"
 
 #define FILTER_EXACT_BYTES 8192  /* a bit per group */
@@ -47,6 +49,9 @@ struct peer {
     uint32_t qoff;               /* bytes of the head blob written already */
     uint64_t dropped;            /* messages not queued: hwm reached */
     int dropping;                /* the last message was dropped: the control loop was told */
+    int curve;                   /* CURVE: every frame boxed into a MESSAGE with key, nonce */
+    uint64_t nonce;              /* the next short nonce */
+    uint8_t key[crypto_box_BEFORENMBYTES];
 };
 
 struct nflogd_peers {
@@ -61,10 +66,14 @@ struct nflogd_peers {
     uint64_t max_bytes;          /* no new blob past this: the message is dropped for the peer */
     uint64_t full_dropped;       /* messages dropped so (counted in dropped too) */
     int trim_due;                /* bytes passed TRIM_BYTES since the last malloc_trim */
+    uint8_t *boxed;              /* a CURVE peer's message, boxed: grown as messages need */
+    size_t boxed_cap;
 };
 
 struct nflogd_peers *peers_new(void)
 {
+    if (sodium_init() < 0)
+        return NULL;
     struct nflogd_peers *ps = calloc(1, sizeof(*ps));
     if (ps) {
         ps->epfd = ps->wake_fd = -1;
@@ -108,6 +117,7 @@ static void queue_clear(struct nflogd_peers *ps, struct peer *p)
 static void peer_release(struct nflogd_peers *ps, struct peer *p)
 {
     queue_clear(ps, p);
+    sodium_memzero(p->key, sizeof(p->key));
     free(p->queue);
     free(p->exact);
     memset(p, 0, sizeof(*p));
@@ -122,6 +132,7 @@ void peers_free(struct nflogd_peers *ps)
         if (ps->peer[i].fd >= 0)
             peer_release(ps, &ps->peer[i]);
     free(ps->peer);
+    free(ps->boxed);
     free(ps);
 }
 
@@ -303,6 +314,73 @@ static void frame_iov(struct iovec *iov, uint8_t heads[][9], const struct iovec 
     *total = len;
 }
 
+/* A ZMTP frame of size bytes: its header into head (flags | LONG past 255); its length. */
+static size_t frame_head(uint8_t *head, uint8_t flags, uint64_t size)
+{
+    if (size < 256) {
+        head[0] = flags;
+        head[1] = (uint8_t)size;
+        return 2;
+    }
+    head[0] = flags | 2;
+    for (int k = 0; k < 8; k++)
+        head[1 + k] = (uint8_t)(size >> (56 - 8 * k));
+    return 9;
+}
+
+#define CURVE_FRAME 0            /* a MESSAGE goes as a data frame, as libzmq sends and reads it */
+#define MESSAGE_OVERHEAD (8 + 8 + crypto_box_MACBYTES + 1)  /* name, short nonce, MAC, flags */
+
+/* nframes frames as the CURVE peer p gets them: each a MESSAGE command boxing its flags (MORE
+ * but on the last; COMMAND with command) and body, into ps->boxed; its length, or 0 (no memory). */
+static size_t box_frames(struct nflogd_peers *ps, struct peer *p, const struct iovec *frames, int nframes,
+                         int command)
+{
+    size_t need = 0;
+    for (int i = 0; i < nframes; i++)
+        need += 9 + MESSAGE_OVERHEAD + frames[i].iov_len;
+    if (need > ps->boxed_cap) {
+        uint8_t *more = realloc(ps->boxed, need);
+        if (!more)
+            return 0;
+        ps->boxed = more;
+        ps->boxed_cap = need;
+    }
+    uint8_t *at = ps->boxed;
+    for (int i = 0; i < nframes; i++) {
+        size_t len = frames[i].iov_len;
+        at += frame_head(at, CURVE_FRAME, MESSAGE_OVERHEAD + len);
+        uint8_t nonce[crypto_box_NONCEBYTES];
+        memcpy(nonce, "CurveZMQMESSAGES", 16);
+        for (int k = 0; k < 8; k++)
+            nonce[16 + k] = (uint8_t)(p->nonce >> (56 - 8 * k));
+        p->nonce++;
+        memcpy(at, "\x07MESSAGE", 8);
+        memcpy(at + 8, nonce + 16, 8);
+        uint8_t *box = at + 16, *plain = box + crypto_box_MACBYTES;
+        plain[0] = (uint8_t)((i < nframes - 1 ? 1 : 0) | (command ? 2 : 0));
+        memcpy(plain + 1, frames[i].iov_base, len);
+        crypto_box_easy_afternm(box, plain, 1 + len, nonce, p->key);  /* in place: libsodium allows it */
+        at = plain + 1 + len;
+    }
+    return (size_t)(at - ps->boxed);
+}
+
+/* One message (or command) to the CURVE peer p: boxed, then as deliver() (its rc). */
+static int deliver_boxed(struct nflogd_peers *ps, struct peer *p, const struct iovec *frames, int nframes,
+                         int command)
+{
+    size_t len = box_frames(ps, p, frames, nframes, command);
+    if (!len)
+        return 0;
+    struct iovec iov = { ps->boxed, len };
+    struct blob *b = NULL;
+    int rc = deliver(ps, p, &iov, 1, len, &b);
+    if (b)
+        blob_unref(ps, b);
+    return rc;
+}
+
 void peers_send(struct nflogd_peers *ps, uint16_t group, const struct iovec frames[4])
 {
     struct iovec iov[8];
@@ -314,11 +392,16 @@ void peers_send(struct nflogd_peers *ps, uint16_t group, const struct iovec fram
         struct peer *p = &ps->peer[i];
         if (p->fd < 0 || p->dead || !subscribed(p, group))
             continue;
-        if (!framed) {
-            frame_iov(iov, heads, frames, 4, &len);
-            framed = 1;
+        int rc;
+        if (p->curve) {
+            rc = deliver_boxed(ps, p, frames, 4, 0);
+        } else {
+            if (!framed) {
+                frame_iov(iov, heads, frames, 4, &len);
+                framed = 1;
+            }
+            rc = deliver(ps, p, iov, 8, len, &b);
         }
-        int rc = deliver(ps, p, iov, 8, len, &b);
         if (rc == 2)
             ps->full_dropped++;
         if (rc == 0 || rc == 2) {
@@ -441,10 +524,36 @@ int nflogd_peers_command(struct nflogd_peers *ps, int id, const uint8_t *frame, 
         return -p->dead;
     struct iovec iov = { (void *)frame, len };
     struct blob *b = NULL;
-    int rc = deliver(ps, p, &iov, 1, len, &b);  /* dropped (0, 2): not a message of the feed */
+    int rc;
+    if (p->curve) {  /* the command's body, out of its frame, boxed */
+        size_t hl = len && frame[0] & 2 ? 9 : 2;
+        if (len < hl)
+            return -EINVAL;
+        struct iovec body = { (void *)(frame + hl), len - hl };
+        rc = deliver_boxed(ps, p, &body, 1, 1);
+    } else {
+        rc = deliver(ps, p, &iov, 1, len, &b);  /* dropped (0, 2): not a message of the feed */
+    }
     if (b)
         blob_unref(ps, b);
     return rc < 0 ? -p->dead : rc == 1;
+}
+
+int nflogd_peers_set_curve(struct nflogd_peers *ps, int id, const uint8_t *key, uint64_t nonce)
+{
+    struct peer *p = peer_at(ps, id);
+    if (!p)
+        return -ENOENT;
+    memcpy(p->key, key, sizeof(p->key));
+    p->nonce = nonce;
+    p->curve = 1;
+    return 0;
+}
+
+uint64_t nflogd_peers_nonce(struct nflogd_peers *ps, int id)
+{
+    struct peer *p = peer_at(ps, id);
+    return p && p->curve ? p->nonce : 0;
 }
 
 uint64_t nflogd_peers_dropped(struct nflogd_peers *ps, int id)

@@ -25,6 +25,12 @@ uint64_t nflogd_peers_queued_bytes(struct nflogd_peers *ps);
 uint64_t nflogd_peers_full_dropped(struct nflogd_peers *ps);
 /* A peer whose handshake is done (nothing else may write fd from now on): its id, or -errno. */
 int nflogd_peers_add(struct nflogd_peers *ps, int fd);
+/* The peer speaks CURVE (spec 26): every frame it gets from now on is a MESSAGE boxed with key
+ * (crypto_box_beforenm of its short-term key and ours, 32 bytes), nonce the next short nonce
+ * (it grows by one per frame). 0 or -errno. */
+int nflogd_peers_set_curve(struct nflogd_peers *ps, int id, const uint8_t *key, uint64_t nonce);
+/* The next short nonce of a CURVE peer (0: not CURVE), for tests. */
+uint64_t nflogd_peers_nonce(struct nflogd_peers *ps, int id);
 /* Forget the peer and its queue (then the caller closes fd). */
 void nflogd_peers_remove(struct nflogd_peers *ps, int id);
 /* What the peer gets: every group (all), the groups whose high byte has its bit in the

@@ -48,6 +48,7 @@ from ..addresses import split_host_port
 from ..episodes import Episodes
 from ..errors import NflogdError
 from .codec import Cancel, Codec, Handshake, Ping, Refused, Subscribe, pong
+from .curve import CurveHandshake, CurveKeys
 
 if TYPE_CHECKING:
     from ..config import PublishConfig
@@ -111,14 +112,16 @@ class Owner(Protocol):
     def peer_refused(self, endpoint: str, connected: int) -> None: ...
     def subscription(self, msg: bytes, via: str) -> None: ...
     def foreign_topic(self, peer: str, length: int, hung: int) -> None: ...
+    def key_refused(self, peer: str, endpoint: str, key: bytes | None) -> None: ...
 
 
 class _Listener:
-    __slots__ = ("endpoint", "sock", "peers", "paused_until")
+    __slots__ = ("endpoint", "sock", "peers", "paused_until", "curve")
 
-    def __init__(self, endpoint: str, sock: socket.socket):
+    def __init__(self, endpoint: str, sock: socket.socket, curve: CurveKeys | None = None):
         self.endpoint = endpoint
         self.sock = sock
+        self.curve = curve  # CURVE's keys on this endpoint, or None (NULL)
         self.peers = 0  # connected now, handshake or not
         self.paused_until: float | None = None
 
@@ -207,7 +210,7 @@ class Peer:
         self.listener = listener
         self.label = label  # tcp: the address; ipc: ":uid:gid:pid", as libzmq's Peer-Address
         self.source = source  # what max_connections_per_source counts: ("uid", n) or ("address", a)
-        self.codec = Codec()
+        self.codec = Codec(CurveHandshake(listener.curve) if listener.curve is not None else None)
         self.deadline: float | None = deadline  # its handshake's end; None once done or gone
         self.id = -1  # the C peer, once its handshake is done
         self.topics = Topics()
@@ -286,9 +289,10 @@ class ZmtpServer:
 
     # -- listeners -------------------------------------------------------------
 
-    def bind(self, endpoint: str) -> None:
+    def bind(self, endpoint: str, curve: CurveKeys | None = None) -> None:
         """Listen on ``tcp://HOST:PORT`` or ``ipc:///path`` (a stale socket file there is
-        replaced: the publisher has refused a live one); NflogdError names the endpoint."""
+        replaced: the publisher has refused a live one), with the CURVE mechanism if
+        ``curve`` (its keys) else NULL; NflogdError names the endpoint."""
         transport, _, address = endpoint.partition("://")
         try:
             if transport == "ipc":
@@ -300,7 +304,7 @@ class ZmtpServer:
         except OSError as e:
             raise NflogdError(f"publish.bind: {endpoint}: {e.strerror or e}") from None
         sock.setblocking(False)
-        lst = _Listener(endpoint, sock)
+        lst = _Listener(endpoint, sock, curve)
         self._listeners[sock.fileno()] = lst
         self._ep.register(sock.fileno(), select.EPOLLIN)
 
@@ -454,7 +458,11 @@ class ZmtpServer:
         if isinstance(event, Handshake):
             return self._open(peer)
         if isinstance(event, Refused):
-            log.debug("feed: %s: %s: hanging up", peer.label, event.reason)
+            if event.reason.startswith("its key is not"):  # the one refusal an operator acts on
+                key = peer.codec.curve.refused_key if peer.codec.curve is not None else None
+                self._owner.key_refused(peer.label, peer.listener.endpoint, key)
+            else:
+                log.debug("feed: %s: %s: hanging up", peer.label, event.reason)
             if event.error and peer.id < 0:
                 self._send_handshake(peer)  # what the codec had before its end
                 try:
@@ -471,8 +479,11 @@ class ZmtpServer:
         self._send_handshake(peer)
         if peer.fd not in self._peers:
             return False
+        curve = peer.codec.curve
         with self._c:
             peer.id = self._c.add_peer(peer.fd)
+            if peer.id >= 0 and curve is not None:
+                self._c.set_peer_curve(peer.id, curve.session_key, curve.next_nonce)
         if peer.id < 0:
             log.debug("feed: %s: %s: hanging up", peer.label, os.strerror(-peer.id))
             self._hang_up(peer)
@@ -481,8 +492,9 @@ class ZmtpServer:
         if not peer.topics:
             self._became_idle(peer, time.monotonic())
         log.debug(
-            "feed: %s: subscriber connected on %s (ZMTP %d.%d)",
+            "feed: %s: subscriber connected on %s (ZMTP %d.%d%s)",
             peer.label, peer.listener.endpoint, *(peer.codec.version or (0, 0)),
+            "" if curve is None else ", CURVE",
         )  # fmt: skip
         return True
 
@@ -649,7 +661,7 @@ class ZmtpServer:
             self._hang_up(peer)
             self._owner.foreign_topic(peer.label, len(topic), 1)
             return False
-        self._owner.subscription(kind + topic, "")
+        self._owner.subscription(kind + topic, " (CURVE)" if peer.codec.curve is not None else "")
         if peer.topics.subscribe(topic) if kind == b"\x01" else peer.topics.cancel(topic):
             self._dirty.add(peer)
             if not peer.topics:
