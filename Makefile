@@ -131,14 +131,14 @@ clean:
 	rm -rf $(VENV) build *.egg-info client/*.egg-info nflogd/_nflog_cffi*.so
 
 # make fuzz: coverage-guided fuzzing (atheris) of the feed decoder (fuzz/fuzz_wire.py) and of the
-# feed server's ZMTP codec (fuzz/fuzz_zmtp.py), FUZZ_SECONDS each, seeded from fuzz/corpus/wire
+# feed server's ZMTP codec (fuzz/fuzz_zmtp.py) and its CURVE layer (fuzz/fuzz_curve.py), FUZZ_SECONDS each, seeded from fuzz/corpus/wire
 # and fuzz/corpus/zmtp; new inputs and any crash input go to FUZZ_WORK/wire and FUZZ_WORK/zmtp.
 FUZZ_SECONDS ?= 60
 FUZZ_WORK ?= /tmp/nflogd-fuzz
 .PHONY: fuzz
 fuzz: $(VENV)/.installed
 	$(VPY) -c 'import atheris' 2>/dev/null || $(VPY) -m pip install -q --disable-pip-version-check atheris
-	for target in wire zmtp; do \
+	for target in wire zmtp curve; do \
 	    mkdir -p $(FUZZ_WORK)/$$target/corpus && \
 	    $(VPY) fuzz/fuzz_$$target.py $(FUZZ_WORK)/$$target/corpus fuzz/corpus/$$target \
 	        -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -artifact_prefix=$(FUZZ_WORK)/$$target/ || exit 1; \
