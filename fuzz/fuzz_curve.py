@@ -221,7 +221,8 @@ def seeds() -> list[bytes]:
     """Inputs of every mode: valid traffic and breaches of each step."""
     cmd = lambda name, data=b"": bytes([len(name)]) + name + data  # noqa: E731
     inner = (
-        bytes([0, 1]) + b"\x01" + bytes([0, 3]) + b"\x01\x00\x05" + bytes([2, 12]) + cmd(b"SUBSCRIBE", b"\x00\x05")
+        bytes([0, 1]) + b"\x01" + bytes([0, 3]) + b"\x01\x00\x05"
+        + bytes([2, 12]) + cmd(b"SUBSCRIBE", b"\x00\x05")
         + bytes([2, 9]) + cmd(b"CANCEL", b"\x01") + bytes([2, 10]) + cmd(b"PING", b"\x00\x0actx")
         + bytes([1, 1]) + b"a" + bytes([0, 2]) + b"\x01b" + bytes([8, 1]) + b"\x01"
     )  # fmt: skip
