@@ -1,0 +1,357 @@
+"""The feed's CURVE endpoints (nflogd/feed/curve.py on the own server) against libzmq and by hand.
+
+libzmq is the reference: the venv's pyzmq and Debian's python3-zmq (two libzmq versions), as
+SUB and XSUB, each in a process of its own, must read every message of their group. The
+CurveZMQ rules of rfc.zeromq.org/spec/26 for the server are held by a client made by hand
+(``fuzz/fuzz_curve.py``'s ``Client``, libsodium through PyNaCl) over real sockets: keys refused
+with an ERROR, replayed and malformed handshakes hung up on, the handshake a byte at a time,
+the boxed traffic with nonces that only grow, a stalled greeting counted at its timeout.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+from nflogd_client import wire
+from pubutil import serve
+from test_interop import DEBIAN_PYTHON, MESSAGES, PYZMQ_READER, available, batch, free_port
+from zmq.utils import z85
+
+from nflogd.config import CurveConfig, PublishConfig
+from nflogd.feed.codec import CURVE_GREETING_REST, PARTIAL_GREETING
+from nflogd.feed.curve import CurveKeys
+from nflogd.publish import Publisher
+
+pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("fuzz_curve", REPO / "fuzz" / "fuzz_curve.py")
+harness = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(harness)
+Client, frame, greeting = harness.Client, harness.frame, harness.greeting
+
+#: A libzmq reader with CURVE keys from argv[5:8] (server, public, secret; Z85), then
+#: test_interop's reader.
+CURVE_READER = (
+    "import sys, zmq\n"
+    "_keys = [k.encode() for k in sys.argv[5:8]]\n"
+    "_socket = zmq.Context.socket\n"
+    "def socket(self, kind, **kw):\n"
+    "    s = _socket(self, kind, **kw)\n"
+    "    s.curve_serverkey, s.curve_publickey, s.curve_secretkey = _keys\n"
+    "    return s\n"
+    "zmq.Context.socket = socket\n"
+) + PYZMQ_READER
+
+
+@pytest.fixture
+def keys():
+    server = zmq.curve_keypair()
+    alice = zmq.curve_keypair()
+    raw = CurveKeys(z85.decode(server[0]), z85.decode(server[1]), frozenset([z85.decode(alice[0])]))
+    return server, alice, raw
+
+
+@pytest.fixture
+def pub(ctx, keys):
+    server, _, raw = keys
+    curve = CurveConfig("server.key_secret", "clients", server[0], server[1])
+    cfg = PublishConfig(bind=(f"tcp://127.0.0.1:{free_port()}",), curve=curve, handshake_timeout_ms=1000)
+    p = Publisher(ctx, cfg, node="n", curve_keys=raw)
+    yield p
+    p.close(linger=0)
+
+
+def port(pub) -> int:
+    return int(pub.endpoints[0].rpartition(":")[2])
+
+
+_OPEN: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_raw():
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
+class Raw:
+    """A hand-made peer on loopback tcp, served while it waits (closed after the test)."""
+
+    def __init__(self, pub: Publisher):
+        self.pub = pub
+        self.sock = socket.create_connection(("127.0.0.1", port(pub)))
+        _OPEN.append(self.sock)
+        self.sock.setblocking(False)
+        self.buf = b""
+
+    def send(self, data: bytes, step: int = 0) -> None:
+        for at in range(0, len(data), step or len(data)):
+            self.sock.sendall(data[at : at + (step or len(data))])
+            if step:
+                self.pub.handle_incoming()
+
+    def read(self, n: int, timeout: float = 3.0) -> bytes:
+        """``n`` bytes; b"" if the server closed first."""
+
+        def got() -> bool:
+            try:
+                chunk = self.sock.recv(65536)
+            except BlockingIOError:
+                return len(self.buf) >= n
+            if not chunk:
+                raise EOFError
+            self.buf += chunk
+            return len(self.buf) >= n
+
+        try:
+            serve(self.pub, got, f"{n} bytes from the server", timeout)
+        except EOFError:
+            return b""
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def command(self) -> bytes:
+        """One frame's body (commands and MESSAGEs alike)."""
+        head = self.read(2)
+        if not head:
+            return b""
+        flags, size = head
+        if flags & 2:
+            size = int.from_bytes(bytes([size]) + self.read(7), "big")
+        return self.read(size)
+
+    def closed_by_server(self) -> bool:
+        while self.read(1 << 20):
+            pass
+        return True
+
+
+def handshake(pub, client: Client, step: int = 0) -> Raw:
+    raw = Raw(pub)
+    assert raw.read(11) == PARTIAL_GREETING
+    raw.send(greeting() + client.hello(), step)
+    assert raw.read(53) == CURVE_GREETING_REST  # 3.1, CURVE, as-server
+    client.welcome(raw.command())
+    raw.send(client.initiate(), step)
+    assert client.ready(raw.command()) == b"\x0bSocket-Type\x00\x00\x00\x04XPUB"
+    return raw
+
+
+def client_for(keys, pair=None) -> Client:
+    server, alice, _ = keys
+    pair = pair or alice
+    return Client(z85.decode(server[0]), (z85.decode(pair[0]), z85.decode(pair[1])))
+
+
+# -- libzmq, the reference ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["pyzmq", "debian-pyzmq"])
+@pytest.mark.parametrize("kind", ["SUB", "XSUB"])
+def test_every_message_of_its_group_reaches_a_libzmq_curve_reader(pub, keys, impl, kind):
+    if not available(impl):
+        pytest.fail(f"{impl} is not installed: make deps installs it (TEST_DEBS)")
+    server, alice, _ = keys
+    python = sys.executable if impl == "pyzmq" else DEBIAN_PYTHON
+    before = pub.subscription_messages
+    proc = subprocess.Popen(
+        [python, "-c", CURVE_READER, kind, pub.endpoints[0], wire.topic(1).hex(), str(MESSAGES),
+         server[0].decode(), alice[0].decode(), alice[1].decode()],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        serve(
+            pub, lambda: pub.subscription_messages > before or proc.poll() is not None, "its subscription", 20
+        )
+        assert proc.poll() is None, proc.communicate()
+        sent = []
+        for i in range(MESSAGES):
+            data = b"%s %s %d " % (impl.encode(), kind.encode(), i) + bytes(300 if i % 20 == 0 else i % 10)
+            pub.publish(batch(2, b"not for it"))
+            pub.publish(batch(1, data))
+            sent.append(data.hex())
+            pub.handle_incoming()
+        serve(pub, lambda: proc.poll() is not None, "the reader's end", 40)
+        out, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    lines = out.splitlines()
+    assert lines[-1] == "end", (out, err)
+    assert lines[1:-1] == sent, (impl, kind, lines[0], len(lines) - 2, err[-2000:])
+
+
+def test_a_libzmq_reader_whose_key_is_not_admitted_is_told_400(ctx, pub, keys, caplog):
+    """The server answers INITIATE with ERROR "400" (as a ZAP handler's refusal): libzmq
+    reports a failed authentication with that status, the daemon counts and logs the key."""
+    server, _, _ = keys
+    bob = zmq.curve_keypair()
+    s = ctx.socket(zmq.SUB)
+    s.curve_serverkey, s.curve_publickey, s.curve_secretkey = server[0], bob[0], bob[1]
+    mon = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+    s.connect(pub.endpoints[0])
+    with caplog.at_level("WARNING", logger="nflogd.publish"):
+        serve(pub, lambda: mon.poll(0), "the refusal", 10)
+    event = zmq.utils.monitor.recv_monitor_message(mon)
+    assert event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH and event["value"] == 400
+    assert pub.keys_refused >= 1
+    assert f"its CURVE key {bob[0].decode()} is not in publish.curve.authorized_keys_dir" in caplog.text
+    s.disable_monitor()
+    mon.close(linger=0)
+    s.close(linger=0)
+
+
+def test_a_libzmq_reader_with_the_wrong_server_key_gets_nothing(ctx, pub, keys):
+    _, alice, _ = keys
+    s = ctx.socket(zmq.SUB)
+    s.curve_serverkey = zmq.curve_keypair()[0]
+    s.curve_publickey, s.curve_secretkey = alice
+    s.subscribe(b"")
+    s.connect(pub.endpoints[0])
+    serve(pub, lambda: pub.handshake_timeouts >= 1 or pub.subscribers == 0, "the hang-up", 5)
+    pub.publish(batch(1, b"secret"))
+    assert not s.poll(300)
+    assert pub.subscription_messages == 0
+    s.close(linger=0)
+
+
+# -- spec 26, the server's side, by hand ----------------------------------------------------------
+
+
+def test_the_handshake_and_traffic_a_byte_at_a_time(pub, keys):
+    """Every byte of the client's handshake sent alone; the boxed subscription, PING and the
+    feed's boxed messages with nonces that grow by one from READY's."""
+    client = client_for(keys)
+    raw = handshake(pub, client, step=1)
+    raw.send(client.message(b"\x01" + wire.topic(5)) + client.message(b"\x04PING\x00\x0actx-1", flags=2), 1)
+    serve(pub, lambda: pub.subscription_messages == 1, "the subscription")
+    body = raw.command()
+    assert body[8:16] == (2).to_bytes(8, "big")  # READY had 1
+    assert client.open(body) == (2, b"\x04PONGctx-1")
+    pub.publish(batch(4, b"not this"))
+    pub.publish(batch(5, b"this"))
+    frames, nonces = [], []
+    while True:
+        body = raw.command()
+        nonces.append(int.from_bytes(body[8:16], "big"))
+        flags, data = client.open(body)
+        frames.append(data)
+        if not flags & 1:
+            break
+    assert nonces == [3, 4, 5, 6]
+    assert wire.decode(frames).packets[0].data == b"this"
+
+
+def test_a_replayed_hello_and_initiate_get_no_ready(pub, keys):
+    """A HELLO and INITIATE recorded from one connection, sent again on another: the server
+    answers the HELLO (it cannot tell) with a new cookie key, and the old INITIATE's cookie
+    does not open: hung up on, nothing sent after WELCOME."""
+    client = client_for(keys)
+    hello = client.hello()
+    first = Raw(pub)
+    first.read(11)
+    first.send(greeting() + hello)
+    first.read(53)
+    client.welcome(first.command())
+    initiate = client.initiate()
+    first.send(initiate)
+    assert client.ready(first.command())
+    again = Raw(pub)
+    again.read(11)
+    again.send(greeting() + hello)
+    again.read(53)
+    assert again.command()[:8] == b"\x07WELCOME"
+    again.send(initiate)
+    assert again.command() == b"" and again.closed_by_server()
+    # the same INITIATE twice on one connection: the second is a breach
+    third_client = client_for(keys)
+    third = handshake(pub, third_client)
+    third.send(initiate)
+    assert third.command() == b"" and third.closed_by_server()
+    assert pub.subscribers == 1  # the first only
+
+
+@pytest.mark.parametrize(
+    "what",
+    ["version", "padding", "other server", "short hello", "hello twice", "message first", "null", "as-server",
+     "vouch for another server", "no socket type", "pub", "old nonce", "forged box"],
+)  # fmt: skip
+def test_a_broken_handshake_or_message_is_hung_up_on(pub, keys, what):
+    """Each breach of spec 26 (or of ZMTP 3.0's CURVE) ends the connection, and nothing of
+    the feed reaches that peer."""
+    client = client_for(keys)
+    raw = Raw(pub)
+    raw.read(11)
+    if what in ("null", "as-server"):
+        raw.send(greeting(mechanism=b"NULL") if what == "null" else greeting(as_server=1))
+        assert raw.closed_by_server()
+        return
+    hellos = {
+        "version": lambda: client.hello(version=b"\x01\x01"),
+        "padding": lambda: client.hello(padding=b"\x00" * 71 + b"\x01"),
+        "other server": lambda: Client(zmq_key(zmq.curve_keypair()[0])).hello(),
+        "short hello": lambda: frame(b"\x05HELLO\x01\x00" + bytes(100), 4),
+        "message first": lambda: frame(b"\x07MESSAGE" + bytes(40)),
+    }
+    if what in hellos:
+        raw.send(greeting() + hellos[what]())
+        assert raw.closed_by_server()
+        return
+    raw.send(greeting() + client.hello())
+    raw.read(53)
+    client.welcome(raw.command())
+    if what == "hello twice":
+        raw.send(client.hello())
+        assert raw.command() == b"" and raw.closed_by_server()
+        return
+    initiates = {
+        "vouch for another server": lambda: client.initiate(vouch_for=bytes(32)),
+        "no socket type": lambda: client.initiate(metadata=b""),
+        "pub": lambda: client.initiate(metadata=harness.prop(b"Socket-Type", b"PUB")),
+    }
+    if what in initiates:
+        raw.send(initiates[what]())
+        assert raw.command() == b"" and raw.closed_by_server()
+        return
+    raw.send(client.initiate())
+    assert client.ready(raw.command())
+    serve(pub, lambda: pub.subscribers == 1, "the peer")
+    if what == "old nonce":
+        raw.send(client.message(b"\x01", nonce=client.nonce - 1))
+    else:
+        forged = bytearray(client.message(b"\x01"))
+        forged[-1] ^= 1
+        raw.send(bytes(forged))
+    assert raw.closed_by_server()
+    assert pub.subscription_messages == 0
+
+
+def zmq_key(z85_key: bytes) -> bytes:
+    return z85.decode(z85_key)
+
+
+def test_a_stalled_curve_greeting_counts_as_a_handshake_timeout(pub, keys, caplog):
+    """A peer that stops after its HELLO is hung up on at publish.handshake_timeout_ms and
+    counted, as on a NULL endpoint."""
+    client = client_for(keys)
+    raw = Raw(pub)
+    raw.read(11)
+    raw.send(greeting() + client.hello())
+    raw.read(53)
+    assert raw.command()[:8] == b"\x07WELCOME"
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="nflogd.publish"):
+        assert raw.closed_by_server()
+    assert 0.5 < time.monotonic() - start < 3
+    assert pub.handshake_timeouts == 1
+    assert "did not finish the handshake within 1 s" in caplog.text
