@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import zmq
-from nflogd_client import wire
+import zmq.auth
+from nflogd_client import Subscriber, wire
 from pubutil import serve
 from test_interop import DEBIAN_PYTHON, MESSAGES, PYZMQ_READER, available, batch, free_port
 from zmq.utils import z85
@@ -355,3 +356,47 @@ def test_a_stalled_curve_greeting_counts_as_a_handshake_timeout(pub, keys, caplo
     assert 0.5 < time.monotonic() - start < 3
     assert pub.handshake_timeouts == 1
     assert "did not finish the handshake within 1 s" in caplog.text
+
+
+# -- limits, the same as on NULL endpoints ------------------------------------------------------
+
+
+def test_a_reader_over_the_connection_limit_is_told_so(ctx, keys, tmp_path):
+    """publish.max_connections reached: the next reader, CURVE or not, gets our greeting and an
+    ERROR "300" (ZAP's temporary error) before the close, and nflogd_client names the limit,
+    not a key."""
+    server, _, raw = keys
+    curve = CurveConfig("server.key_secret", "clients", server[0], server[1])
+    tcp = f"tcp://127.0.0.1:{free_port()}"
+    ipc = f"ipc://{tmp_path}/f.sock"
+    cfg = PublishConfig(bind=(tcp, ipc), curve=curve, max_connections=1)
+    pub = Publisher(ctx, cfg, node="n", curve_keys=raw)
+    try:
+        first = handshake(pub, client_for(keys))
+        held = [first]
+        ipc_first = ctx.socket(zmq.SUB)
+        ipc_first.connect(ipc)
+        serve(pub, lambda: pub.subscribers == 2, "the first readers")
+        _, keyfile = zmq.auth.create_certificates(str(tmp_path), "carol")
+        carol = zmq.auth.load_certificate(keyfile)[0]
+        raw.authorized = raw.authorized | {z85.decode(carol)}  # admitted: only the limit refuses her
+
+        readers = [
+            Subscriber(tcp, server_public_key=server[0], client_secret_key_file=keyfile, context=ctx),
+            Subscriber(ipc, context=ctx),
+        ]
+        for reader, endpoint in zip(readers, (tcp, ipc)):
+
+            def refused(reader=reader, endpoint=endpoint) -> bool:
+                reader.recv(timeout=0)
+                return reader.endpoints[endpoint].state == "refused"
+
+            serve(pub, refused, f"the refusal on {endpoint}", 10)
+            assert "refused for now" in reader.endpoints[endpoint].error
+            assert "publish.max_connections" in reader.endpoints[endpoint].error
+            reader.close()
+        assert pub.refused[tcp] >= 1 and pub.refused[ipc] >= 1
+        assert pub.subscribers == 2 and held
+        ipc_first.close(linger=0)
+    finally:
+        pub.close(linger=0)

@@ -47,7 +47,20 @@ from nflogd_client import wire
 from ..addresses import split_host_port
 from ..episodes import Episodes
 from ..errors import NflogdError
-from .codec import Cancel, Codec, Handshake, Ping, Refused, Subscribe, pong
+from .codec import (
+    CURVE_GREETING_REST,
+    GREETING_REST,
+    MAX_READY,
+    PARTIAL_GREETING,
+    Cancel,
+    Codec,
+    Handshake,
+    Ping,
+    Refused,
+    Subscribe,
+    error,
+    pong,
+)  # fmt: skip
 from .curve import CurveHandshake, CurveKeys
 
 if TYPE_CHECKING:
@@ -62,6 +75,11 @@ log = logging.getLogger("nflogd.publish")
 READ_BYTES = 4096
 #: The least share of a turn a peer with something to say gets (frames), however many do.
 MIN_SHARE = 8
+#: What a peer turned away by a connection limit is told: ZAP's "temporary error"; how many
+#: are being told at once (more are closed at once), and for how long at most (s).
+TRY_LATER = "300"
+TURNED_AWAY_MAX = 64
+TURN_AWAY_S = 1.0
 #: Connections accepted per listener per turn, and the listen backlog.
 ACCEPTS_PER_TURN = 64
 BACKLOG = 100
@@ -97,6 +115,47 @@ def group_members(gids) -> frozenset[int]:
             except KeyError:
                 continue
     return frozenset(uids)
+
+
+class _TurnedAway:
+    """A connection over a limit, kept only to tell the peer why: our greeting goes at once;
+    once the peer's greeting and first command (READY, or CURVE's HELLO) are read, an ERROR
+    "300" (ZAP's temporary error, rfc.zeromq.org/spec/27), which libzmq reports to the reader
+    as a refusal with that status, and the close. libzmq takes an ERROR only in place of the
+    reply to that command; read whole, nothing is left unread to reset the connection."""
+
+    __slots__ = ("sock", "buf", "deadline")
+
+    def __init__(self, sock: socket.socket, lst: _Listener, deadline: float):
+        self.sock = sock
+        self.buf = b""
+        self.deadline = deadline
+        rest = GREETING_REST if lst.curve is None else CURVE_GREETING_REST
+        sock.setblocking(False)
+        sock.send(PARTIAL_GREETING + rest)
+
+    def read(self) -> bool:
+        """Read what came; True when done with it (told, or gone)."""
+        try:
+            data = self.sock.recv(READ_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        if not data:
+            return True
+        self.buf += data
+        buf = self.buf
+        if len(buf) < 66:
+            return len(buf) > READ_BYTES
+        size, head = (int.from_bytes(buf[65:73], "big"), 73) if buf[64] & 2 else (buf[65], 66)
+        if len(buf) < head + size:
+            return size > MAX_READY
+        try:
+            self.sock.send(error(TRY_LATER))
+        except OSError:
+            pass
+        return True
 
 
 def _waiting(entry: tuple[float, weakref.ref[Peer]]) -> Peer | None:
@@ -246,6 +305,7 @@ class ZmtpServer:
         with cfeed:
             cfeed.set_peer_poll(self._ep.fileno(), self._slow_fd)
         self._listeners: dict[int, _Listener] = {}  # listening fd ->
+        self._turned_away: dict[int, _TurnedAway] = {}  # fd -> a connection over a limit
         self._peers: dict[int, Peer] = {}  # peer fd ->
         self._backlog: set[Peer] = set()  # peers with their share used up at a turn's end
         #: Peers in their handshake, in the order of their deadlines (one timeout for all).
@@ -374,6 +434,10 @@ class ZmtpServer:
             lst = self._listeners.get(fd)
             if lst is not None:
                 self._accept(lst, now)
+                continue
+            if fd in self._turned_away:
+                if self._turned_away[fd].read() or events & _GONE:
+                    self._done_turning_away(fd)
                 continue
             peer = self._peers.get(fd)
             if peer is None:
@@ -518,6 +582,7 @@ class ZmtpServer:
         due = [lst.paused_until for lst in self._listeners.values() if lst.paused_until is not None]
         if waiting:
             due.append(waiting[0][0])
+        due.extend(away.deadline for away in self._turned_away.values())
         if self._idle and self.idle_timeout_s is not None:
             due.append(next(iter(self._idle.values())) + self.idle_timeout_s)
         return min(due) if due else None
@@ -535,6 +600,8 @@ class ZmtpServer:
             )  # fmt: skip
             self._hang_up(peer)
         self._expire_idle(now)
+        for fd in [fd for fd, away in self._turned_away.items() if away.deadline <= now]:
+            self._done_turning_away(fd)
         for fd, lst in self._listeners.items():
             if lst.paused_until is not None and lst.paused_until <= now:
                 lst.paused_until = None
@@ -579,7 +646,7 @@ class ZmtpServer:
             if budget is None:
                 budget = self._owner.budget()
             if lst.peers >= budget:
-                sock.close()
+                self._turn_away(sock, lst, now)
                 self._owner.peer_refused(lst.endpoint, lst.peers)
                 continue
             admitted = self._admit(sock, address)
@@ -589,7 +656,7 @@ class ZmtpServer:
             label, source = admitted
             from_source = self._sources.get(source, 0)
             if from_source >= min(self.per_source, budget):
-                sock.close()
+                self._turn_away(sock, lst, now)
                 self._source_refused(lst, source, from_source)
                 continue
             deadline = now + self.handshake_timeout_s
@@ -600,6 +667,28 @@ class ZmtpServer:
             self._handshakes.append((deadline, weakref.ref(peer)))
             self._ep.register(peer.fd, _IN)
             self._send_handshake(peer)  # the greeting's first 11 bytes
+
+    def _turn_away(self, sock: socket.socket, lst: _Listener, now: float) -> None:
+        """Close a connection over a limit, telling the peer why if TURNED_AWAY_MAX others are
+        not being told already (then at once)."""
+        if len(self._turned_away) >= TURNED_AWAY_MAX:
+            sock.close()
+            return
+        try:
+            away = _TurnedAway(sock, lst, now + min(TURN_AWAY_S, self.handshake_timeout_s))
+            self._ep.register(sock.fileno(), _IN)
+        except OSError:
+            sock.close()
+            return
+        self._turned_away[sock.fileno()] = away
+
+    def _done_turning_away(self, fd: int) -> None:
+        away = self._turned_away.pop(fd)
+        try:
+            self._ep.unregister(fd)
+        except OSError:
+            pass
+        away.sock.close()
 
     def _source_refused(self, lst: _Listener, source: tuple[str, object], connected: int) -> None:
         n = self.source_refused[lst.endpoint] = self.source_refused.get(lst.endpoint, 0) + 1
@@ -717,6 +806,8 @@ class ZmtpServer:
                     self._hang_up(peer)  # gone, or talking: no more time for it
         for peer in list(self._peers.values()):
             self._hang_up(peer)
+        for fd in list(self._turned_away):
+            self._done_turning_away(fd)
         for lst in self._listeners.values():
             lst.sock.close()
         self._listeners.clear()
