@@ -631,6 +631,27 @@ class Publisher:
             self._sent += 1
         return True
 
+    def forward(self, frames: list) -> None:
+        """A message received whole from an upstream feed (the relay), its frames as they came,
+        to every peer subscribed to its group. A message that is not four frames with a
+        group's topic first cannot be matched: counted in ``unsent``, dropped."""
+        if len(frames) != 4 or len(frames[0]) != wire.TOPIC.size:
+            self._unsent += 1
+            return
+        (group,) = wire.TOPIC.unpack(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
+        with self.lock:
+            self._c.send_to_peers(group, [f.buffer if hasattr(f, "buffer") else f for f in frames])
+            self._sent += 1
+
+    def peer_gone(self, topics: dict[bytes, int]) -> None:
+        """A peer that held ``topics`` (topic -> its subscriptions) hung up: each of them
+        undone for handle_incoming()'s ``on_subscription``, as an XPUB reports a hang-up."""
+        if self._on_subscription is None:
+            return
+        for topic, n in topics.items():
+            for _ in range(n):
+                self._on_subscription(b"\x00" + topic)
+
     def next_check_ms(self) -> int | None:
         """How long the control loop may wait for events before its next ``handle_incoming()``.
 

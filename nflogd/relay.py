@@ -37,7 +37,6 @@ refused as a whole, and an invalid config is logged with the running one kept.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -55,7 +54,7 @@ from . import config, service
 from .access import CurveAccess
 from .errors import NflogdError
 from .metrics import MetricsServer, limit_families, version
-from .publish import NOBLOCK, SNDMORE_NOBLOCK, Publisher, check_restart_only
+from .publish import NOBLOCK, Publisher, check_restart_only
 from .sdnotify import Notifier
 from .service import Program
 
@@ -111,9 +110,8 @@ class Upstream:
                 watch = EndpointWatch(
                     sock, [self.endpoint], curve=bool(settings.curve), logger=log, label="upstream"
                 )
-                for topic, n in (topics or {}).items():
-                    for _ in range(n):
-                        sock.send(b"\x01" + topic)
+                for topic in topics or {}:  # once each: the daemon hears of a topic, not of readers
+                    sock.send(b"\x01" + topic)
                 sock.connect(self.endpoint)
             except zmq.ZMQError as e:
                 raise NflogdError(f"upstreams: {self.endpoint}: {zmq.strerror(e.errno or 0)}") from None
@@ -153,12 +151,13 @@ class Upstream:
         """When ``reconnect()`` has something to do (monotonic seconds), or None."""
         return self._watch.due_at()
 
-    def forward(self, outs: list[zmq.Socket], offer: Callable[[list], None] | None = None) -> None:
-        """Pass up to BURST queued messages to every socket of ``outs``, frames as received,
-        and each message's frames to ``offer`` (the stream publisher, which never blocks).
+    def forward(self, out: Callable[[list], None], offer: Callable[[list], None] | None = None) -> None:
+        """Pass up to BURST queued messages to ``out`` (the feed's ``Publisher.forward``), frames
+        as received, and each message's frames to ``offer`` (the stream publisher, which never
+        blocks).
 
-        Frame by frame with ``Frame.more``: a third of the CPU time of recv_multipart() and
-        send_multipart() per message (bench/relay.py), the same frames and flags.
+        Frame by frame with ``Frame.more``: a third of the CPU time of recv_multipart() per
+        message (bench/relay.py), the same frames.
         """
         recv = self.socket.recv
         for _ in range(BURST):
@@ -174,14 +173,7 @@ class Upstream:
                 size += len(frame)
             if offer is not None:
                 offer(frames.copy())
-            last = frames.pop()
-            for out in outs:
-                try:
-                    for f in frames:
-                        out.send(f, SNDMORE_NOBLOCK, copy=False)
-                    out.send(last, NOBLOCK, copy=False)
-                except zmq.Again:  # pragma: no cover - XPUB drops per subscriber, never refuses
-                    pass
+            out(frames)
             self.messages += 1
             self.bytes += size
 
@@ -295,8 +287,7 @@ class Relay(Program):
         service.probe_threads()  # a one-line error now rather than a libzmq abort later
         self.ctx = zmq.Context()
         if cfg.publish.curve is not None:
-            self.access = CurveAccess(self.ctx, cfg.publish.curve)  # before the CURVE socket binds
-        # Bound only once the sockets are not verbose: see _make_publisher.
+            self.access = CurveAccess(self.ctx, cfg.publish.curve, zap=False)
         self.publisher = self._make_publisher(cfg.publish)
         self.registry = CollectorRegistry()
         RelayCollector(self, registry=self.registry)
@@ -305,37 +296,27 @@ class Relay(Program):
         if cfg.jetstream is not None:
             self.stream = _open_stream(cfg.jetstream, self.registry)
             self.topics[b""] += 1  # the stream takes every group of every upstream
-        for sock in self.publisher.sockets:
-            self.watch(sock, self._handle_subscriptions)
-        for mon in self.publisher.monitors:
-            self.watch(mon, self.publisher.handle_monitor)
+        for fd in self.publisher.fds:  # readable: a reader has something to say
+            self.watch(fd, lambda: None)
+        self._feed_check = self.timer(self._handle_subscriptions, each_turn=True)
         self.upstreams = {u.endpoint: self._open_upstream(u) for u in cfg.upstreams}
         log.info("%s", self.status())
         self.notifier.ready(self.status())
 
     def _make_publisher(self, publish) -> Publisher:
-        """The daemon's Publisher, its sockets not verbose, then bound.
+        """The daemon's Publisher, the feed's own server for every endpoint, CURVE ones too.
 
-        Not verbose: an XPUB then reports a topic's first subscription and its last
-        unsubscription, which the XSUB side counts and passes upstream in balance. A verbose
-        XPUB reports every subscription but still only the last unsubscription, so the
-        daemons would never hear that nobody wants a group any more.
+        It reports every (un)subscription, and a reader's hang-up as the unsubscriptions of
+        what it held; ``_subscription`` counts them and passes upstream a topic's first
+        subscription and its last unsubscription, as an XPUB that is not verbose did.
         """
-        # XPUB sockets for the NULL endpoints too (direct=False): upstreams forward onto them,
-        # and their aggregation of subscriptions is what goes upstream.
-        pub = Publisher(self._context(), dataclasses.replace(publish, bind=()), direct=False)
-        try:
-            pub.set_verbose(False)
-            pub.rebind(publish.bind)
-        except BaseException:
-            pub.close(linger=0)
-            raise
-        return pub
+        keys = self.access.keys if self.access is not None else None
+        return Publisher(self._context(), publish, curve_keys=keys)
 
     def _open_upstream(self, settings) -> Upstream:
         up = Upstream(self._context(), settings, self.topics)
         offer = self.stream.offer if self.stream is not None else None
-        self.watch(up.socket, lambda: up.forward(self._feed().sockets, offer))
+        self.watch(up.socket, lambda: up.forward(self._feed().forward, offer))
         monitor = up.monitor
         if monitor is not None:  # an Upstream has its monitor until close()
             self.watch(monitor, lambda: self._handle_monitor(up))
@@ -379,19 +360,29 @@ class Relay(Program):
         self._schedule_retry()
 
     def _handle_subscriptions(self) -> None:
-        """Pass downstream (un)subscriptions to every upstream (``Publisher.handle_incoming``
-        reads a bounded number per turn and drops peers sending topics no group can match)."""
-        self._feed().handle_incoming(self._subscription)
+        """Serve the readers (after every poll) and pass their (un)subscriptions on
+        (``Publisher.handle_incoming`` reads a bounded number per turn and drops peers sending
+        topics no group can match); then set when to look again (handshake deadlines)."""
+        feed = self._feed()
+        if feed.handle_incoming(self._subscription):
+            self._feed_check.hurry()
+            return
+        ms = feed.next_check_ms()
+        self._feed_check.due = None if ms is None else time.monotonic() + ms / 1000
 
     def _subscription(self, msg: bytes) -> None:
-        """One downstream (un)subscription: ``topics`` kept up to date, passed to every upstream."""
+        """One downstream (un)subscription: ``topics`` kept up to date; a topic's first
+        subscription and its last unsubscription passed to every upstream."""
         kind, topic = msg[:1], msg[1:]
         if kind == b"\x01":
             self.topics[topic] += 1
+            if self.topics[topic] > 1:
+                return
         elif self.topics[topic] > 0:
             self.topics[topic] -= 1
-            if not self.topics[topic]:
-                del self.topics[topic]
+            if self.topics[topic]:
+                return
+            del self.topics[topic]
         else:
             return  # an unsubscription of nothing
         for up in self.upstreams.values():

@@ -301,6 +301,12 @@ def test_subscriptions_reach_the_daemon_and_other_groups_stay_there(lab, tmp_pat
         assert m[("nflogd_relay_subscribed_topics", ())] == 1
         assert ("nflogd_relay_build_info", (("version", "0.1.0"),)) in m
 
+        # a second reader of the group: the daemon hears of neither its subscription nor its hang-up
+        sub2 = Subscriber(relay.endpoint, groups=[5], context=ctx)
+        wait_until(lambda: relay.stderr.count("DEBUG: subscribe '0005'") == 2, "the second reader")
+        sub2.close()
+        wait_until(lambda: relay.metric("nflogd_relay_subscribers") == 1, "the second reader gone")
+        assert d.stderr.count("DEBUG: subscribe '0005'") == 1 and "unsubscribe '0005'" not in d.stderr
         sub.close()  # the last subscriber gone: the daemon hears the unsubscription
         wait_until(lambda: "DEBUG: unsubscribe '0005'" in d.stderr, "the unsubscription")
         wait_until(lambda: relay.metric("nflogd_relay_subscribed_topics") == 0, "no topics")

@@ -172,6 +172,7 @@ class Owner(Protocol):
     def subscription(self, msg: bytes, via: str) -> None: ...
     def foreign_topic(self, peer: str, length: int, hung: int) -> None: ...
     def key_refused(self, peer: str, endpoint: str, key: bytes | None) -> None: ...
+    def peer_gone(self, topics: dict[bytes, int]) -> None: ...
 
 
 class _Listener:
@@ -783,6 +784,8 @@ class ZmtpServer:
             with self._c:
                 self._c.remove_peer(peer.id)
             peer.id = -1
+        if peer.topics:
+            self._owner.peer_gone(peer.topics.counts)
         try:
             self._ep.unregister(peer.fd)
         except OSError:
