@@ -19,6 +19,7 @@ def main() -> None:
     ap.add_argument("--group", type=int, required=True)
     ap.add_argument("--qthresh", type=int, default=1024)
     ap.add_argument("--rcvbuf", type=int, default=8 << 20)
+    ap.add_argument("--conntrack", action="store_true", help="attach each packet's connection")
     a = ap.parse_args()
     stop = False
 
@@ -27,7 +28,8 @@ def main() -> None:
         stop = True
 
     signal.signal(signal.SIGTERM, on_term)
-    reader = GroupReader(GroupConfig(group=a.group, queue_threshold=a.qthresh, rcvbuf=a.rcvbuf))
+    settings = GroupConfig(group=a.group, queue_threshold=a.qthresh, rcvbuf=a.rcvbuf, conntrack=a.conntrack)
+    reader = GroupReader(settings)
     print("ready", flush=True)
     while not stop:
         reader.pump(None, 0.1)

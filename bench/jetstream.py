@@ -1,6 +1,6 @@
 """relay -> JetStream -> reader, beside the ZeroMQ relay: rates and CPU per message and per packet.
 
-    .venv/bin/python bench/jetstream.py [--messages 20000] [--packets 1,16,256] [--seconds 3]
+    .venv/bin/python bench/jetstream.py [--messages 20000] [--packets 1,16,256] [--seconds 3] [--rate N]
 
 Per packets-per-message (100-byte packets): first ``bench/relay.py``'s nflogd-relay row (the
 ZeroMQ relay alone, for comparison). Then a real nats-server (the venv's, JetStream on, file
@@ -11,6 +11,9 @@ gives the rate into the stream, /proc the relay's and the server's CPU per messa
 ``JetStreamSubscriber(start="all")`` in this process reads them all back: its rate and CPU
 (``time.process_time``, its nats thread included). All processes share the machine's cores:
 compare the columns of one run, not runs on different machines. Nothing here is a test.
+``--rate N``: the publisher sends N messages/s, as a fleet's feed comes, instead of as fast as
+the relay takes them (where batching hides the cost of each wake-up), and the ZeroMQ row is
+the relay without a stream fed at the same rate.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def publisher(endpoint: str, packets: int, messages: int) -> None:
+def publisher(endpoint: str, packets: int, messages: int, rate: float = 0.0) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.XPUB)
     sock.setsockopt(zmq.XPUB_NODROP, 1)
@@ -58,7 +61,10 @@ def publisher(endpoint: str, packets: int, messages: int) -> None:
         Packet.build(1, bytes(100), 1_700_000_000_000_000_000 + i) for i in range(packets)
     )
     time.sleep(0.3)
+    t0 = time.monotonic()
     for i in range(messages):
+        if rate:  # a steady rate, as a fleet's feed comes, rather than as fast as the relay takes it
+            time.sleep(max(0.0, t0 + i / rate - time.monotonic()))
         while True:
             try:
                 sock.send_multipart(
@@ -91,7 +97,38 @@ def stored(url: str) -> int:
         return 0
 
 
-def run_stream(packets: int, messages: int, tmp: str) -> dict:
+def run_zmq_at(packets: int, messages: int, tmp: str, rate: float) -> dict:
+    """The ZeroMQ relay alone fed at ``rate`` messages/s (the same publisher), one SUB reading:
+    its CPU per message at that rate, for the stream row beside it."""
+    up, down = f"ipc://{tmp}/z-up-{packets}.sock", f"ipc://{tmp}/z-down-{packets}.sock"
+    cfg = Path(tmp) / f"relay-z-{packets}.yaml"
+    cfg.write_text(f"upstreams: ['{up}']\npublish: {{bind: '{down}'}}\nmetrics: {{listen: null}}\n")
+    relay = subprocess.Popen([str(RELAY), "-c", str(cfg), "--log-level", "warning"])
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    try:
+        sub.setsockopt(zmq.RCVHWM, 0)
+        sub.connect(down)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        time.sleep(1.0)
+        pub = mp.Process(target=publisher, args=(up, packets, messages, rate), daemon=True)
+        cpu0 = cpu_seconds(relay.pid)
+        pub.start()
+        n = 0
+        while n < messages and sub.poll(5000):
+            sub.recv_multipart()
+            n += 1
+        cpu = cpu_seconds(relay.pid) - cpu0
+        pub.kill()
+        return {"msgs": n, "cpu us/msg": round(cpu / max(n, 1) * 1e6, 1)}
+    finally:
+        sub.close(linger=0)
+        ctx.term()
+        relay.send_signal(signal.SIGTERM)
+        relay.wait(10)
+
+
+def run_stream(packets: int, messages: int, tmp: str, rate: float = 0.0) -> dict:
     port = free_port()
     store = Path(tmp) / f"store-{packets}"
     conf = Path(tmp) / f"nats-{packets}.conf"
@@ -118,7 +155,7 @@ def run_stream(packets: int, messages: int, tmp: str) -> dict:
                 time.sleep(0.05)
         relay = subprocess.Popen([str(RELAY), "-c", str(cfg), "--log-level", "warning"])
         time.sleep(1.0)
-        pub = mp.Process(target=publisher, args=(up, packets, messages), daemon=True)
+        pub = mp.Process(target=publisher, args=(up, packets, messages, rate), daemon=True)
         relay_cpu0, srv_cpu0 = cpu_seconds(relay.pid), cpu_seconds(srv.pid)
         t0 = time.perf_counter()
         pub.start()
@@ -171,6 +208,9 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=20000)
     ap.add_argument("--packets", default="1,16,256", help="packets per message, comma-separated")
     ap.add_argument("--seconds", type=float, default=3.0, help="for the ZeroMQ relay's row")
+    ap.add_argument(
+        "--rate", type=float, default=0.0, help="messages/s into the relay (default 0: as fast as it can)"
+    )
     a = ap.parse_args()
     if not NATS.exists():
         sys.exit(f"{NATS}: missing; make deps puts nats-server there")
@@ -178,10 +218,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         os.chmod(tmp, 0o755)
         for packets in (int(x) for x in a.packets.split(",")):
-            zmq_row = zrelay.run("nflogd-relay", packets, a.seconds, tmp)
-            print(zmq_row, flush=True)
             size = 40 + 7 + packets * (72 + 100)
-            js_row = run_stream(packets, min(a.messages, MAX_BYTES // size), tmp)
+            messages = min(a.messages, MAX_BYTES // size)
+            if a.rate:  # the ZeroMQ relay at the same rate
+                zmq_row = {"msgs/s": a.rate, **run_zmq_at(packets, messages, tmp, a.rate)}
+            else:
+                zmq_row = zrelay.run("nflogd-relay", packets, a.seconds, tmp)
+            print(zmq_row, flush=True)
+            js_row = run_stream(packets, messages, tmp, a.rate)
             js_row["relay cpu ratio (JetStream / ZeroMQ)"] = round(
                 js_row["relay cpu us/msg"] / max(zmq_row["cpu us/msg"], 0.1), 2
             )

@@ -8,7 +8,8 @@ pass/fail. The ``groups`` part gives each of 1, 2 and 4 groups its own sender at
 speed, with one tcpdump per group beside one daemon serving them all.
 
     .venv/bin/python bench/run.py               # everything (make bench)
-    .venv/bin/python bench/run.py capture       # one part: capture, daemon, groups, latency, idle, client
+    .venv/bin/python bench/run.py capture       # one part: capture, daemon, groups, latency, idle,
+                                                # client, conntrack, ifchurn
     .venv/bin/python bench/run.py soak --seconds 3600 --interval 60   # not part of "all"
 
 The soak runs the daemon with four groups, one of them at ``--rate`` (below capacity) and
@@ -105,7 +106,7 @@ class Ulogd:
     """ulogd2 reading an nflog group: NFLOG -> BASE -> PCAP into a file on /dev/shm, batched
     as our group is (queue threshold, 10 ms flush, 8 MiB buffer); packets counted from the file."""
 
-    def __init__(self, ns: NetNS, group: int, tmp: str, qthresh: int = 1024):
+    def __init__(self, ns: NetNS, group: int, tmp: str, qthresh: int = 1024, conntrack: bool = False):
         shm = tempfile.mkdtemp(prefix="nflbench-ulogd-", dir="/dev/shm")
         self.pcap, self.log = os.path.join(shm, "ulogd.pcap"), os.path.join(tmp, "ulogd.log")
         conf = os.path.join(tmp, "ulogd.conf")
@@ -119,7 +120,8 @@ class Ulogd:
                 "stack=log1:NFLOG,base1:BASE,pcap1:PCAP\n\n"
                 f"[log1]\ngroup={group}\nnetlink_socket_buffer_size=8388608\n"
                 f"netlink_socket_buffer_maxsize=8388608\nnetlink_qthreshold={qthresh}\n"
-                f'netlink_qtimeout=1\n\n[pcap1]\nfile="{self.pcap}"\nsync=0\n'
+                f"netlink_qtimeout=1\n{'attach_conntrack=1' if conntrack else ''}\n\n"
+                f'[pcap1]\nfile="{self.pcap}"\nsync=0\n'
             )
         self.proc = ns.popen("ulogd", "-c", conf, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         end = time.monotonic() + 10
@@ -147,10 +149,10 @@ def have_ulogd() -> bool:
 class CaptureReader:
     """bench/capture_reader.py: our capture reader alone."""
 
-    def __init__(self, ns: NetNS, group: int, qthresh: int):
+    def __init__(self, ns: NetNS, group: int, qthresh: int, conntrack: bool = False):
         self.proc = ns.popen(
             PY, os.path.join(HERE, "capture_reader.py"), "--group", str(group), "--qthresh", str(qthresh),
-            stdout=subprocess.PIPE, text=True,
+            *(["--conntrack"] if conntrack else []), stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         wait_line(self.proc, self.proc.stdout, "^ready")
         self.cpu0 = cpu_seconds(self.proc.pid)
@@ -541,6 +543,107 @@ def bench_soak(args) -> list[dict]:
     return rows + [verdict]
 
 
+PLAIN = 4  # the conntrack part: the same packets to a group without conntrack
+
+
+def conntrack_for_nflog(ns: NetNS) -> bool:
+    """Whether this kernel attaches connections to NFLOG (CONFIG_NETFILTER_NETLINK_GLUE_CT)."""
+    res = ns.run(
+        PY, "-c", "from nflogd.capture import GroupReader; from nflogd.config import GroupConfig; "
+        "GroupReader(GroupConfig(group=65000, conntrack=True)).close()", check=False,
+    )  # fmt: skip
+    return res.returncode == 0
+
+
+def bench_conntrack(args) -> list[dict]:
+    """The capture reader's CPU per packet with conntrack: true beside the same packets in a
+    group without it, and beside ulogd2's NFLOG with attach_conntrack, in one run."""
+    rows = []
+    for name, rate, count in (("fixed", args.rate, args.rate * 5), ("top", 0, args.count)):
+        ns = BenchNS()
+        tmp = tempfile.mkdtemp(prefix="nflbench-")
+        try:
+            if not conntrack_for_nflog(ns):
+                r = {"case": "conntrack", "result": "not measured: this kernel attaches no conntrack to "
+                     f"NFLOG (CONFIG_NETFILTER_NETLINK_GLUE_CT off, {os.uname().release})"}  # fmt: skip
+                print_row(r)
+                return [r]
+            ulogd = have_ulogd()
+            also = f" log group {ULOGD}" if ulogd else ""
+            ns.nft(
+                "table inet bench {\n  chain c {\n    type filter hook output priority 0;\n"
+                f"    udp dport 9999 log group {OURS} log group {PLAIN}{also}\n  }}\n}}\n"
+            )
+            with_ct = CaptureReader(ns, OURS, 1024, conntrack=True)
+            plain = CaptureReader(ns, PLAIN, 1024)
+            u = Ulogd(ns, ULOGD, tmp, conntrack=True) if ulogd else None
+            sent = settle(ns, flood(ns, int(count), rate))
+            uu = u.stop() if u else None
+            r = row(f"conntrack {name}", sent["sent"], sent["seconds"], with_ct.stop(), plain.stop(), uu)
+            # here "tcpdump_*" is the plain group: rename for the reader
+            r = {
+                k.replace("tcpdump_", "plain_").replace("cpu_ratio", "ct_over_plain"): v for k, v in r.items()
+            }
+            rows.append(r)
+        finally:
+            ns.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+        print_row(rows[-1])
+    return rows
+
+
+def churn(ns: NetNS, stop: threading.Event, counter: list[int]) -> None:
+    """Interfaces come, get renamed and go, as fast as ip(8) makes them: 3 changes a round."""
+    while not stop.is_set():
+        batch = "".join(
+            f"link add ch{i} type veth peer name cp{i}\nlink set ch{i} name cr{i}\nlink del cr{i}\n"
+            for i in range(20)
+        )
+        ns.run("ip", "-batch", "-", input=batch)
+        counter[0] += 20 * 3  # operations: an add (of a pair), a rename, a delete
+
+
+def bench_ifchurn(args) -> list[dict]:
+    """The daemon's CPU with its interface table under churn: the same fixed-rate traffic
+    with no interface changes, then with interfaces added, renamed and deleted meanwhile."""
+    rows = []
+    for name in ("quiet", "churn"):
+        ns = namespace()
+        tmp = tempfile.mkdtemp(prefix="nflbench-")
+        try:
+            daemon = Daemon(ns, tmp)
+            stop, changes = threading.Event(), [0]
+            churner = threading.Thread(target=churn, args=(ns, stop, changes)) if name == "churn" else None
+            if churner:
+                churner.start()
+            sent = flood(ns, args.rate * 5, args.rate)
+            stop.set()
+            if churner:
+                churner.join()
+            sent = settle(ns, sent)
+            ours, _ = daemon.stop()
+            r = {
+                "case": f"ifnames {name}", "sent": sent["sent"], "received": ours["packets"],
+                "lost": sent["sent"] - ours["packets"], "interface_changes": changes[0],
+                "daemon_cpu_s": round(ours["cpu"], 3),
+                "us_per_pkt": round(1e6 * ours["cpu"] / max(ours["packets"], 1), 3),
+            }  # fmt: skip
+            rows.append(r)
+        finally:
+            ns.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+        print_row(rows[-1])
+    if len(rows) == 2 and rows[1]["interface_changes"]:
+        extra = rows[1]["daemon_cpu_s"] - rows[0]["daemon_cpu_s"]
+        r = {
+            "case": "ifnames cost",
+            "us_per_interface_change": round(1e6 * extra / rows[1]["interface_changes"], 1),
+        }
+        rows.append(r)
+        print_row(r)
+    return rows
+
+
 def print_row(r: dict) -> None:
     print("  ".join(f"{k}={v}" for k, v in r.items()), flush=True)
 
@@ -548,6 +651,7 @@ def print_row(r: dict) -> None:
 PARTS = {
     "capture": bench_capture, "daemon": bench_daemon, "groups": bench_groups,
     "latency": bench_latency, "idle": bench_idle, "client": bench_client,
+    "conntrack": bench_conntrack, "ifchurn": bench_ifchurn,
 }  # fmt: skip
 
 

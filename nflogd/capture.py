@@ -70,7 +70,7 @@ class GroupCounters:
 class KernelBatch:
     """One kernel batch of one group: ``count`` wire records in ``table``, payloads in ``data``."""
 
-    __slots__ = ("group", "count", "table", "data", "bytes", "truncated")
+    __slots__ = ("group", "count", "table", "data", "bytes", "truncated", "flags")
 
     def __init__(
         self,
@@ -80,6 +80,7 @@ class KernelBatch:
         data: bytes | memoryview,
         nbytes: int,
         truncated: int,
+        flags: int = 0,
     ) -> None:
         self.group = group
         self.count = count
@@ -87,11 +88,12 @@ class KernelBatch:
         self.data = data
         self.bytes = nbytes
         self.truncated = truncated
+        self.flags = flags  # the wire header's: IFNAMES when data ends with interface names
 
     def packets(self, node: str = "", first_seq: int = 0) -> list[wire.Packet]:
         """The batch's packets, decoded by the feed's own decoder."""
         table, data = bytes(self.table), bytes(self.data)  # the same objects unless views
-        msg = wire.frames(self.group, node, 0, first_seq, 0, self.count, table, data)
+        msg = wire.frames(self.group, node, 0, first_seq, 0, self.count, table, data, flags=self.flags)
         return wire.decode(msg).packets
 
     def __repr__(self) -> str:
@@ -142,11 +144,20 @@ class GroupReader:
 
     def _configure(self, s: GroupConfig, bind: bool) -> None:
         self._open().configure(
-            copy_range=s.copy_range, queue_threshold=s.queue_threshold, flush_ms=s.flush_ms, bind=bind
+            copy_range=s.copy_range,
+            queue_threshold=s.queue_threshold,
+            flush_ms=s.flush_ms,
+            bind=bind,
+            conntrack=s.conntrack,
         )
 
     def fileno(self) -> int:
         return self._open().fileno()
+
+    def set_ifnames(self, names: dict[int, str]) -> None:
+        """The interface names of the group's namespace: each batch ends with the names of
+        its interfaces (``nflogd.ifnames``, the wire format's names trailer)."""
+        self._open().set_ifnames(names)
 
     @property
     def portid(self) -> int:
@@ -177,7 +188,9 @@ class GroupReader:
         if not n:
             return None
         table, data = sock.views(n) if not copy else (sock.table(n), sock.data())
-        return KernelBatch(self.group, n, table, data, sock.batch_bytes, sock.batch_truncated)
+        return KernelBatch(
+            self.group, n, table, data, sock.batch_bytes, sock.batch_truncated, sock.batch_flags
+        )
 
     def pump(self, feed: CFeed | None, timeout: float | None) -> None:
         """Read and send every batch on ``feed`` (a ``ffi.CFeed``; None only counts) in C,
@@ -186,6 +199,15 @@ class GroupReader:
         about here."""
         if self._open().pump(feed, -1 if timeout is None else math.ceil(timeout * 1000)):
             self._overflowed()
+
+    def pump_until_idle(self, feed: CFeed | None, idle: float, sent: bool) -> bool:
+        """As ``pump()``, with no end to the wait until a batch is sent (``sent``: one was since
+        the group's last sequence mark), then until a read gets nothing within ``idle`` seconds:
+        True then (the mark is due), False if ``wake()`` was called or after an overrun."""
+        rc = self._open().pump_until_idle(feed, math.ceil(idle * 1000), sent)
+        if rc == 1:
+            self._overflowed()
+        return rc == 2
 
     @property
     def feed_seq(self) -> int:

@@ -147,6 +147,9 @@ class GroupConfig:
     raises ``ConfigError("copy_range: must be an integer 0..65535, got 70000")`` (from a file,
     ``groups[2].copy_range: ...``).
 
+    ``conntrack`` attaches each packet's connection (state, tuples before and after NAT, id,
+    zone, mark) to its record: NFULNL_CFG_F_CONNTRACK.
+
     ``netns`` opens the group in another network namespace: a name under /run/netns
     (``ip netns add blue``: ``"blue"``) or an absolute path to a namespace file
     (``"/proc/4242/ns/net"``); None is the daemon's own. Only the form is checked here: a
@@ -160,11 +163,14 @@ class GroupConfig:
     flush_ms: int = 10
     rcvbuf: int = 8 * 2**20
     netns: str | None = None
+    conntrack: bool = False
 
     def __post_init__(self) -> None:
         for name, (lo, hi) in _GROUP_RANGES.items():
             check_int(name, getattr(self, name), lo, hi)
         _check_netns("netns", self.netns)
+        if not isinstance(self.conntrack, bool):
+            raise FieldError("conntrack", f"must be true or false, got {show(self.conntrack)}")
 
 
 @dataclass(frozen=True)
@@ -511,7 +517,7 @@ def _parse_groups(path: str, value: Any) -> tuple[GroupConfig, ...]:
 def _parse_group(path: str, item: Any) -> GroupConfig:
     """A bare group number, or a mapping of GroupConfig's fields."""
     if isinstance(item, dict):
-        _check_keys(path, item, (*_GROUP_RANGES, "netns"))
+        _check_keys(path, item, (*_GROUP_RANGES, "netns", "conntrack"))
         if "group" not in item:
             raise ConfigError(f"{path}: missing key 'group', the NFLOG group number 0..65535")
         with _at(path):

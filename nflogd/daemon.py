@@ -65,6 +65,7 @@ from .access import CurveAccess
 from .capture import GroupCounters, GroupReader
 from .capture_loop import CaptureLoop
 from .errors import NamespaceError, NflogdError
+from .ifnames import LinkTable
 from .metrics import DaemonCollector, MetricsServer
 from .publish import Publisher, check_restart_only, make_ipc_dirs
 from .sdnotify import Notifier
@@ -98,6 +99,8 @@ class Daemon(Program):
         self.retired: dict[int, GroupCounters] = {}  # counts of groups a reload closed
         self.registry = CollectorRegistry()
         self.loops: dict[int, CaptureLoop] = {}  # group -> its capture thread
+        self.tables: dict[object, LinkTable] = {}  # a reader's netns_id -> its interface names
+        self._watching_links = False
         self._fault_r, self._fault_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # a capture thread failed
 
     # -- start -----------------------------------------------------------------
@@ -128,6 +131,9 @@ class Daemon(Program):
         if cfg.metrics is not None:
             self.metrics_server = MetricsServer(cfg.metrics.host, cfg.metrics.port, self.registry)
         self.watch(self._fault_r, self._check_capture)
+        self._watching_links = True
+        for key, table in self.tables.items():
+            self._watch_links(key, table)
         for fd in publisher.fds:  # readable: subscriptions may be queued, read by _check_feed
             self.watch(fd, _wake_only)
         self.watch(publisher.wake_fd, publisher.take_wake)
@@ -149,7 +155,46 @@ class Daemon(Program):
                 text += " (not held after start: restart nflogd to open this group)"
             raise NflogdError(text) from None
         log.debug("group %d bound%s", settings.group, f" in netns {settings.netns}" if settings.netns else "")
+        self._attach_names(reader)
         return reader
+
+    def _attach_names(self, reader) -> None:
+        """Give the reader its namespace's interface names, opening the table if it is the
+        first group there (at start; a reload can do it in nflogd's own namespace only)."""
+        key = reader.netns_id
+        table = self.tables.get(key)
+        if table is None:
+            try:
+                table = LinkTable(reader.settings.netns)
+            except (OSError, NflogdError) as e:
+                log.warning("group %d: no interface names on the feed: %s", reader.group, e)
+                return
+            self.tables[key] = table
+            if self._watching_links:
+                self._watch_links(key, table)
+        reader.set_ifnames(table.names)
+
+    def _watch_links(self, key: object, table: LinkTable) -> None:
+        def changed() -> None:
+            try:
+                if not table.update():
+                    return
+            except OSError as e:
+                log.warning("netns %s: interface names stop updating: %s", table.netns or "(own)", e)
+                self.unwatch(table.fileno())
+                return
+            for reader in self.readers.values():
+                if reader.netns_id == key and not reader.closed:
+                    reader.set_ifnames(table.names)
+
+        self.watch(table.fileno(), changed)
+
+    def _close_tables(self, keep: set[object]) -> None:
+        for key in [k for k in self.tables if k not in keep]:
+            table = self.tables.pop(key)
+            if self._watching_links:
+                self.unwatch(table.fileno())
+            table.close()
 
     def _moved(self, reader, settings) -> bool:
         """Whether the group must be reopened elsewhere: its ``netns`` names another namespace
@@ -280,6 +325,7 @@ class Daemon(Program):
             self._start_capture(reader)
             log.info("group %d added", g)
         self.readers = {g: readers[g] for g in wanted if g in readers}
+        self._close_tables({r.netns_id for r in self.readers.values()})
 
     def _swap_metrics(self, old, new) -> MetricsServer | None:
         """Start the server for ``new`` if it differs; return the old server to close."""
@@ -356,6 +402,7 @@ class Daemon(Program):
         readers, self.readers = self.readers, {}
         for reader in readers.values():
             self._close_reader(reader)
+        self._close_tables(set())
         self._release()
         for fd in (self._fault_r, self._fault_w):
             try:

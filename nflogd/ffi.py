@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import struct
 import threading
 
 from ._nflog_cffi import ffi, lib
@@ -140,16 +141,32 @@ class NflogSocket:
         """Size the socket's receive buffer (SO_RCVBUFFORCE, past net.core.rmem_max)."""
         check(lib.nflogd_set_rcvbuf(self._r, nbytes), self.group, "set receive buffer")
 
-    def configure(self, *, copy_range: int, queue_threshold: int, flush_ms: int, bind: bool = False) -> None:
+    def configure(
+        self,
+        *,
+        copy_range: int,
+        queue_threshold: int,
+        flush_ms: int,
+        bind: bool = False,
+        conntrack: bool = False,
+    ) -> None:
         """Bind (when ``bind``) and set the group's copy range, batch size and flush time.
 
         ``copy_range`` 0 copies metadata only. ``flush_ms`` is rounded up to the kernel's
-        1/100 s (at least 1). Sequence numbering (NFULNL_CFG_F_SEQ) is always on.
+        1/100 s (at least 1). Sequence numbering (NFULNL_CFG_F_SEQ) is always on;
+        ``conntrack`` adds NFULNL_CFG_F_CONNTRACK: each packet's connection (NFULA_CT).
         """
         timeout_cs = max(1, math.ceil(flush_ms / 10))
-        rc = lib.nflogd_configure(
-            self._r, 1 if bind else 0, copy_range, queue_threshold, timeout_cs, KERNEL_NLBUFSIZ
-        )
+        args = (copy_range, queue_threshold, timeout_cs, KERNEL_NLBUFSIZ, 1 if conntrack else 0)
+        rc = lib.nflogd_configure(self._r, 1 if bind else 0, *args)
+        if rc == -errno.EAGAIN and conntrack:
+            # nfulnl_recv_config() loaded the conntrack netlink module and asks to try again.
+            rc = lib.nflogd_configure(self._r, 1 if bind else 0, *args)
+        if rc == -errno.EOPNOTSUPP and conntrack:
+            raise NFLogError(
+                errno.EOPNOTSUPP,
+                f"group {self.group}: conntrack: the kernel has no conntrack netlink (nf_conntrack_netlink)",
+            )
         check(rc, self.group, "bind" if bind else "configure")
         if bind:
             self.bound = True
@@ -160,6 +177,25 @@ class NflogSocket:
         Raises BufferOverflow after an overrun (the C side has counted it already).
         """
         return check(lib.nflogd_read(self._r, timeout_ms), self.group, "receive")
+
+    def set_ifnames(self, names: dict[int, str]) -> None:
+        """The interface names of the socket's namespace (index -> name): each batch's data
+        then ends with the names of its interfaces (the wire header's IFNAMES flag)."""
+        blob = bytearray()
+        for index in sorted(names):
+            name = names[index].encode()[:15]
+            blob += struct.pack("<IB", index, len(name)) + name
+        check(lib.nflogd_set_ifnames(self._r, bytes(blob), len(blob), len(names)), self.group, "set ifnames")
+
+    @property
+    def batch_flags(self) -> int:
+        """The wire header's flags for the last batch."""
+        return int(self._r.batch_flags)
+
+    def parse(self, buf: bytes) -> int:
+        """Parse one receive buffer of kernel messages into the batch, as ``read()`` does
+        after its recv(): the record count. For tests and fuzzing of the parser."""
+        return check(lib.nflogd_parse(self._r, buf, len(buf)), self.group, "parse")
 
     def table(self, count: int) -> bytes:
         """The last batch's records, in the wire format's record layout."""
@@ -187,6 +223,13 @@ class NflogSocket:
         counted (True). Raises NFLogError for anything else."""
         rc = lib.nflogd_pump(self._r, feed._f if feed is not None else ffi.NULL, timeout_ms)
         return check(rc, self.group, "receive") == 1
+
+    def pump_until_idle(self, feed: CFeed | None, idle_ms: int, sent: bool) -> int:
+        """As pump(), but waiting with no end until a batch was sent (or ``sent``: one was before),
+        then until a read gets nothing within ``idle_ms``: 2 (idle after traffic), 0 if woken, 1
+        after an overrun."""
+        rc = lib.nflogd_pump_until_idle(self._r, feed._f if feed is not None else ffi.NULL, idle_ms, sent)
+        return check(rc, self.group, "receive")
 
     @property
     def feed_seq(self) -> int:
@@ -402,6 +445,10 @@ class CFeed:
     def peer_queued(self, peer: int = -1) -> int:
         """Messages the peer (-1: every peer) has queued now."""
         return lib.nflogd_peers_queued(self._p, peer)
+
+    def peer_queued_packets(self) -> int:
+        """The packets in the messages every peer has queued now."""
+        return lib.nflogd_peers_queued_packets(self._p)
 
     def peer_dropped(self, peer: int = -1) -> int:
         """Messages dropped for the peer (-1: every peer, gone ones too) at its hwm."""

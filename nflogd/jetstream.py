@@ -212,6 +212,10 @@ class JetStreamDriver:
         if status == "503":  # no responders: no stream (leader) takes the subject now
             fut.set_exception(Transient("no stream answered (no leader?)"))
             return
+        data = msg.data
+        if data[:10] == b'{"stream":' and b'"error"' not in data:  # an ack: no JSON parse needed
+            fut.set_result(b'"duplicate":true' in data)
+            return
         try:
             resp = json.loads(msg.data)
         except ValueError:

@@ -297,6 +297,8 @@ class Publisher:
         self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._wake_on_incoming = False  # publish() looks (the C sender has its own flag)
         self._seq: dict[int, int] = {}
+        #: Sequence marks sent (``mark()``).
+        self.marks = 0
         self._monitors: dict[zmq.Socket, Monitor] = {}  # feed socket -> its monitor
         self._peers: dict[zmq.Socket, dict[int, str]] = {}  # feed socket -> {fd: endpoint accepted on}
         self._conns: dict[str, set[int]] = {}  # endpoint (as the monitor names it) -> fds
@@ -608,8 +610,9 @@ class Publisher:
             first_seq = self._seq.get(group, 0)
             self._seq[group] = first_seq + count
             msg = wire.frames(
-                group, self.node, self.epoch, first_seq, kernel_dropped, count, batch.table, batch.data
-            )
+                group, self.node, self.epoch, first_seq, kernel_dropped, count, batch.table, batch.data,
+                flags=getattr(batch, "flags", 0),
+            )  # fmt: skip
             self._c.send_to_peers(group, msg)
             head, last = msg[:-1], msg[-1]
             for sock in self.sockets:
@@ -651,6 +654,27 @@ class Publisher:
         for topic, n in topics.items():
             for _ in range(n):
                 self._on_subscription(b"\x00" + topic)
+
+    def mark(self, group: int, first_seq: int | None = None, kernel_dropped: int = 0) -> None:
+        """Send the group's sequence mark: a message of no packets whose ``first_seq`` is the
+        next message's (``docs/wire-format.md``, "Sequence marks"), so that a reader learns the
+        tail of the group's sequence once it goes idle. ``first_seq``: where a C sender's
+        sequence stands (``GroupReader.feed_seq``); None: this Publisher's own. Never blocks.
+        """
+        with self.lock:
+            if first_seq is None:
+                first_seq = self._seq.get(group, 0)
+            msg = wire.frames(group, self.node, self.epoch, first_seq, kernel_dropped, 0, b"", b"")
+            self._c.send_to_peers(group, msg)
+            head, last = msg[:-1], msg[-1]
+            for sock in self.sockets:
+                try:
+                    for frame in head:
+                        sock.send(frame, SNDMORE_NOBLOCK)
+                    sock.send(last, NOBLOCK)
+                except zmq.Again:  # pragma: no cover - XPUB drops per subscriber, never refuses
+                    pass
+        self.marks += 1
 
     def next_check_ms(self) -> int | None:
         """How long the control loop may wait for events before its next ``handle_incoming()``.
@@ -864,8 +888,15 @@ class Publisher:
         """Close the server and the sockets (queued messages get ``linger`` ms, default
         LINGER_MS)."""
         if self.server is not None:
-            self.server.close(LINGER_MS if linger is None else linger)
+            messages, packets = self.server.close(LINGER_MS if linger is None else linger)
             self.server = None
+            if messages:
+                log.warning(
+                    "feed: stopped with %d packets not sent to subscribers that were behind"
+                    " (%d messages queued for them)",
+                    packets,
+                    messages,
+                )
         with self.lock:
             if self._c.zmq:
                 self._c.set_sockets([])

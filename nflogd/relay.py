@@ -22,6 +22,10 @@ numbers: a message the relay drops shows at the client as a gap in that node's `
 subscriptions downstream to upstream (the first to a topic, the last unsubscription, to every
 upstream XSUB, which sends them again after every reconnect).
 
+Sequence marks (``SequenceMarks``): the relay passes the daemons' marks on and sends its own
+for each (node, group) ``MARK_IDLE_S`` after the last packets it passed on, and at exit, so
+that its clients learn where each sequence ended (``docs/wire-format.md``).
+
 Upstream state: each XSUB's ``nflogd_client.endpoints.EndpointWatch``, as a Subscriber's:
 up at the handshake, down at a disconnect, each failure counted and logged once with its
 likely cause, the recovery logged; after a refused handshake the relay connects again every
@@ -45,6 +49,7 @@ from collections import Counter
 from typing import Callable
 
 import zmq
+from nflogd_client import wire
 from nflogd_client.endpoints import CONNECTED, EndpointTracker, EndpointWatch
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector as _Collector
@@ -52,6 +57,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from . import config, service
 from .access import CurveAccess
+from .episodes import Episodes
 from .errors import NflogdError
 from .metrics import MetricsServer, limit_families, version
 from .publish import NOBLOCK, Publisher, check_restart_only
@@ -77,6 +83,11 @@ UPSTREAM_MAX_MESSAGE = 1 << 30
 #: retried) when nothing came back for HEARTBEAT_TIMEOUT_MS.
 HEARTBEAT_IVL_MS = 5_000
 HEARTBEAT_TIMEOUT_MS = 15_000
+#: Seconds a (node, group) carries no packets before the relay sends its own sequence mark
+#: (the daemon sends one after capture_loop.MARK_IDLE_S, 1 s).
+MARK_IDLE_S = 2.0
+_HEADER = wire.HEADER
+EVENTS, POLLIN = zmq.EVENTS, zmq.POLLIN
 #: Seconds the relay waits at exit for the stream publisher's buffered messages to be acked.
 STREAM_CLOSE_S = 5.0
 
@@ -151,16 +162,27 @@ class Upstream:
         """When ``reconnect()`` has something to do (monotonic seconds), or None."""
         return self._watch.due_at()
 
-    def forward(self, out: Callable[[list], None], offer: Callable[[list], None] | None = None) -> None:
+    def forward(
+        self,
+        out: Callable[[list], None],
+        offer: Callable[[list], None] | None = None,
+        note: Callable[[zmq.Frame], None] | None = None,
+    ) -> None:
         """Pass up to BURST queued messages to ``out`` (the feed's ``Publisher.forward``), frames
-        as received, and each message's frames to ``offer`` (the stream publisher, which never
-        blocks).
+        as received, each message's frames to ``offer`` (the stream publisher, which never
+        blocks) and its header frame to ``note`` (``SequenceMarks.note``).
 
         Frame by frame with ``Frame.more``: a third of the CPU time of recv_multipart() per
         message (bench/relay.py), the same frames.
         """
-        recv = self.socket.recv
-        for _ in range(BURST):
+        sock = self.socket
+        recv, events = sock.recv, sock.getsockopt
+        for i in range(BURST):
+            # after the first (the poll said one is there), ask once whether a second is: at a
+            # steady rate a wake-up brings one message, and a zmq.Again per wake-up cost as
+            # much as passing it on; in a burst, one question for BURST messages
+            if i == 1 and not events(EVENTS) & POLLIN:
+                return
             try:
                 frame = recv(NOBLOCK, copy=False)
             except zmq.Again:
@@ -173,6 +195,8 @@ class Upstream:
                 size += len(frame)
             if offer is not None:
                 offer(frames.copy())
+            if note is not None and len(frames) == 4:
+                note(frames[1])
             out(frames)
             self.messages += 1
             self.bytes += size
@@ -194,6 +218,106 @@ class Upstream:
         self._watch.close()
         if not self.socket.closed:
             self.socket.close(linger=0)
+
+
+class SequenceMarks:
+    """Where the sequence of each (node, group) the relay passed on stands, and the relay's own
+    sequence mark for it (``docs/wire-format.md``, "Sequence marks") once it has carried no
+    packets for ``idle_s`` seconds.
+
+    A daemon marks each group itself a second after its last packets, and the relay passes that
+    on like any message; the relay's own mark, a second later, is the last word when the daemon
+    could not send one (killed, or its connection lost) and a second chance for a reader whose
+    queue was full when the first came. One mark per (node, group) per idle spell: once marked,
+    a (node, group) costs nothing until it carries packets again. State is kept for
+    ``max_streams`` (node, group)s; past that the one seen longest ago is forgotten (counted in
+    ``forgotten``, logged once per episode): a reader then learns its tail from the daemon's
+    mark alone.
+
+    ::
+
+        marks = SequenceMarks()
+        marks.note(header_frame)            # each message passed on (Upstream.forward)
+        timer.due = marks.due()             # monotonic seconds, None: nothing to mark
+        marks.send_due(out, offer)          # the marks whose time has come (out: Publisher.forward)
+        marks.send_due(out, offer, everything=True)    # at exit: every (node, group) not marked
+    """
+
+    def __init__(self, idle_s: float = 2.0, max_streams: int = 65536):
+        self.idle_s = idle_s
+        self.max_streams = max_streams
+        #: Marks sent, and (node, group)s forgotten for max_streams.
+        self.sent = 0
+        self.forgotten = 0
+        # key (the header's group bytes + node) -> [group, node, epoch, next_seq, kernel_dropped]
+        self._state: dict[bytes, list] = {}
+        self._unmarked: dict[bytes, float] = {}  # key -> when it last carried packets, oldest first
+        self._forget_log = Episodes(log)
+
+    def note(self, frame: zmq.Frame | bytes) -> None:
+        """One message passed on: its header frame (frame 1)."""
+        header = frame if isinstance(frame, bytes) else frame.bytes
+        if len(header) < _HEADER.size or header[:4] != b"NFLD":
+            return
+        _, _, _, group, count, _, node_len, epoch, first_seq, kdrop = _HEADER.unpack_from(header)
+        key = header[6:8] + header[_HEADER.size :]
+        state = self._state.get(key)
+        if count == 0:  # a mark passed on: where it says, for the relay's own to repeat
+            if state is not None and state[2] == epoch and state[3] < first_seq:
+                state[3], state[4] = first_seq, kdrop
+            return
+        if state is None:
+            if len(self._state) >= self.max_streams:
+                self._forget()
+            self._state[key] = [group, header[_HEADER.size :], epoch, first_seq + count, kdrop]
+        else:
+            state[2], state[3], state[4] = epoch, first_seq + count, kdrop
+        unmarked = self._unmarked
+        unmarked.pop(key, None)
+        unmarked[key] = time.monotonic()
+
+    def _forget(self) -> None:
+        key = next(iter(self._state))
+        del self._state[key]
+        self._unmarked.pop(key, None)
+        self.forgotten += 1
+        self._forget_log.hit(
+            "sequence marks: more than %d (node, group)s; forgetting the oldest "
+            "(counted in nflogd_relay_mark_streams_forgotten_total)",
+            self.max_streams,
+        )
+
+    def due(self) -> float | None:
+        """When the next mark is due (monotonic seconds), or None."""
+        for when in self._unmarked.values():
+            return when + self.idle_s
+        return None
+
+    def send_due(
+        self,
+        out: Callable[[list], None] | None,
+        offer: Callable[[list], None] | None = None,
+        everything: bool = False,
+    ) -> None:
+        """Send the marks whose time has come (``everything``: every one not sent) to ``out``
+        (the feed's ``Publisher.forward``) and to ``offer``."""
+        limit = time.monotonic() - self.idle_s
+        unmarked = self._unmarked
+        while unmarked:
+            key, when = next(iter(unmarked.items()))
+            if when > limit and not everything:
+                break
+            del unmarked[key]
+            state = self._state.get(key)
+            if state is None:
+                continue
+            group, node, epoch, next_seq, kdrop = state
+            frames = wire.frames(group, node, epoch, next_seq, kdrop, 0, b"", b"")
+            if out is not None:
+                out(frames)
+            if offer is not None:
+                offer(frames)
+            self.sent += 1
 
 
 #: (metric name without _total, help, Upstream attribute): one sample per upstream, label ``upstream``
@@ -221,6 +345,8 @@ class RelayCollector(_Collector):
     ``nflogd_relay_subscribers``                    peers connected to the relay's feed
     ``nflogd_relay_subscribed_topics``              topics subscribed upstream ('' counts as one)
     ``nflogd_relay_build_info{version}``            1
+    ``nflogd_relay_marks_total``                    sequence marks sent of the relay's own
+    ``nflogd_relay_mark_streams_forgotten_total``   (node, group)s no longer followed for marks
     ==============================================  ===========================================
     """
 
@@ -237,14 +363,21 @@ class RelayCollector(_Collector):
         subs = GaugeMetricFamily("nflogd_relay_subscribers", "Peers connected to the relay's feed.")
         topics = GaugeMetricFamily("nflogd_relay_subscribed_topics", "Topics subscribed to upstream.")
         info = GaugeMetricFamily("nflogd_relay_build_info", "nflogd's version; always 1.", labels=["version"])
-        return counters, up, subs, topics, info
+        marks = CounterMetricFamily(
+            "nflogd_relay_marks", "Sequence marks the relay sent of its own (docs/wire-format.md)."
+        )
+        forgotten = CounterMetricFamily(
+            "nflogd_relay_mark_streams_forgotten",
+            "(node, group)s whose sequence the relay stopped following (too many to mark).",
+        )
+        return counters, up, subs, topics, info, marks, forgotten
 
     def describe(self):
         counters, *gauges = self._families()
         return [*counters, *gauges, *limit_families("nflogd_relay", None, None)]
 
     def collect(self):
-        counters, up, subs, topics, info = self._families()
+        counters, up, subs, topics, info, marks, forgotten = self._families()
         relay = self._relay
         try:
             for u in list(relay.upstreams.values()):
@@ -255,11 +388,13 @@ class RelayCollector(_Collector):
             publisher = relay.publisher
             subs.add_metric([], publisher.subscribers if publisher is not None else 0)
             topics.add_metric([], len(relay.topics))
+            marks.add_metric([], relay.marks.sent)
+            forgotten.add_metric([], relay.marks.forgotten)
         except Exception as e:  # a scrape must never fail
             log.debug("metrics: reading the relay's state failed: %r", e)
         info.add_metric([self._version], 1)
         limits = limit_families("nflogd_relay", relay.publisher, relay.metrics_server)
-        return [*counters, up, subs, topics, info, *limits]
+        return [*counters, up, subs, topics, info, marks, forgotten, *limits]
 
 
 class Relay(Program):
@@ -278,6 +413,9 @@ class Relay(Program):
         self._retry = self.timer(self._reconnect)  # due at the first retry_at
         #: The jetstream section's publisher (nflogd/streampub.py), or None.
         self.stream = None
+        #: The sequence marks of the (node, group)s passed on, sent by ``_mark_timer``.
+        self.marks = SequenceMarks(MARK_IDLE_S)
+        self._mark_timer = self.timer(self._send_marks)
 
     # -- start -----------------------------------------------------------------
 
@@ -316,7 +454,14 @@ class Relay(Program):
     def _open_upstream(self, settings) -> Upstream:
         up = Upstream(self._context(), settings, self.topics)
         offer = self.stream.offer if self.stream is not None else None
-        self.watch(up.socket, lambda: up.forward(self._feed().forward, offer))
+        marks, timer = self.marks, self._mark_timer
+
+        def forward() -> None:
+            up.forward(self._feed().forward, offer, marks.note)
+            if timer.due is None:
+                timer.due = marks.due()
+
+        self.watch(up.socket, forward)
         monitor = up.monitor
         if monitor is not None:  # an Upstream has its monitor until close()
             self.watch(monitor, lambda: self._handle_monitor(up))
@@ -358,6 +503,13 @@ class Relay(Program):
                 if up.retry_at is None:
                     del retries[endpoint]
         self._schedule_retry()
+
+    def _send_marks(self, everything: bool = False) -> None:
+        """The sequence marks that are due (``everything``: all not sent yet, at exit); the
+        timer set to the next one."""
+        offer = self.stream.offer if self.stream is not None else None
+        self.marks.send_due(self._feed().forward, offer, everything)
+        self._mark_timer.due = self.marks.due()
 
     def _handle_subscriptions(self) -> None:
         """Serve the readers (after every poll) and pass their (un)subscriptions on
@@ -437,6 +589,8 @@ class Relay(Program):
     def close(self) -> None:
         """Release everything; safe after a failed start."""
         self.notifier.stopping()
+        if self.publisher is not None:  # last words: where every sequence passed on ended
+            self._send_marks(everything=True)
         upstreams, self.upstreams = self.upstreams, {}
         for up in upstreams.values():
             up.close()

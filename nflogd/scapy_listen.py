@@ -72,9 +72,10 @@ class NFLOGListenSocket(SuperSocket):
         )
         self.iface = iface or "nflog:" + ",".join(str(s.group) for s in settings)
         self._pending: collections.deque[Packet] = collections.deque()
-        self.closed = False
+        self.closed = True  # until the groups are bound: close() and __del__ have nothing to do
         self.ins = self.outs = None  # type: ignore[assignment]  # no OS socket of its own
-        self._groups = GroupSet(settings)
+        self._groups = GroupSet(settings)  # GroupBusy, NoPermission, ... go to the caller
+        self.closed = False
 
     def fileno(self) -> int:
         return self._groups.fileno()
@@ -142,8 +143,13 @@ class NFLOGListenSocket(SuperSocket):
 def install_nflog_listener(queues=0, **kwargs) -> type[NFLOGListenSocket]:
     """Make ``conf.L2listen`` read NFLOG ``queues``, so that plain ``sniff()`` uses them.
 
-    Keywords are those of ``NFLOGListenSocket``. Returns the listener class installed.
+    Keywords are those of ``NFLOGListenSocket``. Returns the listener class installed:
+    without arguments (group 0), as scapy-nflog-capture did, ``NFLOGListenSocket`` itself
+    (``conf.L2listen = NFLOGListenSocket``); otherwise a subclass with those defaults.
     """
+    if queues == NFLOGListenSocket.queues and not kwargs:
+        conf.L2listen = NFLOGListenSocket
+        return NFLOGListenSocket
     listener = type(
         "NFLOGListenSocket",
         (NFLOGListenSocket,),

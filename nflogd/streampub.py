@@ -48,6 +48,17 @@ __all__ = ["Driver", "Transient", "Rejected", "StreamPublisher", "StreamCollecto
 
 log = logging.getLogger("nflogd.stream")
 
+#: Seconds a JetStream stream takes no publish while it elects a new leader (measured 5.8-7.3 s
+#: with the leader killed): ``buffer_bytes`` should hold that long's worth of the feed.
+FAILOVER_S = 8.0
+#: Seconds over which the offered rate is measured for that check.
+RATE_WINDOW_S = 2.0
+#: Seconds the publisher thread waits, once woken from idle, for more messages to publish
+#: together (one write to the server, one wake-up for their acks).
+GATHER_S = 0.005
+#: Bytes of sequence marks held beyond ``buffer_bytes`` (a mark is ~50 bytes, one per (node,
+#: group) per idle spell): a full buffer still takes the marks that say where sequences ended.
+MARK_SLACK_BYTES = 1 << 20
 #: Seconds before the first retry of a failed publish; doubled up to RETRY_MAX_S.
 RETRY_S = 0.2
 RETRY_MAX_S = 2.0
@@ -84,6 +95,11 @@ def _packets(frames: Frames) -> int:
         return _COUNT.unpack_from(header.buffer if isinstance(header, zmq.Frame) else header, 8)[0]
     except (IndexError, struct.error, TypeError):
         return 0
+
+
+def _is_mark(frames: Frames) -> bool:
+    """A sequence mark: a feed message of no packets (``docs/wire-format.md``)."""
+    return len(frames) == 4 and len(frames[1]) >= 40 and not len(frames[2]) and _packets(frames) == 0
 
 
 class StreamPublisher:
@@ -128,6 +144,11 @@ class StreamPublisher:
         self._done = threading.Event()
         self._done_logged = False
         self._rejects = Episodes(log)  # refusals: one warning per episode, then debug
+        self._window_start = time.monotonic()
+        self._window_bytes = 0
+        #: Bytes per second offered over the last RATE_WINDOW_S.
+        self.rate = 0.0
+        self._short = Episodes(log, quiet_s=60.0)  # buffer_bytes short of a failover at this rate
 
     # -- relay thread ----------------------------------------------------------------------
 
@@ -147,15 +168,23 @@ class StreamPublisher:
         for f in frames:
             size += len(f)
         self.messages += 1
+        self._window_bytes += size
+        now = time.monotonic()
+        if now - self._window_start >= RATE_WINDOW_S:
+            self._measure(now)
         with self._lock:
-            fits = self.held_bytes + size <= self.buffer_bytes
-            if fits:
-                self.held_bytes += size
+            held = self.held_bytes + size
+            fits = held <= self.buffer_bytes
+            # a sequence mark (no packets) still fits a full buffer, within MARK_SLACK_BYTES: it
+            # is what tells readers where the sequence ended after the drops
+            mark = not fits and held <= self.buffer_bytes + MARK_SLACK_BYTES and _is_mark(frames)
+            if fits or mark:
+                self.held_bytes = held
                 self.held_messages += 1
-        if not fits:
+        if not (fits or mark):
             self._drop(frames)
             return
-        if self._dropping:
+        if self._dropping and not mark:
             log.warning(
                 "jetstream %s: buffer has room again; %d messages (%d packets) were dropped",
                 self.driver.name,
@@ -174,6 +203,24 @@ class StreamPublisher:
                     log.error(
                         "jetstream %s: the publisher has stopped; messages are dropped", self.driver.name
                     )
+
+    def _measure(self, now: float) -> None:
+        """The offered rate over the window that ended; a warning (once an episode) when
+        ``buffer_bytes`` would not hold a leader failover's worth of it."""
+        self.rate = self._window_bytes / (now - self._window_start)
+        self._window_start, self._window_bytes = now, 0
+        if self.rate * FAILOVER_S > self.buffer_bytes:
+            self._short.hit(
+                "jetstream %s: buffer_bytes %d holds %.1f s of the feed at its rate now (%.0f bytes/s);"
+                " a leader failover stalls publishing for up to %g s: messages would be dropped."
+                " Give buffer_bytes at least %d (docs/jetstream.md, sizing)",
+                self.driver.name,
+                self.buffer_bytes,
+                self.buffer_bytes / self.rate,
+                self.rate,
+                FAILOVER_S,
+                int(self.rate * FAILOVER_S * 1.25),
+            )
 
     def _drop(self, frames: Frames) -> None:
         n = _packets(frames)
@@ -234,7 +281,7 @@ class StreamPublisher:
             await self._pump()
         finally:
             self._closed = True
-            left = len(self._queue) + self.in_flight
+            before = self.dropped_messages["shutdown"], self.dropped_packets["shutdown"]
             while self._queue:
                 frames, size = self._queue.popleft()
                 self._dropped_at_stop(frames, size)
@@ -244,9 +291,16 @@ class StreamPublisher:
                 self._count_drop("shutdown", rec.count)
                 self._release(size)
             self._waiting.clear()
-            await asyncio.sleep(0)
-            if left:
-                log.warning("jetstream %s: stopped with %d messages not published", self.driver.name, left)
+            await asyncio.sleep(0)  # the acks failed by close() are counted
+            messages = self.dropped_messages["shutdown"] - before[0]
+            if messages:
+                log.warning(
+                    "jetstream %s: stopped with %d packets not published (%d messages; counted in"
+                    ' nflogd_relay_stream_dropped_packets_total{reason="shutdown"})',
+                    self.driver.name,
+                    self.dropped_packets["shutdown"] - before[1],
+                    messages,
+                )
 
     def _begin_stop(self) -> None:
         self._stopping = True
@@ -274,6 +328,9 @@ class StreamPublisher:
                     continue
                 await wake.wait()
                 wake.clear()
+                # Let a few messages gather: at a steady few thousand messages/s, a wake-up,
+                # a write and an ack read per message cost five times the publish itself
+                await asyncio.sleep(GATHER_S)
                 continue
             if self.in_flight >= self.max_in_flight:
                 await self._wait_room(None)

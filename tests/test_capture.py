@@ -1,6 +1,9 @@
 """capture.GroupReader / GroupSet against the real kernel, one namespace per test."""
 
+import errno
 import os
+import socket
+import struct
 import threading
 import time
 
@@ -11,7 +14,8 @@ from scapy.layers.inet6 import IPv6
 
 from nflogd.capture import GroupReader, GroupSet
 from nflogd.config import GroupConfig
-from nflogd.errors import GroupBusy, NoPermission
+from nflogd.errors import GroupBusy, NFLogError, NoPermission
+from nflogd.ffi import NflogSocket
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.kernel]
 
@@ -299,3 +303,186 @@ def test_close_releases_the_group(netns):
     with netns.entered():
         GroupReader(GroupConfig(group=17)).close()
         GroupReader(GroupConfig(group=17)).close()
+
+
+def test_conntrack_shows_the_address_before_dnat(netns):
+    """A DNAT rule sends 127.0.0.2:9999 to 127.0.0.1:9998: the packet logged at INPUT carries
+    the translated address, its connection the one the sender chose and the one replies use."""
+    netns.nft(
+        "table ip nat {\n"
+        "  chain out { type nat hook output priority -100;\n"
+        "    ip daddr 127.0.0.2 udp dport 9999 ct mark set 5 dnat to 127.0.0.1:9998\n  }\n"
+        "}\n"
+    )
+    netns.log_rule(11, hook="input", match="udp dport 9998")
+    netns.log_rule(12, hook="input", match="udp dport 9998")
+    with netns.entered():
+        try:
+            with_ct = GroupReader(GroupConfig(group=11, conntrack=True))
+        except NFLogError as e:
+            if e.errno != errno.EOPNOTSUPP:
+                raise
+            pytest.skip("this kernel attaches no conntrack to NFLOG (CONFIG_NETFILTER_NETLINK_GLUE_CT)")
+        without = GroupReader(GroupConfig(group=12))
+    with with_ct, without:
+        with netns.socket() as s:
+            s.bind(("127.0.0.1", 40001))
+            s.sendto(b"one", ("127.0.0.2", 9999))
+            s.sendto(b"two", ("127.0.0.2", 9999))
+        first, second = read_n(with_ct, 2)
+        (plain, _) = read_n(without, 2)
+    assert IP(first.data).dst == "127.0.0.1" and IP(first.data)[UDP].dport == 9998
+    ct = first.ct
+    assert ct is not None and first.extended
+    assert ct.orig == wire.CtTuple("127.0.0.1", "127.0.0.2", 40001, 9999)
+    assert ct.reply == wire.CtTuple("127.0.0.1", "127.0.0.1", 9998, 40001)
+    assert ct.proto == 17 and ct.mark == 5 and ct.zone in (None, 0)
+    assert (ct.state, ct.reply_dir) == ("new", False)
+    assert second.ct.state == "new"  # UDP is new until a reply comes
+    assert ct.status & 0x20  # IPS_DST_NAT
+    assert second.ct.id == ct.id and ct.id is not None
+    assert plain.ct is None and plain.vlan is None and plain.l2hdr is None
+
+
+# -- the parser on the kernel's attribute layout ------------------------------------------------
+# nfnetlink_log.c's __build_packet_message() and nf_conntrack_netlink.c's ctnetlink_glue_build()
+# put these; the numbers are nfnetlink_log.h's NFULA_* and nfnetlink_conntrack.h's CTA_*.
+
+NESTED = 0x8000
+
+
+def nla(kind: int, payload: bytes) -> bytes:
+    """One netlink attribute, padded to 4 bytes (NLA_ALIGN)."""
+    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def packet_message(group: int, family: int, attrs: bytes) -> bytes:
+    """One NFULNL_MSG_PACKET: nlmsghdr, nfgenmsg, the attributes."""
+    body = struct.pack("=BBH", family, 0, socket.htons(group)) + attrs
+    return struct.pack("=IHHII", 16 + len(body), 0x0400, 0, 0, 0) + body
+
+
+def tuple_attrs(kind: int, src: bytes, dst: bytes, proto: bytes) -> bytes:
+    ip = nla(1, src) + nla(2, dst) if len(src) == 4 else nla(3, src) + nla(4, dst)
+    return nla(kind | NESTED, nla(1 | NESTED, ip) + nla(2 | NESTED, proto))
+
+
+def test_parser_reads_conntrack_vlan_and_l2hdr_in_the_kernels_layout():
+    v4 = bytes(IP(src="192.0.2.1", dst="198.51.100.7") / UDP(sport=40001, dport=53) / b"q")
+    tcp_ports = nla(1, b"\x11") + nla(2, struct.pack(">H", 40001)) + nla(3, struct.pack(">H", 53))
+    reply_ports = nla(1, b"\x11") + nla(2, struct.pack(">H", 5353)) + nla(3, struct.pack(">H", 40001))
+    ct = (
+        tuple_attrs(1, bytes([192, 0, 2, 1]), bytes([203, 0, 113, 9]), tcp_ports)
+        + tuple_attrs(2, bytes([10, 0, 0, 5]), bytes([192, 0, 2, 1]), reply_ports)
+        + nla(18, struct.pack(">H", 3))  # CTA_ZONE
+        + nla(12, struct.pack(">I", 0xDEADBEEF))  # CTA_ID
+        + nla(3, struct.pack(">I", 0x1A8))  # CTA_STATUS: CONFIRMED|DST_NAT|SRC_NAT_DONE|DST_NAT_DONE
+        + nla(7, struct.pack(">I", 30))  # CTA_TIMEOUT
+        + nla(8, struct.pack(">I", 0x42))  # CTA_MARK
+        + nla(22, bytes([1] + [0] * 15))  # CTA_LABELS
+    )
+    l2 = bytes.fromhex("020000000002020000000001810020050800")
+    first = packet_message(
+        9,
+        7,  # NFPROTO_BRIDGE
+        nla(1, struct.pack(">HBB", 0x0800, 0, 0))  # NFULA_PACKET_HDR: PREROUTING
+        + nla(10, b"br\0")
+        + nla(4, struct.pack(">I", 3))
+        + nla(6, struct.pack(">I", 5))
+        + nla(18 | NESTED, ct)
+        + nla(19, struct.pack(">I", 2))  # NFULA_CT_INFO: IP_CT_NEW
+        + nla(20 | NESTED, nla(1, struct.pack(">H", 0x8100)) + nla(2, struct.pack(">H", 0x2005)))
+        + nla(21, l2)
+        + nla(9, v4),
+    )
+    icmp6 = nla(1, b"\x3a") + nla(7, struct.pack(">H", 77)) + nla(8, b"\x80") + nla(9, b"\x00")
+    a6, b6 = (socket.inet_pton(socket.AF_INET6, a) for a in ("2001:db8::1", "2001:db8::2"))
+    second = packet_message(
+        9,
+        10,
+        nla(1, struct.pack(">HBB", 0x86DD, 3, 0))
+        + nla(18 | NESTED, tuple_attrs(1, a6, b6, icmp6))
+        + nla(19, struct.pack(">I", 3)),  # IP_CT_ESTABLISHED_REPLY
+    )
+    sock = NflogSocket(9)
+    try:
+        assert sock.parse(first + second) == 2
+        msg = wire.frames(9, "r", 0, 0, 0, 2, sock.table(2), sock.data())
+    finally:
+        sock.close()
+    assert len(msg[2]) == 2 * wire.RECORD_X.size
+    one, two = wire.decode(msg).packets
+    assert one.data == v4 and one.prefix == "br" and (one.indev, one.physindev) == (3, 5)
+    assert one.ct == wire.Conntrack(
+        state="new", reply_dir=False, info=2, id=0xDEADBEEF, mark=0x42, status=0x1A8, timeout=30,
+        zone=3, proto=17,
+        orig=wire.CtTuple("192.0.2.1", "203.0.113.9", 40001, 53),
+        reply=wire.CtTuple("10.0.0.5", "192.0.2.1", 5353, 40001),
+        labels=bytes([1] + [0] * 15),
+    )  # fmt: skip
+    assert one.vlan == (0x2005, 0x8100) and (one.vlan.id, one.vlan.pcp) == (5, 1)
+    assert one.l2hdr == l2
+    assert two.ct.orig == wire.CtTuple("2001:db8::1", "2001:db8::2", icmp_id=77, icmp_type=128, icmp_code=0)
+    assert (two.ct.state, two.ct.reply_dir, two.ct.id, two.ct.reply) == ("established", True, None, None)
+    assert two.vlan is None and two.l2hdr is None and two.data == b""
+    # Re-encoded by the Python codec: the same bytes the C parser wrote.
+    assert wire.encode(9, "r", 0, 0, [one, two]) == msg
+
+
+def test_vlan_tag_and_link_header_of_a_bridged_frame(netns):
+    """An 802.1Q-tagged frame (VLAN 5, priority 1) enters a bridge port inside the namespace:
+    the bridge family's log carries its tag (NFULA_VLAN) and its link-layer header (NFULA_L2HDR).
+    The frame is written on a packet socket, as a VLAN sub-interface would send it (this
+    works where the kernel has no 8021q module too)."""
+    for cmd in (
+        "ip link add br0 type bridge",
+        "ip link add va type veth peer name vb",
+        "ip link set vb master br0",
+        "ip link set br0 up",
+        "ip link set va up",
+        "ip link set vb up",
+    ):
+        netns.run(*cmd.split())
+    netns.nft(
+        "table bridge tb {\n  chain c {\n    type filter hook prerouting priority 0;\n"
+        '    log group 13 prefix "br"\n  }\n}\n'
+    )
+    with netns.entered():
+        reader = GroupReader(GroupConfig(group=13))
+        tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        tx.bind(("va", 0))
+    ip = bytes(IP(src="10.99.0.1", dst="10.99.0.2") / UDP(sport=1, dport=9) / b"tagged")
+    dst, src = bytes.fromhex("020000000002"), bytes.fromhex("020000000001")
+    frame = dst + src + struct.pack(">HH", 0x8100, (1 << 13) | 5) + b"\x08\x00" + ip
+    with reader, tx:
+        tx.send(frame)
+        got = [p for p in read_n(reader, 1) if p.prefix == "br"]
+    assert got, "the bridge logged nothing"
+    pkt = got[0]
+    assert pkt.vlan == (0x2005, 0x8100) and pkt.vlan.id == 5 and pkt.vlan.pcp == 1
+    assert pkt.l2hdr is not None and pkt.l2hdr[:12] == dst + src
+    assert pkt.data == ip and pkt.hw_protocol == 0x0800
+    assert pkt.ct is None
+
+
+def test_batches_end_with_the_names_of_their_interfaces():
+    """With a names table, a batch's data ends with the names of the interfaces its records
+    name, each once; an index the table lacks has no name (never a guess)."""
+    msgs = b"".join(
+        packet_message(2, 2, nla(1, struct.pack(">HBB", 0x0800, 1, 0)) + nla(4, struct.pack(">I", dev)))
+        for dev in (2, 2, 7, 3)
+    ) + packet_message(2, 2, nla(1, struct.pack(">HBB", 0x0800, 3, 0)) + nla(5, struct.pack(">I", 2)))
+    sock = NflogSocket(2)
+    try:
+        sock.set_ifnames({3: "wan", 2: "lan0", 1: "lo"})
+        assert sock.parse(msgs) == 5 and sock.batch_flags == wire.FLAG_IFNAMES
+        msg = wire.frames(2, "r", 0, 0, 0, 5, sock.table(5), sock.data(), flags=sock.batch_flags)
+        assert sock.data().endswith(wire.names_trailer({2: "lan0", 3: "wan"}))
+        sock.set_ifnames({})
+        assert sock.parse(msgs) == 5 and sock.batch_flags == 0
+    finally:
+        sock.close()
+    pkts = wire.decode(msg).packets
+    assert [(p.indev, p.indev_name) for p in pkts[:4]] == [(2, "lan0"), (2, "lan0"), (7, None), (3, "wan")]
+    assert (pkts[4].outdev_name, pkts[4].indev_name) == ("lan0", None)

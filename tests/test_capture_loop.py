@@ -226,3 +226,52 @@ def test_fallback_python_loop_loses_packets_when_the_gil_is_held(netns, ctx, tmp
     got, reader = under_a_gil_hog(netns, ctx, tmp_path, c_sender=False)
     assert reader.counters.kernel_dropped > 0
     assert got + reader.counters.kernel_dropped == 3001
+
+
+def switches(thread: threading.Thread) -> int:
+    """The thread's context switches so far (each wake-up is one)."""
+    with open(f"/proc/self/task/{thread.native_id}/status") as f:
+        status = f.read()
+    return sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
+
+
+@pytest.mark.parametrize("c_sender", [True, False], ids=["C", "Python"])
+def test_a_group_gone_idle_sends_its_sequence_mark_once(netns, ctx, tmp_path, c_sender):
+    """A second after a group's last packet, its sequence mark: a message of no packets whose
+    first_seq is where the sequence stands, so that a reader learns the end of what was sent.
+    Then nothing more, and (in C) no wake-up, until the next packet; a stop marks again."""
+    netns.log_rule(GROUP, match="udp dport 9999")
+    with netns.entered():
+        reader = GroupReader(GroupConfig(group=GROUP, flush_ms=10))
+        pub, sub = feed(ctx, tmp_path)
+    if not c_sender:
+        pub.cfeed = None
+    try:
+        loop = run_loop(reader, pub, netns, [b"a%03d" % i for i in range(30)])
+        got = messages(sub, 30)
+        t_last = time.monotonic()
+        assert sum(len(wire.decode(m).packets) for m in got) == 30
+        assert sub.poll(3000), "no mark"
+        mark = wire.decode(sub.recv_multipart())
+        waited = time.monotonic() - t_last
+        assert (mark.packets, mark.first_seq, mark.epoch, mark.node) == ([], 30, 42, "r1")
+        assert 0.5 < waited < 2.5, waited
+        idle_from = switches(loop._thread)
+        assert not sub.poll(2500), "more than one mark"
+        if c_sender:
+            assert switches(loop._thread) == idle_from, "the idle capture thread woke up"
+        netns.send_udp([b"b%03d" % i for i in range(5)])
+        got = messages(sub, 5)
+        assert wire.decode(got[0]).first_seq == 30
+        assert sub.poll(3000)
+        assert wire.decode(sub.recv_multipart()).first_seq == 35  # idle again: marked again
+        netns.send_udp([b"c"])
+        messages(sub, 1)
+        loop.stop()  # before a second's idle: the stop marks
+        assert sub.poll(1000)
+        last = wire.decode(sub.recv_multipart())
+        assert (last.packets, last.first_seq) == ([], 36)
+    finally:
+        sub.close(linger=0)
+        pub.close(linger=0)
+        reader.close()

@@ -610,7 +610,12 @@ def test_daemon_restart_midstream_client_resumes_and_counts_the_gap(
         return all(len(packets(every, g)) + sub.lost[(NODE, g)] >= published[g] for g in (1, 2))
 
     new += collect(sub, accounted, WAIT, batches=True)
-    assert {b.epoch for b in new}.isdisjoint(old_epoch) and len({b.epoch for b in new}) == 1
+    # after SIGTERM the old run's last words: each group's sequence mark, where it ended
+    last_words = [b for b in new if b.epoch in old_epoch]
+    assert all(not b.packets and b.first_seq == 4 for b in last_words)
+    assert len(last_words) <= (2 if signum == signal.SIGTERM else 0)
+    new = [b for b in new if b.epoch not in old_epoch]
+    assert len({b.epoch for b in new}) == 1
     assert sub.restarts == 1  # one node, one restart, though two groups saw it
     for g in (1, 2):
         got = packets(new, g)
@@ -631,8 +636,8 @@ def test_daemon_restart_midstream_client_resumes_and_counts_the_gap(
 
 def test_metadata_only_group_real_lengths_valid_pcap_no_invented_addresses(netns, tmp_path):
     """copy_range 0: records with caplen 0 and the real length, nflogd_bytes_total counting
-    real bytes; nflog-tap writes NFLOG pcap that tcpdump and tshark read, skips them in raw
-    pcap (said once), and prints no address it did not see."""
+    real bytes; nflog-tap writes them in NFLOG and in raw pcap, which tcpdump and tshark read,
+    with their real length in the record's orig_len, and prints no address it did not see."""
     netns.log_rule(4, hook="input", match="udp dport 9994")
     with NflogdProcess(netns, tmp_path / "d", groups=[{"group": 4, "copy_range": 0}], node=NODE) as d:
         files = {lt: tmp_path / f"{lt}.pcap" for lt in ("ip", "nflog")}
@@ -658,28 +663,24 @@ def test_metadata_only_group_real_lengths_valid_pcap_no_invented_addresses(netns
             assert metric(d, "nflogd_bytes_total", 4) == 128 + 1048
             assert metric(d, "nflogd_truncated_packets_total", 4) == 2
             results = {}
-            for name in ("nflog", "text"):
+            for name in ("nflog", "ip", "text"):  # -c 2 ends each of them
                 out, err = procs[name].communicate(timeout=TAP_WAIT)
                 results[name] = (procs[name].returncode, out, err.decode())
-            time.sleep(0.5)  # the raw tap got both and wrote neither: it still waits
-            assert procs["ip"].poll() is None
-            procs["ip"].send_signal(signal.SIGINT)
-            _, err = procs["ip"].communicate(timeout=TAP_WAIT)
-            results["ip"] = (procs["ip"].returncode, None, err.decode())
         finally:
             for p in procs.values():
                 if p.poll() is None:
                     p.kill()
                     p.communicate()
     assert results["nflog"][0] == 0 and results["nflog"][2] == "nflog-tap: 2 packets written, 0 lost\n"
-    assert results["ip"][0] == 0
-    assert results["ip"][2] == (
-        "nflog-tap: group 4: packets without payload (copy_range 0) are not written as LINKTYPE_RAW;"
-        " --linktype nflog keeps them\n"
-        "nflog-tap: 0 packets written, 0 lost, 2 without payload not written\n"
-    )
+    assert results["ip"][0] == 0 and results["ip"][2] == "nflog-tap: 2 packets written, 0 lost\n"
+    # Raw IP: records of no captured bytes, the real length as orig_len
+    with RawPcapReader(str(files["ip"])) as reader:
+        assert [(data, meta.wirelen) for data, meta in reader] == [(b"", 128), (b"", 1048)]
     r = subprocess.run(["tcpdump", "-n", "-r", str(files["ip"])], capture_output=True, timeout=TAP_WAIT)
-    assert r.returncode == 0 and r.stdout == b"", r.stderr  # a valid, empty capture
+    assert r.returncode == 0 and len(r.stdout.decode().splitlines()) == 2, r.stderr
+    # NFLOG: the attributes captured; orig_len - caplen is the packet the copy range left out
+    with RawPcapReader(str(files["nflog"])) as reader:
+        assert [meta.wirelen - len(data) for data, meta in reader] == [128, 1048]
     r = subprocess.run(["tcpdump", "-n", "-r", str(files["nflog"])], capture_output=True, timeout=TAP_WAIT)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.decode().splitlines()) == 2 and b"Invalid" not in r.stdout + r.stderr

@@ -176,7 +176,7 @@ BAD = [
     (
         "groups: [0, 1, {flush: 3, group: 2}]",
         "groups[2]: unknown key 'flush'; "
-        "expected one of copy_range, flush_ms, group, netns, queue_threshold, rcvbuf",
+        "expected one of conntrack, copy_range, flush_ms, group, netns, queue_threshold, rcvbuf",
     ),
     ("groups: [{copy_range: 1}]", "groups[0]: missing key 'group', the NFLOG group number 0..65535"),
     ("groups: [{group: 70000}]", "groups[0].group: must be an integer 0..65535, got 70000"),
@@ -481,6 +481,18 @@ def test_key_errors_name_the_key_not_the_file(tmp_path):
 
 
 # --- the dataclasses from Python -----------------------------------------------------------------
+
+
+def test_conntrack_is_per_group_and_off_by_default():
+    cfg = config.parse("groups: [{group: 1, conntrack: true}, {group: 2, conntrack: false}, 3]")
+    assert [g.conntrack for g in cfg.groups] == [True, False, False]
+
+
+@pytest.mark.parametrize("value, shown", [("yes please", "'yes please'"), ("1", "1"), ("null", "null")])
+def test_conntrack_must_be_a_boolean(value, shown):
+    with pytest.raises(ConfigError) as info:
+        config.parse(f"groups: [0, {{group: 1, conntrack: {value}}}]")
+    assert str(info.value) == f"groups[1].conntrack: must be true or false, got {shown}"
 
 
 def test_netns_names_and_paths():

@@ -146,13 +146,14 @@ def thread_wakeups(pid: int) -> dict[str, int]:
 def test_an_idle_daemon_makes_no_wakeups(netns, tmp_path, ctx):
     """Between packets no thread of the daemon runs: the capture thread waits in C for the
     kernel with no timeout, and the control loop waits for events (the first send after
-    that wakes it to watch the feed). It serves on after the quiet spell."""
+    that wakes it to watch the feed), once the group's sequence mark, a second after its
+    last packet, is out. It serves on after the quiet spell."""
     netns.log_rule(1, match="udp dport 9999")
     with NflogdProcess(netns, tmp_path, groups=[1]) as d:
         sub = d.subscribe(ctx)
         netns.send_udp([b"before"], "127.0.0.1", 9999)
         assert packet_count(receive(sub, lambda bs: packet_count(bs) >= 1)) == 1
-        time.sleep(1.0)  # the control loop's last look at the feed after that send
+        time.sleep(2.0)  # the sequence mark (at 1 s), the control loop's last look after it
         before = thread_wakeups(d.pid)
         time.sleep(3)
         after = thread_wakeups(d.pid)
@@ -555,3 +556,72 @@ def test_unit_has_what_the_daemon_relies_on():
     assert {k: s.get(k, [None])[-1] for k in expect} == expect
     assert "PrivateNetwork" not in s and "PrivateUsers" not in s
     assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+
+
+def veth_out(netns, name: str = "va") -> None:
+    """A veth pair in the namespace and a neighbour behind ``name``: UDP to 10.77.0.2 leaves
+    through it (and ends at the peer, inside the namespace)."""
+    for cmd in (
+        f"ip link add {name} type veth peer name vb",
+        f"ip addr add 10.77.0.1/24 dev {name}",
+        f"ip link set {name} up",
+        "ip link set vb up",
+        f"ip neigh replace 10.77.0.2 lladdr 02:00:00:00:00:02 dev {name}",
+    ):
+        netns.run(*cmd.split())
+
+
+@pytest.mark.kernel
+def test_the_routers_interface_names_follow_a_rename(netns, tmp_path, ctx):
+    """Records name their interfaces as the router does (the names trailer), and a renamed
+    interface shows its new name in the first packet after the rename, within a second."""
+    veth_out(netns)
+    netns.log_rule(3, match="udp dport 9997")
+    with NflogdProcess(netns, tmp_path, groups=[3], node="r1") as d:
+        sub = d.subscribe(ctx)
+        netns.send_udp([b"before"], "10.77.0.2", 9997)
+        (first,) = [p for b in receive(sub, lambda bs: packet_count(bs) >= 1) for p in b.packets]
+        index = first.outdev
+        assert first.outdev_name == "va" and first.indev is None and first.indev_name is None
+        for cmd in ("ip link set va down", "ip link set va name uplink0", "ip link set uplink0 up"):
+            netns.run(*cmd.split())
+        netns.run(*"ip neigh replace 10.77.0.2 lladdr 02:00:00:00:00:02 dev uplink0".split())
+        renamed = time.monotonic()
+        netns.send_udp([b"after"], "10.77.0.2", 9997)
+        (second,) = [p for b in receive(sub, lambda bs: packet_count(bs) >= 1) for p in b.packets]
+        assert time.monotonic() - renamed < 1.0
+        assert (second.outdev, second.outdev_name) == (index, "uplink0")
+        sub.close(linger=0)
+    assert d.returncode == 0
+
+
+@pytest.mark.kernel
+def test_conntrack_group_where_the_kernel_cannot(netns, tmp_path):
+    """conntrack: true on a kernel without conntrack for NFLOG stops the start with one line
+    naming the group; where it has it, the daemon starts."""
+    netns.log_rule(4, match="udp dport 9996")
+    d = NflogdProcess(netns, tmp_path, groups=[{"group": 4, "conntrack": True}])
+    rc = d.run_to_exit() if not supports_ct_for_nflog(netns) else None
+    if rc is None:
+        with d:
+            assert d.ready_msg["READY"] == "1"
+        return
+    assert rc != 0
+    lines = d.stderr.strip().splitlines()
+    assert (
+        lines[-1] == "nflogd: group 4: conntrack: the kernel has no conntrack netlink (nf_conntrack_netlink)"
+    )
+    assert "Traceback" not in d.stderr
+
+
+def supports_ct_for_nflog(netns) -> bool:
+    from nflogd.capture import GroupReader
+    from nflogd.config import GroupConfig
+    from nflogd.errors import NFLogError
+
+    with netns.entered():
+        try:
+            GroupReader(GroupConfig(group=65000, conntrack=True)).close()
+        except NFLogError:
+            return False
+    return True

@@ -152,6 +152,7 @@ def test_tshark_captures_real_packets_with_group_prefix_payload(netns, tmp_path,
         rc, err = capture(netns, home, iface, 20, out)
         assert rc == 0, err
         assert "extcap" not in err, err  # no loss: nothing Wireshark would show as an error
+        assert err.endswith("\ntshark: \n20 packets captured\n"), err  # tshark 4.0's bare line: below
     rows = fields(out, "frame.interface_name", "nflog.res_id", "nflog.prefix", "udp.dstport", "data.data")
     assert len(rows) == 20
     assert {r[0] for r in rows} == {iface}
@@ -192,6 +193,9 @@ def test_raw_linktype_and_group_option(netns, tmp_path, home):
         assert rc == 0, err
     rows = fields(out, "frame.protocols", "udp.dstport")
     assert len(rows) == 5 and all(r[0].startswith("raw:ip:udp") and r[1] == "9991" for r in rows), rows
+    # each packet's direction from its hook (INPUT: inbound) and its attributes in a comment
+    rows = fields(out, "frame.packet_flags_direction", "frame.comment")
+    assert all(int(r[0], 16) == 1 and f"prefix {PREFIX!r}" in r[1] for r in rows), rows
 
 
 @pytest.mark.kernel
@@ -372,3 +376,94 @@ def test_reordering_option_puts_two_groups_in_time_order(netns, tmp_path, home):
             least[window] = min(float(r[1]) for r in rows)
     assert least["0"] < -0.05  # a group-1 batch, up to 200 ms older than group 2's last packet
     assert least["500"] >= 0
+
+
+@pytest.mark.needs("tshark")
+def test_the_bare_tshark_line_is_tsharks_own_for_every_extcap(tmp_path):
+    """tshark 4.0 ends an extcap capture that went well with "tshark: " and nothing after it
+    (the empty message it was handed): Wireshark's own randpkt extcap gets the same line."""
+    r = subprocess.run(
+        ["tshark", "-i", "randpkt", "-a", "packets:3", "-w", str(tmp_path / "r.pcapng")],
+        capture_output=True, text=True, timeout=WAIT,
+    )  # fmt: skip
+    if "randpkt" not in r.stderr:
+        pytest.skip(f"this tshark has no randpkt extcap: {r.stderr}")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.endswith("\ntshark: \n3 packets captured\n"), r.stderr
+
+
+@pytest.mark.needs("tshark")
+def test_the_documented_preference_names_are_tsharks(home):
+    """docs/extcap.md spells out each option's tshark preference: exactly those tshark knows."""
+    root = Path(__file__).resolve().parent.parent
+    documented = set(re.findall(r"\| `(extcap\.nflogd\.[a-z]+)` \|", (root / "docs/extcap.md").read_text()))
+    r = subprocess.run(
+        ["tshark", "-G", "currentprefs"], capture_output=True, text=True, env=home, timeout=WAIT
+    )
+    known = set(re.findall(r"^#?(extcap\.nflogd\.[a-z]+):", r.stdout, re.M))
+    assert (
+        documented
+        == known
+        == {
+            f"extcap.nflogd.{o}"
+            for o in ("endpoint", "groups", "linktype", "reorderms", "serverkey", "clientkey")
+        }
+    )
+
+
+@pytest.mark.kernel
+def test_curve_endpoint_without_keys_is_said_once_to_tshark(netns, tmp_path, home):
+    """Without the key options, tshark shows why nothing came: the endpoint requires CURVE, once."""
+    keys = make_keys(tmp_path / "curve")
+    log_rules(netns)
+    publish = {"bind": [f"ipc://{tmp_path}/d/run/feed.sock", TCP], "curve": curve_section(keys)}
+    with NflogdProcess(netns, tmp_path / "d", groups=[1], extra={"publish": publish}):
+        configure(home, f"{TCP} curve-daemon")
+        iface = iface_of(home, "curve-daemon")
+        p = netns.popen(
+            "tshark", "-i", iface, "-a", "duration:6", "-w", str(tmp_path / "none.pcapng"),
+            env=home, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            _, err = p.communicate(timeout=WAIT)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert err.count("handshake failed") == 1, err
+    assert (
+        f"Error by extcap pipe: nflogd feed {TCP}: handshake failed: the endpoint requires CURVE (give "
+        "server_public_key and client_secret_key_file, nflog-tap --server-key/--client-key);"
+        " retrying every 2 s"
+    ) in err, err
+
+
+@pytest.mark.needs("tshark")
+def test_a_packet_over_the_snaplen_is_cut_counted_and_the_file_reads(home, feed, tmp_path):
+    """Wire-valid, though no daemon sends it: 300,000 captured bytes as raw IP. The record is
+    cut to 262,144 bytes, the most Wireshark reads, its original length kept; counted at the end."""
+    from feedutil import msg, rec, topics
+
+    v4 = bytes.fromhex("4500001c000000004011") + bytes(10) + bytes(8)  # 28 bytes of IPv4 and UDP
+    feed.publish_when_subscribed(
+        topics(), msg(5, rec(5, v4), rec(5, v4 + bytes(300_000 - len(v4))), rec(5, v4))
+    )
+    out = tmp_path / "big.pcapng"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "nflogd_client.extcap", "--capture", "--fifo", str(out),
+         "--extcap-interface", "nflogd", "--endpoint", feed.endpoint, "--linktype", "ip"],
+        env=home, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: out.exists() and out.stat().st_size > 262_144 + 2 * 28, "the three packets", 30)
+        time.sleep(0.2)
+        p.terminate()
+        _, err = p.communicate(timeout=WAIT)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0
+    assert err == "nflogd-extcap: 3 packets captured, 1 packets cut to 262144 bytes\n"
+    rows = fields(out, "frame.len", "frame.cap_len")
+    assert rows == [["28", "28"], ["300000", "262144"], ["28", "28"]]

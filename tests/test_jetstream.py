@@ -103,7 +103,7 @@ def test_a_late_message_fills_its_gap_and_a_repeated_one_is_skipped():
     assert acct.lost == {("r1", 1): 2}
     assert not acct.take(batch("r1", 2, 2))  # seen: a redelivery
     assert not acct.take(batch("r1", 8, 1))
-    assert acct.duplicates == 2 and acct.received == 7
+    assert acct.duplicates == 3 and acct.duplicate_messages == 2 and acct.received == 7  # packets
     assert acct.take(batch("r1", 6, 1))  # half of the other gap
     assert acct.lost == {("r1", 1): 1}
     assert acct.take(batch("r1", 3, 2, epoch=2))  # a restart: 0..2 of the new run lost
@@ -112,6 +112,47 @@ def test_a_late_message_fills_its_gap_and_a_repeated_one_is_skipped():
     assert acct.lost == {("r1", 1): 1}
     assert acct.take(batch("r2", 10, 1))  # another node: its own baseline
     assert acct.lost == {("r1", 1): 1, ("r2", 1): 0}
+
+
+def test_messages_stored_out_of_order_are_all_delivered_and_counted_in_packets():
+    """A stream holding a (node, group)'s messages out of order (retried publishes that landed
+    late, messages given back by a reader that closed): a reader starting anywhere delivers
+    every stored packet once, counts no loss where none was, and counts a redelivery in
+    packets."""
+    acct = _Account()
+    # the reader began at the stream position of 20..30; 10..20 was stored after it
+    assert acct.take(batch("r1", 20, 10))
+    assert acct.take(batch("r1", 10, 10))  # before where it began: delivered, no loss, no duplicate
+    assert acct.take(batch("r1", 40, 10))  # 30..40 missing so far
+    assert acct.take(batch("r1", 0, 5))
+    assert acct.lost == {("r1", 1): 10} and acct.duplicates == 0
+    assert acct.take(batch("r1", 30, 10))  # it came after all
+    assert acct.lost == {("r1", 1): 0} and acct.received == 45
+    assert not acct.take(batch("r1", 10, 10))  # delivered before: 10 packets skipped
+    assert acct.duplicates == 10 and acct.duplicate_messages == 1 and acct.received == 45
+
+
+def test_a_sequence_mark_shows_the_tail_lost():
+    acct = _Account()
+    assert acct.take(batch("r1", 0, 5))
+    assert acct.take(batch("r1", 9, 0))  # the mark: the run sent 0..8; 5..8 never came
+    assert acct.lost == {("r1", 1): 4} and acct.received == 5
+    assert acct.take(batch("r1", 9, 0))  # the relay's mark, the same: nothing more
+    assert acct.take(batch("r1", 5, 4))  # ... unless they come late
+    assert acct.lost == {("r1", 1): 0} and acct.duplicates == 0
+    assert acct.take(batch("r1", 2, 0, epoch=2))  # a restart whose first word is a mark
+    assert acct.restarts == 1 and acct.lost == {("r1", 1): 2}
+
+
+def test_a_sequence_mark_has_its_own_stream_id():
+    """A mark shares first_seq with the next message: its id must differ, or the stream would
+    take that message for a duplicate of the mark."""
+    frames = wire.encode(5, "r1", 1718000000123456789, 4242, [], kernel_dropped=3)
+    r = stream.record(frames, partitions=8)
+    assert r.count == 0 and r.msg_id == "r1.5.1718000000123456789.4242.mark"
+    assert stream.record(node_msg("r1", 5, 4242, epoch=1718000000123456789)).msg_id == (
+        "r1.5.1718000000123456789.4242"
+    )
 
 
 def test_the_accounting_keeps_max_nodes():
@@ -360,7 +401,7 @@ def test_daemons_to_a_consumer_group_and_replay(tmp_path):
                 third = {f"c-router1-{k}".encode() for k in range(50)}
                 routers[0].send_udp(sorted(third), port=UDP_PORT)
                 got = read_all(workers, len(third))
-                assert sorted(payloads(got[0])) == sorted(third) and not got[1]
+                assert sorted(payloads(got[0])) == sorted(third) and not payloads(got[1])
                 assert (workers[0].restarts, workers[0].total_lost, workers[1].restarts) == (1, 0, 0)
 
             # replay from the start: every packet again, in order, no loss; from a time; from a sequence
@@ -398,14 +439,15 @@ def test_a_worker_that_closes_gives_back_what_it_fetched_ahead(tmp_path, feed):
             wait_until(lambda: relay.stream_metric("nflogd_relay_stream_published_total") == 50, "50 acks")
         url = f"{srv.url}/NFLOG?durable=g&start=all"
         with JetStreamSubscriber(url) as first:
-            wait_until(lambda: first.queued() == 50, "the reader fetched ahead")
+            wait_until(lambda: first.queued() == 51, "the reader fetched ahead")  # and the exit's mark
             one = first.recv_batch(timeout=5)
         t0 = time.monotonic()
         with JetStreamSubscriber(url, ack_wait_s=30) as second:
             (rest,) = read_all([second], 49, timeout=10)
         assert time.monotonic() - t0 < 10  # not after ack_wait_s
-        assert [one.first_seq] + [b.first_seq for b in rest] == list(range(50))
-        assert second.duplicates == 0
+        assert [one.first_seq] + [b.first_seq for b in rest if b.packets] == list(range(50))
+        assert (rest[-1].packets, rest[-1].first_seq) == ([], 50)  # the relay's mark at its exit
+        assert second.duplicates == 0 and second.total_lost == 0
 
 
 # -- the engine away ---------------------------------------------------------------------------
@@ -488,6 +530,74 @@ def test_the_server_down_the_relay_buffers_in_bounds_then_counts_drops_that_read
         srv.stop()
 
 
+def test_a_buffer_short_of_a_failover_is_warned_of_and_the_last_words_count_packets(tmp_path, feed):
+    """At a rate whose 8 s (a leader failover) exceed buffer_bytes the relay says so, once; with
+    the server gone, SIGTERM's last words give the packets not published, as the metric does."""
+    srv = NatsServer(tmp_path / "nats")
+    js = {"servers": [srv.url], "buffer_bytes": 1 << 16, "ack_timeout_ms": 500}
+    try:
+        srv.start()
+        relay = StreamRelay(tmp_path / "relay", upstreams=[feed.endpoint], jetstream=js, stop_timeout=20)
+        with relay:
+            feed.wait_subscribed({b""})
+            seq = 0
+            for _ in range(300):  # ~1.2 kB each, 100 a second: 8 s of it is twice 64 KiB
+                feed.publish(node_msg("r1", 7, seq, n=2, size=500))
+                seq += 2
+                time.sleep(0.01)
+            wait_until(lambda: relay.stream_metric("nflogd_relay_stream_published_total") >= 300, "acks")
+            wait_until(lambda: "holds" in relay.stderr, "the warning")
+            assert relay.stderr.count("a leader failover stalls publishing") == 1, relay.stderr
+            srv.stop()
+            wait_until(lambda: relay.stream_metric("nflogd_relay_stream_connected") == 0, "disconnected")
+            for _ in range(10):
+                feed.publish(node_msg("r1", 7, seq, n=3))
+                seq += 3
+            wait_until(lambda: relay.stream_metric("nflogd_relay_stream_buffered_messages") >= 10, "held")
+            relay.stop()
+        assert relay.returncode == 0
+        assert "stopped with 30 packets not published" in relay.stderr, relay.stderr
+    finally:
+        srv.stop()
+
+
+def test_a_tail_the_stream_buffer_dropped_is_counted_by_the_reader(tmp_path, feed):
+    """The server away while the last messages of a run come: the relay's buffer drops them
+    (counted), and nothing follows them. The relay's own sequence mark, two seconds after the
+    last packets, still fits the full buffer and is stored once the server is back, so the
+    reader counts the tail: lost = sent - received, equal to the relay's dropped packets."""
+    srv = NatsServer(tmp_path / "nats")
+    js = {"servers": [srv.url], "buffer_bytes": 1 << 16, "ack_timeout_ms": 500}
+    try:
+        srv.start()
+        with StreamRelay(tmp_path / "relay", upstreams=[feed.endpoint], jetstream=js) as relay:
+            feed.wait_subscribed({b""})
+            seq = 0
+            for _ in range(10):
+                feed.publish(node_msg("r1", 7, seq, n=2, size=500))
+                seq += 2
+            wait_until(lambda: relay.stream_metric("nflogd_relay_stream_published_total") == 10, "10 acks")
+            srv.stop()
+            wait_until(lambda: relay.stream_metric("nflogd_relay_stream_connected") == 0, "disconnected")
+            for _ in range(200):  # ~1.2 kB each against a 64 KiB buffer: the end is dropped
+                feed.publish(node_msg("r1", 7, seq, n=2, size=500))
+                seq += 2
+            wait_until(lambda: relay.metric("nflogd_relay_marks_total") == 1, "the relay's mark")
+            dropped = relay.stream_metric("nflogd_relay_stream_dropped_packets_total", reason="buffer")
+            assert dropped > 0
+            srv.start()
+            drained = lambda: relay.stream_metric("nflogd_relay_stream_buffered_messages") == 0  # noqa: E731
+            wait_until(drained, "drained", 30)
+            with JetStreamSubscriber(f"{srv.url}/NFLOG", start="all") as reader:
+                (got,) = read_all([reader], seq - dropped, timeout=30)
+                assert got[-1].packets == [] and got[-1].first_seq == seq  # the mark, last
+                assert max(p.seq for b in got for p in b.packets) < seq - 2  # the tail never came
+                assert reader.received == seq - dropped
+                assert reader.total_lost == dropped == seq - reader.received
+    finally:
+        srv.stop()
+
+
 def readme_jetstream_config() -> dict:
     """The README's relay config with a jetstream section, as pasted."""
     readme = (REPO / "README.md").read_text()
@@ -557,9 +667,57 @@ def test_r3_one_cluster_node_killed_mid_stream_loses_nothing(tmp_path, feed):
                 assert seen == sorted((n, s) for n in ("r1", "r2") for s in range(total))
                 assert reader.total_lost == 0
                 assert relay.stream_metric("nflogd_relay_stream_dropped_messages_total", reason="buffer") == 0
-                assert relay.stream_metric("nflogd_relay_stream_published_total") == 600
+                marks = relay.metric("nflogd_relay_marks_total")  # the relay's, two seconds after each node
+                assert relay.stream_metric("nflogd_relay_stream_published_total") == 600 + marks
             finally:
                 reader.close()
+
+
+def test_r3_a_reader_closed_mid_stream_hands_over_to_the_next_every_stored_packet_once(tmp_path, feed):
+    """A real R3 cluster, one node killed while the stream fills; the stream holds messages out
+    of order (two pairs swapped, one where the second reader begins), lacks one message (4
+    packets lost on the way) and ends with a sequence mark after a tail that never came (4
+    more). A reader closed mid-stream gives back what it had fetched ahead, and a reader of the
+    same consumer started at once delivers the rest: every stored packet once, nothing skipped
+    as a duplicate, the loss counted in packets."""
+    with NatsCluster(tmp_path / "cluster", 3) as cluster:
+        js = {"servers": cluster.urls, "replicas": 3}
+        with StreamRelay(tmp_path / "relay", upstreams=[feed.endpoint], jetstream=js) as relay:
+            feed.wait_subscribed({b""})
+            order = [b for b in range(99) if b != 50]  # block b: packets 4b .. 4b+3; 50 never sent
+            for i in (20, 60):  # 21 before 20: where the second reader begins, below its first
+                order[i], order[i + 1] = order[i + 1], order[i]
+            info = stream_info(cluster.urls[0])
+            replica = next(s for s in cluster.servers if s.name != info.cluster.leader)
+            for k, b in enumerate(order):
+                feed.publish(node_msg("r1", 1, 4 * b, n=4))
+                if k == 40:
+                    replica.kill()
+                time.sleep(0.003)
+            feed.publish(wire.encode(1, "r1", 1, 4 * 100, []))  # the mark: 396..399 never came
+            sent = len(order) + 1
+            wait_until(
+                lambda: relay.stream_metric("nflogd_relay_stream_published_total") == sent,
+                "every message stored", timeout=30,
+            )  # fmt: skip
+        replica.start()  # back: the readers need the cluster's meta leader, which it may have been
+        stored = {4 * b + k for b in order for k in range(4)}
+        url = "nats://" + ",".join(u.split("//")[1] for u in cluster.urls) + "/NFLOG?durable=g&start=all"
+        first = JetStreamSubscriber(url, prefetch=32, timeout=30)
+        try:
+            got_first = [first.recv_batch(timeout=10) for _ in range(20)]
+            assert first.queued() > 0  # fetched ahead, not handed over
+        finally:
+            first.close()
+        t0 = time.monotonic()
+        with JetStreamSubscriber(url, ack_wait_s=30) as second:
+            (rest,) = read_all([second], len(stored) - 4 * 20, timeout=15)
+            assert time.monotonic() - t0 < 15  # given back at once, not after ack_wait_s
+            delivered = [p.seq for b in got_first + rest for p in b.packets]
+            assert sorted(delivered) == sorted(stored)  # each stored packet once
+            assert first.duplicates == second.duplicates == 0
+            assert first.total_lost == 0
+            assert second.total_lost == 8 and second.lost == {("r1", 1): 8}
 
 
 # -- nflog-tap and scapy on a stream -------------------------------------------------------------
@@ -646,3 +804,17 @@ def test_a_reload_that_changes_the_jetstream_section_is_refused(tmp_path, feed):
             wait_until(
                 lambda: relay.stream_metric("nflogd_relay_stream_published_total") == 1, "still publishing"
             )
+
+
+def test_without_nats_py_the_reader_says_what_to_install():
+    """Without nats-py a JetStreamSubscriber is one ImportError naming the extra, raised
+    where it is made (not a traceback from the reader's thread)."""
+    code = (
+        "import sys; sys.modules['nats'] = None\n"
+        "from nflogd_client.jetstream import JetStreamSubscriber\n"
+        "try:\n    JetStreamSubscriber('nats://127.0.0.1:9/feed', [5])\n"
+        "except ImportError as e:\n    print(e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.strip() == "JetStreamSubscriber needs nats-py: pip install 'nflogd-client[jetstream]'"

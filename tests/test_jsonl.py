@@ -15,10 +15,11 @@ import test_tap
 from daemonutil import NflogdProcess
 from feedutil import TS, msg, rec, topics
 from nflogd_client import jsonl, wire
+from nflogd_client.community_id import community_id, community_id_icmp
 from nsutil import SteadyTraffic
 from scapy.compat import raw
 from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
+from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment, IPv6ExtHdrHopByHop
 from test_tap import V4, V4_BIG, V6, finish, run_tap
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,8 +30,9 @@ JQ = shutil.which("jq") or "/usr/bin/jq"  # the Makefile installs jq
 KEYS = {
     "event", "node", "group", "seq", "time", "time_ns", "ts_kernel", "len", "caplen", "truncated",
     "prefix", "mark", "indev", "indev_name", "outdev", "outdev_name", "physindev", "physoutdev",
+    "physindev_name", "physoutdev_name",
     "uid", "gid", "hook", "hook_name", "hw_protocol", "hwaddr", "kernel_seq",
-    "family", "src", "dst", "protocol", "sport", "dport",
+    "family", "src", "dst", "protocol", "sport", "dport", "community_id", "ct", "vlan", "l2hdr",
 }  # fmt: skip
 EVENT_KEYS = {"event", "node", "group", "where", "lost", "time", "time_ns"}
 
@@ -71,6 +73,9 @@ def test_packets_as_json_lines(feed, procs):
         "hook": 0, "hook_name": "prerouting", "hw_protocol": 0x0800, "hwaddr": None, "kernel_seq": None,
         "family": "ipv4", "src": "192.0.2.1", "dst": "198.51.100.2", "protocol": 17,
         "sport": 40000, "dport": 40001,
+        "physindev_name": None, "physoutdev_name": None,
+        "community_id": community_id("192.0.2.1", "198.51.100.2", 17, 40000, 40001),
+        "ct": None, "vlan": None, "l2hdr": None,
     }  # fmt: skip
     assert (b["len"], b["caplen"], b["truncated"], b["prefix"], b["mark"], b["uid"]) == (
         len(V4_BIG), 60, True, None, None, None,
@@ -89,6 +94,53 @@ def test_packets_as_json_lines(feed, procs):
     ]  # fmt: skip
     assert jq("[.uid, .gid] | map(. == null)", text) == [[False, True], [True, True], [True, False]]
     assert jq("map(keys) | unique | length", text, "-s") == [1]
+
+
+@pytest.mark.needs("jq")
+def test_conntrack_vlan_and_link_header_lines(feed, procs):
+    ct = wire.Conntrack(
+        state="established", reply_dir=True, info=3, id=77, mark=5, status=0x1A, timeout=120, zone=None,
+        proto=17, orig=wire.CtTuple("192.0.2.1", "203.0.113.9", 40000, 53),
+        reply=wire.CtTuple("198.51.100.2", "192.0.2.1", 53, 40000), labels=None,
+    )  # fmt: skip
+    l2 = bytes.fromhex("0200000000020200000000010800")
+    feed.publish_when_subscribed(
+        topics(5),
+        msg(5, rec(5, V4, ct=ct), rec(5, V4, vlan=wire.Vlan(0x2005, 0x8100), l2hdr=l2, physindev=3)),
+    )
+    p = run_tap(procs, "-e", feed.endpoint, "-g", "5", "-c", "2", "--format", "json")
+    out, _ = finish(p)
+    a, b = lines(out)
+    assert set(a) == set(b) == KEYS
+    assert a["ct"] == {
+        "state": "established", "reply_dir": True, "info": 3, "id": 77, "mark": 5, "status": 0x1A,
+        "timeout": 120, "zone": None, "proto": 17, "labels": None,
+        "orig": {"src": "192.0.2.1", "dst": "203.0.113.9", "sport": 40000, "dport": 53},
+        "reply": {"src": "198.51.100.2", "dst": "192.0.2.1", "sport": 53, "dport": 40000},
+    }  # fmt: skip
+    assert (a["vlan"], a["l2hdr"], b["ct"]) == (None, None, None)
+    assert b["vlan"] == {"id": 5, "pcp": 1, "tci": 0x2005, "proto": 0x8100} and b["l2hdr"] == l2.hex()
+    assert jq(".ct.orig.dst", out.decode()) == ["203.0.113.9", None]
+
+
+def test_community_id_of_packets():
+    """The flow's Community ID from the captured headers: both directions alike, ICMP by type."""
+    fwd = IP(src="10.0.0.1", dst="127.0.0.1") / TCP(sport=1234, dport=80)
+    back = IP(src="127.0.0.1", dst="10.0.0.1") / TCP(sport=80, dport=1234)
+    ids = {
+        jsonl.packet_object(wire.Packet.build(1, raw(p), hw_protocol=0x0800))["community_id"]
+        for p in (fwd, back)
+    }
+    assert ids == {community_id("10.0.0.1", "127.0.0.1", 6, 1234, 80)}
+    ping = raw(IPv6(src="2001:db8::1", dst="2001:db8::2") / ICMPv6EchoRequest(id=1))
+    obj = jsonl.packet_object(wire.Packet.build(1, ping, hw_protocol=0x86DD))
+    assert obj["community_id"] == community_id_icmp("2001:db8::1", "2001:db8::2", 58, 128, 0)
+    cut = wire.Packet.build(1, raw(fwd)[:22], len=40, hw_protocol=0x0800)  # the ports were not copied
+    assert jsonl.packet_object(cut)["community_id"] is None
+    gre = raw(IP(src="10.1.12.2", dst="10.1.12.1", proto=47) / (b"x" * 8))
+    assert jsonl.packet_object(wire.Packet.build(1, gre, hw_protocol=0x0800))["community_id"] == community_id(
+        "10.1.12.1", "10.1.12.2", 47
+    )
 
 
 @pytest.mark.needs("jq")

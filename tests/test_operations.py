@@ -141,7 +141,7 @@ def test_rule_and_group_settings_meet_as_documented(netns, tool):
 
 def test_config_snippets_parse():
     snippets = [b for b in blocks("yaml") if b.startswith("groups:")]
-    assert len(snippets) == 2
+    assert len(snippets) == 3
     for text in snippets:
         config.parse(text, source="docs/operations.md")
 

@@ -19,6 +19,7 @@ How an unmarked block runs, by what it is:
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import re
@@ -126,7 +127,9 @@ def test_firewall_block(block, netns):
 def test_vector_block(block):
     namespace = {"wire": wire, "Packet": Packet}
     exec(compile(block.code, str(block), "exec"), namespace)
-    assert wire.decode(namespace["frames"]).packets
+    frames = namespace["frames"]
+    batch = wire.decode(frames)
+    assert len(batch.packets) == wire.HEADER.unpack_from(frames[1])[4]  # the header's count (0: a mark)
 
 
 @pytest.mark.kernel
@@ -235,3 +238,14 @@ def test_readme_block(block, lab, tmp_path):
     status, out, err = lab.run_block(block, tmp_path / "home")
     assert "Traceback" not in err, f"{block}:\n{err}"
     assert status in (0, None), f"{block}: exit {status}\n{err}"
+    if block.lang == "python" and ("print(" in block.code or "prn=" in block.code):
+        assert out.strip(), f"{block}: prints nothing in the lab, where its group has traffic\n{err}"
+
+
+@pytest.mark.parametrize("block", [b for b in TO_RUN if b.lang == "python"], ids=str)
+def test_python_blocks_run_what_they_define(block):
+    """A function a block defines is called in it: pasted, the block does what it shows."""
+    tree = ast.parse(block.code)
+    defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert defined <= called, f"{block}: defines {sorted(defined - called)} and never calls it"

@@ -3,7 +3,11 @@ pairs to a collector namespace, nothing connected to the host's own namespace.""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +28,11 @@ pytestmark = pytest.mark.timeout(60)
 PORT = 5555  # each daemon's tcp endpoint, on its router's veth address
 UDP_PORT = 9999  # what the routers' log rule matches
 WAIT = 10.0
+TAP = (
+    [str(REPO / ".venv/bin/nflog-tap")]
+    if (REPO / ".venv/bin/nflog-tap").exists()
+    else [sys.executable, "-m", "nflogd_client.tap"]
+)
 
 
 def router_address(i: int) -> str:
@@ -486,3 +495,178 @@ def test_unit_runs_without_any_capability():
     shared = {k for k in daemon_unit if k.startswith(("Protect", "Restrict", "Private", "Lock", "System"))}
     missing = {k for k in shared if k not in s}
     assert not missing, f"the daemon's hardening the relay lacks: {missing}"
+
+
+# -- the tail of a stream ---------------------------------------------------------------------------
+
+
+def _tap_counts(stderr: str) -> tuple[int, int]:
+    """(packets printed, lost) from nflog-tap's last words."""
+    line = [s for s in stderr.splitlines() if s.startswith("nflog-tap: ")][-1]
+    printed, lost = (int(x) for x in re.match(r"nflog-tap: (\d+) packets printed, (\d+) lost", line).groups())
+    return printed, lost
+
+
+class TailReader(threading.Thread):
+    """One reader, made in this thread by ``make()`` (-> ``recv``, the next packet or None, and
+    the object with the accounting): its first packet (``ready``), then, once ``go`` is set,
+    every packet until nothing has come for ``quiet`` seconds; the first and last ``seq``."""
+
+    def __init__(self, make, go: threading.Event, quiet: float = 3.5):
+        super().__init__(daemon=True)
+        self.make, self.go, self.quiet = make, go, quiet
+        self.ready = threading.Event()
+        self.acct = None
+        self.first: int | None = None
+        self.last: int | None = None
+        self.count = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            recv, self.acct = self.make()
+            try:
+                while self.first is None:
+                    self.take(recv, 0.05)
+                self.ready.set()
+                self.go.wait(60)
+                while self.take(recv, self.quiet):
+                    pass
+            finally:
+                self.acct.close()
+        except BaseException as e:  # pragma: no cover - reported by the test
+            self.error = e
+            self.ready.set()
+
+    def take(self, recv, timeout: float) -> bool:
+        p = recv(timeout)
+        if p is None:
+            return False
+        if self.first is None:
+            self.first = p.seq
+        self.last = p.seq
+        self.count += 1
+        return True
+
+
+@pytest.mark.kernel
+def test_a_tail_the_relay_dropped_is_counted_by_every_reader(lab, tmp_path):
+    """A burst whose end the relay drops for readers that are not reading (their queues at the
+    relay's publish.hwm): the daemon's sequence mark, a second after its last packet, tells each
+    reader where the sequence ended, so lost = sent - received for the Subscriber, the
+    AsyncSubscriber, the scapy socket and nflog-tap alike."""
+    from nflogd_client.aio import AsyncSubscriber
+    from nflogd_client.scapy_socket import ZMQNFLOGSocket
+
+    lab = lab(1)
+    router = lab.routers[0]
+    d = daemon(router, tmp_path, 1, groups=({"group": 1, "queue_threshold": 1},))
+    relay = RelayProcess(lab.collector, tmp_path / "relay", upstreams=[router_endpoint(1)])
+    relay.write_config({**relay.config, "publish": {"bind": [relay.endpoint], "hwm": 10}})
+    endpoint = relay.endpoint
+
+    def make_sub():
+        sub = Subscriber(endpoint, rcvhwm=1)
+        return sub.recv, sub
+
+    class AsyncReader(AsyncSubscriber):  # on an event loop of its own thread
+        def __init__(self):
+            self.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self.loop)
+            super().__init__(endpoint, rcvhwm=1)
+
+        def close(self, linger: int = 0) -> None:
+            super().close(linger)
+            self.loop.close()
+
+    def make_async():
+        sub = AsyncReader()
+        return (lambda timeout: sub.loop.run_until_complete(sub.recv(timeout))), sub
+
+    class ScapyReader:  # the scapy socket's packets, and its Subscriber's accounting
+        def __init__(self):
+            self.sock = ZMQNFLOGSocket(endpoint, rcvhwm=1)
+            self.subscriber = self.sock.subscriber
+
+        def recv(self, timeout):
+            pkt = self.sock.recv(timeout=timeout)
+            return None if pkt is None else pkt.nflog_packet
+
+        def close(self):
+            self.sock.close()
+
+        def __getattr__(self, name):
+            return getattr(self.subscriber, name)
+
+    def make_scapy():
+        r = ScapyReader()
+        return r.recv, r
+
+    tap = tap_out = tap_err = None
+    go = threading.Event()
+    readers = [TailReader(make, go) for make in (make_sub, make_async, make_scapy)]
+    names = ("Subscriber", "AsyncSubscriber", "scapy socket")
+    try:
+        d.start()
+        relay.start()
+        tap_out = open(tmp_path / "tap.txt", "w+")
+        tap_err = open(tmp_path / "tap.err", "w+")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        tap = subprocess.Popen([*TAP, "-e", endpoint], stdout=tap_out, stderr=tap_err, env=env)
+        for r in readers:
+            r.start()
+
+        def probed() -> bool:
+            tap_out.seek(0)
+            return all(r.ready.is_set() for r in readers) and " seq " in tap_out.read()
+
+        deadline = time.monotonic() + WAIT
+        while not probed():  # the whole path is up, and each reader has its baseline
+            assert time.monotonic() < deadline, "probes did not reach every reader"
+            router.send_udp([b"probe"], port=UDP_PORT)
+            time.sleep(0.05)
+        assert all(r.error is None for r in readers), [r.error for r in readers]
+        time.sleep(2.5)  # the probes' marks are out
+        tap.send_signal(signal.SIGSTOP)  # nflog-tap reads nothing either
+        send(router, "burst", 4000, chunk=200)
+        wait_until(lambda: d.metric("nflogd_packets_total", group="1") >= 4000, "the burst captured")
+        passed = [-1.0]
+
+        def relayed() -> bool:  # the relay has passed on (or dropped) all of it: its count stands
+            now = relay.metric("nflogd_relay_messages_total", upstream=router_endpoint(1))
+            done, passed[0] = now == passed[0], now
+            return done
+
+        wait_until(relayed, "the relay's count to stand", interval=0.5)
+        tap.send_signal(signal.SIGCONT)
+        go.set()  # every reader reads again; the marks come a second after the last packet
+        for r in readers:
+            r.join(30)
+            assert not r.is_alive() and r.error is None, r.error
+        tap.send_signal(signal.SIGINT)
+        tap.wait(10)
+        end = int(d.metric("nflogd_packets_total", group="1"))  # the sequence's end: seq counts capture
+        assert not d.metric("nflogd_kernel_dropped_packets_total", group="1")
+        for name, r in zip(names, readers):
+            acct = r.acct
+            assert r.last is not None and r.last < end - 1, f"{name}: the tail was not dropped ({r.last})"
+            assert acct.total_lost == end - r.first - acct.received, f"{name}: lost {acct.total_lost}"
+            assert acct.received == r.count
+        tap_out.seek(0)
+        lines = [x for x in tap_out.read().splitlines() if " seq " in x]
+        first = int(re.search(r" seq (\d+) ", lines[0]).group(1))
+        tap_err.seek(0)
+        printed, lost = _tap_counts(tap_err.read())
+        assert printed == len(lines) and int(re.search(r" seq (\d+) ", lines[-1]).group(1)) < end - 1
+        assert lost == end - first - printed, "nflog-tap"
+    finally:
+        go.set()
+        if tap is not None and tap.poll() is None:
+            tap.send_signal(signal.SIGCONT)
+            tap.kill()
+            tap.wait()
+        for f in (tap_out, tap_err):
+            if f is not None:
+                f.close()
+        relay.stop()
+        d.stop()

@@ -1,5 +1,7 @@
 """NFLOGListenSocket and install_nflog_listener: scapy reading NFLOG groups in this process."""
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -87,3 +89,37 @@ def test_send_raises_and_close_releases(netns):
         sock.close()
         sock.close()
         NFLOGListenSocket(queues=9).close()  # the group is free again
+
+
+def test_a_busy_group_raises_group_busy_and_nothing_else(netns):
+    """The second socket on a group gets GroupBusy naming the holder; its collection says nothing."""
+    code = (
+        "import gc\n"
+        "from nflogd import GroupBusy, NFLOGListenSocket\n"
+        "held = NFLOGListenSocket(queues=10)\n"
+        "try:\n"
+        "    NFLOGListenSocket(queues=10)\n"
+        "except GroupBusy as e:\n"
+        "    print(e)\n"
+        "gc.collect()\n"
+        "held.close()\n"
+    )
+    r = netns.run(sys.executable, "-c", code, check=False, timeout=30)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith("group 10 is already bound by netlink port "), r.stdout
+    assert "python" in r.stdout
+
+
+def test_install_without_arguments_is_the_class_itself():
+    """As scapy-nflog-capture's README says: conf.L2listen = NFLOGListenSocket, nothing else."""
+    code = (
+        "from scapy.config import conf\n"
+        "import scapy_nflog\n"
+        "from nflogd import NFLOGListenSocket\n"
+        "assert scapy_nflog.install_nflog_listener() is NFLOGListenSocket\n"
+        "assert conf.L2listen is NFLOGListenSocket\n"
+        "assert conf.L2listen is not scapy_nflog.install_nflog_listener(queues=3)\n"
+        "assert conf.L2listen.queues == 3\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr

@@ -8,7 +8,7 @@ import time
 import pytest
 import zmq
 from feedutil import TS, msg, rec, topics
-from nflogd_client import scapy_socket
+from nflogd_client import scapy_socket, wire
 from nflogd_client.scapy_socket import ZMQNFLOGSocket, install_zmq_listener
 from scapy.automaton import ObjectPipe
 from scapy.compat import raw
@@ -79,6 +79,23 @@ def test_recv_ipv4_ipv6_exact_and_groups_by_iface(feed, sockets):
     assert (c.nflog_group, c.nflog_node, c.nflog_seq, c.nflog_prefix) == (6, "r1", 40, None)
     assert sock.recv(timeout=0.2) is None  # group 7 never came
     assert sock.total_lost == 0
+
+
+def test_conntrack_vlan_and_link_header_as_attributes(feed, sockets):
+    sock = ZMQNFLOGSocket(feed.endpoint, groups=5)
+    sockets.append(sock)
+    feed.wait_subscribed(topics(5))
+    ct = wire.Conntrack(
+        state="new", reply_dir=False, info=2, id=9, mark=None, status=None, timeout=None, zone=None,
+        proto=17, orig=wire.CtTuple("192.0.2.1", "203.0.113.9", 40000, 40001), reply=None, labels=None,
+    )  # fmt: skip
+    l2 = bytes.fromhex("0200000000020200000000010800")
+    feed.publish(msg(5, rec(5, V4, ct=ct), rec(5, V4, vlan=wire.Vlan(0x0007, 0x8100), l2hdr=l2)))
+    a, b = (sock.recv(timeout=WAIT) for _ in range(2))
+    check_v4(a)
+    assert a.nflog_ct == ct and a.nflog_ct.orig.dst == "203.0.113.9" and a.nflog_vlan is None
+    check_v4(b, seq=1)
+    assert b.nflog_ct is None and b.nflog_vlan.id == 7 and b.nflog_l2hdr == l2
 
 
 def test_other_hw_protocol_is_raw_layer(feed, sockets):

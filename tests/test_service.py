@@ -3,6 +3,7 @@ outside the journal, --log-file; and `make run` installs only what running needs
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -91,3 +92,75 @@ def test_make_run_installs_only_what_running_needs():
     assert "libnetfilter-log-dev" in r.stdout and "-e ./client -e ." in r.stdout
     t = subprocess.run(["make", "-n", "-B", "deps"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert all(tool in t.stdout for tool in ("pytest", "ruff", "hypothesis", "prometheus", "tshark"))
+
+
+def test_make_extcap_install_installs_only_what_running_needs():
+    r = subprocess.run(
+        ["make", "-n", "-B", "extcap-install"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    for tool in ("pytest", "ruff", "mypy", "hypothesis", "jetstream", "prometheus", "nats-server"):
+        assert tool not in r.stdout, f"make extcap-install installs {tool}:\n{r.stdout}"
+    assert "-e ./client -e ." in r.stdout and "nflogd-extcap --install" in r.stdout
+
+
+@pytest.mark.kernel
+def test_make_run_leaves_the_packages_access_model(netns, tmp_path):
+    """make run as root without systemd: /run/nflogd root:nflog 0750, the socket 0660, as the
+    package has them, so a user in group nflog reads the feed and one outside does not. /run
+    and /etc are the test's own (a tmpfs, an overlay): the group is made there."""
+    import signal
+    import time
+
+    config = tmp_path / "nflogd.yaml"
+    config.write_text(
+        "groups: [1]\npublish: {bind: ['ipc:///run/nflogd/feed.sock']}\nmetrics: {listen: null}\n"
+    )
+    for d in ("upper", "work"):
+        (tmp_path / d).mkdir()
+    setup = (
+        "mount --make-rprivate / && mount -t tmpfs -o mode=755 tmpfs /run && "
+        "mount -t overlay overlay -o "
+        f"lowerdir=/etc,upperdir={tmp_path}/upper,workdir={tmp_path}/work /etc && "
+        'exec "$@"'
+    )
+    p = netns.popen(
+        "unshare", "-m", "sh", "-c", setup, "sh", "make", "-s", "-C", str(REPO), "run", f"CONFIG={config}",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        sock = f"/proc/{p.pid}/root/run/nflogd/feed.sock"
+        deadline = time.monotonic() + 60
+        while not Path(sock).exists():
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() < deadline, "no feed socket from make run"
+            time.sleep(0.1)
+        root = Path(f"/proc/{p.pid}/root")
+        group = subprocess.run(
+            ["chroot", str(root), "getent", "group", "nflog"], capture_output=True, text=True, timeout=10
+        ).stdout.split(":")
+        assert group[0] == "nflog", group
+        run_dir, feed = (root / "run/nflogd").stat(), Path(sock).stat()
+        assert (run_dir.st_uid, run_dir.st_gid, oct(run_dir.st_mode & 0o7777)) == (0, int(group[2]), "0o750")
+        assert (feed.st_uid, feed.st_gid, oct(feed.st_mode & 0o777)) == (0, int(group[2]), "0o660")
+        connect = (
+            "import socket; socket.socket(socket.AF_UNIX).connect('/run/nflogd/feed.sock'); print('read')"
+        )
+
+        def reader(*groups: str) -> subprocess.CompletedProcess:
+            who = ["setpriv", "--reuid=65534", "--regid=65534", *groups, "/usr/bin/python3", "-c", connect]
+            return subprocess.run(
+                ["nsenter", "-t", str(p.pid), "-m", "-n", "--", *who],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+
+        ok = reader("--groups=nflog")
+        assert ok.stdout == "read\n", ok.stderr
+        assert "PermissionError" in reader("--clear-groups").stderr
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+        _, err = p.communicate(timeout=30)
+    assert "Traceback" not in err and "ERROR" not in err, err

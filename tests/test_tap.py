@@ -394,3 +394,62 @@ def test_python_dash_m_nflogd_client_is_nflog_tap(feed, procs):
     out, err = finish(p)
     assert p.returncode == 0 and err == "nflog-tap: 1 packets printed, 0 lost\n"
     assert " r1 group 5 seq 0 len 38 IP / UDP 192.0.2.1:40000 > 198.51.100.2:40001" in out.decode()
+
+
+@pytest.mark.needs("tshark")
+def test_write_pcapng_an_interface_per_node_and_group(feed, procs, tmp_path):
+    """-w x.pcapng: an interface per (node, group) named node:group, described by the endpoint;
+    real lengths (a metadata-only packet: 0 bytes captured), the direction from the hook, and
+    the attributes in each packet's comment; read back by tshark."""
+    out = tmp_path / "feed.pcapng"
+    ct = wire.Conntrack(
+        state="new", reply_dir=False, info=2, id=7, mark=None, status=None, timeout=None, zone=None,
+        proto=17, orig=wire.CtTuple("192.0.2.1", "203.0.113.9", 40000, 40001),
+        reply=wire.CtTuple("198.51.100.2", "192.0.2.1", 40001, 40000), labels=None,
+    )  # fmt: skip
+    feed.publish_when_subscribed(
+        topics(5, 6),
+        msg(5, rec(5, V4, prefix="in: ", mark=3, indev=2, ct=ct), rec(5, b"", len=328, uid=1000, hook=3)),
+        msg(6, rec(6, V6, outdev=4, hook=4), node="r2"),
+        wire.encode(5, "r1", 1, 5, [rec(5, V4_BIG[:60], len=len(V4_BIG), hook=2)]),  # 3 lost before it
+    )
+    p = run_tap(procs, "-e", feed.endpoint, "-g", "5", "-g", "6", "-c", "4", "-w", str(out))
+    _, err = finish(p)
+    assert p.returncode == 0 and err == "nflog-tap: 4 packets written, 3 lost\n"
+    names = ("frame.interface_name", "frame.interface_description", "frame.len", "frame.cap_len")
+    names += ("frame.packet_flags_direction", "frame.comment", "ip.dst", "ipv6.dst")
+    args = [a for n in names for a in ("-e", n)]
+    r = subprocess.run(
+        ["tshark", "-r", str(out), "-T", "fields", "-E", "separator=|", *args],
+        capture_output=True, text=True, timeout=WAIT,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    rows = [line.split("|") for line in r.stdout.splitlines()]
+    inbound, outbound, forward = "0x00000001", "0x00000002", ""  # epb_flags; none when forwarded
+    ep = feed.endpoint
+    assert rows == [
+        ["r1:5", ep, str(len(V4)), str(len(V4)), inbound,
+         "hook prerouting, prefix 'in: ', mark 3, in 2, ct new id 7 proto 17 "
+         "orig 192.0.2.1:40000 > 203.0.113.9:40001 reply 198.51.100.2:40001 > 192.0.2.1:40000",
+         "198.51.100.2", ""],
+        ["r1:5", ep, "328", "0", outbound, "hook output, uid 1000, metadata only", "", ""],
+        ["r2:6", ep, str(len(V6)), str(len(V6)), outbound, "hook postrouting, out 4", "", "2001:db8::2"],
+        ["r1:5", ep, str(len(V4_BIG)), "60", forward,
+         "hook forward,nflogd: 3 packets lost on the feed before this one (node r1, group 5)",
+         "198.51.100.3", ""],
+    ]  # fmt: skip
+
+
+def test_the_file_name_picks_the_format(feed, procs, tmp_path):
+    standard_feed(feed)
+    out = tmp_path / "x.PCAPNG"
+    p = run_tap(procs, "-e", feed.endpoint, "-g", "5", "-g", "6", "-c", "3", "-w", str(out))
+    _, err = finish(p)
+    assert p.returncode == 0 and err == "nflog-tap: 3 packets written, 0 lost\n"
+    assert out.read_bytes()[:4] == b"\x0a\x0d\x0d\x0a"  # a pcapng section
+
+
+def test_pcapng_has_no_nflog_linktype(procs, tmp_path):
+    p = run_tap(procs, "-e", "ipc:///nonexistent", "-w", str(tmp_path / "x.pcapng"), "--linktype", "nflog")
+    _, err = finish(p)
+    assert p.returncode == 2 and "--linktype nflog goes with --format pcap" in err

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "wire-format.md"
 VECTOR_DIR = Path(__file__).resolve().parent / "vectors"
 VECTOR_FILES = sorted(VECTOR_DIR.glob("v1-*.json"))
-BYTES_FIELDS = ("data", "hwaddr")
+BYTES_FIELDS = ("data", "hwaddr", "l2hdr")
 
 
 # -- the vectors ----------------------------------------------------------------------------
@@ -53,14 +53,26 @@ def load_vector(path: Path) -> dict:
 
 
 def unhex(d: dict) -> dict:
-    return {k: bytes.fromhex(v) if k in BYTES_FIELDS and v is not None else v for k, v in d.items()}
+    """A packet's fields from JSON: bytes from hex, the conntrack block and the VLAN tag as
+    the decoder gives them."""
+    out = {k: bytes.fromhex(v) if k in BYTES_FIELDS and v is not None else v for k, v in d.items()}
+    if out.get("ct") is not None:
+        ct = dict(out["ct"])
+        for k in ("orig", "reply"):
+            ct[k] = wire.CtTuple(**ct[k]) if ct[k] is not None else None
+        ct["labels"] = bytes.fromhex(ct["labels"]) if ct["labels"] is not None else None
+        out["ct"] = wire.Conntrack(**ct)
+    if out.get("vlan") is not None:
+        out["vlan"] = wire.Vlan(*out["vlan"])
+    return out
 
 
 def encode_from_file(vec: dict) -> list[bytes]:
     enc = vec["encode"]
     packets = [Packet.build(**unhex(p)) for p in enc["packets"]]
+    names = {int(k): v for k, v in enc["ifnames"].items()} if "ifnames" in enc else None
     return wire.encode(
-        enc["group"], enc["node"], enc["epoch"], enc["first_seq"], packets, enc["kernel_dropped"]
+        enc["group"], enc["node"], enc["epoch"], enc["first_seq"], packets, enc["kernel_dropped"], names
     )
 
 
@@ -96,7 +108,9 @@ def test_file_vector_decodes_to_its_fields(path):
     batch = wire.decode([bytes.fromhex(f) for f in vec["frames"]])
     want = vec["decoded"]
     got = {k: getattr(batch, k) for k in ("group", "node", "epoch", "first_seq", "kernel_dropped")}
-    assert got == {k: v for k, v in want.items() if k != "packets"}
+    assert got == {k: v for k, v in want.items() if k not in ("packets", "ifnames")}
+    names = {int(k): v for k, v in want.get("ifnames", {}).items()} or None
+    assert all(p.ifnames == names for p in batch.packets)
     assert [p.fields() for p in batch.packets] == [unhex(p) for p in want["packets"]]
     assert batch.next_seq == batch.first_seq + len(want["packets"])
 
@@ -105,7 +119,8 @@ def test_file_vector_decodes_to_its_fields(path):
 def test_file_vector_round_trips(path):
     frames = [bytes.fromhex(f) for f in load_vector(path)["frames"]]
     b = wire.decode(frames)
-    assert wire.encode(b.group, b.node, b.epoch, b.first_seq, b.packets, b.kernel_dropped) == frames
+    names = b.packets[0].ifnames if b.packets else None
+    assert wire.encode(b.group, b.node, b.epoch, b.first_seq, b.packets, b.kernel_dropped, names) == frames
 
 
 def test_vector_details():
@@ -139,6 +154,45 @@ opt32 = st.none() | u32
 
 
 @st.composite
+def conntracks(draw):
+    v6 = draw(st.booleans())
+    addr = st.ip_addresses(v=6 if v6 else 4).map(str)
+    proto = draw(st.sampled_from([6, 17, 1, 58, 47]))
+    u16 = st.integers(0, 0xFFFF)
+    u8 = st.integers(0, 255)
+
+    def tup():
+        ports = proto in (6, 17)
+        icmp = proto in (1, 58)
+        return wire.CtTuple(
+            draw(addr),
+            draw(addr),
+            draw(u16) if ports else None,
+            draw(u16) if ports else None,
+            draw(u16) if icmp else None,
+            draw(u8) if icmp else None,
+            draw(u8) if icmp else None,
+        )
+
+    info = draw(st.none() | st.sampled_from(sorted(wire.CT_STATES)))
+    state, reply_dir = wire.CT_STATES[info] if info is not None else (None, None)
+    return wire.Conntrack(
+        state=state,
+        reply_dir=reply_dir,
+        info=info,
+        id=draw(opt32),
+        mark=draw(opt32),
+        status=draw(opt32),
+        timeout=draw(opt32),
+        zone=draw(st.none() | u16),
+        proto=proto,
+        orig=tup() if draw(st.booleans()) else None,
+        reply=tup() if draw(st.booleans()) else None,
+        labels=draw(st.none() | st.binary(max_size=16)),
+    )
+
+
+@st.composite
 def packets(draw, group):
     data = draw(st.binary(max_size=300))
     length = draw(st.none() | st.integers(len(data), 2**32 - 1))
@@ -160,6 +214,11 @@ def packets(draw, group):
         hook=draw(st.integers(0, 255)),
         hwaddr=draw(st.none() | st.binary(max_size=8)),
         kernel_seq=draw(opt32),
+        ct=draw(st.none() | conntracks()),
+        vlan=draw(
+            st.none() | st.tuples(st.integers(0, 0xFFFF), st.integers(0, 0xFFFF)).map(lambda t: wire.Vlan(*t))
+        ),
+        l2hdr=draw(st.none() | st.binary(max_size=64)),
     )
 
 
@@ -200,9 +259,10 @@ def widen(frames: list[bytes], record_size: int, filler: bytes = b"\xa5") -> lis
     """The same message as a later minor version would send it, records padded to record_size."""
     topic, header, table, data = frames
     header = bytearray(header)
+    (size,) = struct.unpack_from("<H", header, 12)
     struct.pack_into("<H", header, 12, record_size)
-    pad = filler * (record_size - RECORD.size)
-    table = b"".join(table[i : i + RECORD.size] + pad for i in range(0, len(table), RECORD.size))
+    pad = filler * (record_size - size)
+    table = b"".join(table[i : i + size] + pad for i in range(0, len(table), size))
     return [topic, bytes(header), table, data]
 
 
@@ -210,6 +270,8 @@ def widen(frames: list[bytes], record_size: int, filler: bytes = b"\xa5") -> lis
 @pytest.mark.parametrize("path", VECTOR_FILES, ids=lambda p: p.stem)
 def test_larger_record_size_is_read_as_its_first_72_bytes(path, record_size):
     frames = [bytes.fromhex(f) for f in load_vector(path)["frames"]]
+    if record_size < HEADER.unpack_from(frames[1])[5]:
+        pytest.skip("the vector's records are larger")
     want = wire.decode(frames)
     got = wire.decode(widen(frames, record_size))
     assert got.packets == want.packets
@@ -219,6 +281,75 @@ def test_larger_record_size_is_read_as_its_first_72_bytes(path, record_size):
         want.first_seq,
         want.epoch,
     )
+
+
+def test_a_reader_of_72_byte_records_reads_extended_ones():
+    """What a version-1 reader that knows only the first 72 bytes gets from v1-extended: every
+    field it knows, and the extension's presence bits, which it ignores."""
+    frames = [bytes.fromhex(f) for f in load_vector(VECTOR_DIR / "v1-extended.json")["frames"]]
+    full = wire.decode(frames)
+    topic, header, table, data = frames
+    old = [topic, header[:12] + struct.pack("<H", RECORD.size) + header[14:]]
+    old += [b"".join(table[i : i + RECORD.size] for i in range(0, len(table), wire.RECORD_X.size)), data]
+    narrow = wire.decode(old)
+    for a, b in zip(full.packets, narrow.packets):
+        assert {k: v for k, v in a.fields().items() if k not in wire.EXT_FIELDS} == b.fields()
+        assert b.ct is None and b.vlan is None and b.l2hdr is None
+    one, two = full.packets
+    assert one.ct.orig.dst == "203.0.113.9" and one.ct.reply.src == "198.51.100.7"
+    assert two.vlan.id == 5 and two.l2hdr[12:] == b"\x08\x00"
+
+
+def test_names_trailer_and_readers_that_ignore_it():
+    frames = [bytes.fromhex(f) for f in load_vector(VECTOR_DIR / "v1-ifnames.json")["frames"]]
+    (pkt,) = wire.decode(frames).packets
+    assert (pkt.indev_name, pkt.outdev_name, pkt.physindev_name) == ("eth0", "wan", None)
+    # A reader that ignores flags reads the same record and payload: the trailer is behind them.
+    header = bytearray(frames[1])
+    header[5] = 0
+    (plain,) = wire.decode([frames[0], bytes(header), frames[2], frames[3]]).packets
+    assert plain.fields() == pkt.fields() and plain.indev_name is None
+
+
+@pytest.mark.parametrize(
+    "data, error",
+    [
+        (b"\x01", "too few for the names trailer"),
+        (struct.pack("<HH", 1, 40), "names trailer of 40 bytes beyond frame 3"),
+        (struct.pack("<IB", 2, 9) + b"eth0" + struct.pack("<HH", 1, 9), "a name beyond its end"),
+        (struct.pack("<IB", 2, 1) + b"e" + b"xx" + struct.pack("<HH", 1, 8), "2 bytes after its 1 entries"),
+    ],
+)
+def test_bad_names_trailers(data, error):
+    frames = wire.encode(5, "r1", 1, 0, [Packet.build(5, ts_ns=1)])
+    header = bytearray(frames[1])
+    header[5] = wire.FLAG_IFNAMES
+    with pytest.raises(WireError, match=error):
+        wire.decode([frames[0], bytes(header), frames[2], data])
+
+
+def test_payload_reaching_into_the_names_trailer_is_rejected():
+    frames = [bytes.fromhex(f) for f in load_vector(VECTOR_DIR / "v1-ifnames.json")["frames"]]
+    table = bytearray(frames[2])
+    struct.pack_into("<I", table, 12, 30)  # caplen 30: 2 bytes into the trailer at 28
+    with pytest.raises(WireError, match="payload 0\\+30 beyond data \\(28 bytes\\)"):
+        wire.decode(frames[:2] + [bytes(table), frames[3]])
+
+
+def test_extension_parts_must_lie_in_the_data_frame():
+    frames = [bytes.fromhex(f) for f in load_vector(VECTOR_DIR / "v1-extended.json")["frames"]]
+    table = bytearray(frames[2])
+    struct.pack_into("<I", table, 72, 200)  # record 0's ct_off: 200 + 128 > 207
+    with pytest.raises(WireError, match="record 0: conntrack block 200\\+128 beyond data"):
+        wire.decode(frames[:2] + [bytes(table), frames[3]])
+    table = bytearray(frames[2])
+    struct.pack_into("<H", table, 76, 64)
+    with pytest.raises(WireError, match="conntrack block of 64 bytes"):
+        wire.decode(frames[:2] + [bytes(table), frames[3]])
+    table = bytearray(frames[2])
+    struct.pack_into("<H", table, 88 + 78, 15)  # record 1's l2hdr_len: 193 + 15 > 207
+    with pytest.raises(WireError, match="record 1: l2hdr 193\\+15 beyond data"):
+        wire.decode(frames[:2] + [bytes(table), frames[3]])
 
 
 # -- malformed input -----------------------------------------------------------------------------
@@ -312,9 +443,10 @@ def test_wire_error_is_a_value_error():
 
 
 def test_bits_that_do_not_change_reading_are_ignored():
-    """flags (reserved), unassigned present bits, bytes of absent fields: read past, not rejected."""
+    """Unassigned flags, the extension's present bits in a 72-byte record, bytes of absent
+    fields: read past, not rejected."""
     want = wire.decode(base())
-    assert wire.decode(with_header(flags=0xFF)).packets == want.packets
+    assert wire.decode(with_header(flags=0xFF & ~wire.FLAG_IFNAMES)).packets == want.packets
     got = wire.decode(with_record(1, present=0x1BC8 | 0xE000, mark=77, indev=9, hwaddr=b"junkjunk"))
     assert got.packets[1].mark is None and got.packets[1].indev is None and got.packets[1].hwaddr is None
     # a prefix_off/len out of range is no fault while the PREFIX bit is clear

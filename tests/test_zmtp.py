@@ -7,6 +7,7 @@ anyone can (rfc.zeromq.org/spec/23), to reach what libzmq would never send.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import struct
 import time
@@ -441,3 +442,45 @@ def test_slow_subscribers_share_one_cap_of_queued_bytes(ctx, tmp_path, caplog):
             r.close()
         good.close(linger=0)
         pub.close(linger=0)
+
+
+def test_the_last_words_count_the_packets_a_slow_peer_never_got(ctx, tmp_path, caplog):
+    """A peer that reads nothing holds the publisher's queue for it; closed (as on SIGTERM)
+    after its linger, the publisher says how many packets it could not send: with what the
+    peer's socket had taken, every packet published."""
+    path = f"{tmp_path}/f.sock"
+    pub = Publisher(ctx, PublishConfig(bind=(f"ipc://{path}",), hwm=100_000), node="n1", epoch=7)
+    raw = handshake(pub, path)
+    raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.send(frame(b"\x01"))  # subscribed to every group
+    serve(pub, lambda: pub.subscription_messages > 0, "the subscription")
+    sent = 0
+    for i in range(300):
+        pkts = [wire.Packet.build(3, b"%04d" % i + bytes(300), ts_ns=10**18) for _ in range(1 + i % 3)]
+        count, table, data = wire.pack_records(pkts)
+        pub.publish(SimpleNamespace(group=3, count=count, table=table, data=data))
+        sent += count
+    assert pub.queued > 0
+    with caplog.at_level("WARNING", logger="nflogd.publish"):
+        pub.close(linger=0)
+    (line,) = [r.getMessage() for r in caplog.records if "not sent" in r.getMessage()]
+    lost = int(re.search(r"stopped with (\d+) packets not sent", line).group(1))
+    raw.sock.setblocking(True)
+    rest = b""
+    while chunk := raw.sock.recv(1 << 16):
+        rest += chunk
+    raw.close()
+    got, frames, k = 0, [], 0
+    buf = raw.buf + rest
+    while k + 2 <= len(buf):  # whole messages only: one cut short was not delivered
+        flags, size, head = buf[k], buf[k + 1], 2
+        if flags & 2:
+            size, head = struct.unpack(">Q", buf[k + 1 : k + 9])[0], 9
+        if k + head + size > len(buf):
+            break
+        frames.append(buf[k + head : k + head + size])
+        k += head + size
+        if not flags & 1:
+            got += len(wire.decode(frames).packets)
+            frames = []
+    assert lost > 0 and got + lost == sent

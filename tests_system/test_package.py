@@ -170,6 +170,34 @@ def test_feed_reaches_group_nflog_only(machine):
     assert m.run("test", "-r", "/run/nflogd/feed.sock", user="mallory", check=False).returncode != 0
 
 
+SNIFF = """\
+from scapy.all import sniff
+from nflogd_client import ZMQNFLOGSocket
+
+print(len(sniff(L2socket=ZMQNFLOGSocket, iface="nflog:5", timeout=3)))
+"""
+
+ANCESTOR = """\
+from scapy.config import conf
+import scapy_nflog
+
+scapy_nflog.install_nflog_listener()
+print(conf.L2listen is scapy_nflog.NFLOGListenSocket)
+"""
+
+
+def test_scapy_on_bookworms_scapy_says_why_and_installs_the_ancestors_listener(machine):
+    """With the packages' scapy and pyzmq: sniff() tells a user outside group nflog what to do,
+    and scapy_nflog.install_nflog_listener() sets conf.L2listen to NFLOGListenSocket itself."""
+    m = machine
+    res = m.run("python3", "-c", SNIFF, user="mallory", check=False)
+    assert res.returncode == 0 and res.stdout == "0\n", res.stderr
+    said = f"nflogd feed {FEED}: permission denied on /run/nflogd: join group nflog; retrying\n"
+    assert res.stderr.count(said) == 1, res.stderr
+    res = m.run("python3", "-c", ANCESTOR, check=False)
+    assert res.returncode == 0 and res.stdout == "True\n", res.stderr
+
+
 def test_metrics_answer(machine):
     text = metrics(machine)
     assert sample(text, "nflogd_packets_total", group="5") >= 1

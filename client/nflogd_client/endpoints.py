@@ -74,6 +74,9 @@ AUTH_RETRY_S = 2.0
 PROBE_INTERVAL_S = 5.0
 #: Seconds a probe's tcp connect waits.
 PROBE_TIMEOUT_S = 1.0
+#: Seconds a handshake failure without detail waits to be said: a refusal often shows first as
+#: a bare failure (the server hung up while this side still wrote) and then with its cause.
+VAGUE_GRACE_S = 1.0
 
 ENDPOINT_FORMS = "tcp://HOST:PORT, ipc:///absolute/path or ipc://@abstract-name"
 
@@ -129,6 +132,16 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
+def _join(gid: int) -> str:
+    """What to do to pass a directory or socket of group ``gid``."""
+    if gid == 0:  # a daemon run as root without a group of its own: nobody else is meant to read
+        return (
+            "its group is root, so only root reads this feed: run nflogd with group nflog "
+            "(make run, or the package's unit) and join that group"
+        )
+    return f"join group {_group_name(gid)}"
+
+
 def _ipc_denied(path: str) -> str:
     """The cause of EACCES on ``path``: the first directory we may not enter, or the file."""
     parts = os.path.abspath(path).split("/")[1:]
@@ -136,13 +149,13 @@ def _ipc_denied(path: str) -> str:
     for part in parts[:-1]:
         child = os.path.join(here, part)
         if not os.access(child, os.X_OK):
-            return f"permission denied on {child}: join group {_group_name(os.stat(child).st_gid)}"
+            return f"permission denied on {child}: {_join(os.stat(child).st_gid)}"
         here = child
     try:
         gid = os.stat(path).st_gid
     except OSError:
         return f"permission denied on {path}"
-    return f"permission denied on {path}: join group {_group_name(gid)}"
+    return f"permission denied on {path}: {_join(gid)}"
 
 
 def _probe_ipc(address: str) -> str | None:
@@ -319,6 +332,7 @@ class EndpointWatch:
         after a refusal (disconnect first: libzmq may still hold the connection)."""
         tracker = self.tracker
         self._prober.step()
+        tracker.say_due()
         for endpoint in tracker.reconnects_due():
             tracker.reconnected(endpoint)
             try:
@@ -411,7 +425,12 @@ class EndpointTracker:
         for ev in monitor.events(): tracker.event(ev)
         for ep in tracker.probes_due(): tracker.probed(ep, probe(ep))   # or Prober(tracker).step()
         for ep in tracker.reconnects_due(): disconnect, connect again; tracker.reconnected(ep)
+        tracker.say_due()
         wait at most tracker.timeout() seconds before doing so again
+
+    A handshake failure without detail is said only if no failure with a cause (CURVE
+    required, a key refused) came within ``VAGUE_GRACE_S``: libzmq reports one refusal as
+    either, by a race, and the cause is what the reader needs.
     """
 
     def __init__(
@@ -433,6 +452,8 @@ class EndpointTracker:
         self._probed: dict[str, float] = {}  # endpoint -> when it was last probed
         self._probing: set[str] = set()  # probes under way (``probe_started``)
         self._retry_at: dict[str, float] = {}  # endpoint -> when to connect again (refused)
+        self._cause: dict[str, str] = {}  # endpoint -> a handshake failure's cause, until it connects
+        self._vague_at: dict[str, float] = {}  # endpoint -> when to say a failure without detail
         for e in endpoints:
             self.add(e)
 
@@ -441,8 +462,9 @@ class EndpointTracker:
         self._said[endpoint] = None
 
     def remove(self, endpoint: str) -> None:
-        for d in (self._status, self._said, self._probe_at, self._probed, self._retry_at):
+        for d in (self._status, self._said, self._probe_at, self._probed, self._retry_at, self._cause):
             d.pop(endpoint, None)
+        self._vague_at.pop(endpoint, None)
         self._probing.discard(endpoint)
 
     def __getitem__(self, endpoint: str) -> EndpointStatus:
@@ -468,6 +490,8 @@ class EndpointTracker:
             st.connects += 1
             self._retry_at.pop(endpoint, None)
             self._probe_at.pop(endpoint, None)
+            self._cause.pop(endpoint, None)
+            self._vague_at.pop(endpoint, None)
             if self._said[endpoint] is not None:
                 self._said[endpoint] = None
                 self._log.info("%s %s: connected", self.label, endpoint)
@@ -487,11 +511,21 @@ class EndpointTracker:
             zmq.EVENT_HANDSHAKE_FAILED_AUTH,
         ):
             st.handshake_failures += 1
+            self._probe_at.pop(endpoint, None)
+            if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # libzmq connects again itself
+                cause = self._cause.get(endpoint)
+                if cause is not None:  # the same refusal, seen without its cause this time
+                    self._set(st, REFUSED, cause, now)
+                    self._log.debug("%s %s: handshake failed (%s)", self.label, endpoint, cause)
+                    return
+                self._set(st, REFUSED, self._handshake_failure(kind, 0), now)
+                self._vague_at.setdefault(endpoint, now + VAGUE_GRACE_S)
+                return
             why = self._handshake_failure(kind, int(ev.get("value", 0)))
             self._set(st, REFUSED, why, now)
-            self._probe_at.pop(endpoint, None)
-            if kind != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # libzmq gives up on these
-                self._retry_at[endpoint] = now + AUTH_RETRY_S
+            self._cause[endpoint] = why
+            self._vague_at.pop(endpoint, None)
+            self._retry_at[endpoint] = now + AUTH_RETRY_S  # libzmq gives up on these
             self._say(endpoint, f"{why}; retrying every {AUTH_RETRY_S:g} s", why)
 
     def probe_started(self, endpoint: str) -> None:
@@ -519,6 +553,18 @@ class EndpointTracker:
         if st is not None and st.state == REFUSED:
             self._set(st, CONNECTING, st.error, self._clock())
 
+    def say_due(self, now: float | None = None) -> None:
+        """Say the handshake failures without detail whose grace has passed with no cause found."""
+        now = self._clock() if now is None else now
+        for endpoint, t in list(self._vague_at.items()):
+            if t > now:
+                continue
+            del self._vague_at[endpoint]
+            st = self._status.get(endpoint)
+            if st is not None and st.state != CONNECTED and endpoint not in self._cause:
+                why = self._handshake_failure(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, 0)
+                self._say(endpoint, f"{why}; retrying", why)
+
     # -- what is due --------------------------------------------------------------------------------
 
     def probes_due(self, now: float | None = None) -> list[str]:
@@ -530,14 +576,14 @@ class EndpointTracker:
         return [e for e, t in self._retry_at.items() if t <= now]
 
     def due_at(self) -> float | None:
-        """When the next probe or reconnect is due (``clock`` seconds), or None if none is pending."""
-        due = [*self._probe_at.values(), *self._retry_at.values()]
+        """When the next probe, reconnect or saying is due (``clock`` seconds), or None if none is pending."""
+        due = [*self._probe_at.values(), *self._retry_at.values(), *self._vague_at.values()]
         return min(due) if due else None
 
     def timeout(self, now: float | None = None) -> float | None:
-        """Seconds until a probe or reconnect is due (0: now), or None if none is pending."""
+        """Seconds until a probe, reconnect or saying is due (0: now), or None if none is pending."""
         now = self._clock() if now is None else now
-        due = [*self._probe_at.values(), *self._retry_at.values()]
+        due = [*self._probe_at.values(), *self._retry_at.values(), *self._vague_at.values()]
         return max(0.0, min(due) - now) if due else None
 
     # -- inside ---------------------------------------------------------------------------------------

@@ -82,10 +82,12 @@ class FeedEvents:
         return events
 
 
-def describe(events: list[Event], batch: Batch) -> str | None:
-    """One line for people (a pcapng comment, a log window) on ``batch``; None without events."""
+def describe(events: list[Event], batch: Batch | None = None) -> str | None:
+    """One line for people (a pcapng comment, a log window) on ``batch`` (by default the
+    (node, group) the first event names); None without events."""
     if not events:
         return None
+    node, group = (batch.node, batch.group) if batch is not None else (events[0]["node"], events[0]["group"])
     parts = []
     for e in events:
         if e["event"] == "restart":
@@ -94,4 +96,4 @@ def describe(events: list[Event], batch: Batch) -> str | None:
             parts.append(f"{e['lost']} packets lost on the feed before this one")
         else:
             parts.append(f"{e['lost']} packets dropped by the kernel before this one")
-    return f"nflogd: {', '.join(parts)} (node {batch.node or '-'}, group {batch.group})"
+    return f"nflogd: {', '.join(parts)} (node {node or '-'}, group {group})"

@@ -42,7 +42,7 @@ from typing import IO, Callable, TextIO
 from . import __version__, tap
 from .bpf import CaptureFilter, FilterError
 from .events import FeedEvents, describe
-from .pcapng import PcapngWriter
+from .pcapng import PcapngWriter, describe_packet, direction
 from .reorder import Reorder
 from .subscriber import DEFAULT_ENDPOINT
 from .wire import Packet
@@ -325,7 +325,7 @@ def _capture(args: argparse.Namespace) -> int:
     to_stderr.setLevel(logging.WARNING)
     client_log.addHandler(to_stderr)
     nflog = args.linktype == "nflog"
-    written = 0
+    written = cut = 0  # packets written; of those, cut to the snaplen
     events = FeedEvents(sub)
     carry: list[str] = []  # comments of batches the filter left no packet of
     reorder = Reorder(args.reorder_ms / 1000.0)
@@ -342,12 +342,19 @@ def _capture(args: argparse.Namespace) -> int:
             out.flush()
 
             def emit(p: Packet, comment: str | None) -> None:
-                nonlocal written
+                nonlocal written, cut
                 if nflog:
                     record = tap.nflog_record(p)
-                    w.packet(record, p.ts_ns, len(record), comment)
+                    w.packet(record, p.ts_ns, len(record), comment, flags=direction(p))
                 else:
-                    w.packet(p.data, p.ts_ns, p.len, comment)
+                    if len(p.data) > tap.SNAPLEN:  # Wireshark refuses a longer record as corrupt
+                        if not cut:
+                            control.send(_CMD_ADD, f"{_cut_line(p)}\n")
+                        cut += 1
+                    w.packet(
+                        p.data[: tap.SNAPLEN], p.ts_ns, p.len, comment,
+                        flags=direction(p), comments=(describe_packet(p),),
+                    )  # fmt: skip
                 written += 1
 
             try:
@@ -383,7 +390,7 @@ def _capture(args: argparse.Namespace) -> int:
         os.close(devnull)
     finally:
         # Before the fifo closes: Wireshark reads the extcap's stderr once it sees the end.
-        _summary(sub, events, written, control)
+        _summary(sub, events, written, control, cut)
         try:
             out.close()
         except OSError:
@@ -392,7 +399,14 @@ def _capture(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(sub: tap.Reader, events: FeedEvents, written: int, control: _Control) -> None:
+def _cut_line(p: Packet) -> str:
+    return (
+        f"group {p.group} seq {p.seq}: a packet of {len(p.data)} captured bytes cut to {tap.SNAPLEN},"
+        " the most Wireshark reads; such packets are counted at the end"
+    )
+
+
+def _summary(sub: tap.Reader, events: FeedEvents, written: int, control: _Control, cut: int = 0) -> None:
     """The count at the end. Wireshark shows whatever an extcap writes to stderr as an error:
     only loss, restarts and skipped messages go there; the log window gets the count anyway."""
     trouble = []
@@ -404,6 +418,8 @@ def _summary(sub: tap.Reader, events: FeedEvents, written: int, control: _Contro
         trouble.append(f"{sub.restarts} daemon restarts")
     if sub.malformed:
         trouble.append(f"{sub.malformed} malformed messages skipped")
+    if cut:
+        trouble.append(f"{cut} packets cut to {tap.SNAPLEN} bytes")
     summary = f"{written} packets captured" + "".join(f", {t}" for t in trouble)
     if trouble:
         print(f"{PROG}: {summary}", file=sys.stderr, flush=True)

@@ -28,12 +28,15 @@ each through the durable consumer ``<durable>-<k>``. A (node, group) is thus rea
 only, in stream order, and each worker's loss accounting is exact: no false loss from the split.
 The partitions' consumers outlive the workers, so ``N`` may change between runs.
 
-Accounting: as ``Subscriber`` (gaps in a (node, group)'s ``seq``, restarts, ``kernel_dropped``),
-plus: a message that arrives after a later one of its (node, group) (a relay retry that landed
-late) fills the gap it left and is not loss; a message seen before (a redelivery) is skipped
-and counted in ``duplicates``. A message is acked once ``recv()``/``recv_batch()`` hands its
-first packet over; messages fetched but not yet handed over are given back (nak) at
-``close()``, so the next reader of the consumer gets them at once.
+Accounting: as ``Subscriber`` (gaps in a (node, group)'s ``seq``, restarts, ``kernel_dropped``,
+sequence marks), in packets, whatever order the stream holds the messages in: a message that
+comes after a later one of its (node, group) (a relay retry that landed late, a message given
+back by a reader that closed) is delivered, and fills the gap it left, or lies before where
+this reader began; only packets delivered before (a redelivery) are skipped, counted in
+``duplicates`` (packets) and ``duplicate_messages``. A message is acked once
+``recv()``/``recv_batch()`` hands its first packet over; messages fetched but not yet handed
+over are given back (nak) at ``close()``, the fetch under way included, so the next reader of
+the consumer gets them at once.
 
 nats-py is an optional dependency: ``pip install 'nflogd-client[jetstream]'``. The client runs
 nats-py's asyncio loop in a thread of its own; the Subscriber API stays synchronous.
@@ -42,6 +45,7 @@ nats-py's asyncio loop in a thread of its own; the Subscriber API stays synchron
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import datetime as _dt
 import logging
@@ -73,8 +77,12 @@ DEFAULT_STREAM = "NFLOG"
 #: Messages fetched per request to one consumer, and how long one request waits for them.
 FETCH_BATCH = 64
 FETCH_TIMEOUT_S = 0.5
-#: Gaps remembered per (node, group) so that a late message can fill one.
+#: Seconds close() waits after the last fetch for a message the server sent it late.
+LATE_S = 0.1
+#: Gaps remembered per run of a (node, group) so that a late message can fill one; runs
+#: (daemon epochs) remembered per (node, group).
 MAX_GAPS = 256
+_EPOCHS_KEPT = 4
 _PARTITION_SUBJECT = re.compile(r"(.+)\.(\d+)\.>\Z")
 
 
@@ -170,19 +178,74 @@ async def nats_connect(servers: list[str], name: str, timeout: float, **callback
     )
 
 
+class _Range:
+    """What a reader holds of one run (epoch) of one (node, group): the packets received as
+    sorted, merged ``spans`` [a, b); ``floor``, where its loss accounting begins (the first
+    message's ``first_seq``, or 0 for a run that followed one seen: a restart); ``end``, the
+    highest sequence number known to be sent (a message's end, or a sequence mark); and
+    ``covered``, the packets received in [floor, end). Its loss is ``end - floor - covered``."""
+
+    __slots__ = ("floor", "end", "covered", "spans")
+
+    def __init__(self, floor: int):
+        self.floor = floor
+        self.end = floor
+        self.covered = 0
+        self.spans: list[list[int]] = []
+
+    @property
+    def lost(self) -> int:
+        return self.end - self.floor - self.covered
+
+    def add(self, first: int, nxt: int) -> bool:
+        """Packets [first, nxt) received (none: a sequence mark); False if every one of them
+        was received before (a redelivery), and then nothing changes."""
+        spans = self.spans
+        if nxt > first:
+            seen = 0
+            for a, b in spans:
+                if a < nxt and first < b:
+                    seen += min(b, nxt) - max(a, first)
+            if seen == nxt - first:
+                return False
+            lo, hi = max(first, self.floor), max(nxt, self.floor)
+            above = 0  # received before within [lo, hi)
+            for a, b in spans:
+                if a < hi and lo < b:
+                    above += min(b, hi) - max(a, lo)
+            self.covered += hi - lo - above
+            # merge [first, nxt) into the spans
+            i = bisect.bisect_left(spans, [first])
+            if i and spans[i - 1][1] >= first:
+                i -= 1
+            j = i
+            a, b = first, nxt
+            while j < len(spans) and spans[j][0] <= b:
+                a, b = min(a, spans[j][0]), max(b, spans[j][1])
+                j += 1
+            spans[i:j] = [[a, b]]
+            if len(spans) > MAX_GAPS:  # the oldest gap forgotten: its loss stays counted
+                spans[0:2] = [[spans[0][0], spans[1][1]]]
+        if nxt > self.end:
+            self.end = nxt
+        return True
+
+
 class _Account:
-    """Loss, restarts and duplicates per (node, group), tolerant of late messages (module doc)."""
+    """Loss, restarts and duplicates per (node, group), in packets, whatever order the stream
+    holds the messages in (module doc)."""
 
     def __init__(self, max_nodes: int = 4096):
         self.lost: dict[tuple[str, int], int] = {}
         self.kernel_dropped: dict[tuple[str, int], int] = {}
         self.restarts = 0
-        self.duplicates = 0
+        self.duplicates = 0  # packets
+        self.duplicate_messages = 0
         self.received = 0
         self.max_nodes = max_nodes
         self.evicted = 0  # nodes forgotten for max_nodes; their loss stays in evicted_lost
         self.evicted_lost = 0
-        self._streams: dict[tuple[str, int], list[Any]] = {}  # key -> [epoch, next_seq, gaps]
+        self._runs: dict[tuple[str, int], dict[int, _Range]] = {}  # key -> {epoch: its range}
         #: node -> latest epoch, ordered by when each node was last heard from (oldest first)
         self._epochs: dict[str, int] = {}
         self._groups_of: dict[str, set[int]] = {}
@@ -191,36 +254,32 @@ class _Account:
         """Account one batch; False for a duplicate, to be skipped."""
         node, epoch = batch.node, batch.epoch
         key = (node, batch.group)
-        first, nxt = batch.first_seq, batch.next_seq
         if node not in self._epochs and len(self._epochs) >= self.max_nodes:
             self._evict(next(iter(self._epochs)))
-        state = self._streams.get(key)
-        if state is None:
+        runs = self._runs.get(key)
+        if runs is None:
             self._groups_of.setdefault(node, set()).add(batch.group)
             self.lost.setdefault(key, 0)
-            self._streams[key] = [epoch, nxt, []]
-        elif epoch < state[0]:
-            pass  # a late message of a run that ended: delivered, not accounted
-        elif epoch != state[0]:
-            self.lost[key] += first
-            self._streams[key] = [epoch, nxt, [[0, first]] if first else []]
-        elif first >= state[1]:
-            if first > state[1]:
-                self.lost[key] += first - state[1]
-                gaps = state[2]
-                gaps.append([state[1], first])
-                if len(gaps) > MAX_GAPS:
-                    del gaps[0]
-            state[1] = nxt
-        else:
-            if not self._fill(key, state[2], first, nxt):
-                self.duplicates += 1
-                return False
+            runs = self._runs[key] = {}
+        run = runs.get(epoch)
+        if run is None:
+            # a run after one seen of this (node, group) (a restart) is accounted from 0; the
+            # first, or one older than a run seen (its late messages), from this message on
+            restart = bool(runs) and epoch > max(runs)
+            run = runs[epoch] = _Range(0 if restart else batch.first_seq)
+            if len(runs) > _EPOCHS_KEPT:
+                del runs[min(runs)]  # its loss stays counted
+        before = run.lost
+        if not run.add(batch.first_seq, batch.next_seq):
+            self.duplicates += len(batch.packets)
+            self.duplicate_messages += 1
+            return False
+        self.lost[key] += run.lost - before
         latest = self._epochs.pop(node, epoch)  # re-inserted: now the node heard from last
         if latest < epoch:
             self.restarts += 1
         self._epochs[node] = max(epoch, latest)
-        if epoch >= self._streams[key][0]:
+        if epoch >= max(runs):
             self.kernel_dropped[key] = batch.kernel_dropped
         self.received += len(batch.packets)
         return True
@@ -231,18 +290,25 @@ class _Account:
         self.evicted += 1
         for group in self._groups_of.pop(node, ()):
             key = (node, group)
-            self._streams.pop(key, None)
+            self._runs.pop(key, None)
             self.kernel_dropped.pop(key, None)
             self.evicted_lost += self.lost.pop(key, 0)
 
-    def _fill(self, key: tuple[str, int], gaps: list[list[int]], first: int, nxt: int) -> bool:
-        for i, (a, b) in enumerate(gaps):
-            if a <= first and nxt <= b:
-                self.lost[key] -= nxt - first
-                rest = [g for g in ([a, first], [nxt, b]) if g[0] < g[1]]
-                gaps[i : i + 1] = rest
-                return True
-        return False
+
+async def _undelivered(sub: Any) -> list[Msg]:
+    """The messages a pull subscription holds that no fetch returned (the server filled a pull
+    request after the fetch had given up on it): nats-py keeps them for the next fetch."""
+    inner = getattr(sub, "_sub", None)  # nats-py's Subscription behind the PullSubscription
+    out: list[Msg] = []
+    if inner is None:  # pragma: no cover - another nats-py: they come back after ack_wait
+        return out
+    while True:
+        try:
+            m = await inner.next_msg(timeout=0.001)
+        except Exception:  # none left (a timeout), or the subscription is gone
+            return out
+        if not (m.headers and m.headers.get("Status")) and m.reply:  # not a status message
+            out.append(m)
 
 
 class JetStreamSubscriber(_BatchCursor):
@@ -276,6 +342,11 @@ class JetStreamSubscriber(_BatchCursor):
         max_nodes: int = 4096,
         timeout: float = 10.0,
     ) -> None:
+        try:
+            import nats  # noqa: F401  (used in the reader's own thread)
+        except ImportError as e:
+            need = "JetStreamSubscriber needs nats-py: pip install 'nflogd-client[jetstream]'"
+            raise ImportError(need) from e
         opts: dict[str, Any] = {}
         if isinstance(servers, str):
             opts = parse_endpoint(servers) if is_jetstream_endpoint(servers) else {"servers": [servers]}
@@ -351,8 +422,13 @@ class JetStreamSubscriber(_BatchCursor):
 
     @property
     def duplicates(self) -> int:
-        """messages seen before, skipped"""
+        """Packets delivered before (a redelivery, a retried publish stored twice), skipped."""
         return self._acct.duplicates
+
+    @property
+    def duplicate_messages(self) -> int:
+        """The messages that held them."""
+        return self._acct.duplicate_messages
 
     @property
     def total_lost(self) -> int:
@@ -442,6 +518,13 @@ class JetStreamSubscriber(_BatchCursor):
             bg.add(t)
             t.add_done_callback(bg.discard)
 
+    def _begin_close(self, left: list[Msg]) -> None:
+        """In the loop: what close() took off the queue is to be given back; the fetches end."""
+        if self.durable is not None:
+            self._give_back += left
+        assert self._stopping is not None
+        self._stopping.set()
+
     def _nak(self, msgs: list[Msg]) -> None:
         for m in msgs:
             self._bg.add(asyncio.ensure_future(self._nak_one(m)))
@@ -491,19 +574,27 @@ class JetStreamSubscriber(_BatchCursor):
             ready.put(None)
             tasks = [asyncio.ensure_future(self._fetch(s)) for s in subs]
             await self._stopping.wait()
-            for t in tasks:
-                t.cancel()
+            # No fetch is cut short: each ends its pull request (FETCH_TIMEOUT_S at most), and
+            # what it got after close() began is given back with the rest.
             await asyncio.gather(*tasks, return_exceptions=True)
-            for s in subs:  # no more pull requests of ours for the server to fill
+            if self.durable is not None:
+                while True:  # what a fetch queued while close() emptied the queue
+                    try:
+                        m = self._q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if m is not None:
+                        self._give_back.append(m)
+                # what the server sent as a pull request expired, after the fetch gave up on it
+                await asyncio.sleep(LATE_S)
+                for s in subs:
+                    self._give_back += await _undelivered(s)
+                self._nak(self._give_back)
+            for s in subs:
                 try:
                     await s.unsubscribe()
                 except Exception:
                     pass
-            if self._give_back:
-                # a pull request of ours may be open still (up to FETCH_TIMEOUT_S): the server
-                # would hand it what we give back, to be lost until ack_wait. Let them expire.
-                await asyncio.sleep(FETCH_TIMEOUT_S)
-                self._nak(self._give_back)
             self._flush_acks()
             if self._bg:  # the acks and naks still to send
                 await asyncio.wait(list(self._bg), timeout=5)
@@ -565,9 +656,12 @@ class JetStreamSubscriber(_BatchCursor):
         import nats.errors
 
         q = self._q
-        while True:
-            while q.qsize() >= self._prefetch:
+        stopping = self._stopping
+        assert stopping is not None
+        while not stopping.is_set():
+            if q.qsize() >= self._prefetch:
                 await asyncio.sleep(0.005)
+                continue
             try:
                 msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_TIMEOUT_S)
             except (asyncio.TimeoutError, nats.errors.TimeoutError):
@@ -578,6 +672,9 @@ class JetStreamSubscriber(_BatchCursor):
                 log.debug("%s: fetch: %r", self._where(), e)
                 await asyncio.sleep(0.5)
                 continue
+            if stopping.is_set():  # close() has begun: these go back with the rest
+                self._give_back += msgs
+                return
             for m in msgs:
                 q.put(m)
 
@@ -603,9 +700,7 @@ class JetStreamSubscriber(_BatchCursor):
         loop, stopping = self._loop, self._stopping
         if loop is not None and stopping is not None:
             try:
-                if self.durable is not None:
-                    self._give_back = left
-                loop.call_soon_threadsafe(stopping.set)
+                loop.call_soon_threadsafe(self._begin_close, left)
             except RuntimeError:
                 pass
         self._q.put(None)

@@ -31,8 +31,9 @@ Each packet is ``IP`` (hw_protocol 0x0800), ``IPv6`` (0x86dd), ``ARP`` (0x0806) 
 ``conf.raw_layer``, dissected from the captured bytes, with ``.time`` the capture time
 (``EDecimal`` seconds, exact to the nanosecond), ``.wirelen`` the real length (more than
 ``len(raw(p))`` when the copy range truncated it) and the feed's ``nflog_group``,
-``nflog_node``, ``nflog_seq``, ``nflog_prefix`` attributes; ``nflog_packet`` is the
-``wire.Packet`` with every other NFLOG attribute (mark, indev, uid, hook, ...).
+``nflog_node``, ``nflog_seq``, ``nflog_prefix``, ``nflog_ct`` (``wire.Conntrack``),
+``nflog_vlan`` (``wire.Vlan``), ``nflog_l2hdr`` attributes; ``nflog_packet`` is the
+``wire.Packet`` with every other NFLOG attribute (mark, indev, indev_name, uid, hook, ...).
 A packet of a metadata-only group (no payload) is ``conf.raw_layer`` of no bytes with its
 real ``.wirelen``. Why nothing arrives is said as the Subscriber says it (a warning per
 failure, logger ``nflogd_client.endpoints``), and ``sock.subscriber.endpoints`` holds each
@@ -215,6 +216,9 @@ class ZMQNFLOGSocket(SuperSocket):
         d["nflog_node"] = p.node
         d["nflog_seq"] = p.seq
         d["nflog_prefix"] = p.prefix
+        d["nflog_ct"] = p.ct
+        d["nflog_vlan"] = p.vlan
+        d["nflog_l2hdr"] = p.l2hdr
         d["nflog_packet"] = p
         return pkt
 
@@ -244,12 +248,18 @@ class ZMQNFLOGSocket(SuperSocket):
         poller = zmq.Poller()
         owners: dict[Any, Any] = {}  # zmq socket -> its ZMQNFLOGSocket
         others: dict[int, Any] = {}  # fd -> any other object with a fileno()
+        subs: list[Subscriber] = []  # whose endpoint states the wait keeps up (why nothing comes)
         for s in sockets:
             if isinstance(s, ZMQNFLOGSocket):
                 if s.closed:  # recv() raises EOFError, and sniff() drops the socket
                     return [s]
-                owners[s.subscriber.socket] = s
-                poller.register(s.subscriber.socket, zmq.POLLIN)
+                sub = s.subscriber
+                assert isinstance(sub, Subscriber)
+                owners[sub.socket] = s
+                poller.register(sub.socket, zmq.POLLIN)
+                if sub._watch.monitor is not None:  # its events wake the wait, handled below
+                    poller.register(sub._watch.monitor, zmq.POLLIN)
+                subs.append(sub)
             else:  # the poller reports a plain fd back as the int
                 try:
                     fd = s.fileno()
@@ -258,16 +268,20 @@ class ZMQNFLOGSocket(SuperSocket):
                 if fd >= 0:
                     others[fd] = s
                     poller.register(fd, zmq.POLLIN)
-        timeout = None if remain is None else max(0, math.ceil(remain * 1000))
-        ready_others = []
-        for obj, _ in poller.poll(timeout):
-            owner = owners.get(obj)
-            if owner is None:
-                ready_others.append(others[obj])
-            else:
-                owner._ready = True
-                ready.append(owner)
-        return ready_others + ready  # sniff()'s stop pipe first: stop() acts before more reading
+        deadline = None if remain is None else time.monotonic() + remain
+        while True:
+            for sub in subs:  # as recv() does while it waits: a failure is said within a second
+                sub._update()
+            ready_others = []
+            for obj, _ in poller.poll(_wait_ms(subs, deadline)):
+                owner = owners.get(obj)
+                if owner is not None:
+                    owner._ready = True
+                    ready.append(owner)
+                elif obj in others:
+                    ready_others.append(others[obj])
+            if ready or ready_others or (deadline is not None and time.monotonic() >= deadline):
+                return ready_others + ready  # sniff()'s stop pipe first: stop() acts before more reading
 
     def fileno(self) -> int:
         """The SUB socket's ZMQ_FD: edge-triggered; wait with ``select()`` or a zmq.Poller instead."""
@@ -398,6 +412,15 @@ class _FeedProvider(InterfaceProvider):
 
 
 conf.ifaces.register_provider(_FeedProvider)
+
+
+def _wait_ms(subs: list[Subscriber], deadline: float | None) -> int | None:
+    """Milliseconds select() may wait: until ``deadline`` or the first endpoint's due probe or
+    reconnect, whichever is first; None: no limit."""
+    now = time.monotonic()
+    waits = [] if deadline is None else [deadline - now]
+    waits += [due - now for due in (sub._watch.due_at() for sub in subs) if due is not None]
+    return None if not waits else max(0, math.ceil(min(waits) * 1000))
 
 
 def _queued(sub: Subscriber | _jetstream.JetStreamSubscriber) -> int:

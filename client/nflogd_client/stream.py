@@ -45,7 +45,7 @@ class Record(NamedTuple):
     count: int  # type: ignore[assignment]  # the header's field name; shadows tuple.count
     partition: int
     key: str  # "<node token>.<group>"
-    msg_id: str  # "<key>.<epoch>.<first_seq>"
+    msg_id: str  # "<key>.<epoch>.<first_seq>", a sequence mark's "<key>.<epoch>.<first_seq>.mark"
     value: bytes  # frames 1, 2, 3 of the message, concatenated
 
 
@@ -97,7 +97,7 @@ def record(frames: Sequence[bytes | zmq.Frame], partitions: int = 1) -> Record:
         count=count,
         partition=partition(node_b, group, partitions),
         key=key,
-        msg_id=f"{key}.{epoch}.{first_seq}",
+        msg_id=f"{key}.{epoch}.{first_seq}" if count else f"{key}.{epoch}.{first_seq}.mark",
         value=value,
     )
 

@@ -26,6 +26,9 @@ new run sent before that is counted as lost.)
 Loss: every message carries the feed sequence number of its first packet, per (node,
 group) and epoch (one run of the daemon). A gap is counted in ``lost``; a new epoch counts
 one restart per node and, as lost, the packets the new run sent before this client saw it.
+A group gone idle sends its sequence mark (a message of no packets: where its sequence
+ended), so the end of a burst this client missed is counted within a couple of seconds;
+``recv()`` skips marks, ``recv_batch()`` returns them as batches without packets.
 Messages that are not version-1 batches are skipped and counted in ``malformed`` (the
 first one is logged as a warning), never raised. Two daemons with the same node name (clones
 of one image default to one host name) show as epochs that alternate: that node goes into

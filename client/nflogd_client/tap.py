@@ -30,7 +30,7 @@ import zmq
 from . import __version__
 from . import jetstream as _jetstream
 from . import subscriber as _subscriber
-from .events import FeedEvents
+from .events import Event, FeedEvents
 from .reorder import Reorder
 from .subscriber import Subscriber
 from .wire import Packet
@@ -98,12 +98,13 @@ FAMILY = {0x0800: 2, 0x86DD: 10}
 
 #: The longest attribute value a TLV's u16 length can carry.
 _TLV_MAX_VALUE = 0xFFFF - _TLV.size
-#: The largest seconds field of a pcap record header (u32): later times are clamped to it.
-_PCAP_SEC_MAX = 0xFFFFFFFF
+#: The latest seconds of a pcap record header that libpcap reads (it takes them as a signed
+#: 32-bit time: tcpdump shows later ones as "Error converting time"): 2038-01-19 03:14:07 UTC.
+_PCAP_SEC_MAX = 0x7FFFFFFF
 
 
 def _pcap_time(ts_ns: int) -> tuple[int, int]:
-    """(sec, usec) for a pcap record header; a time past 2106 (u32 seconds) is clamped."""
+    """(sec, usec) for a pcap record header; a time past 2038 (pcap's limit) is clamped."""
     sec, ns = divmod(ts_ns, _NS)
     if sec > _PCAP_SEC_MAX:
         return _PCAP_SEC_MAX, 999_999
@@ -201,12 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("-c", "--count", type=_count, metavar="COUNT", help="stop after COUNT packets")
     ap.add_argument(
-        "-w", "--write", metavar="FILE", help="write to FILE (pcap unless --format says), '-' for stdout"
+        "-w",
+        "--write",
+        metavar="FILE",
+        help="write to FILE (pcapng if it ends in .pcapng, else pcap, unless --format says), '-' for stdout",
     )
     ap.add_argument(
         "--format",
-        choices=("text", "pcap", "json"),
+        choices=("text", "pcap", "pcapng", "json"),
         help="text: a line per packet (default without -w); pcap (default with -w); "
+        "pcapng: an interface per (node, group), each packet's attributes in its comment; "
         "json: JSON lines, a packet, loss or restart per line (docs/json-lines.md)",
     )
     ap.add_argument("--payload", action="store_true", help="json: each packet's captured bytes, base64")
@@ -324,7 +329,34 @@ class _Signals:
             signal.signal(sig, old)  # type: ignore[arg-type]
 
 
-def _pcap_writer(out: IO[bytes], linktype: str) -> Callable[[Packet], bool | None]:
+class _PcapLimits:
+    """Packets the feed carries but pcap cannot hold as they are: a time past 2038, a packet
+    over ``SNAPLEN`` (libpcap refuses a record whose original length exceeds it), a payload
+    over what an NFLOG attribute holds. Each is written clamped; the first is said on stderr
+    in one line, all are counted (``clamped``) for the last line."""
+
+    def __init__(self) -> None:
+        self.clamped = 0
+
+    def check(self, p: Packet, sec: int, length: int, cut: bool = False) -> None:
+        why = []
+        if sec == _PCAP_SEC_MAX and p.ts_ns >= (_PCAP_SEC_MAX + 1) * _NS:
+            why.append("a time past 2038 written as 2038-01-19 03:14:07 UTC")
+        if length > SNAPLEN or cut:
+            why.append(f"a packet of {max(p.len, p.caplen)} bytes cut to fit")
+        if not why:
+            return
+        if not self.clamped:
+            print(
+                f"nflog-tap: group {p.group} seq {p.seq}: beyond what pcap holds: {', '.join(why)};"
+                " such packets are written clamped and counted in the last line",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.clamped += 1
+
+
+def _pcap_writer(out: IO[bytes], linktype: str, limits: _PcapLimits) -> Callable[[Packet], bool | None]:
     from scapy.utils import PcapWriter
 
     writer = PcapWriter(
@@ -337,23 +369,58 @@ def _pcap_writer(out: IO[bytes], linktype: str) -> Callable[[Packet], bool | Non
 
         def emit(p: Packet) -> bool | None:
             sec, usec = _pcap_time(p.ts_ns)
-            record = nflog_record(p)[:SNAPLEN]
-            n = len(record)  # as libpcap's nflog device: len == caplen, the IP header tells the rest
-            write(record, sec=sec, usec=usec, caplen=n, wirelen=n)
+            record = nflog_record(p)
+            # As libpcap's nflog device: the record's length is what was captured, and a cut
+            # packet shows by its IP header's length. Without payload (a metadata-only group)
+            # no header tells: the original length adds the packet's, orig_len - caplen.
+            n = len(record)
+            wirelen = n if p.caplen else n + p.len
+            limits.check(p, sec, wirelen, p.caplen > _TLV_MAX_VALUE)
+            write(record[:SNAPLEN], sec=sec, usec=usec, caplen=min(n, SNAPLEN), wirelen=min(wirelen, SNAPLEN))
             return None
 
     else:
 
         def emit(p: Packet) -> bool | None:
-            if not p.caplen:  # a raw IP record needs IP bytes: False, not written
-                return False
             sec, usec = _pcap_time(p.ts_ns)
+            wirelen = max(p.len, p.caplen)  # a metadata-only packet: no bytes, its real length
+            limits.check(p, sec, wirelen)
             data = p.data[:SNAPLEN]  # tcpdump refuses a record over the file's snaplen
-            wirelen = min(max(p.len, p.caplen), 0xFFFFFFFF)
-            write(data, sec=sec, usec=usec, caplen=len(data), wirelen=wirelen)
+            write(data, sec=sec, usec=usec, caplen=len(data), wirelen=min(wirelen, SNAPLEN))
             return None
 
     return emit
+
+
+def _format_of(path: str | None) -> str:
+    """The output format a -w FILE implies: text without one, pcapng by its name, else pcap."""
+    if path is None:
+        return "text"
+    return "pcapng" if path.lower().endswith(".pcapng") else "pcap"
+
+
+def _pcapng_writer(
+    out: IO[bytes], endpoints: list[str]
+) -> tuple[Callable[[Packet], bool | None], Callable[[list[Event]], None]]:
+    """pcapng: an interface per (node, group), described by the endpoints; loss and restarts
+    as a comment on the next packet."""
+    from .events import describe
+    from .pcapng import FeedPcapng
+
+    feed = FeedPcapng(out, ", ".join(endpoints), snaplen=SNAPLEN, application=f"nflog-tap {__version__}")
+    pending: list[str] = []
+
+    def on_events(events: list[Event]) -> None:
+        text = describe(events)
+        if text:
+            pending.append(text)
+
+    def emit(p: Packet) -> bool | None:
+        feed.packet(p, "; ".join(pending) or None)
+        pending.clear()
+        return None
+
+    return emit, on_events
 
 
 def _printer(out: IO[str]) -> Callable[[Packet], None]:
@@ -362,7 +429,8 @@ def _printer(out: IO[str]) -> Callable[[Packet], None]:
     from .layers import LAYERS
 
     def emit(p: Packet) -> None:
-        sec, usec = _pcap_time(p.ts_ns)
+        sec, ns = divmod(p.ts_ns, _NS)
+        usec = ns // 1000
         when = time.strftime("%H:%M:%S", time.localtime(sec)) + f".{usec:06d}"
         length = f"{p.len}" if p.caplen == p.len else f"{p.len} (captured {p.caplen})"
         prefix = "" if p.prefix is None else f" prefix {p.prefix!r}"
@@ -423,14 +491,18 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
             return _stats(sub, signals, sys.stdout)
         finally:
             sub.close()
-    fmt = args.format or ("text" if args.write is None else "pcap")
-    if fmt == "pcap" and args.write is None:
-        build_parser().error("--format pcap needs -w FILE (or -w - for stdout)")
+    fmt = args.format or _format_of(args.write)
+    if fmt in ("pcap", "pcapng") and args.write is None:
+        build_parser().error(f"--format {fmt} needs -w FILE (or -w - for stdout)")
+    if fmt == "pcapng" and args.linktype != "ip":
+        build_parser().error(
+            "--linktype nflog goes with --format pcap; pcapng keeps the attributes in comments"
+        )
     if (args.payload or args.ifnames) and fmt != "json":
         build_parser().error("--payload and --ifnames go with --format json")
     out: IO[Any] | None = None
     try:
-        binary = fmt == "pcap"
+        binary = fmt in ("pcap", "pcapng")
         if args.write in (None, "-"):
             stream: IO[Any] = sys.stdout.buffer if binary else sys.stdout
         else:
@@ -442,11 +514,16 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
         out = stream
         emit: Callable[[Packet], bool | None]
         on_events = None
+        limits = _PcapLimits()
         if fmt == "text":
             emit = _printer(out)
             done = "printed"
         elif fmt == "pcap":
-            emit = _pcap_writer(out, args.linktype)
+            emit = _pcap_writer(out, args.linktype, limits)
+            out.flush()
+            done = "written"
+        elif fmt == "pcapng":
+            emit, on_events = _pcapng_writer(out, _subscriber._endpoints(args.endpoint))
             out.flush()
             done = "written"
         else:
@@ -455,25 +532,14 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
             lines = JsonLines(out, payload=args.payload, ifnames=args.ifnames)
             emit, on_events = lines.packet, lines.events
             done = "written"
-        n = flushed = skipped = 0  # packets emitted; of those, flushed out of this process; not written
+        n = flushed = 0  # packets emitted; of those, flushed out of this process
         limit = args.count
         events = FeedEvents(sub)
         reorder = Reorder(args.reorder_ms / 1000)
 
         def put(p: Packet) -> bool:
-            """Write one packet; False if the output cannot hold it (told once on stderr)."""
-            nonlocal skipped
-            if emit(p) is not False:
-                return True
-            if not skipped:
-                print(
-                    f"nflog-tap: group {p.group}: packets without payload (copy_range 0) are not "
-                    "written as LINKTYPE_RAW; --linktype nflog keeps them",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            skipped += 1
-            return False
+            """Write one packet; False if the output cannot hold it."""
+            return emit(p) is not False
 
         try:
             try:
@@ -509,7 +575,7 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, out.fileno())  # what is left in the buffer goes nowhere, without an error
             os.close(devnull)
-        extra = f", {skipped} without payload not written" if skipped else ""
+        extra = f", {limits.clamped} clamped to pcap's limits" if limits.clamped else ""
         print(
             f"nflog-tap: {flushed} packets {done}, {sub.total_lost} lost{extra}" + _extra(sub),
             file=sys.stderr,

@@ -5,7 +5,7 @@ contract, with byte vectors that ``tests/test_wire.py`` checks.
 
 One ZeroMQ message carries one kernel batch of one group, in four frames::
 
-    [topic: group u16 BE] [header] [record table: count x 72 bytes] [data: payloads, prefixes]
+    [topic: group u16 BE] [header] [record table: count x 72 or 88 bytes] [data: payloads, prefixes, ...]
 
 Decode a received message::
 
@@ -21,8 +21,9 @@ Encode one (tests, tools; the daemon hands over the record table its C parser fi
 
 from __future__ import annotations
 
+import ipaddress
 import struct
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 __all__ = [
     "VERSION",
@@ -30,11 +31,18 @@ __all__ = [
     "TOPIC",
     "HEADER",
     "RECORD",
+    "RECORD_X",
+    "CT",
     "WireError",
     "Packet",
+    "Conntrack",
+    "CtTuple",
+    "Vlan",
     "Batch",
     "topic",
     "frames",
+    "names_trailer",
+    "FLAG_IFNAMES",
     "encode",
     "pack_records",
     "decode",
@@ -56,6 +64,18 @@ HEADER = struct.Struct("<4sBBHIHHQQQ")
 #: in exactly this layout.
 RECORD = struct.Struct("<QIIIIIIIIIIIIHHHBB8s")
 
+#: The record with the version-1 extension (record_size 88): RECORD's fields, then ct_off,
+#: ct_len, l2hdr_len, l2hdr_off, vlan_tci, vlan_proto. Readers of 72-byte records never see it.
+RECORD_X = struct.Struct(RECORD.format + "IHHIHH")
+
+#: The conntrack block in frame 3 (``struct nflogd_ct``, 128 bytes) at a record's ct_off:
+#: present, family, proto, info, id, mark, status, timeout, zone, (2 reserved), labels_len,
+#: (3 reserved), then the original and the reply tuple (src, dst, sport, dport, icmp_id,
+#: icmp_type, icmp_code) and 16 bytes of labels.
+_TUPLE = "16s16sHHHBB"
+CT = struct.Struct("<HBBIIIIIH2xB3x" + _TUPLE + _TUPLE + "16s")
+_NFIELDS = 19  # RECORD's fields
+
 # Bits of a record's ``present`` field: which optional attributes the kernel sent.
 F_TS_KERNEL = 0x0001  # ts_ns is the kernel's timestamp (else: the daemon's receive time)
 F_MARK = 0x0002
@@ -70,12 +90,178 @@ F_PREFIX = 0x0200
 F_HWADDR = 0x0400
 F_PAYLOAD = 0x0800
 F_LEN_FROM_HEADER = 0x1000  # the copy cut the packet: len is from the IPv4/IPv6 header (else len == caplen)
+F_CT = 0x2000  # a conntrack block in frame 3 (extension: ct_off, ct_len)
+F_VLAN = 0x4000  # extension: vlan_tci, vlan_proto
+F_L2HDR = 0x8000  # the link-layer header in frame 3 (extension: l2hdr_off, l2hdr_len)
+F_EXT = F_CT | F_VLAN | F_L2HDR  # the bits only an extended record (record_size >= 88) has
+
+# Bits of the conntrack block's ``present``.
+CT_INFO = 0x0001
+CT_ID = 0x0002
+CT_MARK = 0x0004
+CT_STATUS = 0x0008
+CT_ZONE = 0x0010
+CT_ORIG = 0x0020
+CT_REPLY = 0x0040
+CT_LABELS = 0x0080
+CT_TIMEOUT = 0x0100
+
+#: enum ip_conntrack_info: the packet's relation to its connection, and its direction.
+CT_STATES = {
+    0: ("established", False),
+    1: ("related", False),
+    2: ("new", False),
+    3: ("established", True),
+    4: ("related", True),
+    7: ("untracked", False),
+}
 
 MAX_NODE = 255
+
+#: Header flag: frame 3 ends with the names of the batch's interfaces (``names_trailer``).
+FLAG_IFNAMES = 0x01
+_TRAILER_END = struct.Struct("<HH")  # entries, their bytes
+_NAME_ENTRY = struct.Struct("<IB")  # ifindex, name bytes (the name follows)
 
 
 class WireError(ValueError):
     """A message that is not a valid version-1 nflogd batch; the text says what is wrong."""
+
+
+class CtTuple(NamedTuple):
+    """One direction of a connection: addresses as text, ports (TCP, UDP, SCTP, DCCP) or
+    ICMP id/type/code, None where the protocol has none."""
+
+    src: str
+    dst: str
+    sport: int | None = None
+    dport: int | None = None
+    icmp_id: int | None = None
+    icmp_type: int | None = None
+    icmp_code: int | None = None
+
+
+class Conntrack(NamedTuple):
+    """The packet's connection (``conntrack: true`` groups): ``orig`` is the tuple as the
+    first packet had it (before NAT), ``reply`` the one replies carry (after NAT). ``state``
+    is ``new``, ``established``, ``related`` or ``untracked``; ``reply_dir`` True for a
+    packet of the reply direction. Attributes the kernel did not send are None."""
+
+    state: str | None
+    reply_dir: bool | None
+    info: int | None
+    id: int | None
+    mark: int | None
+    status: int | None
+    timeout: int | None
+    zone: int | None
+    proto: int
+    orig: CtTuple | None
+    reply: CtTuple | None
+    labels: bytes | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain types, for JSON: tuples as mappings, labels as hex."""
+        d = self._asdict()
+        for k in ("orig", "reply"):
+            if d[k] is not None:
+                d[k] = {n: v for n, v in d[k]._asdict().items() if v is not None}
+        if d["labels"] is not None:
+            d["labels"] = d["labels"].hex()
+        return d
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> Conntrack:
+        """From a conntrack block (``CT``)."""
+        v = CT.unpack_from(raw)
+        present, family, proto, info = v[0], v[1], v[2], v[3]
+        alen = 16 if family == 10 else 4
+        icmp = proto in (1, 58)
+        ports = proto in (6, 17, 33, 132, 136)
+
+        def tup(i: int) -> CtTuple:
+            src, dst, sport, dport, icmp_id, icmp_type, icmp_code = v[i : i + 7]
+            return CtTuple(
+                str(ipaddress.ip_address(src[:alen])),
+                str(ipaddress.ip_address(dst[:alen])),
+                sport if ports else None,
+                dport if ports else None,
+                icmp_id if icmp else None,
+                icmp_type if icmp else None,
+                icmp_code if icmp else None,
+            )
+
+        state, reply_dir = CT_STATES.get(info, (None, None)) if present & CT_INFO else (None, None)
+
+        def opt(value: Any, bit: int) -> Any:
+            return value if present & bit else None
+
+        return cls(
+            state,
+            reply_dir,
+            opt(info, CT_INFO),
+            opt(v[4], CT_ID),
+            opt(v[5], CT_MARK),
+            opt(v[6], CT_STATUS),
+            opt(v[7], CT_TIMEOUT),
+            opt(v[8], CT_ZONE),
+            proto,
+            tup(10) if present & CT_ORIG else None,
+            tup(17) if present & CT_REPLY else None,
+            v[24][: v[9]] if present & CT_LABELS else None,
+        )
+
+    def pack(self) -> bytes:
+        """The conntrack block (``CT``); the inverse of ``unpack``."""
+        present = 0
+        family = 2
+        for t in (self.orig, self.reply):
+            if t is not None and ipaddress.ip_address(t.src).version == 6:
+                family = 10
+        vals: list[Any] = []
+        for value, bit in (
+            (self.info, CT_INFO), (self.id, CT_ID), (self.mark, CT_MARK), (self.status, CT_STATUS),
+            (self.timeout, CT_TIMEOUT), (self.zone, CT_ZONE),
+        ):  # fmt: skip
+            if value is not None:
+                present |= bit
+            vals.append(value or 0)
+        tuples: list[Any] = []
+        for t, bit in ((self.orig, CT_ORIG), (self.reply, CT_REPLY)):
+            if t is None:
+                tuples += [b"", b"", 0, 0, 0, 0, 0]
+                continue
+            present |= bit
+            tuples += [
+                ipaddress.ip_address(t.src).packed,
+                ipaddress.ip_address(t.dst).packed,
+                *(x or 0 for x in t[2:]),
+            ]
+        labels = self.labels or b""
+        if self.labels is not None:
+            present |= CT_LABELS
+        info, cid, mark, status, timeout, zone = vals
+        return CT.pack(
+            present, family, self.proto, info, cid, mark, status, timeout, zone,
+            builtins_len(labels), *tuples, labels,
+        )  # fmt: skip
+
+
+class Vlan(NamedTuple):
+    """The 802.1Q tag the packet carried (NFULA_VLAN): ``tci`` whole, ``proto`` 0x8100 or 0x88a8."""
+
+    tci: int
+    proto: int
+
+    @property
+    def id(self) -> int:
+        """The VLAN id, 0..4095."""
+        return self.tci & 0x0FFF
+
+    @property
+    def pcp(self) -> int:
+        """The priority code point, 0..7."""
+        return self.tci >> 13
 
 
 class Packet:
@@ -87,13 +273,23 @@ class Packet:
     ``len`` is the packet's real length, ``caplen == len(data)`` what was copied.
     ``seq`` is the feed's per-(node, group) sequence number. Attributes the kernel
     did not send are ``None``: ``prefix``, ``mark``, ``indev``, ``outdev``,
-    ``physindev``, ``physoutdev``, ``uid``, ``gid``, ``hwaddr``, ``kernel_seq``.
+    ``physindev``, ``physoutdev``, ``uid``, ``gid``, ``hwaddr``, ``kernel_seq``, and those
+    of the record's extension: ``ct`` (a ``Conntrack``), ``vlan`` (a ``Vlan``), ``l2hdr``
+    (the link-layer header's bytes). ``indev_name`` and the other ``*_name``s are the
+    router's names of the interfaces, where the feed told them (``ifnames``), else None.
     """
 
-    __slots__ = ("_r", "data", "group", "node", "seq", "prefix")
+    __slots__ = ("_r", "data", "group", "node", "seq", "prefix", "_x", "ifnames")
 
     def __init__(
-        self, raw: tuple[Any, ...], data: bytes, group: int, node: str, seq: int, prefix: str | None
+        self,
+        raw: tuple[Any, ...],
+        data: bytes,
+        group: int,
+        node: str,
+        seq: int,
+        prefix: str | None,
+        ext: tuple[bytes | None, bytes | None] | None = None,
     ):
         self._r = raw
         self.data = data
@@ -101,6 +297,8 @@ class Packet:
         self.node = node
         self.seq = seq
         self.prefix = prefix
+        self._x = ext  # (conntrack block, l2hdr) of an extended record
+        self.ifnames: dict[int, str] | None = None
 
     @classmethod
     def build(
@@ -125,8 +323,12 @@ class Packet:
         hook: int = 0,
         hwaddr: bytes | None = None,
         kernel_seq: int | None = None,
+        ct: Conntrack | None = None,
+        vlan: Vlan | tuple[int, int] | None = None,
+        l2hdr: bytes | None = None,
     ) -> Packet:
-        """A packet from its fields (for tests and tools); absent attributes stay ``None``."""
+        """A packet from its fields (for tests and tools); absent attributes stay ``None``.
+        ``ct``, ``vlan`` or ``l2hdr`` make it an extended record (``RECORD_X``)."""
         present = F_PAYLOAD if data else 0
         if ts_kernel:
             present |= F_TS_KERNEL
@@ -159,7 +361,16 @@ class Packet:
             hook,
             hw.ljust(8, b"\0"),
         )
-        return cls(raw, bytes(data), group, node, seq, prefix)
+        if ct is None and vlan is None and l2hdr is None:
+            return cls(raw, bytes(data), group, node, seq, prefix)
+        if l2hdr is not None and builtins_len(l2hdr) > 0xFFFF:
+            raise ValueError(f"l2hdr is {builtins_len(l2hdr)} bytes, at most 65535")
+        present |= F_CT if ct is not None else 0
+        present |= F_VLAN if vlan is not None else 0
+        present |= F_L2HDR if l2hdr is not None else 0
+        tci, vproto = vlan if vlan is not None else (0, 0)
+        raw = (*raw[:15], present, *raw[16:], 0, 0, 0, 0, tci, vproto)
+        return cls(raw, bytes(data), group, node, seq, prefix, (ct.pack() if ct else None, l2hdr))
 
     # The record tuple is RECORD's field order:
     # 0 ts_ns, 1 data_off, 2 caplen, 3 len, 4 mark, 5 indev, 6 outdev, 7 physindev,
@@ -197,9 +408,46 @@ class Packet:
         r = self._r
         return r[18][: r[16]] if r[15] & F_HWADDR else None
 
+    # The extension's fields: 19 ct_off, 20 ct_len, 21 l2hdr_len, 22 l2hdr_off, 23 vlan_tci,
+    # 24 vlan_proto; its data in _x.
+
+    @property
+    def extended(self) -> bool:
+        """True for a record with the extension (record_size 88 and more)."""
+        return self._x is not None
+
+    @property
+    def ct(self) -> Conntrack | None:
+        """The packet's connection, from a ``conntrack: true`` group; None otherwise."""
+        x = self._x
+        return Conntrack.unpack(x[0]) if x is not None and x[0] is not None else None
+
+    @property
+    def vlan(self) -> Vlan | None:
+        """The 802.1Q tag (bridge and netdev families only, as the kernel sends it)."""
+        r = self._r
+        return Vlan(r[23], r[24]) if self._x is not None and r[15] & F_VLAN else None
+
+    @property
+    def l2hdr(self) -> bytes | None:
+        """The link-layer header (bridge and netdev families only, as the kernel sends it)."""
+        x = self._x
+        return x[1] if x is not None else None
+
+    def _name(self, index: int | None) -> str | None:
+        names = self.ifnames
+        return names.get(index) if names is not None and index is not None else None
+
+    indev_name = property(lambda self: self._name(self.indev), doc="the router's name of indev")
+    outdev_name = property(lambda self: self._name(self.outdev), doc="the router's name of outdev")
+    physindev_name = property(lambda self: self._name(self.physindev))
+    physoutdev_name = property(lambda self: self._name(self.physoutdev))
+
     def fields(self) -> dict[str, Any]:
-        """Every field by name, for printing and comparing."""
-        return {name: getattr(self, name) for name in FIELDS}
+        """Every field by name, for printing and comparing; ``ct``, ``vlan`` and ``l2hdr``
+        too where one of them is present."""
+        names = FIELDS + EXT_FIELDS if self._r[15] & F_EXT and self._x is not None else FIELDS
+        return {name: getattr(self, name) for name in names}
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Packet) and self.fields() == other.fields()
@@ -220,6 +468,7 @@ FIELDS = (
     "mark", "indev", "outdev", "physindev", "physoutdev", "uid", "gid", "hw_protocol",
     "hook", "hwaddr", "kernel_seq",
 )  # fmt: skip
+EXT_FIELDS = ("ct", "vlan", "l2hdr")
 
 
 class Batch:
@@ -267,23 +516,71 @@ def frames(
     count: int,
     table: bytes,
     data: bytes,
+    *,
+    flags: int = 0,
 ) -> list[bytes]:
-    """The four frames of one message around an already packed record table."""
+    """The four frames of one message around an already packed record table (records of
+    72 bytes, or 88 with the extension: the table's length says which); ``flags``
+    ``FLAG_IFNAMES`` when ``data`` ends with a names trailer."""
     node_b = node.encode() if isinstance(node, str) else node
+    rsize = builtins_len(table) // count if count else RECORD.size
+    if rsize * count != builtins_len(table) or (count and rsize < RECORD.size):
+        raise ValueError(f"record table of {builtins_len(table)} bytes does not hold {count} records")
     if builtins_len(node_b) > MAX_NODE:
         raise ValueError(f"node name is {builtins_len(node_b)} bytes in UTF-8, at most {MAX_NODE}")
     header = HEADER.pack(
-        MAGIC, VERSION, 0, group, count, RECORD.size, builtins_len(node_b),
+        MAGIC, VERSION, flags, group, count, rsize, builtins_len(node_b),
         epoch, first_seq, kernel_dropped,
     ) + node_b  # fmt: skip
     return [TOPIC.pack(group), header, table, data]
+
+
+def names_trailer(names: dict[int, str]) -> bytes:
+    """The trailer that ends frame 3 under ``FLAG_IFNAMES``: per interface its index (u32),
+    the name's length (u8) and UTF-8 bytes, then the entry count and their bytes (u16 each)."""
+    out = bytearray()
+    for index, name in names.items():
+        raw = name.encode()
+        if builtins_len(raw) > 255:
+            raise ValueError(f"interface name of {builtins_len(raw)} bytes, at most 255")
+        out += _NAME_ENTRY.pack(index, builtins_len(raw)) + raw
+    if builtins_len(out) > 0xFFFF:
+        raise ValueError("the names trailer exceeds 65535 bytes")
+    return bytes(out) + _TRAILER_END.pack(builtins_len(names), builtins_len(out))
+
+
+def _read_trailer(data: bytes) -> tuple[dict[int, str], int]:
+    """The names of a ``FLAG_IFNAMES`` message and where its trailer begins in ``data``."""
+    dlen = builtins_len(data)
+    if dlen < _TRAILER_END.size:
+        raise WireError(f"IFNAMES flag set but frame 3 has {dlen} bytes, too few for the names trailer")
+    count, size = _TRAILER_END.unpack_from(data, dlen - _TRAILER_END.size)
+    start = dlen - _TRAILER_END.size - size
+    if start < 0:
+        raise WireError(f"names trailer of {size} bytes beyond frame 3 ({dlen} bytes)")
+    names: dict[int, str] = {}
+    pos, end = start, start + size
+    for _ in range(count):
+        if pos + _NAME_ENTRY.size > end:
+            raise WireError("names trailer: an entry beyond its end")
+        index, n = _NAME_ENTRY.unpack_from(data, pos)
+        pos += _NAME_ENTRY.size
+        if pos + n > end:
+            raise WireError("names trailer: a name beyond its end")
+        names[index] = data[pos : pos + n].decode("utf-8", "replace")
+        pos += n
+    if pos != end:
+        raise WireError(f"names trailer: {end - pos} bytes after its {count} entries")
+    return names, start
 
 
 def pack_records(packets: Iterable[Packet]) -> tuple[int, bytes, bytes]:
     """Pack packets into (count, record table, data), offsets pointing into data."""
     table = bytearray()
     data = bytearray()
-    count = 0
+    packets = list(packets)
+    # Extended records (88 bytes) for all when one needs the extension; else version 1's 72.
+    extended = any(p._x is not None for p in packets)
     for p in packets:
         r = list(p._r)
         r[1] = builtins_len(data)
@@ -296,9 +593,22 @@ def pack_records(packets: Iterable[Packet]) -> tuple[int, bytes, bytes]:
             data += prefix
         else:
             r[12] = r[13] = 0
-        table += RECORD.pack(*r)
-        count += 1
-    return count, bytes(table), bytes(data)
+        if not extended:
+            table += RECORD.pack(*r)
+            continue
+        if builtins_len(r) == _NFIELDS:  # a 72-byte record among extended ones
+            r[15] &= ~(F_CT | F_VLAN | F_L2HDR)
+            r += [0, 0, 0, 0, 0, 0]
+        ct, l2hdr = p._x if p._x is not None else (None, None)
+        r[19] = r[20] = r[21] = r[22] = 0
+        if ct is not None:  # the order of the daemon's parser: payload, prefix, ct, l2hdr
+            r[19], r[20] = builtins_len(data), builtins_len(ct)
+            data += ct
+        if l2hdr is not None:
+            r[22], r[21] = builtins_len(data), builtins_len(l2hdr)
+            data += l2hdr
+        table += RECORD_X.pack(*r)
+    return builtins_len(packets), bytes(table), bytes(data)
 
 
 def encode(
@@ -308,10 +618,14 @@ def encode(
     first_seq: int,
     packets: Sequence[Packet],
     kernel_dropped: int = 0,
+    ifnames: dict[int, str] | None = None,
 ) -> list[bytes]:
-    """One message from packet objects."""
+    """One message from packet objects; ``ifnames`` (index -> name) adds the names trailer."""
     count, table, data = pack_records(packets)
-    return frames(group, node, epoch, first_seq, kernel_dropped, count, table, data)
+    if ifnames is None:
+        return frames(group, node, epoch, first_seq, kernel_dropped, count, table, data)
+    data += names_trailer(ifnames)
+    return frames(group, node, epoch, first_seq, kernel_dropped, count, table, data, flags=FLAG_IFNAMES)
 
 
 def decode(msg: Sequence[bytes]) -> Batch:
@@ -321,7 +635,7 @@ def decode(msg: Sequence[bytes]) -> Batch:
     topic_b, header, table, data = (bytes(f) if not isinstance(f, bytes) else f for f in msg)
     if builtins_len(header) < HEADER.size:
         raise WireError(f"header is {builtins_len(header)} bytes, expected at least {HEADER.size}")
-    (magic, version, _flags, group, count, rsize, node_len, epoch, first_seq, kdrop) = HEADER.unpack_from(
+    (magic, version, flags, group, count, rsize, node_len, epoch, first_seq, kdrop) = HEADER.unpack_from(
         header
     )
     if magic != MAGIC:
@@ -342,14 +656,20 @@ def decode(msg: Sequence[bytes]) -> Batch:
         raise WireError(f"record_size {rsize} is below version 1's {RECORD.size}")
     if builtins_len(table) != count * rsize:
         raise WireError(f"record table is {builtins_len(table)} bytes, {count} records need {count * rsize}")
-    if rsize != RECORD.size:  # a later minor version appended fields: read the first 72 bytes
-        table = b"".join(table[i : i + RECORD.size] for i in range(0, builtins_len(table), rsize))
+    rec = RECORD_X if rsize >= RECORD_X.size else RECORD
+    if rsize != rec.size:  # a later minor version appended fields: read the ones known here
+        table = b"".join(table[i : i + rec.size] for i in range(0, builtins_len(table), rsize))
+    names: dict[int, str] | None = None
+    if flags & FLAG_IFNAMES:  # the trailer lies beyond every offset: records must end before it
+        names, end_of_data = _read_trailer(data)
+        data = data[:end_of_data]
     dlen = builtins_len(data)
     packets: list[Packet] = []
     append = packets.append
     seq = first_seq
     new = Packet.__new__
-    for r in RECORD.iter_unpack(table):
+    extended = rec is RECORD_X
+    for r in rec.iter_unpack(table):
         off = r[1]
         end = off + r[2]
         if end > dlen or r[16] > 8:
@@ -375,6 +695,27 @@ def decode(msg: Sequence[bytes]) -> Batch:
         p.node = node
         p.seq = seq
         p.prefix = prefix
+        p._x = _extension(r, data, seq - first_seq) if extended else None
+        p.ifnames = names
         append(p)
         seq += 1
     return Batch(group, node, epoch, first_seq, kdrop, packets)
+
+
+def _extension(r: tuple[Any, ...], data: bytes, index: int) -> tuple[bytes | None, bytes | None]:
+    """An extended record's conntrack block and link-layer header, checked against frame 3."""
+    dlen = builtins_len(data)
+    ct = l2hdr = None
+    if r[15] & F_CT:
+        end = r[19] + r[20]
+        if end > dlen:
+            raise WireError(f"record {index}: conntrack block {r[19]}+{r[20]} beyond data ({dlen} bytes)")
+        if r[20] < CT.size:
+            raise WireError(f"record {index}: conntrack block of {r[20]} bytes, below {CT.size}")
+        ct = data[r[19] : end]
+    if r[15] & F_L2HDR:
+        end = r[22] + r[21]
+        if end > dlen:
+            raise WireError(f"record {index}: l2hdr {r[22]}+{r[21]} beyond data ({dlen} bytes)")
+        l2hdr = data[r[22] : end]
+    return ct, l2hdr

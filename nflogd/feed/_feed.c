@@ -311,7 +311,7 @@ static int send_batch(struct nflogd_feed *f, struct nflogd_reader *r, uint32_t c
     r->feed_seq += count;
     memcpy(header, "NFLD", 4);             /* wire.HEADER: <4sBBHIHHQQQ */
     header[4] = 1;                         /* version */
-    header[5] = 0;                         /* flags */
+    header[5] = r->batch_flags;            /* flags: NFLOGD_FLAG_IFNAMES */
     put16(header + 6, r->group);
     put32(header + 8, count);
     put16(header + 12, sizeof(struct nflogd_record));
@@ -386,5 +386,30 @@ int nflogd_pump(struct nflogd_reader *r, struct nflogd_feed *f, int timeout_ms)
             return 1;
         if (__atomic_exchange_n(&r->woken, 0, __ATOMIC_ACQ_REL) || n <= 0)
             return 0;
+    }
+}
+
+int nflogd_pump_until_idle(struct nflogd_reader *r, struct nflogd_feed *f, int idle_ms, int sent)
+{
+    uint64_t overflows = r->overflows;
+    for (;;) {
+        int n = nflogd_read(r, sent ? idle_ms : -1);
+        if (n < 0 && n != -ENOBUFS)
+            return n;
+        if (n > 0 && f) {
+            pthread_mutex_lock(&f->lock);
+            int rc = send_batch(f, r, (uint32_t)n);
+            pthread_mutex_unlock(&f->lock);
+            if (rc < 0)
+                return rc;
+        }
+        if (n > 0)
+            sent = 1;
+        if (r->overflows != overflows)
+            return 1;
+        if (__atomic_exchange_n(&r->woken, 0, __ATOMIC_ACQ_REL))
+            return 0;
+        if (n <= 0 && sent)
+            return 2;
     }
 }

@@ -50,4 +50,10 @@ struct nflogd_peers *nflogd_feed_peers(struct nflogd_feed *f);
  * error (-errno). Runs without the GIL. */
 int nflogd_pump(struct nflogd_reader *r, struct nflogd_feed *f, int timeout_ms);
 
+/* As nflogd_pump, but the wait for a batch has no end until one is sent (or sent is non-zero:
+ * one was, before this call), and then a read that gets nothing within idle_ms returns 2: the
+ * group went idle after traffic (time for its sequence mark). 0 when woken, 1 after an overrun,
+ * -errno for an error. */
+int nflogd_pump_until_idle(struct nflogd_reader *r, struct nflogd_feed *f, int idle_ms, int sent);
+
 #endif

@@ -572,6 +572,31 @@ uint64_t nflogd_peers_queued(struct nflogd_peers *ps, int id)
     return p ? p->qlen : 0;
 }
 
+/* The packets in a queued message: its header's count (frame 1, offset 8), 0 for a command. */
+static uint64_t blob_packets(const struct blob *b)
+{
+    const uint8_t *m = b->bytes;
+    if (b->len < 6 || m[0] != 1 || m[1] != 2)  /* not a message: its topic frame is 2 bytes */
+        return 0;
+    size_t at = 4 + ((m[4] & 2) ? 9 : 2) + 8;  /* frame 1's head, then the header's count */
+    if (b->len < at + 4)
+        return 0;
+    return (uint64_t)m[at] | (uint64_t)m[at + 1] << 8 | (uint64_t)m[at + 2] << 16 | (uint64_t)m[at + 3] << 24;
+}
+
+uint64_t nflogd_peers_queued_packets(struct nflogd_peers *ps)
+{
+    uint64_t n = 0;
+    for (int i = 0; i < ps->cap; i++) {
+        struct peer *p = &ps->peer[i];
+        if (p->fd < 0)
+            continue;
+        for (uint32_t k = 0; k < p->qlen; k++)
+            n += blob_packets(p->queue[(p->qhead + k) % p->qcap]);
+    }
+    return n;
+}
+
 void nflogd_peers_send(struct nflogd_peers *ps, uint16_t group, const uint8_t *topic, uint32_t tlen,
                        const uint8_t *header, uint32_t hlen, const uint8_t *records, uint32_t rlen,
                        const uint8_t *data, uint32_t dlen)

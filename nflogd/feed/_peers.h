@@ -46,6 +46,8 @@ int nflogd_peers_command(struct nflogd_peers *ps, int id, const uint8_t *frame, 
 /* Messages dropped (hwm reached) and queued now, of peer id, or of every peer (id -1). */
 uint64_t nflogd_peers_dropped(struct nflogd_peers *ps, int id);
 uint64_t nflogd_peers_queued(struct nflogd_peers *ps, int id);
+/* The packets in the messages every peer has queued (a message partly written counts whole). */
+uint64_t nflogd_peers_queued_packets(struct nflogd_peers *ps);
 /* One message, its four frames, to every peer subscribed to group (publish() from Python). */
 void nflogd_peers_send(struct nflogd_peers *ps, uint16_t group, const uint8_t *topic, uint32_t tlen,
                        const uint8_t *header, uint32_t hlen, const uint8_t *records, uint32_t rlen,

@@ -795,8 +795,9 @@ class ZmtpServer:
 
     # -- end -------------------------------------------------------------------
 
-    def close(self, linger_ms: int = 0) -> None:
-        """Give peers up to ``linger_ms`` to take what they have queued, then close everything."""
+    def close(self, linger_ms: int = 0) -> tuple[int, int]:
+        """Give peers up to ``linger_ms`` to take what they have queued, then close everything;
+        (messages, packets) still queued then, never sent."""
         end = time.monotonic() + linger_ms / 1000
         while self._queued() and time.monotonic() < end:
             for fd, events in self._ep.poll(max(0.0, end - time.monotonic()), 1024):
@@ -807,6 +808,8 @@ class ZmtpServer:
                     self._flush(peer)
                 elif events & (select.EPOLLHUP | select.EPOLLERR | select.EPOLLIN):
                     self._hang_up(peer)  # gone, or talking: no more time for it
+        with self._c:
+            left = self._c.peer_queued(), self._c.peer_queued_packets()
         for peer in list(self._peers.values()):
             self._hang_up(peer)
         for fd in list(self._turned_away):
@@ -818,6 +821,7 @@ class ZmtpServer:
             self._c.set_peer_poll(-1, -1)
         self._ep.close()
         os.close(self._slow_fd)
+        return left
 
     def _queued(self) -> int:
         """Messages every peer has queued."""
