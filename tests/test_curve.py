@@ -28,6 +28,7 @@ from zmq.utils import z85
 from nflogd.config import CurveConfig, PublishConfig
 from nflogd.feed.codec import CURVE_GREETING_REST, PARTIAL_GREETING
 from nflogd.feed.curve import CurveKeys
+from nflogd.metrics import limit_families
 from nflogd.publish import Publisher
 
 pytestmark = pytest.mark.timeout(60)
@@ -87,9 +88,12 @@ def _close_raw():
 class Raw:
     """A hand-made peer on loopback tcp, served while it waits (closed after the test)."""
 
-    def __init__(self, pub: Publisher):
+    def __init__(self, pub: Publisher, rcvbuf: int = 0):
         self.pub = pub
-        self.sock = socket.create_connection(("127.0.0.1", port(pub)))
+        self.sock = socket.socket()
+        if rcvbuf:  # before the connect: the window it offers stays small
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect(("127.0.0.1", port(pub)))
         _OPEN.append(self.sock)
         self.sock.setblocking(False)
         self.buf = b""
@@ -136,8 +140,8 @@ class Raw:
         return True
 
 
-def handshake(pub, client: Client, step: int = 0) -> Raw:
-    raw = Raw(pub)
+def handshake(pub, client: Client, step: int = 0, rcvbuf: int = 0) -> Raw:
+    raw = Raw(pub, rcvbuf)
     assert raw.read(11) == PARTIAL_GREETING
     raw.send(greeting() + client.hello(), step)
     assert raw.read(53) == CURVE_GREETING_REST  # 3.1, CURVE, as-server
@@ -399,4 +403,88 @@ def test_a_reader_over_the_connection_limit_is_told_so(ctx, keys, tmp_path):
         assert pub.subscribers == 2 and held
         ipc_first.close(linger=0)
     finally:
+        pub.close(linger=0)
+
+
+def test_stalled_curve_greetings_show_in_the_handshake_timeout_metric(ctx, keys):
+    """Peers that stall at each step of the CURVE handshake (no greeting, the greeting only,
+    HELLO without INITIATE) are hung up on at publish.handshake_timeout_ms, each counted in
+    nflogd_feed_handshake_timeouts_total, and an admitted reader still gets in meanwhile."""
+    server, _, raw_keys = keys
+    curve = CurveConfig("server.key_secret", "clients", server[0], server[1])
+    cfg = PublishConfig(bind=(f"tcp://127.0.0.1:{free_port()}",), curve=curve, handshake_timeout_ms=300)
+    pub = Publisher(ctx, cfg, node="n", curve_keys=raw_keys)
+    try:
+        stalled = []
+        for step in range(3):
+            for _ in range(10):
+                client = client_for(keys)
+                r = Raw(pub)
+                if step >= 1:
+                    r.send(greeting())
+                if step >= 2:
+                    r.send(client.hello())
+                stalled.append(r)
+        serve(pub, lambda: pub.subscribers == 30, "30 stalled peers")
+        reader = handshake(pub, client_for(keys))
+        serve(pub, lambda: pub.handshake_timeouts == 30, "30 handshake timeouts", 10)
+        assert pub.subscribers == 1 and reader
+        families = {f.name: f for f in limit_families("nflogd", pub, None)}
+        assert [s.value for s in families["nflogd_feed_handshake_timeouts"].samples] == [30]
+    finally:
+        pub.close(linger=0)
+
+
+def test_curve_readers_that_never_read_are_held_to_hwm_and_max_queued_bytes(ctx, keys, caplog):
+    """Four admitted CURVE peers that subscribe and never read: each has at most publish.hwm
+    messages queued, the rest dropped and counted; a new hwm applies at once to the peers
+    connected already; with a high hwm, all of them together hold at most
+    publish.max_queued_bytes, warned of once. A CURVE reader beside them loses nothing."""
+    server, alice, raw_keys = keys
+    curve = CurveConfig("server.key_secret", "clients", server[0], server[1])
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cfg = PublishConfig(bind=(endpoint,), curve=curve, hwm=100)
+    pub = Publisher(ctx, cfg, node="n", curve_keys=raw_keys)
+    good = ctx.socket(zmq.SUB)
+    good.curve_serverkey, good.curve_publickey, good.curve_secretkey = server[0], alice[0], alice[1]
+    good.setsockopt(zmq.RCVHWM, 0)
+    b = batch(1, b"x" * 16000)  # what the kernel takes for a peer (its send buffer grows
+    # to tcp_wmem's 4 MiB) is passed by a few hundred of them
+
+    def publish(n: int) -> None:
+        for _ in range(n):
+            pub.publish(b)
+            pub.handle_incoming()
+            assert good.poll(2000)
+            good.recv_multipart()
+
+    try:
+        for _ in range(4):
+            client = client_for(keys)
+            r = handshake(pub, client, rcvbuf=4096)
+            r.send(client.message(b"\x01"))
+        good.subscribe(b"")
+        good.connect(endpoint)
+        serve(pub, lambda: pub.subscription_messages == 5, "five subscriptions", 10)
+        publish(1000)
+        # at hwm, but what the kernel took meanwhile as its buffers grew
+        assert 4 * 90 <= pub.queued <= 4 * 100, pub.queued
+        assert pub.slow_dropped > 4 * 100 and pub.full_dropped == 0
+        pub.set_hwm(20)  # at once: every new message dropped for each of the four
+        before = pub.slow_dropped
+        publish(50)
+        assert pub.queued <= 4 * 100 and pub.slow_dropped - before == 4 * 50
+        cap = pub.queued_bytes + (256 << 10)
+        pub.set_limits(PublishConfig(bind=(endpoint,), curve=curve, max_queued_bytes=cap))
+        pub.set_hwm(1_000_000)
+        peak = 0
+        with caplog.at_level("WARNING", logger="nflogd.publish"):
+            for _ in range(20):
+                publish(50)
+                peak = max(peak, pub.queued_bytes)
+        assert cap - 17000 < peak <= cap + 4 * 17000 and pub.full_dropped > 0
+        assert sum("publish.max_queued_bytes" in r.getMessage() for r in caplog.records) == 1
+        assert not good.poll(100)
+    finally:
+        good.close(linger=0)
         pub.close(linger=0)
