@@ -410,7 +410,7 @@ def limit_families(prefix: str, feed, server) -> list:
         dropped.add_metric([], feed.dropped_peers)
         floods.add_metric([], feed.subscription_floods)
         subs.add_metric([], feed.subscription_messages)
-    own = feed is not None and feed.server is not None  # the relay's XPUB sockets do not tell
+    own = feed is not None and feed.server is not None  # None before start and once closed
     if own:
         slow.add_metric([], feed.slow_dropped)
         queued.add_metric([], feed.queued)

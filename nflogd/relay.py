@@ -60,11 +60,14 @@ from .access import CurveAccess
 from .episodes import Episodes
 from .errors import NflogdError
 from .metrics import MetricsServer, limit_families, version
-from .publish import NOBLOCK, Publisher, check_restart_only
+from .publish import Publisher, check_restart_only
 from .sdnotify import Notifier
 from .service import Program
 
 __all__ = ["main", "Relay", "Upstream", "RelayCollector", "DEFAULT_CONFIG"]
+
+#: The receive flag as a plain int: pyzmq's enum flags cost microseconds per use.
+NOBLOCK = int(zmq.NOBLOCK)
 
 log = logging.getLogger("nflogd.relay")
 
@@ -425,7 +428,7 @@ class Relay(Program):
         service.probe_threads()  # a one-line error now rather than a libzmq abort later
         self.ctx = zmq.Context()
         if cfg.publish.curve is not None:
-            self.access = CurveAccess(self.ctx, cfg.publish.curve, zap=False)
+            self.access = CurveAccess(cfg.publish.curve)
         self.publisher = self._make_publisher(cfg.publish)
         self.registry = CollectorRegistry()
         RelayCollector(self, registry=self.registry)

@@ -134,7 +134,7 @@ class Program:
     with ``load``, ``apply()``s it, then READY with ``status()``, or logs why not and keeps
     the running config.
 
-    Subclasses set ``load``, set ``ctx``, ``access`` (the CURVE authenticator), ``publisher``
+    Subclasses set ``load``, set ``ctx``, ``access`` (the CURVE keys admitted), ``publisher``
     and ``metrics_server`` in ``start()`` and watch their own sockets there, implement
     ``apply()`` and ``status()``, and end ``close()`` with ``_release()``.
     """
@@ -278,18 +278,15 @@ class Program:
     # -- stop ------------------------------------------------------------------
 
     def _release(self) -> None:
-        """The end of ``close()``: metrics, the feed, then the authenticator (libzmq admits every
-        CURVE client while no ZAP handler is bound, so it goes after the CURVE socket), the
-        context, the signal handlers, the notifier. Safe after a failed start."""
+        """The end of ``close()``: metrics, the feed, the context, the signal handlers, the
+        notifier. Safe after a failed start."""
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None
         if self.publisher is not None:
             self.publisher.close()
             self.publisher = None
-        if self.access is not None:
-            self.access.close()
-            self.access = None
+        self.access = None
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None

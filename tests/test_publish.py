@@ -256,13 +256,3 @@ def test_set_hwm_applies_at_once_to_connected_subscribers(ctx, tmp_path):
         slow.close()
     finally:
         pub.close()
-
-
-def test_set_hwm_on_xpub_sockets(ctx, tmp_path):
-    pub = Publisher(ctx, PublishConfig(bind=(f"ipc://{tmp_path}/f.sock",), hwm=7), direct=False)
-    try:
-        assert pub.socket is not None and pub.socket.getsockopt(zmq.SNDHWM) == 7
-        pub.set_hwm(70)
-        assert (pub.hwm, pub.socket.getsockopt(zmq.SNDHWM)) == (70, 70)
-    finally:
-        pub.close()

@@ -86,7 +86,7 @@ BACKLOG = 100
 #: After EMFILE on accept, the listener rests this long (the connection waits in the backlog).
 ACCEPT_PAUSE_S = 0.1
 #: TCP keepalive on peers' connections (idle s, interval s, probes): a peer that vanished is
-#: found in about 90 s. The XPUB sockets get the same (publish.TCP_KEEPALIVE).
+#: found in about 90 s.
 KEEPALIVE_IDLE_S, KEEPALIVE_INTVL_S, KEEPALIVE_CNT = 60, 10, 3
 
 _UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
