@@ -24,7 +24,7 @@ import logging
 from nflogd_client import curve
 from zmq.utils import z85
 
-from .config import CurveConfig
+from .config_publish import CurveConfig
 from .errors import ConfigError
 from .feed.curve import CurveKeys
 

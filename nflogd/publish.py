@@ -56,7 +56,7 @@ from .feed.server import ZmtpServer
 from .ffi import CFeed
 
 if TYPE_CHECKING:
-    from .config import PublishConfig
+    from .config_publish import PublishConfig
 
 __all__ = [
     "Publisher", "check_ipc_dir", "check_ipc_path", "check_restart_only",

@@ -55,7 +55,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector as _Collector
 from prometheus_client.registry import CollectorRegistry
 
-from . import config, service
+from . import config_relay, service
 from .access import CurveAccess
 from .episodes import Episodes
 from .errors import NflogdError
@@ -403,7 +403,7 @@ class RelayCollector(_Collector):
 class Relay(Program):
     """One run of the relay over one config: ``install_signals()``, ``start()``, ``run()``, ``close()``."""
 
-    load = staticmethod(config.load_relay)
+    load = staticmethod(config_relay.load_relay)
 
     def __init__(self, cfg, path: str, notifier: Notifier | None = None):
         super().__init__(cfg, path, notifier)
@@ -630,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="nflogd-relay",
         description="Subscribe to many nflogd feeds and publish them as one, messages untouched.",
         default_config=DEFAULT_CONFIG,
-        load=config.load_relay,
+        load=config_relay.load_relay,
         make=Relay,
     )
 

@@ -6,10 +6,10 @@ loop with its signals, timers and watchdog, and the reload.
     def main(argv=None) -> int:                  # nflogd.relay.main
         return service.main(argv, prog="nflogd-relay", description="...",
                             default_config="/etc/nflogd-relay.yaml",
-                            load=config.load_relay, make=Relay)
+                            load=config_relay.load_relay, make=Relay)
 
     class Relay(Program):                        # what a program adds of its own
-        load = staticmethod(config.load_relay)   # reload() rereads self.path with it
+        load = staticmethod(config_relay.load_relay)   # reload() rereads self.path with it
         def start(self):
             self.watch(sock, handler)            # handler() whenever sock polls readable
             timer = self.timer(callback, 0.25)   # callback() every 0.25 s; timer.hurry(): now
@@ -57,7 +57,7 @@ from .sdnotify import Notifier
 
 if TYPE_CHECKING:
     from .access import CurveAccess
-    from .config import PublishConfig
+    from .config_publish import PublishConfig
     from .metrics import MetricsServer
     from .publish import Publisher
 
@@ -139,7 +139,7 @@ class Program:
     ``apply()`` and ``status()``, and end ``close()`` with ``_release()``.
     """
 
-    #: Reads and checks the program's config file (``config.load``, ``config.load_relay``).
+    #: Reads and checks the program's config file (``config.load``, ``config_relay.load_relay``).
     load: Callable[[str], Any]
 
     def __init__(self, cfg: Any, path: str, notifier: Notifier | None = None):

@@ -16,7 +16,8 @@ from nflogd_client import wire
 
 from nflogd.capture import GroupReader
 from nflogd.capture_loop import WAIT_S, CaptureLoop
-from nflogd.config import GroupConfig, PublishConfig
+from nflogd.config import GroupConfig
+from nflogd.config_publish import PublishConfig
 from nflogd.publish import Publisher
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.kernel]

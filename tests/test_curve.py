@@ -25,7 +25,7 @@ from pubutil import serve
 from test_interop import DEBIAN_PYTHON, MESSAGES, PYZMQ_READER, available, batch, free_port
 from zmq.utils import z85
 
-from nflogd.config import CurveConfig, PublishConfig
+from nflogd.config_publish import CurveConfig, PublishConfig
 from nflogd.feed.codec import CURVE_GREETING_REST, PARTIAL_GREETING
 from nflogd.feed.curve import CurveKeys
 from nflogd.metrics import limit_families

@@ -19,7 +19,7 @@ import pytest
 from nflogd_client import wire
 from pubutil import serve
 
-from nflogd.config import PublishConfig
+from nflogd.config_publish import PublishConfig
 from nflogd.publish import Publisher
 
 pytestmark = pytest.mark.timeout(60)

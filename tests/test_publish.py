@@ -12,7 +12,7 @@ import zmq
 from nflogd_client import wire
 from pubutil import serve
 
-from nflogd.config import PublishConfig
+from nflogd.config_publish import PublishConfig
 from nflogd.errors import NflogdError
 from nflogd.publish import Publisher
 

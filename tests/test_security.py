@@ -21,7 +21,7 @@ from nflogd_client.subscriber import AUTH_RETRY_S
 from pubutil import serve
 
 from nflogd import config
-from nflogd.config import PublishConfig
+from nflogd.config_publish import PublishConfig
 from nflogd.errors import ConfigError
 from nflogd.publish import Publisher
 

@@ -18,7 +18,7 @@ import zmq
 from nflogd_client import wire
 from pubutil import serve
 
-from nflogd.config import PublishConfig
+from nflogd.config_publish import PublishConfig
 from nflogd.feed.codec import GREETING_REST, MAX_FRAME, PARTIAL_GREETING
 from nflogd.feed.codec import ready as server_ready
 from nflogd.publish import Publisher

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from nflogd_client import wire
 from pubutil import serve
 
-from nflogd.config import PublishConfig
+from nflogd.config_publish import PublishConfig
 from nflogd.feed.codec import (
     GREETING,
     GREETING_REST,
