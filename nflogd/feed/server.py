@@ -1,10 +1,10 @@
-"""The feed's NULL-mechanism endpoints (ipc, and tcp without CURVE), served by nflogd itself.
+"""Every endpoint of the feed (ipc, tcp, CURVE), the daemon's and the relay's, served by nflogd itself.
 
 The capture threads write each message straight to the subscribers' sockets
 (``_peers.c``); everything else a ZeroMQ XPUB socket would do for them is done here, on the
 control thread: it listens, accepts within the connection budget, moves each peer's bytes
-through its ``Codec`` (``codec.py``: ZMTP 3.1, 3.0 and 2.0, the NULL mechanism, as an XPUB
-that binds) and acts on what the codec says: a handshake done (the peer goes to the C
+through its ``Codec`` (``codec.py``: ZMTP 3.1, 3.0 and 2.0, the NULL mechanism or CURVE
+(``curve.py``), as an XPUB that binds) and acts on what the codec says: a handshake done (the peer goes to the C
 sender), a subscription, a PING (a PONG after what the peer has queued), a breach (its
 ERROR sent if the spec has one, the peer hung up on). It flushes what a slow peer queued
 once its socket drains. Any libzmq SUB or XSUB connects to it as to an XPUB::
@@ -12,6 +12,7 @@ once its socket drains. Any libzmq SUB or XSUB connects to it as to an XPUB::
     server = ZmtpServer(cfeed, owner=publisher, handshake_timeout_ms=10_000)
     server.set_limits(publish_config)               # per source, idle, ipc_filter_groups
     server.bind("ipc:///run/nflogd/feed.sock")
+    server.bind("tcp://*:5555", curve_keys)          # CurveZMQ, the keys nflogd.access read
     poller.register(server.fileno(), zmq.POLLIN)     # its epoll: listeners and peers
     more = server.serve(256)                        # a turn: at most 256 frames per peer
     server.next_deadline()                          # when the next handshake times out
@@ -24,7 +25,7 @@ bounded (docs/security.md, "Limits"): its frames (``codec.MAX_READY``, ``codec.M
 what it sent and was not parsed yet (one read), its time to finish the handshake, its
 queue at ``publish.hwm`` messages (past that its messages are dropped, counted). The
 connection budget, the counting and the once-per-episode logs are the owner's
-(``Publisher``), which the CURVE socket's peers share.
+(``Publisher``), the same for NULL and CURVE peers.
 """
 
 from __future__ import annotations
