@@ -4,8 +4,8 @@ The capture threads write each message straight to the subscribers' sockets
 (``_peers.c``); everything else a ZeroMQ XPUB socket would do for them is done here, on the
 control thread: it listens, accepts within the connection budget, moves each peer's bytes
 through its ``Codec`` (``codec.py``: ZMTP 3.1, 3.0 and 2.0, the NULL mechanism or CURVE
-(``curve.py``), as an XPUB that binds) and acts on what the codec says: a handshake done (the peer goes to the C
-sender), a subscription, a PING (a PONG after what the peer has queued), a breach (its
+(``curve.py``), as an XPUB that binds) and acts on what the codec says: a handshake done
+(the peer goes to the C sender), a subscription, a PING (a PONG after what the peer has queued), a breach (its
 ERROR sent if the spec has one, the peer hung up on). It flushes what a slow peer queued
 once its socket drains. Any libzmq SUB or XSUB connects to it as to an XPUB::
 
