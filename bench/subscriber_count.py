@@ -1,4 +1,5 @@
-"""A counting subscriber for the bench: ENDPOINT GROUPS [--latency]; counts until SIGTERM.
+"""A counting subscriber for the bench: ENDPOINT GROUPS [--latency] [--server-key FILE
+--client-key FILE]; counts until SIGTERM.
 
 GROUPS is one group or several, comma-separated. Prints "ready" once its subscription is in
 place, then one JSON line: packets, messages, feed loss, kernel drops the feed reported, and
@@ -22,7 +23,12 @@ def main() -> None:
     ap.add_argument("endpoint")
     ap.add_argument("groups", type=lambda text: [int(g) for g in text.split(",")])
     ap.add_argument("--latency", action="store_true")
+    ap.add_argument("--server-key", help="CURVE: the publisher's public key file")
+    ap.add_argument("--client-key", help="CURVE: this reader's secret key file")
     a = ap.parse_args()
+    keys = {}
+    if a.server_key:
+        keys = {"server_public_key": a.server_key, "client_secret_key_file": a.client_key}
     stop = False
 
     def on_term(*_):
@@ -32,7 +38,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_term)
     packets = messages = 0
     delays = []
-    with Subscriber(a.endpoint, groups=a.groups) as sub:
+    with Subscriber(a.endpoint, groups=a.groups, **keys) as sub:
         time.sleep(0.3)  # let the subscription reach the publisher
         print("ready", flush=True)
         while not stop:
