@@ -357,10 +357,12 @@ static size_t box_frames(struct nflogd_peers *ps, struct peer *p, const struct i
         p->nonce++;
         memcpy(at, "\x07MESSAGE", 8);
         memcpy(at + 8, nonce + 16, 8);
-        uint8_t *box = at + 16, *plain = box + crypto_box_MACBYTES;
+        /* the box: its MAC, then the ciphertext where the plaintext was put (exactly in place:
+         * libsodium encrypts it there; easy_afternm's box 16 bytes before it would move it all) */
+        uint8_t *mac = at + 16, *plain = mac + crypto_box_MACBYTES;
         plain[0] = (uint8_t)((i < nframes - 1 ? 1 : 0) | (command ? 2 : 0));
         memcpy(plain + 1, frames[i].iov_base, len);
-        crypto_box_easy_afternm(box, plain, 1 + len, nonce, p->key);  /* in place: libsodium allows it */
+        crypto_box_detached_afternm(plain, mac, plain, 1 + len, nonce, p->key);
         at = plain + 1 + len;
     }
     return (size_t)(at - ps->boxed);
