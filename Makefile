@@ -14,7 +14,7 @@ CONFIG ?= etc/nflogd.yaml
 # nflogd-extcap's capture filters. python3-zmq (Debian's libzmq, another version than pyzmq's)
 # and libjeromq-java with a JDK (JeroMQ, ZMTP 2.0, no libzmq) are the other implementations
 # tests/test_interop.py runs against the feed's own server.
-RUN_DEBS := libnetfilter-log-dev libmnl-dev libsodium-dev gcc libc6-dev pkg-config python3-dev python3-venv
+RUN_DEBS := libnetfilter-log-dev libmnl-dev libsodium-dev libpcap-dev gcc libc6-dev pkg-config python3-dev python3-venv
 TEST_DEBS := nftables iproute2 tcpdump tshark systemd iptables jq python3-zmq libjeromq-java default-jdk-headless
 DEBS := $(RUN_DEBS) $(TEST_DEBS)
 # promtool checks contrib/prometheus/: taken out of Debian's prometheus package into the venv,
@@ -27,7 +27,7 @@ NATS_SERVER := $(VENV)/bin/nats-server
 # mypy with the stubs of the libraries that ship none (PyYAML, cffi): make check runs it.
 DEV_PKGS := pytest pytest-timeout hypothesis ruff mypy types-PyYAML types-cffi
 APT := apt-get -o DPkg::Lock::Timeout=600
-SOURCES := pyproject.toml setup.py scapy_nflog.py nflog_cffi.py client/pyproject.toml client/nflogd_client/VERSION nflogd/_nflog.h nflogd/_nflog.c nflogd/feed/_feed.h nflogd/feed/_feed.c nflogd/feed/_peers.h nflogd/feed/_peers.c nflogd/ffi_build.py
+SOURCES := pyproject.toml setup.py scapy_nflog.py nflog_cffi.py client/pyproject.toml client/nflogd_client/VERSION nflogd/_nflog.h nflogd/_nflog.c nflogd/feed/_feed.h nflogd/feed/_feed.c nflogd/feed/_peers.h nflogd/feed/_peers.c nflogd/feed/_filter.h nflogd/feed/_filter.c nflogd/ffi_build.py
 
 .PHONY: all deps run-deps debs run-debs run test check bench bench-debs profile clean deb deb-tools test-system extcap-install
 all: test

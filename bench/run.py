@@ -9,7 +9,7 @@ speed, with one tcpdump per group beside one daemon serving them all.
 
     .venv/bin/python bench/run.py               # everything (make bench)
     .venv/bin/python bench/run.py capture       # one part: capture, daemon, groups, latency, idle,
-                                                # client, conntrack, ifchurn, curve, relay
+                                                # client, conntrack, ifchurn, filter, curve, relay
     .venv/bin/python bench/run.py soak --seconds 3600 --interval 60   # not part of "all"
 
 The soak runs the daemon with four groups, one of them at ``--rate`` (below capacity) and
@@ -304,6 +304,7 @@ class Daemon:
     def __init__(
         self, ns: NetNS, tmp: str, latency: bool = False, groups: list[int] = [OURS],  # noqa: B006
         endpoint: str | None = None, name: str = "nflogd", curve: dict | None = None, reader: bool = True,
+        filter: str | None = None,  # noqa: A002
     ):  # fmt: skip
         endpoint = endpoint or f"ipc://{tmp}/{name}.sock"
         cfg = daemon_config(tmp, endpoint, groups, name, curve)
@@ -315,6 +316,8 @@ class Daemon:
             cmd = [PY, os.path.join(HERE, "subscriber_count.py"), endpoint, ",".join(map(str, groups))]
             if latency:
                 cmd.append("--latency")
+            if filter:
+                cmd += ["--filter", filter]
             if curve:
                 cmd += ["--server-key", curve["server_public"], "--client-key", curve["reader_secret"]]
             if endpoint.startswith("tcp://"):
@@ -325,6 +328,7 @@ class Daemon:
                     ns.procs.append(self.sub)  # outside the namespace, but ended with it all the same
             wait_line(self.sub, self.sub.stdout, "^ready")
         self.cpu0 = cpu_seconds(self.proc.pid)
+        self.sub_cpu0 = cpu_seconds(self.sub.pid) if self.sub is not None else 0.0
 
     def stop(self) -> tuple[dict, dict]:
         cpu = cpu_seconds(self.proc.pid) - self.cpu0
@@ -332,8 +336,9 @@ class Daemon:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.communicate(timeout=10)
             return {"cpu": cpu}, {}
+        sub_cpu = cpu_seconds(self.sub.pid) - self.sub_cpu0
         self.sub.send_signal(signal.SIGTERM)
-        sub = json.loads(self.sub.communicate(timeout=10)[0].strip().splitlines()[-1])
+        sub = json.loads(self.sub.communicate(timeout=10)[0].strip().splitlines()[-1]) | {"cpu": sub_cpu}
         self.proc.send_signal(signal.SIGTERM)
         self.proc.communicate(timeout=10)
         ours = {"packets": sub["packets"], "cpu": cpu, "lost_on_feed": sub["lost"]}
@@ -359,6 +364,44 @@ def bench_daemon(args) -> list[dict]:
             shutil.rmtree(tmp, ignore_errors=True)
         print_row(rows[-1])
     return rows
+
+
+#: A capture filter passing 1 % of bench/flood.c's packets: the low 16 bits of its stamp (ns).
+FILTER_1PCT = "udp[14:2] < 655"
+
+
+def bench_filter(args) -> list[dict]:
+    """One reader of the group at the top rate, without a filter, then with one the daemon
+    runs for it that passes 1 %: the daemon's CPU per packet captured, the bytes of the
+    messages the reader got, and the reader's own CPU per packet captured."""
+    rows = []
+    for name, expression in (("none", None), ("1%", FILTER_1PCT)):
+        ns = namespace()
+        tmp = tempfile.mkdtemp(prefix="nflbench-")
+        try:
+            daemon = Daemon(ns, tmp, filter=expression)
+            sent = settle(ns, flood(ns, args.count, 0))
+            ours, sub = daemon.stop()
+        finally:
+            ns.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+        n = sent["sent"]
+        rows.append({
+            "case": f"filter {name}", "sent": n, "rate_pps": round(n / sent["seconds"]),
+            "kernel_dropped": ours["kernel_dropped"], "daemon_us_per_pkt": round(1e6 * ours["cpu"] / n, 3),
+            "reader_packets": sub["packets"], "reader_lost": sub["lost"], "reader_bytes": sub["bytes"],
+            "reader_us_per_pkt": round(1e6 * sub["cpu"] / n, 3),
+        })  # fmt: skip
+        print_row(rows[-1])
+    plain, filtered = rows
+    ratios = {
+        "case": "filter 1% vs none",
+        "daemon_cpu_ratio": round(filtered["daemon_us_per_pkt"] / plain["daemon_us_per_pkt"], 2),
+        "bytes_ratio_pct": round(100 * filtered["reader_bytes"] / max(plain["reader_bytes"], 1), 2),
+        "reader_cpu_fall": round(plain["reader_us_per_pkt"] / max(filtered["reader_us_per_pkt"], 1e-9), 1),
+    }
+    print_row(ratios)
+    return [*rows, ratios]
 
 
 def bench_groups(args) -> list[dict]:
@@ -843,7 +886,8 @@ def print_row(r: dict) -> None:
 PARTS = {
     "capture": bench_capture, "daemon": bench_daemon, "groups": bench_groups,
     "latency": bench_latency, "idle": bench_idle, "client": bench_client,
-    "conntrack": bench_conntrack, "ifchurn": bench_ifchurn, "curve": bench_curve, "relay": bench_relay,
+    "conntrack": bench_conntrack, "ifchurn": bench_ifchurn, "filter": bench_filter, "curve": bench_curve,
+    "relay": bench_relay,
 }  # fmt: skip
 
 

@@ -1,9 +1,10 @@
-"""A counting subscriber for the bench: ENDPOINT GROUPS [--latency] [--server-key FILE
---client-key FILE]; counts until SIGTERM.
+"""A counting subscriber for the bench: ENDPOINT GROUPS [--latency] [--filter EXPR]
+[--server-key FILE --client-key FILE]; counts until SIGTERM.
 
 GROUPS is one group or several, comma-separated. Prints "ready" once its subscription is in
 place, then one JSON line: packets, messages, feed loss, kernel drops the feed reported, and
-with --latency the send-to-receive delay percentiles (from bench/flood.c's stamps).
+with --latency the send-to-receive delay percentiles (from bench/flood.c's stamps). With
+--filter the daemon runs that capture filter for it; "bytes" counts the messages' bytes.
 """
 
 import argparse
@@ -25,6 +26,7 @@ def main() -> None:
     ap.add_argument("--latency", action="store_true")
     ap.add_argument("--server-key", help="CURVE: the publisher's public key file")
     ap.add_argument("--client-key", help="CURVE: this reader's secret key file")
+    ap.add_argument("--filter", default=None)
     a = ap.parse_args()
     keys = {}
     if a.server_key:
@@ -36,10 +38,12 @@ def main() -> None:
         stop = True
 
     signal.signal(signal.SIGTERM, on_term)
-    packets = messages = 0
+    packets = messages = nbytes = 0
     delays = []
-    with Subscriber(a.endpoint, groups=a.groups, **keys) as sub:
+    with Subscriber(a.endpoint, groups=a.groups, filter=a.filter, **keys) as sub:
         time.sleep(0.3)  # let the subscription reach the publisher
+        while sub.filter_state == "pending":
+            sub.recv(timeout=0.05)
         print("ready", flush=True)
         while not stop:
             batch = sub.recv_batch(timeout=0.1)
@@ -47,12 +51,14 @@ def main() -> None:
                 continue
             packets += len(batch.packets)
             messages += 1
+            nbytes += 42 + len(batch.node.encode())  # topic, header, node: ZMTP framing aside
+            nbytes += sum(72 + p.caplen + len((p.prefix or "").encode()) for p in batch.packets)
             if a.latency:
                 now = time.time_ns()
                 for p in batch.packets:
                     off = UDP_PAYLOAD.get(p.hw_protocol, 28)
                     delays.append((now - STAMP.unpack_from(p.data, off)[0]) / 1e6)
-        out = {"packets": packets, "messages": messages, "lost": sub.total_lost}
+        out = {"packets": packets, "messages": messages, "bytes": nbytes, "lost": sub.total_lost}
         out["kernel_dropped"] = sum(sub.kernel_dropped.values())
     if delays:
         delays.sort()

@@ -382,6 +382,45 @@ class CFeed:
         if rc < 0:
             raise MemoryError("nflogd_peers_filter") if rc == -errno.ENOMEM else KeyError(peer)
 
+    def set_peer_filter(self, peer: int, spec: bytes | None) -> tuple[int, str]:
+        """The peer's filter (a spec of ``nflogd_client.filters``; None: none) in place of its
+        old one: (its slot, ""), or (-1, the one-line reason it was refused: the peer keeps
+        its old one)."""
+        why = ffi.new("char[]", 256)
+        data = ffi.from_buffer(spec) if spec is not None else ffi.NULL
+        rc = lib.nflogd_peers_set_filter(self._p, peer, data, len(spec or b""), why, 256)
+        if rc == -errno.ENOENT:
+            raise KeyError(peer)
+        return (rc, "") if rc >= 0 or spec is None else (-1, ffi.string(why).decode(errors="replace"))
+
+    def set_peer_filter_topic(self, peer: int, topic: bytes | None) -> None:
+        """The topic of the peer's filtered messages: ``topic`` (``wire.FILTERED_TOPIC`` and
+        its filter's id) and the group; None: the group's alone."""
+        if topic is not None and len(topic) != lib.NFLOGD_FILTERED_TOPIC:
+            raise ValueError(f"a filtered topic of {len(topic)} bytes")
+        if lib.nflogd_peers_set_filter_topic(self._p, peer, topic if topic is not None else ffi.NULL) < 0:
+            raise KeyError(peer)
+
+    def filters(self) -> list[tuple[str, str, int, int, int]]:
+        """Each filter in use: (digest in hex, its text, holders, packets passed, dropped)."""
+        fs = lib.nflogd_peers_filters(self._p)
+        text = ffi.new("char[]", 256)
+        out = []
+        for slot in range(lib.NFLOGD_FILTER_MAX):
+            holders = lib.nflogd_filters_holders(fs, slot)
+            if holders:
+                n = lib.nflogd_filters_text(fs, slot, text, 256)
+                out.append((
+                    f"{lib.nflogd_filters_digest(fs, slot):016x}",
+                    ffi.unpack(text, n).decode(errors="replace"),
+                    holders, lib.nflogd_filters_passed(fs, slot), lib.nflogd_filters_dropped(fs, slot),
+                ))  # fmt: skip
+        return out
+
+    def sent_bytes(self) -> int:
+        """Bytes written to the peers (a CURVE one's boxed)."""
+        return lib.nflogd_peers_sent_bytes(self._p)
+
     def flush_peer(self, peer: int) -> int:
         """Write what the peer has queued: 1 all of it, 0 its socket is full, -errno failed."""
         return lib.nflogd_peers_flush(self._p, peer)
@@ -389,6 +428,15 @@ class CFeed:
     def peer_command(self, peer: int, frame: bytes) -> int:
         """A command frame to the peer after its queue: 1 sent or queued, 0 dropped, -errno."""
         return lib.nflogd_peers_command(self._p, peer, ffi.from_buffer(frame), len(frame))
+
+    def peer_message(self, peer: int, frames) -> int:
+        """A message (1 to 4 frames) to the peer as the feed's go (boxed for a CURVE peer,
+        dropped and counted at its hwm): 1 sent or queued, 0 or 2 dropped, -errno."""
+        bufs = [ffi.from_buffer(f) for f in frames] + [ffi.NULL] * (4 - len(frames))
+        lens = [len(f) for f in frames] + [0] * (4 - len(frames))
+        return lib.nflogd_peers_message(
+            self._p, peer, bufs[0], lens[0], bufs[1], lens[1], bufs[2], lens[2], bufs[3], lens[3], len(frames)
+        )
 
     def peer_queued(self, peer: int = -1) -> int:
         """Messages the peer (-1: every peer) has queued now."""

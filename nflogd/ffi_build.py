@@ -15,8 +15,8 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HEADERS = ("_nflog.h", "feed/_peers.h", "feed/_feed.h")
-SOURCES = ("_nflog.c", "feed/_feed.c", "feed/_peers.c")
+HEADERS = ("_nflog.h", "feed/_peers.h", "feed/_feed.h", "feed/_filter.h")  # _filter.h after _nflog.h
+SOURCES = ("_nflog.c", "feed/_feed.c", "feed/_peers.c", "feed/_filter.c")
 _PREPROCESSOR = re.compile(r"#\s*(include|ifndef|endif)\b|#define NFLOGD_\w+_H$")
 
 
@@ -53,7 +53,7 @@ ffibuilder.set_source(
     "\n".join(f'#include "{h}"' for h in HEADERS),
     sources=[_source(name) for name in SOURCES],
     include_dirs=[HERE],
-    libraries=["netfilter_log", "mnl", "sodium", "pthread"],
+    libraries=["netfilter_log", "mnl", "sodium", "pcap", "pthread"],
     extra_compile_args=_flags,
     extra_link_args=_link,
 )

@@ -28,6 +28,10 @@ Exposed:
 ``nflogd_feed_slow_dropped_messages_total`` messages a subscriber lost with publish.hwm queued
 ``nflogd_feed_queued_messages``            messages queued for slow subscribers now
 ``nflogd_feed_handshake_timeouts_total``   peers hung up on for an unfinished handshake
+``nflogd_feed_sent_bytes_total``           bytes written to readers (a CURVE one's boxed)
+``nflogd_feed_filters_refused_total``      filters readers stated and the daemon refused
+``nflogd_feed_filter_passed_packets_total{filter,expression}``   packets a filter in use passed
+``nflogd_feed_filter_dropped_packets_total{filter,expression}``  and dropped (each evaluated once)
 ``nflogd_feed_source_refused_connections_total`` connections closed at once, their uid (ipc) or
                                            address (tcp) over publish.max_connections_per_source,
                                            per endpoint
@@ -383,6 +387,20 @@ def limit_families(prefix: str, feed, server) -> list:
         f"{prefix}_feed_handshake_timeouts",
         "Feed peers hung up on for not finishing the handshake within publish.handshake_timeout_ms.",
     )
+    sent_bytes = CounterMetricFamily(
+        f"{prefix}_feed_sent_bytes", "Bytes written to readers (what a CURVE reader got, boxed)."
+    )
+    refused_filters = CounterMetricFamily(
+        f"{prefix}_feed_filters_refused", "Filters readers stated and the daemon refused (docs/filters.md)."
+    )
+    passed = CounterMetricFamily(
+        f"{prefix}_feed_filter_passed_packets", "Packets a filter in use passed, evaluated once per packet "
+        "however many readers hold it.", labels=["filter", "expression"],
+    )  # fmt: skip
+    failed = CounterMetricFamily(
+        f"{prefix}_feed_filter_dropped_packets", "Packets a filter in use did not pass.",
+        labels=["filter", "expression"],
+    )  # fmt: skip
     by_source = CounterMetricFamily(
         f"{prefix}_feed_source_refused_connections",
         "Connections to the feed closed at once: their uid (ipc) or address (tcp) had "
@@ -415,6 +433,10 @@ def limit_families(prefix: str, feed, server) -> list:
         slow.add_metric([], feed.slow_dropped)
         queued.add_metric([], feed.queued)
         timeouts.add_metric([], feed.handshake_timeouts)
+        refused_filters.add_metric([], feed.filters_refused)
+        for digest, text, _holders, npassed, ndropped in feed.filters():
+            passed.add_metric([digest, text], npassed)
+            failed.add_metric([digest, text], ndropped)
         source_counts = dict.fromkeys(feed.server.endpoints, 0) | feed.source_refused
         for endpoint, n in sorted(source_counts.items()):
             by_source.add_metric([endpoint], n)
@@ -422,5 +444,9 @@ def limit_families(prefix: str, feed, server) -> list:
         full.add_metric([], feed.full_dropped)
         queued_bytes.add_metric([], feed.queued_bytes)
     http.add_metric([], server.dropped if server is not None else 0)
+    if feed is not None:
+        sent_bytes.add_metric([], feed.sent_bytes)
     own_families = [slow, queued, timeouts, by_source, idle, full, queued_bytes] if own else []
-    return [refused, dropped, floods, subs, *own_families, http]
+    own_families += [refused_filters, passed, failed] if own else []
+    feed_families = [sent_bytes] if feed is not None else []
+    return [refused, dropped, floods, subs, *own_families, *feed_families, http]

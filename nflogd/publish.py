@@ -195,6 +195,7 @@ class Publisher:
         node: str = "",
         epoch: int | None = None,
         curve_keys: CurveKeys | None = None,
+        filter_topics: bool = False,
     ) -> None:
         self.epoch = time.time_ns() if epoch is None else epoch
         #: The C side: the server's peers, the sender, and the lock.
@@ -223,6 +224,10 @@ class Publisher:
         self._topic_log = Episodes(log)
         self._budget_log = Episodes(log)
         self._on_subscription: Callable[[bytes], None] | None = None  # handle_incoming()'s
+        #: The relay's (``filter_topics``): takes readers' filter subscriptions (docs/filters.md),
+        #: which the server then passes as they are, never running a filter; False: the reader
+        #: is hung up on. Its readers get the messages on those topics from ``forward()``.
+        self.on_filter: Callable[[bytes], bool] | None = None
         self._files: dict[str, tuple[str, int, int]] = {}  # endpoint -> (path, st_dev, st_ino)
         #: Held for every use of the peers: capture threads send while the control thread
         #: serves the peers, binds and sets limits.
@@ -239,6 +244,8 @@ class Publisher:
         self.server: ZmtpServer | None = ZmtpServer(
             self._c, owner=self, handshake_timeout_ms=publish.handshake_timeout_ms
         )
+        if filter_topics:
+            self.server.pass_filters = self.filter_subscription
         try:
             self.server.set_limits(publish)
             for endpoint in publish.bind:
@@ -300,6 +307,22 @@ class Publisher:
     def handshake_timeouts(self) -> int:
         """The server's peers hung up on for not finishing the handshake in time (CURVE's too)."""
         return self.server.handshake_timeouts if self.server is not None else 0
+
+    @property
+    def sent_bytes(self) -> int:
+        """Bytes written to readers (what a CURVE one got, boxed)."""
+        with self.lock:
+            return self._c.sent_bytes()
+
+    @property
+    def filters_refused(self) -> int:
+        """Filters the server's peers stated and it refused."""
+        return self.server.filters_refused if self.server is not None else 0
+
+    def filters(self) -> list[tuple[str, str, int, int, int]]:
+        """The filters in use: (digest, text, holders, packets passed, packets dropped)."""
+        with self.lock:
+            return self._c.filters()
 
     @property
     def idle_hangups(self) -> int:
@@ -439,8 +462,20 @@ class Publisher:
 
     def forward(self, frames: list) -> None:
         """A message received whole from an upstream feed (the relay), its frames as they came,
-        to every peer subscribed to its group. A message that is not four frames with a
-        group's topic first cannot be matched: counted in ``unsent``, dropped."""
+        to every peer subscribed to its group; one on a topic of readers' filters (a daemon's
+        reply to a filter, a filter's messages) to the peers that passed that topic on
+        (``filter_topics``). Any other message cannot be matched: counted in ``unsent``,
+        dropped."""
+        if len(frames[0]) != wire.TOPIC.size and 1 <= len(frames) <= 4:
+            server = self.server
+            if server is None or not server.passing:
+                self._unsent += 1
+                return
+            bufs = [f.buffer if hasattr(f, "buffer") else f for f in frames]
+            with self.lock:
+                server.deliver_passed(bufs)
+                self._sent += 1
+            return
         if len(frames) != 4 or len(frames[0]) != wire.TOPIC.size:
             self._unsent += 1
             return
@@ -513,6 +548,15 @@ class Publisher:
             log.debug("%s %r%s", what, msg[1:].hex() or "(all)", via)
         if self._on_subscription is not None:
             self._on_subscription(msg)
+
+    def filter_subscription(self, msg: bytes) -> bool:
+        """A reader's filter (un)subscription the server passes on (``filter_topics``): counted,
+        logged at debug level, handed to ``on_filter``; False: the reader is to be hung up on."""
+        if self.on_filter is None or not self.on_filter(msg):
+            return False
+        self.subscription_messages += 1
+        log.debug("%s a filter's %r", "subscribe" if msg[:1] == b"\x01" else "unsubscribe", msg[1:6])
+        return True
 
     def _flood(self, where: str) -> None:
         self._flood_seen = time.monotonic()

@@ -22,6 +22,11 @@ numbers: a message the relay drops shows at the client as a gap in that node's `
 subscriptions downstream to upstream (the first to a topic, the last unsubscription, to every
 upstream XSUB, which sends them again after every reconnect).
 
+Readers' filters (``docs/filters.md``): a filter's subscriptions go to every upstream on a
+connection of that filter's own (``Relay._filter_subscription``), so each daemon runs it and
+its filtered messages come back on the filter's topics, to the readers holding it; the relay
+never runs a filter.
+
 Sequence marks (``SequenceMarks``): the relay passes the daemons' marks on and sends its own
 for each (node, group) ``MARK_IDLE_S`` after the last packets it passed on, and at exit, so
 that its clients learn where each sequence ended (``docs/wire-format.md``).
@@ -49,7 +54,7 @@ from collections import Counter
 from typing import Callable
 
 import zmq
-from nflogd_client import wire
+from nflogd_client import filters, wire
 from nflogd_client.endpoints import CONNECTED, EndpointTracker, EndpointWatch
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector as _Collector
@@ -90,7 +95,13 @@ HEARTBEAT_TIMEOUT_MS = 15_000
 #: (the daemon sends one after capture_loop.MARK_IDLE_S, 1 s).
 MARK_IDLE_S = 2.0
 _HEADER = wire.HEADER
+#: What the topics of a filter's replies and messages begin with (FILTER_TOPIC, FILTERED_TOPIC).
+FILTERS_PREFIX = b"\xffNFL"
 EVENTS, POLLIN = zmq.EVENTS, zmq.POLLIN
+#: Readers' filters the relay passes upstream at once, each on a connection of its own to every
+#: upstream (a daemon runs at most 64); a reader stating one more is hung up on (counted): its
+#: Subscriber, without an answer, then filters itself.
+MAX_FILTERS = 64
 #: Seconds the relay waits at exit for the stream publisher's buffered messages to be acked.
 STREAM_CLOSE_S = 5.0
 
@@ -170,10 +181,14 @@ class Upstream:
         out: Callable[[list], None],
         offer: Callable[[list], None] | None = None,
         note: Callable[[zmq.Frame], None] | None = None,
+        filtered: bool = False,
     ) -> None:
         """Pass up to BURST queued messages to ``out`` (the feed's ``Publisher.forward``), frames
         as received, each message's frames to ``offer`` (the stream publisher, which never
-        blocks) and its header frame to ``note`` (``SequenceMarks.note``).
+        blocks) and its header frame to ``note`` (``SequenceMarks.note``). ``filtered``: a
+        filter's connection, whose messages must be on the filters' topics (a daemon sends a
+        group's own for a moment once the filter is cancelled before the groups through it):
+        the others are not passed.
 
         Frame by frame with ``Frame.more``: a third of the CPU time of recv_multipart() per
         message (bench/relay.py), the same frames.
@@ -196,6 +211,8 @@ class Upstream:
                 frame = recv(NOBLOCK, copy=False)
                 frames.append(frame)
                 size += len(frame)
+            if filtered and frames[0].bytes[:4] != FILTERS_PREFIX:
+                continue
             if offer is not None:
                 offer(frames.copy())
             if note is not None and len(frames) == 4:
@@ -347,6 +364,8 @@ class RelayCollector(_Collector):
     ``nflogd_relay_upstream_handshake_failures_total``  refused or failed handshakes, per upstream
     ``nflogd_relay_subscribers``                    peers connected to the relay's feed
     ``nflogd_relay_subscribed_topics``              topics subscribed upstream ('' counts as one)
+    ``nflogd_relay_filters``                        readers' filters passed upstream (distinct)
+    ``nflogd_relay_filters_refused_total``          readers' filters refused: MAX_FILTERS in use
     ``nflogd_relay_build_info{version}``            1
     ``nflogd_relay_marks_total``                    sequence marks sent of the relay's own
     ``nflogd_relay_mark_streams_forgotten_total``   (node, group)s no longer followed for marks
@@ -365,6 +384,13 @@ class RelayCollector(_Collector):
         up = GaugeMetricFamily("nflogd_relay_upstream_up", "1 while the upstream is connected.", labels=label)
         subs = GaugeMetricFamily("nflogd_relay_subscribers", "Peers connected to the relay's feed.")
         topics = GaugeMetricFamily("nflogd_relay_subscribed_topics", "Topics subscribed to upstream.")
+        nfilters = GaugeMetricFamily(
+            "nflogd_relay_filters", "Readers' filters passed upstream, each distinct one (docs/filters.md)."
+        )
+        refused = CounterMetricFamily(
+            "nflogd_relay_filters_refused",
+            "Readers' filters refused (their readers hung up on): 64 in use already.",
+        )
         info = GaugeMetricFamily("nflogd_relay_build_info", "nflogd's version; always 1.", labels=["version"])
         marks = CounterMetricFamily(
             "nflogd_relay_marks", "Sequence marks the relay sent of its own (docs/wire-format.md)."
@@ -373,21 +399,27 @@ class RelayCollector(_Collector):
             "nflogd_relay_mark_streams_forgotten",
             "(node, group)s whose sequence the relay stopped following (too many to mark).",
         )
-        return counters, up, subs, topics, info, marks, forgotten
+        return counters, up, subs, topics, nfilters, refused, info, marks, forgotten
 
     def describe(self):
         counters, *gauges = self._families()
         return [*counters, *gauges, *limit_families("nflogd_relay", None, None)]
 
     def collect(self):
-        counters, up, subs, topics, info, marks, forgotten = self._families()
+        counters, up, subs, topics, nfilters, refused, info, marks, forgotten = self._families()
         relay = self._relay
         try:
+            through = [u for ups in list(relay.filter_upstreams.values()) for u in list(ups.values())]
             for u in list(relay.upstreams.values()):
                 label = [u.endpoint]
                 for fam, (_, _, attr) in zip(counters, UPSTREAM_COUNTERS):
-                    fam.add_metric(label, getattr(u, attr))
+                    value = getattr(u, attr)
+                    if attr in ("messages", "bytes"):  # with what the filters' connections carried
+                        value += sum(getattr(f, attr) for f in through if f.endpoint == u.endpoint)
+                    fam.add_metric(label, value)
                 up.add_metric(label, 1 if u.up else 0)
+            nfilters.add_metric([], len(relay.filter_upstreams))
+            refused.add_metric([], relay.filters_refused)
             publisher = relay.publisher
             subs.add_metric([], publisher.subscribers if publisher is not None else 0)
             topics.add_metric([], len(relay.topics))
@@ -397,7 +429,7 @@ class RelayCollector(_Collector):
             log.debug("metrics: reading the relay's state failed: %r", e)
         info.add_metric([self._version], 1)
         limits = limit_families("nflogd_relay", relay.publisher, relay.metrics_server)
-        return [*counters, up, subs, topics, info, marks, forgotten, *limits]
+        return [*counters, up, subs, topics, nfilters, refused, info, marks, forgotten, *limits]
 
 
 class Relay(Program):
@@ -411,8 +443,17 @@ class Relay(Program):
         self.upstreams: dict[str, Upstream] = {}
         #: Subscriptions in force upstream: topic -> downstream sockets that hold it.
         self.topics: Counter[bytes] = Counter()
+        #: Readers' filters: filter id -> its subscriptions in force (the filter's, tagged, and
+        #: the groups' through it) -> downstream sockets that hold each.
+        self.filter_topics: dict[bytes, Counter[bytes]] = {}
+        #: filter id -> endpoint -> the connection to that upstream that holds the filter (a
+        #: daemon holds one filter per connection); replaced, never mutated (metrics thread).
+        self.filter_upstreams: dict[bytes, dict[str, Upstream]] = {}
+        #: Readers' filters refused for MAX_FILTERS, logged once per episode.
+        self.filters_refused = 0
+        self._filters_log = Episodes(log)
         self.registry: CollectorRegistry | None = None
-        self._retries: dict[str, Upstream] = {}  # endpoint -> upstream with a retry_at
+        self._retries: dict[int, Upstream] = {}  # id() -> an upstream connection with a retry_at
         self._retry = self.timer(self._reconnect)  # due at the first retry_at
         #: The jetstream section's publisher (nflogd/streampub.py), or None.
         self.stream = None
@@ -456,19 +497,28 @@ class Relay(Program):
         subscription and its last unsubscription, as an XPUB that is not verbose did.
         """
         keys = self.access.keys if self.access is not None else None
-        return Publisher(self._context(), publish, curve_keys=keys)
+        # readers' filters pass on to the upstreams as they are (filter_topics)
+        pub = Publisher(self._context(), publish, curve_keys=keys, filter_topics=True)
+        pub.on_filter = self._filter_subscription
+        return pub
 
-    def _open_upstream(self, settings) -> Upstream:
-        up = Upstream(self._context(), settings, self.topics)
-        offer = self.stream.offer if self.stream is not None else None
-        marks, timer = self.marks, self._mark_timer
+    def _open_upstream(self, settings, filter_topics: Counter[bytes] | None = None) -> Upstream:
+        """A connection to an upstream, subscribed to ``topics``, or to a filter's topics
+        (``filter_topics``: its messages go to the feed alone, not to the stream nor the
+        sequence marks, which follow the unfiltered sequences)."""
+        up = Upstream(self._context(), settings, self.topics if filter_topics is None else filter_topics)
+        if filter_topics is not None:
+            self.watch(up.socket, lambda: up.forward(self._feed().forward, filtered=True))
+        else:
+            offer = self.stream.offer if self.stream is not None else None
+            marks, timer = self.marks, self._mark_timer
 
-        def forward() -> None:
-            up.forward(self._feed().forward, offer, marks.note)
-            if timer.due is None:
-                timer.due = marks.due()
+            def forward() -> None:
+                up.forward(self._feed().forward, offer, marks.note)
+                if timer.due is None:
+                    timer.due = marks.due()
 
-        self.watch(up.socket, forward)
+            self.watch(up.socket, forward)
         monitor = up.monitor
         if monitor is not None:  # an Upstream has its monitor until close()
             self.watch(monitor, lambda: self._handle_monitor(up))
@@ -477,13 +527,13 @@ class Relay(Program):
     def _handle_monitor(self, up: Upstream) -> None:
         up.handle_monitor()
         if up.retry_at is None:
-            self._retries.pop(up.endpoint, None)
+            self._retries.pop(id(up), None)
         else:
-            self._retries[up.endpoint] = up
+            self._retries[id(up)] = up
         self._schedule_retry()
 
     def _close_upstream(self, up: Upstream) -> None:
-        self._retries.pop(up.endpoint, None)
+        self._retries.pop(id(up), None)
         self._schedule_retry()
         for sock in (up.socket, up.monitor):
             if sock is not None:
@@ -501,14 +551,14 @@ class Relay(Program):
         """Probe or connect again each upstream whose ``retry_at`` has come."""
         now = time.monotonic()
         retries = self._retries
-        for endpoint, up in list(retries.items()):
+        for key, up in list(retries.items()):
             at = up.retry_at
             if at is None:
-                del retries[endpoint]
+                del retries[key]
             elif at <= now:
                 up.reconnect()
                 if up.retry_at is None:
-                    del retries[endpoint]
+                    del retries[key]
         self._schedule_retry()
 
     def _send_marks(self, everything: bool = False) -> None:
@@ -547,6 +597,87 @@ class Relay(Program):
         for up in self.upstreams.values():
             up.subscription(msg)
 
+    def _filter_subscription(self, msg: bytes) -> bool:
+        """A reader's filter (``"\\xffNFLF"``, its spec and tag) or a group through it
+        (``"\\xffNFLG"``, its id, the group's topic), (un)subscribed: passed to every upstream
+        on a connection of that filter's own (a daemon holds one filter per connection), opened
+        with its first subscription and closed with its last. The daemons' replies and filtered
+        messages come back on these topics and go to exactly the readers subscribed to them:
+        the relay never runs a filter. False (the reader is hung up on, counted): a malformed
+        filter subscription, a filter past MAX_FILTERS, a group through a filter not held."""
+        kind, topic = msg[:1], msg[1:]
+        if topic.startswith(filters.FILTER_TOPIC):
+            spec = topic[len(filters.FILTER_TOPIC) :]
+            n = filters.spec_length(spec)
+            if not filters.HEAD.size <= n <= len(spec) <= n + filters.MAX_TAG:
+                return False
+            fid = filters.spec_id(spec[:n])
+        else:
+            at = len(wire.FILTERED_TOPIC)
+            fid = topic[at : at + 8]
+        held = self.filter_topics.get(fid)
+        if kind == b"\x01":
+            if held is None:
+                if not topic.startswith(filters.FILTER_TOPIC):
+                    return False  # its filter first: a group through a filter nobody holds
+                if len(self.filter_topics) >= MAX_FILTERS:
+                    self.filters_refused += 1
+                    self._filters_log.hit(
+                        "filter refused: %d filters in use; its reader hung up on; %d refused so far",
+                        MAX_FILTERS, self.filters_refused,
+                    )  # fmt: skip
+                    return False
+                held = self.filter_topics[fid] = Counter()
+            held[topic] += 1
+        elif held is not None and held[topic] > 0:
+            held[topic] -= 1
+            if not held[topic]:
+                del held[topic]
+        else:
+            return True  # an unsubscription of nothing
+        # upstream go a topic's first subscription and its last cancel, as for groups
+        edge = held[topic] == 1 if kind == b"\x01" else topic not in held
+        ups = self.filter_upstreams.get(fid)
+        if not any(t.startswith(filters.FILTER_TOPIC) for t in held):
+            # no reader holds the filter any more (a group's subscription through it may be
+            # left for a moment): its connections closed
+            del self.filter_topics[fid]
+            if ups is not None:
+                self.filter_upstreams = {k: v for k, v in self.filter_upstreams.items() if k != fid}
+                for up in ups.values():
+                    self._close_upstream(up)
+                log.debug("filter %s: its last reader gone, its upstream connections closed", fid.hex())
+            return True
+        if ups is None:
+            self._sync_filter_upstreams()  # connects with every topic held, this one too
+            return True
+        if edge:
+            for up in ups.values():
+                up.subscription(msg)
+        return True
+
+    def _sync_filter_upstreams(self) -> None:
+        """Each filter in use connected to each upstream (with the upstream's settings), and
+        no connection left to an upstream no longer configured."""
+        current = self.filter_upstreams
+        wanted = {endpoint: up.settings for endpoint, up in self.upstreams.items()}
+        result: dict[bytes, dict[str, Upstream]] = {}
+        for fid, held in self.filter_topics.items():
+            have = current.get(fid, {})
+            ups: dict[str, Upstream] = {}
+            for endpoint, settings in wanted.items():
+                up = have.get(endpoint)
+                if up is None or up.settings != settings:
+                    if up is not None:
+                        self._close_upstream(up)
+                    up = self._open_upstream(settings, held)
+                ups[endpoint] = up
+            for endpoint, up in have.items():
+                if endpoint not in wanted:
+                    self._close_upstream(up)
+            result[fid] = ups
+        self.filter_upstreams = result
+
     # -- reload ----------------------------------------------------------------
 
     def apply(self, new) -> None:
@@ -581,6 +712,7 @@ class Relay(Program):
                 self._close_upstream(up)
                 log.info("upstream %s: closed", endpoint)
         self.upstreams = upstreams
+        self._sync_filter_upstreams()
 
     # -- state -----------------------------------------------------------------
 
@@ -601,6 +733,10 @@ class Relay(Program):
         upstreams, self.upstreams = self.upstreams, {}
         for up in upstreams.values():
             up.close()
+        through, self.filter_upstreams = self.filter_upstreams, {}
+        for ups in through.values():
+            for up in ups.values():
+                up.close()
         stream, self.stream = self.stream, None
         if stream is not None:
             stream.close(STREAM_CLOSE_S)

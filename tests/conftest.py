@@ -3,7 +3,13 @@ import shutil
 import pytest
 import zmq
 from feedutil import FakeFeed
+from hypothesis import settings
 from nsutil import NetNS
+
+# The properties tested with hypothesis are about results, not time: no per-example deadline, so a
+# machine busy with other work cannot turn a slow example into a failure.
+settings.register_profile("nflogd", deadline=None)
+settings.load_profile("nflogd")
 
 
 def pytest_runtest_setup(item):

@@ -238,6 +238,7 @@ def test_a_group_gone_idle_sends_its_sequence_mark_once(netns, ctx, tmp_path, c_
         pub, sub = feed(ctx, tmp_path)
     if not c_sender:
         pub.cfeed = None
+    loop = None
     try:
         loop = run_loop(reader, pub, netns, [b"a%03d" % i for i in range(30)])
         got = messages(sub, 30)
@@ -265,6 +266,8 @@ def test_a_group_gone_idle_sends_its_sequence_mark_once(netns, ctx, tmp_path, c_
         last = wire.decode(sub.recv_multipart())
         assert (last.packets, last.first_seq) == ([], 36)
     finally:
+        if loop is not None:
+            loop.stop()  # a failure above must not leave the thread on a closed reader
         sub.close(linger=0)
         pub.close(linger=0)
         reader.close()

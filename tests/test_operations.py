@@ -11,6 +11,7 @@ import time
 import pytest
 import yaml
 from daemonutil import NFLOGD, REPO, NflogdProcess
+from nflogd_client import Subscriber
 
 from nflogd import config
 from nflogd.capture import GroupReader
@@ -197,7 +198,10 @@ def test_metrics_table_is_what_the_daemon_exports(netns, tmp_path):
         assert m, row[0]
         documented[m.group(1)] = set(filter(None, (x.strip() for x in (m.group(2) or "").split(","))))
     with NflogdProcess(netns, tmp_path, groups=[1]) as d:
-        samples = d.scrape()
+        with Subscriber(d.endpoint, groups=[1], filter="udp") as sub:  # a filter's metrics exist while in use
+            while sub.filter_state == "pending":
+                sub.recv(timeout=0.05)
+            samples = d.scrape()
     exported: dict[str, set[str]] = {}
     for name, labels in samples:
         exported.setdefault(name, set()).update(k for k, _ in labels)

@@ -9,8 +9,8 @@ How an unmarked block runs, by what it is:
 - the test vectors' ``wire.encode(...)`` calls (``python`` in docs/wire-format.md): executed
   with ``wire`` and ``Packet`` imported, as the document says (tests/test_wire.py checks
   their bytes);
-- every other README block: in a lab standing in for a router, a network namespace with the
-  real daemon (groups 5 and 7, ``ipc:///run/nflogd/feed.sock`` and ``tcp://127.0.0.1:5555``),
+- every other block of README.md and docs/filters.md: in a lab standing in for a router, a
+  network namespace with the real daemon (groups 5 and 7, ``ipc:///run/nflogd/feed.sock`` and ``tcp://127.0.0.1:5555``),
   rules logging steady UDP traffic to groups 0, 1, 5 and 7, and a mount namespace where
   ``/run`` is empty and ``/etc`` is a writable overlay, so that the block's paths exist
   without touching the machine's. A block passes when it exits 0, or is still running
@@ -45,6 +45,8 @@ EXCERPT = "<!-- excerpt -->"
 CODE = {"sh", "bash", "shell", "console", "python", "py", "pycon"}
 FIREWALL = ("nft", "iptables", "ip6tables")
 LAB_WAIT = 6.0
+#: The documents whose blocks run in the lab.
+LAB_DOCS = ("README.md", "filters.md")
 LAB_PORT = 9999
 
 
@@ -69,7 +71,7 @@ class Block:
             return "firewall"
         if self.path.name == "wire-format.md" and self.lang == "python":
             return "vector"
-        if self.path.name == "README.md" and self.lang in ("sh", "python"):
+        if self.path.name in LAB_DOCS and self.lang in ("sh", "python"):
             return "lab"
         return None
 

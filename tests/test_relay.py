@@ -20,7 +20,7 @@ import pytest
 import zmq
 import zmq.auth
 from daemonutil import REPO, NflogdProcess, RelayProcess, relay_command, unit_settings, wait_until
-from nflogd_client import Subscriber
+from nflogd_client import Subscriber, filters
 from nsutil import NetNS
 
 pytestmark = pytest.mark.timeout(60)
@@ -670,3 +670,131 @@ def test_a_tail_the_relay_dropped_is_counted_by_every_reader(lab, tmp_path):
                 f.close()
         relay.stop()
         d.stop()
+
+
+# -- readers' filters, run at the routers -----------------------------------------------------------
+
+MINE = "udp[8:4] = 0x6d696e65"  # the payload begins with "mine"
+
+
+def sent_bytes(routers: list[NflogdProcess]) -> int:
+    """Bytes the routers' feeds wrote to their readers: what the relay's upstream links carried."""
+    return sum(int(d.metric("nflogd_feed_sent_bytes_total") or 0) for d in routers)
+
+
+def flood(lab: Lab, tag: str, n: int = 500, mine_every: int = 100) -> int:
+    """``n`` datagrams of 1,000 bytes from each router, every ``mine_every``-th beginning with
+    ``mine``; how many of those each router sent."""
+    payloads = [
+        (b"mine" if k % mine_every == 0 else b"xxxx") + f"-{tag}-{k}-".encode().ljust(996, b".")
+        for k in range(n)
+    ]
+    for r in lab.routers:
+        for k in range(0, n, 50):
+            r.send_udp(payloads[k : k + 50], port=UDP_PORT)
+    return len(range(0, n, mine_every))
+
+
+def packets(d: NflogdProcess) -> int:
+    return int(d.metric("nflogd_packets_total", group="1") or 0)
+
+
+def take(sub: Subscriber, n: int) -> list:
+    """``n`` packets of ``sub`` (sequence marks read on the way)."""
+    got: list = []
+    while len(got) < n:
+        batch = sub.recv_batch(timeout=WAIT)
+        assert batch is not None, f"{len(got)} packets of {n}"
+        got += batch.packets
+    assert len(got) == n
+    return got
+
+
+def accepted(sub: Subscriber) -> None:
+    deadline = time.monotonic() + WAIT
+    while sub.filter_state == "pending":  # the routers' replies, through the relay
+        assert time.monotonic() < deadline, "no answer to the filter through the relay"
+        assert sub.recv_batch(timeout=0.05) is None
+    assert sub.filter_state == "accepted"
+
+
+@pytest.mark.kernel
+def test_a_readers_filter_runs_at_the_routers_and_the_relay_carries_only_its_packets(lab, tmp_path, ctx):
+    """Two routers, the relay, two readers with one filter and one without: the filter reaches
+    both routers, whose links to the relay then carry only its packets (a small fraction of
+    the bytes the unfiltered reader costs); each reader gets exactly what it asked for,
+    numbered by the filter per router, with no loss, and the routers' sequence marks."""
+    lab = lab(2)
+    ups = [router_endpoint(1), router_endpoint(2)]
+    with (
+        daemon(lab.routers[0], tmp_path, 1) as d1,
+        daemon(lab.routers[1], tmp_path, 2) as d2,
+        RelayProcess(lab.collector, tmp_path / "relay", upstreams=ups) as relay,
+    ):
+        routers, nodes = [d1, d2], ["router1", "router2"]
+        flt = Subscriber(relay.endpoint, groups=[1], filter=MINE, context=ctx)
+        accepted(flt)
+        for d in routers:
+            subscribed(d, "0001")  # the group, through the filter
+        before = sent_bytes(routers)
+        mine = flood(lab, "a")
+        got = take(flt, 2 * mine)
+        wait_until(lambda: all(packets(d) == 500 for d in routers), "captured")
+        filtered = sent_bytes(routers) - before
+
+        every = Subscriber(relay.endpoint, groups=[1], context=ctx)
+        twin = Subscriber(relay.endpoint, groups=[1], filter=MINE, context=ctx)
+        accepted(twin)  # its own subscription (its tag): its own replies
+        for d in routers:
+            subscribed(d, "0001", times=2)  # the unfiltered reader's, on the relay's other link
+        time.sleep(0.2)
+        before = sent_bytes(routers)
+        flood(lab, "b")
+        everything = take(every, 1000)
+        got += take(flt, 2 * mine)
+        twins = take(twin, 2 * mine)
+        unfiltered = sent_bytes(routers) - before
+
+        assert all(p.data[28:32] == b"mine" for p in got)
+        assert sorted(p.data for p in twins) == sorted(p.data for p in got[2 * mine :])
+        assert sorted(p.data for p in twins) == sorted(p.data for p in everything if p.data[28:32] == b"mine")
+        for node in nodes:  # numbered by the filter per router from 0: nothing lost, none excluded
+            assert [p.seq for p in got if p.node == node] == list(range(2 * mine))
+        assert flt.total_lost == twin.total_lost == every.total_lost == 0
+        # the filtered reader alone cost the routers' links a small part of the unfiltered one
+        assert filtered < 0.03 * unfiltered, (filtered, unfiltered)
+
+        marks: dict[str, int] = {}
+        deadline = time.monotonic() + WAIT
+        while len(marks) < 2:  # each router's sequence mark, in the filter's numbering
+            assert time.monotonic() < deadline, f"marks: {marks}"
+            batch = flt.recv_batch(timeout=0.5)
+            if batch is not None:
+                assert not batch.packets
+                marks[batch.node] = batch.first_seq
+        assert marks == {node: 2 * mine for node in nodes}
+        assert relay.metric("nflogd_relay_filters") == 1
+        for sub in (flt, twin, every):
+            sub.close()
+        wait_until(lambda: relay.metric("nflogd_relay_filters") == 0, "the filter's links closed")
+        assert relay.alive()
+
+
+@pytest.mark.kernel
+def test_a_routers_refusal_reaches_the_reader_through_the_relay(lab, tmp_path, ctx):
+    lab = lab(1)
+    with (
+        daemon(lab.routers[0], tmp_path, 1) as d,
+        RelayProcess(lab.collector, tmp_path / "relay", upstreams=[router_endpoint(1)]) as relay,
+    ):
+        spec = filters.HEAD.pack(2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)  # version 2
+        sock = ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SUBSCRIBE, filters.FILTER_TOPIC + spec)
+        sock.connect(relay.endpoint)
+        assert sock.poll(WAIT * 1000), "no reply through the relay"
+        reply = filters.filter_reply(sock.recv_multipart())
+        assert reply == (False, "filter version 2; this daemon reads version 1")
+        sock.close()
+        wait_until(lambda: d.metric("nflogd_feed_filters_refused_total") == 1, "counted at the router")
+        assert relay.alive()

@@ -8,7 +8,8 @@ import time
 import pytest
 import zmq
 from feedutil import TS, msg, rec, topics
-from nflogd_client import scapy_socket, wire
+from nflogd_client import filters, scapy_socket, wire
+from nflogd_client.filters import Filter, FilterRefused
 from nflogd_client.scapy_socket import ZMQNFLOGSocket, install_zmq_listener
 from scapy.automaton import ObjectPipe
 from scapy.compat import raw
@@ -190,8 +191,8 @@ def test_send_refused(feed, sockets):
 
 
 def test_arguments(feed, sockets):
-    with pytest.raises(ValueError, match="filtered by NFLOG group"):
-        ZMQNFLOGSocket(feed.endpoint, filter="udp port 53")
+    with pytest.raises(ValueError, match="udp portt 53.*syntax error"):  # libpcap's word, before connecting
+        ZMQNFLOGSocket(feed.endpoint, filter="udp portt 53")
     with pytest.raises(ValueError, match="not an NFLOG name"):
         ZMQNFLOGSocket(feed.endpoint, iface="eth0")
     with pytest.raises(ValueError, match="'x' is not an integer"):
@@ -272,9 +273,21 @@ def test_sniff_L2socket(feed):
     assert pkts[0].sniffed_on == "nflog:5"
 
 
-def test_sniff_L2socket_refuses_bpf(feed):
-    with pytest.raises(ValueError, match="filtered by NFLOG group"):
-        sniff(L2socket=ZMQNFLOGSocket, endpoint=feed.endpoint, filter="udp", count=1, timeout=1)
+def test_sniff_filter_goes_to_the_publisher_and_its_refusal_is_shown(feed, sockets, caplog):
+    """sniff(filter=...) reaches the publisher as the filter's subscription; the publisher's
+    refusal is FilterRefused from recv(), which sniff shows with its reason and ends on."""
+    topic = Filter("udp").topic()
+    feed.publish_when_subscribed({topic}, filters.reply(topic, False, "a test says no"))
+    got = sniff(L2socket=ZMQNFLOGSocket, endpoint=feed.endpoint, filter="udp", count=1, timeout=WAIT)
+    feed.join()
+    assert len(got) == 0 and "failed with 'a test says no'" in caplog.text
+    sock = ZMQNFLOGSocket(feed.endpoint, filter="tcp")
+    sockets.append(sock)
+    topic = Filter("tcp").topic()
+    feed.publish_when_subscribed({topic}, filters.reply(topic, False, "no again"))
+    with pytest.raises(FilterRefused, match="^no again$"):
+        sock.recv(timeout=WAIT)
+    feed.join()
 
 
 def test_sniff_opened_socket(feed, sockets):

@@ -19,12 +19,14 @@ from daemonutil import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nflogd_client import wire
+from nflogd_client.filters import FILTER_TOPIC
 from pubutil import serve
 
 from nflogd.config_publish import PublishConfig
 from nflogd.feed.codec import (
     GREETING,
     GREETING_REST,
+    MAX_FILTER_FRAME,
     MAX_FRAME,
     MAX_READY,
     PARTIAL_GREETING,
@@ -228,12 +230,26 @@ def test_long_and_short_frames_alike():
     assert events == [Handshake((3, 1), b"SUB", {b"socket-type": b"SUB"}), Subscribe(b"\x07")]
 
 
-@pytest.mark.parametrize("size", [MAX_FRAME + 1, 1 << 32, (1 << 63) - 1, (1 << 64) - 1])
+@pytest.mark.parametrize("size", [MAX_FILTER_FRAME + 1, 1 << 32, (1 << 63) - 1, (1 << 64) - 1])
 def test_a_frame_past_the_bound_is_refused_at_its_header(size):
-    """Frames past MAX_FRAME after the handshake are refused on their header alone: nothing
-    of the body is waited for or kept."""
+    """Frames past MAX_FILTER_FRAME after the handshake are refused on their header alone:
+    nothing of the body is waited for or kept."""
     events, _ = talk(OPEN + b"\x02" + struct.pack(">Q", size))
     assert "byte frame" in refused(events).reason
+
+
+@pytest.mark.parametrize("size", [MAX_FRAME + 1, MAX_FILTER_FRAME])
+def test_a_frame_past_max_frame_is_refused_at_its_first_bytes_unless_a_filter(size):
+    """Past MAX_FRAME, up to MAX_FILTER_FRAME, only a filter's subscription is read
+    (docs/filters.md): the frame's first 15 bytes say whether it is one."""
+    events, _ = talk(OPEN + b"\x02" + struct.pack(">Q", size) + b"\x01\xffNFLX" + bytes(9))
+    assert "byte frame" in refused(events).reason
+    body = b"\x01" + FILTER_TOPIC + bytes(size - 1 - len(FILTER_TOPIC))
+    events, _ = talk(OPEN + b"\x02" + struct.pack(">Q", size) + body)
+    assert events[1:] == [Subscribe(body[1:])]
+    cmd = b"\x09SUBSCRIBE" + FILTER_TOPIC + bytes(size - 10 - len(FILTER_TOPIC))
+    events, _ = talk(OPEN + b"\x06" + struct.pack(">Q", size) + cmd)
+    assert events[1:] == [Subscribe(cmd[10:])]
 
 
 def test_a_multipart_message_is_not_a_subscription():

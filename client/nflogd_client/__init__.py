@@ -14,6 +14,7 @@ from typing import Any as _Any
 __version__ = _resources.files(__name__).joinpath("VERSION").read_text().strip()
 
 from .endpoints import EndpointStatus
+from .filters import Filter, FilterRefused
 from .subscriber import DEFAULT_ENDPOINT, Subscriber
 from .wire import Batch, Packet, WireError
 
@@ -22,6 +23,8 @@ __all__ = [
     "DEFAULT_ENDPOINT",
     "Batch",
     "EndpointStatus",
+    "Filter",
+    "FilterRefused",
     "Packet",
     "Subscriber",
     "WireError",

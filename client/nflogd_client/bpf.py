@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import struct
 import threading
 
 from .wire import Packet
@@ -115,6 +116,15 @@ class CaptureFilter:
         h.caplen = pkt.caplen
         h.len = max(pkt.len, pkt.caplen)
         return bool(self._lib.pcap_offline_filter(ctypes.byref(prog), ctypes.byref(h), pkt.data) != 0)
+
+    def program(self) -> bytes:
+        """The compiled program, each instruction as 8 little-endian bytes (code u16, jt u8,
+        jf u8, k u32): what a filter sends the daemon (``nflogd_client.filters``)."""
+        prog = self._prog
+        if prog is None:
+            raise ValueError(f"capture filter {self.expression!r} is closed")
+        raw = ctypes.string_at(prog.bf_insns, prog.bf_len * 8)
+        return b"".join(struct.pack("<HBBI", *insn) for insn in struct.iter_unpack("=HBBI", raw))
 
     def close(self) -> None:
         if self._prog is not None:

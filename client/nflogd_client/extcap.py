@@ -15,8 +15,9 @@ Wireshark configuration folder (``~/.config/wireshark``, or ``$WIRESHARK_CONFIG_
 The options dialog asks for the endpoint, the groups (empty: all), the link type (NFLOG keeps
 prefix, mark and interfaces; raw IP for tools that cannot read NFLOG), a capture-time
 reordering window, and the CURVE key files; Wireshark saves them per interface. A capture
-filter (``tcp port 22``) is compiled by libpcap and applied to each packet
-(``nflogd_client.bpf``); one libpcap refuses is refused in Wireshark's filter field.
+filter (``tcp port 22``) is compiled by libpcap (``nflogd_client.bpf``) and run at the daemon,
+before anything is sent (``docs/filters.md``); one libpcap refuses is refused in Wireshark's
+filter field, one the daemon refuses ends the capture with its reason.
 
 The capture is pcapng: loss and daemon restarts become comments on the first packet after
 them (``frame.comment``), lines in the toolbar's log window in Wireshark, and one line on
@@ -42,6 +43,7 @@ from typing import IO, Callable, TextIO
 from . import __version__, tap
 from .bpf import CaptureFilter, FilterError
 from .events import FeedEvents, describe
+from .filters import Filter, FilterRefused
 from .pcapng import PcapngWriter, describe_packet, direction
 from .reorder import Reorder
 from .subscriber import DEFAULT_ENDPOINT
@@ -294,16 +296,17 @@ def _capture(args: argparse.Namespace) -> int:
         if (server_key is None) != (client_key is None):
             raise UsageError("--server-key and --client-key go together (the CURVE key files)")
         groups = _groups(args.groups)
-        flt = None
+        flt: dict[str, Filter] = {}
         if args.extcap_capture_filter and args.extcap_capture_filter.strip():
             try:
-                flt = CaptureFilter(args.extcap_capture_filter)
+                flt["filter"] = Filter(args.extcap_capture_filter)
             except FilterError as e:
                 raise UsageError(str(e)) from None
         endpoint = args.endpoint or default_ep
         sub = tap._connect(
-            [endpoint], groups, prog=PROG, server_public_key=server_key, client_secret_key_file=client_key
-        )
+            [endpoint], groups, prog=PROG, server_public_key=server_key, client_secret_key_file=client_key,
+            **flt,
+        )  # fmt: skip
     except UsageError as e:
         # stderr first: Wireshark reads it once it sees the fifo end, and shows it.
         print(f"{PROG}: {e}", file=sys.stderr, flush=True)
@@ -325,7 +328,7 @@ def _capture(args: argparse.Namespace) -> int:
     to_stderr.setLevel(logging.WARNING)
     client_log.addHandler(to_stderr)
     nflog = args.linktype == "nflog"
-    written = cut = 0  # packets written; of those, cut to the snaplen
+    written = cut = status = 0  # packets written; of those, cut to the snaplen; the exit status
     events = FeedEvents(sub)
     carry: list[str] = []  # comments of batches the filter left no packet of
     reorder = Reorder(args.reorder_ms / 1000.0)
@@ -372,7 +375,7 @@ def _capture(args: argparse.Namespace) -> int:
                             control.send(_CMD_ADD, comment + "\n")
                             control.send(_CMD_STATUSBAR, comment)
                             carry.append(comment)
-                        packets = [p for p in batch.packets if flt is None or flt.match(p)]
+                        packets = batch.packets  # the filter's: at the daemon, or by the Subscriber
                         if packets:  # the comments wait for a packet to go on
                             reorder.add(packets, "; ".join(carry) or None)
                             carry.clear()
@@ -388,6 +391,9 @@ def _capture(args: argparse.Namespace) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, out.fileno())
         os.close(devnull)
+    except FilterRefused as e:
+        print(f"{PROG}: filter refused by the daemon: {e}", file=sys.stderr, flush=True)
+        status = 1
     finally:
         # Before the fifo closes: Wireshark reads the extcap's stderr once it sees the end.
         _summary(sub, events, written, control, cut)
@@ -396,7 +402,7 @@ def _capture(args: argparse.Namespace) -> int:
         except OSError:
             pass
         sub.close()
-    return 0
+    return status
 
 
 def _cut_line(p: Packet) -> str:

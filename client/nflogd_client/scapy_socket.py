@@ -48,9 +48,10 @@ a hidden scapy interface provider that makes every ``"nflog..."`` name resolve h
 ``conf.use_pcap`` libpcap lists its own ``"nflog"`` device, the kernel read directly, and
 scapy lets it take the name: pass ``L2socket=ZMQNFLOGSocket`` then.)
 
-Groups are chosen at the publisher, so BPF ``filter=`` is refused (there is no packet
-socket to attach it to): select traffic in the ruleset that logs to the group, by group,
-or with ``sniff(lfilter=...)``. ``type``, ``promisc``, ``nofilter``, ``monitor`` and
+``filter="udp port 53"`` (libpcap's language, as scapy's other sockets take it) and the
+metadata options (``prefix=``, ``mark=``, ``uid=``, ... as ``Subscriber``'s) run at the
+daemon, before anything is sent (``docs/filters.md``); a refusal raises ``FilterRefused``
+from ``recv()``. ``type``, ``promisc``, ``nofilter``, ``monitor`` and
 ``quiet``, which sniff may pass to any L2 listener, are accepted and ignored. ``send()``
 raises: the feed is one-way.
 
@@ -75,6 +76,7 @@ from scapy.supersocket import SuperSocket
 from scapy.utils import EDecimal
 
 from . import jetstream as _jetstream
+from .filters import Filter
 from .layers import LAYERS
 from .subscriber import Subscriber
 from .wire import Packet as WirePacket
@@ -87,7 +89,9 @@ _IFACE = "nflog"
 # L2ListenTcpdump): meaningless for the feed, so accepted and dropped.
 _IGNORED_KWARGS = frozenset({"type", "promisc", "nofilter", "monitor", "quiet", "prog"})
 # Keywords passed on to the Subscriber: whatever it takes besides endpoints and groups.
-_SUBSCRIBER_KWARGS = frozenset(inspect.signature(Subscriber).parameters) - {"endpoints", "groups"}
+_SUBSCRIBER_KWARGS = frozenset(
+    name for name, p in inspect.signature(Subscriber).parameters.items() if p.kind != p.VAR_KEYWORD
+) - {"endpoints", "groups"} | frozenset(inspect.signature(Filter).parameters) - {"expression"}
 
 _NS = 1_000_000_000
 
@@ -160,11 +164,7 @@ class ZMQNFLOGSocket(SuperSocket):
         if unknown:
             raise TypeError(f"ZMQNFLOGSocket() got unexpected keyword argument(s): {', '.join(unknown)}")
         if filter:
-            raise ValueError(
-                f"ZMQNFLOGSocket: BPF filter {filter!r} is not supported: the feed is filtered by"
-                " NFLOG group (iface='nflog:5,6' or groups=); select traffic in the ruleset that"
-                " logs to the group, or in Python with sniff(lfilter=...)"
-            )
+            options["filter"] = filter
         if isinstance(iface, str):
             groups = _parse_iface(iface)
         elif isinstance(iface, NetworkInterface) and iface.name == _IFACE:

@@ -71,6 +71,15 @@ after it are quiet, and the recovery is logged at info level (``nflogd_client.en
 has the details). A malformed endpoint (``router1:5555``) raises ``ValueError`` at once,
 naming it and the accepted forms.
 
+Filters: ``Subscriber(endpoint, groups=[5], filter="udp port 53")`` (libpcap's language) and
+NFLOG metadata (``prefix=``, ``prefix_start=``, ``mark=``, ``uid=``, ``gid=``, ``indev=``,
+``outdev=``, ``hook=``; or ``filter=Filter(...)``) are run at the daemon, before anything is
+sent (``docs/filters.md``): ``filter_state`` is ``"pending"``, then ``"accepted"``; a refusal
+raises ``FilterRefused`` from ``recv()``. Through nflogd-relay the filter runs at its
+upstream daemons, and on a CURVE endpoint as on any other. With ``filter_at="reader"``, or when no answer came
+``FILTER_REPLY_S`` after connecting (a daemon without filters hangs up on it), this process
+runs the same filter on what it receives (``filter_state`` ``"reader"``, a warning says why).
+
 To wait on several sockets, register ``sub.socket`` with a ``zmq.Poller``, but call
 ``recv()`` while ``sub.pending()`` is non-zero first: packets already received do not make
 the socket readable. A Subscriber belongs to one thread, like its socket.
@@ -89,13 +98,18 @@ import zmq
 
 from . import curve, wire
 from .endpoints import AUTH_RETRY_S, EndpointStatus, EndpointWatch, check_endpoint
+from .filters import Filter, FilterRefused, filter_reply, is_reply, make_filter
 from .wire import Batch, Packet, WireError
 
-__all__ = ["AUTH_RETRY_S", "DEFAULT_ENDPOINT", "EndpointStatus", "Subscriber"]
+__all__ = ["AUTH_RETRY_S", "DEFAULT_ENDPOINT", "FILTER_REPLY_S", "EndpointStatus", "Subscriber"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "ipc:///run/nflogd/feed.sock"
+
+#: Seconds from the first connection to wait for the daemon's answer to a filter before
+#: running it in this process instead.
+FILTER_REPLY_S = 3.0
 
 #: Epochs kept per node: enough to tell a second publisher of the same name from a restart.
 _EPOCHS_KEPT = 4
@@ -259,10 +273,30 @@ class Subscriber(_BatchCursor):
         max_nodes: int = 4096,
         server_public_key: str | bytes | os.PathLike[str] | Mapping[str, str | bytes] | None = None,
         client_secret_key_file: str | os.PathLike[str] | None = None,
+        filter: str | Filter | None = None,  # noqa: A002 - the name tcpdump users expect
+        filter_at: str = "daemon",
+        **match: Any,
     ):
         self._endpoints = _endpoints(endpoints)
         topics = _topics(groups)
         keys = _curve_keys(self._endpoints, server_public_key, client_secret_key_file)
+        if filter_at not in ("daemon", "reader"):
+            raise ValueError(f"filter_at: 'daemon' or 'reader', got {filter_at!r}")
+        #: The filter (None: every packet), and where it runs: "pending" (sent to the daemon,
+        #: not answered yet), "accepted" (by the daemon), "refused", "reader" (here); "none".
+        self.filter = make_filter(filter, match)
+        self.filter_state = "reader" if filter_at == "reader" else "pending"
+        if self.filter is None:
+            self.filter_state = "none"
+        self._plain_topics = topics  # the groups' topics: what a reader filtering itself takes
+        self._filter_topics: list[bytes] = []
+        if self.filter is not None and self.filter_state == "pending":
+            # the filter (tagged: a topic of this reader's own, which a relay passes on and
+            # answers), then the groups through it: their filtered messages come on these
+            f = self.filter
+            self._filter_topics = [f.topic(f.new_tag()), *(f.group_topic(t) for t in topics)]
+            topics = self._filter_topics
+        self._filter_due: float | None = None  # when the answer is late (from the first connection)
         ctx = context if context is not None else zmq.Context.instance()
         #: The SUB socket, for a ``zmq.Poller``.
         self.socket: zmq.Socket[bytes] = ctx.socket(zmq.SUB)
@@ -339,13 +373,29 @@ class Subscriber(_BatchCursor):
 
     def _take(self, msg: list[bytes]) -> Batch | None:
         """Decode and account one message; None if it is malformed (counted). Both drivers'."""
+        if self.filter is not None and not self._through_filter(msg):
+            return None
         try:
             batch = wire.decode(msg)
         except WireError as e:
             self._malformed(msg, e)
             return None
         self._account(batch)
+        if self.filter is not None and self.filter_state == "reader":
+            batch.packets = [p for p in batch.packets if self.filter.match(p)]
         return batch
+
+    def _through_filter(self, msg: list[bytes]) -> bool:
+        """False for the daemon's reply to the filter (FilterRefused if it refused) and, while
+        the daemon filters, for a message sent before it had the filter."""
+        if is_reply(msg):
+            accepted, why = filter_reply(msg)
+            if not accepted:
+                self.filter_state = "refused"
+                raise FilterRefused(why)
+            self.filter_state = "accepted"
+            return False
+        return self.filter_state == "reader" or bool(wire.header_flags(msg) & wire.FLAG_FILTERED)
 
     def _wait(self, deadline: float | None) -> list[bytes] | None:
         """One message, keeping the endpoint states meanwhile; None once the deadline passes."""
@@ -367,6 +417,8 @@ class Subscriber(_BatchCursor):
         change, or a probe's result, whichever is first; None: no limit. Both drivers'."""
         now = time.monotonic()
         waits = [] if deadline is None else [deadline - now]
+        if self._filter_due is not None and self.filter_state == "pending":
+            waits.append(self._filter_due - now)
         due = self._watch.due_at()
         if due is not None:
             waits.append(due - now)
@@ -376,6 +428,27 @@ class Subscriber(_BatchCursor):
         """Apply the monitor's events, run the probes and reconnects that are due."""
         self._watch.handle_monitor()
         self._watch.step()
+        if self.filter_state == "pending" and self.filter is not None:
+            self._filter_late()
+
+    def _filter_late(self) -> None:
+        """No answer to the filter ``FILTER_REPLY_S`` after the first connection: run it here."""
+        now = time.monotonic()
+        if self._filter_due is None:
+            if any(st.connects for st in self._watch.tracker.status().values()):
+                self._filter_due = now + FILTER_REPLY_S
+        elif now >= self._filter_due:
+            assert self.filter is not None
+            for t in reversed(self._filter_topics):  # the groups through the filter first
+                self.socket.setsockopt(zmq.UNSUBSCRIBE, t)
+            for t in self._plain_topics:
+                self.socket.setsockopt(zmq.SUBSCRIBE, t)
+            self.filter_state = "reader"
+            log.warning(
+                "nflogd feed: no answer to the filter within %g s (a daemon without filters?); "
+                "filtering in this process",
+                FILTER_REPLY_S,
+            )
 
     @property
     def endpoints(self) -> dict[str, EndpointStatus]:

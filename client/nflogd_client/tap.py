@@ -7,6 +7,7 @@ Usage (the options, link types, limits and exit statuses: ``docs/nflog-tap.md``)
     nflog-tap --linktype nflog -w x.pcap        # with prefix, mark, ifindexes, uid, ...
     nflog-tap --format json | jq .              # JSON lines (docs/json-lines.md)
     nflog-tap --stats                           # a live per-group view
+    nflog-tap -g 5 udp and dst port 53          # a capture filter, run at the daemon
 
 It never ends with a traceback: a malformed endpoint exits 2 with one line naming it; an
 unreachable one is said once on stderr, with its likely cause, and retried; the last line
@@ -31,6 +32,7 @@ from . import __version__
 from . import jetstream as _jetstream
 from . import subscriber as _subscriber
 from .events import Event, FeedEvents
+from .filters import HOOKS, FilterRefused
 from .reorder import Reorder
 from .subscriber import Subscriber
 from .wire import Packet
@@ -248,7 +250,49 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--client-key", metavar="FILE", help="CURVE: this client's NAME.key_secret file (with --server-key)"
     )
+    meta = ap.add_argument_group("filter (run at the daemon; docs/filters.md)")
+    meta.add_argument("--prefix", metavar="TEXT", help="packets logged with exactly this log prefix")
+    meta.add_argument("--prefix-start", metavar="TEXT", help="packets whose log prefix begins with TEXT")
+    meta.add_argument("--mark", type=_mark, metavar="VALUE[/MASK]", help="packets with mark & MASK == VALUE")
+    for name, what in (("uid", "of the local socket"), ("gid", "of the local socket"),
+                       ("indev", "input interface index"), ("outdev", "output interface index")):  # fmt: skip
+        meta.add_argument(f"--{name}", type=_u32, metavar="N", help=f"packets with this {name} ({what})")
+    meta.add_argument(
+        "--hook", action="append", choices=sorted(HOOKS), help="packets logged at this hook; repeat"
+    )
+    ap.add_argument(
+        "expression",
+        nargs="*",
+        metavar="EXPRESSION",
+        help="capture filter in libpcap's language, as tcpdump takes it (udp and dst port 53)",
+    )
     return ap
+
+
+def _u32(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"expected an integer 0..4294967295, got {text!r}")
+    return n
+
+
+def _mark(text: str) -> tuple[int, int]:
+    value, _, mask = text.partition("/")
+    return _u32(value), _u32(mask) if mask else 0xFFFFFFFF
+
+
+def _filter_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The Subscriber's filter arguments from the command line (empty: no filter)."""
+    out: dict[str, Any] = {}
+    if args.expression:
+        out["filter"] = " ".join(args.expression)
+    for name in ("prefix", "prefix_start", "mark", "uid", "gid", "indev", "outdev", "hook"):
+        if getattr(args, name) is not None:
+            out[name] = getattr(args, name)
+    return out
 
 
 def _connect(
@@ -291,8 +335,10 @@ def _connect_stream(
     try:
         if len(endpoints) != 1:
             raise ValueError("a nats:// endpoint is read alone; give it as the only -e")
-        if any(keys.values()):
+        if any(keys.get(k) for k in ("server_public_key", "client_secret_key_file")):
             raise ValueError("--server-key and --client-key are for ZeroMQ endpoints, not nats://")
+        if set(keys) - {"server_public_key", "client_secret_key_file"}:
+            raise ValueError("a filter is run by a daemon for a ZeroMQ endpoint, not for nats://")
         return _jetstream.JetStreamSubscriber(endpoints[0], groups)
     except ConnectionError as e:  # it names the servers and the stream
         print(f"nflog-tap: {e}", file=sys.stderr)
@@ -484,8 +530,17 @@ def _run(args: argparse.Namespace, signals: _Signals) -> int:
     if args.stats and (args.write is not None or args.count is not None):
         build_parser().error("--stats writes and counts no packets: leave out -w and -c")
     sub = _connect(
-        args.endpoint, args.group, server_public_key=args.server_key, client_secret_key_file=args.client_key
-    )
+        args.endpoint, args.group, server_public_key=args.server_key, client_secret_key_file=args.client_key,
+        **_filter_options(args),
+    )  # fmt: skip
+    try:
+        return _output(args, signals, sub)
+    except FilterRefused as e:
+        print(f"nflog-tap: filter refused by the daemon: {e}", file=sys.stderr)
+        return 1
+
+
+def _output(args: argparse.Namespace, signals: _Signals, sub: Reader) -> int:
     if args.stats:
         try:
             return _stats(sub, signals, sys.stdout)

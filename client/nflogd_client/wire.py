@@ -46,6 +46,9 @@ __all__ = [
     "encode",
     "pack_records",
     "decode",
+    "FLAG_FILTERED",
+    "FILTERED_TOPIC",
+    "header_flags",
 ]
 
 VERSION = 1
@@ -120,6 +123,12 @@ MAX_NODE = 255
 
 #: Header flag: frame 3 ends with the names of the batch's interfaces (``names_trailer``).
 FLAG_IFNAMES = 0x01
+#: Header flag: the message went through a reader's filter at the daemon; it holds only the
+#: packets that filter passed, and ``first_seq`` numbers them (docs/wire-format.md, "Filters").
+FLAG_FILTERED = 0x02
+#: A filtered message's topic when its reader subscribed in this form (docs/wire-format.md,
+#: "Filters"): these 5 bytes, the filter's 8-byte id, the group's 2.
+FILTERED_TOPIC = b"\xffNFLG"
 _TRAILER_END = struct.Struct("<HH")  # entries, their bytes
 _NAME_ENTRY = struct.Struct("<IB")  # ifindex, name bytes (the name follows)
 
@@ -642,7 +651,12 @@ def decode(msg: Sequence[bytes]) -> Batch:
         raise WireError(f"bad magic {magic!r}, expected {MAGIC!r}")
     if version != VERSION:
         raise WireError(f"unsupported version {version}, this decoder reads {VERSION}")
-    if topic_b != TOPIC.pack(group):
+    if topic_b != TOPIC.pack(group) and not (
+        flags & FLAG_FILTERED
+        and builtins_len(topic_b) == 15
+        and topic_b[:5] == FILTERED_TOPIC
+        and topic_b[13:] == TOPIC.pack(group)
+    ):
         raise WireError(f"topic {topic_b.hex()} does not match header group {group}")
     if node_len > MAX_NODE:
         raise WireError(f"node_len {node_len} exceeds {MAX_NODE}")
@@ -719,3 +733,10 @@ def _extension(r: tuple[Any, ...], data: bytes, index: int) -> tuple[bytes | Non
             raise WireError(f"record {index}: l2hdr {r[22]}+{r[21]} beyond data ({dlen} bytes)")
         l2hdr = data[r[22] : end]
     return ct, l2hdr
+
+
+def header_flags(msg: Sequence[bytes]) -> int:
+    """The header's ``flags`` byte of a message (0 if it has no header to read)."""
+    if builtins_len(msg) < 2 or builtins_len(msg[1]) < HEADER.size:
+        return 0
+    return bytes(msg[1][5:6])[0]

@@ -25,6 +25,8 @@
 
 #include <sodium.h>
 
+#include "../_nflog.h"
+#include "_filter.h"
 #include "_peers.h"
 
 #define FILTER_EXACT_BYTES 8192  /* a bit per group */
@@ -52,6 +54,9 @@ struct peer {
     int curve;                   /* CURVE: every frame boxed into a MESSAGE with key, nonce */
     uint64_t nonce;              /* the next short nonce */
     uint8_t key[crypto_box_BEFORENMBYTES];
+    int slot;                    /* its filter's slot in filters (_filter.c), -1: none */
+    int tagged;                  /* its filtered messages' topic: ftopic and the group, not the group */
+    uint8_t ftopic[NFLOGD_FILTERED_TOPIC];  /* "\xffNFLG" and its filter's id */
 };
 
 struct nflogd_peers {
@@ -62,6 +67,12 @@ struct nflogd_peers {
     uint32_t hwm;
     uint64_t dropped;            /* every peer's, including peers gone */
     uint64_t queued;             /* messages queued, every peer */
+    uint64_t sent_bytes;         /* bytes written to peers, every peer */
+    struct nflogd_filters *filters;  /* the peers' filters, each distinct one run once a packet */
+    uint64_t *match;             /* per record of a batch: the filters it passed */
+    uint32_t match_cap;
+    uint8_t *fbuf;               /* a filtered message's header, records and data */
+    size_t fbuf_cap;
     uint64_t bytes;              /* what the blobs queued cost (blob_cost), each blob once */
     uint64_t max_bytes;          /* no new blob past this: the message is dropped for the peer */
     uint64_t full_dropped;       /* messages dropped so (counted in dropped too) */
@@ -78,6 +89,10 @@ struct nflogd_peers *peers_new(void)
     if (ps) {
         ps->epfd = ps->wake_fd = -1;
         ps->hwm = 1000;
+        if (!(ps->filters = nflogd_filters_new())) {
+            free(ps);
+            return NULL;
+        }
         ps->max_bytes = UINT64_MAX;
     }
     return ps;
@@ -120,8 +135,10 @@ static void peer_release(struct nflogd_peers *ps, struct peer *p)
     sodium_memzero(p->key, sizeof(p->key));
     free(p->queue);
     free(p->exact);
+    nflogd_filters_release(ps->filters, p->slot);
     memset(p, 0, sizeof(*p));
     p->fd = -1;
+    p->slot = -1;
 }
 
 void peers_free(struct nflogd_peers *ps)
@@ -133,6 +150,9 @@ void peers_free(struct nflogd_peers *ps)
             peer_release(ps, &ps->peer[i]);
     free(ps->peer);
     free(ps->boxed);
+    nflogd_filters_free(ps->filters);
+    free(ps->match);
+    free(ps->fbuf);
     free(ps);
 }
 
@@ -200,6 +220,7 @@ static int flush(struct nflogd_peers *ps, struct peer *p)
                 return 0;
             return -errno;
         }
+        ps->sent_bytes += (uint64_t)done;
         size_t left = (size_t)done;
         while (left) {
             struct blob *b = p->queue[p->qhead];
@@ -264,6 +285,8 @@ static int deliver(struct nflogd_peers *ps, struct peer *p, const struct iovec *
     if (p->qlen == 0) {
         struct msghdr mh = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n };
         ssize_t rc = sendmsg(p->fd, &mh, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (rc > 0)
+            ps->sent_bytes += (uint64_t)rc;
         if (rc == (ssize_t)len)
             return 1;
         if (rc < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
@@ -383,6 +406,206 @@ static int deliver_boxed(struct nflogd_peers *ps, struct peer *p, const struct i
     return rc;
 }
 
+/* Count what deliver() said of a message to p: dropped at its hwm (0) or for the cap on
+ * the bytes queued (2, counted in both). */
+static void delivered(struct nflogd_peers *ps, struct peer *p, int rc)
+{
+    if (rc == 2) {
+        ps->full_dropped++;
+        rc = 0;
+    }
+    if (rc == 0) {
+        p->dropped++;
+        ps->dropped++;
+        if (!p->dropping && ps->wake_fd >= 0) {
+            uint64_t one = 1;
+            if (write(ps->wake_fd, &one, sizeof(one)) < 0) {
+                /* EAGAIN: the counter is non-zero already, the loop wakes all the same */
+            }
+        }
+    }
+    p->dropping = rc == 0;
+}
+
+static inline void put32(uint8_t *p, uint32_t v)
+{
+    memcpy(p, &v, 4);
+}
+
+/* Where the names trailer of a batch's data begins (NFLOGD_FLAG_IFNAMES: count u16 and size
+ * u16 in the last 4 bytes, the entries in the size bytes before), dlen if it has none. */
+static size_t trailer_start(const uint8_t *header, const uint8_t *data, size_t dlen)
+{
+    if (!(header[5] & NFLOGD_FLAG_IFNAMES) || dlen < 4)
+        return dlen;
+    uint16_t size;
+    memcpy(&size, data + dlen - 2, 2);
+    return (size_t)size + 4 <= dlen ? dlen - 4 - size : dlen;
+}
+
+/* Copy len bytes at src_off of data to out + *at; the offset they have there. */
+static uint32_t carry(uint8_t *out, uint32_t *at, const uint8_t *data, uint32_t src_off, uint32_t len)
+{
+    uint32_t off = *at;
+    memcpy(out + off, data + src_off, len);
+    *at += len;
+    return off;
+}
+
+static int names(const struct nflogd_record *r, uint32_t index)
+{
+    return ((r->present & NFLOGD_F_INDEV) && r->indev == index) || ((r->present & NFLOGD_F_OUTDEV) && r->outdev == index)
+        || ((r->present & NFLOGD_F_PHYSINDEV) && r->physindev == index)
+        || ((r->present & NFLOGD_F_PHYSOUTDEV) && r->physoutdev == index);
+}
+
+/* The names trailer of a filtered message: the entries of the batch's trailer (tr, trlen bytes
+ * with its last 4) that one of the n records of table names, then their count and size, at
+ * out + *at. Returns 0 (no trailer, the flag cleared) if none. */
+static int carry_names(uint8_t *out, uint32_t *at, const uint8_t *tr, size_t trlen, const struct nflogd_record *table,
+                       uint32_t n)
+{
+    uint32_t start = *at, o = start;
+    uint16_t count = 0;
+    size_t end = trlen - 4;
+    for (size_t e = 0; e + 5 <= end && e + 5 + tr[e + 4] <= end; e += 5 + tr[e + 4]) {
+        uint32_t index;
+        memcpy(&index, tr + e, 4);
+        for (uint32_t k = 0; k < n; k++) {
+            if (names(&table[k], index)) {
+                memcpy(out + o, tr + e, 5 + tr[e + 4]);
+                o += 5 + tr[e + 4];
+                count++;
+                break;
+            }
+        }
+    }
+    if (!count)
+        return 0;
+    uint16_t tail[2] = { count, (uint16_t)(o - start) };  /* little-endian, as the record */
+    memcpy(out + o, tail, sizeof(tail));
+    *at = o + sizeof(tail);
+    return 1;
+}
+
+/* The message of filter slot's records (match bit set) of the batch in frames: the same
+ * header but for count, first_seq (the filter's own numbering) and the FILTERED flag, those
+ * records with their offsets rewritten to their payloads, prefixes, conntrack blocks and link
+ * headers, copied, and behind them the names trailer of only the names those records use
+ * (IFNAMES cleared if none). A batch of no records (a sequence mark) gives the filter's mark:
+ * first_seq where the filter's numbering of group stands. out: its frames. */
+static int compose(struct nflogd_peers *ps, int slot, uint16_t group, const struct iovec frames[4], uint32_t count,
+                   struct iovec out[4])
+{
+    const struct nflogd_record *recs = frames[2].iov_base;
+    const uint8_t *data = frames[3].iov_base;
+    size_t full = frames[3].iov_len, dend = trailer_start(frames[1].iov_base, data, full);
+    uint64_t bit = 1ull << slot;
+    uint32_t n = 0;
+    size_t dlen = full - dend;  /* the names trailer, at most all of it */
+    for (uint32_t i = 0; i < count; i++) {
+        if (ps->match[i] & bit) {
+            const struct nflogd_record *r = &recs[i];
+            n++;
+            dlen += r->caplen + ((r->present & NFLOGD_F_PREFIX) ? r->prefix_len : 0)
+                  + ((r->present & NFLOGD_F_CT) ? r->ct_len : 0) + ((r->present & NFLOGD_F_L2HDR) ? r->l2hdr_len : 0);
+        }
+    }
+    if (!n && count)
+        return 0;
+    size_t hlen = frames[1].iov_len, rlen = (size_t)n * sizeof(struct nflogd_record);
+    size_t need = hlen + rlen + dlen;
+    if (need > ps->fbuf_cap) {
+        uint8_t *more = realloc(ps->fbuf, need);
+        if (!more)
+            return -1;
+        ps->fbuf = more;
+        ps->fbuf_cap = need;
+    }
+    uint8_t *header = ps->fbuf;
+    struct nflogd_record *table = (struct nflogd_record *)(ps->fbuf + hlen);
+    uint8_t *out_data = ps->fbuf + hlen + rlen;
+    memcpy(header, frames[1].iov_base, hlen);
+    header[5] = (uint8_t)((header[5] & ~NFLOGD_FLAG_IFNAMES) | NFLOGD_WIRE_FILTERED);
+    put32(header + 8, n);
+    uint64_t first_seq = nflogd_filters_take_seq(ps->filters, slot, group, n);
+    memcpy(header + 24, &first_seq, 8);
+    uint32_t at = 0, k = 0;
+    for (uint32_t i = 0; i < count; i++) {
+        if (!(ps->match[i] & bit))
+            continue;
+        struct nflogd_record r = recs[i];
+        r.data_off = carry(out_data, &at, data, r.data_off, r.caplen);
+        if (r.present & NFLOGD_F_PREFIX)
+            r.prefix_off = carry(out_data, &at, data, r.prefix_off, r.prefix_len);
+        if (r.present & NFLOGD_F_CT)
+            r.ct_off = carry(out_data, &at, data, r.ct_off, r.ct_len);
+        if (r.present & NFLOGD_F_L2HDR)
+            r.l2hdr_off = carry(out_data, &at, data, r.l2hdr_off, r.l2hdr_len);
+        table[k++] = r;
+    }
+    if (dend < full && carry_names(out_data, &at, data + dend, full - dend, table, n))
+        header[5] |= NFLOGD_FLAG_IFNAMES;
+    out[0] = frames[0];
+    out[1] = (struct iovec){ header, hlen };
+    out[2] = (struct iovec){ table, rlen };
+    out[3] = (struct iovec){ out_data, at };
+    return 1;
+}
+
+/* Each filter the peers of group hold, run once on the batch; each one's message to its peers. */
+static void send_filtered(struct nflogd_peers *ps, uint16_t group, const struct iovec frames[4], uint64_t want)
+{
+    size_t rs = sizeof(struct nflogd_record);
+    uint32_t count = (uint32_t)(frames[2].iov_len / rs);
+    if (frames[2].iov_len != count * rs)
+        return;
+    if (count > ps->match_cap) {
+        uint64_t *more = realloc(ps->match, count * sizeof(*more));
+        if (!more)
+            return;
+        ps->match = more;
+        ps->match_cap = count;
+    }
+    nflogd_filters_run(ps->filters, want, frames[2].iov_base, count, frames[3].iov_base,
+                       (uint32_t)frames[3].iov_len, ps->match);
+    for (int s = 0; s < NFLOGD_FILTER_MAX; s++) {
+        if (!(want & (1ull << s)))
+            continue;
+        struct iovec out[4], iov[2][8];
+        uint8_t heads[2][4][9], topic[NFLOGD_FILTERED_TOPIC + 2];
+        size_t len[2] = { 0, 0 };
+        int framed[2] = { 0, 0 };
+        if (compose(ps, s, group, frames, count, out) <= 0)
+            continue;
+        struct blob *b[2] = { NULL, NULL };
+        for (int i = 0; i < ps->cap; i++) {
+            struct peer *p = &ps->peer[i];
+            if (p->fd < 0 || p->dead || p->slot != s || !subscribed(p, group))
+                continue;
+            int t = p->tagged;  /* the topic it subscribed with: the group's, or the filter's */
+            struct iovec f[4] = { out[0], out[1], out[2], out[3] };
+            if (t) {  /* every tagged peer of the slot has the same: its filter's id */
+                memcpy(topic, p->ftopic, NFLOGD_FILTERED_TOPIC);
+                memcpy(topic + NFLOGD_FILTERED_TOPIC, out[0].iov_base, 2);
+                f[0] = (struct iovec){ topic, sizeof(topic) };
+            }
+            if (p->curve) {  /* its own copy, boxed for it */
+                delivered(ps, p, deliver_boxed(ps, p, f, 4, 0));
+                continue;
+            }
+            if (!framed[t]) {
+                frame_iov(iov[t], heads[t], f, 4, &len[t]);
+                framed[t] = 1;
+            }
+            delivered(ps, p, deliver(ps, p, iov[t], 8, len[t], &b[t]));
+        }
+        for (int t = 0; t < 2; t++)
+            if (b[t])
+                blob_unref(ps, b[t]);
+    }
+}
+
 void peers_send(struct nflogd_peers *ps, uint16_t group, const struct iovec frames[4])
 {
     struct iovec iov[8];
@@ -390,37 +613,29 @@ void peers_send(struct nflogd_peers *ps, uint16_t group, const struct iovec fram
     size_t len = 0;
     int framed = 0;
     struct blob *b = NULL;
+    uint64_t want = 0;  /* the filters some subscriber of group holds */
     for (int i = 0; i < ps->cap; i++) {
         struct peer *p = &ps->peer[i];
         if (p->fd < 0 || p->dead || !subscribed(p, group))
             continue;
-        int rc;
+        if (p->slot >= 0) {
+            want |= 1ull << p->slot;
+            continue;
+        }
         if (p->curve) {
-            rc = deliver_boxed(ps, p, frames, 4, 0);
-        } else {
-            if (!framed) {
-                frame_iov(iov, heads, frames, 4, &len);
-                framed = 1;
-            }
-            rc = deliver(ps, p, iov, 8, len, &b);
+            delivered(ps, p, deliver_boxed(ps, p, frames, 4, 0));
+            continue;
         }
-        if (rc == 2)
-            ps->full_dropped++;
-        if (rc == 0 || rc == 2) {
-            rc = 0;
-            p->dropped++;
-            ps->dropped++;
-            if (!p->dropping && ps->wake_fd >= 0) {
-                uint64_t one = 1;
-                if (write(ps->wake_fd, &one, sizeof(one)) < 0) {
-                    /* EAGAIN: the counter is non-zero already, the loop wakes all the same */
-                }
-            }
+        if (!framed) {
+            frame_iov(iov, heads, frames, 4, &len);
+            framed = 1;
         }
-        p->dropping = rc == 0;
+        delivered(ps, p, deliver(ps, p, iov, 8, len, &b));
     }
     if (b)
         blob_unref(ps, b);
+    if (want)
+        send_filtered(ps, group, frames, want);
 }
 
 /* -- the control loop's side ------------------------------------------------------------ */
@@ -464,6 +679,7 @@ int nflogd_peers_add(struct nflogd_peers *ps, int fd)
         for (int i = ps->cap; i < cap; i++) {
             memset(&more[i], 0, sizeof(more[i]));
             more[i].fd = -1;
+            more[i].slot = -1;
         }
         ps->peer = more;
         ps->cap = cap;
@@ -503,6 +719,50 @@ int nflogd_peers_filter(struct nflogd_peers *ps, int id, int all, const uint8_t 
     return 0;
 }
 
+int nflogd_peers_set_filter(struct nflogd_peers *ps, int id, const uint8_t *spec, uint32_t len, char *why,
+                            uint32_t whylen)
+{
+    struct peer *p = peer_at(ps, id);
+    if (!p)
+        return -ENOENT;
+    int slot = -1;
+    if (spec) {
+        slot = nflogd_filters_hold(ps->filters, spec, len, why, whylen);
+        if (slot < 0)
+            return -EINVAL;
+    }
+    nflogd_filters_release(ps->filters, p->slot);
+    p->slot = slot;
+    return slot;
+}
+
+int nflogd_peers_set_filter_topic(struct nflogd_peers *ps, int id, const uint8_t *topic)
+{
+    struct peer *p = peer_at(ps, id);
+    if (!p)
+        return -ENOENT;
+    p->tagged = topic != NULL;
+    if (topic)
+        memcpy(p->ftopic, topic, NFLOGD_FILTERED_TOPIC);
+    return 0;
+}
+
+int nflogd_peers_filter_slot(struct nflogd_peers *ps, int id)
+{
+    struct peer *p = peer_at(ps, id);
+    return p ? p->slot : -1;
+}
+
+struct nflogd_filters *nflogd_peers_filters(struct nflogd_peers *ps)
+{
+    return ps->filters;
+}
+
+uint64_t nflogd_peers_sent_bytes(struct nflogd_peers *ps)
+{
+    return ps->sent_bytes;
+}
+
 int nflogd_peers_flush(struct nflogd_peers *ps, int id)
 {
     struct peer *p = peer_at(ps, id);
@@ -513,6 +773,38 @@ int nflogd_peers_flush(struct nflogd_peers *ps, int id)
     int rc = flush(ps, p);
     if (rc < 0)
         fail(ps, p, -rc);
+    maybe_trim(ps);
+    return rc < 0 ? -p->dead : rc;
+}
+
+int nflogd_peers_message(struct nflogd_peers *ps, int id, const uint8_t *f0, uint32_t l0, const uint8_t *f1,
+                         uint32_t l1, const uint8_t *f2, uint32_t l2, const uint8_t *f3, uint32_t l3, int nframes)
+{
+    struct peer *p = peer_at(ps, id);
+    if (!p)
+        return -ENOENT;
+    if (p->dead)
+        return -p->dead;
+    if (nframes < 1 || nframes > 4)
+        return -EINVAL;
+    const struct iovec frames[4] = {
+        { (void *)f0, l0 }, { (void *)f1, l1 }, { (void *)f2, l2 }, { (void *)f3, l3 },
+    };
+    int rc;
+    if (p->curve) {
+        rc = deliver_boxed(ps, p, frames, nframes, 0);
+    } else {
+        struct iovec iov[8];
+        uint8_t heads[4][9];
+        size_t len = 0;
+        struct blob *b = NULL;
+        frame_iov(iov, heads, frames, nframes, &len);
+        rc = deliver(ps, p, iov, 2 * nframes, len, &b);
+        if (b)
+            blob_unref(ps, b);
+    }
+    if (rc >= 0)
+        delivered(ps, p, rc);
     maybe_trim(ps);
     return rc < 0 ? -p->dead : rc;
 }

@@ -43,6 +43,27 @@ int nflogd_peers_flush(struct nflogd_peers *ps, int id);
 /* A ZMTP command frame (a PONG) to the peer, after what it has queued: 1 written or
  * queued, 0 dropped (hwm queued), -errno. */
 int nflogd_peers_command(struct nflogd_peers *ps, int id, const uint8_t *frame, uint32_t len);
+/* A message of nframes (1..4) frames to one peer, as the feed's messages go (boxed for a CURVE
+ * peer; dropped and counted at its hwm or the cap): a filter's reply, or what the relay passes
+ * on for a topic only its readers know. 1 written or queued, 0 or 2 dropped, -errno. */
+int nflogd_peers_message(struct nflogd_peers *ps, int id, const uint8_t *f0, uint32_t l0, const uint8_t *f1,
+                         uint32_t l1, const uint8_t *f2, uint32_t l2, const uint8_t *f3, uint32_t l3, int nframes);
+/* The peer's filter (spec: a filter of _filter.h, len bytes; NULL: none), in place of the
+ * one it had: from now on each of its messages holds only the records the filter passed,
+ * numbered by that filter. The filter's slot, or -EINVAL with a one-line reason in why (the
+ * peer keeps its old filter), or -ENOENT. */
+int nflogd_peers_set_filter(struct nflogd_peers *ps, int id, const uint8_t *spec, uint32_t len, char *why,
+                            uint32_t whylen);
+/* The topic of the peer's filtered messages: topic (NFLOGD_FILTERED_TOPIC bytes, "\xffNFLG" and
+ * its filter's 8-byte id) followed by the group's 2, for a peer that subscribed to its groups
+ * in that form; NULL: the group's topic alone. -ENOENT for no such peer. */
+int nflogd_peers_set_filter_topic(struct nflogd_peers *ps, int id, const uint8_t *topic);
+int nflogd_peers_filter_slot(struct nflogd_peers *ps, int id);
+/* The filters the peers hold (_filter.h), for the metrics. */
+struct nflogd_filters;
+struct nflogd_filters *nflogd_peers_filters(struct nflogd_peers *ps);
+/* Bytes written to the peers so far. */
+uint64_t nflogd_peers_sent_bytes(struct nflogd_peers *ps);
 /* Messages dropped (hwm reached) and queued now, of peer id, or of every peer (id -1). */
 uint64_t nflogd_peers_dropped(struct nflogd_peers *ps, int id);
 uint64_t nflogd_peers_queued(struct nflogd_peers *ps, int id);

@@ -39,7 +39,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .curve import CurveHandshake
 
+from nflogd_client.filters import FILTER_TOPIC
+
 __all__ = [
+    "MAX_FILTER_FRAME",
     "MAX_FRAME",
     "MAX_READY",
     "Cancel",
@@ -63,6 +66,18 @@ MAX_READY = 4096
 #: The largest frame after the handshake (bytes): a subscription is at most 3, a PING 21; as
 #: libzmq's MAXMSGSIZE did on the XPUB.
 MAX_FRAME = 64
+#: The largest filter (un)subscription, message or command (bytes): a filter of 512 BPF
+#: instructions is about 4.5 KiB (docs/filters.md); a longer program still fits, so that the
+#: server refuses it with its reason; a frame past this is a breach.
+MAX_FILTER_FRAME = 16384
+#: How a filter's (un)subscription begins, as a message and as a ZMTP 3.1 command.
+_FILTER_HEADS = {
+    False: (b"\x01" + FILTER_TOPIC, b"\x00" + FILTER_TOPIC),
+    True: (b"\x09SUBSCRIBE" + FILTER_TOPIC, b"\x06CANCEL" + FILTER_TOPIC),
+}
+
+#: How a CURVE MESSAGE command begins (spec 26).
+_MESSAGE_HEAD = b"\x07MESSAGE"
 
 SIGNATURE = b"\xff" + bytes(8) + b"\x7f"
 #: The first 11 bytes of the greeting: the signature and the major version, 3.
@@ -405,7 +420,18 @@ class Codec:
         else:
             limit = MAX_FRAME if self.curve is None else MAX_FRAME + CURVE_OVERHEAD
         if size > limit:
-            return self._refuse(f"a {size}-byte frame (at most {limit})", self._may_error())
+            head = bytes(buf[start : start + 15])
+            heads: tuple[bytes, ...]
+            if self.curve is None:
+                heads = _FILTER_HEADS[bool(flags & _COMMAND)]
+                maybe = self._state != _READY and size <= MAX_FILTER_FRAME
+            else:  # what a MESSAGE boxes is seen once opened (_curve_message): a filter, or refused
+                heads = (_MESSAGE_HEAD,)
+                maybe = state not in (_HELLO, _INITIATE) and size <= MAX_FILTER_FRAME + CURVE_OVERHEAD
+            if not (maybe and head.startswith(heads)):
+                if maybe and len(head) < 15 and any(h.startswith(head) for h in heads):
+                    return None  # a filter, perhaps: wait for its first bytes
+                return self._refuse(f"a {size}-byte frame (at most {limit})", self._may_error())
         if len(buf) - start < size:
             return None
         body = bytes(buf[start : start + size])
@@ -476,6 +502,8 @@ class Codec:
             inner_flags, data = self.curve.open_message(body)
         except CurveRefused as e:
             return self._refuse(e.reason)
+        if len(data) > MAX_FRAME and not data.startswith(_FILTER_HEADS[bool(inner_flags & 2)]):
+            return self._refuse(f"a {len(data)}-byte frame (at most {MAX_FRAME})")
         return self._dispatch((inner_flags & _MORE) | (_COMMAND if inner_flags & 2 else 0), data)
 
     def _command(self, body: bytes) -> Event:

@@ -40,10 +40,10 @@ import socket
 import struct
 import time
 import weakref
-from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from collections import Counter, deque
+from typing import TYPE_CHECKING, Callable, Protocol
 
-from nflogd_client import wire
+from nflogd_client import filters, wire
 
 from ..addresses import split_host_port
 from ..episodes import Episodes
@@ -51,6 +51,7 @@ from ..errors import NflogdError
 from .codec import (
     CURVE_GREETING_REST,
     GREETING_REST,
+    MAX_FILTER_FRAME,
     MAX_READY,
     PARTIAL_GREETING,
     Cancel,
@@ -255,7 +256,7 @@ class Peer:
 
     __slots__ = (
         "sock", "fd", "listener", "label", "source", "codec", "deadline", "id", "topics", "dropped",
-        "slow_log", "__weakref__",
+        "slow_log", "spec", "tags", "tagged", "passed", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -276,7 +277,35 @@ class Peer:
         self.id = -1  # the C peer, once its handshake is done
         self.topics = Topics()
         self.dropped = 0  # messages dropped for it at hwm, as last logged
+        self.spec: bytes | None = None  # the filter it holds (docs/filters.md)
+        self.tags: set[bytes] = set()  # the subscriptions that state it, by their tags
+        self.tagged = False  # subscribed to its groups through its filter (wire.FILTERED_TOPIC)
+        #: The relay's: its filter topics passed on as they are (topic -> subscriptions).
+        self.passed: Counter[bytes] = Counter()
         self.slow_log = Episodes(log)
+
+
+def filter_topic(topic: bytes) -> bool:
+    """A topic of a reader's filter or of a group through it (docs/filters.md), within their
+    bounds: what the relay passes on as it is."""
+    if topic.startswith(filters.FILTER_TOPIC):
+        return len(topic) <= len(filters.FILTER_TOPIC) + MAX_FILTER_FRAME
+    return (
+        topic.startswith(wire.FILTERED_TOPIC) and len(topic) <= len(wire.FILTERED_TOPIC) + 8 + wire.TOPIC.size
+    )
+
+
+def message(parts: list[bytes]) -> bytes:
+    """A ZMTP message of several frames (MORE on all but the last, LONG past 255 bytes)."""
+    out = bytearray()
+    for i, part in enumerate(parts):
+        more = 1 if i < len(parts) - 1 else 0
+        if len(part) > 255:
+            out += bytes([more | 2]) + struct.pack(">Q", len(part))
+        else:
+            out += bytes([more, len(part)])
+        out += part
+    return bytes(out)
 
 
 class ZmtpServer:
@@ -322,8 +351,16 @@ class ZmtpServer:
         self._full_dropped = 0  # as last logged
         #: Peers dropped for not finishing the handshake in time (a metric).
         self.handshake_timeouts = 0
+        #: Filters refused (a metric), and their log.
+        self.filters_refused = 0
+        self._filter_log = Episodes(log)
         #: Peers dropped for subscribing to nothing for idle_timeout_s (a metric).
         self.idle_hangups = 0
+        #: The relay's: readers' filter subscriptions are not run here but passed on as they
+        #: are, each to this (False: the reader is hung up on); the peers holding such topics,
+        #: for ``deliver_passed``.
+        self.pass_filters: Callable[[bytes], bool] | None = None
+        self.passing: dict[Peer, Counter[bytes]] = {}
         #: Connections closed at once per endpoint: their source had per_source (a metric).
         self.source_refused: dict[str, int] = {}
 
@@ -748,6 +785,12 @@ class ZmtpServer:
 
     def _subscription(self, peer: Peer, kind: bytes, topic: bytes) -> bool:
         """A (un)subscription; False if its topic was foreign and the peer hung up on."""
+        if self.pass_filters is not None and filter_topic(topic):
+            return self._pass_filter(peer, kind, topic)
+        if topic.startswith(filters.FILTER_TOPIC):
+            return self._filter(peer, kind, topic[len(filters.FILTER_TOPIC) :])
+        if topic.startswith(wire.FILTERED_TOPIC) and self._through_filter(peer, topic):
+            topic = topic[len(wire.FILTERED_TOPIC) + 8 :]  # the group's, as its filter's
         if len(topic) > wire.TOPIC.size:  # no message can match it: the peer is hung up on
             self._hang_up(peer)
             self._owner.foreign_topic(peer.label, len(topic), 1)
@@ -759,6 +802,101 @@ class ZmtpServer:
                 self._became_idle(peer, time.monotonic())
             else:
                 self._idle.pop(peer, None)
+        return True
+
+    def _pass_filter(self, peer: Peer, kind: bytes, topic: bytes) -> bool:
+        """The relay: a reader's filter topic, (un)subscribed, passed on as it is and kept for
+        ``deliver_passed``; False if refused (the peer hung up on)."""
+        assert self.pass_filters is not None
+        held = peer.passed
+        if kind == b"\x01":
+            if not self.pass_filters(kind + topic):
+                self._hang_up(peer)
+                self._owner.foreign_topic(peer.label, len(topic), 1)
+                return False
+            held[topic] += 1
+            self.passing[peer] = held
+            self._idle.pop(peer, None)
+        elif held[topic] > 0:
+            held[topic] -= 1
+            if not held[topic]:
+                del held[topic]
+            self.pass_filters(kind + topic)
+            if not held:
+                self.passing.pop(peer, None)
+                if not peer.topics:
+                    self._became_idle(peer, time.monotonic())
+        return True
+
+    def deliver_passed(self, frames: list) -> None:
+        """A message on a readers' filter topic (the relay's upstream: a filter's reply or
+        messages) to each peer that passed a prefix of it on; the caller holds the lock."""
+        topic = bytes(frames[0])
+        for peer, held in self.passing.items():
+            if peer.id >= 0 and any(topic.startswith(t) for t in held):
+                self._c.peer_message(peer.id, frames)
+
+    def _through_filter(self, peer: Peer, topic: bytes) -> bool:
+        """A subscription to a group through the peer's filter (``wire.FILTERED_TOPIC``, the
+        filter's id, the group's topic or none): from now on its filtered messages carry that
+        topic. False (a foreign topic) for another filter's id or no filter."""
+        at = len(wire.FILTERED_TOPIC)
+        if peer.spec is None or len(topic) > at + 8 + wire.TOPIC.size:
+            return False
+        if topic[at : at + 8] != filters.spec_id(peer.spec):
+            return False
+        if not peer.tagged:
+            with self._c:
+                self._c.set_peer_filter_topic(peer.id, topic[: at + 8])
+            peer.tagged = True
+        return True
+
+    def _filter(self, peer: Peer, kind: bytes, spec: bytes) -> bool:
+        """A filter's (un)subscription: the peer's filter set or cleared in C at once, and the
+        reply (the subscription's topic, then accepted or refused with the reason); False if
+        the peer was hung up on. Several subscriptions of one filter (their tags differ: the
+        readers behind an nflogd-relay) hold it together; a different one is refused."""
+        self._owner.subscription(kind + filters.FILTER_TOPIC, " (a filter)")
+        topic = filters.FILTER_TOPIC + spec
+        n = filters.spec_length(spec)
+        if filters.HEAD.size <= n <= len(spec):
+            spec, tag = spec[:n], spec[n:]
+        else:
+            tag = b""  # a malformed spec: the C check says why
+        if kind == b"\x00":
+            if peer.spec == spec and tag in peer.tags:
+                peer.tags.discard(tag)
+                if not peer.tags:
+                    with self._c:
+                        self._c.set_peer_filter(peer.id, None)
+                        self._c.set_peer_filter_topic(peer.id, None)  # the next filter's id sets it
+                    peer.spec = None
+                    peer.tagged = False
+            return True
+        if len(tag) > filters.MAX_TAG:
+            slot, why = -1, f"malformed filter: {len(tag)} bytes after the spec, more than {filters.MAX_TAG}"
+        elif peer.spec is not None and peer.spec != spec:
+            slot, why = -1, "one filter per connection, and this one holds another"
+        elif peer.spec == spec:
+            slot, why = 0, ""  # held already: one more subscription of it
+        else:
+            with self._c:
+                slot, why = self._c.set_peer_filter(peer.id, spec)
+        if slot >= 0:
+            peer.spec = spec
+            peer.tags.add(tag)
+            log.debug("feed: %s: filter %r in force", peer.label, filters.spec_text(spec))
+        else:
+            self.filters_refused += 1
+            self._filter_log.hit(
+                "feed: %s on %s: filter refused: %s; %d refused so far",
+                peer.label, peer.listener.endpoint, why, self.filters_refused,
+            )  # fmt: skip
+        with self._c:  # a message of two frames, boxed for a CURVE peer
+            rc = self._c.peer_message(peer.id, filters.reply(topic, slot >= 0, why))
+        if rc < 0:
+            self._hang_up(peer)
+            return False
         return True
 
     def _push_filters(self) -> None:
@@ -787,6 +925,11 @@ class ZmtpServer:
             peer.id = -1
         if peer.topics:
             self._owner.peer_gone(peer.topics.counts)
+        if self.passing.pop(peer, None) is not None and self.pass_filters is not None:
+            for topic, n in peer.passed.items():  # undone as its cancels would have
+                for _ in range(n):
+                    self.pass_filters(b"\x00" + topic)
+            peer.passed.clear()
         try:
             self._ep.unregister(peer.fd)
         except OSError:
