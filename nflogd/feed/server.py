@@ -566,12 +566,15 @@ class ZmtpServer:
                 self._owner.key_refused(peer.label, peer.listener.endpoint, key)
             else:
                 log.debug("feed: %s: %s: hanging up", peer.label, event.reason)
-            if event.error and peer.id < 0:
-                self._send_handshake(peer)  # what the codec had before its end
-                try:
-                    peer.sock.send(event.error)
-                except OSError:
-                    pass
+            if peer.id < 0:
+                # what the codec had before its end (our greeting, so that a libzmq peer with
+                # another mechanism reads ours and says so, as libzmq's own server lets it)
+                self._send_handshake(peer)
+                if event.error:
+                    try:
+                        peer.sock.send(event.error)
+                    except OSError:
+                        pass
             self._hang_up(peer)
             return False
         return True  # Skipped
