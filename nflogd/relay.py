@@ -10,17 +10,18 @@ failure (an endpoint in use), 2 for a bad config.
 
 Topology (``docs/relay.md``)::
 
-    router1  nflogd XPUB ─┐                            ┌─ SUB  Subscriber, nflog-tap, ...
-    router2  nflogd XPUB ─┼─ XSUB ×3   relay   XPUB ───┼─ SUB
-    router3  nflogd XPUB ─┘                            └─ SUB
+    router1  nflogd ─┐                                 ┌─ SUB  Subscriber, nflog-tap, ...
+    router2  nflogd ─┼─ XSUB ×3   relay   own server ───┼─ SUB
+    router3  nflogd ─┘                                 └─ SUB
 
 Sockets: one XSUB per upstream, connected to its endpoint (a CURVE client when the upstream
-has keys), and downstream the daemon's own ``Publisher``. One poll loop (``service.Program``'s,
+has keys), and downstream the daemon's own ``Publisher`` (the feed's own server on every
+endpoint, CURVE ones too, with the daemon's limits). One poll loop (``service.Program``'s,
 with the upstreams' reconnects on a timer) moves messages upstream to downstream, received
-and sent with ``copy=False`` and never decoded (a record keeps its node, epoch and sequence
-numbers: a message the relay drops shows at the client as a gap in that node's ``seq``), and
-subscriptions downstream to upstream (the first to a topic, the last unsubscription, to every
-upstream XSUB, which sends them again after every reconnect).
+with ``copy=False``, handed whole to ``Publisher.forward`` and never decoded (a record keeps
+its node, epoch and sequence numbers: a message the relay drops shows at the client as a gap
+in that node's ``seq``), and subscriptions downstream to upstream (the first to a topic, the
+last unsubscription, to every upstream XSUB, which sends them again after every reconnect).
 
 Readers' filters (``docs/filters.md``): a filter's subscriptions go to every upstream on a
 connection of that filter's own (``Relay._filter_subscription``), so each daemon runs it and
