@@ -488,3 +488,30 @@ def test_curve_readers_that_never_read_are_held_to_hwm_and_max_queued_bytes(ctx,
     finally:
         good.close(linger=0)
         pub.close(linger=0)
+
+
+def test_idle_and_per_source_limits_hold_on_a_curve_endpoint(ctx, keys):
+    """publish.idle_timeout_ms and publish.max_connections_per_source as on NULL endpoints: an
+    admitted CURVE peer that subscribes to nothing is hung up on and counted, a third
+    connection from one address past its share of two is closed at once and counted, and the
+    peer that subscribed stays."""
+    server, _, raw_keys = keys
+    curve = CurveConfig("server.key_secret", "clients", server[0], server[1])
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cfg = PublishConfig(bind=(endpoint,), curve=curve, idle_timeout_ms=1000, max_connections_per_source=2)
+    pub = Publisher(ctx, cfg, node="n", curve_keys=raw_keys)
+    try:
+        t0 = time.monotonic()
+        idle = handshake(pub, client_for(keys))
+        busy_client = client_for(keys)
+        busy = handshake(pub, busy_client)
+        busy.send(busy_client.message(b"\x01"))
+        third = Raw(pub)
+        serve(pub, lambda: pub.source_refused.get(endpoint) == 1, "the third connection refused")
+        assert third.closed_by_server()
+        assert idle.closed_by_server()
+        assert 0.9 < time.monotonic() - t0 < 5
+        assert (pub.idle_hangups, pub.subscribers, pub.subscription_messages) == (1, 1, 1)
+        assert busy.sock.fileno() >= 0
+    finally:
+        pub.close(linger=0)
