@@ -38,8 +38,7 @@ def main() -> None:
     )
     batch = SimpleNamespace(group=1, count=count, table=table, data=data, flags=0)
     pubs = [
-        Publisher(None, PublishConfig(bind=(ep,)), node=f"router{i}", epoch=1)
-        for i, ep in enumerate(a.endpoints)
+        Publisher(PublishConfig(bind=(ep,)), node=f"router{i}", epoch=1) for i, ep in enumerate(a.endpoints)
     ]
     while not stop and not all(p.subscription_messages for p in pubs):
         for p in pubs:

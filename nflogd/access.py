@@ -3,7 +3,7 @@
 Use::
 
     access = CurveAccess(cfg.publish.curve)                  # the keys read now
-    pub = Publisher(ctx, cfg.publish, curve_keys=access.keys)
+    pub = Publisher(cfg.publish, curve_keys=access.keys)
     ...
     access.configure(new_cfg.publish.curve)                  # SIGHUP: the authorized keys again
 

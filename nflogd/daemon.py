@@ -10,8 +10,7 @@ failure (a group another process holds, an endpoint in use), 2 for a bad config.
 
 Start-up order: load the config; bind every group; drop privileges (config
 ``user``; without one, CAP_NET_ADMIN at most all the same) while the process
-has one thread; umask 0o007; the ZeroMQ context; the CURVE
-keys (``publish.curve``); the publisher; the metrics
+has one thread; umask 0o007; the CURVE keys (``publish.curve``); the publisher; the metrics
 HTTP server; a capture thread per group (``nflogd.capture_loop``); ``READY=1``.
 Every thread starts after the drop. The capture threads read their groups and
 publish each batch on their own; the main thread is the control plane, the
@@ -31,7 +30,7 @@ running config stays. Otherwise, applied without a restart:
   another namespace (a restarted container), is reopened there.
 - ``publish.bind``: new endpoints bound, dropped ones unbound (peers connected
   through a dropped endpoint stay connected).
-- ``publish.hwm``: applies to subscribers that connect afterwards (libzmq).
+- ``publish.hwm``: applies at once, to every subscriber.
 - ``publish.curve.authorized_keys_dir``: its ``*.key`` files are read again, so
   a client whose key was added is admitted from its next connection attempt (a
   removed key stops new connections; one already connected stays). Turning
@@ -57,7 +56,6 @@ import os
 import pwd
 import time
 
-import zmq
 from prometheus_client.registry import CollectorRegistry
 
 from . import config, netns, privileges, service
@@ -118,11 +116,10 @@ class Daemon(Program):
             privileges.confine()
         os.umask(0o007)
         service.probe_threads(len(cfg.groups))  # a one-line error now, not a libzmq abort later
-        self.ctx = zmq.Context()
         if cfg.publish.curve is not None:
             self.access = CurveAccess(cfg.publish.curve)
         keys = self.access.keys if self.access is not None else None
-        self.publisher = Publisher(self.ctx, cfg.publish, node=cfg.node, curve_keys=keys)
+        self.publisher = Publisher(cfg.publish, node=cfg.node, curve_keys=keys)
         publisher = self.publisher
         DaemonCollector(
             self.group_counters, lambda: publisher.subscribers, registry=self.registry,

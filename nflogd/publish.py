@@ -2,8 +2,7 @@
 
 Use::
 
-    ctx = zmq.Context()
-    pub = Publisher(ctx, cfg.publish, node=cfg.node)      # binds every endpoint now
+    pub = Publisher(cfg.publish, node=cfg.node)           # binds every endpoint now
     for fd in pub.fds:
         poller.register(fd, zmq.POLLIN)                   # the peers: pub.handle_incoming()
     ...
@@ -43,7 +42,7 @@ import resource
 import socket
 import stat
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import zmq
 from nflogd_client import wire
@@ -190,7 +189,6 @@ class Publisher:
 
     def __init__(
         self,
-        ctx: zmq.Context[Any] | None,
         publish: PublishConfig,
         node: str = "",
         epoch: int | None = None,

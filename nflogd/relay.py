@@ -499,7 +499,7 @@ class Relay(Program):
         """
         keys = self.access.keys if self.access is not None else None
         # readers' filters pass on to the upstreams as they are (filter_topics)
-        pub = Publisher(self._context(), publish, curve_keys=keys, filter_topics=True)
+        pub = Publisher(publish, curve_keys=keys, filter_topics=True)
         pub.on_filter = self._filter_subscription
         return pub
 

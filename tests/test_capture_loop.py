@@ -28,7 +28,7 @@ GROUP = 7
 def feed(ctx, tmp_path, node: str = "r1", rcvhwm: int = 0):
     """A Publisher on an ipc endpoint and a SUB socket it has seen subscribe."""
     ep = f"ipc://{tmp_path}/feed.sock"
-    pub = Publisher(ctx, PublishConfig(bind=(ep,)), node=node, epoch=42)
+    pub = Publisher(PublishConfig(bind=(ep,)), node=node, epoch=42)
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.RCVHWM, rcvhwm)
     sub.connect(ep)

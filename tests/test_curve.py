@@ -66,7 +66,7 @@ def pub(ctx, keys):
     server, _, raw = keys
     curve = CurveConfig("server.key_secret", "clients", server[0], server[1])
     cfg = PublishConfig(bind=(f"tcp://127.0.0.1:{free_port()}",), curve=curve, handshake_timeout_ms=1000)
-    p = Publisher(ctx, cfg, node="n", curve_keys=raw)
+    p = Publisher(cfg, node="n", curve_keys=raw)
     yield p
     p.close(linger=0)
 
@@ -374,7 +374,7 @@ def test_a_reader_over_the_connection_limit_is_told_so(ctx, keys, tmp_path):
     tcp = f"tcp://127.0.0.1:{free_port()}"
     ipc = f"ipc://{tmp_path}/f.sock"
     cfg = PublishConfig(bind=(tcp, ipc), curve=curve, max_connections=1)
-    pub = Publisher(ctx, cfg, node="n", curve_keys=raw)
+    pub = Publisher(cfg, node="n", curve_keys=raw)
     try:
         first = handshake(pub, client_for(keys))
         held = [first]
@@ -413,7 +413,7 @@ def test_stalled_curve_greetings_show_in_the_handshake_timeout_metric(ctx, keys)
     server, _, raw_keys = keys
     curve = CurveConfig("server.key_secret", "clients", server[0], server[1])
     cfg = PublishConfig(bind=(f"tcp://127.0.0.1:{free_port()}",), curve=curve, handshake_timeout_ms=300)
-    pub = Publisher(ctx, cfg, node="n", curve_keys=raw_keys)
+    pub = Publisher(cfg, node="n", curve_keys=raw_keys)
     try:
         stalled = []
         for step in range(3):
@@ -444,7 +444,7 @@ def test_curve_readers_that_never_read_are_held_to_hwm_and_max_queued_bytes(ctx,
     curve = CurveConfig("server.key_secret", "clients", server[0], server[1])
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     cfg = PublishConfig(bind=(endpoint,), curve=curve, hwm=100)
-    pub = Publisher(ctx, cfg, node="n", curve_keys=raw_keys)
+    pub = Publisher(cfg, node="n", curve_keys=raw_keys)
     good = ctx.socket(zmq.SUB)
     good.curve_serverkey, good.curve_publickey, good.curve_secretkey = server[0], alice[0], alice[1]
     good.setsockopt(zmq.RCVHWM, 0)
@@ -499,7 +499,7 @@ def test_idle_and_per_source_limits_hold_on_a_curve_endpoint(ctx, keys):
     curve = CurveConfig("server.key_secret", "clients", server[0], server[1])
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     cfg = PublishConfig(bind=(endpoint,), curve=curve, idle_timeout_ms=1000, max_connections_per_source=2)
-    pub = Publisher(ctx, cfg, node="n", curve_keys=raw_keys)
+    pub = Publisher(cfg, node="n", curve_keys=raw_keys)
     try:
         t0 = time.monotonic()
         idle = handshake(pub, client_for(keys))

@@ -813,7 +813,7 @@ def test_the_relays_server_passes_filter_topics_on_as_they_are_and_runs_none(ctx
     from nflogd.publish import Publisher
 
     ep = f"ipc://{tmp_path}/relay.sock"
-    pub = Publisher(ctx, PublishConfig(bind=(ep,)), filter_topics=True)
+    pub = Publisher(PublishConfig(bind=(ep,)), filter_topics=True)
     passed: list[bytes] = []
     pub.on_filter = lambda msg: passed.append(msg) is None
     f = filters.Filter("udp port 53")

@@ -324,7 +324,7 @@ def test_curve_config_hides_the_secret_key(keys):
 def test_ipc_filter_gid(tmp_path, ctx, ours):
     gid = os.getgid() if ours else 65534
     text = f"groups: [1]\npublish: {{bind: 'ipc://{tmp_path}/f.sock', ipc_filter_groups: [{gid}]}}"
-    pub = Publisher(ctx, config.parse(text).publish)
+    pub = Publisher(config.parse(text).publish)
     sub = ctx.socket(zmq.SUB)
     try:
         sub.connect(f"ipc://{tmp_path}/f.sock")

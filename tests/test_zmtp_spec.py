@@ -503,7 +503,7 @@ def dribbler(pub, tmp_path):
 
 @pytest.fixture
 def pub(ctx, tmp_path):
-    p = Publisher(ctx, PublishConfig(bind=(f"ipc://{tmp_path}/f.sock",)), node="n1", epoch=7)
+    p = Publisher(PublishConfig(bind=(f"ipc://{tmp_path}/f.sock",)), node="n1", epoch=7)
     yield p
     p.close(linger=0)
 
