@@ -29,7 +29,7 @@ DEV_PKGS := pytest pytest-timeout hypothesis ruff mypy types-PyYAML types-cffi
 APT := apt-get -o DPkg::Lock::Timeout=600
 SOURCES := pyproject.toml setup.py scapy_nflog.py nflog_cffi.py client/pyproject.toml client/nflogd_client/VERSION nflogd/_nflog.h nflogd/_nflog.c nflogd/feed/_feed.h nflogd/feed/_feed.c nflogd/feed/_peers.h nflogd/feed/_peers.c nflogd/feed/_filter.h nflogd/feed/_filter.c nflogd/ffi_build.py
 
-.PHONY: all deps run-deps debs run-debs run test check bench bench-debs profile clean deb deb-tools test-system extcap-install
+.PHONY: all deps run-deps debs run-debs run test check bench bench-debs profile profile-relay clean deb deb-tools test-system extcap-install
 all: test
 
 # install-debs PACKAGES: apt-get install those of PACKAGES that are missing
@@ -112,7 +112,7 @@ test-asan: $(VENV)/.installed
 	    $(CURDIR)/$(VPY) -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) $(ASAN_DESELECT) $(addprefix $(CURDIR)/,$(ASAN_TESTS))
 
 # The bench's other readers and the profilers: ulogd2 with its pcap output beside tcpdump,
-# perf and strace for bench/profile.py.
+# perf and strace for bench/profile.py and bench/profile_relay.py.
 BENCH_DEBS := ulogd2 ulogd2-pcap linux-perf strace
 bench-debs:
 	@missing=$$(for p in $(BENCH_DEBS); do \
@@ -127,6 +127,10 @@ bench: deps bench-debs
 
 profile: deps bench-debs
 	$(VPY) bench/profile.py
+
+profile-relay: deps bench-debs
+	$(VPY) bench/profile_relay.py
+	$(VPY) bench/profile_relay.py --zmq
 
 # make extcap-install: nflogd-extcap into this user's Wireshark extcap folder (tshark -G folders);
 # EXTCAP_ARGS=--system for the system folder (as root), or EXTCAP_ARGS="--extcap-dir DIR".

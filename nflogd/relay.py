@@ -22,6 +22,8 @@ with ``copy=False``, handed whole to ``Publisher.forward`` and never decoded (a 
 its node, epoch and sequence numbers: a message the relay drops shows at the client as a gap
 in that node's ``seq``), and subscriptions downstream to upstream (the first to a topic, the
 last unsubscription, to every upstream XSUB, which sends them again after every reconnect).
+While messages keep coming the loop reads them in batches, sleeping ``GATHER_S`` between
+turns (``Program.watch``'s ``gather``).
 
 Readers' filters (``docs/filters.md``): a filter's subscriptions go to every upstream on a
 connection of that filter's own (``Relay._filter_subscription``), so each daemon runs it and
@@ -103,6 +105,9 @@ EVENTS, POLLIN = zmq.EVENTS, zmq.POLLIN
 #: upstream (a daemon runs at most 64); a reader stating one more is hung up on (counted): its
 #: Subscriber, without an answer, then filters itself.
 MAX_FILTERS = 64
+#: Seconds the loop lets upstream messages gather while they keep coming (``Program.watch``'s
+#: ``gather``): a steady trickle is read and passed on in batches, at most this much later.
+GATHER_S = 0.002
 #: Seconds the relay waits at exit for the stream publisher's buffered messages to be acked.
 STREAM_CLOSE_S = 5.0
 
@@ -183,13 +188,13 @@ class Upstream:
         offer: Callable[[list], None] | None = None,
         note: Callable[[zmq.Frame], None] | None = None,
         filtered: bool = False,
-    ) -> None:
+    ) -> bool:
         """Pass up to BURST queued messages to ``out`` (the feed's ``Publisher.forward``), frames
         as received, each message's frames to ``offer`` (the stream publisher, which never
-        blocks) and its header frame to ``note`` (``SequenceMarks.note``). ``filtered``: a
-        filter's connection, whose messages must be on the filters' topics (a daemon sends a
-        group's own for a moment once the filter is cancelled before the groups through it):
-        the others are not passed.
+        blocks) and its header frame to ``note`` (``SequenceMarks.note``); True if it stopped at
+        BURST. ``filtered``: a filter's connection, whose messages must be on the filters'
+        topics (a daemon sends a group's own for a moment once the filter is cancelled before
+        the groups through it): the others are not passed.
 
         Frame by frame with ``Frame.more``: a third of the CPU time of recv_multipart() per
         message (bench/relay.py), the same frames.
@@ -201,11 +206,11 @@ class Upstream:
             # steady rate a wake-up brings one message, and a zmq.Again per wake-up cost as
             # much as passing it on; in a burst, one question for BURST messages
             if i == 1 and not events(EVENTS) & POLLIN:
-                return
+                return False
             try:
                 frame = recv(NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                return False
             frames = [frame]
             size = len(frame)
             while frame.more:  # a message arrives whole: its other frames are there already
@@ -221,6 +226,7 @@ class Upstream:
             out(frames)
             self.messages += 1
             self.bytes += size
+        return True
 
     def subscription(self, msg: bytes) -> None:
         """Pass on a downstream (un)subscription message."""
@@ -461,6 +467,7 @@ class Relay(Program):
         #: The sequence marks of the (node, group)s passed on, sent by ``_mark_timer``.
         self.marks = SequenceMarks(MARK_IDLE_S)
         self._mark_timer = self.timer(self._send_marks)
+        self.gather_s = GATHER_S
 
     # -- start -----------------------------------------------------------------
 
@@ -514,12 +521,13 @@ class Relay(Program):
             offer = self.stream.offer if self.stream is not None else None
             marks, timer = self.marks, self._mark_timer
 
-            def forward() -> None:
-                up.forward(self._feed().forward, offer, marks.note)
+            def forward() -> bool:
+                more = up.forward(self._feed().forward, offer, marks.note)
                 if timer.due is None:
                     timer.due = marks.due()
+                return more
 
-            self.watch(up.socket, forward)
+            self.watch(up.socket, forward, gather=True)
         monitor = up.monitor
         if monitor is not None:  # an Upstream has its monitor until close()
             self.watch(monitor, lambda: self._handle_monitor(up))
@@ -749,6 +757,8 @@ def _open_stream(js, registry):
     try:
         from .jetstream import JetStreamDriver
     except ImportError as e:
+        if e.name is None:  # nats-py is there, but not one the relay can use
+            raise NflogdError(f"jetstream: {e}") from None
         raise NflogdError(
             f"jetstream: needs the nats-py package (pip install 'nflogd-client[jetstream]'): {e}"
         ) from None

@@ -153,8 +153,12 @@ class Program:
         self._stop = False
         self._wakeup: SignalWakeup | None = None
         self._poller = zmq.Poller()
-        self._handlers: dict[object, Callable[[], None]] = {}  # watched socket or fd -> handler
+        self._handlers: dict[object, Callable[[], object]] = {}  # watched socket or fd -> handler
         self._timers: list[Timer] = []
+        #: Seconds the loop sleeps after a turn in which the ``gather`` handlers read messages
+        #: and emptied their queues (``watch(..., gather=True)``); 0: no sleep.
+        self.gather_s = 0.0
+        self._gathered: set[object] = set()
 
     # -- the loop --------------------------------------------------------------
 
@@ -163,15 +167,26 @@ class Program:
         self._wakeup = SignalWakeup()
         self.watch(self._wakeup.fileno(), self._handle_signals)
 
-    def watch(self, obj: zmq.Socket | int, handler: Callable[[], None]) -> None:
-        """Call ``handler()`` whenever ``obj`` (a ZeroMQ socket or an fd) polls readable."""
+    def watch(self, obj: zmq.Socket | int, handler: Callable[[], object], gather: bool = False) -> None:
+        """Call ``handler()`` whenever ``obj`` (a ZeroMQ socket or an fd) polls readable.
+
+        ``gather``: a stream of messages that may wait ``gather_s`` to be handled together. The
+        handler reads until it has read everything, or a bounded number and returns True when
+        more is left. A turn that read such messages and emptied their queues is followed by a
+        sleep of ``gather_s`` (the other events wait as well, at most that long), then a turn
+        for everything ready: a steady trickle costs one wake-up per ``gather_s`` rather than
+        one per message. A message after a pause is handled at once, a backlog without pause.
+        """
         self._handlers[obj] = handler
         self._poller.register(obj, zmq.POLLIN)
+        if gather:
+            self._gathered.add(obj)
 
     def unwatch(self, obj: zmq.Socket | int) -> None:
         """Stop watching ``obj``; its handler is not called again, not even later this turn."""
         if self._handlers.pop(obj, None) is not None:
             self._poller.unregister(obj)
+            self._gathered.discard(obj)
 
     def timer(
         self, callback: Callable[[], object], interval: float | None = None, each_turn: bool = False
@@ -187,12 +202,23 @@ class Program:
         interval = self.notifier.watchdog_interval
         if interval:
             self.timer(self.notifier.watchdog, interval)
-        handlers, timers = self._handlers, self._timers
+        handlers, timers, gathered, poll = self._handlers, self._timers, self._gathered, self._poller.poll
+        steady = False  # the last turn read gathered messages, and emptied their queues
         while not self._stop:
-            for obj, _ in self._poller.poll(self._timeout()):
+            if steady:  # more are likely on their way: let them gather, then take all at once
+                time.sleep(self.gather_s)
+                events = poll(0)
+            else:
+                events = poll(self._timeout())
+            steady = backlog = False
+            for obj, _ in events:
                 handler = handlers.get(obj)  # None: unwatched by a handler earlier this turn
                 if handler is not None:
-                    handler()
+                    more = handler()
+                    if obj in gathered:
+                        steady, backlog = True, backlog or bool(more)
+            if backlog or not self.gather_s:
+                steady = False
             now = time.monotonic()
             for t in timers:
                 if t.each_turn or (t.due is not None and t.due <= now):

@@ -18,9 +18,11 @@ relay thread); the publisher thread joins them into the record's value.
 
 A driver is the engine behind one small interface (``Driver``): ``open()`` connects and
 creates or checks the stream (raising ``NflogdError`` with the reason),
-``publish(record)`` sends one ``nflogd_client.stream.Record`` and returns a future of its ack
-(True if the engine acked it as a duplicate; ``Transient`` to retry, ``Rejected`` to drop),
-and ``close()`` fails the futures still pending. ``docs/jetstream.md`` says what a Kafka driver would need.
+``publish(record, settle)`` queues one ``nflogd_client.stream.Record`` (``Transient`` or
+``Rejected`` raised when it cannot), ``flush()`` sends what was queued, and ``settle(exc,
+duplicate)`` is called once per record with the outcome: its ack (``exc`` None, ``duplicate``
+True if the engine had it already), ``Transient`` to retry or ``Rejected`` to drop; ``close()``
+settles those still pending as ``Transient``. ``docs/jetstream.md`` says what a Kafka driver would need.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import logging
 import struct
 import threading
 import time
-from typing import Protocol, Sequence, Union
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 import zmq
 from nflogd_client import stream
@@ -53,9 +55,14 @@ log = logging.getLogger("nflogd.stream")
 FAILOVER_S = 8.0
 #: Seconds over which the offered rate is measured for that check.
 RATE_WINDOW_S = 2.0
-#: Seconds the publisher thread waits, once woken from idle, for more messages to publish
-#: together (one write to the server, one wake-up for their acks).
-GATHER_S = 0.005
+#: Seconds the publisher thread lets messages gather before it publishes them together (one
+#: write to the server, their acks read in one go): once woken from idle, and between turns
+#: while messages keep coming. A message reaches the stream up to this much later.
+GATHER_S = 0.010
+#: Turns of the event loop that read what came while the publisher thread held it (the socket's
+#: data, nats-py's read loop, its subscription's task): the acks, or a connection lost, which
+#: must be known before the next publishes are written.
+READ_TURNS = 3
 #: Bytes of sequence marks held beyond ``buffer_bytes`` (a mark is ~50 bytes, one per (node,
 #: group) per idle spell): a full buffer still takes the marks that say where sequences ended.
 MARK_SLACK_BYTES = 1 << 20
@@ -75,6 +82,9 @@ class Rejected(Exception):
 
 #: One feed message as received: its four frames.
 Frames = Sequence[Union[bytes, zmq.Frame]]
+#: How a driver reports the outcome of one publish: ``(None, duplicate)`` for an ack,
+#: ``(Transient(...), False)`` to retry, ``(Rejected(...), False)`` to drop.
+Settle = Callable[[Optional[BaseException], bool], None]
 
 
 class Driver(Protocol):
@@ -83,7 +93,9 @@ class Driver(Protocol):
 
     async def open(self) -> None: ...
 
-    async def publish(self, rec: stream.Record) -> asyncio.Future[bool]: ...
+    def publish(self, rec: stream.Record, settle: Settle) -> None: ...
+
+    async def flush(self) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -136,6 +148,7 @@ class StreamPublisher:
         self._stop_deadline = 0.0
         self._closed = False  # the publisher thread is ending: failures are drops, not retries
         self._waiting: dict[int, tuple] = {}  # id(record) -> (timer, record, size): retries due
+        self._flushing: asyncio.Future | None = None  # the flush of retries
         self._room: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
@@ -307,12 +320,15 @@ class StreamPublisher:
         self._wake.set()  # type: ignore[union-attr]
 
     async def _pump(self) -> None:
-        """Queue -> driver, up to max_in_flight at once; acks and failures come back as future
-        callbacks (``_acked``), retries as timers: no task per message."""
+        """Queue -> driver, up to max_in_flight at once, each turn's publishes flushed together;
+        acks and failures come back as callbacks (``_outcome``), retries as timers: no task or
+        future per message."""
         queue = self._queue
         wake = self._wake
         assert wake is not None
         partitions = self.partitions
+        record, driver = stream.record, self.driver
+        steady = False  # the last turn published: more are likely on their way
         while True:
             if self._stopping:
                 remaining = self._stop_deadline - time.monotonic()
@@ -321,6 +337,17 @@ class StreamPublisher:
                 if not queue or self.in_flight >= self.max_in_flight:
                     await self._wait_room(min(remaining, 0.05))
                     continue
+            if not queue and steady:
+                # Messages keep coming: hold this thread's loop for a gathering's time (the
+                # acks of the last publishes wait in the socket meanwhile, and offer() does not
+                # wake it), then read the acks and take the messages that came in one wake-up,
+                # where an ack read, an offer's wake-up and a timer would be three
+                steady = False
+                await asyncio.sleep(0)  # nats-py's flusher writes the last publishes first
+                time.sleep(GATHER_S)
+                for _ in range(READ_TURNS):  # what came meanwhile read before anything is written
+                    await asyncio.sleep(0)
+                continue
             if not queue:
                 self._idle = True
                 if queue:  # offered between the check and the flag
@@ -335,20 +362,22 @@ class StreamPublisher:
             if self.in_flight >= self.max_in_flight:
                 await self._wait_room(None)
                 continue
-            frames, size = queue.popleft()
-            try:
-                rec = stream.record(frames, partitions)
-            except WireError as e:
+            for _ in range(min(len(queue), self.max_in_flight - self.in_flight)):
+                frames, size = queue.popleft()
                 self.in_flight += 1  # _release takes it off again
-                self._release(size)
-                self.malformed += 1
-                if self.malformed == 1:
-                    log.warning(
-                        "jetstream %s: skipped a message that is not a feed batch: %s", self.driver.name, e
-                    )
-                continue
-            self.in_flight += 1
-            await self._publish(rec, size, RETRY_S)
+                try:
+                    rec = record(frames, partitions)
+                except WireError as e:
+                    self._release(size)
+                    self.malformed += 1
+                    if self.malformed == 1:
+                        log.warning(
+                            "jetstream %s: skipped a message that is not a feed batch: %s", driver.name, e
+                        )
+                    continue
+                self._publish(rec, size, RETRY_S)
+            await driver.flush()
+            steady = not self._stopping
 
     async def _wait_room(self, timeout: float | None) -> None:
         room = self._room
@@ -359,21 +388,13 @@ class StreamPublisher:
         except asyncio.TimeoutError:
             pass
 
-    async def _publish(self, rec: stream.Record, size: int, delay: float) -> None:
-        """One attempt (``in_flight`` counts it already); the outcome in ``_outcome``."""
+    def _publish(self, rec: stream.Record, size: int, delay: float) -> None:
+        """One attempt (``in_flight`` counts it already), sent at the next ``driver.flush()``;
+        the outcome in ``_outcome``."""
         try:
-            fut = await self.driver.publish(rec)
+            self.driver.publish(rec, lambda exc, dup: self._outcome(rec, size, delay, exc, dup))
         except (Transient, Rejected) as e:
             self._outcome(rec, size, delay, e, False)
-            return
-        fut.add_done_callback(lambda f: self._settled(f, rec, size, delay))
-
-    def _settled(self, fut: asyncio.Future[bool], rec: stream.Record, size: int, delay: float) -> None:
-        if fut.cancelled():
-            self._outcome(rec, size, delay, asyncio.CancelledError(), False)
-        else:
-            exc = fut.exception()
-            self._outcome(rec, size, delay, exc, exc is None and fut.result())
 
     def _outcome(
         self, rec: stream.Record, size: int, delay: float, exc: BaseException | None, dup: bool
@@ -415,7 +436,13 @@ class StreamPublisher:
             self._count_drop("shutdown", rec.count)
             self._release(size)
             return
-        asyncio.ensure_future(self._publish(rec, size, delay))
+        self._publish(rec, size, delay)
+        if self._flushing is None or self._flushing.done():  # one flush for the retries due together
+            self._flushing = asyncio.ensure_future(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(0)
+        await self.driver.flush()
 
     def _release(self, size: int) -> None:
         """A message leaves the buffer (acked or dropped); ``in_flight`` counts it no more."""

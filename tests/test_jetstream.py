@@ -641,6 +641,46 @@ def test_a_message_the_server_refuses_is_dropped_counted_and_seen_as_loss(tmp_pa
                 reader.close()
 
 
+def voluntary_switches(pid: int, tid: int) -> int:
+    status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+    return int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M).group(1))
+
+
+def test_a_steady_feed_is_relayed_in_batches_and_every_message_arrives(tmp_path, feed):
+    """Messages one at a time at 5,000 a second, as a fleet's feed comes: the relay's control
+    loop reads them in batches, one wake-up per gathering rather than one per message (the CPU
+    this saves: bench/profile_relay.py, docs/performance.md), and every message reaches both a
+    reader of the relay's feed and the stream, each once and in order."""
+    from nflogd_client import Subscriber
+
+    n, rate = 2000, 5000.0
+    with NatsServer(tmp_path / "nats") as srv:
+        js = {"servers": [srv.url]}
+        with StreamRelay(tmp_path / "relay", upstreams=[feed.endpoint], jetstream=js) as relay:
+            with Subscriber(relay.endpoint) as sub:
+                feed.wait_subscribed({b""})
+                first = 0
+                while sub.recv_batch(timeout=0.1) is None:  # the reader's connection is through
+                    feed.publish(node_msg("r1", 1, first))
+                    first += 1
+                while sub.recv_batch(timeout=0.3) is not None:
+                    pass
+                before = voluntary_switches(relay.pid, relay.pid)
+                t0 = time.monotonic()
+                for i in range(n):  # on schedule: behind it (a busy machine), the next ones go at once
+                    time.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+                    feed.publish(node_msg("r1", 1, first + i))
+                batches = list(iter(lambda: sub.recv_batch(timeout=1), None))
+                wakeups = voluntary_switches(relay.pid, relay.pid) - before
+                assert [p.seq for b in batches for p in b.packets] == list(range(first, first + n))
+                assert sub.total_lost == 0
+                assert wakeups < n / 2, f"{wakeups} wake-ups of the control loop for {n} messages"
+        with JetStreamSubscriber(f"{srv.url}/NFLOG", start="all") as reader:
+            (stored,) = read_all([reader], first + n)
+            assert [p.seq for b in stored for p in b.packets] == list(range(first + n))
+            assert reader.total_lost == reader.duplicates == 0
+
+
 def test_r3_one_cluster_node_killed_mid_stream_loses_nothing(tmp_path, feed):
     """The README's config (servers put on the test's cluster): R3, one node killed, no loss."""
     readme = readme_jetstream_config()
@@ -698,8 +738,11 @@ def test_r3_a_reader_closed_mid_stream_hands_over_to_the_next_every_stored_packe
                 time.sleep(0.003)
             feed.publish(wire.encode(1, "r1", 1, 4 * 100, []))  # the mark: 396..399 never came
             sent = len(order) + 1
+            # at least: where the node killed held publishes that are retried after ack_timeout_ms,
+            # the relay's own sequence mark (2 s after the last packets) is stored as well
             wait_until(
-                lambda: relay.stream_metric("nflogd_relay_stream_published_total") == sent,
+                lambda: relay.stream_metric("nflogd_relay_stream_published_total") >= sent
+                and relay.stream_metric("nflogd_relay_stream_buffered_messages") == 0,
                 "every message stored", timeout=30,
             )  # fmt: skip
         replica.start()  # back: the readers need the cluster's meta leader, which it may have been
@@ -820,3 +863,22 @@ def test_without_nats_py_the_reader_says_what_to_install():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert r.stdout.strip() == "JetStreamSubscriber needs nats-py: pip install 'nflogd-client[jetstream]'"
+
+
+def test_a_nats_py_without_the_batched_write_is_refused_in_one_line(tmp_path, feed):
+    """The relay writes its publishes through nats-py's Client._send_command/_flush_pending;
+    a nats-py without them is refused at start in one line that names the versions to install."""
+    hide = (
+        "import sys; from nats.aio.client import Client; del Client._send_command\n"
+        "from nflogd.relay import main; sys.exit(main())"
+    )
+    relay = StreamRelay(tmp_path, upstreams=[feed.endpoint], jetstream={"servers": ["nats://127.0.0.1:1"]})
+    relay.command = lambda: [sys.executable, "-c", hide]
+    assert relay.run_to_exit(15) == 1
+    assert "Traceback" not in relay.stderr, relay.stderr
+    last = relay.stderr.strip().splitlines()[-1]
+    assert last.startswith("nflogd-relay: jetstream: nats-py "), relay.stderr
+    assert last.endswith(
+        "has no Client._send_command/_flush_pending, which the relay writes its"
+        " batches with: install nats-py >= 2.6, < 3"
+    ), relay.stderr

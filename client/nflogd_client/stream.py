@@ -18,6 +18,7 @@ same partition number.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import TYPE_CHECKING, NamedTuple, Sequence
 
@@ -86,20 +87,21 @@ def record(frames: Sequence[bytes | zmq.Frame], partitions: int = 1) -> Record:
         raise wire.WireError(
             f"not a version-{wire.VERSION} nflogd header (magic {magic!r}, version {version})"
         )
-    node_b = header[wire.HEADER.size : wire.HEADER.size + node_len]
-    key = f"{node_token(node_b)}.{group}"
-    value = b"".join(f if isinstance(f, bytes) else f.bytes for f in frames[1:])
+    node, key, part = _keyed(header[wire.HEADER.size : wire.HEADER.size + node_len], group, partitions)
+    # a zmq Frame is a buffer: joined with no copy before this one
+    value = b"".join((header, frames[2], frames[3]))  # type: ignore[arg-type]
     return Record(
-        node=node_b.decode(errors="replace"),
-        group=group,
-        epoch=epoch,
-        first_seq=first_seq,
-        count=count,
-        partition=partition(node_b, group, partitions),
-        key=key,
-        msg_id=f"{key}.{epoch}.{first_seq}" if count else f"{key}.{epoch}.{first_seq}.mark",
-        value=value,
-    )
+        node, group, epoch, first_seq, count, part, key,
+        f"{key}.{epoch}.{first_seq}" if count else f"{key}.{epoch}.{first_seq}.mark",
+        value,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=4096)
+def _keyed(node_b: bytes, group: int, partitions: int) -> tuple[str, str, int]:
+    """A (node, group)'s name, key and partition: the same for every message of it."""
+    key = f"{node_token(node_b)}.{group}"
+    return node_b.decode(errors="replace"), key, partition(node_b, group, partitions)
 
 
 def subject(prefix: str, rec: Record) -> str:
