@@ -14,7 +14,7 @@ CONFIG ?= etc/nflogd.yaml
 # nflogd-extcap's capture filters. python3-zmq (Debian's libzmq, another version than pyzmq's)
 # and libjeromq-java with a JDK (JeroMQ, ZMTP 2.0, no libzmq) are the other implementations
 # tests/test_interop.py runs against the feed's own server.
-RUN_DEBS := libnetfilter-log-dev libmnl-dev libpcap-dev gcc libc6-dev pkg-config python3-dev python3-venv
+RUN_DEBS := libnetfilter-log-dev libmnl-dev libsodium-dev libpcap-dev gcc libc6-dev pkg-config python3-dev python3-venv
 TEST_DEBS := nftables iproute2 tcpdump tshark systemd iptables jq python3-zmq libjeromq-java default-jdk-headless
 DEBS := $(RUN_DEBS) $(TEST_DEBS)
 # promtool checks contrib/prometheus/: taken out of Debian's prometheus package into the venv,
@@ -93,11 +93,11 @@ test: check
 
 # make test-asan: the C module built with AddressSanitizer and UndefinedBehaviorSanitizer
 # (NFLOGD_SANITIZE=1, into build/asan beside a copy of the package) runs the tests of the C paths:
-# the reader, the capture loop, the feed's senders and server. libasan is preloaded into the
+# the reader, the capture loop, the feed's senders and server, CURVE's boxes. libasan is preloaded into the
 # Python process (leak detection off: Python's own allocations are not ours); any finding
 # ends the run.
 ASAN_TESTS := tests/test_capture.py tests/test_capture_loop.py tests/test_classic.py tests/test_publish.py \
-    tests/test_zmtp.py tests/test_zmtp_spec.py
+    tests/test_zmtp.py tests/test_zmtp_spec.py tests/test_curve.py
 # The Python fallback loop under a GIL hog is timing: ASan slows its draining past the test's deadline.
 ASAN_DESELECT := --deselect tests/test_capture_loop.py::test_fallback_python_loop_loses_packets_when_the_gil_is_held
 .PHONY: test-asan
@@ -142,14 +142,14 @@ clean:
 	rm -rf $(VENV) build *.egg-info client/*.egg-info nflogd/_nflog_cffi*.so
 
 # make fuzz: coverage-guided fuzzing (atheris) of the feed decoder (fuzz/fuzz_wire.py) and of the
-# feed server's ZMTP codec (fuzz/fuzz_zmtp.py), FUZZ_SECONDS each, seeded from fuzz/corpus/wire
+# feed server's ZMTP codec (fuzz/fuzz_zmtp.py) and its CURVE layer (fuzz/fuzz_curve.py), FUZZ_SECONDS each, seeded from fuzz/corpus/wire
 # and fuzz/corpus/zmtp; new inputs and any crash input go to FUZZ_WORK/wire and FUZZ_WORK/zmtp.
 FUZZ_SECONDS ?= 60
 FUZZ_WORK ?= /tmp/nflogd-fuzz
 .PHONY: fuzz
 fuzz: $(VENV)/.installed
 	$(VPY) -c 'import atheris' 2>/dev/null || $(VPY) -m pip install -q --disable-pip-version-check atheris
-	for target in wire zmtp; do \
+	for target in wire zmtp curve; do \
 	    mkdir -p $(FUZZ_WORK)/$$target/corpus && \
 	    $(VPY) fuzz/fuzz_$$target.py $(FUZZ_WORK)/$$target/corpus fuzz/corpus/$$target \
 	        -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -artifact_prefix=$(FUZZ_WORK)/$$target/ || exit 1; \

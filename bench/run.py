@@ -9,7 +9,7 @@ speed, with one tcpdump per group beside one daemon serving them all.
 
     .venv/bin/python bench/run.py               # everything (make bench)
     .venv/bin/python bench/run.py capture       # one part: capture, daemon, groups, latency, idle,
-                                                # client, conntrack, ifchurn, filter
+                                                # client, conntrack, ifchurn, filter, curve, relay
     .venv/bin/python bench/run.py soak --seconds 3600 --interval 60   # not part of "all"
 
 The soak runs the daemon with four groups, one of them at ``--rate`` (below capacity) and
@@ -272,47 +272,70 @@ def bench_capture(args) -> list[dict]:
     return rows
 
 
-def daemon_config(tmp: str, endpoint: str, groups: list[int] = [OURS]) -> str:  # noqa: B006
-    """The daemon's defaults, but for the groups, the endpoint and no metrics server."""
-    path = os.path.join(tmp, "nflogd.yaml")
+def daemon_config(
+    tmp: str,
+    endpoint: str,
+    groups: list[int] = [OURS],  # noqa: B006
+    name: str = "nflogd",
+    curve: dict | None = None,
+) -> str:
+    """The daemon's defaults, but for the groups, the endpoint (with ``curve``'s keys: CURVE on
+    it) and no metrics server."""
+    path = os.path.join(tmp, f"{name}.yaml")
+    keys = (
+        f"  curve:\n    secret_key_file: {curve['server_secret']}\n"
+        f"    authorized_keys_dir: {curve['clients']}\n"
+        if curve
+        else ""
+    )
     with open(path, "w") as f:
         f.write(
             "node: bench\ngroups:\n" + "".join(f"  - {g}\n" for g in groups)
-            + f"publish:\n  bind: [{json.dumps(endpoint)}]\nmetrics:\n  listen: null\n"
+            + f"publish:\n  bind: [{json.dumps(endpoint)}]\n{keys}metrics:\n  listen: null\n"
         )  # fmt: skip
     return path
 
 
 class Daemon:
-    """The real nflogd in the namespace, and a counting subscriber of every group outside it (ipc)."""
+    """The real nflogd in the namespace, and a counting subscriber of every group: outside it on
+    ipc (the default), or in it on a tcp ``endpoint`` (a CURVE one with ``curve``'s keys);
+    ``reader=False``: none."""
 
     def __init__(
-        self,
-        ns: NetNS,
-        tmp: str,
-        latency: bool = False,
-        groups: list[int] = [OURS],  # noqa: B006
+        self, ns: NetNS, tmp: str, latency: bool = False, groups: list[int] = [OURS],  # noqa: B006
+        endpoint: str | None = None, name: str = "nflogd", curve: dict | None = None, reader: bool = True,
         filter: str | None = None,  # noqa: A002
-    ):
-        endpoint = f"ipc://{tmp}/feed.sock"
-        cfg = daemon_config(tmp, endpoint, groups)
+    ):  # fmt: skip
+        endpoint = endpoint or f"ipc://{tmp}/{name}.sock"
+        cfg = daemon_config(tmp, endpoint, groups, name, curve)
         nflogd = os.path.join(os.path.dirname(PY), "nflogd")
         self.proc = ns.popen(nflogd, "-c", cfg, stderr=subprocess.PIPE, text=True)
         wait_line(self.proc, self.proc.stderr, "capturing")
-        cmd = [PY, os.path.join(HERE, "subscriber_count.py"), endpoint, ",".join(map(str, groups))]
-        if latency:
-            cmd.append("--latency")
-        if filter:
-            cmd += ["--filter", filter]
-        self.sub = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        if isinstance(ns, BenchNS):
-            ns.procs.append(self.sub)  # outside the namespace, but ended with it all the same
-        wait_line(self.sub, self.sub.stdout, "^ready")
+        self.sub = None
+        if reader:
+            cmd = [PY, os.path.join(HERE, "subscriber_count.py"), endpoint, ",".join(map(str, groups))]
+            if latency:
+                cmd.append("--latency")
+            if filter:
+                cmd += ["--filter", filter]
+            if curve:
+                cmd += ["--server-key", curve["server_public"], "--client-key", curve["reader_secret"]]
+            if endpoint.startswith("tcp://"):
+                self.sub = ns.popen(*cmd, stdout=subprocess.PIPE, text=True)
+            else:
+                self.sub = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+                if isinstance(ns, BenchNS):
+                    ns.procs.append(self.sub)  # outside the namespace, but ended with it all the same
+            wait_line(self.sub, self.sub.stdout, "^ready")
         self.cpu0 = cpu_seconds(self.proc.pid)
-        self.sub_cpu0 = cpu_seconds(self.sub.pid)
+        self.sub_cpu0 = cpu_seconds(self.sub.pid) if self.sub is not None else 0.0
 
     def stop(self) -> tuple[dict, dict]:
         cpu = cpu_seconds(self.proc.pid) - self.cpu0
+        if self.sub is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.communicate(timeout=10)
+            return {"cpu": cpu}, {}
         sub_cpu = cpu_seconds(self.sub.pid) - self.sub_cpu0
         self.sub.send_signal(signal.SIGTERM)
         sub = json.loads(self.sub.communicate(timeout=10)[0].strip().splitlines()[-1]) | {"cpu": sub_cpu}
@@ -693,6 +716,169 @@ def bench_ifchurn(args) -> list[dict]:
     return rows
 
 
+def curve_keys(tmp: str) -> dict:
+    """The daemon's key pair and one admitted reader's, as nflogd-keygen writes them."""
+    import zmq.auth
+
+    server_dir, reader_dir, clients = (os.path.join(tmp, d) for d in ("server", "reader", "clients"))
+    for d in (server_dir, reader_dir, clients):
+        os.makedirs(d)
+    server_public, server_secret = zmq.auth.create_certificates(server_dir, "server")
+    reader_public, reader_secret = zmq.auth.create_certificates(reader_dir, "reader")
+    shutil.copy(reader_public, clients)
+    return {"server_public": server_public, "server_secret": server_secret, "clients": clients,
+            "reader_secret": reader_secret}  # fmt: skip
+
+
+def box_cost_binary() -> str:
+    """bench/box_cost.c (libsodium), compiled when missing or older than its source."""
+    src = os.path.join(HERE, "box_cost.c")
+    out = os.path.join(HERE, "results", "box_cost")
+    if not os.path.exists(out) or os.path.getmtime(out) < os.path.getmtime(src):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", out, src, "-lsodium"], check=True)
+    return out
+
+
+def bench_curve(args) -> list[dict]:
+    """What one reader costs the daemon per message, CURVE beside NULL, on the same packets.
+
+    Three daemons read the same packets (one nft rule logs each to three groups), each with
+    its own group: one with no reader, one with a NULL reader and one with a CURVE reader, each
+    on loopback tcp in the namespace. A reader's cost is its daemon's CPU less the readerless
+    one's, per message its reader received. The encryption alone (``bench/box_cost.c``: the
+    frames of a message of the same size boxed as ``_peers.c`` boxes them) is subtracted from
+    the CURVE reader's: ``ratio`` is what CURVE costs beyond the encryption over a NULL reader.
+    """
+    rows = []
+    seconds = 10
+    ns = namespace(ulogd=True)  # the third group: the daemon without a reader
+    tmp = tempfile.mkdtemp(prefix="nflbench-")
+    try:
+        keys = curve_keys(tmp)
+        none = Daemon(ns, tmp, groups=[ULOGD], name="none", reader=False)
+        null = Daemon(ns, tmp, groups=[OURS], endpoint="tcp://127.0.0.1:5601", name="null")
+        cur = Daemon(ns, tmp, groups=[THEIRS], endpoint="tcp://127.0.0.1:5602", name="curve", curve=keys)
+        sent = settle(ns, flood(ns, args.rate * seconds, args.rate))
+        base, _ = none.stop()
+        n, n_sub = null.stop()
+        c, c_sub = cur.stop()
+    finally:
+        ns.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    base_us_per_pkt = 1e6 * base["cpu"] / sent["sent"]  # the kernel drops none at this rate
+
+    def reader_us_per_msg(d: dict, sub: dict) -> float:
+        return (
+            (1e6 * d["cpu"] / max(d["packets"], 1) - base_us_per_pkt) * d["packets"] / max(sub["messages"], 1)
+        )
+
+    ppm = c["packets"] / max(c_sub["messages"], 1)  # packets per message, the CURVE reader's
+    # one message's frames: topic, header + node name "bench", records, data (IPv4 + UDP + 64 bytes)
+    sizes = [2, 45, round(88 * ppm), round((28 + 64) * ppm)]
+    box = subprocess.run(
+        [box_cost_binary(), "20000", *map(str, sizes)], capture_output=True, text=True, check=True
+    )
+    box_us = float(box.stdout) / 1000
+    null_us, curve_us = reader_us_per_msg(n, n_sub), reader_us_per_msg(c, c_sub)
+    r = {
+        "case": f"one reader at {args.rate}/s",
+        "sent": sent["sent"],
+        "packets_per_msg": round(ppm, 1),
+        "null_msgs": n_sub["messages"],
+        "curve_msgs": c_sub["messages"],
+        "null_lost": sent["sent"] - n["packets"],
+        "curve_lost": sent["sent"] - c["packets"],
+        "daemon_no_reader_us_per_pkt": round(base_us_per_pkt, 3),
+        "null_reader_us_per_msg": round(null_us, 1),
+        "curve_reader_us_per_msg": round(curve_us, 1),
+        "encryption_us_per_msg": round(box_us, 1),
+        "ratio": round((curve_us - box_us) / null_us, 2) if null_us > 0 else None,
+    }
+    rows.append(r)
+    print_row(r)
+    return rows
+
+
+#: The forwarder a relay built on libzmq's XPUB cannot beat: zmq.proxy(XPUB, XSUB) in C.
+PROXY = (
+    "import sys, zmq\n"
+    "ctx = zmq.Context()\n"
+    "front, back = ctx.socket(zmq.XPUB), ctx.socket(zmq.XSUB)\n"
+    "front.bind(sys.argv[1])\n"
+    "for ep in sys.argv[2:]:\n"
+    "    back.connect(ep)\n"
+    "zmq.proxy(front, back)\n"
+)
+
+
+def bench_relay(args) -> list[dict]:
+    """nflogd-relay's CPU per packet with 8 routers at ``--rate`` packets/s each (messages of 200
+    packets, as a daemon's flush timer cuts them), one reader; beside it zmq.proxy(XPUB, XSUB)
+    at the same load in the same run (libzmq's forwarder in C, no counting or marks)."""
+    rows = []
+    routers, packets, seconds = 8, 200, 10
+    tmp = tempfile.mkdtemp(prefix="nflbench-")
+    relay = os.path.join(os.path.dirname(PY), "nflogd-relay")
+    ups = [f"ipc://{tmp}/router{i}.sock" for i in range(routers)]
+    try:
+        for kind in ("nflogd-relay", "zmq.proxy"):
+            down = f"ipc://{tmp}/{kind}.sock"
+            feeds = subprocess.Popen(
+                [PY, os.path.join(HERE, "routers.py"), *ups, "--rate", str(args.rate),
+                 "--packets", str(packets)],
+                stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            end = time.monotonic() + 10
+            while not all(os.path.exists(up[len("ipc://") :]) for up in ups):  # bound: no retries
+                assert time.monotonic() < end and feeds.poll() is None, "the routers did not start"
+                time.sleep(0.05)
+            if kind == "nflogd-relay":
+                cfg = os.path.join(tmp, "relay.yaml")
+                with open(cfg, "w") as f:
+                    f.write(f"upstreams: {json.dumps(ups)}\npublish: {{bind: {json.dumps(down)}}}\n")
+                    f.write("metrics: {listen: null}\n")
+                fwd = subprocess.Popen([relay, "-c", cfg, "--log-level", "error"])  # not the routers' end
+            else:
+                fwd = subprocess.Popen([PY, "-c", PROXY, down, *ups])
+            reader = subprocess.Popen(
+                [PY, os.path.join(HERE, "subscriber_count.py"), down, "1"], stdout=subprocess.PIPE, text=True
+            )
+            try:
+                wait_line(reader, reader.stdout, "^ready")
+                wait_line(feeds, feeds.stdout, "^ready")
+                cpu0 = cpu_seconds(fwd.pid)
+                time.sleep(seconds)
+                feeds.send_signal(signal.SIGTERM)
+                out = json.loads(feeds.communicate(timeout=10)[0].strip().splitlines()[-1])
+                time.sleep(0.5)
+                cpu = cpu_seconds(fwd.pid) - cpu0
+                reader.send_signal(signal.SIGTERM)
+                got = json.loads(reader.communicate(timeout=10)[0].strip().splitlines()[-1])
+            finally:
+                for p in (feeds, reader, fwd):
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait(5)
+            r = {
+                "forwarder": kind,
+                "routers": routers,
+                "pps_per_router": args.rate,
+                "packets_per_msg": packets,
+                "packets": out["packets"],
+                "reader_lost": out["packets"] - got["packets"],
+                "cpu_us_per_pkt": round(1e6 * cpu / out["packets"], 3),
+                "cpu_us_per_msg": round(1e6 * cpu / out["messages"], 1),
+            }
+            rows.append(r)
+            print_row(r)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows[0]["vs_zmq_proxy"] = round(rows[0]["cpu_us_per_pkt"] / rows[1]["cpu_us_per_pkt"], 2)
+    print(f"nflogd-relay / zmq.proxy CPU per packet: {rows[0]['vs_zmq_proxy']}", flush=True)
+    return rows
+
+
 def print_row(r: dict) -> None:
     print("  ".join(f"{k}={v}" for k, v in r.items()), flush=True)
 
@@ -700,7 +886,8 @@ def print_row(r: dict) -> None:
 PARTS = {
     "capture": bench_capture, "daemon": bench_daemon, "groups": bench_groups,
     "latency": bench_latency, "idle": bench_idle, "client": bench_client,
-    "conntrack": bench_conntrack, "ifchurn": bench_ifchurn, "filter": bench_filter,
+    "conntrack": bench_conntrack, "ifchurn": bench_ifchurn, "filter": bench_filter, "curve": bench_curve,
+    "relay": bench_relay,
 }  # fmt: skip
 
 

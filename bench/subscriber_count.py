@@ -1,5 +1,5 @@
-"""A counting subscriber for the bench: ENDPOINT GROUPS [--latency] [--filter EXPR]; counts
-until SIGTERM.
+"""A counting subscriber for the bench: ENDPOINT GROUPS [--latency] [--filter EXPR]
+[--server-key FILE --client-key FILE]; counts until SIGTERM.
 
 GROUPS is one group or several, comma-separated. Prints "ready" once its subscription is in
 place, then one JSON line: packets, messages, feed loss, kernel drops the feed reported, and
@@ -24,8 +24,13 @@ def main() -> None:
     ap.add_argument("endpoint")
     ap.add_argument("groups", type=lambda text: [int(g) for g in text.split(",")])
     ap.add_argument("--latency", action="store_true")
+    ap.add_argument("--server-key", help="CURVE: the publisher's public key file")
+    ap.add_argument("--client-key", help="CURVE: this reader's secret key file")
     ap.add_argument("--filter", default=None)
     a = ap.parse_args()
+    keys = {}
+    if a.server_key:
+        keys = {"server_public_key": a.server_key, "client_secret_key_file": a.client_key}
     stop = False
 
     def on_term(*_):
@@ -35,7 +40,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_term)
     packets = messages = nbytes = 0
     delays = []
-    with Subscriber(a.endpoint, groups=a.groups, filter=a.filter) as sub:
+    with Subscriber(a.endpoint, groups=a.groups, filter=a.filter, **keys) as sub:
         time.sleep(0.3)  # let the subscription reach the publisher
         while sub.filter_state == "pending":
             sub.recv(timeout=0.05)

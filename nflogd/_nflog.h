@@ -98,7 +98,6 @@ struct nflogd_record {
 };
 
 /* A reader of one group. Buffers are owned by the C side (nflogd_reader_new/free). */
-struct nflogd_pool;
 
 struct nflogd_reader {
     int fd;
@@ -129,9 +128,6 @@ struct nflogd_reader {
     uint64_t feed_seq;
     uint64_t dropped_base;
     int woken;                  /* set by nflogd_wake(): nflogd_pump() returns */
-    struct nflogd_pool *pool;   /* data buffers lent to ZeroMQ with a message: the feed's
-                                 * (feed/_feed.c), let go by nflogd_pool_release() before
-                                 * nflogd_reader_free() */
 
     /* Sequence tracking and internals. */
     uint32_t qthresh;           /* as configured: a buffer this full likely has more behind it */

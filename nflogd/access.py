@@ -1,38 +1,32 @@
-"""Who may read the CURVE feed: ``zmq.auth.ThreadAuthenticator`` over ``publish.curve``.
+"""Who may read the CURVE feed: the keys of ``publish.curve.authorized_keys_dir``.
 
-Use (after the privilege drop: the authenticator is a thread, and must not run as root)::
+Use::
 
-    ctx = zmq.Context()
-    access = CurveAccess(ctx, cfg.publish.curve)   # ZAP handler running, keys loaded
-    pub = Publisher(ctx, cfg.publish)              # only now the CURVE socket binds
+    access = CurveAccess(cfg.publish.curve)                  # the keys read now
+    pub = Publisher(cfg.publish, curve_keys=access.keys)
     ...
-    access.configure(new_cfg.publish.curve)        # SIGHUP: the authorized keys again
-    pub.close(); access.close()
+    access.configure(new_cfg.publish.curve)                  # SIGHUP: the authorized keys again
 
-The policy is pyzmq's (``configure_curve``: a client is admitted if its public key is one of
-the ``*.key`` files of ``authorized_keys_dir``); this module only refuses to run it on keys it
-cannot read. ``zmq.auth`` logs a directory it fails to load and then rejects every client;
-here that is a ``ConfigError`` naming the key (``publish.curve.authorized_keys_dir: cannot read
-/etc/nflogd/curve/clients: [Errno 13] Permission denied``), before anything is applied. The
-files are read as the user the daemon runs as, so a key root could read at ``--check`` but the
-service user cannot is found at start, not at the first SIGHUP.
-
-Order matters: libzmq admits every CURVE client when no ZAP handler is bound in the context,
-so the handler starts before the CURVE socket binds and stops after it closes.
+A client is admitted if its public key is one of the ``*.key`` files of
+``authorized_keys_dir`` (the policy pyzmq's ``configure_curve`` had for a ZAP handler); the
+feed's own server (``nflogd.feed.curve``) reads ``keys`` at each handshake, so a reload applies
+to the next one. Keys that cannot be read are a ``ConfigError`` naming the key
+(``publish.curve.authorized_keys_dir: cannot read /etc/nflogd/curve/clients: [Errno 13]
+Permission denied``), before anything is applied. The files are read as the user the daemon
+runs as, so a key root could read at ``--check`` but the service user cannot is found at
+start, not at the first SIGHUP.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
-import zmq
 from nflogd_client import curve
-from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
-from .config import CurveConfig
+from .config_publish import CurveConfig
 from .errors import ConfigError
-from .publish import ZAP_DOMAIN
+from .feed.curve import CurveKeys
 
 __all__ = ["CurveAccess", "check_keys"]
 
@@ -57,19 +51,15 @@ def check_keys(settings: CurveConfig) -> dict[bytes, str]:
 
 
 class CurveAccess:
-    """The context's ZAP handler, admitting the CURVE clients of ``settings.authorized_keys_dir``."""
+    """The CURVE clients admitted, those of ``settings.authorized_keys_dir``, in ``keys`` (the
+    feed's own server reads them at each handshake)."""
 
-    def __init__(self, ctx: zmq.Context[Any], settings: CurveConfig) -> None:
+    def __init__(self, settings: CurveConfig) -> None:
         self.settings = settings
         self.authorized: dict[bytes, str] = {}
-        auth = ThreadAuthenticator(ctx, log=logging.getLogger("nflogd.auth"))
-        self.auth: ThreadAuthenticator | None = auth
-        auth.start()
-        try:
-            self.configure(settings)
-        except BaseException:
-            self.close()
-            raise
+        #: The server's key pair and the admitted keys, raw, as ``feed.curve`` takes them.
+        self.keys = CurveKeys(z85.decode(settings.public_key), z85.decode(settings.secret_key), frozenset())
+        self.configure(settings)
 
     def configure(self, settings: CurveConfig) -> int:
         """Load the authorized keys of ``settings`` (start, SIGHUP); the number of keys.
@@ -77,13 +67,7 @@ class CurveAccess:
         On a ConfigError nothing changes: the keys loaded before stay in force.
         """
         keys = check_keys(settings)
-        # The keys check_keys read (each file refused unless regular, opened without blocking),
-        # in the form configure_curve would store; not configure_curve itself, whose
-        # load_certificates opens every *.key file blocking (a FIFO there would hang us).
-        auth = self.auth
-        assert auth is not None, "configure() after close()"
-        auth.allow_any = False
-        auth.certs[ZAP_DOMAIN] = dict.fromkeys(keys, True)
+        self.keys.authorized = frozenset(z85.decode(k) for k in keys)
         self.settings = settings
         self.authorized = keys
         if keys:
@@ -94,9 +78,3 @@ class CurveAccess:
         else:
             log.warning("CURVE: no *.key file in %s: no client is admitted", settings.authorized_keys_dir)
         return len(keys)
-
-    def close(self) -> None:
-        """Stop the ZAP handler (after the CURVE socket is closed)."""
-        if self.auth is not None:
-            self.auth.stop()
-            self.auth = None

@@ -1,7 +1,7 @@
 """The hot path: one thread per group, from the kernel to the feed, off the control plane.
 
-Each ``CaptureLoop`` owns one ``GroupReader`` and sends every batch it reads on the
-``Publisher``'s sockets::
+Each ``CaptureLoop`` owns one ``GroupReader`` and sends every batch it reads to the
+``Publisher``'s peers::
 
     loop = CaptureLoop(reader, publisher, on_error=wake_control_loop)
     loop.start()
@@ -9,15 +9,16 @@ Each ``CaptureLoop`` owns one ``GroupReader`` and sends every batch it reads on 
     loop.stop()          # wakes the thread, joins it; the reader stays open
     loop.error           # the NflogdError that ended it, if one did
 
-With ``publisher.cfeed`` (pyzmq's libzmq shared with the C sender, the usual case) the
+With ``publisher.cfeed`` (the C sender, always but in tests) the
 thread spends its life in C with the GIL released: ``nflogd_pump`` waits for the kernel,
 parses a whole receive buffer, builds the message and sends it under the feed's mutex,
 batch after batch, and comes back to Python only on ``stop()``, to warn of an overrun, or
 once the group has been idle ``MARK_IDLE_S`` after traffic: then it sends the group's
 sequence mark (``Publisher.mark``: readers learn where the sequence ended) and waits in C
-for the next batch with no timeout, so an idle group costs no wake-ups. Without it, each
-batch comes back to Python and goes out through ``Publisher.publish`` (the same bytes),
-with a wait of at most ``WAIT_S``, after which the mark goes out.
+for the next batch with no timeout, so an idle group costs no wake-ups. Without it (the
+reference the tests hold the C sender to), each batch comes back to Python and goes out
+through ``Publisher.publish`` (the same bytes), with a wait of at most ``WAIT_S``, after
+which the mark goes out.
 Either way the groups are read in parallel, and nothing the control thread does
 (subscriptions, monitor events, a metrics scrape, a reload) delays a read: the control
 thread shares only the feed's lock, which it holds for a bounded time.

@@ -10,13 +10,12 @@ failure (a group another process holds, an endpoint in use), 2 for a bad config.
 
 Start-up order: load the config; bind every group; drop privileges (config
 ``user``; without one, CAP_NET_ADMIN at most all the same) while the process
-has one thread; umask 0o007; the ZeroMQ context; the CURVE authenticator
-(``publish.curve``; before the CURVE socket binds); the publisher; the metrics
+has one thread; umask 0o007; the CURVE keys (``publish.curve``); the publisher; the metrics
 HTTP server; a capture thread per group (``nflogd.capture_loop``); ``READY=1``.
 Every thread starts after the drop. The capture threads read their groups and
 publish each batch on their own; the main thread is the control plane, the
-loop of ``service.Program`` over the signal wakeup, the feed sockets' fds, their
-monitors, the publisher's ``wake_fd`` and the capture threads' fault pipe, with
+loop of ``service.Program`` over the signal wakeup, the feed server's fd and the
+capture threads' fault pipe, with
 the feed's subscriptions read after every poll (``Publisher.next_check_ms``
 bounds the wait) and the watchdog; signal handlers do nothing but wake it. A
 capture thread that fails stops the daemon (exit 1).
@@ -31,7 +30,7 @@ running config stays. Otherwise, applied without a restart:
   another namespace (a restarted container), is reopened there.
 - ``publish.bind``: new endpoints bound, dropped ones unbound (peers connected
   through a dropped endpoint stay connected).
-- ``publish.hwm``: applies to subscribers that connect afterwards (libzmq).
+- ``publish.hwm``: applies at once, to every subscriber.
 - ``publish.curve.authorized_keys_dir``: its ``*.key`` files are read again, so
   a client whose key was added is admitted from its next connection attempt (a
   removed key stops new connections; one already connected stays). Turning
@@ -57,7 +56,6 @@ import os
 import pwd
 import time
 
-import zmq
 from prometheus_client.registry import CollectorRegistry
 
 from . import config, netns, privileges, service
@@ -118,10 +116,10 @@ class Daemon(Program):
             privileges.confine()
         os.umask(0o007)
         service.probe_threads(len(cfg.groups))  # a one-line error now, not a libzmq abort later
-        self.ctx = zmq.Context()
         if cfg.publish.curve is not None:
-            self.access = CurveAccess(self.ctx, cfg.publish.curve)  # before the CURVE socket binds
-        self.publisher = Publisher(self.ctx, cfg.publish, node=cfg.node)
+            self.access = CurveAccess(cfg.publish.curve)
+        keys = self.access.keys if self.access is not None else None
+        self.publisher = Publisher(cfg.publish, node=cfg.node, curve_keys=keys)
         publisher = self.publisher
         DaemonCollector(
             self.group_counters, lambda: publisher.subscribers, registry=self.registry,
@@ -135,9 +133,6 @@ class Daemon(Program):
             self._watch_links(key, table)
         for fd in publisher.fds:  # readable: subscriptions may be queued, read by _check_feed
             self.watch(fd, _wake_only)
-        self.watch(publisher.wake_fd, publisher.take_wake)
-        for mon in publisher.monitors:
-            self.watch(mon, publisher.handle_monitor)
         for reader in self.readers.values():
             self._start_capture(reader)
         self._feed_check = self.timer(self._check_feed, each_turn=True)
@@ -253,7 +248,7 @@ class Daemon(Program):
 
     def _schedule_feed_check(self, more: bool = False) -> None:
         """At once if a turn's worth was left (``more``), else when ``next_check_ms()`` says
-        (None: only after an event, a feed fd or ``wake_fd`` readable)."""
+        (None: only after an event, the feed's fd readable)."""
         if more:
             self._feed_check.hurry()
             return

@@ -11,9 +11,9 @@ here (the flush timeout goes to the kernel in 1/100 s)::
     n = sock.read(timeout_ms=100)      # records in sock.table(n), payloads in sock.data()
     sock.close()
 
-    feed = CFeed(epoch)                # feed.zmq: False when pyzmq's libzmq cannot be shared
-    with feed:                         # the mutex every user of the peers and sockets holds
-        feed.set_sockets([xpub]); feed.set_node(b"r1")
+    feed = CFeed(epoch)
+    with feed:                         # the mutex every user of the peers holds
+        feed.set_node(b"r1")
         peer = feed.add_peer(fd)       # a subscriber's socket, its handshake done (feed/server.py)
     sock.pump(feed, timeout_ms=1000)   # read and publish until idle, woken or overrun
 
@@ -26,7 +26,6 @@ import errno
 import math
 import os
 import struct
-import threading
 
 from ._nflog_cffi import ffi, lib
 from .errors import BufferOverflow, GroupBusy, NFLogError, NoPermission
@@ -109,8 +108,7 @@ def check(rc: int, group: int, op: str) -> int:
 
 
 def _free_reader(r) -> None:
-    """The reader's end: the feed lets go of its pool first (the capture knows no feed)."""
-    lib.nflogd_pool_release(r.pool)
+    """The reader's end."""
     lib.nflogd_reader_free(r)
 
 
@@ -304,49 +302,12 @@ class NflogSocket:
         ffi.release(r)
 
 
-def _libzmq_path() -> str | None:
-    """The file of the one libzmq mapped into this process (pyzmq's), if there is one."""
-    found = set()
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.rsplit(None, 1)[-1] if line.count(" ") >= 5 else ""
-                if os.path.basename(path).startswith("libzmq"):
-                    found.add(path)
-    except OSError:
-        return None
-    return found.pop() if len(found) == 1 else None
-
-
-_zmq_loaded: bool | None = None
-_zmq_lock = threading.Lock()
-
-
-def load_libzmq() -> bool:
-    """Give the C feed sender pyzmq's own libzmq; False when it cannot be found or its
-    version is not pyzmq's (then the feed is sent from Python)."""
-    global _zmq_loaded
-    with _zmq_lock:
-        if _zmq_loaded is None:
-            import zmq
-
-            path = _libzmq_path()
-            version = ffi.new("int[3]")
-            ok = (
-                path is not None
-                and lib.nflogd_zmq_load(path.encode(), version, version + 1, version + 2) == 0
-            )
-            _zmq_loaded = ok and tuple(version) == zmq.zmq_version_info()
-        return _zmq_loaded
-
-
 class CFeed:
-    """The feed as the C sender sees it: its own peers (``feed/_peers.c``), the ZeroMQ sockets,
-    and the mutex every user of them holds.
+    """The feed as the C sender sees it: its own peers (``feed/_peers.c``) and the mutex every
+    user of them holds.
 
     ``with feed:`` holds the mutex (waiting without the GIL); every other method but
-    ``sent``/``unsent`` is called holding it. ``zmq``: whether pyzmq's libzmq is shared with
-    the C sender (``load_libzmq``); without it ``set_sockets`` must not be called.
+    ``sent`` is called holding it.
     """
 
     def __init__(self, epoch: int):
@@ -355,7 +316,6 @@ class CFeed:
             raise MemoryError("nflogd_feed_new")
         self._f = ffi.gc(f, lib.nflogd_feed_free)
         self._p = lib.nflogd_feed_peers(self._f)
-        self.zmq = load_libzmq()
 
     def __enter__(self) -> CFeed:
         lib.nflogd_feed_lock(self._f)
@@ -364,22 +324,10 @@ class CFeed:
     def __exit__(self, *exc) -> None:
         lib.nflogd_feed_unlock(self._f)
 
-    def set_sockets(self, sockets) -> None:
-        """The pyzmq sockets to send on, at most two; the caller holds the lock."""
-        if sockets and not self.zmq:
-            raise RuntimeError("the C sender cannot use pyzmq's sockets (load_libzmq)")
-        ptrs = [ffi.cast("void *", s.underlying) for s in sockets] + [ffi.NULL] * (2 - len(sockets))
-        lib.nflogd_feed_set_sockets(self._f, ptrs[0], ptrs[1])
-
     def set_node(self, node: bytes) -> None:
         """The node name stamped on each message; the caller holds the lock."""
         if lib.nflogd_feed_set_node(self._f, node, len(node)) < 0:
             raise ValueError(f"node name is {len(node)} bytes in UTF-8, at most 255")
-
-    def wake_on_incoming(self, fd: int) -> None:
-        """A send that finds a socket with incoming messages writes 1 to the eventfd ``fd``,
-        once; the caller holds the lock."""
-        lib.nflogd_feed_wake_on_incoming(self._f, fd)
 
     # -- the feed's own peers (feed/_peers.c) ------------------------------------------
 
@@ -411,6 +359,16 @@ class CFeed:
         """A subscriber's socket, its handshake done: from now on only the feed writes it.
         Its id, or -errno."""
         return lib.nflogd_peers_add(self._p, fd)
+
+    def set_peer_curve(self, peer: int, key: bytes, nonce: int) -> None:
+        """The peer speaks CURVE: its frames boxed with ``key`` (crypto_box_beforenm's),
+        ``nonce`` the next short nonce."""
+        if len(key) != 32 or lib.nflogd_peers_set_curve(self._p, peer, key, nonce) < 0:
+            raise KeyError(peer)
+
+    def peer_nonce(self, peer: int) -> int:
+        """A CURVE peer's next short nonce (0: not CURVE)."""
+        return lib.nflogd_peers_nonce(self._p, peer)
 
     def remove_peer(self, peer: int) -> None:
         """Forget the peer and its queue; the caller closes its socket afterwards."""
@@ -460,8 +418,8 @@ class CFeed:
         return out
 
     def sent_bytes(self) -> int:
-        """Bytes written to the peers, and the XPUB sockets' messages once per socket."""
-        return lib.nflogd_peers_sent_bytes(self._p) + lib.nflogd_feed_xpub_bytes(self._f)
+        """Bytes written to the peers (a CURVE one's boxed)."""
+        return lib.nflogd_peers_sent_bytes(self._p)
 
     def flush_peer(self, peer: int) -> int:
         """Write what the peer has queued: 1 all of it, 0 its socket is full, -errno failed."""
@@ -470,6 +428,15 @@ class CFeed:
     def peer_command(self, peer: int, frame: bytes) -> int:
         """A command frame to the peer after its queue: 1 sent or queued, 0 dropped, -errno."""
         return lib.nflogd_peers_command(self._p, peer, ffi.from_buffer(frame), len(frame))
+
+    def peer_message(self, peer: int, frames) -> int:
+        """A message (1 to 4 frames) to the peer as the feed's go (boxed for a CURVE peer,
+        dropped and counted at its hwm): 1 sent or queued, 0 or 2 dropped, -errno."""
+        bufs = [ffi.from_buffer(f) for f in frames] + [ffi.NULL] * (4 - len(frames))
+        lens = [len(f) for f in frames] + [0] * (4 - len(frames))
+        return lib.nflogd_peers_message(
+            self._p, peer, bufs[0], lens[0], bufs[1], lens[1], bufs[2], lens[2], bufs[3], lens[3], len(frames)
+        )
 
     def peer_queued(self, peer: int = -1) -> int:
         """Messages the peer (-1: every peer) has queued now."""
@@ -493,7 +460,3 @@ class CFeed:
     @property
     def sent(self) -> int:
         return lib.nflogd_feed_sent(self._f)
-
-    @property
-    def unsent(self) -> int:
-        return lib.nflogd_feed_unsent(self._f)

@@ -53,7 +53,7 @@ ffibuilder.set_source(
     "\n".join(f'#include "{h}"' for h in HEADERS),
     sources=[_source(name) for name in SOURCES],
     include_dirs=[HERE],
-    libraries=["netfilter_log", "mnl", "pcap", "dl", "pthread"],
+    libraries=["netfilter_log", "mnl", "sodium", "pcap", "pthread"],
     extra_compile_args=_flags,
     extra_link_args=_link,
 )

@@ -34,7 +34,7 @@ from nats.js import JetStreamContext, api
 from nflogd_client import stream
 from nflogd_client.jetstream import nats_connect
 
-from .config import JetStreamConfig
+from .config_relay import JetStreamConfig
 from .errors import NflogdError
 from .streampub import Rejected, Settle, Transient
 

@@ -28,7 +28,7 @@ Exposed:
 ``nflogd_feed_slow_dropped_messages_total`` messages a subscriber lost with publish.hwm queued
 ``nflogd_feed_queued_messages``            messages queued for slow subscribers now
 ``nflogd_feed_handshake_timeouts_total``   peers hung up on for an unfinished handshake
-``nflogd_feed_sent_bytes_total``           bytes written to readers (each XPUB message once per socket)
+``nflogd_feed_sent_bytes_total``           bytes written to readers (a CURVE one's boxed)
 ``nflogd_feed_filters_refused_total``      filters readers stated and the daemon refused
 ``nflogd_feed_filter_passed_packets_total{filter,expression}``   packets a filter in use passed
 ``nflogd_feed_filter_dropped_packets_total{filter,expression}``  and dropped (each evaluated once)
@@ -388,7 +388,7 @@ def limit_families(prefix: str, feed, server) -> list:
         "Feed peers hung up on for not finishing the handshake within publish.handshake_timeout_ms.",
     )
     sent_bytes = CounterMetricFamily(
-        f"{prefix}_feed_sent_bytes", "Bytes written to readers (an XPUB socket's message counted once)."
+        f"{prefix}_feed_sent_bytes", "Bytes written to readers (what a CURVE reader got, boxed)."
     )
     refused_filters = CounterMetricFamily(
         f"{prefix}_feed_filters_refused", "Filters readers stated and the daemon refused (docs/filters.md)."
@@ -428,7 +428,7 @@ def limit_families(prefix: str, feed, server) -> list:
         dropped.add_metric([], feed.dropped_peers)
         floods.add_metric([], feed.subscription_floods)
         subs.add_metric([], feed.subscription_messages)
-    own = feed is not None and feed.server is not None  # the relay's XPUB sockets do not tell
+    own = feed is not None and feed.server is not None  # None before start and once closed
     if own:
         slow.add_metric([], feed.slow_dropped)
         queued.add_metric([], feed.queued)

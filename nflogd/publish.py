@@ -2,39 +2,34 @@
 
 Use::
 
-    ctx = zmq.Context()
-    pub = Publisher(ctx, cfg.publish, node=cfg.node)      # binds every endpoint now
-    for fd in [*pub.fds, pub.wake_fd]:
-        poller.register(fd, zmq.POLLIN)                   # subscriptions: pub.handle_incoming()
-    for mon in pub.monitors:
-        poller.register(mon, zmq.POLLIN)                  # connects, disconnects: handle_monitor()
+    pub = Publisher(cfg.publish, node=cfg.node)           # binds every endpoint now
+    for fd in pub.fds:
+        poller.register(fd, zmq.POLLIN)                   # the peers: pub.handle_incoming()
     ...
     pub.publish(batch, kernel_dropped=counters.kernel_dropped)
+    pub.forward(frames)                                   # a message received whole (the relay)
     pub.subscribers                                       # peers connected right now
     pub.close()
 
-Endpoints: the NULL-mechanism ones (ipc, and tcp without CURVE) are served by nflogd itself,
-``server`` (``nflogd.feed.server``: ZMTP 3.1, as an XPUB socket would), whose peers the capture
-threads write straight to; with ``direct=False`` (the relay, which forwards on XPUB
-sockets) an XPUB socket, ``socket``, holds them instead. With ``publish.curve`` every tcp
-endpoint is on ``curve_socket`` (a CURVE server XPUB, ZAP domain ``ZAP_DOMAIN``), each
-message sent there with the same frames and ``seq`` (else ``curve_socket`` is None). The ZAP
-handler (``nflogd.access``) must run before ``curve_socket`` binds.
-``publish.ipc_filter_gids`` filters the peers of the ipc endpoints by group.
+Endpoints: every one (ipc, tcp, and with ``publish.curve`` every tcp one as CurveZMQ, admitting
+the keys of ``curve_keys``) is served by nflogd itself, ``server`` (``nflogd.feed.server``: ZMTP
+3.1 as an XPUB socket would, ``nflogd.feed.curve`` for CURVE), whose peers the capture threads
+write straight to (``cfeed``, the C sender). ``Publisher`` keeps what is common to every peer:
+the sequence per group and the epoch, the fan-out, the counters and the once-per-episode logs
+the server reports to. ``publish.ipc_filter_gids`` filters the peers of the ipc endpoints by
+group.
 
 Threads: every capture thread sends at once, in C (``cfeed``) or through ``publish()``;
-``lock`` serialises that with every other use of the peers and sockets. The control thread
-polls ``fds`` (the server's epoll, the XPUB sockets' ``ZMQ_FD``, never the sockets) for
-``handle_incoming()``, which reads at most ``SUBSCRIPTIONS_PER_TURN`` subscriptions per
-socket and from the server's peers, ``wake_fd`` (a capture thread's send found subscriptions
-waiting on an XPUB) and ``monitors`` for ``handle_monitor()``; it waits at most
-``next_check_ms()`` (None: for events only).
+``lock`` serialises that with every other use of the peers. The control thread polls ``fds``
+(the server's epoll) for ``handle_incoming()``, which reads at most ``SUBSCRIPTIONS_PER_TURN``
+subscriptions from the server's peers; it waits at most ``next_check_ms()`` (None: for events
+only).
 
-Delivery: ``publish()`` never blocks; a subscriber past ``publish.hwm`` messages queued
-loses its own (a gap in ``seq``; counted in ``slow_dropped`` for the server's peers).
-``seq`` counts the packets captured per group and epoch, delivered or not
-(``docs/wire-format.md``). ``subscribers`` is the peers connected now, each from its
-connect (the XPUB sockets' from their monitors). Why it is built so: ``docs/design.md``.
+Delivery: ``publish()`` never blocks; a subscriber past ``publish.hwm`` messages queued, or
+finding ``publish.max_queued_bytes`` held by all, loses its own (a gap in ``seq``; counted in
+``slow_dropped`` and ``full_dropped``). ``seq`` counts the packets captured per group and
+epoch, delivered or not (``docs/wire-format.md``). ``subscribers`` is the peers connected now,
+each from its connect. Why it is built so: ``docs/design.md``.
 """
 
 from __future__ import annotations
@@ -47,116 +42,35 @@ import resource
 import socket
 import stat
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import zmq
-from nflogd_client import filters, wire
-from nflogd_client.endpoints import Monitor
+from nflogd_client import wire
+from zmq.utils import z85
 
 from .episodes import QUIET_S, Episodes
 from .errors import NflogdError
-from .feed.codec import MAX_FILTER_FRAME, MAX_FRAME
-from .feed.server import KEEPALIVE_CNT, KEEPALIVE_IDLE_S, KEEPALIVE_INTVL_S, ZmtpServer, peer_credentials
+from .feed.curve import CurveKeys
+from .feed.server import ZmtpServer
 from .ffi import CFeed
 
 if TYPE_CHECKING:
-    from .config import PublishConfig
+    from .config_publish import PublishConfig
 
 __all__ = [
-    "Publisher", "ZAP_DOMAIN", "check_ipc_dir", "check_ipc_path", "check_restart_only",
+    "Publisher", "check_ipc_dir", "check_ipc_path", "check_restart_only",
     "ipc_path", "make_ipc_dirs",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
-#: Send flags as plain ints: pyzmq's enum flags cost microseconds per ``|``.
-NOBLOCK = int(zmq.NOBLOCK)
-SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
-
 #: How long close() lets queued messages drain to connected subscribers, in ms.
 LINGER_MS = 250
 
-#: The largest message a peer may send us (ZMQ_MAXMSGSIZE, bytes, handshake commands included):
-#: a subscription is 3 bytes, CURVE's INITIATE about 300; a peer sending more is disconnected
-#: by libzmq before the message is allocated.
-PEER_MAX_MESSAGE = 512
-#: The same on an XPUB without CURVE (the relay's): no 300-byte handshake commands there, as on
-#: the server. Keeps a topic libzmq stores, byte by byte in its trie, short until
-#: handle_incoming() hangs up on its sender.
-PEER_MAX_MESSAGE_NULL = MAX_FRAME
-#: Messages (subscriptions) ZeroMQ queues from each peer before it stops reading that peer.
-PEER_RCVHWM = 100
-#: Subscription messages handle_incoming() reads per socket per call.
+#: Subscription messages handle_incoming() reads from the server's peers per call.
 SUBSCRIPTIONS_PER_TURN = 256
 #: Open files kept for everything but feed peers (groups, sockets, metrics, key files).
 FD_RESERVE = 64
-#: TCP keepalive on peers' connections: a peer that vanished is found in about 90 s.
-TCP_KEEPALIVE = (
-    (zmq.TCP_KEEPALIVE, 1),
-    (zmq.TCP_KEEPALIVE_IDLE, KEEPALIVE_IDLE_S),
-    (zmq.TCP_KEEPALIVE_INTVL, KEEPALIVE_INTVL_S),
-    (zmq.TCP_KEEPALIVE_CNT, KEEPALIVE_CNT),
-)
-
-#: ZAP domain of the CURVE socket; ``nflogd.access`` configures the authorized keys for it.
-ZAP_DOMAIN = "nflogd"
-
-
-def _peer_socket(fd: int, endpoint: str) -> socket.socket | None:
-    """The connection ``fd`` as a socket object (to be detached, never closed), if it still is a
-    connection accepted on ``endpoint``: its local address is the endpoint's (the fd may have
-    been closed and reused since the monitor reported it)."""
-    try:
-        sock = socket.socket(fileno=fd)
-    except OSError:
-        return None
-    try:
-        local = sock.getsockname()
-        path = ipc_path(endpoint)
-        if path is not None:
-            ok = sock.family == socket.AF_UNIX and local in (path, path.encode())
-        else:
-            port = endpoint.rpartition(":")[2]
-            ok = sock.family in (socket.AF_INET, socket.AF_INET6) and str(local[1]) == port
-    except OSError:
-        ok = False
-    if not ok:
-        sock.detach()
-        return None
-    return sock
-
-
-def _hang_up(fd: int, endpoint: str) -> bool:
-    """Shut down libzmq's connection ``fd`` (libzmq sees the end and closes it); True if done."""
-    sock = _peer_socket(fd, endpoint)
-    if sock is None:
-        return False
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-        return True
-    except OSError:
-        return False
-    finally:
-        sock.detach()
-
-
-def _peer_matches(fd: int, endpoint: str, address: str) -> bool:
-    """Whether connection ``fd`` is from the peer libzmq calls ``address`` (Peer-Address:
-    the IP for tcp, ``:uid:gid:pid`` for ipc)."""
-    sock = _peer_socket(fd, endpoint)
-    if sock is None or not address:
-        if sock is not None:
-            sock.detach()
-        return False
-    try:
-        if sock.family == socket.AF_UNIX:
-            pid, uid, gid = peer_credentials(sock)
-            return address == f":{uid}:{gid}:{pid}"
-        return sock.getpeername()[0] == address
-    except OSError:
-        return False
-    finally:
-        sock.detach()
 
 
 def ipc_path(endpoint: str) -> str | None:
@@ -266,7 +180,8 @@ def make_ipc_dirs(endpoints: Iterable[str], owner: tuple[int, int]) -> None:
 
 
 class Publisher:
-    """The XPUB socket(s) bound to every endpoint of ``publish`` (a PublishConfig).
+    """The feed's own server bound to every endpoint of ``publish`` (a PublishConfig), CURVE
+    ones with ``curve_keys``.
 
     Binding errors raise :class:`NflogdError` naming the endpoint; nothing is
     left bound then.
@@ -274,33 +189,25 @@ class Publisher:
 
     def __init__(
         self,
-        ctx: zmq.Context[Any],
         publish: PublishConfig,
         node: str = "",
         epoch: int | None = None,
-        direct: bool = True,
+        curve_keys: CurveKeys | None = None,
         filter_topics: bool = False,
     ) -> None:
         self.epoch = time.time_ns() if epoch is None else epoch
-        #: The C side: the server's peers, the sockets as the C sender sees them, and the lock.
+        #: The C side: the server's peers, the sender, and the lock.
         self._c = CFeed(self.epoch)
         self._c.set_hwm(publish.hwm)
         self._c.set_max_queued_bytes(publish.max_queued_bytes)
         self._node = node
         self.hwm = publish.hwm
         self.endpoints: list[str] = []
-        self._sent = 0  # messages publish() sent
-        self._unsent = 0  # messages ZeroMQ refused (never expected with XPUB_NODROP off)
-        self._xpub_bytes = 0  # bytes of the messages publish() sent on the sockets, once per socket
-        #: Readable when a send found incoming messages after next_check_ms() (see there).
-        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._wake_on_incoming = False  # publish() looks (the C sender has its own flag)
+        self._sent = 0  # messages publish() and forward() sent
+        self._unsent = 0  # messages forward() could not match to a group
         self._seq: dict[int, int] = {}
         #: Sequence marks sent (``mark()``).
         self.marks = 0
-        self._monitors: dict[zmq.Socket, Monitor] = {}  # feed socket -> its monitor
-        self._peers: dict[zmq.Socket, dict[int, str]] = {}  # feed socket -> {fd: endpoint accepted on}
-        self._conns: dict[str, set[int]] = {}  # endpoint (as the monitor names it) -> fds
         self.max_connections = publish.max_connections
         self.handshake_timeout_ms = publish.handshake_timeout_ms
         #: What hostile peers cost, for the metrics: connections closed over budget per endpoint,
@@ -309,77 +216,44 @@ class Publisher:
         self.dropped_peers = 0
         self.subscription_floods = 0
         self.subscription_messages = 0
-        self._verbose = True  # XPUB_VERBOSE wanted; the relay turns it off (set_verbose)
-        #: Takes readers' filter subscriptions (docs/filters.md), which are longer than a
-        #: group's topic, from the XPUB (``filter_topics``: the relay's); False: hang up on
-        #: the sender, as on any other topic longer than a group's.
-        self.on_filter: Callable[[bytes], bool] | None = None
         self._flooding = False
         self._flood_seen = 0.0
         self._flood_log = Episodes(log)
         self._topic_log = Episodes(log)
         self._budget_log = Episodes(log)
         self._on_subscription: Callable[[bytes], None] | None = None  # handle_incoming()'s
+        #: The relay's (``filter_topics``): takes readers' filter subscriptions (docs/filters.md),
+        #: which the server then passes as they are, never running a filter; False: the reader
+        #: is hung up on. Its readers get the messages on those topics from ``forward()``.
+        self.on_filter: Callable[[bytes], bool] | None = None
         self._files: dict[str, tuple[str, int, int]] = {}  # endpoint -> (path, st_dev, st_ino)
-        self._bound: dict[str, Any] = {}  # endpoint -> the socket or server bound to it
-        #: Held for every use of the peers and sockets: capture threads send while the control
-        #: thread reads subscriptions, binds and sets options.
+        #: Held for every use of the peers: capture threads send while the control thread
+        #: serves the peers, binds and sets limits.
         self.lock = self._c
-        curve = publish.curve
-        #: Every XPUB socket, the NULL one (if any) first; and their monitors, in the same order.
-        self.sockets: list[zmq.Socket] = []
-        self.monitors: list[zmq.Socket] = []
-        self.monitor = None
-        self.socket: zmq.Socket | None = None
-        self.server: ZmtpServer | None = None
-        self.curve_socket = None
-        self.curve_monitor = None
+        #: The C sender every capture thread hands its batches to (None: each batch goes
+        #: through ``publish()``, the same bytes from Python, which the tests compare it with).
+        self.cfeed: CFeed | None = self._c
+        #: The CURVE endpoints' keys (``nflogd.access``'s): every tcp endpoint with publish.curve.
+        self.curve_keys = curve_keys if publish.curve is not None else None
+        if publish.curve is not None and curve_keys is None:
+            raise ValueError("publish.curve needs curve_keys for the feed's own server")
+        self.keys_refused = 0
+        self._key_log = Episodes(log)
+        self.server: ZmtpServer | None = ZmtpServer(
+            self._c, owner=self, handshake_timeout_ms=publish.handshake_timeout_ms
+        )
+        if filter_topics:
+            self.server.pass_filters = self.filter_subscription
         try:
-            if direct:
-                self.server = ZmtpServer(
-                    self._c, owner=self, handshake_timeout_ms=publish.handshake_timeout_ms
-                )
-                self.server.set_limits(publish)
-            else:
-                self.socket = ctx.socket(zmq.XPUB)
-                self.monitor = self._setup(self.socket, publish.hwm)
-                # a reader's filter subscription may be longer than a group's topic
-                most = (
-                    1 + len(filters.FILTER_TOPIC) + MAX_FILTER_FRAME
-                    if filter_topics
-                    else PEER_MAX_MESSAGE_NULL
-                )
-                self.socket.setsockopt(zmq.MAXMSGSIZE, most)
-                for gid in publish.ipc_filter_gids:
-                    try:
-                        self.socket.setsockopt(zmq.IPC_FILTER_GID, gid)
-                    except (zmq.ZMQError, AttributeError):  # libzmq without SO_PEERCRED filters
-                        raise NflogdError(
-                            "publish.ipc_filter_groups: this libzmq does not support IPC_FILTER_GID"
-                        ) from None
-            if curve is not None:
-                self.curve_socket = ctx.socket(zmq.XPUB)
-                self.curve_monitor = self._setup(self.curve_socket, publish.hwm)
-                self.curve_socket.setsockopt(zmq.CURVE_SERVER, 1)
-                self.curve_socket.setsockopt(zmq.CURVE_PUBLICKEY, curve.public_key)
-                self.curve_socket.setsockopt(zmq.CURVE_SECRETKEY, curve.secret_key)
-                self.curve_socket.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN.encode())
+            self.server.set_limits(publish)
             for endpoint in publish.bind:
                 self.bind(endpoint)
         except BaseException:
             self.close(linger=0)
             raise
-        #: What the control loop polls: the server's epoll, the sockets' ZMQ_FD (readable when
-        #: a socket may have something for handle_incoming()).
-        self.fds: list[int] = [int(sock.get(zmq.FD)) for sock in self.sockets]
-        if self.server is not None:
-            self.fds.insert(0, self.server.fileno())
-        #: The C sender, when it can send everything (None: publish() must, as when pyzmq's
-        #: libzmq cannot be shared and there are XPUB sockets).
-        self.cfeed: CFeed | None = self._c if self._c.zmq or not self.sockets else None
+        #: What the control loop polls: the server's epoll.
+        self.fds: list[int] = [self.server.fileno()]
         with self.lock:
-            if self._c.zmq:
-                self._c.set_sockets(self.sockets)
             self._c.set_node(node.encode())
 
     @property
@@ -395,13 +269,13 @@ class Publisher:
 
     @property
     def sent(self) -> int:
-        """Messages sent (to the server's peers and on every socket)."""
+        """Messages sent to the peers (each once, however many peers took it)."""
         return self._sent + self._c.sent
 
     @property
     def unsent(self) -> int:
-        """Messages a socket refused (never expected with XPUB_NODROP off)."""
-        return self._unsent + self._c.unsent
+        """Messages forward() could not match to a group (not sent)."""
+        return self._unsent
 
     @property
     def slow_dropped(self) -> int:
@@ -429,14 +303,14 @@ class Publisher:
 
     @property
     def handshake_timeouts(self) -> int:
-        """The server's peers hung up on for not finishing the handshake in time."""
+        """The server's peers hung up on for not finishing the handshake in time (CURVE's too)."""
         return self.server.handshake_timeouts if self.server is not None else 0
 
     @property
     def sent_bytes(self) -> int:
-        """Bytes written to readers: to the server's peers, and each message once per XPUB socket."""
+        """Bytes written to readers (what a CURVE one got, boxed)."""
         with self.lock:
-            return self._c.sent_bytes() + self._xpub_bytes
+            return self._c.sent_bytes()
 
     @property
     def filters_refused(self) -> int:
@@ -459,62 +333,24 @@ class Publisher:
         publish.max_connections_per_source."""
         return dict(self.server.source_refused) if self.server is not None else {}
 
-    def _setup(self, sock: zmq.Socket, hwm: int) -> zmq.Socket:
-        """Options common to both sockets; returns the socket's monitor."""
-        self.sockets.append(sock)
-        sock.setsockopt(zmq.LINGER, LINGER_MS)
-        sock.setsockopt(zmq.SNDHWM, hwm)
-        sock.setsockopt(zmq.XPUB_NODROP, 0)
-        # every subscribe reaches handle_incoming(), not only a topic's first: debug logs show all
-        # (turned off during a subscription flood: see handle_incoming)
-        sock.setsockopt(zmq.XPUB_VERBOSE, 1)
-        # What a peer can make us hold (docs/security.md, "Limits"): its messages, its queue
-        # of subscriptions, the time it may take for the handshake; dead peers found by TCP.
-        sock.setsockopt(zmq.MAXMSGSIZE, PEER_MAX_MESSAGE)
-        sock.setsockopt(zmq.RCVHWM, PEER_RCVHWM)
-        sock.setsockopt(zmq.HANDSHAKE_IVL, self.handshake_timeout_ms)
-        for option, value in TCP_KEEPALIVE:
-            sock.setsockopt(option, value)
-        # No limit on the monitor's queue (get_monitor_socket()'s drops past 1,000): a burst of
-        # connections must not lose ACCEPTED/DISCONNECTED events (the budget counts them).
-        monitor = Monitor(sock, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED, hwm=0)
-        self._monitors[sock] = monitor
-        self._peers[sock] = {}
-        mon = monitor.socket
-        assert mon is not None  # a Monitor has its socket until close()
-        self.monitors.append(mon)
-        return mon
-
-    def set_verbose(self, verbose: bool) -> None:
-        """XPUB_VERBOSE on every socket (the relay wants it off)."""
-        self._verbose = verbose
-        for sock in self.sockets:
-            sock.setsockopt(zmq.XPUB_VERBOSE, 1 if verbose else 0)
-
-    def _socket_for(self, endpoint: str) -> Any:
-        """tcp endpoints go to the CURVE socket when there is one; everything else to the
-        server (or ``socket``)."""
-        if self.curve_socket is not None and endpoint.startswith("tcp://"):
-            return self.curve_socket
-        return self.server if self.server is not None else self.socket
+    def _curve_for(self, endpoint: str) -> bool:
+        """Whether ``endpoint`` speaks CURVE (every tcp one with publish.curve)."""
+        return self.curve_keys is not None and endpoint.startswith("tcp://")
 
     # -- endpoints -------------------------------------------------------------
 
     def bind(self, endpoint: str) -> None:
         """Bind one more endpoint; ipc files get mode 0660 in a 0750 directory."""
+        server = self.server
+        assert server is not None, "bind() after close()"
         path = ipc_path(endpoint)
         if path is not None:
             _make_parent(endpoint, path)
             check_ipc_dir(endpoint, path)
             check_ipc_path(endpoint, path)
             old = os.umask(0o117)  # the socket file: rw for owner and group, nothing else
-        sock = self._socket_for(endpoint)
-        try:
-            if isinstance(sock, ZmtpServer):
-                sock.bind(endpoint)  # the control thread's alone: no lock
-            else:
-                with self.lock:
-                    sock.bind(endpoint)
+        try:  # the control thread's alone: no lock
+            server.bind(endpoint, self.curve_keys if self._curve_for(endpoint) else None)
         except zmq.ZMQError as e:
             raise NflogdError(f"publish.bind: {endpoint}: {zmq.strerror(e.errno or 0)}") from None
         finally:
@@ -527,26 +363,21 @@ class Publisher:
             except OSError:
                 pass
         self.endpoints.append(endpoint)
-        self._bound[endpoint] = sock
-        log.info("publishing on %s%s", endpoint, " (CURVE)" if sock is self.curve_socket else "")
+        log.info("publishing on %s%s", endpoint, " (CURVE)" if self._curve_for(endpoint) else "")
 
     def unbind(self, endpoint: str) -> None:
         """Stop listening on an endpoint (removing its ipc file); peers connected through it stay."""
-        target = self._bound.pop(endpoint, None)
-        try:
-            if isinstance(target, ZmtpServer):
-                target.unbind(endpoint)
-            elif target is not None:
-                with self.lock:
-                    target.unbind(endpoint)
-        except zmq.ZMQError as e:
-            log.warning("publish.bind: %s: unbind failed: %s", endpoint, zmq.strerror(e.errno or 0))
         if endpoint in self.endpoints:
+            if self.server is not None:
+                try:
+                    self.server.unbind(endpoint)
+                except zmq.ZMQError as e:
+                    log.warning("publish.bind: %s: unbind failed: %s", endpoint, zmq.strerror(e.errno or 0))
             self.endpoints.remove(endpoint)
         self._remove_file(endpoint)
 
     def _remove_file(self, endpoint: str) -> None:
-        """Unlink our ipc socket file (libzmq leaves it), unless another process replaced it."""
+        """Unlink our ipc socket file, unless another process replaced it."""
         entry = self._files.pop(endpoint, None)
         if entry is None:
             return
@@ -581,7 +412,7 @@ class Publisher:
                 log.info("no longer publishing on %s", ep)
 
     def set_limits(self, publish: PublishConfig) -> None:
-        """The own server's limits again (a reload): per source, idle, the bytes queued; the
+        """The server's limits again (a reload): per source, idle, the bytes queued; the
         members of ``ipc_filter_groups`` looked up again."""
         with self.lock:
             self._c.set_max_queued_bytes(publish.max_queued_bytes)
@@ -589,12 +420,9 @@ class Publisher:
             self.server.set_limits(publish)
 
     def set_hwm(self, hwm: int) -> None:
-        """Change the hwm: at once for the server's peers; libzmq applies SNDHWM to the
-        XPUB sockets' subscribers that connect afterwards."""
+        """Change the hwm, at once for every peer, CURVE ones too."""
         with self.lock:
             self._c.set_hwm(hwm)
-            for sock in self.sockets:
-                sock.setsockopt(zmq.SNDHWM, hwm)
         self.hwm = hwm
 
     # -- messages --------------------------------------------------------------
@@ -609,8 +437,8 @@ class Publisher:
         self._seq[group] = seq
 
     def publish(self, batch, kernel_dropped: int = 0) -> bool:
-        """Send one capture KernelBatch to the server's peers and on every socket; True if
-        every socket took it. Never blocks.
+        """Send one capture KernelBatch to the server's peers (as the C sender does); False
+        for an empty batch. Never blocks.
 
         Thread-safe: each group's capture thread calls it. ``batch.table`` and ``batch.data``
         may be views of the reader's buffers: they are written or copied before this returns.
@@ -619,7 +447,6 @@ class Publisher:
         if not count:
             return False
         group = batch.group
-        taken = True
         with self.lock:
             first_seq = self._seq.get(group, 0)
             self._seq[group] = first_seq + count
@@ -628,27 +455,41 @@ class Publisher:
                 flags=getattr(batch, "flags", 0),
             )  # fmt: skip
             self._c.send_to_peers(group, msg)
-            head, last = msg[:-1], msg[-1]
-            size = sum(map(len, msg))
-            for sock in self.sockets:
-                # Frame by frame with int flags: send_multipart's enum arithmetic cost more per
-                # message than the rest of publishing. Only the first frame can be refused.
-                send = sock.send
-                try:
-                    for frame in head:
-                        send(frame, SNDMORE_NOBLOCK)
-                    send(last, NOBLOCK)
-                    self._xpub_bytes += size
-                except zmq.Again:
-                    taken = False
-            if self._wake_on_incoming and any(map(_has_incoming, self.sockets)):
-                self._wake_on_incoming = False
-                os.eventfd_write(self.wake_fd, 1)
-            if not taken:
-                self._unsent += 1
-                return False
             self._sent += 1
         return True
+
+    def forward(self, frames: list) -> None:
+        """A message received whole from an upstream feed (the relay), its frames as they came,
+        to every peer subscribed to its group; one on a topic of readers' filters (a daemon's
+        reply to a filter, a filter's messages) to the peers that passed that topic on
+        (``filter_topics``). Any other message cannot be matched: counted in ``unsent``,
+        dropped."""
+        if len(frames[0]) != wire.TOPIC.size and 1 <= len(frames) <= 4:
+            server = self.server
+            if server is None or not server.passing:
+                self._unsent += 1
+                return
+            bufs = [f.buffer if hasattr(f, "buffer") else f for f in frames]
+            with self.lock:
+                server.deliver_passed(bufs)
+                self._sent += 1
+            return
+        if len(frames) != 4 or len(frames[0]) != wire.TOPIC.size:
+            self._unsent += 1
+            return
+        (group,) = wire.TOPIC.unpack(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
+        with self.lock:
+            self._c.send_to_peers(group, [f.buffer if hasattr(f, "buffer") else f for f in frames])
+            self._sent += 1
+
+    def peer_gone(self, topics: dict[bytes, int]) -> None:
+        """A peer that held ``topics`` (topic -> its subscriptions) hung up: each of them
+        undone for handle_incoming()'s ``on_subscription``, as an XPUB reports a hang-up."""
+        if self._on_subscription is None:
+            return
+        for topic, n in topics.items():
+            for _ in range(n):
+                self._on_subscription(b"\x00" + topic)
 
     def mark(self, group: int, first_seq: int | None = None, kernel_dropped: int = 0) -> None:
         """Send the group's sequence mark: a message of no packets whose ``first_seq`` is the
@@ -661,34 +502,15 @@ class Publisher:
                 first_seq = self._seq.get(group, 0)
             msg = wire.frames(group, self.node, self.epoch, first_seq, kernel_dropped, 0, b"", b"")
             self._c.send_to_peers(group, msg)
-            head, last = msg[:-1], msg[-1]
-            for sock in self.sockets:
-                try:
-                    for frame in head:
-                        sock.send(frame, SNDMORE_NOBLOCK)
-                    sock.send(last, NOBLOCK)
-                except zmq.Again:  # pragma: no cover - XPUB drops per subscriber, never refuses
-                    pass
         self.marks += 1
 
     def next_check_ms(self) -> int | None:
         """How long the control loop may wait for events before its next ``handle_incoming()``.
 
         None (no end) but during a subscription flood (until it may be over) or while a peer of
-        the server has a handshake to finish (until it times out), or 0 when a socket has
-        incoming messages already. A capture thread's send takes the ZeroMQ
-        events that make a socket's ``ZMQ_FD`` readable, so from this call on, a send that
-        finds incoming messages makes ``wake_fd`` readable instead: the loop waits for
-        events only, and an idle feed costs no wake-ups.
+        the server has a handshake to finish (until it times out; a CURVE one's too).
         """
-        with self.lock:
-            if any(map(_has_incoming, self.sockets)):
-                return 0
-            if self.cfeed is not None:
-                self.cfeed.wake_on_incoming(self.wake_fd)
-            else:
-                self._wake_on_incoming = True
-            due = [self._flood_seen + QUIET_S] if self._flooding else []
+        due = [self._flood_seen + QUIET_S] if self._flooding else []
         if self.server is not None:
             deadline = self.server.next_deadline()
             if deadline is not None:
@@ -697,70 +519,27 @@ class Publisher:
             return None
         return max(0, math.ceil((min(due) - time.monotonic()) * 1000) + 1)
 
-    def take_wake(self) -> None:
-        """Clear ``wake_fd`` (the control loop saw it readable)."""
-        try:
-            os.eventfd_read(self.wake_fd)
-        except BlockingIOError:
-            pass
-
     def handle_incoming(self, on_subscription: Callable[[bytes], None] | None = None) -> bool:
-        """Read queued subscription messages, at most SUBSCRIPTIONS_PER_TURN per socket.
+        """Serve the server's peers: accept, handshake, read their subscriptions (at most
+        SUBSCRIPTIONS_PER_TURN), write what they have queued; True if more is waiting.
 
         A peer that floods subscriptions thus never holds the loop: what is left is read at
         the next turn, after the groups, signals and the watchdog had theirs. A full turn
-        starts a flood episode (counted, logged once): the socket stops being verbose, so
-        repeated subscriptions no longer reach us at all, until QUIET_S without one. A topic
-        longer than a group's (2 bytes) can never match a message of the feed: its sender
-        (found by the message's Peer-Address) is hung up on, so that no peer makes libzmq
-        keep topics it cannot use. Valid (un)subscriptions go to ``on_subscription``.
+        starts a flood episode (counted, logged once) until QUIET_S without one. A topic
+        longer than a group's (2 bytes) can never match a message of the feed: its sender is
+        hung up on (``foreign_topic``). Valid (un)subscriptions go to ``on_subscription``.
         """
         more = False
         self._on_subscription = on_subscription
-        for sock in self.sockets:
-            with self.lock:  # the capture threads send on these sockets
-                if self._read_subscriptions(sock):
-                    more = True
-                    self._flood("the CURVE socket" if sock is self.curve_socket else "the feed")
-        if self.server is not None:
-            if self.server.serve(SUBSCRIPTIONS_PER_TURN):
-                more = True
-                self._flood("the feed")
-        with self.lock:
-            self._end_flood()
+        if self.server is not None and self.server.serve(SUBSCRIPTIONS_PER_TURN):
+            more = True
+            self._flood("the feed")
+        self._end_flood()
         return more
 
-    def _read_subscriptions(self, sock: zmq.Socket) -> bool:
-        """Up to SUBSCRIPTIONS_PER_TURN messages of one socket (under the lock); True if all."""
-        recv = sock.recv
-        n = 0
-        for n in range(1, SUBSCRIPTIONS_PER_TURN + 1):
-            if not _has_incoming(sock):
-                n -= 1
-                break
-            try:
-                frame = recv(NOBLOCK, copy=False)
-            except zmq.Again:
-                n -= 1
-                break
-            msg = frame.bytes
-            if msg[:1] not in (b"\x00", b"\x01"):
-                continue  # not a subscription: nothing else reaches an XPUB from a SUB
-            if len(msg) - 1 > wire.TOPIC.size:
-                if self.on_filter is not None and _filter_topic(msg) and self.on_filter(msg):
-                    self.subscription_messages += 1
-                    log.debug(
-                        "%s a filter's %r", "subscribe" if msg[:1] == b"\x01" else "unsubscribe", msg[1:6]
-                    )
-                else:
-                    self._foreign_topic(sock, frame)
-                continue
-            self.subscription(msg, " (CURVE)" if sock is self.curve_socket else "")
-        return n >= SUBSCRIPTIONS_PER_TURN
-
     def subscription(self, msg: bytes, via: str) -> None:
-        """A valid (un)subscription from a peer (of the server, or of an XPUB ``via``): counted,
-        logged at debug level, handed to handle_incoming()'s ``on_subscription``."""
+        """A valid (un)subscription from a peer of the server (``via``: " (CURVE)" or ""):
+        counted, logged at debug level, handed to handle_incoming()'s ``on_subscription``."""
         self.subscription_messages += 1
         if log.isEnabledFor(logging.DEBUG):
             what = "subscribe" if msg[:1] == b"\x01" else "unsubscribe"
@@ -768,50 +547,49 @@ class Publisher:
         if self._on_subscription is not None:
             self._on_subscription(msg)
 
+    def filter_subscription(self, msg: bytes) -> bool:
+        """A reader's filter (un)subscription the server passes on (``filter_topics``): counted,
+        logged at debug level, handed to ``on_filter``; False: the reader is to be hung up on."""
+        if self.on_filter is None or not self.on_filter(msg):
+            return False
+        self.subscription_messages += 1
+        log.debug("%s a filter's %r", "subscribe" if msg[:1] == b"\x01" else "unsubscribe", msg[1:6])
+        return True
+
     def _flood(self, where: str) -> None:
         self._flood_seen = time.monotonic()
         if self._flooding:
             return
         self._flooding = True
         self.subscription_floods += 1
-        if self._verbose:
-            for s in self.sockets:
-                s.setsockopt(zmq.XPUB_VERBOSE, 0)
         self._flood_log.hit(
-            "feed: subscription flood (more than %d messages at once on %s); reading %d per turn, "
-            "repeated subscriptions no longer reported until %g s without one",
-            SUBSCRIPTIONS_PER_TURN, where, SUBSCRIPTIONS_PER_TURN, QUIET_S,
+            "feed: subscription flood (more than %d messages at once on %s); reading %d per turn",
+            SUBSCRIPTIONS_PER_TURN, where, SUBSCRIPTIONS_PER_TURN,
         )  # fmt: skip
 
     def _end_flood(self) -> None:
         if self._flooding and time.monotonic() - self._flood_seen > QUIET_S:
             self._flooding = False
-            if self._verbose:
-                for s in self.sockets:
-                    s.setsockopt(zmq.XPUB_VERBOSE, 1)
             log.info("feed: subscription flood over")
-
-    def _foreign_topic(self, sock: zmq.Socket, frame) -> None:
-        """Hang up on every connection of the peer that sent a topic no message can match."""
-        try:
-            address = frame.get("Peer-Address")
-        except (zmq.ZMQError, KeyError, UnicodeDecodeError):
-            address = ""
-        hung = 0
-        for fd, endpoint in list(self._peers.get(sock, {}).items()):
-            if _peer_matches(fd, endpoint, address) and _hang_up(fd, endpoint):
-                hung += 1
-        self.foreign_topic(address or "address unknown", len(frame) - 1, hung)
 
     def foreign_topic(self, peer: str, length: int, hung: int) -> None:
         """A peer subscribed to a topic longer than a group's (a subscription message read, of
-        the server's peers or an XPUB's): ``hung`` of its connections closed."""
+        a peer of the server): ``hung`` of its connections closed."""
         self.subscription_messages += 1
         self.dropped_peers += hung
         self._topic_log.hit(
             "feed: a peer (%s) subscribed to a %d-byte topic, longer than any group's (%d): "
             "%d connection%s from it closed",
             peer, length, wire.TOPIC.size, hung, "" if hung == 1 else "s",
+        )  # fmt: skip
+
+    def key_refused(self, peer: str, endpoint: str, key: bytes | None) -> None:
+        """A CURVE peer whose key is not in authorized_keys_dir: told so (ERROR 400), hung up on."""
+        self.keys_refused += 1
+        self._key_log.hit(
+            "feed: %s on %s: its CURVE key %s is not in publish.curve.authorized_keys_dir: refused; "
+            "%d so far",
+            peer, endpoint, z85.encode(key).decode() if key else "?", self.keys_refused,
         )  # fmt: skip
 
     # -- connections -----------------------------------------------------------
@@ -825,35 +603,6 @@ class Publisher:
         share = (soft - FD_RESERVE) // max(1, len(self.endpoints))
         return max(1, min(self.max_connections, share))
 
-    def handle_monitor(self) -> None:
-        """Apply queued monitor events to the subscriber gauge; enforce the connection budget.
-
-        A peer accepted beyond ``budget()`` on its endpoint is hung up on at once (its socket
-        shut down; libzmq then closes it): counted per endpoint in ``refused``, logged once
-        per episode.
-        """
-        budget = None
-        for sock, mon in self._monitors.items():
-            peers = self._peers[sock]
-            for ev in mon.events():
-                event, fd = ev["event"], int(ev["value"])
-                if event == zmq.EVENT_ACCEPTED:
-                    endpoint = ev["endpoint"].decode(errors="replace")
-                    conns = self._conns.setdefault(endpoint, set())
-                    if budget is None:
-                        budget = self.budget()
-                    if len(conns) >= budget and _hang_up(fd, endpoint):
-                        self.peer_refused(endpoint, len(conns))
-                        continue
-                    peers[fd] = endpoint
-                    conns.add(fd)
-                elif event == zmq.EVENT_DISCONNECTED:
-                    endpoint = peers.pop(fd, None)
-                    if endpoint is not None:
-                        self._conns.get(endpoint, set()).discard(fd)
-        with self.lock:
-            self._end_flood()
-
     def peer_refused(self, endpoint: str, connected: int) -> None:
         """A connection to ``endpoint`` closed at once: it has its budget (``connected``)."""
         self.refused[endpoint] = self.refused.get(endpoint, 0) + 1
@@ -865,20 +614,13 @@ class Publisher:
 
     @property
     def subscribers(self) -> int:
-        """Peers connected now: the server's, and the XPUB sockets' as of the last
-        handle_monitor().
-
-        A peer counts from its connect, before the handshake: a CURVE peer the ZAP handler
-        refuses counts until libzmq drops the connection.
-        """
-        own = self.server.subscribers if self.server is not None else 0
-        return own + sum(len(peers) for peers in self._peers.values())
+        """Peers connected now, from their connect (before the handshake)."""
+        return self.server.subscribers if self.server is not None else 0
 
     # -- end -------------------------------------------------------------------
 
     def close(self, linger: int | None = None) -> None:
-        """Close the server and the sockets (queued messages get ``linger`` ms, default
-        LINGER_MS)."""
+        """Close the server (queued messages get ``linger`` ms, default LINGER_MS)."""
         if self.server is not None:
             messages, packets = self.server.close(LINGER_MS if linger is None else linger)
             self.server = None
@@ -889,39 +631,8 @@ class Publisher:
                     packets,
                     messages,
                 )
-        with self.lock:
-            if self._c.zmq:
-                self._c.set_sockets([])
-            self._c.wake_on_incoming(-1)  # wake_fd is closed below
-            self._wake_on_incoming = False
-            for mon in self._monitors.values():
-                mon.close()
-            self.monitor = self.curve_monitor = None
-            self._monitors = {}
-            self._peers = {}
-            for sock in [*([self.socket] if self.socket is not None else []), *self.sockets]:
-                if not sock.closed:
-                    sock.close(linger=LINGER_MS if linger is None else linger)
         for endpoint in list(self._files):
             self._remove_file(endpoint)
-        if self.wake_fd >= 0:
-            os.close(self.wake_fd)
-            self.wake_fd = -1
-
-
-def _filter_topic(msg: bytes) -> bool:
-    """A (un)subscription message of a reader's filter or of a group through it (docs/filters.md)."""
-    topic = msg[1:]
-    if topic.startswith(filters.FILTER_TOPIC):
-        return len(topic) <= len(filters.FILTER_TOPIC) + MAX_FILTER_FRAME
-    return (
-        topic.startswith(wire.FILTERED_TOPIC) and len(topic) <= len(wire.FILTERED_TOPIC) + 8 + wire.TOPIC.size
-    )
-
-
-def _has_incoming(sock: zmq.Socket) -> bool:
-    """Whether a socket has a message to read (its pending ZeroMQ commands are run first)."""
-    return bool(int(sock.get(zmq.EVENTS)) & zmq.POLLIN)
 
 
 def check_restart_only(old: PublishConfig, new: PublishConfig, unit: str = "nflogd") -> None:

@@ -10,18 +10,20 @@ failure (an endpoint in use), 2 for a bad config.
 
 Topology (``docs/relay.md``)::
 
-    router1  nflogd XPUB ─┐                            ┌─ SUB  Subscriber, nflog-tap, ...
-    router2  nflogd XPUB ─┼─ XSUB ×3   relay   XPUB ───┼─ SUB
-    router3  nflogd XPUB ─┘                            └─ SUB
+    router1  nflogd ─┐                                 ┌─ SUB  Subscriber, nflog-tap, ...
+    router2  nflogd ─┼─ XSUB ×3   relay   own server ───┼─ SUB
+    router3  nflogd ─┘                                 └─ SUB
 
 Sockets: one XSUB per upstream, connected to its endpoint (a CURVE client when the upstream
-has keys), and downstream the daemon's own ``Publisher``. One poll loop (``service.Program``'s,
+has keys), and downstream the daemon's own ``Publisher`` (the feed's own server on every
+endpoint, CURVE ones too, with the daemon's limits). One poll loop (``service.Program``'s,
 with the upstreams' reconnects on a timer) moves messages upstream to downstream, received
-and sent with ``copy=False`` and never decoded (a record keeps its node, epoch and sequence
-numbers: a message the relay drops shows at the client as a gap in that node's ``seq``), and
-subscriptions downstream to upstream (the first to a topic, the last unsubscription, to every
-upstream XSUB, which sends them again after every reconnect). While messages keep coming the
-loop reads them in batches, sleeping ``GATHER_S`` between turns (``Program.watch``'s ``gather``).
+with ``copy=False``, handed whole to ``Publisher.forward`` and never decoded (a record keeps
+its node, epoch and sequence numbers: a message the relay drops shows at the client as a gap
+in that node's ``seq``), and subscriptions downstream to upstream (the first to a topic, the
+last unsubscription, to every upstream XSUB, which sends them again after every reconnect).
+While messages keep coming the loop reads them in batches, sleeping ``GATHER_S`` between
+turns (``Program.watch``'s ``gather``).
 
 Readers' filters (``docs/filters.md``): a filter's subscriptions go to every upstream on a
 connection of that filter's own (``Relay._filter_subscription``), so each daemon runs it and
@@ -47,7 +49,6 @@ refused as a whole, and an invalid config is logged with the running one kept.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -62,16 +63,19 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector as _Collector
 from prometheus_client.registry import CollectorRegistry
 
-from . import config, service
+from . import config_relay, service
 from .access import CurveAccess
 from .episodes import Episodes
 from .errors import NflogdError
 from .metrics import MetricsServer, limit_families, version
-from .publish import NOBLOCK, SNDMORE_NOBLOCK, Publisher, check_restart_only
+from .publish import Publisher, check_restart_only
 from .sdnotify import Notifier
 from .service import Program
 
 __all__ = ["main", "Relay", "Upstream", "RelayCollector", "DEFAULT_CONFIG"]
+
+#: The receive flag as a plain int: pyzmq's enum flags cost microseconds per use.
+NOBLOCK = int(zmq.NOBLOCK)
 
 log = logging.getLogger("nflogd.relay")
 
@@ -137,9 +141,8 @@ class Upstream:
                 watch = EndpointWatch(
                     sock, [self.endpoint], curve=bool(settings.curve), logger=log, label="upstream"
                 )
-                for topic, n in (topics or {}).items():
-                    for _ in range(n):
-                        sock.send(b"\x01" + topic)
+                for topic in topics or {}:  # once each: the daemon hears of a topic, not of readers
+                    sock.send(b"\x01" + topic)
                 sock.connect(self.endpoint)
             except zmq.ZMQError as e:
                 raise NflogdError(f"upstreams: {self.endpoint}: {zmq.strerror(e.errno or 0)}") from None
@@ -181,20 +184,20 @@ class Upstream:
 
     def forward(
         self,
-        outs: list[zmq.Socket],
+        out: Callable[[list], None],
         offer: Callable[[list], None] | None = None,
         note: Callable[[zmq.Frame], None] | None = None,
         filtered: bool = False,
     ) -> bool:
-        """Pass up to BURST queued messages to every socket of ``outs``, frames as received,
-        each message's frames to ``offer`` (the stream publisher, which never blocks) and its
-        header frame to ``note`` (``SequenceMarks.note``); True if it stopped at BURST.
-        ``filtered``: a filter's connection, whose messages must be on the filters' topics (a
-        daemon sends a group's own for a moment once the filter is cancelled before the groups
-        through it): the others are not passed.
+        """Pass up to BURST queued messages to ``out`` (the feed's ``Publisher.forward``), frames
+        as received, each message's frames to ``offer`` (the stream publisher, which never
+        blocks) and its header frame to ``note`` (``SequenceMarks.note``); True if it stopped at
+        BURST. ``filtered``: a filter's connection, whose messages must be on the filters'
+        topics (a daemon sends a group's own for a moment once the filter is cancelled before
+        the groups through it): the others are not passed.
 
-        Frame by frame with ``Frame.more``: a third of the CPU time of recv_multipart() and
-        send_multipart() per message (bench/relay.py), the same frames and flags.
+        Frame by frame with ``Frame.more``: a third of the CPU time of recv_multipart() per
+        message (bench/relay.py), the same frames.
         """
         sock = self.socket
         recv, events = sock.recv, sock.getsockopt
@@ -220,14 +223,7 @@ class Upstream:
                 offer(frames.copy())
             if note is not None and len(frames) == 4:
                 note(frames[1])
-            last = frames.pop()
-            for out in outs:
-                try:
-                    for f in frames:
-                        out.send(f, SNDMORE_NOBLOCK, copy=False)
-                    out.send(last, NOBLOCK, copy=False)
-                except zmq.Again:  # pragma: no cover - XPUB drops per subscriber, never refuses
-                    pass
+            out(frames)
             self.messages += 1
             self.bytes += size
         return True
@@ -270,8 +266,8 @@ class SequenceMarks:
         marks = SequenceMarks()
         marks.note(header_frame)            # each message passed on (Upstream.forward)
         timer.due = marks.due()             # monotonic seconds, None: nothing to mark
-        marks.send_due(outs, offer)         # the marks whose time has come
-        marks.send_due(outs, offer, everything=True)   # at exit: every (node, group) not marked
+        marks.send_due(out, offer)          # the marks whose time has come (out: Publisher.forward)
+        marks.send_due(out, offer, everything=True)    # at exit: every (node, group) not marked
     """
 
     def __init__(self, idle_s: float = 2.0, max_streams: int = 65536):
@@ -326,12 +322,12 @@ class SequenceMarks:
 
     def send_due(
         self,
-        outs: list[zmq.Socket],
+        out: Callable[[list], None] | None,
         offer: Callable[[list], None] | None = None,
         everything: bool = False,
     ) -> None:
-        """Send the marks whose time has come (``everything``: every one not sent) to every
-        socket of ``outs`` and to ``offer``."""
+        """Send the marks whose time has come (``everything``: every one not sent) to ``out``
+        (the feed's ``Publisher.forward``) and to ``offer``."""
         limit = time.monotonic() - self.idle_s
         unmarked = self._unmarked
         while unmarked:
@@ -344,13 +340,8 @@ class SequenceMarks:
                 continue
             group, node, epoch, next_seq, kdrop = state
             frames = wire.frames(group, node, epoch, next_seq, kdrop, 0, b"", b"")
-            for out in outs:
-                try:
-                    for f in frames[:3]:
-                        out.send(f, SNDMORE_NOBLOCK)
-                    out.send(frames[3], NOBLOCK)
-                except zmq.Again:  # pragma: no cover - XPUB drops per subscriber, never refuses
-                    pass
+            if out is not None:
+                out(frames)
             if offer is not None:
                 offer(frames)
             self.sent += 1
@@ -451,7 +442,7 @@ class RelayCollector(_Collector):
 class Relay(Program):
     """One run of the relay over one config: ``install_signals()``, ``start()``, ``run()``, ``close()``."""
 
-    load = staticmethod(config.load_relay)
+    load = staticmethod(config_relay.load_relay)
 
     def __init__(self, cfg, path: str, notifier: Notifier | None = None):
         super().__init__(cfg, path, notifier)
@@ -486,8 +477,7 @@ class Relay(Program):
         service.probe_threads()  # a one-line error now rather than a libzmq abort later
         self.ctx = zmq.Context()
         if cfg.publish.curve is not None:
-            self.access = CurveAccess(self.ctx, cfg.publish.curve)  # before the CURVE socket binds
-        # Bound only once the sockets are not verbose: see _make_publisher.
+            self.access = CurveAccess(cfg.publish.curve)
         self.publisher = self._make_publisher(cfg.publish)
         self.registry = CollectorRegistry()
         RelayCollector(self, registry=self.registry)
@@ -496,35 +486,28 @@ class Relay(Program):
         if cfg.jetstream is not None:
             self.stream = _open_stream(cfg.jetstream, self.registry)
             self.topics[b""] += 1  # the stream takes every group of every upstream
-        for sock in self.publisher.sockets:
-            self.watch(sock, self._handle_subscriptions)
-        for mon in self.publisher.monitors:
-            self.watch(mon, self.publisher.handle_monitor)
+        # The readers are served when the server's epoll says one has something (to say, to be
+        # written, to be accepted) and when a handshake times out, not at every turn: a turn
+        # comes with every upstream message, and serving the readers each time cost as much
+        # as passing the message on (bench/run.py relay).
+        self._feed_check = self.timer(self._handle_subscriptions)
+        for fd in self.publisher.fds:
+            self.watch(fd, self._handle_subscriptions)
         self.upstreams = {u.endpoint: self._open_upstream(u) for u in cfg.upstreams}
         log.info("%s", self.status())
         self.notifier.ready(self.status())
 
     def _make_publisher(self, publish) -> Publisher:
-        """The daemon's Publisher, its sockets not verbose, then bound.
+        """The daemon's Publisher, the feed's own server for every endpoint, CURVE ones too.
 
-        Not verbose: an XPUB then reports a topic's first subscription and its last
-        unsubscription, which the XSUB side counts and passes upstream in balance. A verbose
-        XPUB reports every subscription but still only the last unsubscription, so the
-        daemons would never hear that nobody wants a group any more.
+        It reports every (un)subscription, and a reader's hang-up as the unsubscriptions of
+        what it held; ``_subscription`` counts them and passes upstream a topic's first
+        subscription and its last unsubscription, as an XPUB that is not verbose did.
         """
-        # XPUB sockets for the NULL endpoints too (direct=False): upstreams forward onto them,
-        # and their aggregation of subscriptions is what goes upstream.
-        # readers' filters pass on to the upstreams (filter_topics)
-        pub = Publisher(
-            self._context(), dataclasses.replace(publish, bind=()), direct=False, filter_topics=True
-        )
+        keys = self.access.keys if self.access is not None else None
+        # readers' filters pass on to the upstreams as they are (filter_topics)
+        pub = Publisher(publish, curve_keys=keys, filter_topics=True)
         pub.on_filter = self._filter_subscription
-        try:
-            pub.set_verbose(False)
-            pub.rebind(publish.bind)
-        except BaseException:
-            pub.close(linger=0)
-            raise
         return pub
 
     def _open_upstream(self, settings, filter_topics: Counter[bytes] | None = None) -> Upstream:
@@ -533,13 +516,13 @@ class Relay(Program):
         sequence marks, which follow the unfiltered sequences)."""
         up = Upstream(self._context(), settings, self.topics if filter_topics is None else filter_topics)
         if filter_topics is not None:
-            self.watch(up.socket, lambda: up.forward(self._feed().sockets, filtered=True))
+            self.watch(up.socket, lambda: up.forward(self._feed().forward, filtered=True))
         else:
             offer = self.stream.offer if self.stream is not None else None
             marks, timer = self.marks, self._mark_timer
 
             def forward() -> bool:
-                more = up.forward(self._feed().sockets, offer, marks.note)
+                more = up.forward(self._feed().forward, offer, marks.note)
                 if timer.due is None:
                     timer.due = marks.due()
                 return more
@@ -591,23 +574,33 @@ class Relay(Program):
         """The sequence marks that are due (``everything``: all not sent yet, at exit); the
         timer set to the next one."""
         offer = self.stream.offer if self.stream is not None else None
-        self.marks.send_due(self._feed().sockets, offer, everything)
+        self.marks.send_due(self._feed().forward, offer, everything)
         self._mark_timer.due = self.marks.due()
 
     def _handle_subscriptions(self) -> None:
-        """Pass downstream (un)subscriptions to every upstream (``Publisher.handle_incoming``
-        reads a bounded number per turn and drops peers sending topics no group can match)."""
-        self._feed().handle_incoming(self._subscription)
+        """Serve the readers (the server's epoll readable, a deadline) and pass their (un)subscriptions on
+        (``Publisher.handle_incoming`` reads a bounded number per turn and drops peers sending
+        topics no group can match); then set when to look again (handshake deadlines)."""
+        feed = self._feed()
+        if feed.handle_incoming(self._subscription):
+            self._feed_check.hurry()
+            return
+        ms = feed.next_check_ms()
+        self._feed_check.due = None if ms is None else time.monotonic() + ms / 1000
 
     def _subscription(self, msg: bytes) -> None:
-        """One downstream (un)subscription: ``topics`` kept up to date, passed to every upstream."""
+        """One downstream (un)subscription: ``topics`` kept up to date; a topic's first
+        subscription and its last unsubscription passed to every upstream."""
         kind, topic = msg[:1], msg[1:]
         if kind == b"\x01":
             self.topics[topic] += 1
+            if self.topics[topic] > 1:
+                return
         elif self.topics[topic] > 0:
             self.topics[topic] -= 1
-            if not self.topics[topic]:
-                del self.topics[topic]
+            if self.topics[topic]:
+                return
+            del self.topics[topic]
         else:
             return  # an unsubscription of nothing
         for up in self.upstreams.values():
@@ -651,6 +644,8 @@ class Relay(Program):
                 del held[topic]
         else:
             return True  # an unsubscription of nothing
+        # upstream go a topic's first subscription and its last cancel, as for groups
+        edge = held[topic] == 1 if kind == b"\x01" else topic not in held
         ups = self.filter_upstreams.get(fid)
         if not any(t.startswith(filters.FILTER_TOPIC) for t in held):
             # no reader holds the filter any more (a group's subscription through it may be
@@ -665,8 +660,9 @@ class Relay(Program):
         if ups is None:
             self._sync_filter_upstreams()  # connects with every topic held, this one too
             return True
-        for up in ups.values():
-            up.subscription(msg)
+        if edge:
+            for up in ups.values():
+                up.subscription(msg)
         return True
 
     def _sync_filter_upstreams(self) -> None:
@@ -785,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="nflogd-relay",
         description="Subscribe to many nflogd feeds and publish them as one, messages untouched.",
         default_config=DEFAULT_CONFIG,
-        load=config.load_relay,
+        load=config_relay.load_relay,
         make=Relay,
     )
 

@@ -6,10 +6,10 @@ loop with its signals, timers and watchdog, and the reload.
     def main(argv=None) -> int:                  # nflogd.relay.main
         return service.main(argv, prog="nflogd-relay", description="...",
                             default_config="/etc/nflogd-relay.yaml",
-                            load=config.load_relay, make=Relay)
+                            load=config_relay.load_relay, make=Relay)
 
     class Relay(Program):                        # what a program adds of its own
-        load = staticmethod(config.load_relay)   # reload() rereads self.path with it
+        load = staticmethod(config_relay.load_relay)   # reload() rereads self.path with it
         def start(self):
             self.watch(sock, handler)            # handler() whenever sock polls readable
             timer = self.timer(callback, 0.25)   # callback() every 0.25 s; timer.hurry(): now
@@ -57,7 +57,7 @@ from .sdnotify import Notifier
 
 if TYPE_CHECKING:
     from .access import CurveAccess
-    from .config import PublishConfig
+    from .config_publish import PublishConfig
     from .metrics import MetricsServer
     from .publish import Publisher
 
@@ -134,12 +134,12 @@ class Program:
     with ``load``, ``apply()``s it, then READY with ``status()``, or logs why not and keeps
     the running config.
 
-    Subclasses set ``load``, set ``ctx``, ``access`` (the CURVE authenticator), ``publisher``
+    Subclasses set ``load``, set ``ctx``, ``access`` (the CURVE keys admitted), ``publisher``
     and ``metrics_server`` in ``start()`` and watch their own sockets there, implement
     ``apply()`` and ``status()``, and end ``close()`` with ``_release()``.
     """
 
-    #: Reads and checks the program's config file (``config.load``, ``config.load_relay``).
+    #: Reads and checks the program's config file (``config.load``, ``config_relay.load_relay``).
     load: Callable[[str], Any]
 
     def __init__(self, cfg: Any, path: str, notifier: Notifier | None = None):
@@ -304,18 +304,15 @@ class Program:
     # -- stop ------------------------------------------------------------------
 
     def _release(self) -> None:
-        """The end of ``close()``: metrics, the feed, then the authenticator (libzmq admits every
-        CURVE client while no ZAP handler is bound, so it goes after the CURVE socket), the
-        context, the signal handlers, the notifier. Safe after a failed start."""
+        """The end of ``close()``: metrics, the feed, the context, the signal handlers, the
+        notifier. Safe after a failed start."""
         if self.metrics_server is not None:
             self.metrics_server.close()
             self.metrics_server = None
         if self.publisher is not None:
             self.publisher.close()
             self.publisher = None
-        if self.access is not None:
-            self.access.close()
-            self.access = None
+        self.access = None
         if self.ctx is not None:
             self.ctx.term()
             self.ctx = None

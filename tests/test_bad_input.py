@@ -445,3 +445,39 @@ def test_zmtp_fuzz_property_fails_where_it_should(monkeypatch):
     monkeypatch.setattr(codec.Codec, "next_event", foreign)
     with pytest.raises(IndexError):
         harness.check(seed)
+
+
+def curve_harness():
+    spec = importlib.util.spec_from_file_location("fuzz_curve", REPO / "fuzz" / "fuzz_curve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_curve_fuzz_corpus_replays_and_holds_every_seed():
+    """Each file of fuzz/corpus/curve passes the CURVE codec's property: whole, a byte at a time
+    and in pieces, the same events, from a HELLO's first byte to the boxed traffic."""
+    harness = curve_harness()
+    files = sorted(harness.CORPUS.iterdir())
+    for path in files:
+        harness.check(path.read_bytes())
+    have = {p.read_bytes() for p in files}
+    assert len(harness.seeds()) >= 30 and all(s in have for s in harness.seeds())
+
+
+def test_curve_fuzz_property_fails_where_it_should(monkeypatch):
+    """A CURVE codec whose events depend on how the bytes came fails the property."""
+    from nflogd.feed import codec
+
+    harness = curve_harness()
+    seed = next(s for s in harness.seeds() if s[1] == 2)
+    harness.check(seed)
+    real = codec.Codec.receive
+
+    def drops_a_lone_byte(self, data):
+        if len(data) > 1:
+            real(self, data)
+
+    monkeypatch.setattr(codec.Codec, "receive", drops_a_lone_byte)
+    with pytest.raises(AssertionError, match="at a time"):
+        harness.check(seed)

@@ -329,9 +329,10 @@ def test_async_subscriber_filters_at_the_daemon(netns, daemon):
     assert asyncio.run(asyncio.wait_for(run(), 30)) == [DNS, DNS]
 
 
-def test_a_curve_reader_runs_its_filter_itself(netns, tmp_path):
-    """CURVE endpoints are libzmq's XPUB, which the daemon's filters do not reach: the
-    Subscriber sends none and runs the filter on what it receives; nothing is lost."""
+def test_a_curve_readers_filter_runs_at_the_daemon_its_messages_boxed(netns, tmp_path):
+    """A CURVE endpoint is the daemon's own server too: the filter's subscription is opened
+    from its MESSAGE box, the daemon runs it, and the reply and the filtered messages come
+    boxed for that reader; nothing is lost, only the filter's packets cross the connection."""
     from test_security import TCP, curve_daemon, in_netns, make_keys
 
     keys = make_keys(tmp_path / "curve")
@@ -351,14 +352,16 @@ def test_a_curve_reader_runs_its_filter_itself(netns, tmp_path):
                 ),  # fmt: skip
             )
             try:
-                assert sub.filter_state == "reader"
-                wait_until(lambda: "subscribe '0001' (CURVE)" in d.stderr, "the CURVE subscription")
+                accepted(sub)
+                assert "in force" in d.stderr
                 send(netns, OTHER, 4, "o")
                 send(netns, DNS, 3, "d")
                 got = collect(sub, lambda ps: len(ps) >= 3, WAIT)
                 assert [dport(p) for p in got] == [DNS] * 3
                 assert sub.recv(timeout=0.3) is None and sub.total_lost == 0
-                assert "in force" not in d.stderr and "a peer (" not in d.stderr  # none sent, none hung up
+                wait_until(lambda: packets(d) >= 7, "the daemon's count")
+                assert filter_metric(d, "passed", "udp and dst port 53") == 3
+                assert filter_metric(d, "dropped", "udp and dst port 53") == 4
             finally:
                 sub.close()
         finally:

@@ -19,7 +19,7 @@ import pytest
 from nflogd_client import wire
 from pubutil import serve
 
-from nflogd.config import PublishConfig
+from nflogd.config_publish import PublishConfig
 from nflogd.publish import Publisher
 
 pytestmark = pytest.mark.timeout(60)
@@ -113,7 +113,7 @@ def free_port() -> int:
 @pytest.fixture
 def pub(ctx, tmp_path):
     p = Publisher(
-        ctx, PublishConfig(bind=(f"ipc://{tmp_path}/f.sock", f"tcp://127.0.0.1:{free_port()}")), node="n"
+        PublishConfig(bind=(f"ipc://{tmp_path}/f.sock", f"tcp://127.0.0.1:{free_port()}")), node="n"
     )
     yield p
     p.close(linger=0)

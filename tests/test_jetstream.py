@@ -21,7 +21,7 @@ from natsutil import NatsCluster, NatsServer, free_port, nats_server_binary
 from nflogd_client import stream, wire
 from nflogd_client.jetstream import JetStreamSubscriber, _Account, parse_endpoint
 
-from nflogd import config
+from nflogd import config_relay
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -189,13 +189,15 @@ def test_the_accounting_keeps_max_nodes():
 )
 def test_bad_jetstream_settings_name_the_key(section, culprit):
     text = yaml.safe_dump({"upstreams": ["ipc:///tmp/x.sock"], "jetstream": section})
-    with pytest.raises(config.ConfigError) as e:
-        config.parse_relay(text)
+    with pytest.raises(config_relay.ConfigError) as e:
+        config_relay.parse_relay(text)
     assert str(e.value).startswith(culprit), str(e.value)
 
 
 def test_the_defaults():
-    cfg = config.parse_relay("upstreams: [ipc:///tmp/x.sock]\njetstream: {servers: nats://127.0.0.1:4222}\n")
+    cfg = config_relay.parse_relay(
+        "upstreams: [ipc:///tmp/x.sock]\njetstream: {servers: nats://127.0.0.1:4222}\n"
+    )
     js = cfg.jetstream
     assert (js.stream, js.subject_prefix, js.partitions, js.replicas, js.storage) == (
         "NFLOG",
@@ -204,7 +206,7 @@ def test_the_defaults():
         1,
         "file",
     )
-    assert config.parse_relay("upstreams: [ipc:///tmp/x.sock]\n").jetstream is None
+    assert config_relay.parse_relay("upstreams: [ipc:///tmp/x.sock]\n").jetstream is None
 
 
 def test_endpoint_strings():

@@ -12,7 +12,7 @@ import zmq
 from nflogd_client import wire
 from pubutil import serve
 
-from nflogd.config import PublishConfig
+from nflogd.config_publish import PublishConfig
 from nflogd.errors import NflogdError
 from nflogd.publish import Publisher
 
@@ -55,7 +55,7 @@ def recv_all(sub, quiet: float = 0.2, pub: Publisher | None = None) -> list[wire
 
 def test_sequence_per_group_contiguous_and_byte_exact(ctx, tmp_path):
     ep = f"ipc://{tmp_path}/feed.sock"
-    pub = Publisher(ctx, PublishConfig(bind=(ep,)), node="n1", epoch=123)
+    pub = Publisher(PublishConfig(bind=(ep,)), node="n1", epoch=123)
     try:
         sub = subscribe(ctx, pub, ep)
         sends = [(1, 3, 0), (2, 2, 0), (1, 4, 5), (2, 0, 0), (1, 1, 7)]
@@ -82,7 +82,7 @@ def test_sequence_per_group_contiguous_and_byte_exact(ctx, tmp_path):
 
 def test_epoch_defaults_to_start_time(ctx, tmp_path):
     before = time.time_ns()
-    pub = Publisher(ctx, PublishConfig(bind=(f"ipc://{tmp_path}/f.sock",)))
+    pub = Publisher(PublishConfig(bind=(f"ipc://{tmp_path}/f.sock",)))
     try:
         assert before <= pub.epoch <= time.time_ns()
     finally:
@@ -91,7 +91,7 @@ def test_epoch_defaults_to_start_time(ctx, tmp_path):
 
 def test_topic_filters_exact_groups(ctx, tmp_path):
     ep = f"ipc://{tmp_path}/feed.sock"
-    pub = Publisher(ctx, PublishConfig(bind=(ep,)))
+    pub = Publisher(PublishConfig(bind=(ep,)))
     try:
         sub = subscribe(ctx, pub, ep, topics=(wire.topic(5),))
         for g in (50, 5, 500, 5):
@@ -106,7 +106,7 @@ def test_ipc_parent_dir_and_file_modes(ctx, tmp_path):
     path = tmp_path / "run" / "nflogd" / "feed.sock"
     old = os.umask(0o022)
     try:
-        pub = Publisher(ctx, PublishConfig(bind=(f"ipc://{path}",)))
+        pub = Publisher(PublishConfig(bind=(f"ipc://{path}",)))
     finally:
         assert os.umask(old) == 0o022  # restored after the bind
     try:
@@ -119,10 +119,10 @@ def test_ipc_parent_dir_and_file_modes(ctx, tmp_path):
 
 def test_live_ipc_path_refused(ctx, tmp_path):
     ep = f"ipc://{tmp_path}/feed.sock"
-    first = Publisher(ctx, PublishConfig(bind=(ep,)))
+    first = Publisher(PublishConfig(bind=(ep,)))
     try:
         with pytest.raises(NflogdError) as err:
-            Publisher(ctx, PublishConfig(bind=(ep,)))
+            Publisher(PublishConfig(bind=(ep,)))
         assert str(err.value) == f"publish.bind: {ep}: another process is serving this path"
         sub = subscribe(ctx, first, ep)  # the first one still serves its path
         first.publish(batch(1, 1)[0])
@@ -136,7 +136,7 @@ def test_stale_socket_file_is_taken_over(ctx, tmp_path):
     path = tmp_path / "feed.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
         dead.bind(str(path))  # closed without unlinking: connect is refused
-    pub = Publisher(ctx, PublishConfig(bind=(f"ipc://{path}",)))
+    pub = Publisher(PublishConfig(bind=(f"ipc://{path}",)))
     try:
         assert path.is_socket()
     finally:
@@ -147,7 +147,7 @@ def test_non_socket_file_refused_and_kept(ctx, tmp_path):
     path = tmp_path / "feed.sock"
     path.write_text("precious")
     with pytest.raises(NflogdError, match="exists and is not a socket"):
-        Publisher(ctx, PublishConfig(bind=(f"ipc://{path}",)))
+        Publisher(PublishConfig(bind=(f"ipc://{path}",)))
     assert path.read_text() == "precious"
 
 
@@ -158,13 +158,13 @@ def test_tcp_endpoint_in_use_names_it(ctx):
         port = holder.getsockname()[1]
         ep = f"tcp://127.0.0.1:{port}"
         with pytest.raises(NflogdError) as err:
-            Publisher(ctx, PublishConfig(bind=(ep,)))
+            Publisher(PublishConfig(bind=(ep,)))
     assert str(err.value) == f"publish.bind: {ep}: Address already in use"
 
 
 def test_close_leaves_a_replaced_file_alone(ctx, tmp_path):
     path = tmp_path / "feed.sock"
-    pub = Publisher(ctx, PublishConfig(bind=(f"ipc://{path}",)))
+    pub = Publisher(PublishConfig(bind=(f"ipc://{path}",)))
     path.unlink()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
         other.bind(str(path))
@@ -179,7 +179,7 @@ def wait_subscribers(pub: Publisher, n: int, timeout: float = 5.0) -> None:
 def test_subscriber_gauge_counts_connected_peers(ctx, tmp_path):
     path = tmp_path / "feed.sock"
     ep = f"ipc://{path}"
-    pub = Publisher(ctx, PublishConfig(bind=(ep,)))
+    pub = Publisher(PublishConfig(bind=(ep,)))
     try:
         assert pub.subscribers == 0
         a = subscribe(ctx, pub, ep)
@@ -199,7 +199,7 @@ def test_subscriber_gauge_counts_connected_peers(ctx, tmp_path):
 
 def test_slow_subscriber_loses_its_own_messages_and_never_blocks(ctx, tmp_path):
     ep = f"ipc://{tmp_path}/feed.sock"
-    pub = Publisher(ctx, PublishConfig(bind=(ep,), hwm=10))
+    pub = Publisher(PublishConfig(bind=(ep,), hwm=10))
     try:
         slow = subscribe(ctx, pub, ep, rcvhwm=10)  # reads nothing while we publish
         msg, _ = batch(1, 4, size=1000)
@@ -222,7 +222,7 @@ def test_slow_subscriber_loses_its_own_messages_and_never_blocks(ctx, tmp_path):
 
 def test_rebind_adds_and_removes_endpoints(ctx, tmp_path):
     one, two = tmp_path / "one.sock", tmp_path / "two.sock"
-    pub = Publisher(ctx, PublishConfig(bind=(f"ipc://{one}",)))
+    pub = Publisher(PublishConfig(bind=(f"ipc://{one}",)))
     try:
         pub.rebind([f"ipc://{two}"])
         assert pub.endpoints == [f"ipc://{two}"]
@@ -242,7 +242,7 @@ def test_rebind_adds_and_removes_endpoints(ctx, tmp_path):
 
 def test_set_hwm_applies_at_once_to_connected_subscribers(ctx, tmp_path):
     ep = f"ipc://{tmp_path}/f.sock"
-    pub = Publisher(ctx, PublishConfig(bind=(ep,), hwm=7))
+    pub = Publisher(PublishConfig(bind=(ep,), hwm=7))
     try:
         slow = subscribe(ctx, pub, ep, rcvhwm=1)  # reads nothing: its socket fills, then its queue
         msg, _ = batch(1, 4, size=1000)
@@ -254,15 +254,5 @@ def test_set_hwm_applies_at_once_to_connected_subscribers(ctx, tmp_path):
             pub.publish(msg)
         assert (pub.hwm, pub.queued) == (70, 70)
         slow.close()
-    finally:
-        pub.close()
-
-
-def test_set_hwm_on_xpub_sockets(ctx, tmp_path):
-    pub = Publisher(ctx, PublishConfig(bind=(f"ipc://{tmp_path}/f.sock",), hwm=7), direct=False)
-    try:
-        assert pub.socket is not None and pub.socket.getsockopt(zmq.SNDHWM) == 7
-        pub.set_hwm(70)
-        assert (pub.hwm, pub.socket.getsockopt(zmq.SNDHWM)) == (70, 70)
     finally:
         pub.close()

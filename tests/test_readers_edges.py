@@ -135,7 +135,9 @@ def test_sniff_says_why_nothing_arrives(netns, tmp_path):
     publish = {"bind": [f"ipc://{tmp_path}/d/run/feed.sock", TCP], "curve": curve_section(keys)}
     with NflogdProcess(netns, tmp_path / "d", groups=[1], extra={"publish": publish}) as d:
         r = sniff_in(netns, TCP, str(keys.server_pub), str(keys.bob_secret))  # bob: not in clients/
-        wait_until(lambda: "DENIED (CURVE)" in d.stderr, "the daemon's refusal")
+        wait_until(
+            lambda: "is not in publish.curve.authorized_keys_dir: refused" in d.stderr, "the daemon's refusal"
+        )
     assert r.returncode == 0 and r.stdout == "0\n", r.stderr
     assert r.stderr.startswith(
         f"nflogd feed {TCP}: CURVE handshake refused: this client's public key is not in the daemon's"

@@ -310,6 +310,12 @@ def test_subscriptions_reach_the_daemon_and_other_groups_stay_there(lab, tmp_pat
         assert m[("nflogd_relay_subscribed_topics", ())] == 1
         assert ("nflogd_relay_build_info", (("version", "0.1.0"),)) in m
 
+        # a second reader of the group: the daemon hears of neither its subscription nor its hang-up
+        sub2 = Subscriber(relay.endpoint, groups=[5], context=ctx)
+        wait_until(lambda: relay.stderr.count("DEBUG: subscribe '0005'") == 2, "the second reader")
+        sub2.close()
+        wait_until(lambda: relay.metric("nflogd_relay_subscribers") == 1, "the second reader gone")
+        assert d.stderr.count("DEBUG: subscribe '0005'") == 1 and "unsubscribe '0005'" not in d.stderr
         sub.close()  # the last subscriber gone: the daemon hears the unsubscription
         wait_until(lambda: "DEBUG: unsubscribe '0005'" in d.stderr, "the unsubscription")
         wait_until(lambda: relay.metric("nflogd_relay_subscribed_topics") == 0, "no topics")
@@ -792,3 +798,54 @@ def test_a_routers_refusal_reaches_the_reader_through_the_relay(lab, tmp_path, c
         sock.close()
         wait_until(lambda: d.metric("nflogd_feed_filters_refused_total") == 1, "counted at the router")
         assert relay.alive()
+
+
+def test_the_relays_server_passes_filter_topics_on_as_they_are_and_runs_none(ctx, tmp_path):
+    """The relay's Publisher (filter_topics): each reader's filter and its groups through it
+    are handed on byte for byte (and undone at its hang-up), never compiled into a filter of
+    its own (the relay passes upstream a topic's first and last); what comes back on those
+    topics (the daemon's reply, the filtered messages) reaches the readers that hold them,
+    no one else."""
+    from nflogd_client import wire
+    from pubutil import serve
+
+    from nflogd.config_publish import PublishConfig
+    from nflogd.publish import Publisher
+
+    ep = f"ipc://{tmp_path}/relay.sock"
+    pub = Publisher(PublishConfig(bind=(ep,)), filter_topics=True)
+    passed: list[bytes] = []
+    pub.on_filter = lambda msg: passed.append(msg) is None
+    f = filters.Filter("udp port 53")
+    spec_topic, through = f.topic(b"tag1"), f.group_topic(wire.topic(1))
+    readers = []
+    try:
+        for _ in range(2):  # two readers of one filter topic: passed on once
+            r = ctx.socket(zmq.SUB)
+            r.connect(ep)
+            r.subscribe(spec_topic)
+            r.subscribe(through)
+            readers.append(r)
+        other = ctx.socket(zmq.SUB)
+        other.connect(ep)
+        other.subscribe(wire.topic(1))
+        readers.append(other)
+        serve(pub, lambda: pub.subscription_messages >= 5, "the subscriptions")
+        assert passed.count(b"\x01" + spec_topic) == 2 and passed.count(b"\x01" + through) == 2
+        assert pub.filters() == []  # nothing compiled: the relay runs no filter
+        pub.forward(filters.reply(spec_topic, True))
+        msg = wire.frames(1, "r1", 1, 0, 0, 0, b"", b"")
+        pub.forward([through, *msg[1:]])
+        for r in readers[:2]:
+            assert r.poll(2000)
+            assert filters.filter_reply(r.recv_multipart()) == (True, "")
+            assert r.poll(2000)
+            assert r.recv_multipart()[0] == through
+        assert not other.poll(300)  # not on its topics
+        readers[0].close(linger=0)
+        serve(pub, lambda: passed.count(b"\x00" + spec_topic) == 1, "the hang-up's cancels")
+        assert passed.count(b"\x00" + through) == 1
+    finally:
+        for r in readers:
+            r.close(linger=0)
+        pub.close(linger=0)

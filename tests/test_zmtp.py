@@ -18,7 +18,7 @@ import zmq
 from nflogd_client import wire
 from pubutil import serve
 
-from nflogd.config import PublishConfig
+from nflogd.config_publish import PublishConfig
 from nflogd.feed.codec import GREETING_REST, MAX_FRAME, PARTIAL_GREETING
 from nflogd.feed.codec import ready as server_ready
 from nflogd.publish import Publisher
@@ -100,7 +100,7 @@ class Raw:
 
 @pytest.fixture
 def pub(ctx, tmp_path):
-    p = Publisher(ctx, PublishConfig(bind=(f"ipc://{tmp_path}/f.sock",)), node="n1", epoch=7)
+    p = Publisher(PublishConfig(bind=(f"ipc://{tmp_path}/f.sock",)), node="n1", epoch=7)
     yield p
     p.close(linger=0)
 
@@ -221,7 +221,7 @@ def test_a_foreign_topic_closes_only_its_connection_on_loopback_tcp(ctx):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     ep = f"tcp://127.0.0.1:{port}"
-    pub = Publisher(ctx, PublishConfig(bind=(ep,)))
+    pub = Publisher(PublishConfig(bind=(ep,)))
     sub = ctx.socket(zmq.SUB)
     bad = socket.create_connection(("127.0.0.1", port))
     try:
@@ -239,7 +239,7 @@ def test_a_foreign_topic_closes_only_its_connection_on_loopback_tcp(ctx):
 
 def test_a_silent_peer_is_dropped_at_the_handshake_timeout(ctx, tmp_path, caplog):
     path = f"{tmp_path}/f.sock"
-    pub = Publisher(ctx, PublishConfig(bind=(f"ipc://{path}",), handshake_timeout_ms=200))
+    pub = Publisher(PublishConfig(bind=(f"ipc://{path}",), handshake_timeout_ms=200))
     raws: list[Raw] = []
     try:
         raws += [Raw(pub, path) for _ in range(3)]
@@ -262,7 +262,7 @@ def test_a_stuck_subscriber_costs_at_most_hwm_and_is_warned_of_once(ctx, tmp_pat
     queued for it, the rest dropped and counted; one warning; a reader beside it loses
     nothing."""
     path = f"{tmp_path}/f.sock"
-    pub = Publisher(ctx, PublishConfig(bind=(f"ipc://{path}",), hwm=20))
+    pub = Publisher(PublishConfig(bind=(f"ipc://{path}",), hwm=20))
     good = ctx.socket(zmq.SUB)
     good.setsockopt(zmq.RCVHWM, 0)
     try:
@@ -336,7 +336,7 @@ def test_one_uid_holds_at_most_its_share_of_ipc_connections(ctx, caplog):
     os.chmod(where, 0o755)
     path = f"{where}/f.sock"
     ep = f"ipc://{path}"
-    pub = Publisher(ctx, PublishConfig(bind=(ep,), max_connections_per_source=5, idle_timeout_ms=0))
+    pub = Publisher(PublishConfig(bind=(ep,), max_connections_per_source=5, idle_timeout_ms=0))
     os.chmod(path, 0o777)
     nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3"]
     proc = subprocess.Popen(
@@ -373,7 +373,7 @@ def test_a_peer_subscribed_to_nothing_is_hung_up_on_after_the_idle_timeout(ctx, 
     cancelled its only topic, are hung up on when it runs out (counted, logged once); a
     subscribed reader stays."""
     path = f"{tmp_path}/f.sock"
-    pub = Publisher(ctx, PublishConfig(bind=(f"ipc://{path}",), idle_timeout_ms=1000))
+    pub = Publisher(PublishConfig(bind=(f"ipc://{path}",), idle_timeout_ms=1000))
     sub = ctx.socket(zmq.SUB)
     try:
         sub.connect(f"ipc://{path}")
@@ -410,7 +410,7 @@ def test_slow_subscribers_share_one_cap_of_queued_bytes(ctx, tmp_path, caplog):
     when they go, the bytes are given back."""
     path = f"{tmp_path}/f.sock"
     cap = 1 << 20
-    pub = Publisher(ctx, PublishConfig(bind=(f"ipc://{path}",), hwm=1_000_000, max_queued_bytes=cap))
+    pub = Publisher(PublishConfig(bind=(f"ipc://{path}",), hwm=1_000_000, max_queued_bytes=cap))
     good = ctx.socket(zmq.SUB)
     good.setsockopt(zmq.RCVHWM, 0)
     stuck: list[Raw] = []
@@ -449,7 +449,7 @@ def test_the_last_words_count_the_packets_a_slow_peer_never_got(ctx, tmp_path, c
     after its linger, the publisher says how many packets it could not send: with what the
     peer's socket had taken, every packet published."""
     path = f"{tmp_path}/f.sock"
-    pub = Publisher(ctx, PublishConfig(bind=(f"ipc://{path}",), hwm=100_000), node="n1", epoch=7)
+    pub = Publisher(PublishConfig(bind=(f"ipc://{path}",), hwm=100_000), node="n1", epoch=7)
     raw = handshake(pub, path)
     raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     raw.send(frame(b"\x01"))  # subscribed to every group

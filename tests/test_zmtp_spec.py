@@ -22,7 +22,7 @@ from nflogd_client import wire
 from nflogd_client.filters import FILTER_TOPIC
 from pubutil import serve
 
-from nflogd.config import PublishConfig
+from nflogd.config_publish import PublishConfig
 from nflogd.feed.codec import (
     GREETING,
     GREETING_REST,
@@ -503,7 +503,7 @@ def dribbler(pub, tmp_path):
 
 @pytest.fixture
 def pub(ctx, tmp_path):
-    p = Publisher(ctx, PublishConfig(bind=(f"ipc://{tmp_path}/f.sock",)), node="n1", epoch=7)
+    p = Publisher(PublishConfig(bind=(f"ipc://{tmp_path}/f.sock",)), node="n1", epoch=7)
     yield p
     p.close(linger=0)
 

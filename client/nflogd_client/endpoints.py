@@ -589,6 +589,11 @@ class EndpointTracker:
     # -- inside ---------------------------------------------------------------------------------------
 
     def _handshake_failure(self, kind: int, value: int) -> str:
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == 300:  # ZAP's "temporary error"
+            return (
+                "refused for now: the daemon has as many readers as its limits allow "
+                "(publish.max_connections, max_connections_per_source)"
+            )
         if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             return (
                 "CURVE handshake refused: this client's public key is not in the daemon's "

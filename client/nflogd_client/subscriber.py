@@ -76,7 +76,7 @@ NFLOG metadata (``prefix=``, ``prefix_start=``, ``mark=``, ``uid=``, ``gid=``, `
 ``outdev=``, ``hook=``; or ``filter=Filter(...)``) are run at the daemon, before anything is
 sent (``docs/filters.md``): ``filter_state`` is ``"pending"``, then ``"accepted"``; a refusal
 raises ``FilterRefused`` from ``recv()``. Through nflogd-relay the filter runs at its
-upstream daemons. With CURVE, with ``filter_at="reader"``, or when no answer came
+upstream daemons, and on a CURVE endpoint as on any other. With ``filter_at="reader"``, or when no answer came
 ``FILTER_REPLY_S`` after connecting (a daemon without filters hangs up on it), this process
 runs the same filter on what it receives (``filter_state`` ``"reader"``, a warning says why).
 
@@ -285,7 +285,7 @@ class Subscriber(_BatchCursor):
         #: The filter (None: every packet), and where it runs: "pending" (sent to the daemon,
         #: not answered yet), "accepted" (by the daemon), "refused", "reader" (here); "none".
         self.filter = make_filter(filter, match)
-        self.filter_state = "reader" if keys is not None or filter_at == "reader" else "pending"
+        self.filter_state = "reader" if filter_at == "reader" else "pending"
         if self.filter is None:
             self.filter_state = "none"
         self._plain_topics = topics  # the groups' topics: what a reader filtering itself takes

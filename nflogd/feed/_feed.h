@@ -1,5 +1,5 @@
 /* The feed in C (_feed.c): a group's batches read by the capture (_nflog.h) straight onto
- * the feed's own peers (_peers.h) and pyzmq's XPUB sockets. It reads from the capture and
+ * the feed's own peers (_peers.h). It reads from the capture and
  * writes to the peers; neither calls it.
  *
  * Also part of the CFFI cdef (ffi_build.py reads it): fixed-width types, no includes but the
@@ -12,37 +12,19 @@
 
 struct nflogd_reader;
 struct nflogd_peers;
-struct nflogd_pool;
 
-/* Let go of r's pool of data buffers (at the reader's end, before nflogd_reader_free):
- * buffers ZeroMQ still holds are freed when it is done with them. */
-void nflogd_pool_release(struct nflogd_pool *pool);
-
-/* The feed: its own peers and pyzmq's XPUB sockets, shared by the capture threads
+/* The feed: its own peers, shared by the capture threads
  * (nflogd_pump) and the control thread, which holds nflogd_feed_lock() for every use of
  * them (_feed.c, _peers.c). */
 struct nflogd_feed;
-
-/* Take the libzmq functions the feed needs from the library at path, which pyzmq must
- * have loaded already (never a second copy); its version in *major.*minor.*patch.
- * 0, -ENOENT (not loaded) or -ENOSYS (a function missing). */
-int nflogd_zmq_load(const char *path, int *major, int *minor, int *patch);
 
 struct nflogd_feed *nflogd_feed_new(uint64_t epoch);
 void nflogd_feed_free(struct nflogd_feed *f);
 void nflogd_feed_lock(struct nflogd_feed *f);
 void nflogd_feed_unlock(struct nflogd_feed *f);
-/* Both under the lock: the sockets (libzmq's void *; NULL for none), the node name. */
-int nflogd_feed_set_sockets(struct nflogd_feed *f, void *first, void *second);
+/* Under the lock: the node name. */
 int nflogd_feed_set_node(struct nflogd_feed *f, const char *node, uint32_t len);
 uint64_t nflogd_feed_sent(struct nflogd_feed *f);
-uint64_t nflogd_feed_unsent(struct nflogd_feed *f);
-/* Bytes of the messages the XPUB sockets took, once per socket (not per subscriber). */
-uint64_t nflogd_feed_xpub_bytes(struct nflogd_feed *f);
-/* Under the lock: the control loop is about to wait for events. A send that finds a
- * socket with incoming messages afterwards writes 1 to the eventfd fd (once): the send took
- * the ZMQ_FD wake-up the loop would have had. */
-void nflogd_feed_wake_on_incoming(struct nflogd_feed *f, int fd);
 /* The feed's own peers (_peers.h). */
 struct nflogd_peers *nflogd_feed_peers(struct nflogd_feed *f);
 

@@ -23,6 +23,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <sodium.h>
+
 #include "../_nflog.h"
 #include "_filter.h"
 #include "_peers.h"
@@ -49,6 +51,9 @@ struct peer {
     uint32_t qoff;               /* bytes of the head blob written already */
     uint64_t dropped;            /* messages not queued: hwm reached */
     int dropping;                /* the last message was dropped: the control loop was told */
+    int curve;                   /* CURVE: every frame boxed into a MESSAGE with key, nonce */
+    uint64_t nonce;              /* the next short nonce */
+    uint8_t key[crypto_box_BEFORENMBYTES];
     int slot;                    /* its filter's slot in filters (_filter.c), -1: none */
     int tagged;                  /* its filtered messages' topic: ftopic and the group, not the group */
     uint8_t ftopic[NFLOGD_FILTERED_TOPIC];  /* "\xffNFLG" and its filter's id */
@@ -72,10 +77,14 @@ struct nflogd_peers {
     uint64_t max_bytes;          /* no new blob past this: the message is dropped for the peer */
     uint64_t full_dropped;       /* messages dropped so (counted in dropped too) */
     int trim_due;                /* bytes passed TRIM_BYTES since the last malloc_trim */
+    uint8_t *boxed;              /* a CURVE peer's message, boxed: grown as messages need */
+    size_t boxed_cap;
 };
 
 struct nflogd_peers *peers_new(void)
 {
+    if (sodium_init() < 0)
+        return NULL;
     struct nflogd_peers *ps = calloc(1, sizeof(*ps));
     if (ps) {
         ps->epfd = ps->wake_fd = -1;
@@ -123,6 +132,7 @@ static void queue_clear(struct nflogd_peers *ps, struct peer *p)
 static void peer_release(struct nflogd_peers *ps, struct peer *p)
 {
     queue_clear(ps, p);
+    sodium_memzero(p->key, sizeof(p->key));
     free(p->queue);
     free(p->exact);
     nflogd_filters_release(ps->filters, p->slot);
@@ -139,6 +149,7 @@ void peers_free(struct nflogd_peers *ps)
         if (ps->peer[i].fd >= 0)
             peer_release(ps, &ps->peer[i]);
     free(ps->peer);
+    free(ps->boxed);
     nflogd_filters_free(ps->filters);
     free(ps->match);
     free(ps->fbuf);
@@ -326,6 +337,75 @@ static void frame_iov(struct iovec *iov, uint8_t heads[][9], const struct iovec 
     *total = len;
 }
 
+/* A ZMTP frame of size bytes: its header into head (flags | LONG past 255); its length. */
+static size_t frame_head(uint8_t *head, uint8_t flags, uint64_t size)
+{
+    if (size < 256) {
+        head[0] = flags;
+        head[1] = (uint8_t)size;
+        return 2;
+    }
+    head[0] = flags | 2;
+    for (int k = 0; k < 8; k++)
+        head[1 + k] = (uint8_t)(size >> (56 - 8 * k));
+    return 9;
+}
+
+#define CURVE_FRAME 0            /* a MESSAGE goes as a data frame, as libzmq sends and reads it */
+#define MESSAGE_OVERHEAD (8 + 8 + crypto_box_MACBYTES + 1)  /* name, short nonce, MAC, flags */
+
+/* nframes frames as the CURVE peer p gets them: each a MESSAGE command boxing its flags (MORE
+ * but on the last; COMMAND with command) and body, into ps->boxed; its length, or 0 (no memory). */
+static size_t box_frames(struct nflogd_peers *ps, struct peer *p, const struct iovec *frames, int nframes,
+                         int command)
+{
+    size_t need = 0;
+    for (int i = 0; i < nframes; i++)
+        need += 9 + MESSAGE_OVERHEAD + frames[i].iov_len;
+    if (need > ps->boxed_cap) {
+        uint8_t *more = realloc(ps->boxed, need);
+        if (!more)
+            return 0;
+        ps->boxed = more;
+        ps->boxed_cap = need;
+    }
+    uint8_t *at = ps->boxed;
+    for (int i = 0; i < nframes; i++) {
+        size_t len = frames[i].iov_len;
+        at += frame_head(at, CURVE_FRAME, MESSAGE_OVERHEAD + len);
+        uint8_t nonce[crypto_box_NONCEBYTES];
+        memcpy(nonce, "CurveZMQMESSAGES", 16);
+        for (int k = 0; k < 8; k++)
+            nonce[16 + k] = (uint8_t)(p->nonce >> (56 - 8 * k));
+        p->nonce++;
+        memcpy(at, "\x07MESSAGE", 8);
+        memcpy(at + 8, nonce + 16, 8);
+        /* the box: its MAC, then the ciphertext where the plaintext was put (exactly in place:
+         * libsodium encrypts it there; easy_afternm's box 16 bytes before it would move it all) */
+        uint8_t *mac = at + 16, *plain = mac + crypto_box_MACBYTES;
+        plain[0] = (uint8_t)((i < nframes - 1 ? 1 : 0) | (command ? 2 : 0));
+        memcpy(plain + 1, frames[i].iov_base, len);
+        crypto_box_detached_afternm(plain, mac, plain, 1 + len, nonce, p->key);
+        at = plain + 1 + len;
+    }
+    return (size_t)(at - ps->boxed);
+}
+
+/* One message (or command) to the CURVE peer p: boxed, then as deliver() (its rc). */
+static int deliver_boxed(struct nflogd_peers *ps, struct peer *p, const struct iovec *frames, int nframes,
+                         int command)
+{
+    size_t len = box_frames(ps, p, frames, nframes, command);
+    if (!len)
+        return 0;
+    struct iovec iov = { ps->boxed, len };
+    struct blob *b = NULL;
+    int rc = deliver(ps, p, &iov, 1, len, &b);
+    if (b)
+        blob_unref(ps, b);
+    return rc;
+}
+
 /* Count what deliver() said of a message to p: dropped at its hwm (0) or for the cap on
  * the bytes queued (2, counted in both). */
 static void delivered(struct nflogd_peers *ps, struct peer *p, int rc)
@@ -504,13 +584,17 @@ static void send_filtered(struct nflogd_peers *ps, uint16_t group, const struct 
             if (p->fd < 0 || p->dead || p->slot != s || !subscribed(p, group))
                 continue;
             int t = p->tagged;  /* the topic it subscribed with: the group's, or the filter's */
+            struct iovec f[4] = { out[0], out[1], out[2], out[3] };
+            if (t) {  /* every tagged peer of the slot has the same: its filter's id */
+                memcpy(topic, p->ftopic, NFLOGD_FILTERED_TOPIC);
+                memcpy(topic + NFLOGD_FILTERED_TOPIC, out[0].iov_base, 2);
+                f[0] = (struct iovec){ topic, sizeof(topic) };
+            }
+            if (p->curve) {  /* its own copy, boxed for it */
+                delivered(ps, p, deliver_boxed(ps, p, f, 4, 0));
+                continue;
+            }
             if (!framed[t]) {
-                struct iovec f[4] = { out[0], out[1], out[2], out[3] };
-                if (t) {  /* every tagged peer of the slot has the same: its filter's id */
-                    memcpy(topic, p->ftopic, NFLOGD_FILTERED_TOPIC);
-                    memcpy(topic + NFLOGD_FILTERED_TOPIC, out[0].iov_base, 2);
-                    f[0] = (struct iovec){ topic, sizeof(topic) };
-                }
                 frame_iov(iov[t], heads[t], f, 4, &len[t]);
                 framed[t] = 1;
             }
@@ -536,6 +620,10 @@ void peers_send(struct nflogd_peers *ps, uint16_t group, const struct iovec fram
             continue;
         if (p->slot >= 0) {
             want |= 1ull << p->slot;
+            continue;
+        }
+        if (p->curve) {
+            delivered(ps, p, deliver_boxed(ps, p, frames, 4, 0));
             continue;
         }
         if (!framed) {
@@ -689,6 +777,38 @@ int nflogd_peers_flush(struct nflogd_peers *ps, int id)
     return rc < 0 ? -p->dead : rc;
 }
 
+int nflogd_peers_message(struct nflogd_peers *ps, int id, const uint8_t *f0, uint32_t l0, const uint8_t *f1,
+                         uint32_t l1, const uint8_t *f2, uint32_t l2, const uint8_t *f3, uint32_t l3, int nframes)
+{
+    struct peer *p = peer_at(ps, id);
+    if (!p)
+        return -ENOENT;
+    if (p->dead)
+        return -p->dead;
+    if (nframes < 1 || nframes > 4)
+        return -EINVAL;
+    const struct iovec frames[4] = {
+        { (void *)f0, l0 }, { (void *)f1, l1 }, { (void *)f2, l2 }, { (void *)f3, l3 },
+    };
+    int rc;
+    if (p->curve) {
+        rc = deliver_boxed(ps, p, frames, nframes, 0);
+    } else {
+        struct iovec iov[8];
+        uint8_t heads[4][9];
+        size_t len = 0;
+        struct blob *b = NULL;
+        frame_iov(iov, heads, frames, nframes, &len);
+        rc = deliver(ps, p, iov, 2 * nframes, len, &b);
+        if (b)
+            blob_unref(ps, b);
+    }
+    if (rc >= 0)
+        delivered(ps, p, rc);
+    maybe_trim(ps);
+    return rc < 0 ? -p->dead : rc;
+}
+
 int nflogd_peers_command(struct nflogd_peers *ps, int id, const uint8_t *frame, uint32_t len)
 {
     struct peer *p = peer_at(ps, id);
@@ -698,10 +818,36 @@ int nflogd_peers_command(struct nflogd_peers *ps, int id, const uint8_t *frame, 
         return -p->dead;
     struct iovec iov = { (void *)frame, len };
     struct blob *b = NULL;
-    int rc = deliver(ps, p, &iov, 1, len, &b);  /* dropped (0, 2): not a message of the feed */
+    int rc;
+    if (p->curve) {  /* the command's body, out of its frame, boxed */
+        size_t hl = len && frame[0] & 2 ? 9 : 2;
+        if (len < hl)
+            return -EINVAL;
+        struct iovec body = { (void *)(frame + hl), len - hl };
+        rc = deliver_boxed(ps, p, &body, 1, 1);
+    } else {
+        rc = deliver(ps, p, &iov, 1, len, &b);  /* dropped (0, 2): not a message of the feed */
+    }
     if (b)
         blob_unref(ps, b);
     return rc < 0 ? -p->dead : rc == 1;
+}
+
+int nflogd_peers_set_curve(struct nflogd_peers *ps, int id, const uint8_t *key, uint64_t nonce)
+{
+    struct peer *p = peer_at(ps, id);
+    if (!p)
+        return -ENOENT;
+    memcpy(p->key, key, sizeof(p->key));
+    p->nonce = nonce;
+    p->curve = 1;
+    return 0;
+}
+
+uint64_t nflogd_peers_nonce(struct nflogd_peers *ps, int id)
+{
+    struct peer *p = peer_at(ps, id);
+    return p && p->curve ? p->nonce : 0;
 }
 
 uint64_t nflogd_peers_dropped(struct nflogd_peers *ps, int id)

@@ -25,6 +25,12 @@ uint64_t nflogd_peers_queued_bytes(struct nflogd_peers *ps);
 uint64_t nflogd_peers_full_dropped(struct nflogd_peers *ps);
 /* A peer whose handshake is done (nothing else may write fd from now on): its id, or -errno. */
 int nflogd_peers_add(struct nflogd_peers *ps, int fd);
+/* The peer speaks CURVE (spec 26): every frame it gets from now on is a MESSAGE boxed with key
+ * (crypto_box_beforenm of its short-term key and ours, 32 bytes), nonce the next short nonce
+ * (it grows by one per frame). 0 or -errno. */
+int nflogd_peers_set_curve(struct nflogd_peers *ps, int id, const uint8_t *key, uint64_t nonce);
+/* The next short nonce of a CURVE peer (0: not CURVE), for tests. */
+uint64_t nflogd_peers_nonce(struct nflogd_peers *ps, int id);
 /* Forget the peer and its queue (then the caller closes fd). */
 void nflogd_peers_remove(struct nflogd_peers *ps, int id);
 /* What the peer gets: every group (all), the groups whose high byte has its bit in the
@@ -37,6 +43,11 @@ int nflogd_peers_flush(struct nflogd_peers *ps, int id);
 /* A ZMTP command frame (a PONG) to the peer, after what it has queued: 1 written or
  * queued, 0 dropped (hwm queued), -errno. */
 int nflogd_peers_command(struct nflogd_peers *ps, int id, const uint8_t *frame, uint32_t len);
+/* A message of nframes (1..4) frames to one peer, as the feed's messages go (boxed for a CURVE
+ * peer; dropped and counted at its hwm or the cap): a filter's reply, or what the relay passes
+ * on for a topic only its readers know. 1 written or queued, 0 or 2 dropped, -errno. */
+int nflogd_peers_message(struct nflogd_peers *ps, int id, const uint8_t *f0, uint32_t l0, const uint8_t *f1,
+                         uint32_t l1, const uint8_t *f2, uint32_t l2, const uint8_t *f3, uint32_t l3, int nframes);
 /* The peer's filter (spec: a filter of _filter.h, len bytes; NULL: none), in place of the
  * one it had: from now on each of its messages holds only the records the filter passed,
  * numbered by that filter. The filter's slot, or -EINVAL with a one-line reason in why (the

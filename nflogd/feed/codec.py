@@ -34,6 +34,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .curve import CurveHandshake
 
 from nflogd_client.filters import FILTER_TOPIC
 
@@ -72,12 +76,19 @@ _FILTER_HEADS = {
     True: (b"\x09SUBSCRIBE" + FILTER_TOPIC, b"\x06CANCEL" + FILTER_TOPIC),
 }
 
+#: How a CURVE MESSAGE command begins (spec 26).
+_MESSAGE_HEAD = b"\x07MESSAGE"
+
 SIGNATURE = b"\xff" + bytes(8) + b"\x7f"
 #: The first 11 bytes of the greeting: the signature and the major version, 3.
 PARTIAL_GREETING = SIGNATURE + b"\x03"
 #: The rest of a ZMTP 3.1 greeting with the NULL mechanism (as-server 0), 53 bytes.
 GREETING_REST = b"\x01" + b"NULL".ljust(20, b"\0") + b"\0" + bytes(31)
 GREETING = PARTIAL_GREETING + GREETING_REST
+#: The same with the CURVE mechanism, as-server 1 (spec 26 over ZMTP 3.0).
+CURVE_GREETING_REST = b"\x01" + b"CURVE".ljust(20, b"\0") + b"\x01" + bytes(31)
+#: A CURVE MESSAGE's cost over the frame it boxes: its name, short nonce, MAC and flags.
+CURVE_OVERHEAD = 8 + 8 + 16 + 1
 
 _MORE, _LONG, _COMMAND = 1, 2, 4
 #: ZMTP 2.0's socket types (spec 15) this side serves, and what it says it is: PUB (XPUB is
@@ -91,15 +102,24 @@ _VALUE = struct.Struct(">I")
 
 def command(name: bytes, body: bytes = b"") -> bytes:
     """A ZMTP command frame, short or long as its size asks."""
-    data = bytes([len(name)]) + name + body
-    if len(data) < 256:
-        return bytes([_COMMAND, len(data)]) + data
-    return bytes([_COMMAND | _LONG]) + _SIZE.pack(len(data)) + data
+    return command_raw(bytes([len(name)]) + name + body)
+
+
+def _ready_body(socket_type: bytes = b"XPUB") -> bytes:
+    """A READY's metadata: the Socket-Type property alone."""
+    return bytes([11]) + b"Socket-Type" + _VALUE.pack(len(socket_type)) + socket_type
 
 
 def ready(socket_type: bytes = b"XPUB") -> bytes:
     """A NULL READY command with the Socket-Type property alone."""
-    return command(b"READY", bytes([11]) + b"Socket-Type" + _VALUE.pack(len(socket_type)) + socket_type)
+    return command(b"READY", _ready_body(socket_type))
+
+
+def command_raw(body: bytes) -> bytes:
+    """A command frame around ``body``, its name's length byte and name included."""
+    if len(body) < 256:
+        return bytes([_COMMAND, len(body)]) + body
+    return bytes([_COMMAND | _LONG]) + _SIZE.pack(len(body)) + body
 
 
 def error(reason: str) -> bytes:
@@ -154,6 +174,8 @@ class Handshake(Event):
     version: tuple[int, int]
     socket_type: bytes
     properties: dict[bytes, bytes]
+    #: The client's long-term key (raw, 32 bytes) on a CURVE endpoint; None with NULL.
+    client_key: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,15 +220,21 @@ class Refused(Event):
 
 # -- the conversation -----------------------------------------------------------------
 
-_SIGNATURE, _VERSION, _REST, _V2_TYPE, _V2_IDENTITY, _READY, _OPEN, _V2_OPEN, _DONE = range(9)
+_SIGNATURE, _VERSION, _REST, _V2_TYPE, _V2_IDENTITY, _READY, _OPEN, _V2_OPEN, _DONE, _HELLO, _INITIATE = (
+    range(11)
+)
+_HANDSHAKE_COMMANDS = (_READY, _HELLO, _INITIATE)
 
 
 class Codec:
-    """One peer's ZMTP conversation, the feed's side (an XPUB that binds, NULL mechanism)."""
+    """One peer's ZMTP conversation, the feed's side (an XPUB that binds): the NULL mechanism,
+    or CURVE with ``curve`` (a ``curve.CurveHandshake``, which also holds the session once
+    the handshake is done)."""
 
-    __slots__ = ("_buf", "_at", "_out", "_state", "_skip", "_ready_sent", "version", "socket_type")
+    __slots__ = ("_buf", "_at", "_out", "_state", "_skip", "_ready_sent", "version", "socket_type", "curve")
 
-    def __init__(self) -> None:
+    def __init__(self, curve: CurveHandshake | None = None) -> None:
+        self.curve = curve
         self._buf = bytearray()
         self._at = 0  # parsed up to here
         self._out = bytearray(PARTIAL_GREETING)
@@ -255,7 +283,7 @@ class Codec:
         state = self._state
         if state == _DONE:
             return None
-        if state in (_OPEN, _V2_OPEN, _READY):
+        if state in (_OPEN, _V2_OPEN, _READY, _HELLO, _INITIATE):
             return self._frame()
         if state == _SIGNATURE:
             return self._signature()
@@ -308,8 +336,10 @@ class Codec:
         self.version = (major, 0)
         if major >= 3:
             self._state = _REST
-            self._out += GREETING_REST
+            self._out += GREETING_REST if self.curve is None else CURVE_GREETING_REST
             return Skipped("major version")
+        if major in (1, 2) and self.curve is not None:
+            return self._refuse("a ZMTP 2.0 peer on a CURVE endpoint")
         if major in (1, 2):  # ZMTP 2.0 (spec 23: "1 or 2"): its socket type and identity
             self.version = (2, 0)
             self._state = _V2_TYPE
@@ -324,7 +354,15 @@ class Codec:
         minor = buf[at]
         mechanism = bytes(buf[at + 1 : at + 21]).rstrip(b"\0")
         self._at += 53  # minor, mechanism, as-server, filler: none of them checked but these
+        as_server = buf[at + 21]
         self.version = (self.version[0] if self.version else 3, minor)
+        if self.curve is not None:
+            if mechanism != b"CURVE":
+                return self._refuse(f"mechanism {_shown(mechanism)!r}, not CURVE")
+            if as_server:
+                return self._refuse("a CURVE peer that says it is the server")
+            self._state = _HELLO
+            return Skipped("greeting")
         if mechanism != b"NULL":
             return self._refuse(f"mechanism {_shown(mechanism)!r}, not NULL")
         self._state = _READY
@@ -376,11 +414,20 @@ class Codec:
         else:
             size = buf[at + 1]
             start = at + 2
-        limit = MAX_READY if self._state == _READY else MAX_FRAME
+        state = self._state
+        if state in _HANDSHAKE_COMMANDS:
+            limit = MAX_READY
+        else:
+            limit = MAX_FRAME if self.curve is None else MAX_FRAME + CURVE_OVERHEAD
         if size > limit:
             head = bytes(buf[start : start + 15])
-            heads = _FILTER_HEADS[bool(flags & _COMMAND)]
-            maybe = self._state != _READY and size <= MAX_FILTER_FRAME
+            heads: tuple[bytes, ...]
+            if self.curve is None:
+                heads = _FILTER_HEADS[bool(flags & _COMMAND)]
+                maybe = self._state != _READY and size <= MAX_FILTER_FRAME
+            else:  # what a MESSAGE boxes is seen once opened (_curve_message): a filter, or refused
+                heads = (_MESSAGE_HEAD,)
+                maybe = state not in (_HELLO, _INITIATE) and size <= MAX_FILTER_FRAME + CURVE_OVERHEAD
             if not (maybe and head.startswith(heads)):
                 if maybe and len(head) < 15 and any(h.startswith(head) for h in heads):
                     return None  # a filter, perhaps: wait for its first bytes
@@ -389,6 +436,16 @@ class Codec:
             return None
         body = bytes(buf[start : start + size])
         self._at = start + size
+        if self.curve is not None:
+            if state in (_HELLO, _INITIATE):
+                if not flags & _COMMAND or flags & _MORE:
+                    return self._refuse("a message in the CURVE handshake")
+                return self._curve_command(body)
+            return self._curve_message(flags, body)  # data frames, as libzmq sends them
+        return self._dispatch(flags, body)
+
+    def _dispatch(self, flags: int, body: bytes) -> Event:
+        """A frame read whole (or opened from a CURVE MESSAGE)."""
         if flags & _COMMAND:
             if flags & _MORE:
                 return self._refuse("a command frame with MORE set", self._may_error())
@@ -403,6 +460,51 @@ class Codec:
         if body[:1] == b"\x00":
             return Cancel(body[1:])
         return Skipped("a message that is no subscription")
+
+    def _curve_command(self, body: bytes) -> Event:
+        """HELLO, then INITIATE (or an ERROR from the peer)."""
+        from .curve import CurveRefused
+
+        curve = self.curve
+        assert curve is not None
+        if body[:6] == b"\x05ERROR":
+            return self._command(body)
+        try:
+            if self._state == _HELLO:
+                self._out += command_raw(curve.hello(body))
+                self._state = _INITIATE
+                return Skipped("HELLO")
+            key, metadata, reply = curve.initiate(body, _ready_body())
+        except CurveRefused as e:
+            refused = self._refuse(e.reason)
+            if e.status:  # ZMTP 3.1 / spec 26: an ERROR in place of READY, a ZAP status code
+                return Refused(e.reason, error(e.status))
+            return refused
+        props = properties(metadata)
+        if props is None:
+            return self._refuse("a malformed INITIATE metadata")
+        kind = props.get(b"socket-type")
+        if kind not in _PEER_TYPES:
+            shown = "none" if kind is None else _shown(kind)
+            return self._refuse(f"socket type {shown}, not SUB or XSUB")
+        assert self.version is not None
+        self.socket_type = kind
+        self._state = _OPEN
+        self._out += command_raw(reply)
+        return Handshake(self.version, kind, props, key)
+
+    def _curve_message(self, _flags: int, body: bytes) -> Event:
+        """A MESSAGE after the handshake: the frame it boxes, as if it came plain."""
+        from .curve import CurveRefused
+
+        assert self.curve is not None  # the frame's own flags say nothing: the boxed ones do
+        try:
+            inner_flags, data = self.curve.open_message(body)
+        except CurveRefused as e:
+            return self._refuse(e.reason)
+        if len(data) > MAX_FRAME and not data.startswith(_FILTER_HEADS[bool(inner_flags & 2)]):
+            return self._refuse(f"a {len(data)}-byte frame (at most {MAX_FRAME})")
+        return self._dispatch((inner_flags & _MORE) | (_COMMAND if inner_flags & 2 else 0), data)
 
     def _command(self, body: bytes) -> Event:
         n = body[0] if body else 0

@@ -1,17 +1,18 @@
-"""The feed's NULL-mechanism endpoints (ipc, and tcp without CURVE), served by nflogd itself.
+"""Every endpoint of the feed (ipc, tcp, CURVE), the daemon's and the relay's, served by nflogd itself.
 
 The capture threads write each message straight to the subscribers' sockets
 (``_peers.c``); everything else a ZeroMQ XPUB socket would do for them is done here, on the
 control thread: it listens, accepts within the connection budget, moves each peer's bytes
-through its ``Codec`` (``codec.py``: ZMTP 3.1, 3.0 and 2.0, the NULL mechanism, as an XPUB
-that binds) and acts on what the codec says: a handshake done (the peer goes to the C
-sender), a subscription, a PING (a PONG after what the peer has queued), a breach (its
+through its ``Codec`` (``codec.py``: ZMTP 3.1, 3.0 and 2.0, the NULL mechanism or CURVE
+(``curve.py``), as an XPUB that binds) and acts on what the codec says: a handshake done
+(the peer goes to the C sender), a subscription, a PING (a PONG after what the peer has queued), a breach (its
 ERROR sent if the spec has one, the peer hung up on). It flushes what a slow peer queued
 once its socket drains. Any libzmq SUB or XSUB connects to it as to an XPUB::
 
     server = ZmtpServer(cfeed, owner=publisher, handshake_timeout_ms=10_000)
     server.set_limits(publish_config)               # per source, idle, ipc_filter_groups
     server.bind("ipc:///run/nflogd/feed.sock")
+    server.bind("tcp://*:5555", curve_keys)          # CurveZMQ, the keys nflogd.access read
     poller.register(server.fileno(), zmq.POLLIN)     # its epoll: listeners and peers
     more = server.serve(256)                        # a turn: at most 256 frames per peer
     server.next_deadline()                          # when the next handshake times out
@@ -24,7 +25,7 @@ bounded (docs/security.md, "Limits"): its frames (``codec.MAX_READY``, ``codec.M
 what it sent and was not parsed yet (one read), its time to finish the handshake, its
 queue at ``publish.hwm`` messages (past that its messages are dropped, counted). The
 connection budget, the counting and the once-per-episode logs are the owner's
-(``Publisher``), which the CURVE socket's peers share.
+(``Publisher``), the same for NULL and CURVE peers.
 """
 
 from __future__ import annotations
@@ -39,15 +40,30 @@ import socket
 import struct
 import time
 import weakref
-from collections import deque
-from typing import TYPE_CHECKING, Protocol
+from collections import Counter, deque
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from nflogd_client import filters, wire
 
 from ..addresses import split_host_port
 from ..episodes import Episodes
 from ..errors import NflogdError
-from .codec import Cancel, Codec, Handshake, Ping, Refused, Subscribe, pong
+from .codec import (
+    CURVE_GREETING_REST,
+    GREETING_REST,
+    MAX_FILTER_FRAME,
+    MAX_READY,
+    PARTIAL_GREETING,
+    Cancel,
+    Codec,
+    Handshake,
+    Ping,
+    Refused,
+    Subscribe,
+    error,
+    pong,
+)  # fmt: skip
+from .curve import CurveHandshake, CurveKeys
 
 if TYPE_CHECKING:
     from ..config import PublishConfig
@@ -61,13 +77,18 @@ log = logging.getLogger("nflogd.publish")
 READ_BYTES = 4096
 #: The least share of a turn a peer with something to say gets (frames), however many do.
 MIN_SHARE = 8
+#: What a peer turned away by a connection limit is told: ZAP's "temporary error"; how many
+#: are being told at once (more are closed at once), and for how long at most (s).
+TRY_LATER = "300"
+TURNED_AWAY_MAX = 64
+TURN_AWAY_S = 1.0
 #: Connections accepted per listener per turn, and the listen backlog.
 ACCEPTS_PER_TURN = 64
 BACKLOG = 100
 #: After EMFILE on accept, the listener rests this long (the connection waits in the backlog).
 ACCEPT_PAUSE_S = 0.1
 #: TCP keepalive on peers' connections (idle s, interval s, probes): a peer that vanished is
-#: found in about 90 s. The XPUB sockets get the same (publish.TCP_KEEPALIVE).
+#: found in about 90 s.
 KEEPALIVE_IDLE_S, KEEPALIVE_INTVL_S, KEEPALIVE_CNT = 60, 10, 3
 
 _UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
@@ -98,6 +119,47 @@ def group_members(gids) -> frozenset[int]:
     return frozenset(uids)
 
 
+class _TurnedAway:
+    """A connection over a limit, kept only to tell the peer why: our greeting goes at once;
+    once the peer's greeting and first command (READY, or CURVE's HELLO) are read, an ERROR
+    "300" (ZAP's temporary error, rfc.zeromq.org/spec/27), which libzmq reports to the reader
+    as a refusal with that status, and the close. libzmq takes an ERROR only in place of the
+    reply to that command; read whole, nothing is left unread to reset the connection."""
+
+    __slots__ = ("sock", "buf", "deadline")
+
+    def __init__(self, sock: socket.socket, lst: _Listener, deadline: float):
+        self.sock = sock
+        self.buf = b""
+        self.deadline = deadline
+        rest = GREETING_REST if lst.curve is None else CURVE_GREETING_REST
+        sock.setblocking(False)
+        sock.send(PARTIAL_GREETING + rest)
+
+    def read(self) -> bool:
+        """Read what came; True when done with it (told, or gone)."""
+        try:
+            data = self.sock.recv(READ_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        if not data:
+            return True
+        self.buf += data
+        buf = self.buf
+        if len(buf) < 66:
+            return len(buf) > READ_BYTES
+        size, head = (int.from_bytes(buf[65:73], "big"), 73) if buf[64] & 2 else (buf[65], 66)
+        if len(buf) < head + size:
+            return size > MAX_READY
+        try:
+            self.sock.send(error(TRY_LATER))
+        except OSError:
+            pass
+        return True
+
+
 def _waiting(entry: tuple[float, weakref.ref[Peer]]) -> Peer | None:
     """The peer of a handshake deadline, if it is still in its handshake."""
     peer = entry[1]()
@@ -111,14 +173,17 @@ class Owner(Protocol):
     def peer_refused(self, endpoint: str, connected: int) -> None: ...
     def subscription(self, msg: bytes, via: str) -> None: ...
     def foreign_topic(self, peer: str, length: int, hung: int) -> None: ...
+    def key_refused(self, peer: str, endpoint: str, key: bytes | None) -> None: ...
+    def peer_gone(self, topics: dict[bytes, int]) -> None: ...
 
 
 class _Listener:
-    __slots__ = ("endpoint", "sock", "peers", "paused_until")
+    __slots__ = ("endpoint", "sock", "peers", "paused_until", "curve")
 
-    def __init__(self, endpoint: str, sock: socket.socket):
+    def __init__(self, endpoint: str, sock: socket.socket, curve: CurveKeys | None = None):
         self.endpoint = endpoint
         self.sock = sock
+        self.curve = curve  # CURVE's keys on this endpoint, or None (NULL)
         self.peers = 0  # connected now, handshake or not
         self.paused_until: float | None = None
 
@@ -191,7 +256,7 @@ class Peer:
 
     __slots__ = (
         "sock", "fd", "listener", "label", "source", "codec", "deadline", "id", "topics", "dropped",
-        "slow_log", "spec", "tags", "tagged", "__weakref__",
+        "slow_log", "spec", "tags", "tagged", "passed", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -207,7 +272,7 @@ class Peer:
         self.listener = listener
         self.label = label  # tcp: the address; ipc: ":uid:gid:pid", as libzmq's Peer-Address
         self.source = source  # what max_connections_per_source counts: ("uid", n) or ("address", a)
-        self.codec = Codec()
+        self.codec = Codec(CurveHandshake(listener.curve) if listener.curve is not None else None)
         self.deadline: float | None = deadline  # its handshake's end; None once done or gone
         self.id = -1  # the C peer, once its handshake is done
         self.topics = Topics()
@@ -215,7 +280,19 @@ class Peer:
         self.spec: bytes | None = None  # the filter it holds (docs/filters.md)
         self.tags: set[bytes] = set()  # the subscriptions that state it, by their tags
         self.tagged = False  # subscribed to its groups through its filter (wire.FILTERED_TOPIC)
+        #: The relay's: its filter topics passed on as they are (topic -> subscriptions).
+        self.passed: Counter[bytes] = Counter()
         self.slow_log = Episodes(log)
+
+
+def filter_topic(topic: bytes) -> bool:
+    """A topic of a reader's filter or of a group through it (docs/filters.md), within their
+    bounds: what the relay passes on as it is."""
+    if topic.startswith(filters.FILTER_TOPIC):
+        return len(topic) <= len(filters.FILTER_TOPIC) + MAX_FILTER_FRAME
+    return (
+        topic.startswith(wire.FILTERED_TOPIC) and len(topic) <= len(wire.FILTERED_TOPIC) + 8 + wire.TOPIC.size
+    )
 
 
 def message(parts: list[bytes]) -> bytes:
@@ -259,6 +336,7 @@ class ZmtpServer:
         with cfeed:
             cfeed.set_peer_poll(self._ep.fileno(), self._slow_fd)
         self._listeners: dict[int, _Listener] = {}  # listening fd ->
+        self._turned_away: dict[int, _TurnedAway] = {}  # fd -> a connection over a limit
         self._peers: dict[int, Peer] = {}  # peer fd ->
         self._backlog: set[Peer] = set()  # peers with their share used up at a turn's end
         #: Peers in their handshake, in the order of their deadlines (one timeout for all).
@@ -278,6 +356,11 @@ class ZmtpServer:
         self._filter_log = Episodes(log)
         #: Peers dropped for subscribing to nothing for idle_timeout_s (a metric).
         self.idle_hangups = 0
+        #: The relay's: readers' filter subscriptions are not run here but passed on as they
+        #: are, each to this (False: the reader is hung up on); the peers holding such topics,
+        #: for ``deliver_passed``.
+        self.pass_filters: Callable[[bytes], bool] | None = None
+        self.passing: dict[Peer, Counter[bytes]] = {}
         #: Connections closed at once per endpoint: their source had per_source (a metric).
         self.source_refused: dict[str, int] = {}
 
@@ -305,9 +388,10 @@ class ZmtpServer:
 
     # -- listeners -------------------------------------------------------------
 
-    def bind(self, endpoint: str) -> None:
+    def bind(self, endpoint: str, curve: CurveKeys | None = None) -> None:
         """Listen on ``tcp://HOST:PORT`` or ``ipc:///path`` (a stale socket file there is
-        replaced: the publisher has refused a live one); NflogdError names the endpoint."""
+        replaced: the publisher has refused a live one), with the CURVE mechanism if
+        ``curve`` (its keys) else NULL; NflogdError names the endpoint."""
         transport, _, address = endpoint.partition("://")
         try:
             if transport == "ipc":
@@ -319,7 +403,7 @@ class ZmtpServer:
         except OSError as e:
             raise NflogdError(f"publish.bind: {endpoint}: {e.strerror or e}") from None
         sock.setblocking(False)
-        lst = _Listener(endpoint, sock)
+        lst = _Listener(endpoint, sock, curve)
         self._listeners[sock.fileno()] = lst
         self._ep.register(sock.fileno(), select.EPOLLIN)
 
@@ -389,6 +473,10 @@ class ZmtpServer:
             lst = self._listeners.get(fd)
             if lst is not None:
                 self._accept(lst, now)
+                continue
+            if fd in self._turned_away:
+                if self._turned_away[fd].read() or events & _GONE:
+                    self._done_turning_away(fd)
                 continue
             peer = self._peers.get(fd)
             if peer is None:
@@ -473,13 +561,20 @@ class ZmtpServer:
         if isinstance(event, Handshake):
             return self._open(peer)
         if isinstance(event, Refused):
-            log.debug("feed: %s: %s: hanging up", peer.label, event.reason)
-            if event.error and peer.id < 0:
-                self._send_handshake(peer)  # what the codec had before its end
-                try:
-                    peer.sock.send(event.error)
-                except OSError:
-                    pass
+            if event.reason.startswith("its key is not"):  # the one refusal an operator acts on
+                key = peer.codec.curve.refused_key if peer.codec.curve is not None else None
+                self._owner.key_refused(peer.label, peer.listener.endpoint, key)
+            else:
+                log.debug("feed: %s: %s: hanging up", peer.label, event.reason)
+            if peer.id < 0:
+                # what the codec had before its end (our greeting, so that a libzmq peer with
+                # another mechanism reads ours and says so, as libzmq's own server lets it)
+                self._send_handshake(peer)
+                if event.error:
+                    try:
+                        peer.sock.send(event.error)
+                    except OSError:
+                        pass
             self._hang_up(peer)
             return False
         return True  # Skipped
@@ -490,8 +585,11 @@ class ZmtpServer:
         self._send_handshake(peer)
         if peer.fd not in self._peers:
             return False
+        curve = peer.codec.curve
         with self._c:
             peer.id = self._c.add_peer(peer.fd)
+            if peer.id >= 0 and curve is not None:
+                self._c.set_peer_curve(peer.id, curve.session_key, curve.next_nonce)
         if peer.id < 0:
             log.debug("feed: %s: %s: hanging up", peer.label, os.strerror(-peer.id))
             self._hang_up(peer)
@@ -500,8 +598,9 @@ class ZmtpServer:
         if not peer.topics:
             self._became_idle(peer, time.monotonic())
         log.debug(
-            "feed: %s: subscriber connected on %s (ZMTP %d.%d)",
+            "feed: %s: subscriber connected on %s (ZMTP %d.%d%s)",
             peer.label, peer.listener.endpoint, *(peer.codec.version or (0, 0)),
+            "" if curve is None else ", CURVE",
         )  # fmt: skip
         return True
 
@@ -525,6 +624,7 @@ class ZmtpServer:
         due = [lst.paused_until for lst in self._listeners.values() if lst.paused_until is not None]
         if waiting:
             due.append(waiting[0][0])
+        due.extend(away.deadline for away in self._turned_away.values())
         if self._idle and self.idle_timeout_s is not None:
             due.append(next(iter(self._idle.values())) + self.idle_timeout_s)
         return min(due) if due else None
@@ -542,6 +642,8 @@ class ZmtpServer:
             )  # fmt: skip
             self._hang_up(peer)
         self._expire_idle(now)
+        for fd in [fd for fd, away in self._turned_away.items() if away.deadline <= now]:
+            self._done_turning_away(fd)
         for fd, lst in self._listeners.items():
             if lst.paused_until is not None and lst.paused_until <= now:
                 lst.paused_until = None
@@ -586,7 +688,7 @@ class ZmtpServer:
             if budget is None:
                 budget = self._owner.budget()
             if lst.peers >= budget:
-                sock.close()
+                self._turn_away(sock, lst, now)
                 self._owner.peer_refused(lst.endpoint, lst.peers)
                 continue
             admitted = self._admit(sock, address)
@@ -596,7 +698,7 @@ class ZmtpServer:
             label, source = admitted
             from_source = self._sources.get(source, 0)
             if from_source >= min(self.per_source, budget):
-                sock.close()
+                self._turn_away(sock, lst, now)
                 self._source_refused(lst, source, from_source)
                 continue
             deadline = now + self.handshake_timeout_s
@@ -607,6 +709,28 @@ class ZmtpServer:
             self._handshakes.append((deadline, weakref.ref(peer)))
             self._ep.register(peer.fd, _IN)
             self._send_handshake(peer)  # the greeting's first 11 bytes
+
+    def _turn_away(self, sock: socket.socket, lst: _Listener, now: float) -> None:
+        """Close a connection over a limit, telling the peer why if TURNED_AWAY_MAX others are
+        not being told already (then at once)."""
+        if len(self._turned_away) >= TURNED_AWAY_MAX:
+            sock.close()
+            return
+        try:
+            away = _TurnedAway(sock, lst, now + min(TURN_AWAY_S, self.handshake_timeout_s))
+            self._ep.register(sock.fileno(), _IN)
+        except OSError:
+            sock.close()
+            return
+        self._turned_away[sock.fileno()] = away
+
+    def _done_turning_away(self, fd: int) -> None:
+        away = self._turned_away.pop(fd)
+        try:
+            self._ep.unregister(fd)
+        except OSError:
+            pass
+        away.sock.close()
 
     def _source_refused(self, lst: _Listener, source: tuple[str, object], connected: int) -> None:
         n = self.source_refused[lst.endpoint] = self.source_refused.get(lst.endpoint, 0) + 1
@@ -664,6 +788,8 @@ class ZmtpServer:
 
     def _subscription(self, peer: Peer, kind: bytes, topic: bytes) -> bool:
         """A (un)subscription; False if its topic was foreign and the peer hung up on."""
+        if self.pass_filters is not None and filter_topic(topic):
+            return self._pass_filter(peer, kind, topic)
         if topic.startswith(filters.FILTER_TOPIC):
             return self._filter(peer, kind, topic[len(filters.FILTER_TOPIC) :])
         if topic.startswith(wire.FILTERED_TOPIC) and self._through_filter(peer, topic):
@@ -672,7 +798,7 @@ class ZmtpServer:
             self._hang_up(peer)
             self._owner.foreign_topic(peer.label, len(topic), 1)
             return False
-        self._owner.subscription(kind + topic, "")
+        self._owner.subscription(kind + topic, " (CURVE)" if peer.codec.curve is not None else "")
         if peer.topics.subscribe(topic) if kind == b"\x01" else peer.topics.cancel(topic):
             self._dirty.add(peer)
             if not peer.topics:
@@ -680,6 +806,38 @@ class ZmtpServer:
             else:
                 self._idle.pop(peer, None)
         return True
+
+    def _pass_filter(self, peer: Peer, kind: bytes, topic: bytes) -> bool:
+        """The relay: a reader's filter topic, (un)subscribed, passed on as it is and kept for
+        ``deliver_passed``; False if refused (the peer hung up on)."""
+        assert self.pass_filters is not None
+        held = peer.passed
+        if kind == b"\x01":
+            if not self.pass_filters(kind + topic):
+                self._hang_up(peer)
+                self._owner.foreign_topic(peer.label, len(topic), 1)
+                return False
+            held[topic] += 1
+            self.passing[peer] = held
+            self._idle.pop(peer, None)
+        elif held[topic] > 0:
+            held[topic] -= 1
+            if not held[topic]:
+                del held[topic]
+            self.pass_filters(kind + topic)
+            if not held:
+                self.passing.pop(peer, None)
+                if not peer.topics:
+                    self._became_idle(peer, time.monotonic())
+        return True
+
+    def deliver_passed(self, frames: list) -> None:
+        """A message on a readers' filter topic (the relay's upstream: a filter's reply or
+        messages) to each peer that passed a prefix of it on; the caller holds the lock."""
+        topic = bytes(frames[0])
+        for peer, held in self.passing.items():
+            if peer.id >= 0 and any(topic.startswith(t) for t in held):
+                self._c.peer_message(peer.id, frames)
 
     def _through_filter(self, peer: Peer, topic: bytes) -> bool:
         """A subscription to a group through the peer's filter (``wire.FILTERED_TOPIC``, the
@@ -737,9 +895,8 @@ class ZmtpServer:
                 "feed: %s on %s: filter refused: %s; %d refused so far",
                 peer.label, peer.listener.endpoint, why, self.filters_refused,
             )  # fmt: skip
-        answer = message(filters.reply(topic, slot >= 0, why))
-        with self._c:
-            rc = self._c.peer_command(peer.id, answer)
+        with self._c:  # a message of two frames, boxed for a CURVE peer
+            rc = self._c.peer_message(peer.id, filters.reply(topic, slot >= 0, why))
         if rc < 0:
             self._hang_up(peer)
             return False
@@ -769,6 +926,13 @@ class ZmtpServer:
             with self._c:
                 self._c.remove_peer(peer.id)
             peer.id = -1
+        if peer.topics:
+            self._owner.peer_gone(peer.topics.counts)
+        if self.passing.pop(peer, None) is not None and self.pass_filters is not None:
+            for topic, n in peer.passed.items():  # undone as its cancels would have
+                for _ in range(n):
+                    self.pass_filters(b"\x00" + topic)
+            peer.passed.clear()
         try:
             self._ep.unregister(peer.fd)
         except OSError:
@@ -795,6 +959,8 @@ class ZmtpServer:
             left = self._c.peer_queued(), self._c.peer_queued_packets()
         for peer in list(self._peers.values()):
             self._hang_up(peer)
+        for fd in list(self._turned_away):
+            self._done_turning_away(fd)
         for lst in self._listeners.values():
             lst.sock.close()
         self._listeners.clear()
