@@ -29,7 +29,7 @@ DEV_PKGS := pytest pytest-timeout hypothesis ruff mypy types-PyYAML types-cffi
 APT := apt-get -o DPkg::Lock::Timeout=600
 SOURCES := pyproject.toml setup.py scapy_nflog.py nflog_cffi.py client/pyproject.toml client/nflogd_client/VERSION nflogd/_nflog.h nflogd/_nflog.c nflogd/feed/_feed.h nflogd/feed/_feed.c nflogd/feed/_peers.h nflogd/feed/_peers.c nflogd/ffi_build.py
 
-.PHONY: all deps run-deps debs run-debs run test check bench bench-debs profile clean deb deb-tools test-system extcap-install test-vm vm-debs
+.PHONY: all deps run-deps debs run-debs run test check bench bench-debs profile clean deb deb-tools test-system extcap-install test-vm vm-debs bench-vm
 all: test
 
 # install-debs PACKAGES: apt-get install those of PACKAGES that are missing
@@ -193,3 +193,9 @@ vm-debs:
 
 test-vm: vm-debs $(VENV)/.installed
 	$(VPY) -m pytest -q -p no:cacheprovider tests_vm
+
+# make bench-vm: bench/run.py's conntrack part (the daemon's CPU per packet with conntrack: true
+# beside the same group without it and ulogd2's NFLOG with attach_conntrack) in make test-vm's
+# guest, whose kernel attaches conntrack to NFLOG (bench/vm.py).
+bench-vm: vm-debs deps
+	$(VPY) bench/vm.py
