@@ -48,8 +48,8 @@ NFLOGD = REPO / ".venv" / "bin" / "nflogd"
 NFLOGD_RELAY = REPO / ".venv" / "bin" / "nflogd-relay"
 METRICS_PORT = 9477
 #: How much slower than a native run this one is: make test-vm's emulated guest (TCG) sets
-#: NFLOGD_TEST_TIME_SCALE, which stretches the daemon's start and stop deadlines (nothing else).
-TIME_SCALE = float(os.environ.get("NFLOGD_TEST_TIME_SCALE", "1"))
+#: NFLOGD_TIME_SCALE, which stretches the daemon's start and stop deadlines (nothing else).
+TIME_SCALE = float(os.environ.get("NFLOGD_TIME_SCALE", "1"))
 RELAY_METRICS_PORT = 9478
 
 

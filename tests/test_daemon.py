@@ -599,6 +599,35 @@ def test_the_routers_interface_names_follow_a_rename(netns, tmp_path, ctx):
 
 
 @pytest.mark.kernel
+def test_dropped_interface_notifications_read_the_table_again(netns, tmp_path, ctx):
+    """The daemon stopped (SIGSTOP) while 400 veth pairs come and go and its veth is
+    renamed: the kernel drops notifications its buffer cannot hold (ENOBUFS). Once it runs
+    again it reads the whole table again, counts it in nflogd_ifnames_resyncs_total (0 before),
+    logs it, and the next packet names the renamed interface."""
+    veth_out(netns)
+    netns.log_rule(3, match="udp dport 9997")
+    with NflogdProcess(netns, tmp_path, groups=[3], node="r1") as d:
+        assert d.metric("nflogd_ifnames_resyncs_total") == 0
+        sub = d.subscribe(ctx)
+        d.send_signal(signal.SIGSTOP)
+        try:
+            batch = "".join(f"link add c{i} type veth peer name p{i}\nlink del c{i}\n" for i in range(400))
+            netns.run("ip", "-batch", "-", input=batch)
+            for cmd in ("ip link set va down", "ip link set va name uplink1", "ip link set uplink1 up"):
+                netns.run(*cmd.split())
+            netns.run(*"ip neigh replace 10.77.0.2 lladdr 02:00:00:00:00:02 dev uplink1".split())
+        finally:
+            d.send_signal(signal.SIGCONT)
+        wait_until(lambda: d.metric("nflogd_ifnames_resyncs_total"), "a resync")
+        netns.send_udp([b"after"], "10.77.0.2", 9997)
+        (pkt,) = [p for b in receive(sub, lambda bs: packet_count(bs) >= 1) for p in b.packets]
+        assert pkt.outdev_name == "uplink1"
+        assert "interface notifications overran; reading the whole table again" in d.stderr
+        sub.close(linger=0)
+    assert d.returncode == 0
+
+
+@pytest.mark.kernel
 def test_conntrack_group_where_the_kernel_cannot(netns, tmp_path):
     """conntrack: true on a kernel without conntrack for NFLOG stops the start with one line
     naming the group; where it has it, the daemon starts."""
