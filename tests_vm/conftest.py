@@ -39,7 +39,7 @@ def guest_run() -> tuple[Result, dict[str, str]]:
     py = REPO / ".venv" / "bin" / "python"
     scale = 1 if have_kvm() else 6  # TCG: the daemon's start takes seconds
     script = (
-        f"cd {shlex.quote(str(REPO))}\nexport NFLOGD_TEST_TIME_SCALE={scale}\n"
+        f"cd {shlex.quote(str(REPO))}\nexport NFLOGD_TIME_SCALE={scale}\n"
         f"{shlex.quote(str(py))} -m pytest -q -p no:cacheprovider -rA --junitxml=/out/junit.xml "
         + " ".join(shlex.quote(t) for t in GUEST_TESTS)
         + "\n"
