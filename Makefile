@@ -29,7 +29,7 @@ DEV_PKGS := pytest pytest-timeout hypothesis ruff mypy types-PyYAML types-cffi
 APT := apt-get -o DPkg::Lock::Timeout=600
 SOURCES := pyproject.toml setup.py scapy_nflog.py nflog_cffi.py client/pyproject.toml client/nflogd_client/VERSION nflogd/_nflog.h nflogd/_nflog.c nflogd/feed/_feed.h nflogd/feed/_feed.c nflogd/feed/_peers.h nflogd/feed/_peers.c nflogd/feed/_filter.h nflogd/feed/_filter.c nflogd/ffi_build.py
 
-.PHONY: all deps run-deps debs run-debs run test check bench bench-debs profile profile-relay clean deb deb-tools test-system extcap-install
+.PHONY: all deps run-deps debs run-debs run test check bench bench-debs profile profile-relay clean deb deb-tools test-system extcap-install test-vm vm-debs bench-vm
 all: test
 
 # install-debs PACKAGES: apt-get install those of PACKAGES that are missing
@@ -84,8 +84,8 @@ run: run-deps
 	setpriv --regid=nflog --clear-groups $(VENV)/bin/nflogd -c $(CONFIG)
 
 check: deps
-	$(VENV)/bin/ruff check nflogd client tests tests_system bench fuzz scapy_nflog.py nflog_cffi.py
-	$(VENV)/bin/ruff format --check nflogd client tests tests_system bench fuzz scapy_nflog.py nflog_cffi.py
+	$(VENV)/bin/ruff check nflogd client tests tests_system tests_vm bench fuzz scapy_nflog.py nflog_cffi.py
+	$(VENV)/bin/ruff format --check nflogd client tests tests_system tests_vm bench fuzz scapy_nflog.py nflog_cffi.py
 	$(VENV)/bin/mypy  # what and how strictly: [tool.mypy] in pyproject.toml
 
 test: check
@@ -185,3 +185,21 @@ deb: deb-tools
 # run, booted with systemd-nspawn, checked under its systemd, and removed at the end.
 test-system: deb $(VENV)/.installed
 	$(VPY) -m pytest -q -p no:cacheprovider tests_system
+
+# make test-vm: the tests of tests/ that need what this host's kernel may lack (NFLOG with
+# conntrack, 8021q) run in a QEMU guest with Debian's own kernel (tests_vm/): the system suite's
+# debootstrapped bookworm (build/system/bookworm) with the kernel and the tests' packages,
+# made a disk image with mkfs.ext4 -d and cached in build/system/vm/ by what went into it;
+# booted with KVM where the CPU offers it, else emulated (TCG), with no network device.
+VM_DEBS := qemu-system-x86 debootstrap systemd-container e2fsprogs
+vm-debs:
+	$(call install-debs,$(VM_DEBS))
+
+test-vm: vm-debs $(VENV)/.installed
+	$(VPY) -m pytest -q -p no:cacheprovider tests_vm
+
+# make bench-vm: bench/run.py's conntrack part (the daemon's CPU per packet with conntrack: true
+# beside the same group without it and ulogd2's NFLOG with attach_conntrack) in make test-vm's
+# guest, whose kernel attaches conntrack to NFLOG (bench/vm.py).
+bench-vm: vm-debs deps
+	$(VPY) bench/vm.py

@@ -99,6 +99,7 @@ class Daemon(Program):
         self.loops: dict[int, CaptureLoop] = {}  # group -> its capture thread
         self.tables: dict[object, LinkTable] = {}  # a reader's netns_id -> its interface names
         self._watching_links = False
+        self.retired_resyncs = 0  # resyncs of interface tables a reload closed
         self._fault_r, self._fault_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # a capture thread failed
 
     # -- start -----------------------------------------------------------------
@@ -123,7 +124,7 @@ class Daemon(Program):
         publisher = self.publisher
         DaemonCollector(
             self.group_counters, lambda: publisher.subscribers, registry=self.registry,
-            limits=lambda: (self.publisher, self.metrics_server),
+            limits=lambda: (self.publisher, self.metrics_server), ifnames_resyncs=self.ifnames_resyncs,
         )  # fmt: skip
         if cfg.metrics is not None:
             self.metrics_server = MetricsServer(cfg.metrics.host, cfg.metrics.port, self.registry)
@@ -183,9 +184,14 @@ class Daemon(Program):
 
         self.watch(table.fileno(), changed)
 
+    def ifnames_resyncs(self) -> int:
+        """Interface tables dumped again after dropped notifications, since start."""
+        return self.retired_resyncs + sum(t.resyncs for t in list(self.tables.values()))
+
     def _close_tables(self, keep: set[object]) -> None:
         for key in [k for k in self.tables if k not in keep]:
             table = self.tables.pop(key)
+            self.retired_resyncs += table.resyncs
             if self._watching_links:
                 self.unwatch(table.fileno())
             table.close()

@@ -41,6 +41,8 @@ Exposed:
                                            publish.max_queued_bytes
 ``nflogd_feed_queued_bytes``               bytes queued for slow subscribers now
 ``nflogd_metrics_dropped_connections_total`` metrics connections closed for the server's limits
+``nflogd_ifnames_resyncs_total``           interface tables read again whole: the kernel dropped
+                                           rtnetlink notifications (ENOBUFS)
 =========================================  =====================================================
 
 ``collect()`` never raises: a failure to read the counters is logged and the
@@ -115,8 +117,10 @@ class DaemonCollector(_Collector):
         build_version: str | None = None,
         registry: CollectorRegistry | None = None,
         limits: Callable[[], tuple[object, object]] | None = None,
+        ifnames_resyncs: Callable[[], int] | None = None,
     ):
         self._groups = groups
+        self._resyncs = ifnames_resyncs
         self._subscribers = subscribers
         self._limits = limits
         self._version = build_version if build_version is not None else version()
@@ -130,10 +134,18 @@ class DaemonCollector(_Collector):
         info = GaugeMetricFamily("nflogd_build_info", "nflogd's version; always 1.", labels=["version"])
         return counters, subs, info
 
+    @staticmethod
+    def _resync_family() -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "nflogd_ifnames_resyncs",
+            "Interface tables read again whole: the kernel dropped rtnetlink notifications (ENOBUFS).",
+        )
+
     def describe(self):
         counters, subs, info = self._families()
         extra = limit_families("nflogd", None, None) if self._limits is not None else []
-        return [*counters, subs, info, *extra]
+        resyncs = [self._resync_family()] if self._resyncs is not None else []
+        return [*counters, subs, info, *extra, *resyncs]
 
     def collect(self):
         counters, subs, info = self._families()
@@ -162,6 +174,13 @@ class DaemonCollector(_Collector):
                 self._warn(f"reading the feed's limit counters failed: {e!r}")
                 extra = limit_families("nflogd", None, None)
             yield from extra
+        if self._resyncs is not None:
+            resyncs = self._resync_family()
+            try:
+                resyncs.add_metric([], int(self._resyncs()))
+            except Exception as e:
+                self._warn(f"reading the interface tables' resyncs failed: {e!r}")
+            yield resyncs
 
     def _warn(self, text: str) -> None:
         level = logging.DEBUG if self._warned else logging.WARNING

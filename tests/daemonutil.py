@@ -47,6 +47,9 @@ REPO = Path(__file__).resolve().parent.parent
 NFLOGD = REPO / ".venv" / "bin" / "nflogd"
 NFLOGD_RELAY = REPO / ".venv" / "bin" / "nflogd-relay"
 METRICS_PORT = 9477
+#: How much slower than a native run this one is: make test-vm's emulated guest (TCG) sets
+#: NFLOGD_TIME_SCALE, which stretches the daemon's start and stop deadlines (nothing else).
+TIME_SCALE = float(os.environ.get("NFLOGD_TIME_SCALE", "1"))
 RELAY_METRICS_PORT = 9478
 
 
@@ -228,8 +231,8 @@ class NflogdProcess(Started):
         self.env = env or {}
         self.cwd = cwd if cwd is not None else REPO
         self.log_level = log_level
-        self.ready_timeout = ready_timeout
-        self.stop_timeout = stop_timeout
+        self.ready_timeout = ready_timeout * TIME_SCALE
+        self.stop_timeout = stop_timeout * TIME_SCALE
         self.proc: subprocess.Popen | None = None
         self.notify: NotifySocket | None = None
         self.ready_msg: dict[str, str] | None = None

@@ -1,6 +1,5 @@
 """capture.GroupReader / GroupSet against the real kernel, one namespace per test."""
 
-import errno
 import os
 import socket
 import struct
@@ -14,7 +13,7 @@ from scapy.layers.inet6 import IPv6
 
 from nflogd.capture import GroupReader, GroupSet
 from nflogd.config import GroupConfig
-from nflogd.errors import GroupBusy, NFLogError, NoPermission
+from nflogd.errors import GroupBusy, NoPermission
 from nflogd.ffi import NflogSocket
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.kernel]
@@ -303,45 +302,6 @@ def test_close_releases_the_group(netns):
     with netns.entered():
         GroupReader(GroupConfig(group=17)).close()
         GroupReader(GroupConfig(group=17)).close()
-
-
-def test_conntrack_shows_the_address_before_dnat(netns):
-    """A DNAT rule sends 127.0.0.2:9999 to 127.0.0.1:9998: the packet logged at INPUT carries
-    the translated address, its connection the one the sender chose and the one replies use."""
-    netns.nft(
-        "table ip nat {\n"
-        "  chain out { type nat hook output priority -100;\n"
-        "    ip daddr 127.0.0.2 udp dport 9999 ct mark set 5 dnat to 127.0.0.1:9998\n  }\n"
-        "}\n"
-    )
-    netns.log_rule(11, hook="input", match="udp dport 9998")
-    netns.log_rule(12, hook="input", match="udp dport 9998")
-    with netns.entered():
-        try:
-            with_ct = GroupReader(GroupConfig(group=11, conntrack=True))
-        except NFLogError as e:
-            if e.errno != errno.EOPNOTSUPP:
-                raise
-            pytest.skip("this kernel attaches no conntrack to NFLOG (CONFIG_NETFILTER_NETLINK_GLUE_CT)")
-        without = GroupReader(GroupConfig(group=12))
-    with with_ct, without:
-        with netns.socket() as s:
-            s.bind(("127.0.0.1", 40001))
-            s.sendto(b"one", ("127.0.0.2", 9999))
-            s.sendto(b"two", ("127.0.0.2", 9999))
-        first, second = read_n(with_ct, 2)
-        (plain, _) = read_n(without, 2)
-    assert IP(first.data).dst == "127.0.0.1" and IP(first.data)[UDP].dport == 9998
-    ct = first.ct
-    assert ct is not None and first.extended
-    assert ct.orig == wire.CtTuple("127.0.0.1", "127.0.0.2", 40001, 9999)
-    assert ct.reply == wire.CtTuple("127.0.0.1", "127.0.0.1", 9998, 40001)
-    assert ct.proto == 17 and ct.mark == 5 and ct.zone in (None, 0)
-    assert (ct.state, ct.reply_dir) == ("new", False)
-    assert second.ct.state == "new"  # UDP is new until a reply comes
-    assert ct.status & 0x20  # IPS_DST_NAT
-    assert second.ct.id == ct.id and ct.id is not None
-    assert plain.ct is None and plain.vlan is None and plain.l2hdr is None
 
 
 # -- the parser on the kernel's attribute layout ------------------------------------------------

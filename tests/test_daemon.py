@@ -25,7 +25,10 @@ from daemonutil import (
     unit_settings,
     wait_until,
 )
+from feedutil import collect
+from nflogd_client import Subscriber, wire
 from nsutil import SteadyTraffic
+from scapy.layers.inet import IP, UDP
 
 from nflogd.sdnotify import Notifier
 
@@ -596,6 +599,35 @@ def test_the_routers_interface_names_follow_a_rename(netns, tmp_path, ctx):
 
 
 @pytest.mark.kernel
+def test_dropped_interface_notifications_read_the_table_again(netns, tmp_path, ctx):
+    """The daemon stopped (SIGSTOP) while 400 veth pairs come and go and its veth is
+    renamed: the kernel drops notifications its buffer cannot hold (ENOBUFS). Once it runs
+    again it reads the whole table again, counts it in nflogd_ifnames_resyncs_total (0 before),
+    logs it, and the next packet names the renamed interface."""
+    veth_out(netns)
+    netns.log_rule(3, match="udp dport 9997")
+    with NflogdProcess(netns, tmp_path, groups=[3], node="r1") as d:
+        assert d.metric("nflogd_ifnames_resyncs_total") == 0
+        sub = d.subscribe(ctx)
+        d.send_signal(signal.SIGSTOP)
+        try:
+            batch = "".join(f"link add c{i} type veth peer name p{i}\nlink del c{i}\n" for i in range(400))
+            netns.run("ip", "-batch", "-", input=batch)
+            for cmd in ("ip link set va down", "ip link set va name uplink1", "ip link set uplink1 up"):
+                netns.run(*cmd.split())
+            netns.run(*"ip neigh replace 10.77.0.2 lladdr 02:00:00:00:00:02 dev uplink1".split())
+        finally:
+            d.send_signal(signal.SIGCONT)
+        wait_until(lambda: d.metric("nflogd_ifnames_resyncs_total"), "a resync")
+        netns.send_udp([b"after"], "10.77.0.2", 9997)
+        (pkt,) = [p for b in receive(sub, lambda bs: packet_count(bs) >= 1) for p in b.packets]
+        assert pkt.outdev_name == "uplink1"
+        assert "interface notifications overran; reading the whole table again" in d.stderr
+        sub.close(linger=0)
+    assert d.returncode == 0
+
+
+@pytest.mark.kernel
 def test_conntrack_group_where_the_kernel_cannot(netns, tmp_path):
     """conntrack: true on a kernel without conntrack for NFLOG stops the start with one line
     naming the group; where it has it, the daemon starts."""
@@ -612,6 +644,98 @@ def test_conntrack_group_where_the_kernel_cannot(netns, tmp_path):
         lines[-1] == "nflogd: group 4: conntrack: the kernel has no conntrack netlink (nf_conntrack_netlink)"
     )
     assert "Traceback" not in d.stderr
+
+
+@pytest.mark.kernel
+def test_conntrack_shows_the_address_before_dnat(netns, tmp_path, ctx):
+    """A DNAT rule (in conntrack zone 7, ct mark 5) sends 127.0.0.2:9999 to 127.0.0.1:9998.
+    Read through the daemon and a Subscriber, the packet logged at INPUT in a group with
+    ``conntrack: true`` carries the translated address, and its connection the tuple the sender
+    chose (original) and the one replies use (reply); the same packet in a group without
+    conntrack carries none. Skipped where the kernel attaches no conntrack to NFLOG
+    (CONFIG_NETFILTER_NETLINK_GLUE_CT off): make test-vm runs it under Debian's kernel."""
+    if not supports_ct_for_nflog(netns):
+        pytest.skip("this kernel attaches no conntrack to NFLOG (CONFIG_NETFILTER_NETLINK_GLUE_CT)")
+    netns.nft(
+        "table ip nat {\n"
+        "  chain zone { type filter hook output priority raw;\n"
+        "    ip daddr 127.0.0.2 ct zone set 7\n  }\n"
+        "  chain out { type nat hook output priority -100;\n"
+        "    ip daddr 127.0.0.2 udp dport 9999 ct mark set 5 dnat to 127.0.0.1:9998\n  }\n"
+        "}\n"
+    )
+    netns.log_rule(11, hook="input", match="udp dport 9998")
+    netns.log_rule(12, hook="input", match="udp dport 9998")
+    groups = [{"group": 11, "conntrack": True}, 12]
+    with NflogdProcess(netns, tmp_path, groups=groups, node="nat1") as d:
+        sub = Subscriber(d.endpoint, groups=[11, 12], context=ctx)
+        wait_until(lambda: d.stderr.count("DEBUG: subscribe ") >= 2, "the subscriptions")
+        with netns.socket() as s:
+            s.bind(("127.0.0.1", 40001))
+            s.sendto(b"one", ("127.0.0.2", 9999))
+            s.sendto(b"two", ("127.0.0.2", 9999))
+        got = collect(sub, lambda ps: len(ps) >= 4)
+        sub.close()
+    first, second = [p for p in got if p.group == 11]
+    (plain, _) = [p for p in got if p.group == 12]
+    assert IP(first.data).dst == "127.0.0.1" and IP(first.data)[UDP].dport == 9998
+    ct = first.ct
+    assert ct is not None and first.extended
+    assert ct.orig == wire.CtTuple("127.0.0.1", "127.0.0.2", 40001, 9999)
+    assert ct.reply == wire.CtTuple("127.0.0.1", "127.0.0.1", 9998, 40001)
+    assert (ct.proto, ct.mark, ct.zone) == (17, 5, 7)
+    assert (ct.state, ct.reply_dir) == ("new", False)
+    assert second.ct.state == "new"  # UDP is new until a reply comes
+    assert ct.status & 0x20  # IPS_DST_NAT
+    assert second.ct.id == ct.id and ct.id is not None
+    assert plain.ct is None and plain.vlan is None and plain.l2hdr is None
+    assert plain.data == first.data
+
+
+@pytest.mark.kernel
+def test_a_vlan_sub_interface_shows_its_tag(netns, tmp_path, ctx):
+    """va.42 (VLAN 42, priority 0 sent as PCP 3) on a veth pair whose other end is a bridge
+    port: read through the daemon and a Subscriber, the bridge family's log of its frames
+    carries the tag (NFULA_VLAN) and the link-layer header (NFULA_L2HDR), the inet family's log
+    of the same packet leaving names va.42. Skipped where the kernel has no 8021q: make test-vm
+    runs it under Debian's kernel (test_capture.py's bridged frame test covers the parser here)."""
+    for cmd in ("ip link add br0 type bridge", "ip link add va type veth peer name vb"):
+        netns.run(*cmd.split())
+    vlan = netns.run(
+        *"ip link add link va name va.42 type vlan id 42 egress-qos-map 0:3".split(), check=False
+    )
+    if vlan.returncode != 0:
+        pytest.skip(f"this kernel has no VLAN sub-interfaces (8021q): {vlan.stderr.strip()}")
+    for cmd in (
+        "ip link set vb master br0",
+        "ip addr add 10.42.0.1/24 dev va.42",
+        "ip link set br0 up",
+        "ip link set vb up",
+        "ip link set va up",
+        "ip link set va.42 up",
+        "ip neigh replace 10.42.0.2 lladdr 02:00:00:00:00:02 dev va.42",
+    ):
+        netns.run(*cmd.split())
+    mac = bytes.fromhex(netns.run("cat", "/sys/class/net/va/address").stdout.strip().replace(":", ""))
+    netns.nft(
+        "table bridge tb {\n  chain c {\n    type filter hook prerouting priority 0;\n"
+        "    udp dport 9997 log group 13\n  }\n}\n"
+        "table inet ti {\n  chain c {\n    type filter hook output priority 0;\n"
+        "    udp dport 9997 log group 14\n  }\n}\n"
+    )
+    with NflogdProcess(netns, tmp_path, groups=[13, 14], node="sw1") as d:
+        sub = Subscriber(d.endpoint, groups=[13, 14], context=ctx)
+        wait_until(lambda: d.stderr.count("DEBUG: subscribe ") >= 2, "the subscriptions")
+        netns.send_udp([b"tagged"], "10.42.0.2", 9997)
+        got = collect(sub, lambda ps: {p.group for p in ps} == {13, 14})
+        sub.close()
+    (bridged,) = [p for p in got if p.group == 13]
+    (sent,) = [p for p in got if p.group == 14]
+    assert bridged.vlan == (0x6000 | 42, 0x8100) and (bridged.vlan.id, bridged.vlan.pcp) == (42, 3)
+    assert bridged.l2hdr is not None and bridged.l2hdr[:12] == bytes.fromhex("020000000002") + mac
+    assert "vb" in (bridged.indev_name, bridged.physindev_name)
+    assert bridged.data == sent.data and IP(bridged.data).dst == "10.42.0.2"
+    assert sent.vlan is None and sent.outdev_name == "va.42"
 
 
 def supports_ct_for_nflog(netns) -> bool:
