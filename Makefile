@@ -176,8 +176,9 @@ deb: deb-tools
 	    tar --null --ignore-failed-read -T - -cf - | tar -xf - -C $(DEB_SRC)
 	cd $(DEB_SRC) && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b --no-sign > ../build.log 2>&1 \
 	    || { tail -40 ../build.log; exit 1; }
-	cd $(DEB_DIR) && lintian --info --display-info --pedantic --fail-on error,warning \
-	    --suppress-tags bad-distribution-in-changes-file *.changes | tee lintian.txt
+	cd $(DEB_DIR) && { lintian --info --display-info --pedantic --fail-on error,warning \
+	    --suppress-tags bad-distribution-in-changes-file *.changes > lintian.txt; \
+	    rc=$$?; cat lintian.txt; exit $$rc; }
 	@ls $(DEB_DIR)/*.deb
 
 # make test-system: the .debs installed with apt in a booted Debian 12 container (tests_system/):
