@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 # ulogd2 with its pcap output for the bench.
 GUEST_DEBS = [
     "linux-image-amd64", "kmod", "initramfs-tools",
-    "libnetfilter-log1", "libmnl0", "libnfnetlink0",
+    "libnetfilter-log1", "libmnl0", "libnfnetlink0", "libsodium23", "libpcap0.8",
     "python3", "libssl3", "libffi8", "libsqlite3-0", "libbz2-1.0", "liblzma5", "libreadline8",
     "libncursesw6", "libuuid1", "zlib1g", "libexpat1", "libcrypt1", "libnsl2", "libtirpc3",
     "nftables", "iproute2", "procps", "ulogd2", "ulogd2-pcap",
