@@ -133,7 +133,11 @@ def test_authorized_client_reads_tcp_with_the_seq_of_ipc(netns, tmp_path, keys, 
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             )  # fmt: skip
             try:
-                wait_for(lambda: curve_subscribes(d) >= 2, "nflog-tap's subscription")
+                # a process start (its imports included) in a busy suite: 15 s, and its own words if it ends
+                wait_for(
+                    lambda: curve_subscribes(d) >= 2 or tap.poll() is not None, "nflog-tap's subscription", 15
+                )
+                assert tap.poll() is None, tap.communicate()[1]
                 netns.send_udp([b"one", b"two"])
                 got = [alice.recv(timeout=5), alice.recv(timeout=5)]
                 assert [p.data[28:] for p in got] == [b"one", b"two"]
@@ -142,7 +146,7 @@ def test_authorized_client_reads_tcp_with_the_seq_of_ipc(netns, tmp_path, keys, 
                 out, err = tap.communicate(timeout=10)
             finally:
                 tap.kill()
-                tap.wait()
+                tap.communicate()  # its pipes closed, whatever happened
             assert tap.returncode == 0, err
             assert len(out.splitlines()) == 2 and err == b"nflog-tap: 2 packets printed, 0 lost\n"
             assert plain.recv(timeout=0.3) is None
