@@ -21,7 +21,7 @@ import pytest
 import zmq
 import zmq.auth
 from nflogd_client import Subscriber, wire
-from pubutil import serve
+from pubutil import RawPeer, serve
 from test_interop import DEBIAN_PYTHON, MESSAGES, PYZMQ_READER, available, batch, free_port
 from zmq.utils import z85
 
@@ -85,44 +85,22 @@ def _close_raw():
         _OPEN.pop().close()
 
 
-class Raw:
-    """A hand-made peer on loopback tcp, served while it waits (closed after the test)."""
+class Raw(RawPeer):
+    """A hand-made peer on loopback tcp (closed after the test)."""
 
     def __init__(self, pub: Publisher, rcvbuf: int = 0):
-        self.pub = pub
-        self.sock = socket.socket()
+        sock = socket.socket()
         if rcvbuf:  # before the connect: the window it offers stays small
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.connect(("127.0.0.1", port(pub)))
-        _OPEN.append(self.sock)
-        self.sock.setblocking(False)
-        self.buf = b""
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.connect(("127.0.0.1", port(pub)))
+        _OPEN.append(sock)
+        super().__init__(pub, sock)
 
     def send(self, data: bytes, step: int = 0) -> None:
         for at in range(0, len(data), step or len(data)):
             self.sock.sendall(data[at : at + (step or len(data))])
             if step:
                 self.pub.handle_incoming()
-
-    def read(self, n: int, timeout: float = 3.0) -> bytes:
-        """``n`` bytes; b"" if the server closed first."""
-
-        def got() -> bool:
-            try:
-                chunk = self.sock.recv(65536)
-            except BlockingIOError:
-                return len(self.buf) >= n
-            if not chunk:
-                raise EOFError
-            self.buf += chunk
-            return len(self.buf) >= n
-
-        try:
-            serve(self.pub, got, f"{n} bytes from the server", timeout)
-        except EOFError:
-            return b""
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
 
     def command(self) -> bytes:
         """One frame's body (commands and MESSAGEs alike)."""
@@ -133,11 +111,6 @@ class Raw:
         if flags & 2:
             size = int.from_bytes(bytes([size]) + self.read(7), "big")
         return self.read(size)
-
-    def closed_by_server(self) -> bool:
-        while self.read(1 << 20):
-            pass
-        return True
 
 
 def handshake(pub, client: Client, step: int = 0, rcvbuf: int = 0) -> Raw:

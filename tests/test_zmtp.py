@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import zmq
 from nflogd_client import wire
-from pubutil import serve
+from pubutil import RawPeer, serve
 
 from nflogd.config_publish import PublishConfig
 from nflogd.feed.codec import GREETING_REST, MAX_FRAME, PARTIAL_GREETING
@@ -45,38 +45,16 @@ def ready(kind: bytes = b"SUB") -> bytes:
     return command(b"READY", b"\x0bSocket-Type" + struct.pack(">I", len(kind)) + kind)
 
 
-class Raw:
-    """A hand-made ZMTP peer of the publisher ``pub`` (served while it waits)."""
+class Raw(RawPeer):
+    """A hand-made ZMTP peer of the publisher ``pub`` on its ipc path."""
 
     def __init__(self, pub: Publisher, path: str):
-        self.pub = pub
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
-        self.sock.setblocking(False)
-        self.buf = b""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        super().__init__(pub, sock)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
-
-    def read(self, n: int, timeout: float = 3.0) -> bytes:
-        """``n`` bytes; b"" if the server closed first."""
-
-        def got() -> bool:
-            try:
-                chunk = self.sock.recv(65536)
-            except BlockingIOError:
-                return len(self.buf) >= n
-            if not chunk:
-                raise EOFError
-            self.buf += chunk
-            return len(self.buf) >= n
-
-        try:
-            serve(self.pub, got, f"{n} bytes from the server", timeout)
-        except EOFError:
-            return b""
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
 
     def frames(self) -> list[bytes]:
         """One message (or command) from the server: its frames' bodies."""
@@ -88,14 +66,6 @@ class Raw:
             out.append(self.read(size))
             if not flags & 1:
                 return out
-
-    def closed_by_server(self, timeout: float = 3.0) -> bool:
-        while self.read(1 << 20, timeout=timeout):
-            pass
-        return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
