@@ -53,9 +53,11 @@ _IDLE_TIMEOUT_RANGE = (0, 86_400_000)
 _IDLE_TIMEOUT_MIN = 1000
 # A peer that has not completed the ZMTP handshake (CURVE included) by then is dropped.
 _HANDSHAKE_TIMEOUT_RANGE = (100, 600_000)
+# How long a reader's filter goes on numbering once nobody holds it (docs/filters.md); 0: not at all.
+_FILTER_LINGER_RANGE = (0, 3_600_000)
 # The publish keys that are PublishConfig's fields as they are; bind, curve, ipc_filter_groups are mapped.
 _PUBLISH_FIELDS = (
-    "handshake_timeout_ms", "hwm", "idle_timeout_ms", "insecure", "max_connections",
+    "filter_linger_ms", "handshake_timeout_ms", "hwm", "idle_timeout_ms", "insecure", "max_connections",
     "max_connections_per_source", "max_queued_bytes",
 )  # fmt: skip
 PUBLISH_KEYS = ("bind", "curve", "ipc_filter_groups", *_PUBLISH_FIELDS)
@@ -98,7 +100,10 @@ class PublishConfig:
     ``max_connections_per_source``: peers at once from one uid (ipc) or one address (tcp),
     at most ``max_connections`` in effect; ``idle_timeout_ms``: a subscriber that has
     subscribed to nothing for this long is hung up on (0: never); ``max_queued_bytes``: what
-    slow subscribers may have queued together (docs/security.md, "Threat model and limits").
+    slow subscribers may have queued together (docs/security.md, "Threat model and limits");
+    ``filter_linger_ms``: how long a readers' filter goes on running and numbering what it
+    passes once no reader holds it, so that one back within it counts what it missed
+    (docs/filters.md, 0: it stops with its last reader).
     """
 
     bind: tuple[str, ...] = ("ipc:///run/nflogd/feed.sock",)
@@ -111,6 +116,7 @@ class PublishConfig:
     max_connections_per_source: int = 64
     idle_timeout_ms: int = 300_000
     max_queued_bytes: int = 64 << 20
+    filter_linger_ms: int = 60_000
 
     def __post_init__(self) -> None:
         if not isinstance(self.bind, tuple):
@@ -130,6 +136,7 @@ class PublishConfig:
                 f"must be 0 (never) or at least {_IDLE_TIMEOUT_MIN}, got {self.idle_timeout_ms}",
             )
         check_int("max_queued_bytes", self.max_queued_bytes, *_MAX_QUEUED_BYTES_RANGE)
+        check_int("filter_linger_ms", self.filter_linger_ms, *_FILTER_LINGER_RANGE)
 
 
 @dataclass(frozen=True)

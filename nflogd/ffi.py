@@ -340,6 +340,10 @@ class CFeed:
         """Messages a peer may have queued; past that its new ones are dropped (counted)."""
         lib.nflogd_peers_set_hwm(self._p, hwm)
 
+    def set_filter_linger(self, ms: int) -> None:
+        """How long a filter's run goes on once no peer holds it (publish.filter_linger_ms)."""
+        lib.nflogd_peers_set_filter_linger(self._p, ms)
+
     def set_max_queued_bytes(self, max_bytes: int) -> None:
         """Bytes every peer's queue may hold together; past them a new message is dropped for
         a peer that would queue it (counted in ``peer_dropped`` and ``full_dropped``)."""

@@ -200,6 +200,7 @@ class Publisher:
         self._c = CFeed(self.epoch)
         self._c.set_hwm(publish.hwm)
         self._c.set_max_queued_bytes(publish.max_queued_bytes)
+        self._c.set_filter_linger(publish.filter_linger_ms)
         self._node = node
         self.hwm = publish.hwm
         self.endpoints: list[str] = []
@@ -412,10 +413,11 @@ class Publisher:
                 log.info("no longer publishing on %s", ep)
 
     def set_limits(self, publish: PublishConfig) -> None:
-        """The server's limits again (a reload): per source, idle, the bytes queued; the
-        members of ``ipc_filter_groups`` looked up again."""
+        """The server's limits again (a reload): per source, idle, the bytes queued, the filters'
+        linger; the members of ``ipc_filter_groups`` looked up again."""
         with self.lock:
             self._c.set_max_queued_bytes(publish.max_queued_bytes)
+            self._c.set_filter_linger(publish.filter_linger_ms)
         if self.server is not None:
             self.server.set_limits(publish)
 

@@ -220,13 +220,17 @@ BAD = [
     ("groups: [0]\npublish: [tcp://a:1]", "publish: must be a mapping, got a list"),
     (
         "groups: [0]\npublish: {hmw: 5}",
-        "publish: unknown key 'hmw'; expected one of bind, curve, handshake_timeout_ms, hwm, "
+        "publish: unknown key 'hmw'; expected one of bind, curve, filter_linger_ms, handshake_timeout_ms, hwm, "
         "idle_timeout_ms, insecure, ipc_filter_groups, max_connections, max_connections_per_source, "
         "max_queued_bytes",
     ),
     (
         "groups: [0]\npublish: {max_connections_per_source: 0}",
         "publish.max_connections_per_source: must be an integer 1..100000, got 0",
+    ),
+    (
+        "groups: [0]\npublish: {filter_linger_ms: 3600001}",
+        "publish.filter_linger_ms: must be an integer 0..3600000, got 3600001",
     ),
     (
         "groups: [0]\npublish: {idle_timeout_ms: 500}",

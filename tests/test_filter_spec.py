@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import struct
+import time
 
 import pytest
 from nflogd._nflog_cffi import ffi, lib
@@ -118,7 +119,7 @@ def test_the_daemon_and_the_reader_agree_on_every_packet():
     rs = wire.RECORD.size  # the daemon's records carry the extension (88 bytes), zero here
     table = b"".join(table[i : i + rs] + bytes(wire.RECORD_X.size - rs) for i in range(0, len(table), rs))
     assert len(table) == count * ffi.sizeof("struct nflogd_record")
-    fs = lib.nflogd_filters_new()
+    fs = lib.nflogd_filters_new(1)
     why = ffi.new("char[]", 256)
     try:
         slots = [lib.nflogd_filters_hold(fs, f.spec(), len(f.spec()), why, 256) for f in FILTERS]
@@ -133,25 +134,68 @@ def test_the_daemon_and_the_reader_agree_on_every_packet():
             assert c_says == [f.match(p) for p in PACKETS], str(f)
             assert lib.nflogd_filters_passed(fs, slot) == sum(c_says)
             assert lib.nflogd_filters_dropped(fs, slot) == count - sum(c_says)
-        # the same spec again is the same slot, held twice; gone with its last holder
+        # the same spec again is the same slot, held twice; gone with its last holder (no linger)
         assert lib.nflogd_filters_hold(fs, FILTERS[0].spec(), len(FILTERS[0].spec()), why, 256) == 0
         assert lib.nflogd_filters_holders(fs, 0) == 2
         lib.nflogd_filters_release(fs, 0)
         lib.nflogd_filters_release(fs, 0)
         assert lib.nflogd_filters_holders(fs, 0) == 0
+        assert lib.nflogd_filters_numbering(fs, 5) == 0
+    finally:
+        lib.nflogd_filters_free(fs)
+
+
+def hold(fs, f: Filter) -> int:
+    why = ffi.new("char[]", 256)
+    spec = f.spec()
+    slot = lib.nflogd_filters_hold(fs, spec, len(spec), why, 256)
+    return slot if slot >= 0 else ffi.string(why).decode()
+
+
+def test_a_filter_run_outlives_its_last_holder_by_the_linger():
+    """A run's numbering and epoch go on when a holder comes back within the linger; past it
+    the next holder starts a new run: from 0, with a later epoch, never the same one."""
+    daemon_epoch = time.time_ns() + 10**18  # a clock behind the daemon's epoch: runs still follow it
+    fs = lib.nflogd_filters_new(daemon_epoch)
+    try:
+        lib.nflogd_filters_set_linger(fs, 60_000)
+        f = Filter(uid=7)
+        assert hold(fs, f) == 0
+        first = lib.nflogd_filters_epoch(fs, 0)
+        assert first == daemon_epoch + 1
+        assert lib.nflogd_filters_take_seq(fs, 0, 5, 3) == 0
+        lib.nflogd_filters_release(fs, 0)
+        assert lib.nflogd_filters_holders(fs, 0) == 0
+        assert lib.nflogd_filters_numbering(fs, 5) == 1  # nobody holds it: group 5 still numbered
+        assert lib.nflogd_filters_numbering(fs, 6) == 0  # never asked for
+        assert lib.nflogd_filters_take_seq(fs, 0, 5, 2) == 3
+        assert hold(fs, f) == 0  # back within the linger: the same run
+        assert (lib.nflogd_filters_epoch(fs, 0), lib.nflogd_filters_take_seq(fs, 0, 5, 0)) == (first, 5)
+        lib.nflogd_filters_set_linger(fs, 1)
+        lib.nflogd_filters_release(fs, 0)
+        time.sleep(0.01)
+        assert lib.nflogd_filters_numbering(fs, 5) == 0  # its run ended
+        assert hold(fs, f) == 0
+        assert lib.nflogd_filters_epoch(fs, 0) == first + 1
+        assert lib.nflogd_filters_take_seq(fs, 0, 5, 0) == 0
     finally:
         lib.nflogd_filters_free(fs)
 
 
 def test_the_daemon_runs_at_most_64_distinct_filters():
-    fs = lib.nflogd_filters_new()
-    why = ffi.new("char[]", 256)
+    """64 held: the next is refused; a slot whose run lingers goes to a new filter, the one
+    let go longest ago first."""
+    fs = lib.nflogd_filters_new(1)
     try:
+        lib.nflogd_filters_set_linger(fs, 60_000)
         for uid in range(64):
-            s = Filter(uid=uid).spec()
-            assert lib.nflogd_filters_hold(fs, s, len(s), why, 256) == uid
-        s = Filter(uid=64).spec()
-        assert lib.nflogd_filters_hold(fs, s, len(s), why, 256) == -1
-        assert ffi.string(why) == b"the daemon runs 64 distinct filters already, its limit"
+            assert hold(fs, Filter(uid=uid)) == uid
+        assert hold(fs, Filter(uid=64)) == "the daemon runs 64 distinct filters already, its limit"
+        lib.nflogd_filters_release(fs, 9)
+        time.sleep(0.002)
+        lib.nflogd_filters_release(fs, 3)
+        assert hold(fs, Filter(uid=64)) == 9
+        assert hold(fs, Filter(uid=65)) == 3
+        assert hold(fs, Filter(uid=66)) == "the daemon runs 64 distinct filters already, its limit"
     finally:
         lib.nflogd_filters_free(fs)

@@ -12,7 +12,7 @@ Use::
     batch = sub.recv_batch(timeout=1.0)      # seconds; one whole message, or None
     sub.lost, sub.total_lost                  # {(node, group): packets the feed lost}
     sub.kernel_dropped                        # {(node, group): the kernel's own loss, latest}
-    sub.restarts, sub.malformed               # daemon restarts seen, messages skipped
+    sub.restarts, sub.malformed               # daemon (or filter run) restarts, messages skipped
     sub.close()
 
 ``endpoints`` defaults to ``$NFLOGD_ENDPOINT`` (one endpoint, or several separated by

@@ -35,7 +35,7 @@ struct nflogd_feed *nflogd_feed_new(uint64_t epoch)
     struct nflogd_feed *f = calloc(1, sizeof(*f));
     if (!f)
         return NULL;
-    if (!(f->peers = peers_new())) {
+    if (!(f->peers = peers_new(epoch))) {
         free(f);
         return NULL;
     }

@@ -10,12 +10,19 @@
  * (len) as the wire length, so that "greater 1000" sees a packet the copy range cut.
  *
  * Filters are shared: the same spec bytes stated by several readers are one slot, run once
- * per packet. Every call runs under the feed's mutex (nflogd_feed_lock). */
+ * per packet. A slot is one run of its filter: its epoch (after the daemon's and every earlier
+ * run's) and, per group, the packets it passed. The run outlives its last holder by the
+ * linger (publish.filter_linger_ms), still numbering every group it was asked for, so that a
+ * reader that comes back within it (a reconnect, nflogd-relay reconnecting upstream) counts
+ * exactly what its filter passed meanwhile; a run past its linger ends, and the next holder
+ * starts a new one, with a new epoch: readers see a restart, never a silent reset.
+ * Every call runs under the feed's mutex (nflogd_feed_lock). */
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <pcap/bpf.h>
 
@@ -28,7 +35,9 @@ struct seq_of {
 };
 
 struct filter {
-    uint32_t holders;       /* 0: a free slot */
+    uint32_t holders;       /* 0: free, or lingering (released_ns set) */
+    uint64_t released_ns;   /* CLOCK_MONOTONIC when its last holder let go; 0 while held */
+    uint64_t epoch;         /* this run's, in its messages' epoch field */
     uint8_t *spec;          /* the bytes stated, for identity */
     uint32_t spec_len;
     uint64_t digest;        /* FNV-1a of spec, the metrics' label */
@@ -45,11 +54,30 @@ struct filter {
 
 struct nflogd_filters {
     struct filter slot[NFLOGD_FILTER_MAX];
+    uint64_t live;          /* a bit per slot in use: held or lingering */
+    uint32_t lingering;     /* slots held by nobody, within their linger */
+    uint64_t linger_ns;
+    uint64_t last_epoch;    /* the daemon's, then the latest run's */
 };
 
-struct nflogd_filters *nflogd_filters_new(void)
+struct nflogd_filters *nflogd_filters_new(uint64_t epoch)
 {
-    return calloc(1, sizeof(struct nflogd_filters));
+    struct nflogd_filters *fs = calloc(1, sizeof(struct nflogd_filters));
+    if (fs)
+        fs->last_epoch = epoch;
+    return fs;
+}
+
+void nflogd_filters_set_linger(struct nflogd_filters *fs, uint32_t ms)
+{
+    fs->linger_ns = (uint64_t)ms * 1000000u;
+}
+
+static uint64_t clock_ns(clockid_t id)
+{
+    struct timespec ts;
+    clock_gettime(id, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
 static void filter_clear(struct filter *f)
@@ -67,6 +95,29 @@ void nflogd_filters_free(struct nflogd_filters *fs)
     for (int i = 0; i < NFLOGD_FILTER_MAX; i++)
         filter_clear(&fs->slot[i]);
     free(fs);
+}
+
+/* The run in slot i ends: its slot free for another filter. */
+static void run_end(struct nflogd_filters *fs, int i)
+{
+    if (fs->slot[i].released_ns)
+        fs->lingering--;
+    filter_clear(&fs->slot[i]);
+    fs->live &= ~(1ull << i);
+}
+
+/* End the runs nobody held for their linger (now_ns: CLOCK_MONOTONIC, 0: read it here). */
+static void reap(struct nflogd_filters *fs, uint64_t now_ns)
+{
+    if (!fs->lingering)
+        return;
+    if (!now_ns)
+        now_ns = clock_ns(CLOCK_MONOTONIC);
+    for (int i = 0; i < NFLOGD_FILTER_MAX; i++) {
+        struct filter *f = &fs->slot[i];
+        if (f->released_ns && now_ns - f->released_ns >= fs->linger_ns)
+            run_end(fs, i);
+    }
 }
 
 static uint32_t le32(const uint8_t *p)
@@ -171,20 +222,31 @@ static uint64_t fnv1a(const uint8_t *p, uint32_t n)
 
 int nflogd_filters_hold(struct nflogd_filters *fs, const uint8_t *spec, uint32_t len, char *why, uint32_t whylen)
 {
-    int free_slot = -1;
+    reap(fs, 0);
+    int free_slot = -1, oldest = -1;
     for (int i = 0; i < NFLOGD_FILTER_MAX; i++) {
         struct filter *f = &fs->slot[i];
-        if (!f->holders) {
+        if (!(fs->live & (1ull << i))) {
             if (free_slot < 0)
                 free_slot = i;
         } else if (f->spec_len == len && memcmp(f->spec, spec, len) == 0) {
+            if (f->released_ns) {  /* its run lingered: it goes on, numbering and epoch */
+                f->released_ns = 0;
+                fs->lingering--;
+            }
             f->holders++;
             return i;
+        } else if (f->released_ns && (oldest < 0 || f->released_ns < fs->slot[oldest].released_ns)) {
+            oldest = i;
         }
     }
     struct filter f;
     if (parse(&f, spec, len, why, whylen) < 0)
         return -1;
+    if (free_slot < 0 && oldest >= 0) {  /* every slot in use: the run let go longest ago ends */
+        run_end(fs, oldest);
+        free_slot = oldest;
+    }
     if (free_slot < 0) {
         free(f.insns);
         char msg[96];
@@ -202,7 +264,11 @@ int nflogd_filters_hold(struct nflogd_filters *fs, const uint8_t *spec, uint32_t
     f.text = f.prefix + f.prefix_len;
     f.digest = fnv1a(spec, len);
     f.holders = 1;
+    /* a new run: an epoch after the daemon's and every earlier run's, the time if the clock allows */
+    uint64_t now = clock_ns(CLOCK_REALTIME);
+    f.epoch = fs->last_epoch = now > fs->last_epoch ? now : fs->last_epoch + 1;
     fs->slot[free_slot] = f;
+    fs->live |= 1ull << free_slot;
     return free_slot;
 }
 
@@ -211,8 +277,39 @@ void nflogd_filters_release(struct nflogd_filters *fs, int slot)
     if (slot < 0 || slot >= NFLOGD_FILTER_MAX)
         return;
     struct filter *f = &fs->slot[slot];
-    if (f->holders && --f->holders == 0)
-        filter_clear(f);
+    if (!f->holders || --f->holders)
+        return;
+    if (!fs->linger_ns) {
+        run_end(fs, slot);
+        return;
+    }
+    uint64_t now = clock_ns(CLOCK_MONOTONIC);
+    f->released_ns = now ? now : 1;
+    fs->lingering++;
+}
+
+uint64_t nflogd_filters_numbering(struct nflogd_filters *fs, uint16_t group)
+{
+    if (!fs->live)
+        return 0;
+    reap(fs, 0);
+    uint64_t bits = 0;
+    for (int s = 0; s < NFLOGD_FILTER_MAX; s++) {
+        if (!(fs->live & (1ull << s)))
+            continue;
+        const struct filter *f = &fs->slot[s];
+        for (uint32_t i = 0; i < f->nseq; i++)
+            if (f->seq[i].group == group) {
+                bits |= 1ull << s;
+                break;
+            }
+    }
+    return bits;
+}
+
+uint64_t nflogd_filters_epoch(struct nflogd_filters *fs, int slot)
+{
+    return fs->slot[slot].epoch;
 }
 
 /* The metadata predicates of f on one record (absent attributes never match). */
@@ -250,7 +347,7 @@ void nflogd_filters_run(struct nflogd_filters *fs, uint64_t want, const struct n
         if (!(want & (1ull << s)))
             continue;
         struct filter *f = &fs->slot[s];
-        if (!f->holders)
+        if (!f->spec)
             continue;
         uint64_t bit = 1ull << s, passed = 0;
         for (uint32_t i = 0; i < count; i++) {

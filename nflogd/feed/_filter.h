@@ -41,20 +41,32 @@
 #define NFLOGD_FM_HOOK          0x80  /* the hook's bit set in hooks */
 
 /* The distinct filters in use, each with its holders counted, shared by every peer that
- * states the same spec: a packet is tested once per distinct filter, whoever holds it. */
+ * states the same spec: a packet is tested once per distinct filter, whoever holds it. Each
+ * is one run of its filter, with an epoch of its own after epoch (the daemon's) and every
+ * earlier run's, which outlives its last holder by the linger (below). */
 struct nflogd_filters;
-struct nflogd_filters *nflogd_filters_new(void);
+struct nflogd_filters *nflogd_filters_new(uint64_t epoch);
 void nflogd_filters_free(struct nflogd_filters *fs);
+/* How long a run goes on, numbering the groups it was asked for, once nobody holds it
+ * (publish.filter_linger_ms; 0: it ends with its last holder). */
+void nflogd_filters_set_linger(struct nflogd_filters *fs, uint32_t ms);
 
 /* Check a spec without keeping it: 0, or -1 with a one-line reason in why. */
 int nflogd_filter_check(const uint8_t *spec, uint32_t len, char *why, uint32_t whylen);
 
 /* Hold the filter of spec: its slot (0..NFLOGD_FILTER_MAX-1), the slot already running it if
- * another holder stated the same bytes; -1 with a one-line reason in why (a malformed spec, a
- * program bpf_validate refuses or longer than NFLOGD_FILTER_MAX_INSNS, every slot in use). */
+ * another holder stated the same bytes or its run lingers (the run goes on); else a new run,
+ * in a free slot or the one whose run was let go longest ago; -1 with a one-line reason in
+ * why (a malformed spec, a program bpf_validate refuses or longer than
+ * NFLOGD_FILTER_MAX_INSNS, every slot held). */
 int nflogd_filters_hold(struct nflogd_filters *fs, const uint8_t *spec, uint32_t len, char *why, uint32_t whylen);
-/* Let go of a slot; the filter goes with its last holder. */
+/* Let go of a slot; after its last holder the run lingers, then ends. */
 void nflogd_filters_release(struct nflogd_filters *fs, int slot);
+/* The slots whose runs number group (it was asked for since they began), held or lingering:
+ * each batch of group goes through them, whoever is subscribed. */
+uint64_t nflogd_filters_numbering(struct nflogd_filters *fs, uint16_t group);
+/* The epoch of the slot's run: its messages carry it in place of the daemon's. */
+uint64_t nflogd_filters_epoch(struct nflogd_filters *fs, int slot);
 
 /* Run the filters whose slot bits are in want on records[0..count) (their payloads and
  * prefixes in data[0..data_len)): match[i] gets the bits of the filters record i passes.

@@ -81,7 +81,7 @@ struct nflogd_peers {
     size_t boxed_cap;
 };
 
-struct nflogd_peers *peers_new(void)
+struct nflogd_peers *peers_new(uint64_t epoch)
 {
     if (sodium_init() < 0)
         return NULL;
@@ -89,7 +89,7 @@ struct nflogd_peers *peers_new(void)
     if (ps) {
         ps->epfd = ps->wake_fd = -1;
         ps->hwm = 1000;
-        if (!(ps->filters = nflogd_filters_new())) {
+        if (!(ps->filters = nflogd_filters_new(epoch))) {
             free(ps);
             return NULL;
         }
@@ -528,7 +528,9 @@ static int compose(struct nflogd_peers *ps, int slot, uint16_t group, const stru
     memcpy(header, frames[1].iov_base, hlen);
     header[5] = (uint8_t)((header[5] & ~NFLOGD_FLAG_IFNAMES) | NFLOGD_WIRE_FILTERED);
     put32(header + 8, n);
+    uint64_t epoch = nflogd_filters_epoch(ps->filters, slot);
     uint64_t first_seq = nflogd_filters_take_seq(ps->filters, slot, group, n);
+    memcpy(header + 16, &epoch, 8);
     memcpy(header + 24, &first_seq, 8);
     uint32_t at = 0, k = 0;
     for (uint32_t i = 0; i < count; i++) {
@@ -553,8 +555,10 @@ static int compose(struct nflogd_peers *ps, int slot, uint16_t group, const stru
     return 1;
 }
 
-/* Each filter the peers of group hold, run once on the batch; each one's message to its peers. */
-static void send_filtered(struct nflogd_peers *ps, uint16_t group, const struct iovec frames[4], uint64_t want)
+/* Each filter whose run numbers group (run), once on the batch; the message of each one the
+ * peers of group hold (want) to them, the others' numbering moved on by what they passed. */
+static void send_filtered(struct nflogd_peers *ps, uint16_t group, const struct iovec frames[4], uint64_t want,
+                          uint64_t run)
 {
     size_t rs = sizeof(struct nflogd_record);
     uint32_t count = (uint32_t)(frames[2].iov_len / rs);
@@ -567,11 +571,19 @@ static void send_filtered(struct nflogd_peers *ps, uint16_t group, const struct 
         ps->match = more;
         ps->match_cap = count;
     }
-    nflogd_filters_run(ps->filters, want, frames[2].iov_base, count, frames[3].iov_base,
+    nflogd_filters_run(ps->filters, run, frames[2].iov_base, count, frames[3].iov_base,
                        (uint32_t)frames[3].iov_len, ps->match);
     for (int s = 0; s < NFLOGD_FILTER_MAX; s++) {
-        if (!(want & (1ull << s)))
+        uint64_t bit = 1ull << s;
+        if (!(run & bit))
             continue;
+        if (!(want & bit)) {  /* nobody to send to: its numbering goes on */
+            uint32_t n = 0;
+            for (uint32_t i = 0; i < count; i++)
+                n += (ps->match[i] & bit) != 0;
+            nflogd_filters_take_seq(ps->filters, s, group, n);
+            continue;
+        }
         struct iovec out[4], iov[2][8];
         uint8_t heads[2][4][9], topic[NFLOGD_FILTERED_TOPIC + 2];
         size_t len[2] = { 0, 0 };
@@ -634,8 +646,9 @@ void peers_send(struct nflogd_peers *ps, uint16_t group, const struct iovec fram
     }
     if (b)
         blob_unref(ps, b);
-    if (want)
-        send_filtered(ps, group, frames, want);
+    uint64_t run = want | nflogd_filters_numbering(ps->filters, group);
+    if (run)
+        send_filtered(ps, group, frames, want, run);
 }
 
 /* -- the control loop's side ------------------------------------------------------------ */
@@ -756,6 +769,11 @@ int nflogd_peers_filter_slot(struct nflogd_peers *ps, int id)
 struct nflogd_filters *nflogd_peers_filters(struct nflogd_peers *ps)
 {
     return ps->filters;
+}
+
+void nflogd_peers_set_filter_linger(struct nflogd_peers *ps, uint32_t ms)
+{
+    nflogd_filters_set_linger(ps->filters, ms);
 }
 
 uint64_t nflogd_peers_sent_bytes(struct nflogd_peers *ps)

@@ -62,6 +62,8 @@ int nflogd_peers_filter_slot(struct nflogd_peers *ps, int id);
 /* The filters the peers hold (_filter.h), for the metrics. */
 struct nflogd_filters;
 struct nflogd_filters *nflogd_peers_filters(struct nflogd_peers *ps);
+/* How long a filter's run goes on once no peer holds it (publish.filter_linger_ms). */
+void nflogd_peers_set_filter_linger(struct nflogd_peers *ps, uint32_t ms);
 /* Bytes written to the peers so far. */
 uint64_t nflogd_peers_sent_bytes(struct nflogd_peers *ps);
 /* Messages dropped (hwm reached) and queued now, of peer id, or of every peer (id -1). */
@@ -76,7 +78,7 @@ void nflogd_peers_send(struct nflogd_peers *ps, uint16_t group, const uint8_t *t
 
 /* -- C only (not in the CFFI cdef): the feed's side (_feed.c), under its mutex -- */
 
-struct nflogd_peers *peers_new(void);
+struct nflogd_peers *peers_new(uint64_t epoch);
 void peers_free(struct nflogd_peers *ps);
 /* One message, the wire format's four frames, to every peer subscribed to group. */
 void peers_send(struct nflogd_peers *ps, uint16_t group, const struct iovec frames[4]);
