@@ -224,9 +224,10 @@ class Publisher:
         self._budget_log = Episodes(log)
         self._on_subscription: Callable[[bytes], None] | None = None  # handle_incoming()'s
         #: The relay's (``filter_topics``): takes readers' filter subscriptions (docs/filters.md),
-        #: which the server then passes as they are, never running a filter; False: the reader
-        #: is hung up on. Its readers get the messages on those topics from ``forward()``.
-        self.on_filter: Callable[[bytes], bool] | None = None
+        #: which the server then passes as they are, never running a filter; it returns None,
+        #: or why the subscription is refused. Its readers get the messages on those topics
+        #: from ``forward()``.
+        self.on_filter: Callable[[bytes], str | None] | None = None
         self._files: dict[str, tuple[str, int, int]] = {}  # endpoint -> (path, st_dev, st_ino)
         #: Held for every use of the peers: capture threads send while the control thread
         #: serves the peers, binds and sets limits.
@@ -549,14 +550,15 @@ class Publisher:
         if self._on_subscription is not None:
             self._on_subscription(msg)
 
-    def filter_subscription(self, msg: bytes) -> bool:
+    def filter_subscription(self, msg: bytes) -> str | None:
         """A reader's filter (un)subscription the server passes on (``filter_topics``): counted,
-        logged at debug level, handed to ``on_filter``; False: the reader is to be hung up on."""
-        if self.on_filter is None or not self.on_filter(msg):
-            return False
+        logged at debug level, handed to ``on_filter``; None, or why it was refused."""
+        why = "this feed passes no filters" if self.on_filter is None else self.on_filter(msg)
+        if why is not None:
+            return why
         self.subscription_messages += 1
         log.debug("%s a filter's %r", "subscribe" if msg[:1] == b"\x01" else "unsubscribe", msg[1:6])
-        return True
+        return None
 
     def _flood(self, where: str) -> None:
         self._flood_seen = time.monotonic()

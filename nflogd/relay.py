@@ -102,9 +102,11 @@ _HEADER = wire.HEADER
 FILTERS_PREFIX = b"\xffNFL"
 EVENTS, POLLIN = zmq.EVENTS, zmq.POLLIN
 #: Readers' filters the relay passes upstream at once, each on a connection of its own to every
-#: upstream (a daemon runs at most 64); a reader stating one more is hung up on (counted): its
-#: Subscriber, without an answer, then filters itself.
-MAX_FILTERS = 64
+#: upstream: with the relay's own link, 64 connections to each daemon, its default
+#: publish.max_connections_per_source (and its 64 distinct filters, less one for a local
+#: reader). A reader stating one more is refused with the reason, as a daemon refuses a
+#: filter (counted).
+MAX_FILTERS = 63
 #: Seconds the loop lets upstream messages gather while they keep coming (``Program.watch``'s
 #: ``gather``): a steady trickle is read and passed on in batches, at most this much later.
 GATHER_S = 0.002
@@ -396,7 +398,7 @@ class RelayCollector(_Collector):
         )
         refused = CounterMetricFamily(
             "nflogd_relay_filters_refused",
-            "Readers' filters refused (their readers hung up on): 64 in use already.",
+            "Readers' filters refused (their readers told why): 63 in use already.",
         )
         info = GaugeMetricFamily("nflogd_relay_build_info", "nflogd's version; always 1.", labels=["version"])
         marks = CounterMetricFamily(
@@ -606,20 +608,21 @@ class Relay(Program):
         for up in self.upstreams.values():
             up.subscription(msg)
 
-    def _filter_subscription(self, msg: bytes) -> bool:
+    def _filter_subscription(self, msg: bytes) -> str | None:
         """A reader's filter (``"\\xffNFLF"``, its spec and tag) or a group through it
         (``"\\xffNFLG"``, its id, the group's topic), (un)subscribed: passed to every upstream
         on a connection of that filter's own (a daemon holds one filter per connection), opened
         with its first subscription and closed with its last. The daemons' replies and filtered
         messages come back on these topics and go to exactly the readers subscribed to them:
-        the relay never runs a filter. False (the reader is hung up on, counted): a malformed
-        filter subscription, a filter past MAX_FILTERS, a group through a filter not held."""
+        the relay never runs a filter. None, or why not (the reader is told, and counted): a
+        malformed filter subscription, a filter past MAX_FILTERS, a group through a filter not
+        held (that reader is hung up on)."""
         kind, topic = msg[:1], msg[1:]
         if topic.startswith(filters.FILTER_TOPIC):
             spec = topic[len(filters.FILTER_TOPIC) :]
             n = filters.spec_length(spec)
             if not filters.HEAD.size <= n <= len(spec) <= n + filters.MAX_TAG:
-                return False
+                return "malformed filter subscription: its spec and tag do not add up"
             fid = filters.spec_id(spec[:n])
         else:
             at = len(wire.FILTERED_TOPIC)
@@ -628,14 +631,14 @@ class Relay(Program):
         if kind == b"\x01":
             if held is None:
                 if not topic.startswith(filters.FILTER_TOPIC):
-                    return False  # its filter first: a group through a filter nobody holds
+                    return "a group through a filter nobody holds"  # its filter first
                 if len(self.filter_topics) >= MAX_FILTERS:
                     self.filters_refused += 1
                     self._filters_log.hit(
-                        "filter refused: %d filters in use; its reader hung up on; %d refused so far",
+                        "filter refused: %d filters in use, its limit; its reader told so; %d refused so far",
                         MAX_FILTERS, self.filters_refused,
                     )  # fmt: skip
-                    return False
+                    return f"nflogd-relay passes {MAX_FILTERS} distinct filters already, its limit"
                 held = self.filter_topics[fid] = Counter()
             held[topic] += 1
         elif held is not None and held[topic] > 0:
@@ -643,7 +646,7 @@ class Relay(Program):
             if not held[topic]:
                 del held[topic]
         else:
-            return True  # an unsubscription of nothing
+            return None  # an unsubscription of nothing
         # upstream go a topic's first subscription and its last cancel, as for groups
         edge = held[topic] == 1 if kind == b"\x01" else topic not in held
         ups = self.filter_upstreams.get(fid)
@@ -656,14 +659,14 @@ class Relay(Program):
                 for up in ups.values():
                     self._close_upstream(up)
                 log.debug("filter %s: its last reader gone, its upstream connections closed", fid.hex())
-            return True
+            return None
         if ups is None:
             self._sync_filter_upstreams()  # connects with every topic held, this one too
-            return True
+            return None
         if edge:
             for up in ups.values():
                 up.subscription(msg)
-        return True
+        return None
 
     def _sync_filter_upstreams(self) -> None:
         """Each filter in use connected to each upstream (with the upstream's settings), and

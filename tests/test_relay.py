@@ -699,13 +699,16 @@ def packets(d: NflogdProcess) -> int:
     return int(d.metric("nflogd_packets_total", group="1") or 0)
 
 
-def take(sub: Subscriber, n: int) -> list:
-    """``n`` packets of ``sub`` (sequence marks read on the way)."""
+def take(sub: Subscriber, n: int, epochs: set | None = None) -> list:
+    """``n`` packets of ``sub`` (sequence marks read on the way); the epochs of their messages
+    added to ``epochs``."""
     got: list = []
     while len(got) < n:
         batch = sub.recv_batch(timeout=WAIT)
         assert batch is not None, f"{len(got)} packets of {n}"
         got += batch.packets
+        if epochs is not None and batch.packets:
+            epochs.add(batch.epoch)
     assert len(got) == n
     return got
 
@@ -800,6 +803,106 @@ def test_a_routers_refusal_reaches_the_reader_through_the_relay(lab, tmp_path, c
         assert relay.alive()
 
 
+def rejoined(sub: Subscriber, d: NflogdProcess, times: int) -> None:
+    """Wait in ``recv`` (where libzmq resends a reconnected socket's subscriptions) until the
+    router has the filter's group subscribed ``times`` times; nothing arrives meanwhile."""
+    line = "DEBUG: subscribe '0001'"
+    deadline = time.monotonic() + WAIT
+    while d.stderr.count(line) < times:
+        assert time.monotonic() < deadline, f"{line} x{times}\n{d.stderr}"
+        batch = sub.recv_batch(timeout=0.05)
+        assert batch is None or not batch.packets, batch
+
+
+@pytest.mark.kernel
+def test_a_filtered_reader_counts_exactly_what_it_missed_while_the_relay_was_away(lab, tmp_path, ctx):
+    """The relay restarts: the router's run of the filter lingers meanwhile (numbering what it
+    passes), the relay's new link takes it up again, and the reader counts exactly the packets
+    its filter passed while it was away, none it excluded. Away longer than the router's
+    publish.filter_linger_ms, the run ends: the reader sees a restart (a new epoch), never a
+    silent reset of its numbering."""
+    lab = lab(1)
+    with (
+        daemon(lab.routers[0], tmp_path, 1) as d,
+        RelayProcess(lab.collector, tmp_path / "relay", upstreams=[router_endpoint(1)]) as relay,
+    ):
+        flt = Subscriber(relay.endpoint, groups=[1], filter=MINE, context=ctx)
+        try:
+            accepted(flt)
+            subscribed(d, "0001")
+            mine = flood(lab, "a")  # 5 of 500
+            first: set[int] = set()
+            got = take(flt, mine, first)
+            assert [p.seq for p in got] == list(range(mine))
+
+            relay.stop()
+            missed = flood(lab, "b")  # passed by the filter at the router, nobody to get them
+            wait_until(lambda: packets(d) == 1000, "captured")
+            relay.start()
+            rejoined(flt, d, times=2)  # the relay's new link, through the same run
+            epochs: set[int] = set()
+            again = take(flt, flood(lab, "c"), epochs)
+            assert [p.seq for p in again] == list(range(2 * mine, 3 * mine))
+            assert epochs == first
+            assert flt.total_lost == missed and flt.restarts == 0
+
+            d.write_config({**d.config, "publish": {**d.config["publish"], "filter_linger_ms": 100}})
+            d.reload()
+            relay.stop()
+            time.sleep(0.5)  # past the linger: the run ends
+            flood(lab, "d")
+            wait_until(lambda: packets(d) == 2000, "captured")
+            relay.start()
+            rejoined(flt, d, times=3)
+            epochs = set()
+            fresh = take(flt, flood(lab, "e"), epochs)
+            assert [p.seq for p in fresh] == list(range(mine))  # a new run, from 0
+            assert len(epochs) == 1 and epochs.pop() > first.pop()
+            assert flt.restarts == 1 and flt.total_lost == missed  # a restart, nothing made up
+        finally:
+            flt.close()
+
+
+@pytest.mark.kernel
+def test_a_reader_past_the_relays_filter_limit_is_told_why(lab, tmp_path, ctx):
+    """63 distinct filters pass through the relay (its 64 links to the router, within the
+    router's default max_connections_per_source); the 64th reader's is refused with the relay's
+    reason (the reply a daemon gives), counted and logged once; its connection stays, and a
+    filter it states once there is room passes."""
+    lab = lab(1)
+    with (
+        daemon(lab.routers[0], tmp_path, 1) as d,
+        RelayProcess(lab.collector, tmp_path / "relay", upstreams=[router_endpoint(1)]) as relay,
+    ):
+        socks = []
+        try:
+            for uid in range(64):
+                sock = ctx.socket(zmq.SUB)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.SUBSCRIBE, filters.Filter(uid=uid).topic(b"t"))
+                sock.connect(relay.endpoint)
+                socks.append(sock)
+                if uid < 63:  # each accepted by the router, through the relay, before the next
+                    assert sock.poll(WAIT * 1000), f"no reply to filter {uid}"
+                    assert filters.filter_reply(sock.recv_multipart()) == (True, "")
+            assert socks[63].poll(WAIT * 1000), "no reply past the limit"
+            assert filters.filter_reply(socks[63].recv_multipart()) == (
+                False, "nflogd-relay passes 63 distinct filters already, its limit"
+            )  # fmt: skip
+            assert relay.metric("nflogd_relay_filters_refused_total") == 1
+            assert relay.metric("nflogd_relay_filters") == 63
+            assert relay.stderr.count("filter refused: 63 filters in use") == 1
+            socks[0].close()  # one let go: a filter stated now passes
+            wait_until(lambda: relay.metric("nflogd_relay_filters") == 62, "the first filter let go")
+            socks[63].setsockopt(zmq.SUBSCRIBE, filters.Filter(uid=99).topic(b"t"))
+            assert socks[63].poll(WAIT * 1000), "no reply after room was made"
+            assert filters.filter_reply(socks[63].recv_multipart()) == (True, "")
+        finally:
+            for sock in socks:
+                sock.close()
+        assert relay.alive() and d.alive()
+
+
 def test_the_relays_server_passes_filter_topics_on_as_they_are_and_runs_none(ctx, tmp_path):
     """The relay's Publisher (filter_topics): each reader's filter and its groups through it
     are handed on byte for byte (and undone at its hang-up), never compiled into a filter of
@@ -815,7 +918,7 @@ def test_the_relays_server_passes_filter_topics_on_as_they_are_and_runs_none(ctx
     ep = f"ipc://{tmp_path}/relay.sock"
     pub = Publisher(PublishConfig(bind=(ep,)), filter_topics=True)
     passed: list[bytes] = []
-    pub.on_filter = lambda msg: passed.append(msg) is None
+    pub.on_filter = passed.append  # None: every one passed on
     f = filters.Filter("udp port 53")
     spec_topic, through = f.topic(b"tag1"), f.group_topic(wire.topic(1))
     readers = []

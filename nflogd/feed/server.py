@@ -357,9 +357,10 @@ class ZmtpServer:
         #: Peers dropped for subscribing to nothing for idle_timeout_s (a metric).
         self.idle_hangups = 0
         #: The relay's: readers' filter subscriptions are not run here but passed on as they
-        #: are, each to this (False: the reader is hung up on); the peers holding such topics,
-        #: for ``deliver_passed``.
-        self.pass_filters: Callable[[bytes], bool] | None = None
+        #: are, each to this (None: passed on; else why not: a filter's subscription is
+        #: answered with that refusal, a group's through a filter hung up on); the peers
+        #: holding such topics, for ``deliver_passed``.
+        self.pass_filters: Callable[[bytes], str | None] | None = None
         self.passing: dict[Peer, Counter[bytes]] = {}
         #: Connections closed at once per endpoint: their source had per_source (a metric).
         self.source_refused: dict[str, int] = {}
@@ -809,11 +810,20 @@ class ZmtpServer:
 
     def _pass_filter(self, peer: Peer, kind: bytes, topic: bytes) -> bool:
         """The relay: a reader's filter topic, (un)subscribed, passed on as it is and kept for
-        ``deliver_passed``; False if refused (the peer hung up on)."""
+        ``deliver_passed``. A filter refused is answered as a daemon answers it (the reason,
+        the connection kept); False: a group through a filter refused, the peer hung up on."""
         assert self.pass_filters is not None
         held = peer.passed
         if kind == b"\x01":
-            if not self.pass_filters(kind + topic):
+            why = self.pass_filters(kind + topic)
+            if why is not None and topic.startswith(filters.FILTER_TOPIC):
+                with self._c:  # the reply a daemon gives, to this reader alone
+                    rc = self._c.peer_message(peer.id, filters.reply(topic, False, why))
+                if rc < 0:
+                    self._hang_up(peer)
+                    return False
+                return True
+            if why is not None:
                 self._hang_up(peer)
                 self._owner.foreign_topic(peer.label, len(topic), 1)
                 return False
