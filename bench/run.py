@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import struct
 import subprocess
 import sys
@@ -379,33 +380,46 @@ FILTER_1PCT = "udp[14:2] < 655"
 def bench_filter(args) -> list[dict]:
     """One reader of the group at the top rate, without a filter, then with one the daemon
     runs for it that passes 1 %: the daemon's CPU per packet captured, the bytes of the
-    messages the reader got, and the reader's own CPU per packet captured."""
-    rows = []
-    for name, expression in (("none", None), ("1%", FILTER_1PCT)):
-        ns = namespace()
-        tmp = tempfile.mkdtemp(prefix="nflbench-")
-        try:
-            daemon = Daemon(ns, tmp, filter=expression)
-            sent = settle(ns, flood(ns, args.count, 0))
-            ours, sub = daemon.stop()
-        finally:
-            ns.close()
-            shutil.rmtree(tmp, ignore_errors=True)
-        n = sent["sent"]
-        rows.append({
-            "case": f"filter {name}", "sent": n, "rate_pps": round(n / sent["seconds"]),
-            "kernel_dropped": ours["kernel_dropped"], "daemon_us_per_pkt": round(1e6 * ours["cpu"] / n, 3),
-            "reader_packets": sub["packets"], "reader_lost": sub["lost"], "reader_bytes": sub["bytes"],
-            "reader_us_per_pkt": round(1e6 * sub["cpu"] / n, 3),
+    messages the reader got, and the reader's own CPU per packet captured. ``--rounds`` pairs,
+    the order swapped every other round so that a drift of the machine's load weighs on both;
+    the ratios are each round's and their median."""
+    rows, rounds = [], []
+    for k in range(args.rounds):
+        cases = [("none", None), ("1%", FILTER_1PCT)]
+        pair = {}
+        for name, expression in cases if k % 2 == 0 else cases[::-1]:
+            ns = namespace()
+            tmp = tempfile.mkdtemp(prefix="nflbench-")
+            try:
+                daemon = Daemon(ns, tmp, filter=expression)
+                sent = settle(ns, flood(ns, args.count, 0))
+                ours, sub = daemon.stop()
+            finally:
+                ns.close()
+                shutil.rmtree(tmp, ignore_errors=True)
+            n = sent["sent"]
+            pair[name] = r = {
+                "case": f"round {k + 1} filter {name}", "sent": n, "rate_pps": round(n / sent["seconds"]),
+                "kernel_dropped": ours["kernel_dropped"],
+                "daemon_us_per_pkt": round(1e6 * ours["cpu"] / n, 3),
+                "reader_packets": sub["packets"], "reader_lost": sub["lost"], "reader_bytes": sub["bytes"],
+                "reader_us_per_pkt": round(1e6 * sub["cpu"] / n, 3),
+            }  # fmt: skip
+            rows.append(r)
+            print_row(r)
+        plain, filtered = pair["none"], pair["1%"]
+        rounds.append({
+            "daemon_cpu_ratio": round(filtered["daemon_us_per_pkt"] / plain["daemon_us_per_pkt"], 2),
+            "bytes_ratio_pct": round(100 * filtered["reader_bytes"] / max(plain["reader_bytes"], 1), 2),
+            "reader_cpu_fall": round(
+                plain["reader_us_per_pkt"] / max(filtered["reader_us_per_pkt"], 1e-9), 1
+            ),
         })  # fmt: skip
-        print_row(rows[-1])
-    plain, filtered = rows
-    ratios = {
-        "case": "filter 1% vs none",
-        "daemon_cpu_ratio": round(filtered["daemon_us_per_pkt"] / plain["daemon_us_per_pkt"], 2),
-        "bytes_ratio_pct": round(100 * filtered["reader_bytes"] / max(plain["reader_bytes"], 1), 2),
-        "reader_cpu_fall": round(plain["reader_us_per_pkt"] / max(filtered["reader_us_per_pkt"], 1e-9), 1),
-    }
+    ratios = {"case": f"filter 1% vs none, median of {len(rounds)}"}
+    for key in rounds[0]:
+        values = [r[key] for r in rounds]
+        ratios[key] = statistics.median(values)
+        ratios[f"{key}_rounds"] = values
     print_row(ratios)
     return [*rows, ratios]
 
@@ -910,6 +924,7 @@ def main() -> None:
         "--rate", type=int, default=20000, help="the fixed rate, packets/s (5 s of it; soak: all along)"
     )
     ap.add_argument("--count", type=int, default=1000000, help="packets sent flat out")
+    ap.add_argument("--rounds", type=int, default=3, help="filter: pairs of runs, without and with it")
     ap.add_argument("--seconds", type=float, default=3600, help="soak: how long (default one hour)")
     ap.add_argument("--interval", type=float, default=60, help="soak: seconds between samples")
     ap.add_argument(

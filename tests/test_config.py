@@ -220,8 +220,8 @@ BAD = [
     ("groups: [0]\npublish: [tcp://a:1]", "publish: must be a mapping, got a list"),
     (
         "groups: [0]\npublish: {hmw: 5}",
-        "publish: unknown key 'hmw'; expected one of bind, curve, filter_linger_ms, handshake_timeout_ms, hwm, "
-        "idle_timeout_ms, insecure, ipc_filter_groups, max_connections, max_connections_per_source, "
+        "publish: unknown key 'hmw'; expected one of bind, curve, filter_linger_ms, handshake_timeout_ms, "
+        "hwm, idle_timeout_ms, insecure, ipc_filter_groups, max_connections, max_connections_per_source, "
         "max_queued_bytes",
     ),
     (
