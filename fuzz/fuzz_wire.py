@@ -22,11 +22,13 @@ run, so an input that once crashed stays a test once added there.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py beside it, loaded by path too
+import harness  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -114,26 +116,8 @@ def seeds() -> list[list[bytes]]:
     return out
 
 
-def make_corpus() -> None:
-    """Write the seeds into CORPUS, named by content as libFuzzer names its own."""
-    CORPUS.mkdir(parents=True, exist_ok=True)
-    for frames in seeds():
-        data = join_frames(frames)
-        check(data)
-        (CORPUS / hashlib.sha1(data).hexdigest()).write_bytes(data)
-
-
 def main() -> None:
-    if sys.argv[1:] == ["--make-corpus"]:
-        make_corpus()
-        return
-    import atheris
-
-    with atheris.instrument_imports():
-        from nflogd_client import wire  # noqa: F401  (instrumented for coverage)
-
-    atheris.Setup(sys.argv, check)
-    atheris.Fuzz()
+    harness.main(CORPUS, lambda: [join_frames(f) for f in seeds()], check, "nflogd_client.wire")
 
 
 if __name__ == "__main__":

@@ -25,10 +25,12 @@ replays it through ``check()`` in every test run.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # harness.py beside it, loaded by path too
+import harness  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -145,25 +147,8 @@ def seeds() -> list[bytes]:
     return [bytes([step]) + s for s in streams for step in (0, 7)]
 
 
-def make_corpus() -> None:
-    """Write the seeds into CORPUS, named by content as libFuzzer names its own."""
-    CORPUS.mkdir(parents=True, exist_ok=True)
-    for data in seeds():
-        check(data)
-        (CORPUS / hashlib.sha1(data).hexdigest()).write_bytes(data)
-
-
 def main() -> None:
-    if sys.argv[1:] == ["--make-corpus"]:
-        make_corpus()
-        return
-    import atheris
-
-    with atheris.instrument_imports():
-        from nflogd.feed import codec  # noqa: F401  (instrumented for coverage)
-
-    atheris.Setup(sys.argv, check)
-    atheris.Fuzz()
+    harness.main(CORPUS, seeds, check, "nflogd.feed.codec")
 
 
 if __name__ == "__main__":

@@ -10,16 +10,15 @@ the boxed traffic with nonces that only grow, a stalled greeting counted at its 
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import zmq
 import zmq.auth
+from fuzzutil import fuzzer
 from nflogd_client import Subscriber, wire
 from pubutil import RawPeer, serve
 from test_interop import DEBIAN_PYTHON, MESSAGES, PYZMQ_READER, available, batch, free_port
@@ -33,10 +32,7 @@ from nflogd.publish import Publisher
 
 pytestmark = pytest.mark.timeout(60)
 
-REPO = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("fuzz_curve", REPO / "fuzz" / "fuzz_curve.py")
-harness = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(harness)
+harness = fuzzer("curve")
 Client, frame, greeting = harness.Client, harness.frame, harness.greeting
 
 #: A libzmq reader with CURVE keys from argv[5:8] (server, public, secret; Z85), then

@@ -9,13 +9,12 @@ against the real server of a Publisher.
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import struct
 
 import pytest
 import zmq
-from daemonutil import REPO
+from fuzzutil import fuzzer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from nflogd_client import wire
@@ -456,15 +455,7 @@ def test_every_greeting_rest_field_sits_where_the_spec_puts_it():
 # -- any bytes, in any pieces: the fuzzer's property ---------------------------------------
 
 
-def _fuzz_harness():
-    spec = importlib.util.spec_from_file_location("fuzz_zmtp", REPO / "fuzz" / "fuzz_zmtp.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-FUZZ = _fuzz_harness()
+FUZZ = fuzzer("zmtp")
 FRAMES = st.one_of(
     st.binary(max_size=40).map(frame),
     st.binary(min_size=1, max_size=40).map(lambda b: frame(b, 4)),
