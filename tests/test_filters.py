@@ -14,6 +14,7 @@ The filter's own bits (spec bytes, the metadata test in the reader) are in test_
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import subprocess
@@ -156,10 +157,11 @@ def test_two_readers_with_one_filter_cost_one_evaluation(netns, daemon, ctx, clo
     assert filter_metric(d, "dropped", expr) == 15
 
 
-def test_loss_while_filtered_counts_only_the_packets_the_filter_passed(netns, tmp_path, ctx, closing):
-    """A reader that does not read while 600 KiB of its packets come, past its socket's
-    buffers and a daemon's hwm of 2 messages: what it lost is exactly the packets its filter
-    passed and it did not get, never one of those excluded."""
+@contextlib.contextmanager
+def overloaded_reader(netns, tmp_path, ctx, closing):
+    """A daemon with publish.hwm 2 and a reader filtering for DNS with a receive hwm of 1 that
+    does not read while 50 rounds of 8 DNS and 8 other datagrams of 1,400 bytes come: the
+    daemon has dropped messages for it. (daemon, reader)."""
     rules(netns)
     workdir = tmp_path / "d"
     publish = {"bind": [f"ipc://{workdir}/run/feed.sock"], "hwm": 2}
@@ -173,6 +175,14 @@ def test_loss_while_filtered_counts_only_the_packets_the_filter_passed(netns, tm
             netns.send_udp([big] * 8, "127.0.0.1", OTHER)
             wait_until(lambda r=r: packets(d) >= 16 * (r + 1), "published")
         wait_until(lambda: (d.metric("nflogd_feed_slow_dropped_messages_total") or 0) > 0, "a drop")
+        yield d, sub
+
+
+def test_loss_while_filtered_counts_only_the_packets_the_filter_passed(netns, tmp_path, ctx, closing):
+    """A reader that does not read while 600 KiB of its packets come, past its socket's
+    buffers and a daemon's hwm of 2 messages: what it lost is exactly the packets its filter
+    passed and it did not get, never one of those excluded."""
+    with overloaded_reader(netns, tmp_path, ctx, closing) as (d, sub):
         got = []
         while (batch := sub.recv_batch(timeout=0.5)) is not None:  # what was queued, to the end
             got += batch.packets
@@ -432,19 +442,7 @@ def test_a_filtered_reader_counts_a_lost_tail_from_the_sequence_mark(netns, tmp_
     """As the loss test above, but nothing comes after the loss: the group's sequence mark
     (a message of no packets) reaches the filtered reader with the filter's numbering, so the
     packets lost at the end are counted, exactly, in packets the filter passed."""
-    rules(netns)
-    workdir = tmp_path / "d"
-    publish = {"bind": [f"ipc://{workdir}/run/feed.sock"], "hwm": 2}
-    with NflogdProcess(netns, workdir, groups=[1], node="f", extra={"publish": publish}) as d:
-        sub = Subscriber(d.endpoint, groups=[1], filter="udp and dst port 53", rcvhwm=1, context=ctx)
-        closing.append(sub)
-        accepted(sub)
-        big = b"x" * 1400
-        for r in range(50):
-            netns.send_udp([big] * 8, "127.0.0.1", DNS)
-            netns.send_udp([big] * 8, "127.0.0.1", OTHER)
-            wait_until(lambda r=r: packets(d) >= 16 * (r + 1), "published")
-        wait_until(lambda: (d.metric("nflogd_feed_slow_dropped_messages_total") or 0) > 0, "a drop")
+    with overloaded_reader(netns, tmp_path, ctx, closing) as (d, sub):
         got, marks = [], []
         deadline = time.monotonic() + WAIT
         while not marks and time.monotonic() < deadline:
