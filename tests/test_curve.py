@@ -11,7 +11,6 @@ the boxed traffic with nonces that only grow, a stalled greeting counted at its 
 from __future__ import annotations
 
 import socket
-import subprocess
 import sys
 import time
 
@@ -21,7 +20,7 @@ import zmq.auth
 from fuzzutil import fuzzer
 from nflogd_client import Subscriber, wire
 from pubutil import RawPeer, serve
-from test_interop import DEBIAN_PYTHON, MESSAGES, PYZMQ_READER, available, batch, free_port
+from test_interop import DEBIAN_PYTHON, MESSAGES, PYZMQ_READER, available, batch, free_port, read_through
 from zmq.utils import z85
 
 from nflogd.config_publish import CurveConfig, PublishConfig
@@ -136,33 +135,14 @@ def test_every_message_of_its_group_reaches_a_libzmq_curve_reader(pub, keys, imp
         pytest.fail(f"{impl} is not installed: make deps installs it (TEST_DEBS)")
     server, alice, _ = keys
     python = sys.executable if impl == "pyzmq" else DEBIAN_PYTHON
-    before = pub.subscription_messages
-    proc = subprocess.Popen(
-        [python, "-c", CURVE_READER, kind, pub.endpoints[0], wire.topic(1).hex(), str(MESSAGES),
-         server[0].decode(), alice[0].decode(), alice[1].decode()],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        serve(
-            pub, lambda: pub.subscription_messages > before or proc.poll() is not None, "its subscription", 20
-        )
-        assert proc.poll() is None, proc.communicate()
-        sent = []
-        for i in range(MESSAGES):
-            data = b"%s %s %d " % (impl.encode(), kind.encode(), i) + bytes(300 if i % 20 == 0 else i % 10)
-            pub.publish(batch(2, b"not for it"))
-            pub.publish(batch(1, data))
-            sent.append(data.hex())
-            pub.handle_incoming()
-        serve(pub, lambda: proc.poll() is not None, "the reader's end", 40)
-        out, err = proc.communicate()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    lines = out.splitlines()
-    assert lines[-1] == "end", (out, err)
-    assert lines[1:-1] == sent, (impl, kind, lines[0], len(lines) - 2, err[-2000:])
+    cmd = [python, "-c", CURVE_READER, kind, pub.endpoints[0], wire.topic(1).hex(), str(MESSAGES),
+           server[0].decode(), alice[0].decode(), alice[1].decode()]  # fmt: skip
+    version, got, sent, err = read_through(
+        pub,
+        cmd,
+        lambda i: b"%s %s %d " % (impl.encode(), kind.encode(), i) + bytes(300 if i % 20 == 0 else i % 10),
+    )
+    assert got == sent, (impl, kind, version, len(got), err[-2000:])
 
 
 def test_a_libzmq_reader_whose_key_is_not_admitted_is_told_400(ctx, pub, keys, caplog):

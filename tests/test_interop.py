@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -151,13 +152,25 @@ def test_every_message_of_its_group_reaches_another_implementation(pub, tmp_path
     if not available(impl):
         pytest.fail(f"{impl} is not installed: make deps installs it (TEST_DEBS)")
     endpoint = next(ep for ep in pub.endpoints if ep.startswith(transport))
-    before = pub.subscription_messages
-    proc = subprocess.Popen(
+    version, got, sent, err = read_through(
+        pub,
         [*reader_command(impl, tmp_path), kind, endpoint, wire.topic(1).hex(), str(MESSAGES)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        lambda i: b"%s %s %d " % (impl.encode(), kind.encode(), i) + bytes(i % 50),
     )
+    assert got == sent, (impl, kind, transport, version, len(got), err[-2000:])
+    if impl == "jeromq":
+        assert version.startswith("jeromq")
+    else:
+        assert version.startswith("4."), version
+
+
+def read_through(pub, cmd: list[str], data: Callable[[int], bytes]) -> tuple[str, list[str], list[str], str]:
+    """A reader process ``cmd`` (of READER's kind: it prints its version, each message of group
+    1 in hex, then "end" after MESSAGES) served by ``pub`` until its subscription, then
+    MESSAGES messages ``data(i)`` of group 1, each after one of group 2 it must not get.
+    (its version line, what it got, what was sent, its stderr)."""
+    before = pub.subscription_messages
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         serve(
             pub, lambda: pub.subscription_messages > before or proc.poll() is not None, "its subscription", 20
@@ -165,10 +178,9 @@ def test_every_message_of_its_group_reaches_another_implementation(pub, tmp_path
         assert proc.poll() is None, proc.communicate()
         sent = []
         for i in range(MESSAGES):
-            data = b"%s %s %d " % (impl.encode(), kind.encode(), i) + bytes(i % 50)
             pub.publish(batch(2, b"not for it"))  # another group: filtered out by the server
-            pub.publish(batch(1, data))
-            sent.append(data.hex())
+            pub.publish(batch(1, data(i)))
+            sent.append(data(i).hex())
             pub.handle_incoming()
         serve(pub, lambda: proc.poll() is not None, "the reader's end", 40)
         out, err = proc.communicate()
@@ -177,13 +189,8 @@ def test_every_message_of_its_group_reaches_another_implementation(pub, tmp_path
             proc.kill()
             proc.communicate()
     lines = out.splitlines()
-    version, got, end = lines[0], lines[1:-1], lines[-1]
-    assert end == "end", (out, err)
-    assert got == sent, (impl, kind, transport, version, len(got), err[-2000:])
-    if impl == "jeromq":
-        assert version.startswith("jeromq")
-    else:
-        assert version.startswith("4."), version
+    assert lines and lines[-1] == "end", (out, err)
+    return lines[0], lines[1:-1], sent, err
 
 
 def test_the_two_libzmq_are_two_versions():
