@@ -122,18 +122,26 @@ static void send_batch(struct nflogd_feed *f, struct nflogd_reader *r, uint32_t 
     __atomic_add_fetch(&f->sent, 1, __ATOMIC_RELAXED);
 }
 
+/* One read of the group and, if it gave packets, their message to f's peers (f NULL: none):
+ * nflogd_read's result. Both pumps' step. */
+static int read_and_send(struct nflogd_reader *r, struct nflogd_feed *f, int timeout_ms)
+{
+    int n = nflogd_read(r, timeout_ms);
+    if (n > 0 && f) {
+        pthread_mutex_lock(&f->lock);
+        send_batch(f, r, (uint32_t)n);
+        pthread_mutex_unlock(&f->lock);
+    }
+    return n;
+}
+
 int nflogd_pump(struct nflogd_reader *r, struct nflogd_feed *f, int timeout_ms)
 {
     uint64_t overflows = r->overflows;
     for (;;) {
-        int n = nflogd_read(r, timeout_ms);
+        int n = read_and_send(r, f, timeout_ms);
         if (n < 0 && n != -ENOBUFS)
             return n;
-        if (n > 0 && f) {
-            pthread_mutex_lock(&f->lock);
-            send_batch(f, r, (uint32_t)n);
-            pthread_mutex_unlock(&f->lock);
-        }
         if (r->overflows != overflows)
             return 1;
         if (__atomic_exchange_n(&r->woken, 0, __ATOMIC_ACQ_REL) || n <= 0)
@@ -145,14 +153,9 @@ int nflogd_pump_until_idle(struct nflogd_reader *r, struct nflogd_feed *f, int i
 {
     uint64_t overflows = r->overflows;
     for (;;) {
-        int n = nflogd_read(r, sent ? idle_ms : -1);
+        int n = read_and_send(r, f, sent ? idle_ms : -1);
         if (n < 0 && n != -ENOBUFS)
             return n;
-        if (n > 0 && f) {
-            pthread_mutex_lock(&f->lock);
-            send_batch(f, r, (uint32_t)n);
-            pthread_mutex_unlock(&f->lock);
-        }
         if (n > 0)
             sent = 1;
         if (r->overflows != overflows)
