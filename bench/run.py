@@ -311,7 +311,7 @@ class Daemon:
     def __init__(
         self, ns: NetNS, tmp: str, latency: bool = False, groups: list[int] = [OURS],  # noqa: B006
         endpoint: str | None = None, name: str = "nflogd", curve: dict | None = None, reader: bool = True,
-        filter: str | None = None, conntrack: bool = False,  # noqa: A002
+        filter: str | None = None, conntrack: bool = False, raw: bool = False,  # noqa: A002
     ):  # fmt: skip
         endpoint = endpoint or f"ipc://{tmp}/{name}.sock"
         cfg = daemon_config(tmp, endpoint, groups, name, curve, conntrack)
@@ -325,6 +325,8 @@ class Daemon:
                 cmd.append("--latency")
             if filter:
                 cmd += ["--filter", filter]
+            if raw:
+                cmd.append("--raw")
             if curve:
                 cmd += ["--server-key", curve["server_public"], "--client-key", curve["reader_secret"]]
             if endpoint.startswith("tcp://"):
@@ -379,40 +381,49 @@ FILTER_1PCT = "udp[14:2] < 655"
 
 def bench_filter(args) -> list[dict]:
     """One reader of the group at the top rate, without a filter, then with one the daemon
-    runs for it that passes 1 %: the daemon's CPU per packet captured, the bytes of the
-    messages the reader got, and the reader's own CPU per packet captured. ``--rounds`` pairs,
-    the order swapped every other round so that a drift of the machine's load weighs on both;
-    the ratios are each round's and their median."""
+    runs for it that passes 1 %, each in its own run, twice: with a reader that costs next to
+    nothing (``subscriber_count.py --raw``: frames counted, not decoded), for the daemon's CPU
+    per packet and the bytes sent to the reader, so that the reader's own CPU (a Subscriber of
+    the whole group needs more than a core here) does not change how the daemon batches; then
+    with a Subscriber, for the reader's own CPU per packet sent. ``--rounds`` rounds, the order
+    swapped every other one so that a drift of the machine's load weighs on both sides; the
+    ratios are each round's and their median."""
     rows, rounds = [], []
     for k in range(args.rounds):
-        cases = [("none", None), ("1%", FILTER_1PCT)]
-        pair = {}
-        for name, expression in cases if k % 2 == 0 else cases[::-1]:
+        runs = [(reader, name, expr) for reader in ("raw", "subscriber") for name, expr in
+                (("none", None), ("1%", FILTER_1PCT))]  # fmt: skip
+        got = {}
+        for reader, name, expression in runs if k % 2 == 0 else runs[::-1]:
             ns = namespace()
             tmp = tempfile.mkdtemp(prefix="nflbench-")
             try:
-                daemon = Daemon(ns, tmp, filter=expression)
+                daemon = Daemon(ns, tmp, filter=expression, raw=reader == "raw")
                 sent = settle(ns, flood(ns, args.count, 0))
                 ours, sub = daemon.stop()
             finally:
                 ns.close()
                 shutil.rmtree(tmp, ignore_errors=True)
             n = sent["sent"]
-            pair[name] = r = {
-                "case": f"round {k + 1} filter {name}", "sent": n, "rate_pps": round(n / sent["seconds"]),
-                "kernel_dropped": ours["kernel_dropped"],
-                "daemon_us_per_pkt": round(1e6 * ours["cpu"] / n, 3),
-                "reader_packets": sub["packets"], "reader_lost": sub["lost"], "reader_bytes": sub["bytes"],
+            got[reader, name] = r = {
+                "case": f"round {k + 1} {reader} reader, filter {name}", "sent": n,
+                "rate_pps": round(n / sent["seconds"]), "kernel_dropped": ours["kernel_dropped"],
+                "daemon_us_per_pkt": round(1e6 * ours["cpu"] / n, 3), "reader_packets": sub["packets"],
+                "reader_messages": sub["messages"], "reader_bytes": sub["bytes"],
                 "reader_us_per_pkt": round(1e6 * sub["cpu"] / n, 3),
             }  # fmt: skip
             rows.append(r)
             print_row(r)
-        plain, filtered = pair["none"], pair["1%"]
+        (plain, filtered), (sub_plain, sub_filtered) = (
+            (got[reader, "none"], got[reader, "1%"]) for reader in ("raw", "subscriber")
+        )
         rounds.append({
             "daemon_cpu_ratio": round(filtered["daemon_us_per_pkt"] / plain["daemon_us_per_pkt"], 2),
             "bytes_ratio_pct": round(100 * filtered["reader_bytes"] / max(plain["reader_bytes"], 1), 2),
             "reader_cpu_fall": round(
-                plain["reader_us_per_pkt"] / max(filtered["reader_us_per_pkt"], 1e-9), 1
+                sub_plain["reader_us_per_pkt"] / max(sub_filtered["reader_us_per_pkt"], 1e-9), 1
+            ),
+            "daemon_cpu_ratio_subscribers": round(
+                sub_filtered["daemon_us_per_pkt"] / sub_plain["daemon_us_per_pkt"], 2
             ),
         })  # fmt: skip
     ratios = {"case": f"filter 1% vs none, median of {len(rounds)}"}
@@ -924,7 +935,7 @@ def main() -> None:
         "--rate", type=int, default=20000, help="the fixed rate, packets/s (5 s of it; soak: all along)"
     )
     ap.add_argument("--count", type=int, default=1000000, help="packets sent flat out")
-    ap.add_argument("--rounds", type=int, default=3, help="filter: pairs of runs, without and with it")
+    ap.add_argument("--rounds", type=int, default=3, help="filter: rounds of runs, without and with it")
     ap.add_argument("--seconds", type=float, default=3600, help="soak: how long (default one hour)")
     ap.add_argument("--interval", type=float, default=60, help="soak: seconds between samples")
     ap.add_argument(
