@@ -99,8 +99,11 @@ static inline void put64(uint8_t *p, uint64_t v)
 /* One message of the batch in r to f's peers. The caller holds the lock. */
 static void send_batch(struct nflogd_feed *f, struct nflogd_reader *r, uint32_t count)
 {
-    uint8_t topic[2] = { (uint8_t)(r->group >> 8), (uint8_t)r->group };
-    uint8_t header[HEADER_SIZE + MAX_NODE];
+    /* the topic and header each with a byte in front, as the reader's records and data have
+     * NFLOGD_HEADROOM: a CURVE peer's flags byte goes there (peers_send) */
+    uint8_t topic_room[1 + 2] = { 0, (uint8_t)(r->group >> 8), (uint8_t)r->group };
+    uint8_t header_room[1 + HEADER_SIZE + MAX_NODE];
+    uint8_t *topic = topic_room + 1, *header = header_room + 1;
     uint64_t first_seq = r->feed_seq;
     r->feed_seq += count;
     memcpy(header, "NFLD", 4);             /* wire.HEADER: <4sBBHIHHQQQ */
@@ -118,7 +121,7 @@ static void send_batch(struct nflogd_feed *f, struct nflogd_reader *r, uint32_t 
     const struct iovec frames[4] = {
         { topic, 2 }, { header, HEADER_SIZE + f->node_len }, { r->records, records_len }, { r->data, r->data_len },
     };
-    peers_send(f->peers, r->group, frames);
+    peers_send(f->peers, r->group, frames, 0xf);
     __atomic_add_fetch(&f->sent, 1, __ATOMIC_RELAXED);
 }
 
