@@ -125,6 +125,17 @@ static void send_batch(struct nflogd_feed *f, struct nflogd_reader *r, uint32_t 
     __atomic_add_fetch(&f->sent, 1, __ATOMIC_RELAXED);
 }
 
+void nflogd_feed_forward(struct nflogd_feed *f, const uint8_t *topic, const uint8_t *header, uint32_t hlen,
+                         const uint8_t *records, uint32_t rlen, const uint8_t *data, uint32_t dlen)
+{
+    const struct iovec frames[4] = {
+        { (void *)topic, 2 }, { (void *)header, hlen }, { (void *)records, rlen }, { (void *)data, dlen },
+    };
+    pthread_mutex_lock(&f->lock);
+    peers_send(f->peers, (uint16_t)(topic[0] << 8 | topic[1]), frames, 0);  /* not ours: no byte in front */
+    pthread_mutex_unlock(&f->lock);
+}
+
 int nflogd_pump(struct nflogd_reader *r, struct nflogd_feed *f, int timeout_ms)
 {
     uint64_t overflows = r->overflows;
