@@ -964,7 +964,7 @@ def main() -> None:
         help="relay: also an older tree's relay (git archive of a commit, its module built in place)",
     )
     ap.add_argument(
-        "--rounds", type=int, default=3, help="curve, relay: rounds, interleaved; then their medians"
+        "--rounds", type=int, default=5, help="curve, relay: rounds, interleaved; then their medians"
     )
     ap.add_argument("--seconds", type=float, default=3600, help="soak: how long (default one hour)")
     ap.add_argument("--interval", type=float, default=60, help="soak: seconds between samples")
