@@ -765,8 +765,9 @@ def bench_curve(args) -> list[dict]:
     the CURVE reader's: ``ratio`` is what CURVE costs beyond the encryption over a NULL reader.
 
     ``--rounds`` rounds of 10 s, each in a fresh namespace, the three roles passed round the
-    three groups from one round to the next (so that none keeps the place the rule logs it in);
-    one row per round, then their medians (``ratio`` the median of the rounds' ratios).
+    three groups from one round to the next: the place the rule logs a group in shows in what
+    its daemon costs, so a multiple of 3 rounds gives each role each place as often. One row per
+    round, then their means, and ``ratio`` of the means (every round counts, none is dropped).
     """
     rows = []
     seconds = 10
@@ -820,12 +821,16 @@ def bench_curve(args) -> list[dict]:
         rows.append(r)
         print_row(r)
     if len(rows) > 1:
-        med = {"case": f"median of {len(rows)} rounds"}
-        for key in ("null_reader_us_per_msg", "curve_reader_us_per_msg", "encryption_us_per_msg", "ratio"):
-            med[key] = statistics.median(r[key] for r in rows if r[key] is not None)
-        med["ratios"] = ",".join(str(r["ratio"]) for r in rows)
-        rows.append(med)
-        print_row(med)
+        mean = {"case": f"mean of {len(rows)} rounds"}
+        for key in ("null_reader_us_per_msg", "curve_reader_us_per_msg", "encryption_us_per_msg"):
+            mean[key] = round(statistics.fmean(r[key] for r in rows), 1)
+        null_us, curve_us, box_us = (
+            mean[k] for k in ("null_reader_us_per_msg", "curve_reader_us_per_msg", "encryption_us_per_msg")
+        )
+        mean["ratio"] = round((curve_us - box_us) / null_us, 2) if null_us > 0 else None
+        mean["rounds_ratios"] = ",".join(str(r["ratio"]) for r in rows)
+        rows.append(mean)
+        print_row(mean)
     return rows
 
 
@@ -846,8 +851,9 @@ def bench_relay(args) -> list[dict]:
     packets, as a daemon's flush timer cuts them), one reader; beside it zmq.proxy(XPUB, XSUB)
     at the same load in the same run (libzmq's forwarder in C, no counting or marks).
 
-    ``--rounds`` rounds, the two forwarders taking turns (10 s each); one row per forwarder and
-    round, then each forwarder's median and the ratio of the medians."""
+    ``--rounds`` rounds, the forwarders taking turns (10 s each); one row per forwarder and
+    round, then each forwarder's mean and the ratio of the means. ``--relay-before DIR``: an
+    older tree's relay as a third forwarder."""
     rows = []
     routers, packets, seconds = 8, 200, 10
     tmp = tempfile.mkdtemp(prefix="nflbench-")
@@ -865,10 +871,11 @@ def bench_relay(args) -> list[dict]:
     med = {}
     for kind in kinds:
         mine = [r for r in rows if r["forwarder"] == kind]
-        med[kind] = statistics.median(r["cpu_us_per_pkt"] for r in mine)
+        med[kind] = round(statistics.fmean(r["cpu_us_per_pkt"] for r in mine), 3)
         if len(mine) > 1:
-            rows.append({"forwarder": kind, "median_of_rounds": len(mine), "cpu_us_per_pkt": med[kind],
-                         "cpu_us_per_msg": statistics.median(r["cpu_us_per_msg"] for r in mine)})  # fmt: skip
+            rows.append({"forwarder": kind, "mean_of_rounds": len(mine), "cpu_us_per_pkt": med[kind],
+                         "cpu_us_per_msg": round(statistics.fmean(r["cpu_us_per_msg"] for r in mine), 1),
+                         "reader_lost": sum(r["reader_lost"] for r in mine)})  # fmt: skip
             print_row(rows[-1])
     ratio = round(med["nflogd-relay"] / med["zmq.proxy"], 2)
     rows[0]["vs_zmq_proxy"] = ratio
@@ -964,7 +971,7 @@ def main() -> None:
         help="relay: also an older tree's relay (git archive of a commit, its module built in place)",
     )
     ap.add_argument(
-        "--rounds", type=int, default=5, help="curve, relay: rounds, interleaved; then their medians"
+        "--rounds", type=int, default=6, help="curve, relay: rounds, interleaved; then their means"
     )
     ap.add_argument("--seconds", type=float, default=3600, help="soak: how long (default one hour)")
     ap.add_argument("--interval", type=float, default=60, help="soak: seconds between samples")
