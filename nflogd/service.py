@@ -12,6 +12,7 @@ loop with its signals, timers and watchdog, and the reload.
         load = staticmethod(config_relay.load_relay)   # reload() rereads self.path with it
         def start(self):
             self.watch(sock, handler)            # handler() whenever sock polls readable
+            self.recheck(sock)                   # after a send or connect on a watched ZeroMQ socket
             timer = self.timer(callback, 0.25)   # callback() every 0.25 s; timer.hurry(): now
         def apply(self, new): ...                # put a reread config in force, or NflogdError
         def status(self) -> str: ...             # systemd's STATUS, the reload's log line
