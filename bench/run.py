@@ -24,6 +24,7 @@ Results go to stdout and bench/results/latest.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -389,7 +390,7 @@ def bench_filter(args) -> list[dict]:
     swapped every other one so that a drift of the machine's load weighs on both sides; the
     ratios are each round's and their median."""
     rows, rounds = [], []
-    for k in range(args.rounds):
+    for k in range(args.rounds or 3):
         runs = [(reader, name, expr) for reader in ("raw", "subscriber") for name, expr in
                 (("none", None), ("1%", FILTER_1PCT))]  # fmt: skip
         got = {}
@@ -786,54 +787,74 @@ def bench_curve(args) -> list[dict]:
     one's, per message its reader received. The encryption alone (``bench/box_cost.c``: the
     frames of a message of the same size boxed as ``_peers.c`` boxes them) is subtracted from
     the CURVE reader's: ``ratio`` is what CURVE costs beyond the encryption over a NULL reader.
+
+    ``--rounds`` rounds of 10 s, each in a fresh namespace, the three roles passed round the
+    three groups from one round to the next: the place the rule logs a group in shows in what
+    its daemon costs, so a multiple of 3 rounds gives each role each place as often. One row per
+    round, then their means, and ``ratio`` of the means (every round counts, none is dropped).
     """
     rows = []
     seconds = 10
-    ns = namespace(ulogd=True)  # the third group: the daemon without a reader
-    tmp = tempfile.mkdtemp(prefix="nflbench-")
-    try:
-        keys = curve_keys(tmp)
-        none = Daemon(ns, tmp, groups=[ULOGD], name="none", reader=False)
-        null = Daemon(ns, tmp, groups=[OURS], endpoint="tcp://127.0.0.1:5601", name="null")
-        cur = Daemon(ns, tmp, groups=[THEIRS], endpoint="tcp://127.0.0.1:5602", name="curve", curve=keys)
-        sent = settle(ns, flood(ns, args.rate * seconds, args.rate))
-        base, _ = none.stop()
-        n, n_sub = null.stop()
-        c, c_sub = cur.stop()
-    finally:
-        ns.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-    base_us_per_pkt = 1e6 * base["cpu"] / sent["sent"]  # the kernel drops none at this rate
+    for k in range(args.rounds or 6):
+        groups = [ULOGD, OURS, THEIRS][k % 3 :] + [ULOGD, OURS, THEIRS][: k % 3]  # none, null, curve
+        ns = namespace(ulogd=True)  # the third group: the daemon without a reader
+        tmp = tempfile.mkdtemp(prefix="nflbench-")
+        try:
+            keys = curve_keys(tmp)
+            none = Daemon(ns, tmp, groups=[groups[0]], name="none", reader=False)
+            null = Daemon(ns, tmp, groups=[groups[1]], endpoint="tcp://127.0.0.1:5601", name="null")
+            cur = Daemon(
+                ns, tmp, groups=[groups[2]], endpoint="tcp://127.0.0.1:5602", name="curve", curve=keys
+            )
+            sent = settle(ns, flood(ns, args.rate * seconds, args.rate))
+            base, _ = none.stop()
+            n, n_sub = null.stop()
+            c, c_sub = cur.stop()
+        finally:
+            ns.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+        base_us_per_pkt = 1e6 * base["cpu"] / sent["sent"]  # the kernel drops none at this rate
 
-    def reader_us_per_msg(d: dict, sub: dict) -> float:
-        return (
-            (1e6 * d["cpu"] / max(d["packets"], 1) - base_us_per_pkt) * d["packets"] / max(sub["messages"], 1)
+        def reader_us_per_msg(d: dict, sub: dict, base_us: float = base_us_per_pkt) -> float:
+            return (1e6 * d["cpu"] / max(d["packets"], 1) - base_us) * d["packets"] / max(sub["messages"], 1)
+
+        ppm = c["packets"] / max(c_sub["messages"], 1)  # packets per message, the CURVE reader's
+        # one message's frames: topic, header + node name "bench", records, data (IPv4 + UDP + 64 bytes)
+        sizes = [2, 45, round(88 * ppm), round((28 + 64) * ppm)]
+        box = subprocess.run(
+            [box_cost_binary(), "20000", *map(str, sizes)], capture_output=True, text=True, check=True
         )
-
-    ppm = c["packets"] / max(c_sub["messages"], 1)  # packets per message, the CURVE reader's
-    # one message's frames: topic, header + node name "bench", records, data (IPv4 + UDP + 64 bytes)
-    sizes = [2, 45, round(88 * ppm), round((28 + 64) * ppm)]
-    box = subprocess.run(
-        [box_cost_binary(), "20000", *map(str, sizes)], capture_output=True, text=True, check=True
-    )
-    box_us = float(box.stdout) / 1000
-    null_us, curve_us = reader_us_per_msg(n, n_sub), reader_us_per_msg(c, c_sub)
-    r = {
-        "case": f"one reader at {args.rate}/s",
-        "sent": sent["sent"],
-        "packets_per_msg": round(ppm, 1),
-        "null_msgs": n_sub["messages"],
-        "curve_msgs": c_sub["messages"],
-        "null_lost": sent["sent"] - n["packets"],
-        "curve_lost": sent["sent"] - c["packets"],
-        "daemon_no_reader_us_per_pkt": round(base_us_per_pkt, 3),
-        "null_reader_us_per_msg": round(null_us, 1),
-        "curve_reader_us_per_msg": round(curve_us, 1),
-        "encryption_us_per_msg": round(box_us, 1),
-        "ratio": round((curve_us - box_us) / null_us, 2) if null_us > 0 else None,
-    }
-    rows.append(r)
-    print_row(r)
+        box_us = float(box.stdout) / 1000
+        null_us, curve_us = reader_us_per_msg(n, n_sub), reader_us_per_msg(c, c_sub)
+        r = {
+            "case": f"one reader at {args.rate}/s",
+            "round": k + 1,
+            "groups": "/".join(map(str, groups)),
+            "sent": sent["sent"],
+            "packets_per_msg": round(ppm, 1),
+            "null_msgs": n_sub["messages"],
+            "curve_msgs": c_sub["messages"],
+            "null_lost": sent["sent"] - n["packets"],
+            "curve_lost": sent["sent"] - c["packets"],
+            "daemon_no_reader_us_per_pkt": round(base_us_per_pkt, 3),
+            "null_reader_us_per_msg": round(null_us, 1),
+            "curve_reader_us_per_msg": round(curve_us, 1),
+            "encryption_us_per_msg": round(box_us, 1),
+            "ratio": round((curve_us - box_us) / null_us, 2) if null_us > 0 else None,
+        }
+        rows.append(r)
+        print_row(r)
+    if len(rows) > 1:
+        mean = {"case": f"mean of {len(rows)} rounds"}
+        for key in ("null_reader_us_per_msg", "curve_reader_us_per_msg", "encryption_us_per_msg"):
+            mean[key] = round(statistics.fmean(r[key] for r in rows), 1)
+        null_us, curve_us, box_us = (
+            mean[k] for k in ("null_reader_us_per_msg", "curve_reader_us_per_msg", "encryption_us_per_msg")
+        )
+        mean["ratio"] = round((curve_us - box_us) / null_us, 2) if null_us > 0 else None
+        mean["rounds_ratios"] = ",".join(str(r["ratio"]) for r in rows)
+        rows.append(mean)
+        print_row(mean)
     return rows
 
 
@@ -852,68 +873,101 @@ PROXY = (
 def bench_relay(args) -> list[dict]:
     """nflogd-relay's CPU per packet with 8 routers at ``--rate`` packets/s each (messages of 200
     packets, as a daemon's flush timer cuts them), one reader; beside it zmq.proxy(XPUB, XSUB)
-    at the same load in the same run (libzmq's forwarder in C, no counting or marks)."""
+    at the same load in the same run (libzmq's forwarder in C, no counting or marks).
+
+    ``--rounds`` rounds, the forwarders taking turns (10 s each); one row per forwarder and
+    round, then each forwarder's mean and the ratio of the means. ``--relay-before DIR``: an
+    older tree's relay as a third forwarder."""
     rows = []
     routers, packets, seconds = 8, 200, 10
     tmp = tempfile.mkdtemp(prefix="nflbench-")
     relay = os.path.join(os.path.dirname(PY), "nflogd-relay")
     ups = [f"ipc://{tmp}/router{i}.sock" for i in range(routers)]
+    kinds = ["nflogd-relay", "zmq.proxy"] + (["nflogd-relay before"] if args.relay_before else [])
     try:
-        for kind in ("nflogd-relay", "zmq.proxy"):
-            down = f"ipc://{tmp}/{kind}.sock"
-            feeds = subprocess.Popen(
-                [PY, os.path.join(HERE, "routers.py"), *ups, "--rate", str(args.rate),
-                 "--packets", str(packets)],
-                stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            end = time.monotonic() + 10
-            while not all(os.path.exists(up[len("ipc://") :]) for up in ups):  # bound: no retries
-                assert time.monotonic() < end and feeds.poll() is None, "the routers did not start"
-                time.sleep(0.05)
-            if kind == "nflogd-relay":
-                cfg = os.path.join(tmp, "relay.yaml")
-                with open(cfg, "w") as f:
-                    f.write(f"upstreams: {json.dumps(ups)}\npublish: {{bind: {json.dumps(down)}}}\n")
-                    f.write("metrics: {listen: null}\n")
-                fwd = subprocess.Popen([relay, "-c", cfg, "--log-level", "error"])  # not the routers' end
-            else:
-                fwd = subprocess.Popen([PY, "-c", PROXY, down, *ups])
-            reader = subprocess.Popen(
-                [PY, os.path.join(HERE, "subscriber_count.py"), down, "1"], stdout=subprocess.PIPE, text=True
-            )
-            try:
-                wait_line(reader, reader.stdout, "^ready")
-                wait_line(feeds, feeds.stdout, "^ready")
-                cpu0 = cpu_seconds(fwd.pid)
-                time.sleep(seconds)
-                feeds.send_signal(signal.SIGTERM)
-                out = json.loads(feeds.communicate(timeout=10)[0].strip().splitlines()[-1])
-                time.sleep(0.5)
-                cpu = cpu_seconds(fwd.pid) - cpu0
-                reader.send_signal(signal.SIGTERM)
-                got = json.loads(reader.communicate(timeout=10)[0].strip().splitlines()[-1])
-            finally:
-                for p in (feeds, reader, fwd):
-                    if p.poll() is None:
-                        p.kill()
-                        p.wait(5)
-            r = {
-                "forwarder": kind,
-                "routers": routers,
-                "pps_per_router": args.rate,
-                "packets_per_msg": packets,
-                "packets": out["packets"],
-                "reader_lost": out["packets"] - got["packets"],
-                "cpu_us_per_pkt": round(1e6 * cpu / out["packets"], 3),
-                "cpu_us_per_msg": round(1e6 * cpu / out["messages"], 1),
-            }
-            rows.append(r)
-            print_row(r)
+        for k in range(args.rounds or 6):
+            for kind in kinds:
+                before = args.relay_before if kind == "nflogd-relay before" else None
+                rows.append(relay_round(kind, k + 1, relay, ups, tmp, args.rate, packets, seconds, before))
+                print_row(rows[-1])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rows[0]["vs_zmq_proxy"] = round(rows[0]["cpu_us_per_pkt"] / rows[1]["cpu_us_per_pkt"], 2)
-    print(f"nflogd-relay / zmq.proxy CPU per packet: {rows[0]['vs_zmq_proxy']}", flush=True)
+    med = {}
+    for kind in kinds:
+        mine = [r for r in rows if r["forwarder"] == kind]
+        med[kind] = round(statistics.fmean(r["cpu_us_per_pkt"] for r in mine), 3)
+        if len(mine) > 1:
+            rows.append({"forwarder": kind, "mean_of_rounds": len(mine), "cpu_us_per_pkt": med[kind],
+                         "cpu_us_per_msg": round(statistics.fmean(r["cpu_us_per_msg"] for r in mine), 1),
+                         "reader_lost": sum(r["reader_lost"] for r in mine)})  # fmt: skip
+            print_row(rows[-1])
+    ratio = round(med["nflogd-relay"] / med["zmq.proxy"], 2)
+    rows[0]["vs_zmq_proxy"] = ratio
+    print(f"nflogd-relay / zmq.proxy CPU per packet: {ratio}", flush=True)
+    if args.relay_before:
+        rows[0]["vs_before"] = round(med["nflogd-relay"] / med["nflogd-relay before"], 2)
+        print(f"nflogd-relay / nflogd-relay before CPU per packet: {rows[0]['vs_before']}", flush=True)
     return rows
+
+
+def relay_round(kind: str, k: int, relay: str, ups: list[str], tmp: str, rate: int, packets: int,
+                seconds: float, before: str | None = None) -> dict:  # fmt: skip
+    """One forwarder, one reader and the routers for ``seconds``: the forwarder's CPU. ``before``:
+    the relay is ``python -m nflogd.relay`` of that tree (its module built in place)."""
+    routers = len(ups)
+    down = f"ipc://{tmp}/{kind}.sock"
+    feeds = subprocess.Popen(
+        [PY, os.path.join(HERE, "routers.py"), *ups, "--rate", str(rate), "--packets", str(packets)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    end = time.monotonic() + 10
+    while not all(os.path.exists(up[len("ipc://") :]) for up in ups):  # bound: no retries
+        assert time.monotonic() < end and feeds.poll() is None, "the routers did not start"
+        time.sleep(0.05)
+    if kind.startswith("nflogd-relay"):
+        cfg = os.path.join(tmp, "relay.yaml")
+        with open(cfg, "w") as f:
+            f.write(f"upstreams: {json.dumps(ups)}\npublish: {{bind: {json.dumps(down)}}}\n")
+            f.write("metrics: {listen: null}\n")
+        argv = [relay] if before is None else [PY, "-m", "nflogd.relay"]
+        env = None if before is None else os.environ | {"PYTHONPATH": f"{before}:{before}/client"}
+        # error level: the routers' end is no news
+        fwd = subprocess.Popen([*argv, "-c", cfg, "--log-level", "error"], env=env, cwd=before)
+    else:
+        fwd = subprocess.Popen([PY, "-c", PROXY, down, *ups])
+    reader = subprocess.Popen(
+        [PY, os.path.join(HERE, "subscriber_count.py"), down, "1"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        wait_line(reader, reader.stdout, "^ready")
+        wait_line(feeds, feeds.stdout, "^ready")
+        cpu0 = cpu_seconds(fwd.pid)
+        time.sleep(seconds)
+        feeds.send_signal(signal.SIGTERM)
+        out = json.loads(feeds.communicate(timeout=10)[0].strip().splitlines()[-1])
+        time.sleep(0.5)
+        cpu = cpu_seconds(fwd.pid) - cpu0
+        reader.send_signal(signal.SIGTERM)
+        got = json.loads(reader.communicate(timeout=10)[0].strip().splitlines()[-1])
+    finally:
+        for p in (feeds, reader, fwd):
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+        for up in ups:  # the next round's routers bind them again
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(up[len("ipc://") :])
+    return {
+        "forwarder": kind,
+        "round": k,
+        "routers": routers,
+        "pps_per_router": rate,
+        "packets_per_msg": packets,
+        "packets": out["packets"],
+        "reader_lost": out["packets"] - got["packets"],
+        "cpu_us_per_pkt": round(1e6 * cpu / out["packets"], 3),
+        "cpu_us_per_msg": round(1e6 * cpu / out["messages"], 1),
+    }
 
 
 def print_row(r: dict) -> None:
@@ -935,7 +989,16 @@ def main() -> None:
         "--rate", type=int, default=20000, help="the fixed rate, packets/s (5 s of it; soak: all along)"
     )
     ap.add_argument("--count", type=int, default=1000000, help="packets sent flat out")
-    ap.add_argument("--rounds", type=int, default=3, help="filter: rounds of runs, without and with it")
+    ap.add_argument(
+        "--relay-before",
+        metavar="DIR",
+        help="relay: also an older tree's relay (git archive of a commit, its module built in place)",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=None,
+        help="filter, curve, relay: rounds, interleaved (default: filter 3, then the median round;"
+        " curve and relay 6, then their means)",
+    )  # fmt: skip
     ap.add_argument("--seconds", type=float, default=3600, help="soak: how long (default one hour)")
     ap.add_argument("--interval", type=float, default=60, help="soak: seconds between samples")
     ap.add_argument(

@@ -65,6 +65,13 @@ struct nflogd_ifnames {
 #error "the record table is the wire format's little-endian layout: add byte swapping first"
 #endif
 
+/* A buffer allocated with NFLOGD_HEADROOM bytes in front (nflogd_reader_new), or NULL. */
+static void free_headroom(void *buf)
+{
+    if (buf)
+        free((char *)buf - NFLOGD_HEADROOM);
+}
+
 struct nflogd_reader *nflogd_reader_new(uint16_t group)
 {
     struct nflogd_reader *r = calloc(1, sizeof(*r));
@@ -81,8 +88,11 @@ struct nflogd_reader *nflogd_reader_new(uint16_t group)
     r->max_records = BUFFERS_PER_READ * (RXBUF_SIZE / MIN_PACKET_MSG + 1);
     r->data_cap = BUFFERS_PER_READ * RXBUF_SIZE + TRAILER_MAX;  /* the names trailer's room */
     r->rxbuf = malloc(r->rxbuf_size);
-    r->records = calloc(r->max_records, sizeof(struct nflogd_record));
-    r->data = malloc(r->data_cap);
+    /* each with NFLOGD_HEADROOM bytes in front, the feed's (_nflog.h) */
+    char *records = calloc(1, NFLOGD_HEADROOM + (size_t)r->max_records * sizeof(struct nflogd_record));
+    char *data = malloc(NFLOGD_HEADROOM + (size_t)r->data_cap);
+    r->records = records ? (struct nflogd_record *)(records + NFLOGD_HEADROOM) : NULL;
+    r->data = data ? data + NFLOGD_HEADROOM : NULL;
     if (!r->rxbuf || !r->records || !r->data)
         goto fail;
     /* nflogd_wake() ends a wait in nflogd_read() from another thread. */
@@ -110,8 +120,8 @@ fail:;
     if (r->wake_fd >= 0)
         close(r->wake_fd);
     free(r->rxbuf);
-    free(r->records);
-    free(r->data);
+    free_headroom(r->records);
+    free_headroom(r->data);
     free(r);
     errno = err;
     return NULL;
@@ -131,8 +141,8 @@ void nflogd_reader_free(struct nflogd_reader *r)
     if (r->wake_fd >= 0)
         close(r->wake_fd);
     free(r->rxbuf);
-    free(r->records);
-    free(r->data);
+    free_headroom(r->records);
+    free_headroom(r->data);
     free(r);
 }
 

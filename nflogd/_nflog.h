@@ -99,6 +99,11 @@ struct nflogd_record {
 
 /* A reader of one group. Buffers are owned by the C side (nflogd_reader_new/free). */
 
+/* The bytes in front of a reader's records and data that are not theirs: the feed's scratch
+ * (_peers.c puts a CURVE frame's flags byte there and boxes [flags || frame] from where the frame
+ * lies, with no copy). Keeps the buffers' alignment. */
+#define NFLOGD_HEADROOM 16
+
 struct nflogd_reader {
     int fd;
     int wake_fd;                /* eventfd: nflogd_wake() ends nflogd_read()'s wait */

@@ -454,6 +454,13 @@ class CFeed:
         """Messages dropped for the peer (-1: every peer, gone ones too) at its hwm."""
         return lib.nflogd_peers_dropped(self._p, peer)
 
+    def forward(self, frames) -> None:
+        """One message as a relay received it (four frames, zmq.Frames or bytes; the topic's 2
+        bytes the group's) to every peer subscribed to its group; the mutex taken in C around
+        it (the caller does not hold it): one call a message, the relay's path."""
+        topic, header, table, data = map(ffi.from_buffer, frames)
+        lib.nflogd_feed_forward(self._f, topic, header, len(header), table, len(table), data, len(data))
+
     def send_to_peers(self, group: int, frames) -> None:
         """One message (its four frames) to every peer subscribed to ``group``."""
         topic, header, table, data = (ffi.from_buffer(f) for f in frames)

@@ -480,10 +480,8 @@ class Publisher:
         if len(frames) != 4 or len(frames[0]) != wire.TOPIC.size:
             self._unsent += 1
             return
-        (group,) = wire.TOPIC.unpack(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
-        with self.lock:
-            self._c.send_to_peers(group, [f.buffer if hasattr(f, "buffer") else f for f in frames])
-            self._sent += 1
+        self._c.forward(frames)  # under the feed's lock, taken in C
+        self._sent += 1
 
     def peer_gone(self, topics: dict[bytes, int]) -> None:
         """A peer that held ``topics`` (topic -> its subscriptions) hung up: each of them

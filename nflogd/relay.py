@@ -100,7 +100,7 @@ MARK_IDLE_S = 2.0
 _HEADER = wire.HEADER
 #: What the topics of a filter's replies and messages begin with (FILTER_TOPIC, FILTERED_TOPIC).
 FILTERS_PREFIX = b"\xffNFL"
-EVENTS, POLLIN = zmq.EVENTS, zmq.POLLIN
+EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # ints: an int & an enum makes enums, a µs a message
 #: Readers' filters the relay passes upstream at once, each on a connection of its own to every
 #: upstream: with the relay's own link, 64 connections to each daemon, its default
 #: publish.max_connections_per_source (and its 64 distinct filters, less one for a local
@@ -155,6 +155,8 @@ class Upstream:
             raise
         #: The endpoint's monitor, probes and connects again after a refusal; ``tracker`` its state.
         self._watch = watch
+        #: Called after a send or a connect on the socket (the loop's ``Program.recheck``).
+        self.touched: Callable[[], None] = lambda: None
         log.info("upstream %s: connecting%s", self.endpoint, " (CURVE)" if settings.curve else "")
 
     @property
@@ -233,6 +235,7 @@ class Upstream:
     def subscription(self, msg: bytes) -> None:
         """Pass on a downstream (un)subscription message."""
         self.socket.send(msg)
+        self.touched()
 
     def handle_monitor(self) -> None:
         """Apply queued monitor events to the endpoint's state (which logs its changes)."""
@@ -242,6 +245,7 @@ class Upstream:
         """Do what ``retry_at`` was for: collect or start a probe, connect again after a refusal
         (the subscriptions are sent again on connect)."""
         self._watch.step()
+        self.touched()
 
     def close(self) -> None:
         self._watch.close()
@@ -530,6 +534,7 @@ class Relay(Program):
                 return more
 
             self.watch(up.socket, forward, gather=True)
+        up.touched = lambda: self.recheck(up.socket)
         monitor = up.monitor
         if monitor is not None:  # an Upstream has its monitor until close()
             self.watch(monitor, lambda: self._handle_monitor(up))

@@ -12,6 +12,7 @@ loop with its signals, timers and watchdog, and the reload.
         load = staticmethod(config_relay.load_relay)   # reload() rereads self.path with it
         def start(self):
             self.watch(sock, handler)            # handler() whenever sock polls readable
+            self.recheck(sock)                   # after a send or connect on a watched ZeroMQ socket
             timer = self.timer(callback, 0.25)   # callback() every 0.25 s; timer.hurry(): now
         def apply(self, new): ...                # put a reread config in force, or NflogdError
         def status(self) -> str: ...             # systemd's STATUS, the reload's log line
@@ -159,6 +160,11 @@ class Program:
         #: and emptied their queues (``watch(..., gather=True)``); 0: no sleep.
         self.gather_s = 0.0
         self._gathered: set[object] = set()
+        #: ZeroMQ sockets watched through their ZMQ_FD: socket -> fd; the fds whose handler is
+        #: called the next turn whatever the poll says (``recheck()``, or it returned True)
+        self._zmq_fds: dict[object, int] = {}
+        self._edge: set[int] = set()
+        self._pending: set[int] = set()
 
     # -- the loop --------------------------------------------------------------
 
@@ -176,14 +182,41 @@ class Program:
         sleep of ``gather_s`` (the other events wait as well, at most that long), then a turn
         for everything ready: a steady trickle costs one wake-up per ``gather_s`` rather than
         one per message. A message after a pause is handled at once, a backlog without pause.
+
+        A ZeroMQ socket is watched through its ``ZMQ_FD``, which says that something changed,
+        not that a message is there: its handler must read until the socket has nothing left
+        (``ZMQ_EVENTS`` without POLLIN, or ``zmq.Again``) or return True (called again the next
+        turn), and whatever else is done on the socket (a send, a connect) must be followed by
+        ``recheck(sock)``. So a turn asks ZeroMQ about the sockets that changed only: polled as
+        sockets, every one of them cost its mailbox check (a poll and a getpid) every turn.
         """
+        if isinstance(obj, zmq.Socket):
+            fd = obj.getsockopt(zmq.FD)
+            self._zmq_fds[obj] = fd
+            self._edge.add(fd)
+            self._pending.add(fd)  # whatever came before it was watched
+            obj = fd
         self._handlers[obj] = handler
         self._poller.register(obj, zmq.POLLIN)
         if gather:
             self._gathered.add(obj)
 
+    def recheck(self, sock: zmq.Socket) -> None:
+        """Call the handler of the watched ZeroMQ socket ``sock`` the next turn: something was
+        done on it that may have taken in what its ``ZMQ_FD`` would have signalled."""
+        fd = self._zmq_fds.get(sock)
+        if fd is not None:
+            self._pending.add(fd)
+
     def unwatch(self, obj: zmq.Socket | int) -> None:
         """Stop watching ``obj``; its handler is not called again, not even later this turn."""
+        if isinstance(obj, zmq.Socket):
+            fd = self._zmq_fds.pop(obj, None)
+            if fd is None:
+                return
+            self._edge.discard(fd)
+            self._pending.discard(fd)
+            obj = fd
         if self._handlers.pop(obj, None) is not None:
             self._poller.unregister(obj)
             self._gathered.discard(obj)
@@ -203,18 +236,25 @@ class Program:
         if interval:
             self.timer(self.notifier.watchdog, interval)
         handlers, timers, gathered, poll = self._handlers, self._timers, self._gathered, self._poller.poll
+        edge, pending = self._edge, self._pending
         steady = False  # the last turn read gathered messages, and emptied their queues
         while not self._stop:
             if steady:  # more are likely on their way: let them gather, then take all at once
                 time.sleep(self.gather_s)
                 events = poll(0)
             else:
-                events = poll(self._timeout())
+                events = poll(0 if pending else self._timeout())
+            ready = [obj for obj, _ in events]
+            if pending:
+                ready += [fd for fd in pending if fd not in ready]
+                pending.clear()
             steady = backlog = False
-            for obj, _ in events:
+            for obj in ready:
                 handler = handlers.get(obj)  # None: unwatched by a handler earlier this turn
                 if handler is not None:
                     more = handler()
+                    if more and obj in edge:
+                        pending.add(obj)  # its fd will not say so again
                     if obj in gathered:
                         steady, backlog = True, backlog or bool(more)
             if backlog or not self.gather_s:

@@ -464,3 +464,49 @@ def test_idle_and_per_source_limits_hold_on_a_curve_endpoint(ctx, keys):
         assert busy.sock.fileno() >= 0
     finally:
         pub.close(linger=0)
+
+
+@pytest.mark.kernel
+def test_a_daemons_captured_packets_reach_a_curve_and_a_null_reader_alike(netns, tmp_path):
+    """The capture thread boxes each frame for a CURVE reader from where it lies, its flags byte
+    in the byte in front (the reader's buffers' headroom): the CURVE reader on tcp and a NULL
+    reader on ipc of the same daemon get the same packets, byte for byte, in one message and in
+    several, with payloads of every length up to a few hundred bytes."""
+    from feedutil import collect
+    from test_security import TCP, curve_daemon, in_netns, make_keys
+
+    keys = make_keys(tmp_path / "curve")
+    netns.log_rule(1, hook="input", match="meta l4proto udp", extra='prefix "both: "')
+    with curve_daemon(netns, tmp_path / "d", keys, groups=[1]) as d:
+        cctx = in_netns(netns, zmq.Context)
+        opened = []
+        try:
+            boxed = in_netns(
+                netns,
+                lambda: Subscriber(
+                    TCP, groups=[1], server_public_key=keys.server_pub,
+                    client_secret_key_file=keys.alice_secret, context=cctx,
+                ),
+            )  # fmt: skip
+            opened.append(boxed)
+            plain = Subscriber(d.endpoint, groups=[1], context=cctx)
+            opened.append(plain)
+            time.sleep(1.0)  # both subscribed before the first packet
+            payloads = [bytes([i % 251]) * (i * 7 % 400) for i in range(60)]
+            for i in range(0, len(payloads), 20):
+                netns.send_udp(payloads[i : i + 20], "127.0.0.1", 9999)
+                time.sleep(0.05)
+            got_boxed = collect(boxed, lambda ps: len(ps) >= 60, 15)
+            got_plain = collect(plain, lambda ps: len(ps) >= 60, 15)
+
+            def seen(ps):
+                return [(p.seq, p.len, p.prefix, p.data) for p in ps]
+
+            assert len(got_boxed) == 60
+            assert seen(got_boxed) == seen(got_plain)
+            assert sorted(p.data[28:] for p in got_boxed) == sorted(payloads)
+            assert boxed.total_lost == 0 and plain.total_lost == 0
+        finally:
+            for s in opened:
+                s.close()
+            cctx.destroy(linger=0)

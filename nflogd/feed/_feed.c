@@ -99,8 +99,11 @@ static inline void put64(uint8_t *p, uint64_t v)
 /* One message of the batch in r to f's peers. The caller holds the lock. */
 static void send_batch(struct nflogd_feed *f, struct nflogd_reader *r, uint32_t count)
 {
-    uint8_t topic[2] = { (uint8_t)(r->group >> 8), (uint8_t)r->group };
-    uint8_t header[HEADER_SIZE + MAX_NODE];
+    /* the topic and header each with a byte in front, as the reader's records and data have
+     * NFLOGD_HEADROOM: a CURVE peer's flags byte goes there (peers_send) */
+    uint8_t topic_room[1 + 2] = { 0, (uint8_t)(r->group >> 8), (uint8_t)r->group };
+    uint8_t header_room[1 + HEADER_SIZE + MAX_NODE];
+    uint8_t *topic = topic_room + 1, *header = header_room + 1;
     uint64_t first_seq = r->feed_seq;
     r->feed_seq += count;
     memcpy(header, "NFLD", 4);             /* wire.HEADER: <4sBBHIHHQQQ */
@@ -118,8 +121,19 @@ static void send_batch(struct nflogd_feed *f, struct nflogd_reader *r, uint32_t 
     const struct iovec frames[4] = {
         { topic, 2 }, { header, HEADER_SIZE + f->node_len }, { r->records, records_len }, { r->data, r->data_len },
     };
-    peers_send(f->peers, r->group, frames);
+    peers_send(f->peers, r->group, frames, 0xf);
     __atomic_add_fetch(&f->sent, 1, __ATOMIC_RELAXED);
+}
+
+void nflogd_feed_forward(struct nflogd_feed *f, const uint8_t *topic, const uint8_t *header, uint32_t hlen,
+                         const uint8_t *records, uint32_t rlen, const uint8_t *data, uint32_t dlen)
+{
+    const struct iovec frames[4] = {
+        { (void *)topic, 2 }, { (void *)header, hlen }, { (void *)records, rlen }, { (void *)data, dlen },
+    };
+    pthread_mutex_lock(&f->lock);
+    peers_send(f->peers, (uint16_t)(topic[0] << 8 | topic[1]), frames, 0);  /* not ours: no byte in front */
+    pthread_mutex_unlock(&f->lock);
 }
 
 /* One read of the group and, if it gave packets, their message to f's peers (f NULL: none):

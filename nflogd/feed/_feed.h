@@ -27,6 +27,11 @@ int nflogd_feed_set_node(struct nflogd_feed *f, const char *node, uint32_t len);
 uint64_t nflogd_feed_sent(struct nflogd_feed *f);
 /* The feed's own peers (_peers.h). */
 struct nflogd_peers *nflogd_feed_peers(struct nflogd_feed *f);
+/* One message as a relay received it, its four frames (the topic 2 bytes, the group's), to
+ * every peer subscribed to the group: the lock taken and given back around it (the caller
+ * does not hold it). */
+void nflogd_feed_forward(struct nflogd_feed *f, const uint8_t *topic, const uint8_t *header, uint32_t hlen,
+                         const uint8_t *records, uint32_t rlen, const uint8_t *data, uint32_t dlen);
 
 /* Read r and send each batch on f (NULL: read and count only) as one wire-format message,
  * first_seq from r->feed_seq, until a read gets nothing within timeout_ms (-1: no end) or nflogd_wake()

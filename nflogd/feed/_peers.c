@@ -355,9 +355,13 @@ static size_t frame_head(uint8_t *head, uint8_t flags, uint64_t size)
 #define MESSAGE_OVERHEAD (8 + 8 + crypto_box_MACBYTES + 1)  /* name, short nonce, MAC, flags */
 
 /* nframes frames as the CURVE peer p gets them: each a MESSAGE command boxing its flags (MORE
- * but on the last; COMMAND with command) and body, into ps->boxed; its length, or 0 (no memory). */
+ * but on the last; COMMAND with command) and body, into ps->boxed; its length, or 0 (no memory).
+ * The box's plaintext is [flags || body], contiguous: a frame whose bit is set in spare has a
+ * byte in front of it that is scratch (NFLOGD_HEADROOM), which takes the flags, and is boxed
+ * from where it lies straight into ps->boxed; any other is first copied there, behind its
+ * flags, and boxed in place. */
 static size_t box_frames(struct nflogd_peers *ps, struct peer *p, const struct iovec *frames, int nframes,
-                         int command)
+                         int command, unsigned spare)
 {
     size_t need = 0;
     for (int i = 0; i < nframes; i++)
@@ -380,22 +384,30 @@ static size_t box_frames(struct nflogd_peers *ps, struct peer *p, const struct i
         p->nonce++;
         memcpy(at, "\x07MESSAGE", 8);
         memcpy(at + 8, nonce + 16, 8);
-        /* the box: its MAC, then the ciphertext where the plaintext was put (exactly in place:
-         * libsodium encrypts it there; easy_afternm's box 16 bytes before it would move it all) */
-        uint8_t *mac = at + 16, *plain = mac + crypto_box_MACBYTES;
-        plain[0] = (uint8_t)((i < nframes - 1 ? 1 : 0) | (command ? 2 : 0));
-        memcpy(plain + 1, frames[i].iov_base, len);
-        crypto_box_detached_afternm(plain, mac, plain, 1 + len, nonce, p->key);
-        at = plain + 1 + len;
+        /* the box: its MAC, then the ciphertext (detached: easy_afternm's box would put the MAC
+         * in front of the ciphertext, where the command's nonce is) */
+        uint8_t *mac = at + 16, *box = mac + crypto_box_MACBYTES;
+        uint8_t flags = (uint8_t)((i < nframes - 1 ? 1 : 0) | (command ? 2 : 0));
+        if (spare & (1u << i)) {
+            uint8_t *plain = (uint8_t *)frames[i].iov_base - 1;
+            plain[0] = flags;
+            crypto_box_detached_afternm(box, mac, plain, 1 + len, nonce, p->key);
+        } else {  /* exactly in place: libsodium encrypts it there */
+            box[0] = flags;
+            memcpy(box + 1, frames[i].iov_base, len);
+            crypto_box_detached_afternm(box, mac, box, 1 + len, nonce, p->key);
+        }
+        at = box + 1 + len;
     }
     return (size_t)(at - ps->boxed);
 }
 
-/* One message (or command) to the CURVE peer p: boxed, then as deliver() (its rc). */
-static int deliver_boxed(struct nflogd_peers *ps, struct peer *p, const struct iovec *frames, int nframes,
-                         int command)
+/* One message (or command) to the CURVE peer p: boxed (spare as box_frames()), then as
+ * deliver() (its rc). */
+static int deliver_boxed_from(struct nflogd_peers *ps, struct peer *p, const struct iovec *frames, int nframes,
+                              int command, unsigned spare)
 {
-    size_t len = box_frames(ps, p, frames, nframes, command);
+    size_t len = box_frames(ps, p, frames, nframes, command, spare);
     if (!len)
         return 0;
     struct iovec iov = { ps->boxed, len };
@@ -404,6 +416,13 @@ static int deliver_boxed(struct nflogd_peers *ps, struct peer *p, const struct i
     if (b)
         blob_unref(ps, b);
     return rc;
+}
+
+/* The same, every frame copied behind its flags. */
+static int deliver_boxed(struct nflogd_peers *ps, struct peer *p, const struct iovec *frames, int nframes,
+                         int command)
+{
+    return deliver_boxed_from(ps, p, frames, nframes, command, 0);
 }
 
 /* Count what deliver() said of a message to p: dropped at its hwm (0) or for the cap on
@@ -618,7 +637,7 @@ static void send_filtered(struct nflogd_peers *ps, uint16_t group, const struct 
     }
 }
 
-void peers_send(struct nflogd_peers *ps, uint16_t group, const struct iovec frames[4])
+void peers_send(struct nflogd_peers *ps, uint16_t group, const struct iovec frames[4], unsigned spare)
 {
     struct iovec iov[8];
     uint8_t heads[4][9];
@@ -635,7 +654,7 @@ void peers_send(struct nflogd_peers *ps, uint16_t group, const struct iovec fram
             continue;
         }
         if (p->curve) {
-            delivered(ps, p, deliver_boxed(ps, p, frames, 4, 0));
+            delivered(ps, p, deliver_boxed_from(ps, p, frames, 4, 0, spare));
             continue;
         }
         if (!framed) {
@@ -916,5 +935,5 @@ void nflogd_peers_send(struct nflogd_peers *ps, uint16_t group, const uint8_t *t
     const struct iovec frames[4] = {
         { (void *)topic, tlen }, { (void *)header, hlen }, { (void *)records, rlen }, { (void *)data, dlen },
     };
-    peers_send(ps, group, frames);
+    peers_send(ps, group, frames, 0);  /* Python's bytes: no byte in front is ours */
 }

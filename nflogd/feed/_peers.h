@@ -80,7 +80,9 @@ void nflogd_peers_send(struct nflogd_peers *ps, uint16_t group, const uint8_t *t
 
 struct nflogd_peers *peers_new(uint64_t epoch);
 void peers_free(struct nflogd_peers *ps);
-/* One message, the wire format's four frames, to every peer subscribed to group. */
-void peers_send(struct nflogd_peers *ps, uint16_t group, const struct iovec frames[4]);
+/* One message, the wire format's four frames, to every peer subscribed to group. spare: a bit
+ * per frame (1 << i) whose byte in front of iov_base is the feed's to write (NFLOGD_HEADROOM,
+ * _nflog.h): a CURVE peer's box is made from the frame where it lies, with no copy. */
+void peers_send(struct nflogd_peers *ps, uint16_t group, const struct iovec frames[4], unsigned spare);
 
 #endif
