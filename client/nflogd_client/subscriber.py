@@ -103,6 +103,7 @@ from .wire import Batch, Packet, WireError
 
 __all__ = ["AUTH_RETRY_S", "DEFAULT_ENDPOINT", "FILTER_REPLY_S", "EndpointStatus", "Subscriber"]
 
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # ints: an int & an enum makes an enum, slowly
 log = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "ipc:///run/nflogd/feed.sock"
@@ -358,11 +359,12 @@ class Subscriber(_BatchCursor):
 
     def _next_message(self, deadline: float | None) -> Batch | None:
         """Receive until a decodable message arrives (accounted) or the deadline passes."""
-        recv = self.socket.recv_multipart
+        sock = self.socket
+        recv, events = sock.recv_multipart, sock.getsockopt
         while True:
-            try:
-                msg = recv(zmq.NOBLOCK)  # while messages flow, no poll and no monitor
-            except zmq.Again:
+            if events(_EVENTS) & _POLLIN:  # while messages flow, no poll and no monitor
+                msg = recv(zmq.NOBLOCK)
+            else:  # asked without a zmq.Again, which costs three times as much
                 waited = self._wait(deadline)
                 if waited is None:
                     return None
@@ -398,11 +400,14 @@ class Subscriber(_BatchCursor):
         return self.filter_state == "reader" or bool(wire.header_flags(msg) & wire.FLAG_FILTERED)
 
     def _wait(self, deadline: float | None) -> list[bytes] | None:
-        """One message, keeping the endpoint states meanwhile; None once the deadline passes."""
-        sock = self.socket
+        """One message, keeping the endpoint states meanwhile: the monitor's events as they
+        come (it is polled too), probes and reconnects when due; None once the deadline
+        passes. A wake-up for a message costs the poll and the read alone."""
+        sock, monitor = self.socket, self._watch.monitor
         while True:
-            self._update()
             ready = dict(self._poller.poll(self._poll_ms(deadline)))
+            if monitor in ready or self._update_due():
+                self._update()
             if sock in ready:
                 try:
                     return sock.recv_multipart(zmq.NOBLOCK)
@@ -423,6 +428,16 @@ class Subscriber(_BatchCursor):
         if due is not None:
             waits.append(due - now)
         return None if not waits else max(0, int(min(waits) * 1000 + 0.999))
+
+    def _update_due(self) -> bool:
+        """A probe, reconnect or saying of the endpoints, or the filter's late answer, is due."""
+        now = time.monotonic()
+        if self._filter_due is not None and self.filter_state == "pending" and self._filter_due <= now:
+            return True
+        if self.filter_state == "pending" and self._filter_due is None:
+            return True  # _filter_late() sets it once the first connection is up
+        due = self._watch.due_at()
+        return due is not None and due <= now
 
     def _update(self) -> None:
         """Apply the monitor's events, run the probes and reconnects that are due."""
