@@ -390,7 +390,7 @@ def bench_filter(args) -> list[dict]:
     swapped every other one so that a drift of the machine's load weighs on both sides; the
     ratios are each round's and their median."""
     rows, rounds = [], []
-    for k in range(args.rounds or 3):
+    for k in range(args.rounds):
         runs = [(reader, name, expr) for reader in ("raw", "subscriber") for name, expr in
                 (("none", None), ("1%", FILTER_1PCT))]  # fmt: skip
         got = {}
@@ -430,7 +430,7 @@ def bench_filter(args) -> list[dict]:
     ratios = {"case": f"filter 1% vs none, median of {len(rounds)}"}
     for key in rounds[0]:
         values = [r[key] for r in rounds]
-        ratios[key] = statistics.median(values)
+        ratios[key] = round(statistics.median(values), 2)
         ratios[f"{key}_rounds"] = values
     print_row(ratios)
     return [*rows, ratios]
@@ -795,7 +795,7 @@ def bench_curve(args) -> list[dict]:
     """
     rows = []
     seconds = 10
-    for k in range(args.rounds or 6):
+    for k in range(args.rounds):
         groups = [ULOGD, OURS, THEIRS][k % 3 :] + [ULOGD, OURS, THEIRS][: k % 3]  # none, null, curve
         ns = namespace(ulogd=True)  # the third group: the daemon without a reader
         tmp = tempfile.mkdtemp(prefix="nflbench-")
@@ -885,7 +885,7 @@ def bench_relay(args) -> list[dict]:
     ups = [f"ipc://{tmp}/router{i}.sock" for i in range(routers)]
     kinds = ["nflogd-relay", "zmq.proxy"] + (["nflogd-relay before"] if args.relay_before else [])
     try:
-        for k in range(args.rounds or 6):
+        for k in range(args.rounds):
             for kind in kinds:
                 before = args.relay_before if kind == "nflogd-relay before" else None
                 rows.append(relay_round(kind, k + 1, relay, ups, tmp, args.rate, packets, seconds, before))
@@ -995,9 +995,9 @@ def main() -> None:
         help="relay: also an older tree's relay (git archive of a commit, its module built in place)",
     )
     ap.add_argument(
-        "--rounds", type=int, default=None,
-        help="filter, curve, relay: rounds, interleaved (default: filter 3, then the median round;"
-        " curve and relay 6, then their means)",
+        "--rounds", type=int, default=6,
+        help="filter, curve, relay: rounds, interleaved (filter: then each ratio's median; curve, relay: the"
+        " means)",
     )  # fmt: skip
     ap.add_argument("--seconds", type=float, default=3600, help="soak: how long (default one hour)")
     ap.add_argument("--interval", type=float, default=60, help="soak: seconds between samples")
