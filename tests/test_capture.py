@@ -406,8 +406,8 @@ def test_vlan_tag_and_link_header_of_a_bridged_frame(netns):
         netns.run(*cmd.split())
     netns.nft(
         "table bridge tb {\n  chain c {\n    type filter hook prerouting priority 0;\n"
-        '    log group 13 prefix "br"\n  }\n}\n'
-    )
+        '    vlan id 5 log group 13 prefix "br"\n  }\n}\n'
+    )  # the tagged frame alone: the ports coming up send IPv6 frames of their own
     with netns.entered():
         reader = GroupReader(GroupConfig(group=13))
         tx = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
