@@ -49,7 +49,7 @@ import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, cast
 
 import zmq
 
@@ -191,7 +191,7 @@ class Program:
         sockets, every one of them cost its mailbox check (a poll and a getpid) every turn.
         """
         if isinstance(obj, zmq.Socket):
-            fd = obj.getsockopt(zmq.FD)
+            fd = cast(int, obj.getsockopt(zmq.FD))
             self._zmq_fds[obj] = fd
             self._edge.add(fd)
             self._pending.add(fd)  # whatever came before it was watched

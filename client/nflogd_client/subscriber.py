@@ -92,7 +92,7 @@ import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -362,7 +362,7 @@ class Subscriber(_BatchCursor):
         sock = self.socket
         recv, events = sock.recv_multipart, sock.getsockopt
         while True:
-            if events(_EVENTS) & _POLLIN:  # while messages flow, no poll and no monitor
+            if cast(int, events(_EVENTS)) & _POLLIN:  # while messages flow, no poll and no monitor
                 msg = recv(zmq.NOBLOCK)
             else:  # asked without a zmq.Again, which costs three times as much
                 waited = self._wait(deadline)
