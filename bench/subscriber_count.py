@@ -16,7 +16,7 @@ import signal
 import struct
 import time
 
-from nflogd_client import Subscriber
+from nflogd_client import Subscriber, wire
 
 STAMP = struct.Struct(">Q")
 UDP_PAYLOAD = {0x0800: 28, 0x86DD: 48}  # IP + UDP header bytes before flood.c's stamp
@@ -85,15 +85,12 @@ def count_raw(sub: Subscriber, stopped) -> tuple[int, int, int]:
         frames = sock.recv_multipart(copy=False)
         if len(frames) != 4:
             continue
-        count = COUNT.unpack_from(frames[1].buffer, 8)[0]
+        count = wire.HEADER.unpack_from(frames[1].buffer)[4]
         if count:
             packets += count
             messages += 1
             nbytes += sum(len(f) for f in frames)
     return packets, messages, nbytes
-
-
-COUNT = struct.Struct("<I")
 
 
 if __name__ == "__main__":

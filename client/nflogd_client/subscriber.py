@@ -432,10 +432,8 @@ class Subscriber(_BatchCursor):
     def _update_due(self) -> bool:
         """A probe, reconnect or saying of the endpoints, or the filter's late answer, is due."""
         now = time.monotonic()
-        if self._filter_due is not None and self.filter_state == "pending" and self._filter_due <= now:
-            return True
-        if self.filter_state == "pending" and self._filter_due is None:
-            return True  # _filter_late() sets it once the first connection is up
+        if self.filter_state == "pending" and (self._filter_due is None or self._filter_due <= now):
+            return True  # unset: _filter_late() sets it once the first connection is up
         due = self._watch.due_at()
         return due is not None and due <= now
 

@@ -106,13 +106,12 @@ static void run_end(struct nflogd_filters *fs, int i)
     fs->live &= ~(1ull << i);
 }
 
-/* End the runs nobody held for their linger (now_ns: CLOCK_MONOTONIC, 0: read it here). */
-static void reap(struct nflogd_filters *fs, uint64_t now_ns)
+/* End the runs nobody held for their linger. */
+static void reap(struct nflogd_filters *fs)
 {
     if (!fs->lingering)
         return;
-    if (!now_ns)
-        now_ns = clock_ns(CLOCK_MONOTONIC);
+    uint64_t now_ns = clock_ns(CLOCK_MONOTONIC);
     for (int i = 0; i < NFLOGD_FILTER_MAX; i++) {
         struct filter *f = &fs->slot[i];
         if (f->released_ns && now_ns - f->released_ns >= fs->linger_ns)
@@ -222,7 +221,7 @@ static uint64_t fnv1a(const uint8_t *p, uint32_t n)
 
 int nflogd_filters_hold(struct nflogd_filters *fs, const uint8_t *spec, uint32_t len, char *why, uint32_t whylen)
 {
-    reap(fs, 0);
+    reap(fs);
     int free_slot = -1, oldest = -1;
     for (int i = 0; i < NFLOGD_FILTER_MAX; i++) {
         struct filter *f = &fs->slot[i];
@@ -292,7 +291,7 @@ uint64_t nflogd_filters_numbering(struct nflogd_filters *fs, uint16_t group)
 {
     if (!fs->live)
         return 0;
-    reap(fs, 0);
+    reap(fs);
     uint64_t bits = 0;
     for (int s = 0; s < NFLOGD_FILTER_MAX; s++) {
         if (!(fs->live & (1ull << s)))
