@@ -93,11 +93,11 @@ test: check
 
 # make test-asan: the C module built with AddressSanitizer and UndefinedBehaviorSanitizer
 # (NFLOGD_SANITIZE=1, into build/asan beside a copy of the package) runs the tests of the C paths:
-# the reader, the capture loop, the feed's senders and server, CURVE's boxes. libasan is preloaded into the
-# Python process (leak detection off: Python's own allocations are not ours); any finding
-# ends the run.
+# the reader, the capture loop, the feed's senders and server, CURVE's boxes, the relay's
+# upstream reader. libasan is preloaded into the Python process (leak detection off: Python's
+# own allocations are not ours); any finding ends the run.
 ASAN_TESTS := tests/test_capture.py tests/test_capture_loop.py tests/test_classic.py tests/test_publish.py \
-    tests/test_zmtp.py tests/test_zmtp_spec.py tests/test_curve.py
+    tests/test_zmtp.py tests/test_zmtp_spec.py tests/test_curve.py tests/test_upstream_reader.py
 # The Python fallback loop under a GIL hog is timing: ASan slows its draining past the test's deadline.
 ASAN_DESELECT := --deselect tests/test_capture_loop.py::test_fallback_python_loop_loses_packets_when_the_gil_is_held
 .PHONY: test-asan

@@ -41,6 +41,8 @@ def label(pid: int, tid: str, name: str) -> str:
         return "ZeroMQ I/O"
     if name.startswith("ZMQbg"):
         return name
+    if name.startswith("nflogd-upstream"):
+        return "upstreams thread"  # feed/_upstream.c, when there is no stream publisher
     return "stream publisher"  # the one other Python thread (nflogd/streampub.py)
 
 

@@ -1,5 +1,5 @@
-"""The binding to nflogd's compiled C: the NFLOG reader (``_nflog.c``) and the feed senders
-(``feed/_feed.c``, ``feed/_peers.c``).
+"""The binding to nflogd's compiled C: the NFLOG reader (``_nflog.c``), the feed senders
+(``feed/_feed.c``, ``feed/_peers.c``) and the relay's upstream reader (``feed/_upstream.c``).
 
 errno becomes an exception in one place (``check``, which names a busy group's holder from
 /proc and asks ``privileges`` whether CAP_NET_ADMIN is held), and kernel units appear only
@@ -17,6 +17,14 @@ here (the flush timeout goes to the kernel in 1/100 s)::
         peer = feed.add_peer(fd)       # a subscriber's socket, its handshake done (feed/server.py)
     sock.pump(feed, timeout_ms=1000)   # read and publish until idle, woken or overrun
 
+    load_zmq(pyzmq_module_path)        # the relay: libzmq as pyzmq loaded it
+    up = CUpstream(socket.underlying)  # an upstream's libzmq socket
+    status = up.pass_to(feed, 64)      # its messages onto the feed: EMPTY, MORE or HELD
+    ups = CUpstreams(gather_us=2000)   # or read by a thread of their own:
+    threading.Thread(target=ups.run, args=(feed,)).start()
+    with ups:
+        ups.add(up, socket.getsockopt(zmq.FD))
+
 Every call releases the GIL (CFFI does for every call into the module).
 """
 
@@ -31,9 +39,20 @@ from ._nflog_cffi import ffi, lib
 from .errors import BufferOverflow, GroupBusy, NFLogError, NoPermission
 from .privileges import CAP_NET_ADMIN, has_capability
 
-__all__ = ["NflogSocket", "CFeed", "check", "RECORD_SIZE", "KERNEL_NLBUFSIZ"]
+__all__ = [
+    "NflogSocket",
+    "CFeed",
+    "CUpstream",
+    "CUpstreams",
+    "load_zmq",
+    "check",
+    "RECORD_SIZE",
+    "KERNEL_NLBUFSIZ",
+]
 
 RECORD_SIZE = ffi.sizeof("struct nflogd_record")
+#: The (group, node)s whose messages ``CUpstreams`` notes between two takes.
+NOTED_MAX = lib.NFLOGD_NOTED_MAX
 
 #: The kernel's batch skb size (NFULA_CFG_NLBUFSIZ): its maximum, 128 KiB, so that one
 #: netlink message carries as many packets as the queue threshold allows.
@@ -459,7 +478,7 @@ class CFeed:
         bytes the group's) to every peer subscribed to its group; the mutex taken in C around
         it (the caller does not hold it): one call a message, the relay's path."""
         topic, header, table, data = map(ffi.from_buffer, frames)
-        lib.nflogd_feed_forward(self._f, topic, header, len(header), table, len(table), data, len(data))
+        lib.nflogd_feed_forward(self._f, topic, header, len(header), table, len(table), data, len(data), 0)
 
     def send_to_peers(self, group: int, frames) -> None:
         """One message (its four frames) to every peer subscribed to ``group``."""
@@ -471,3 +490,155 @@ class CFeed:
     @property
     def sent(self) -> int:
         return lib.nflogd_feed_sent(self._f)
+
+
+def load_zmq(path: str) -> None:
+    """Read upstream sockets (``CUpstream``) through the libzmq that the loaded object at
+    ``path`` uses (pyzmq's extension module); ValueError with the reason if it has none."""
+    why = ffi.new("char[]", 256)
+    if lib.nflogd_zmq_load(os.fsencode(path), why, 256) < 0:
+        raise ValueError(ffi.string(why).decode(errors="replace"))
+
+
+class CUpstream:
+    """One upstream's libzmq socket as ``feed/_upstream.c`` reads it: its messages straight onto
+    a ``CFeed``, and back to Python only what needs Python. ``load_zmq()`` first.
+
+    ``filtered``: a filter's connection (its messages on the filters' topics are handed back,
+    any other is dropped); ``keep``: every message forwarded is handed back too.
+    """
+
+    #: pass_to(): the socket has nothing more; burst messages were read; one is held (held()).
+    EMPTY, MORE, HELD = 0, 1, 2
+    NOTE_SIZE = lib.NFLOGD_NOTE_SIZE
+
+    def __init__(self, socket_address: int, filtered: bool = False, keep: bool = False):
+        u = lib.nflogd_upstream_new(socket_address, int(filtered), int(keep))
+        if u == ffi.NULL:
+            raise MemoryError("nflogd_upstream_new (load_zmq first)")
+        self._u = u
+        self._len = ffi.new("uint32_t *")
+        self._notes = ffi.new("const uint8_t **")
+
+    def close(self) -> None:
+        """Let go of the held message; before the socket closes."""
+        if self._u is not None:
+            lib.nflogd_upstream_free(self._u)
+            self._u = None
+
+    def pass_to(self, feed: CFeed, burst: int) -> int:
+        """Up to ``burst`` messages onto the feed (the caller does not hold its mutex): EMPTY,
+        MORE or HELD; OSError if libzmq failed."""
+        rc = lib.nflogd_upstream_pass(self._u, feed._f, burst)
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
+        return rc
+
+    def held(self) -> list[bytes]:
+        """The held message's frames, copied."""
+        u, n = self._u, self._len
+        out = []
+        for i in range(lib.nflogd_upstream_held(u)):
+            p = lib.nflogd_upstream_frame(u, i, n)
+            out.append(ffi.unpack(ffi.cast("char *", p), n[0]))
+        return out
+
+    @property
+    def held_forwarded(self) -> bool:
+        """The held message went onto the feed already (it is handed back for ``keep``)."""
+        return bool(lib.nflogd_upstream_held_forwarded(self._u))
+
+    def notes(self) -> bytes:
+        """The header frames of the last pass's forwarded messages, ``NOTE_SIZE`` bytes each (2
+        bytes of length, big-endian, then the frame)."""
+        n = lib.nflogd_upstream_notes(self._u, self._notes)
+        return ffi.buffer(self._notes[0], n * lib.NFLOGD_NOTE_SIZE)[:] if n else b""
+
+    @property
+    def messages(self) -> int:
+        return lib.nflogd_upstream_messages(self._u) if self._u is not None else 0
+
+    @property
+    def bytes_in(self) -> int:
+        return lib.nflogd_upstream_bytes(self._u) if self._u is not None else 0
+
+    @property
+    def unsent(self) -> int:
+        """Messages of more than four frames, dropped."""
+        return lib.nflogd_upstream_unsent(self._u) if self._u is not None else 0
+
+
+class CUpstreams:
+    """Upstreams read by a thread of their own (``feed/_upstream.h``): ``run()``, called in
+    that thread, passes their messages to the feed until ``stop()``, and keeps each forwarded
+    message's header, with the time it was read, for ``take_notes()``.
+
+    ``with ups:`` holds the set's mutex: ``add()``, ``remove()``, ``recheck()`` are called
+    holding it, and so is any use of a member's socket (followed by ``recheck()``).
+    """
+
+    def __init__(self, gather_us: int):
+        s = lib.nflogd_upstreams_new(gather_us)
+        if s == ffi.NULL:
+            raise MemoryError("nflogd_upstreams_new")
+        self._s = ffi.gc(s, lib.nflogd_upstreams_free)
+        self._notes = ffi.new("uint8_t[]", 2 * lib.NFLOGD_NOTED_MAX * lib.NFLOGD_TAKEN_NOTE_SIZE)
+
+    def __enter__(self) -> CUpstreams:
+        lib.nflogd_upstreams_lock(self._s)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        lib.nflogd_upstreams_unlock(self._s)
+
+    def add(self, up: CUpstream, zmq_fd: int) -> None:
+        rc = lib.nflogd_upstreams_add(self._s, up._u, zmq_fd)
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
+
+    def remove(self, up: CUpstream) -> None:
+        lib.nflogd_upstreams_remove(self._s, up._u)
+
+    def recheck(self, up: CUpstream) -> None:
+        lib.nflogd_upstreams_recheck(self._s, up._u)
+
+    def run(self, feed: CFeed) -> None:
+        """The thread's body (without the GIL); OSError if its epoll failed."""
+        rc = lib.nflogd_upstreams_run(self._s, feed._f)
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
+
+    def stop(self) -> None:
+        lib.nflogd_upstreams_stop(self._s)
+
+    @property
+    def notes_fd(self) -> int:
+        """Readable once half the (group, node)s that can be noted between takes are."""
+        return lib.nflogd_upstreams_notes_fd(self._s)
+
+    def take_notes(self) -> list[tuple[float, bytes]]:
+        """The notes kept, in the order they were read: (``time.monotonic()`` seconds it was
+        read at, the header frame)."""
+        size = lib.NFLOGD_TAKEN_NOTE_SIZE
+        n = lib.nflogd_upstreams_take_notes(self._s, self._notes, 2 * lib.NFLOGD_NOTED_MAX)
+        raw = ffi.buffer(self._notes, n * size)[:]
+        notes = []
+        for at in range(0, len(raw), size):
+            when, order = _NOTED.unpack_from(raw, at)
+            length = raw[at + 16] << 8 | raw[at + 17]
+            notes.append((order, when / 1e9, raw[at + 18 : at + 18 + length]))
+        notes.sort()
+        return [(when, header) for _, when, header in notes]
+
+    @property
+    def notes_dropped(self) -> int:
+        """Notes of a (group, node) past NFLOGD_NOTED_MAX between takes, not kept."""
+        return lib.nflogd_upstreams_notes_dropped(self._s)
+
+    @property
+    def errors(self) -> int:
+        """Members whose read failed (libzmq), left alone since."""
+        return lib.nflogd_upstreams_errors(self._s)
+
+
+_NOTED = struct.Struct("=QQ")

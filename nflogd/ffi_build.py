@@ -1,7 +1,8 @@
 """Builds nflogd._nflog_cffi (CFFI API mode, out of line) from the C files and their headers.
 
-One module: the capture (``_nflog.c``, ``_nflog.h``) and the feed's senders
-(``feed/_peers.c``, ``feed/_feed.c`` and their headers). The cdef is the headers as they
+One module: the capture (``_nflog.c``, ``_nflog.h``), the feed's senders
+(``feed/_peers.c``, ``feed/_feed.c``, ``feed/_filter.c``) and the relay's upstream reader
+(``feed/_upstream.c``), with their headers. The cdef is the headers as they
 are, less their include guards and includes and less what follows a "C only" line.
 
 Run by setuptools at install time (``cffi_modules`` in setup.py); never at import.
@@ -15,8 +16,9 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HEADERS = ("_nflog.h", "feed/_peers.h", "feed/_feed.h", "feed/_filter.h")  # _filter.h after _nflog.h
-SOURCES = ("_nflog.c", "feed/_feed.c", "feed/_peers.c", "feed/_filter.c")
+# _filter.h after _nflog.h
+HEADERS = ("_nflog.h", "feed/_peers.h", "feed/_feed.h", "feed/_filter.h", "feed/_upstream.h")
+SOURCES = ("_nflog.c", "feed/_feed.c", "feed/_peers.c", "feed/_filter.c", "feed/_upstream.c")
 _PREPROCESSOR = re.compile(r"#\s*(include|ifndef|endif)\b|#define NFLOGD_\w+_H$")
 
 
@@ -53,7 +55,7 @@ ffibuilder.set_source(
     "\n".join(f'#include "{h}"' for h in HEADERS),
     sources=[_source(name) for name in SOURCES],
     include_dirs=[HERE],
-    libraries=["netfilter_log", "mnl", "sodium", "pcap", "pthread"],
+    libraries=["netfilter_log", "mnl", "sodium", "pcap", "pthread", "dl"],
     extra_compile_args=_flags,
     extra_link_args=_link,
 )

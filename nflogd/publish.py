@@ -232,8 +232,9 @@ class Publisher:
         #: Held for every use of the peers: capture threads send while the control thread
         #: serves the peers, binds and sets limits.
         self.lock = self._c
-        #: The C sender every capture thread hands its batches to (None: each batch goes
-        #: through ``publish()``, the same bytes from Python, which the tests compare it with).
+        #: The C sender every capture thread hands its batches to, and the relay's upstream
+        #: reader its messages (None: each batch goes through ``publish()``, the same bytes
+        #: from Python, which the tests compare it with; never for the relay).
         self.cfeed: CFeed | None = self._c
         #: The CURVE endpoints' keys (``nflogd.access``'s): every tcp endpoint with publish.curve.
         self.curve_keys = curve_keys if publish.curve is not None else None
@@ -480,8 +481,7 @@ class Publisher:
         if len(frames) != 4 or len(frames[0]) != wire.TOPIC.size:
             self._unsent += 1
             return
-        self._c.forward(frames)  # under the feed's lock, taken in C
-        self._sent += 1
+        self._c.forward(frames)  # under the feed's lock, taken in C; counted there in sent
 
     def peer_gone(self, topics: dict[bytes, int]) -> None:
         """A peer that held ``topics`` (topic -> its subscriptions) hung up: each of them

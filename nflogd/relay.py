@@ -17,8 +17,9 @@ Topology (``docs/relay.md``)::
 Sockets: one XSUB per upstream, connected to its endpoint (a CURVE client when the upstream
 has keys), and downstream the daemon's own ``Publisher`` (the feed's own server on every
 endpoint, CURVE ones too, with the daemon's limits). One poll loop (``service.Program``'s,
-with the upstreams' reconnects on a timer) moves messages upstream to downstream, received
-with ``copy=False``, handed whole to ``Publisher.forward`` and never decoded (a record keeps
+with the upstreams' reconnects on a timer) moves messages upstream to downstream, read and
+sent on by C (``ffi.CUpstream``: ``feed/_upstream.c`` reads the XSUB through pyzmq's own
+libzmq and hands each message whole to the feed's peers) and never decoded (a record keeps
 its node, epoch and sequence numbers: a message the relay drops shows at the client as a gap
 in that node's ``seq``), and subscriptions downstream to upstream (the first to a topic, the
 last unsubscription, to every upstream XSUB, which sends them again after every reconnect).
@@ -49,12 +50,14 @@ refused as a whole, and an invalid config is logged with the running one kept.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from collections import Counter
-from typing import Callable
+from typing import Callable, Iterator, cast
 
 import zmq
 from nflogd_client import filters, wire
@@ -67,6 +70,7 @@ from . import config_relay, service
 from .access import CurveAccess
 from .episodes import Episodes
 from .errors import NflogdError
+from .ffi import NOTED_MAX, CUpstream, CUpstreams, load_zmq
 from .metrics import MetricsServer, limit_families, version
 from .publish import Publisher, check_restart_only
 from .sdnotify import Notifier
@@ -110,22 +114,51 @@ MAX_FILTERS = 63
 #: Seconds the loop lets upstream messages gather while they keep coming (``Program.watch``'s
 #: ``gather``): a steady trickle is read and passed on in batches, at most this much later.
 GATHER_S = 0.002
+#: Seconds between looks at what the upstreams' thread passed on, for the sequence marks (it
+#: also says when half the (group, node)s it can note between looks are).
+NOTES_S = 1.0
 #: Seconds the relay waits at exit for the stream publisher's buffered messages to be acked.
 STREAM_CLOSE_S = 5.0
 
 
+def read_upstreams_in_c() -> None:
+    """Have ``feed/_upstream.c`` read the upstream sockets through the libzmq that pyzmq's
+    sockets belong to (that of its backend module); NflogdError, in one line, if it cannot."""
+    module = sys.modules.get(zmq.backend.Socket.__module__)
+    path = getattr(module, "__file__", None)
+    try:
+        if path is None:
+            raise ValueError(f"{zmq.backend.Socket.__module__} is not a loaded library")
+        load_zmq(path)
+    except ValueError as e:
+        raise NflogdError(f"pyzmq {zmq.__version__}: {e}") from None
+
+
 class Upstream:
-    """One XSUB socket connected to one upstream feed, with its monitor and counters.
+    """One XSUB socket connected to one upstream feed, with its monitor, its reader in C
+    (``ffi.CUpstream``) and its counters.
 
     ``topics`` are the subscriptions in force (topic -> how many downstream sockets hold it);
     they are sent before connecting, and the XSUB sends them again after every reconnect.
+    ``filtered``: a filter's connection, whose messages must be on the filters' topics (a
+    daemon sends a group's own for a moment once the filter is cancelled before the groups
+    through it): the others are not passed. ``keep``: each message is also handed to
+    ``forward()``'s ``offer`` (the stream publisher). ``reader``: the upstreams' thread
+    (``ffi.CUpstreams``) reads this one, not the loop through ``forward()``; the socket is then
+    the thread's, and every other use of it here holds the thread's lock.
     """
 
-    def __init__(self, ctx: zmq.Context, settings, topics: Counter[bytes] | None = None):
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        settings,
+        topics: Counter[bytes] | None = None,
+        filtered: bool = False,
+        keep: bool = False,
+        reader: CUpstreams | None = None,
+    ):
         self.settings = settings
         self.endpoint: str = settings.endpoint
-        self.messages = 0
-        self.bytes = 0
         self.socket = ctx.socket(zmq.XSUB)
         sock = self.socket
         watch: EndpointWatch | None = None
@@ -155,6 +188,13 @@ class Upstream:
             raise
         #: The endpoint's monitor, probes and connects again after a refusal; ``tracker`` its state.
         self._watch = watch
+        self._c = CUpstream(sock.underlying, filtered, keep)
+        #: The counters of a closed one.
+        self._final: tuple[int, int] | None = None
+        self._reader = reader
+        if reader is not None:
+            with reader:
+                reader.add(self._c, cast(int, sock.getsockopt(zmq.FD)))
         #: Called after a send or a connect on the socket (the loop's ``Program.recheck``).
         self.touched: Callable[[], None] = lambda: None
         log.info("upstream %s: connecting%s", self.endpoint, " (CURVE)" if settings.curve else "")
@@ -182,60 +222,68 @@ class Upstream:
         return self.tracker[self.endpoint].handshake_failures
 
     @property
+    def messages_in(self) -> int:
+        """Messages received and passed on (by C to the feed, or by ``forward()``)."""
+        return self._c.messages if self._final is None else self._final[0]
+
+    @property
+    def bytes_in(self) -> int:
+        """Their bytes, every frame."""
+        return self._c.bytes_in if self._final is None else self._final[1]
+
+    @property
     def retry_at(self) -> float | None:
         """When ``reconnect()`` has something to do (monotonic seconds), or None."""
         return self._watch.due_at()
 
     def forward(
         self,
-        out: Callable[[list], None],
+        feed: Publisher,
         offer: Callable[[list], None] | None = None,
-        note: Callable[[zmq.Frame], None] | None = None,
-        filtered: bool = False,
+        notes: Callable[[bytes], None] | None = None,
     ) -> bool:
-        """Pass up to BURST queued messages to ``out`` (the feed's ``Publisher.forward``), frames
-        as received, each message's frames to ``offer`` (the stream publisher, which never
-        blocks) and its header frame to ``note`` (``SequenceMarks.note``); True if it stopped at
-        BURST. ``filtered``: a filter's connection, whose messages must be on the filters'
-        topics (a daemon sends a group's own for a moment once the filter is cancelled before
-        the groups through it): the others are not passed.
-
-        Frame by frame with ``Frame.more``: a third of the CPU time of recv_multipart() per
-        message (bench/relay.py), the same frames.
+        """Pass up to BURST queued messages to ``feed``'s readers; True if it stopped at BURST
+        (more may be queued). A message of four frames on a group's topic goes from C
+        (``CUpstream.pass_to``) to the feed's peers; one that C hands back (a filter's, one of
+        another shape, or each one for ``offer``) goes to ``Publisher.forward`` if C did not
+        send it, and to ``offer`` (the stream publisher, which never blocks) if there is one.
+        ``notes``: the header frames of each pass's forwarded messages (``CUpstream.notes``,
+        for ``SequenceMarks.note_all``).
         """
-        sock = self.socket
-        recv, events = sock.recv, sock.getsockopt
-        for i in range(BURST):
-            # after the first (the poll said one is there), ask once whether a second is: at a
-            # steady rate a wake-up brings one message, and a zmq.Again per wake-up cost as
-            # much as passing it on; in a burst, one question for BURST messages
-            if i == 1 and not events(EVENTS) & POLLIN:
-                return False
-            try:
-                frame = recv(NOBLOCK, copy=False)
-            except zmq.Again:
-                return False
-            frames = [frame]
-            size = len(frame)
-            while frame.more:  # a message arrives whole: its other frames are there already
-                frame = recv(NOBLOCK, copy=False)
-                frames.append(frame)
-                size += len(frame)
-            if filtered and frames[0].bytes[:4] != FILTERS_PREFIX:
-                continue
+        c, cfeed = self._c, feed.cfeed
+        assert cfeed is not None, "a relay's Publisher sends from C"
+        start = c.messages
+        while True:
+            status = c.pass_to(cfeed, BURST - (c.messages - start))
+            if notes is not None:
+                notes(c.notes())
+            if status != CUpstream.HELD:
+                return status == CUpstream.MORE
+            frames = c.held()
             if offer is not None:
-                offer(frames.copy())
-            if note is not None and len(frames) == 4:
-                note(frames[1])
-            out(frames)
-            self.messages += 1
-            self.bytes += size
-        return True
+                offer(frames)
+            if not c.held_forwarded:
+                feed.forward(frames)
+            if c.messages - start >= BURST:
+                return True
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[None]:
+        """The socket, for a use other than reading it: away from the upstreams' thread, which
+        reads it again afterwards (the use may have taken in what its ZMQ_FD signals)."""
+        reader = self._reader
+        if reader is None:
+            yield
+            self.touched()
+            return
+        with reader:
+            yield
+            reader.recheck(self._c)
 
     def subscription(self, msg: bytes) -> None:
         """Pass on a downstream (un)subscription message."""
-        self.socket.send(msg)
-        self.touched()
+        with self._using():
+            self.socket.send(msg)
 
     def handle_monitor(self) -> None:
         """Apply queued monitor events to the endpoint's state (which logs its changes)."""
@@ -244,10 +292,16 @@ class Upstream:
     def reconnect(self) -> None:
         """Do what ``retry_at`` was for: collect or start a probe, connect again after a refusal
         (the subscriptions are sent again on connect)."""
-        self._watch.step()
-        self.touched()
+        with self._using():
+            self._watch.step()
 
     def close(self) -> None:
+        if self._final is None:
+            if self._reader is not None:
+                with self._reader:
+                    self._reader.remove(self._c)
+            self._final = (self._c.messages, self._c.bytes_in)
+            self._c.close()  # before the socket it reads
         self._watch.close()
         if not self.socket.closed:
             self.socket.close(linger=0)
@@ -270,7 +324,7 @@ class SequenceMarks:
     ::
 
         marks = SequenceMarks()
-        marks.note(header_frame)            # each message passed on (Upstream.forward)
+        marks.note(header_frame)            # each message passed on (note_all: a pass's)
         timer.due = marks.due()             # monotonic seconds, None: nothing to mark
         marks.send_due(out, offer)          # the marks whose time has come (out: Publisher.forward)
         marks.send_due(out, offer, everything=True)    # at exit: every (node, group) not marked
@@ -287,9 +341,9 @@ class SequenceMarks:
         self._unmarked: dict[bytes, float] = {}  # key -> when it last carried packets, oldest first
         self._forget_log = Episodes(log)
 
-    def note(self, frame: zmq.Frame | bytes) -> None:
-        """One message passed on: its header frame (frame 1)."""
-        header = frame if isinstance(frame, bytes) else frame.bytes
+    def note(self, header: bytes, when: float | None = None) -> None:
+        """One message passed on: its header frame (frame 1), and when (``time.monotonic()``
+        seconds; None: now)."""
         if len(header) < _HEADER.size or header[:4] != b"NFLD":
             return
         _, _, _, group, count, _, node_len, epoch, first_seq, kdrop = _HEADER.unpack_from(header)
@@ -307,7 +361,14 @@ class SequenceMarks:
             state[2], state[3], state[4] = epoch, first_seq + count, kdrop
         unmarked = self._unmarked
         unmarked.pop(key, None)
-        unmarked[key] = time.monotonic()
+        unmarked[key] = time.monotonic() if when is None else when
+
+    def note_all(self, notes: bytes) -> None:
+        """The header frames of messages passed on, as ``CUpstream.notes`` gives them: each in
+        ``CUpstream.NOTE_SIZE`` bytes, its length (2 bytes, big-endian) first."""
+        note, size = self.note, CUpstream.NOTE_SIZE
+        for at in range(0, len(notes), size):
+            note(notes[at + 2 : at + 2 + (notes[at] << 8 | notes[at + 1])])
 
     def _forget(self) -> None:
         key = next(iter(self._state))
@@ -355,8 +416,8 @@ class SequenceMarks:
 
 #: (metric name without _total, help, Upstream attribute): one sample per upstream, label ``upstream``
 UPSTREAM_COUNTERS = (
-    ("nflogd_relay_messages", "Messages received from each upstream and passed on.", "messages"),
-    ("nflogd_relay_bytes", "Bytes of those messages, all frames.", "bytes"),
+    ("nflogd_relay_messages", "Messages received from each upstream and passed on.", "messages_in"),
+    ("nflogd_relay_bytes", "Bytes of those messages, all frames.", "bytes_in"),
     ("nflogd_relay_upstream_connects", "Handshakes completed with each upstream.", "connects"),
     (
         "nflogd_relay_upstream_handshake_failures",
@@ -427,7 +488,7 @@ class RelayCollector(_Collector):
                 label = [u.endpoint]
                 for fam, (_, _, attr) in zip(counters, UPSTREAM_COUNTERS):
                     value = getattr(u, attr)
-                    if attr in ("messages", "bytes"):  # with what the filters' connections carried
+                    if attr in ("messages_in", "bytes_in"):  # with what the filters' connections carried
                         value += sum(getattr(f, attr) for f in through if f.endpoint == u.endpoint)
                     fam.add_metric(label, value)
                 up.add_metric(label, 1 if u.up else 0)
@@ -473,6 +534,11 @@ class Relay(Program):
         #: The sequence marks of the (node, group)s passed on, sent by ``_mark_timer``.
         self.marks = SequenceMarks(MARK_IDLE_S)
         self._mark_timer = self.timer(self._send_marks)
+        #: The upstreams' thread, when no stream publisher needs each message: it reads the
+        #: upstreams (not the filters' connections) and passes their messages to the feed.
+        self.reader: CUpstreams | None = None
+        self._reader_thread: threading.Thread | None = None
+        self._reader_counts: dict[str, int] = {}
         self.gather_s = GATHER_S
 
     # -- start -----------------------------------------------------------------
@@ -481,6 +547,7 @@ class Relay(Program):
         cfg = self.cfg
         os.umask(0o007)
         service.probe_threads()  # a one-line error now rather than a libzmq abort later
+        read_upstreams_in_c()
         self.ctx = zmq.Context()
         if cfg.publish.curve is not None:
             self.access = CurveAccess(cfg.publish.curve)
@@ -492,6 +559,14 @@ class Relay(Program):
         if cfg.jetstream is not None:
             self.stream = _open_stream(cfg.jetstream, self.registry)
             self.topics[b""] += 1  # the stream takes every group of every upstream
+        else:
+            self.reader = reader = CUpstreams(int(GATHER_S * 1e6))
+            self._reader_thread = threading.Thread(
+                target=self._read_upstreams, args=(reader,), name="nflogd-relay upstreams", daemon=True
+            )
+            self._reader_thread.start()
+            self.watch(reader.notes_fd, self._take_notes)
+            self.timer(self._take_notes, NOTES_S)
         # The readers are served when the server's epoll says one has something (to say, to be
         # written, to be accepted) and when a handshake times out, not at every turn: a turn
         # comes with every upstream message, and serving the readers each time cost as much
@@ -520,21 +595,26 @@ class Relay(Program):
         """A connection to an upstream, subscribed to ``topics``, or to a filter's topics
         (``filter_topics``: its messages go to the feed alone, not to the stream nor the
         sequence marks, which follow the unfiltered sequences)."""
-        up = Upstream(self._context(), settings, self.topics if filter_topics is None else filter_topics)
-        if filter_topics is not None:
-            self.watch(up.socket, lambda: up.forward(self._feed().forward, filtered=True))
-        else:
+        filtered = filter_topics is not None
+        topics = self.topics if filter_topics is None else filter_topics
+        keep = self.stream is not None and not filtered
+        reader = self.reader if not (filtered or keep) else None
+        up = Upstream(self._context(), settings, topics, filtered, keep, reader)
+        if filtered:
+            self.watch(up.socket, lambda: up.forward(self._feed()))
+        elif reader is None:
             offer = self.stream.offer if self.stream is not None else None
             marks, timer = self.marks, self._mark_timer
 
             def forward() -> bool:
-                more = up.forward(self._feed().forward, offer, marks.note)
+                more = up.forward(self._feed(), offer, marks.note_all)
                 if timer.due is None:
                     timer.due = marks.due()
                 return more
 
             self.watch(up.socket, forward, gather=True)
-        up.touched = lambda: self.recheck(up.socket)
+        if reader is None:
+            up.touched = lambda: self.recheck(up.socket)
         monitor = up.monitor
         if monitor is not None:  # an Upstream has its monitor until close()
             self.watch(monitor, lambda: self._handle_monitor(up))
@@ -577,9 +657,43 @@ class Relay(Program):
                     del retries[key]
         self._schedule_retry()
 
+    def _take_notes(self) -> None:
+        """The upstreams' thread's notes (the messages it passed on) to the sequence marks;
+        the mark timer set if it was not. Its errors logged, once per episode."""
+        reader = self.reader
+        if reader is None:
+            return
+        note = self.marks.note
+        for when, header in reader.take_notes():
+            note(header, when)
+        if self._mark_timer.due is None:
+            self._mark_timer.due = self.marks.due()
+        for what, count in (("notes_dropped", reader.notes_dropped), ("errors", reader.errors)):
+            if count > self._reader_counts.get(what, 0):
+                self._reader_counts[what] = count
+                if what == "errors":
+                    log.error("upstreams: %d failed to be read (libzmq) and are no longer read", count)
+                else:
+                    log.warning(
+                        "sequence marks: %d messages passed on were not noted (over %d (node, group)s"
+                        " at once); the relay's own marks may come early or say less for theirs",
+                        count,
+                        NOTED_MAX,
+                    )
+
+    def _read_upstreams(self, reader: CUpstreams) -> None:
+        """The upstreams' thread (``CUpstreams.run``)."""
+        cfeed = self._feed().cfeed
+        assert cfeed is not None, "a relay's Publisher sends from C"
+        try:
+            reader.run(cfeed)
+        except OSError as e:
+            log.error("upstreams: their thread stopped: %s", e.strerror or e)
+
     def _send_marks(self, everything: bool = False) -> None:
         """The sequence marks that are due (``everything``: all not sent yet, at exit); the
         timer set to the next one."""
+        self._take_notes()
         offer = self.stream.offer if self.stream is not None else None
         self.marks.send_due(self._feed().forward, offer, everything)
         self._mark_timer.due = self.marks.due()
@@ -745,6 +859,11 @@ class Relay(Program):
     def close(self) -> None:
         """Release everything; safe after a failed start."""
         self.notifier.stopping()
+        reader, thread = self.reader, self._reader_thread
+        if reader is not None and thread is not None:
+            reader.stop()
+            thread.join()
+            self._reader_thread = None
         if self.publisher is not None:  # last words: where every sequence passed on ended
             self._send_marks(everything=True)
         upstreams, self.upstreams = self.upstreams, {}

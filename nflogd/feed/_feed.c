@@ -126,14 +126,27 @@ static void send_batch(struct nflogd_feed *f, struct nflogd_reader *r, uint32_t 
 }
 
 void nflogd_feed_forward(struct nflogd_feed *f, const uint8_t *topic, const uint8_t *header, uint32_t hlen,
-                         const uint8_t *records, uint32_t rlen, const uint8_t *data, uint32_t dlen)
+                         const uint8_t *records, uint32_t rlen, const uint8_t *data, uint32_t dlen, int lazy)
 {
     const struct iovec frames[4] = {
         { (void *)topic, 2 }, { (void *)header, hlen }, { (void *)records, rlen }, { (void *)data, dlen },
     };
     pthread_mutex_lock(&f->lock);
+    peers_set_lazy(f->peers, lazy);
     peers_send(f->peers, (uint16_t)(topic[0] << 8 | topic[1]), frames, 0);  /* not ours: no byte in front */
+    peers_set_lazy(f->peers, 0);
     pthread_mutex_unlock(&f->lock);
+    __atomic_add_fetch(&f->sent, 1, __ATOMIC_RELAXED);
+}
+
+int nflogd_feed_flush_lazy(struct nflogd_feed *f, int give_up, int *wrote)
+{
+    pthread_mutex_lock(&f->lock);
+    uint64_t before = nflogd_peers_sent_bytes(f->peers);
+    int left = peers_flush_lazy(f->peers, give_up);
+    *wrote = nflogd_peers_sent_bytes(f->peers) != before;
+    pthread_mutex_unlock(&f->lock);
+    return left;
 }
 
 /* One read of the group and, if it gave packets, their message to f's peers (f NULL: none):

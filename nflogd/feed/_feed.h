@@ -24,14 +24,20 @@ void nflogd_feed_lock(struct nflogd_feed *f);
 void nflogd_feed_unlock(struct nflogd_feed *f);
 /* Under the lock: the node name. */
 int nflogd_feed_set_node(struct nflogd_feed *f, const char *node, uint32_t len);
+/* Messages sent to the peers: the pumps' and nflogd_feed_forward's. */
 uint64_t nflogd_feed_sent(struct nflogd_feed *f);
 /* The feed's own peers (_peers.h). */
 struct nflogd_peers *nflogd_feed_peers(struct nflogd_feed *f);
 /* One message as a relay received it, its four frames (the topic 2 bytes, the group's), to
  * every peer subscribed to the group: the lock taken and given back around it (the caller
- * does not hold it). */
+ * does not hold it). lazy: what a peer's socket does not take is queued for the caller to
+ * retry with nflogd_feed_flush_lazy(), not armed for the control loop (_peers.h). */
 void nflogd_feed_forward(struct nflogd_feed *f, const uint8_t *topic, const uint8_t *header, uint32_t hlen,
-                         const uint8_t *records, uint32_t rlen, const uint8_t *data, uint32_t dlen);
+                         const uint8_t *records, uint32_t rlen, const uint8_t *data, uint32_t dlen, int lazy);
+/* Retry what lazy forwards queued (peers_flush_lazy, the lock taken): how many peers still
+ * have some (*wrote: whether anything was written); give_up: those are armed for the control
+ * loop instead. */
+int nflogd_feed_flush_lazy(struct nflogd_feed *f, int give_up, int *wrote);
 
 /* Read r and send each batch on f (NULL: read and count only) as one wire-format message,
  * first_seq from r->feed_seq, until a read gets nothing within timeout_ms (-1: no end) or nflogd_wake()

@@ -43,6 +43,7 @@ struct peer {
     int fd;                      /* -1: a free slot */
     int dead;                    /* errno of the write that failed, or 0 */
     int armed;                   /* EPOLLOUT asked for on the control loop's epoll */
+    int lazy;                    /* queued by a sender that retries it (peers_flush_lazy), not armed */
     int all;                     /* subscribed to "" */
     uint8_t prefix[32];          /* subscribed to a 1-byte topic: a bit per high byte of a group */
     uint8_t *exact;              /* subscribed to 2-byte topics: FILTER_EXACT_BYTES, or NULL */
@@ -79,6 +80,7 @@ struct nflogd_peers {
     int trim_due;                /* bytes passed TRIM_BYTES since the last malloc_trim */
     uint8_t *boxed;              /* a CURVE peer's message, boxed: grown as messages need */
     size_t boxed_cap;
+    int lazy_sender;             /* the sender now retries what it queues (peers_set_lazy) */
 };
 
 struct nflogd_peers *peers_new(uint64_t epoch)
@@ -168,6 +170,7 @@ static void arm(struct nflogd_peers *ps, struct peer *p, int on)
 static void fail(struct nflogd_peers *ps, struct peer *p, int err)
 {
     p->dead = err;
+    p->lazy = 0;
     queue_clear(ps, p);
     arm(ps, p, 1);  /* the control loop's flush sees dead and hangs up */
 }
@@ -196,7 +199,10 @@ static int enqueue(struct nflogd_peers *ps, struct peer *p, struct blob *b, uint
     p->qlen++;
     b->refs++;
     ps->queued++;
-    arm(ps, p, 1);
+    if (ps->lazy_sender && !p->armed)
+        p->lazy = 1;
+    else
+        arm(ps, p, 1);
     return 0;
 }
 
@@ -240,6 +246,7 @@ static int flush(struct nflogd_peers *ps, struct peer *p)
             return 0;
     }
     arm(ps, p, 0);
+    p->lazy = 0;
     return 1;
 }
 
@@ -793,6 +800,32 @@ struct nflogd_filters *nflogd_peers_filters(struct nflogd_peers *ps)
 void nflogd_peers_set_filter_linger(struct nflogd_peers *ps, uint32_t ms)
 {
     nflogd_filters_set_linger(ps->filters, ms);
+}
+
+void peers_set_lazy(struct nflogd_peers *ps, int on)
+{
+    ps->lazy_sender = on;
+}
+
+int peers_flush_lazy(struct nflogd_peers *ps, int give_up)
+{
+    int left = 0;
+    for (int i = 0; i < ps->cap && ps->queued; i++) {
+        struct peer *p = &ps->peer[i];
+        if (p->fd < 0 || !p->lazy)
+            continue;
+        int rc = flush(ps, p);
+        if (rc < 0) {
+            fail(ps, p, -rc);
+        } else if (rc == 0 && give_up) {
+            p->lazy = 0;
+            arm(ps, p, 1);
+        } else if (rc == 0) {
+            left++;
+        }
+    }
+    maybe_trim(ps);
+    return left;
 }
 
 uint64_t nflogd_peers_sent_bytes(struct nflogd_peers *ps)

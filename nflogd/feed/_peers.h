@@ -84,5 +84,12 @@ void peers_free(struct nflogd_peers *ps);
  * per frame (1 << i) whose byte in front of iov_base is the feed's to write (NFLOGD_HEADROOM,
  * _nflog.h): a CURVE peer's box is made from the frame where it lies, with no copy. */
 void peers_send(struct nflogd_peers *ps, uint16_t group, const struct iovec frames[4], unsigned spare);
+/* on: what the sends from now on queue is not armed for EPOLLOUT: the sender, which sends
+ * again soon, retries it with peers_flush_lazy() (the relay's upstreams' thread: a wake-up of
+ * the control loop per burst cost more than passing the burst on). */
+void peers_set_lazy(struct nflogd_peers *ps, int on);
+/* Write what the lazy sends queued; a peer whose socket is still full is armed if give_up.
+ * How many are left to retry. */
+int peers_flush_lazy(struct nflogd_peers *ps, int give_up);
 
 #endif
