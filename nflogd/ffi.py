@@ -478,7 +478,7 @@ class CFeed:
         bytes the group's) to every peer subscribed to its group; the mutex taken in C around
         it (the caller does not hold it): one call a message, the relay's path."""
         topic, header, table, data = map(ffi.from_buffer, frames)
-        lib.nflogd_feed_forward(self._f, topic, header, len(header), table, len(table), data, len(data), 0)
+        lib.nflogd_feed_forward(self._f, topic, header, len(header), table, len(table), data, len(data), -1)
 
     def send_to_peers(self, group: int, frames) -> None:
         """One message (its four frames) to every peer subscribed to ``group``."""

@@ -16,15 +16,17 @@ Topology (``docs/relay.md``)::
 
 Sockets: one XSUB per upstream, connected to its endpoint (a CURVE client when the upstream
 has keys), and downstream the daemon's own ``Publisher`` (the feed's own server on every
-endpoint, CURVE ones too, with the daemon's limits). One poll loop (``service.Program``'s,
-with the upstreams' reconnects on a timer) moves messages upstream to downstream, read and
-sent on by C (``ffi.CUpstream``: ``feed/_upstream.c`` reads the XSUB through pyzmq's own
-libzmq and hands each message whole to the feed's peers) and never decoded (a record keeps
-its node, epoch and sequence numbers: a message the relay drops shows at the client as a gap
-in that node's ``seq``), and subscriptions downstream to upstream (the first to a topic, the
-last unsubscription, to every upstream XSUB, which sends them again after every reconnect).
-While messages keep coming the loop reads them in batches, sleeping ``GATHER_S`` between
-turns (``Program.watch``'s ``gather``).
+endpoint, CURVE ones too, with the daemon's limits). Messages go upstream to downstream in C,
+never decoded (a record keeps its node, epoch and sequence numbers: a message the relay drops
+shows at the client as a gap in that node's ``seq``): ``feed/_upstream.c`` reads the XSUBs
+through pyzmq's own libzmq and hands each message whole to the feed's peers, in a thread of
+its own (``ffi.CUpstreams``), or, with a ``jetstream`` section, from the poll loop one burst at
+a time (``Upstream.forward``: the stream publisher takes each message too). While messages
+keep coming either reads them in batches, sleeping ``GATHER_S`` between turns. The poll loop
+(``service.Program``'s, with the upstreams' reconnects on a timer) passes subscriptions
+downstream to upstream (the first to a topic, the last unsubscription, to every upstream
+XSUB, which sends them again after every reconnect), serves the readers and sends the
+sequence marks.
 
 Readers' filters (``docs/filters.md``): a filter's subscriptions go to every upstream on a
 connection of that filter's own (``Relay._filter_subscription``), so each daemon runs it and
@@ -363,6 +365,17 @@ class SequenceMarks:
         unmarked.pop(key, None)
         unmarked[key] = time.monotonic() if when is None else when
 
+    def unnoted(self, n: int) -> None:
+        """``n`` messages passed on that were not noted (``CUpstreams``: more (node, group)s at
+        once than it notes between takes): counted as forgotten, logged once per episode."""
+        self.forgotten += n
+        self._forget_log.hit(
+            "sequence marks: more than %d (node, group)s at once; %d messages not followed"
+            " (counted in nflogd_relay_mark_streams_forgotten_total)",
+            NOTED_MAX,
+            n,
+        )
+
     def note_all(self, notes: bytes) -> None:
         """The header frames of messages passed on, as ``CUpstream.notes`` gives them: each in
         ``CUpstream.NOTE_SIZE`` bytes, its length (2 bytes, big-endian) first."""
@@ -471,7 +484,8 @@ class RelayCollector(_Collector):
         )
         forgotten = CounterMetricFamily(
             "nflogd_relay_mark_streams_forgotten",
-            "(node, group)s whose sequence the relay stopped following (too many to mark).",
+            "(node, group)s whose sequence the relay stopped following, and messages it could not"
+            " note for its marks (too many (node, group)s).",
         )
         return counters, up, subs, topics, nfilters, refused, info, marks, forgotten
 
@@ -538,7 +552,8 @@ class Relay(Program):
         #: upstreams (not the filters' connections) and passes their messages to the feed.
         self.reader: CUpstreams | None = None
         self._reader_thread: threading.Thread | None = None
-        self._reader_counts: dict[str, int] = {}
+        self._reader_seen = (0, 0)  # its notes dropped and errors, as last taken
+        self._reader_errors = Episodes(log)
         self.gather_s = GATHER_S
 
     # -- start -----------------------------------------------------------------
@@ -668,18 +683,13 @@ class Relay(Program):
             note(header, when)
         if self._mark_timer.due is None:
             self._mark_timer.due = self.marks.due()
-        for what, count in (("notes_dropped", reader.notes_dropped), ("errors", reader.errors)):
-            if count > self._reader_counts.get(what, 0):
-                self._reader_counts[what] = count
-                if what == "errors":
-                    log.error("upstreams: %d failed to be read (libzmq) and are no longer read", count)
-                else:
-                    log.warning(
-                        "sequence marks: %d messages passed on were not noted (over %d (node, group)s"
-                        " at once); the relay's own marks may come early or say less for theirs",
-                        count,
-                        NOTED_MAX,
-                    )
+        dropped, errors = reader.notes_dropped, reader.errors
+        if dropped > self._reader_seen[0]:
+            self.marks.unnoted(dropped - self._reader_seen[0])
+        if errors > self._reader_seen[1]:
+            self._reader_errors.hit("upstreams: %d could not be read (libzmq) and are read no more", errors,
+                                    level=logging.ERROR)  # fmt: skip
+        self._reader_seen = (dropped, errors)
 
     def _read_upstreams(self, reader: CUpstreams) -> None:
         """The upstreams' thread (``CUpstreams.run``)."""

@@ -126,15 +126,16 @@ static void send_batch(struct nflogd_feed *f, struct nflogd_reader *r, uint32_t 
 }
 
 void nflogd_feed_forward(struct nflogd_feed *f, const uint8_t *topic, const uint8_t *header, uint32_t hlen,
-                         const uint8_t *records, uint32_t rlen, const uint8_t *data, uint32_t dlen, int lazy)
+                         const uint8_t *records, uint32_t rlen, const uint8_t *data, uint32_t dlen,
+                         int lazy_epfd)
 {
     const struct iovec frames[4] = {
         { (void *)topic, 2 }, { (void *)header, hlen }, { (void *)records, rlen }, { (void *)data, dlen },
     };
     pthread_mutex_lock(&f->lock);
-    peers_set_lazy(f->peers, lazy);
+    peers_set_lazy(f->peers, lazy_epfd);
     peers_send(f->peers, (uint16_t)(topic[0] << 8 | topic[1]), frames, 0);  /* not ours: no byte in front */
-    peers_set_lazy(f->peers, 0);
+    peers_set_lazy(f->peers, -1);
     pthread_mutex_unlock(&f->lock);
     __atomic_add_fetch(&f->sent, 1, __ATOMIC_RELAXED);
 }

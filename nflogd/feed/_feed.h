@@ -30,10 +30,12 @@ uint64_t nflogd_feed_sent(struct nflogd_feed *f);
 struct nflogd_peers *nflogd_feed_peers(struct nflogd_feed *f);
 /* One message as a relay received it, its four frames (the topic 2 bytes, the group's), to
  * every peer subscribed to the group: the lock taken and given back around it (the caller
- * does not hold it). lazy: what a peer's socket does not take is queued for the caller to
- * retry with nflogd_feed_flush_lazy(), not armed for the control loop (_peers.h). */
+ * does not hold it). lazy_epfd >= 0: what a peer's socket does not take is queued for the
+ * caller to retry with nflogd_feed_flush_lazy() when epoll lazy_epfd says it is writable, not
+ * armed for the control loop (_peers.h); -1: armed for it. */
 void nflogd_feed_forward(struct nflogd_feed *f, const uint8_t *topic, const uint8_t *header, uint32_t hlen,
-                         const uint8_t *records, uint32_t rlen, const uint8_t *data, uint32_t dlen, int lazy);
+                         const uint8_t *records, uint32_t rlen, const uint8_t *data, uint32_t dlen,
+                         int lazy_epfd);
 /* Retry what lazy forwards queued (peers_flush_lazy, the lock taken): how many peers still
  * have some (*wrote: whether anything was written); give_up: those are armed for the control
  * loop instead. */

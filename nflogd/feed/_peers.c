@@ -44,6 +44,7 @@ struct peer {
     int dead;                    /* errno of the write that failed, or 0 */
     int armed;                   /* EPOLLOUT asked for on the control loop's epoll */
     int lazy;                    /* queued by a sender that retries it (peers_flush_lazy), not armed */
+    int lazy_epfd;               /* the epoll it was last armed on for that sender (-1: none) */
     int all;                     /* subscribed to "" */
     uint8_t prefix[32];          /* subscribed to a 1-byte topic: a bit per high byte of a group */
     uint8_t *exact;              /* subscribed to 2-byte topics: FILTER_EXACT_BYTES, or NULL */
@@ -80,7 +81,7 @@ struct nflogd_peers {
     int trim_due;                /* bytes passed TRIM_BYTES since the last malloc_trim */
     uint8_t *boxed;              /* a CURVE peer's message, boxed: grown as messages need */
     size_t boxed_cap;
-    int lazy_sender;             /* the sender now retries what it queues (peers_set_lazy) */
+    int lazy_epfd;               /* the epoll of the sender that now retries what it queues, or -1 */
 };
 
 struct nflogd_peers *peers_new(uint64_t epoch)
@@ -89,7 +90,7 @@ struct nflogd_peers *peers_new(uint64_t epoch)
         return NULL;
     struct nflogd_peers *ps = calloc(1, sizeof(*ps));
     if (ps) {
-        ps->epfd = ps->wake_fd = -1;
+        ps->epfd = ps->wake_fd = ps->lazy_epfd = -1;
         ps->hwm = 1000;
         if (!(ps->filters = nflogd_filters_new(epoch))) {
             free(ps);
@@ -167,6 +168,22 @@ static void arm(struct nflogd_peers *ps, struct peer *p, int on)
         p->armed = on;
 }
 
+/* p queued by the lazy sender: its socket watched for EPOLLOUT, once, on the sender's epoll. */
+static void arm_lazy(struct nflogd_peers *ps, struct peer *p)
+{
+    struct epoll_event ev = { .events = EPOLLOUT | EPOLLONESHOT, .data.u32 = PEERS_WRITABLE };
+    p->lazy = 1;
+    if (p->lazy_epfd != ps->lazy_epfd) {
+        int rc = epoll_ctl(ps->lazy_epfd, EPOLL_CTL_ADD, p->fd, &ev);
+        if (rc < 0 && errno != EEXIST)
+            return;  /* not watched: retried each turn all the same */
+        p->lazy_epfd = ps->lazy_epfd;
+        if (rc == 0)
+            return;
+    }
+    epoll_ctl(ps->lazy_epfd, EPOLL_CTL_MOD, p->fd, &ev);
+}
+
 static void fail(struct nflogd_peers *ps, struct peer *p, int err)
 {
     p->dead = err;
@@ -199,8 +216,8 @@ static int enqueue(struct nflogd_peers *ps, struct peer *p, struct blob *b, uint
     p->qlen++;
     b->refs++;
     ps->queued++;
-    if (ps->lazy_sender && !p->armed)
-        p->lazy = 1;
+    if (ps->lazy_epfd >= 0 && !p->armed)
+        arm_lazy(ps, p);
     else
         arm(ps, p, 1);
     return 0;
@@ -724,6 +741,7 @@ int nflogd_peers_add(struct nflogd_peers *ps, int fd)
         ps->cap = cap;
     }
     ps->peer[id].fd = fd;
+    ps->peer[id].lazy_epfd = -1;
     return id;
 }
 
@@ -802,9 +820,9 @@ void nflogd_peers_set_filter_linger(struct nflogd_peers *ps, uint32_t ms)
     nflogd_filters_set_linger(ps->filters, ms);
 }
 
-void peers_set_lazy(struct nflogd_peers *ps, int on)
+void peers_set_lazy(struct nflogd_peers *ps, int epfd)
 {
-    ps->lazy_sender = on;
+    ps->lazy_epfd = epfd;
 }
 
 int peers_flush_lazy(struct nflogd_peers *ps, int give_up)
@@ -822,6 +840,10 @@ int peers_flush_lazy(struct nflogd_peers *ps, int give_up)
             arm(ps, p, 1);
         } else if (rc == 0) {
             left++;
+            if (p->lazy_epfd >= 0) {
+                struct epoll_event ev = { .events = EPOLLOUT | EPOLLONESHOT, .data.u32 = PEERS_WRITABLE };
+                epoll_ctl(p->lazy_epfd, EPOLL_CTL_MOD, p->fd, &ev);
+            }
         }
     }
     maybe_trim(ps);

@@ -84,12 +84,14 @@ void peers_free(struct nflogd_peers *ps);
  * per frame (1 << i) whose byte in front of iov_base is the feed's to write (NFLOGD_HEADROOM,
  * _nflog.h): a CURVE peer's box is made from the frame where it lies, with no copy. */
 void peers_send(struct nflogd_peers *ps, uint16_t group, const struct iovec frames[4], unsigned spare);
-/* on: what the sends from now on queue is not armed for EPOLLOUT: the sender, which sends
+/* epfd >= 0: what the sends from now on queue is not armed for EPOLLOUT on the control loop's
+ * epoll but, once (EPOLLONESHOT, data.u32 PEERS_WRITABLE), on epfd: its sender, which sends
  * again soon, retries it with peers_flush_lazy() (the relay's upstreams' thread: a wake-up of
- * the control loop per burst cost more than passing the burst on). */
-void peers_set_lazy(struct nflogd_peers *ps, int on);
-/* Write what the lazy sends queued; a peer whose socket is still full is armed if give_up.
- * How many are left to retry. */
+ * the control loop per burst cost more than passing the burst on); -1: as before. */
+#define PEERS_WRITABLE 0xfffffffe
+void peers_set_lazy(struct nflogd_peers *ps, int epfd);
+/* Write what the lazy sends queued; a peer whose socket is still full is armed on the lazy
+ * sender's epoll again, or on the control loop's if give_up. How many are left to retry. */
 int peers_flush_lazy(struct nflogd_peers *ps, int give_up);
 
 #endif

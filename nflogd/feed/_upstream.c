@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include "_feed.h"
+#include "_peers.h"
 #include "_upstream.h"
 
 /* zmq.h's, stable across libzmq 4: a message is 64 opaque bytes, pointer-aligned. */
@@ -52,6 +53,7 @@ struct nflogd_upstream {
     void *sock;
     int slot;     /* its place in a set of upstreams (-1: none) */
     int fd;       /* there, its socket's ZMQ_FD */
+    int lazy_epfd; /* there, the set's epoll, on which readers' full sockets are watched */
     int pending;  /* the set's thread reads it on its next turn */
     int broken;   /* a read failed: the set's thread leaves it alone */
     int filtered, keep;
@@ -107,6 +109,7 @@ struct nflogd_upstream *nflogd_upstream_new(uintptr_t sock, int filtered, int ke
         return NULL;
     u->sock = (void *)sock;
     u->slot = -1;
+    u->lazy_epfd = -1;
     u->filtered = filtered;
     u->keep = keep;
     for (int i = 0; i <= MAX_FRAMES; i++)
@@ -199,7 +202,7 @@ int nflogd_upstream_pass(struct nflogd_upstream *u, struct nflogd_feed *f, uint3
         int forward = !u->filtered && n == 4 && size(u, 0) == 2;
         if (forward) {
             nflogd_feed_forward(f, data(u, 0), data(u, 1), size(u, 1), data(u, 2), size(u, 2), data(u, 3),
-                                size(u, 3), u->slot >= 0);
+                                size(u, 3), u->lazy_epfd);
             note(u);
         }
         if (!forward || u->keep) {
@@ -256,11 +259,11 @@ uint64_t nflogd_upstream_unsent(struct nflogd_upstream *u)
 /* -- upstreams read by a thread of their own ------------------------------------------------ */
 
 #define SLOTS_MAX 4096 /* epoll's data: a slot, never a pointer that a remove() frees */
-/* Readers' sockets that are full: retried each turn (after gather_us, or LAZY_WAIT_US); after
- * LAZY_TRIES turns in a row that wrote nothing (a reader that stopped reading), armed for the
- * control loop, which writes them when they can. */
+/* Readers' sockets that are full: written when the set's epoll says they can take more, and
+ * tried at least every LAZY_WAIT_MS; after LAZY_TRIES tries in a row that wrote nothing (a
+ * reader that stopped reading), armed for the control loop, which writes them when they can. */
 #define LAZY_TRIES 50
-#define LAZY_WAIT_US 1000
+#define LAZY_WAIT_MS 2
 
 struct nflogd_upstreams {
     pthread_mutex_t lock;
@@ -369,6 +372,7 @@ int nflogd_upstreams_add(struct nflogd_upstreams *s, struct nflogd_upstream *u, 
     s->slot[i] = u;
     u->slot = (int)i;
     u->fd = zmq_fd;
+    u->lazy_epfd = s->epfd;
     nflogd_upstreams_recheck(s, u); /* whatever came before it joined */
     return 0;
 }
@@ -380,6 +384,7 @@ void nflogd_upstreams_remove(struct nflogd_upstreams *s, struct nflogd_upstream 
     epoll_ctl(s->epfd, EPOLL_CTL_DEL, u->fd, NULL);
     s->slot[u->slot] = NULL;
     u->slot = -1;
+    u->lazy_epfd = -1;
     u->pending = 0;
 }
 
@@ -546,13 +551,13 @@ int nflogd_upstreams_run(struct nflogd_upstreams *s, struct nflogd_feed *f)
     int steady = 0, backlog = 0, lazy = 0, tries = 0;
     pthread_setname_np(pthread_self(), "nflogd-upstream"); /* for top, perf and the profile */
     for (;;) {
-        if (steady || lazy) { /* more are likely on their way: let them gather, then take all at once */
-            uint32_t us = s->gather_us ? s->gather_us : LAZY_WAIT_US;
-            struct timespec ts = { us / 1000000, (long)(us % 1000000) * 1000 };
+        if (steady && !lazy) { /* more are likely on their way: let them gather, then take all at once */
+            struct timespec ts = { s->gather_us / 1000000, (long)(s->gather_us % 1000000) * 1000 };
             nanosleep(&ts, NULL);
         }
+        /* a reader's full socket: until it is writable again, or a while to count it stalled */
         struct epoll_event evs[64];
-        int n = epoll_wait(s->epfd, evs, 64, steady || backlog || lazy ? 0 : -1);
+        int n = epoll_wait(s->epfd, evs, 64, steady || backlog ? 0 : lazy ? LAZY_WAIT_MS : -1);
         if (n < 0 && errno != EINTR)
             return -errno;
         pthread_mutex_lock(&s->lock);
@@ -570,7 +575,7 @@ int nflogd_upstreams_run(struct nflogd_upstreams *s, struct nflogd_feed *f)
                 (void)rc;
             } else if (i < s->nslots && s->slot[i]) {
                 s->slot[i]->pending = 1;
-            }
+            } /* else PEERS_WRITABLE: flushed below */
         }
         backlog = 0;
         int read = turn(s, f, &backlog);
