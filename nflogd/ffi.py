@@ -516,15 +516,13 @@ class CUpstream:
         u = lib.nflogd_upstream_new(socket_address, int(filtered), int(keep))
         if u == ffi.NULL:
             raise MemoryError("nflogd_upstream_new (load_zmq first)")
-        self._u = u
+        self._u = ffi.gc(u, lib.nflogd_upstream_free)  # its counters outlive close()
         self._len = ffi.new("uint32_t *")
         self._notes = ffi.new("const uint8_t **")
 
     def close(self) -> None:
-        """Let go of the held message; before the socket closes."""
-        if self._u is not None:
-            lib.nflogd_upstream_free(self._u)
-            self._u = None
+        """Let go of the held message; before the socket closes (the counters stay)."""
+        lib.nflogd_upstream_clear(self._u)
 
     def pass_to(self, feed: CFeed, burst: int) -> int:
         """Up to ``burst`` messages onto the feed (the caller does not hold its mutex): EMPTY,
@@ -556,16 +554,16 @@ class CUpstream:
 
     @property
     def messages(self) -> int:
-        return lib.nflogd_upstream_messages(self._u) if self._u is not None else 0
+        return lib.nflogd_upstream_messages(self._u)
 
     @property
     def bytes_in(self) -> int:
-        return lib.nflogd_upstream_bytes(self._u) if self._u is not None else 0
+        return lib.nflogd_upstream_bytes(self._u)
 
     @property
     def unsent(self) -> int:
         """Messages of more than four frames, dropped."""
-        return lib.nflogd_upstream_unsent(self._u) if self._u is not None else 0
+        return lib.nflogd_upstream_unsent(self._u)
 
 
 class CUpstreams:

@@ -80,9 +80,6 @@ from .service import Program
 
 __all__ = ["main", "Relay", "Upstream", "RelayCollector", "DEFAULT_CONFIG"]
 
-#: The receive flag as a plain int: pyzmq's enum flags cost microseconds per use.
-NOBLOCK = int(zmq.NOBLOCK)
-
 log = logging.getLogger("nflogd.relay")
 
 DEFAULT_CONFIG = "/etc/nflogd-relay.yaml"
@@ -104,9 +101,6 @@ HEARTBEAT_TIMEOUT_MS = 15_000
 #: (the daemon sends one after capture_loop.MARK_IDLE_S, 1 s).
 MARK_IDLE_S = 2.0
 _HEADER = wire.HEADER
-#: What the topics of a filter's replies and messages begin with (FILTER_TOPIC, FILTERED_TOPIC).
-FILTERS_PREFIX = b"\xffNFL"
-EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # ints: an int & an enum makes enums, a µs a message
 #: Readers' filters the relay passes upstream at once, each on a connection of its own to every
 #: upstream: with the relay's own link, 64 connections to each daemon, its default
 #: publish.max_connections_per_source (and its 64 distinct filters, less one for a local
@@ -191,9 +185,8 @@ class Upstream:
         #: The endpoint's monitor, probes and connects again after a refusal; ``tracker`` its state.
         self._watch = watch
         self._c = CUpstream(sock.underlying, filtered, keep)
-        #: The counters of a closed one.
-        self._final: tuple[int, int] | None = None
         self._reader = reader
+        self._closed = False
         if reader is not None:
             with reader:
                 reader.add(self._c, cast(int, sock.getsockopt(zmq.FD)))
@@ -226,12 +219,12 @@ class Upstream:
     @property
     def messages_in(self) -> int:
         """Messages received and passed on (by C to the feed, or by ``forward()``)."""
-        return self._c.messages if self._final is None else self._final[0]
+        return self._c.messages
 
     @property
     def bytes_in(self) -> int:
         """Their bytes, every frame."""
-        return self._c.bytes_in if self._final is None else self._final[1]
+        return self._c.bytes_in
 
     @property
     def retry_at(self) -> float | None:
@@ -298,11 +291,11 @@ class Upstream:
             self._watch.step()
 
     def close(self) -> None:
-        if self._final is None:
+        if not self._closed:
+            self._closed = True
             if self._reader is not None:
                 with self._reader:
                     self._reader.remove(self._c)
-            self._final = (self._c.messages, self._c.bytes_in)
             self._c.close()  # before the socket it reads
         self._watch.close()
         if not self.socket.closed:

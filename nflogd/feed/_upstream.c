@@ -117,6 +117,15 @@ struct nflogd_upstream *nflogd_upstream_new(uintptr_t sock, int filtered, int ke
     return u;
 }
 
+void nflogd_upstream_clear(struct nflogd_upstream *u)
+{
+    for (int i = 0; i <= MAX_FRAMES; i++) {
+        zmq.msg_close(&u->frames[i]);
+        zmq.msg_init(&u->frames[i]);
+    }
+    u->held = 0;
+}
+
 void nflogd_upstream_free(struct nflogd_upstream *u)
 {
     if (!u)

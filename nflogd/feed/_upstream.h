@@ -30,6 +30,8 @@ int nflogd_zmq_load(const char *path, char *why, uint32_t whylen);
 struct nflogd_upstream;
 struct nflogd_upstream *nflogd_upstream_new(uintptr_t sock, int filtered, int keep);
 void nflogd_upstream_free(struct nflogd_upstream *u);
+/* The message it holds let go (its counters stay): before its socket closes. */
+void nflogd_upstream_clear(struct nflogd_upstream *u);
 
 /* Read up to burst messages without waiting and pass each with four frames and a 2-byte topic
  * (a group's) to f's peers, as nflogd_feed_forward() does. Returns 0 when the socket has
