@@ -13,18 +13,18 @@ struct nflogd_feed;
 
 /* Headers of forwarded messages one nflogd_upstream_pass() keeps for the caller (the relay's
  * sequence marks): at most this many, each NFLOGD_NOTE_SIZE bytes (2 of length, then the
- * header frame's first 296 bytes: a wire header and a node name of up to 256 bytes). */
+ * header frame, a wire header and a node name of up to 255 bytes; a longer one is not kept). */
 #define NFLOGD_NOTES_MAX 64
 #define NFLOGD_NOTE_SIZE 298
 
 /* Take libzmq's functions from the already loaded object at path (pyzmq's extension module:
  * dlsym on its handle finds the libzmq it uses, bundled, the system's, or linked in), so that
  * the sockets pyzmq made are read through the library that made them. 0, or -1 with the
- * reason in why (NUL-terminated). Call once, before nflogd_upstream_new(). */
+ * reason in why (NUL-terminated). Before nflogd_upstream_new(); a failed call changes nothing. */
 int nflogd_zmq_load(const char *path, char *why, uint32_t whylen);
 
 /* One upstream: the libzmq socket at sock (pyzmq's Socket.underlying; the caller keeps it
- * open until nflogd_upstream_free()). filtered: a filter's connection, whose messages on a
+ * open until nflogd_upstream_clear() or nflogd_upstream_free()). filtered: a filter's connection, whose messages on a
  * topic beginning "\xffNFL" are handed back and all others dropped, uncounted. keep: every
  * message forwarded is handed back too (the relay's stream publisher takes a copy). */
 struct nflogd_upstream;
@@ -65,7 +65,9 @@ uint64_t nflogd_upstream_unsent(struct nflogd_upstream *u);
  * forwarded are kept, with the time they were read, for the caller to take
  * (nflogd_upstreams_take_notes): the last of each (group, node) with packets and its last
  * mark, for at most NFLOGD_NOTED_MAX (group, node)s between takes; the notes fd is readable
- * once half of them are.
+ * once half of them are. What a reader's socket does not take is queued and watched for
+ * EPOLLOUT on the thread's own epoll, and written by the thread; after 50 tries in a row that
+ * write nothing, the reader is armed for the control loop (_peers.h, peers_set_lazy).
  *
  * A member's socket is the thread's: any other use of it (a send, a connect, monitoring on
  * or off) holds nflogd_upstreams_lock() and is followed by nflogd_upstreams_recheck(), still
@@ -83,8 +85,8 @@ int nflogd_upstreams_add(struct nflogd_upstreams *s, struct nflogd_upstream *u, 
 void nflogd_upstreams_remove(struct nflogd_upstreams *s, struct nflogd_upstream *u);
 /* Under the lock: u is read on the thread's next turn. */
 void nflogd_upstreams_recheck(struct nflogd_upstreams *s, struct nflogd_upstream *u);
-/* The thread: until nflogd_upstreams_stop(), 0; -errno if epoll or libzmq failed (the error
- * of one member's socket: that member is left alone and counted in its errors). */
+/* The thread: 0 after nflogd_upstreams_stop(), -errno if its epoll failed. A member whose read
+ * fails (libzmq) is left alone from then on, counted in nflogd_upstreams_errors(). */
 int nflogd_upstreams_run(struct nflogd_upstreams *s, struct nflogd_feed *f);
 void nflogd_upstreams_stop(struct nflogd_upstreams *s);
 int nflogd_upstreams_notes_fd(struct nflogd_upstreams *s);
