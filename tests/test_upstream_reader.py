@@ -168,6 +168,12 @@ def read(sock: zmq.Socket, n: int, timeout: float = 10.0) -> list[list[bytes]]:
     return got
 
 
+def wakeups(tid: int | None) -> int:
+    """The thread's voluntary context switches so far (/proc)."""
+    with open(f"/proc/self/task/{tid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+
+
 def read_all(sock: zmq.Socket, n: int, timeout: float = 30.0) -> list[list[bytes]]:
     """Up to ``n`` messages, what came within ``timeout`` (for a thread: no assertion)."""
     got: list[list[bytes]] = []
@@ -218,15 +224,16 @@ def test_past_its_limit_of_streams_the_thread_counts_what_it_did_not_note_and_sa
 
 def test_a_full_readers_socket_is_written_by_the_thread_and_one_that_stops_reading_by_the_loop(ctx, tmp_path):
     """A burst far past what a reader's socket holds reaches it whole with no turn of the
-    control loop (the thread retries what it queued); a reader that stops reading is armed for
-    the loop after the thread's retries, which writes the rest once it reads again."""
+    control loop (the thread retries what it queued); a reader that stops reading is given up
+    by the thread after its retries (it stops waking) and armed for the loop, which writes the
+    rest once the reader reads again."""
     link = Link(ctx, tmp_path, reader_hwm=4)
     t = Thread(link)
     try:
         burst = [message("r1", i, packets=64, size=1000) for i in range(60)]  # 60 x 72 KB
         first: list[list[bytes]] = []
         # the reader reads all along (its socket is its thread's until joined): the thread
-        # gives a reader up to the control loop only after some 100 ms without progress
+        # gives a reader up to the control loop only after some half a second without progress
         reading = threading.Thread(target=lambda: first.extend(read_all(link.reader, len(burst))))
         reading.start()
         for m in burst:
@@ -234,10 +241,13 @@ def test_a_full_readers_socket_is_written_by_the_thread_and_one_that_stops_readi
         reading.join(60)
         assert first == burst  # no serve(): the thread wrote it all
         assert link.pub.cfeed.peer_queued() == 0
-        for m in burst:  # again, to a reader that reads nothing for a second
+        for m in burst:  # again, to a reader that reads nothing for a while
             link.up.send_multipart(m)
-        time.sleep(1.0)
-        assert link.pub.cfeed.peer_queued() > 0  # queued, given up on by the thread (50 turns)
+        time.sleep(1.5)  # 250 tries, each after 2 ms at most
+        assert link.pub.cfeed.peer_queued() > 0
+        before = wakeups(t.thread.native_id)
+        time.sleep(0.3)
+        assert wakeups(t.thread.native_id) - before < 10  # given up: no retry every 2 ms
         got: list[list[bytes]] = []
 
         def drained() -> bool:

@@ -140,12 +140,11 @@ void nflogd_feed_forward(struct nflogd_feed *f, const uint8_t *topic, const uint
     __atomic_add_fetch(&f->sent, 1, __ATOMIC_RELAXED);
 }
 
-int nflogd_feed_flush_lazy(struct nflogd_feed *f, int give_up, int *wrote)
+int nflogd_feed_flush_lazy(struct nflogd_feed *f, int give_up, uint64_t *sent_bytes)
 {
     pthread_mutex_lock(&f->lock);
-    uint64_t before = nflogd_peers_sent_bytes(f->peers);
     int left = peers_flush_lazy(f->peers, give_up);
-    *wrote = nflogd_peers_sent_bytes(f->peers) != before;
+    *sent_bytes = nflogd_peers_sent_bytes(f->peers);
     pthread_mutex_unlock(&f->lock);
     return left;
 }

@@ -37,9 +37,9 @@ void nflogd_feed_forward(struct nflogd_feed *f, const uint8_t *topic, const uint
                          const uint8_t *records, uint32_t rlen, const uint8_t *data, uint32_t dlen,
                          int lazy_epfd);
 /* Retry what lazy forwards queued (peers_flush_lazy, the lock taken): how many peers still
- * have some (*wrote: whether anything was written); give_up: those are armed for the control
- * loop instead. */
-int nflogd_feed_flush_lazy(struct nflogd_feed *f, int give_up, int *wrote);
+ * have some; give_up: those are armed for the control loop instead. *sent_bytes: the bytes
+ * written to every peer so far, after it (the caller's measure of progress). */
+int nflogd_feed_flush_lazy(struct nflogd_feed *f, int give_up, uint64_t *sent_bytes);
 
 /* Read r and send each batch on f (NULL: read and count only) as one wire-format message,
  * first_seq from r->feed_seq, until a read gets nothing within timeout_ms (-1: no end) or nflogd_wake()

@@ -269,9 +269,10 @@ uint64_t nflogd_upstream_unsent(struct nflogd_upstream *u)
 
 #define SLOTS_MAX 4096 /* epoll's data: a slot, never a pointer that a remove() frees */
 /* Readers' sockets that are full: written when the set's epoll says they can take more, and
- * tried at least every LAZY_WAIT_MS; after LAZY_TRIES tries in a row that wrote nothing (a
- * reader that stopped reading), armed for the control loop, which writes them when they can. */
-#define LAZY_TRIES 50
+ * tried at least every LAZY_WAIT_MS; after LAZY_TRIES tries in a row in which nothing was
+ * written to any reader (one stopped reading: some half a second), armed for the control
+ * loop, which writes them when they can. */
+#define LAZY_TRIES 250
 #define LAZY_WAIT_MS 2
 
 struct nflogd_upstreams {
@@ -558,6 +559,7 @@ static int turn(struct nflogd_upstreams *s, struct nflogd_feed *f, int *backlog)
 int nflogd_upstreams_run(struct nflogd_upstreams *s, struct nflogd_feed *f)
 {
     int steady = 0, backlog = 0, lazy = 0, tries = 0;
+    uint64_t sent = 0; /* the bytes written to the readers, as the last retry saw them */
     pthread_setname_np(pthread_self(), "nflogd-upstream"); /* for top, perf and the profile */
     for (;;) {
         if (steady && !lazy) { /* more are likely on their way: let them gather, then take all at once */
@@ -572,8 +574,7 @@ int nflogd_upstreams_run(struct nflogd_upstreams *s, struct nflogd_feed *f)
         pthread_mutex_lock(&s->lock);
         if (s->stop) {
             pthread_mutex_unlock(&s->lock);
-            int wrote;
-            nflogd_feed_flush_lazy(f, 1, &wrote); /* what is left is the control loop's */
+            nflogd_feed_flush_lazy(f, 1, &sent); /* what is left is the control loop's */
             return 0;
         }
         for (int j = 0; j < n; j++) {
@@ -590,9 +591,9 @@ int nflogd_upstreams_run(struct nflogd_upstreams *s, struct nflogd_feed *f)
         int read = turn(s, f, &backlog);
         pthread_mutex_unlock(&s->lock);
         if (read || lazy) { /* what the readers' sockets did not take: retried a while, then the loop's */
-            int wrote = 0;
-            lazy = nflogd_feed_flush_lazy(f, tries >= LAZY_TRIES, &wrote);
-            tries = lazy && !wrote ? tries + 1 : 0;
+            uint64_t before = sent; /* progress: this turn's sends and this retry's, every reader's */
+            lazy = nflogd_feed_flush_lazy(f, tries >= LAZY_TRIES, &sent);
+            tries = lazy && sent == before ? tries + 1 : 0;
         }
         steady = read && !backlog && s->gather_us;
     }

@@ -66,8 +66,9 @@ uint64_t nflogd_upstream_unsent(struct nflogd_upstream *u);
  * (nflogd_upstreams_take_notes): the last of each (group, node) with packets and its last
  * mark, for at most NFLOGD_NOTED_MAX (group, node)s between takes; the notes fd is readable
  * once half of them are. What a reader's socket does not take is queued and watched for
- * EPOLLOUT on the thread's own epoll, and written by the thread; after 50 tries in a row that
- * write nothing, the reader is armed for the control loop (_peers.h, peers_set_lazy).
+ * EPOLLOUT on the thread's own epoll, and written by the thread; after 250 tries in a row
+ * (some half a second) in which no reader took anything, it is armed for the control loop
+ * (_peers.h, peers_set_lazy).
  *
  * A member's socket is the thread's: any other use of it (a send, a connect, monitoring on
  * or off) holds nflogd_upstreams_lock() and is followed by nflogd_upstreams_recheck(), still
