@@ -510,7 +510,6 @@ class CUpstream:
 
     #: pass_to(): the socket has nothing more; burst messages were read; one is held (held()).
     EMPTY, MORE, HELD = 0, 1, 2
-    NOTE_SIZE = lib.NFLOGD_NOTE_SIZE
 
     def __init__(self, socket_address: int, filtered: bool = False, keep: bool = False):
         u = lib.nflogd_upstream_new(socket_address, int(filtered), int(keep))
@@ -527,10 +526,7 @@ class CUpstream:
     def pass_to(self, feed: CFeed, burst: int) -> int:
         """Up to ``burst`` messages onto the feed (the caller does not hold its mutex): EMPTY,
         MORE or HELD; OSError if libzmq failed."""
-        rc = lib.nflogd_upstream_pass(self._u, feed._f, burst)
-        if rc < 0:
-            raise OSError(-rc, os.strerror(-rc))
-        return rc
+        return _checked(lib.nflogd_upstream_pass(self._u, feed._f, burst))
 
     def held(self) -> list[bytes]:
         """The held message's frames, copied."""
@@ -546,11 +542,12 @@ class CUpstream:
         """The held message went onto the feed already (it is handed back for ``keep``)."""
         return bool(lib.nflogd_upstream_held_forwarded(self._u))
 
-    def notes(self) -> bytes:
-        """The header frames of the last pass's forwarded messages, ``NOTE_SIZE`` bytes each (2
-        bytes of length, big-endian, then the frame)."""
+    def notes(self) -> list[bytes]:
+        """The header frames of the last pass's forwarded messages."""
+        size = lib.NFLOGD_NOTE_SIZE
         n = lib.nflogd_upstream_notes(self._u, self._notes)
-        return ffi.buffer(self._notes[0], n * lib.NFLOGD_NOTE_SIZE)[:] if n else b""
+        raw = ffi.buffer(self._notes[0], n * size)[:] if n else b""
+        return [_note(raw, at) for at in range(0, len(raw), size)]
 
     @property
     def messages(self) -> int:
@@ -568,8 +565,9 @@ class CUpstream:
 
 class CUpstreams:
     """Upstreams read by a thread of their own (``feed/_upstream.h``): ``run()``, called in
-    that thread, passes their messages to the feed until ``stop()``, and keeps each forwarded
-    message's header, with the time it was read, for ``take_notes()``.
+    that thread, passes their messages to the feed until ``stop()``, and keeps the last header
+    it forwarded of each (group, node), and its last mark, with the time it was read, for
+    ``take_notes()``.
 
     ``with ups:`` holds the set's mutex: ``add()``, ``remove()``, ``recheck()`` are called
     holding it, and so is any use of a member's socket (followed by ``recheck()``).
@@ -590,9 +588,7 @@ class CUpstreams:
         lib.nflogd_upstreams_unlock(self._s)
 
     def add(self, up: CUpstream, zmq_fd: int) -> None:
-        rc = lib.nflogd_upstreams_add(self._s, up._u, zmq_fd)
-        if rc < 0:
-            raise OSError(-rc, os.strerror(-rc))
+        _checked(lib.nflogd_upstreams_add(self._s, up._u, zmq_fd))
 
     def remove(self, up: CUpstream) -> None:
         lib.nflogd_upstreams_remove(self._s, up._u)
@@ -602,9 +598,7 @@ class CUpstreams:
 
     def run(self, feed: CFeed) -> None:
         """The thread's body (without the GIL); OSError if its epoll failed."""
-        rc = lib.nflogd_upstreams_run(self._s, feed._f)
-        if rc < 0:
-            raise OSError(-rc, os.strerror(-rc))
+        _checked(lib.nflogd_upstreams_run(self._s, feed._f))
 
     def stop(self) -> None:
         lib.nflogd_upstreams_stop(self._s)
@@ -623,8 +617,7 @@ class CUpstreams:
         notes = []
         for at in range(0, len(raw), size):
             when, order = _NOTED.unpack_from(raw, at)
-            length = raw[at + 16] << 8 | raw[at + 17]
-            notes.append((order, when / 1e9, raw[at + 18 : at + 18 + length]))
+            notes.append((order, when / 1e9, _note(raw, at + _NOTED.size)))
         notes.sort()
         return [(when, header) for _, when, header in notes]
 
@@ -639,4 +632,17 @@ class CUpstreams:
         return lib.nflogd_upstreams_errors(self._s)
 
 
+#: A taken note's time (CLOCK_MONOTONIC ns) and place in the order read, before the note.
 _NOTED = struct.Struct("=QQ")
+
+
+def _note(raw: bytes, at: int) -> bytes:
+    """The header frame of the note at ``at``: its length (2 bytes, big-endian), then it."""
+    return raw[at + 2 : at + 2 + (raw[at] << 8 | raw[at + 1])]
+
+
+def _checked(rc: int) -> int:
+    """``rc`` of the upstream reader's C, or OSError for its -errno."""
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    return rc

@@ -242,8 +242,8 @@ class Upstream:
         (``CUpstream.pass_to``) to the feed's peers; one that C hands back (a filter's, one of
         another shape, or each one for ``offer``) goes to ``Publisher.forward`` if C did not
         send it, and to ``offer`` (the stream publisher, which never blocks) if there is one.
-        ``notes``: the header frames of each pass's forwarded messages (``CUpstream.notes``,
-        for ``SequenceMarks.note_all``).
+        ``notes``: called with the header frame of each message forwarded
+        (``SequenceMarks.note``).
         """
         c, cfeed = self._c, feed.cfeed
         assert cfeed is not None, "a relay's Publisher sends from C"
@@ -251,7 +251,8 @@ class Upstream:
         while True:
             status = c.pass_to(cfeed, BURST - (c.messages - start))
             if notes is not None:
-                notes(c.notes())
+                for header in c.notes():
+                    notes(header)
             if status != CUpstream.HELD:
                 return status == CUpstream.MORE
             frames = c.held()
@@ -319,7 +320,7 @@ class SequenceMarks:
     ::
 
         marks = SequenceMarks()
-        marks.note(header_frame)            # each message passed on (note_all: a pass's)
+        marks.note(header_frame)            # each message passed on
         timer.due = marks.due()             # monotonic seconds, None: nothing to mark
         marks.send_due(out, offer)          # the marks whose time has come (out: Publisher.forward)
         marks.send_due(out, offer, everything=True)    # at exit: every (node, group) not marked
@@ -368,13 +369,6 @@ class SequenceMarks:
             NOTED_MAX,
             n,
         )
-
-    def note_all(self, notes: bytes) -> None:
-        """The header frames of messages passed on, as ``CUpstream.notes`` gives them: each in
-        ``CUpstream.NOTE_SIZE`` bytes, its length (2 bytes, big-endian) first."""
-        note, size = self.note, CUpstream.NOTE_SIZE
-        for at in range(0, len(notes), size):
-            note(notes[at + 2 : at + 2 + (notes[at] << 8 | notes[at + 1])])
 
     def _forget(self) -> None:
         key = next(iter(self._state))
@@ -615,7 +609,7 @@ class Relay(Program):
             marks, timer = self.marks, self._mark_timer
 
             def forward() -> bool:
-                more = up.forward(self._feed(), offer, marks.note_all)
+                more = up.forward(self._feed(), offer, marks.note)
                 if timer.due is None:
                     timer.due = marks.due()
                 return more

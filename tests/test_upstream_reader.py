@@ -74,7 +74,11 @@ def link(ctx, tmp_path):
     lk.close()
 
 
-def pass_until(c: CUpstream, feed, done, timeout: float = 10.0) -> list[tuple[list[bytes], bool, bytes]]:
+#: A message handed back: its frames, whether C forwarded it, the notes of its pass.
+Back = tuple[list[bytes], bool, list[bytes]]
+
+
+def pass_until(c: CUpstream, feed, done, timeout: float = 10.0) -> list[Back]:
     """Pass what comes until ``done(c)``: each message handed back, whether C forwarded it,
     and the notes of the pass it came in."""
     back = []
@@ -118,7 +122,7 @@ def test_keep_hands_back_each_message_it_forwarded_and_a_filters_connection_only
         link.up.send_multipart(group)
         back = pass_until(kept, link.feed, lambda c: c.messages == 1)
         assert [(frames, forwarded) for frames, forwarded, _ in back] == [(group, True)]
-        assert back[0][2][2 : 2 + len(group[1])] == group[1]  # its header noted before it came back
+        assert back[0][2] == [group[1]]  # its header noted before it came back
         assert link.reader.poll(5000) and link.reader.recv_multipart() == group
     finally:
         kept.close()

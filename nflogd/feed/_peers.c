@@ -168,20 +168,20 @@ static void arm(struct nflogd_peers *ps, struct peer *p, int on)
         p->armed = on;
 }
 
-/* p queued by the lazy sender: its socket watched for EPOLLOUT, once, on the sender's epoll. */
-static void arm_lazy(struct nflogd_peers *ps, struct peer *p)
+/* p queued by a lazy sender: its socket watched for EPOLLOUT, once, on that sender's epoll. */
+static void arm_lazy(struct peer *p, int epfd)
 {
     struct epoll_event ev = { .events = EPOLLOUT | EPOLLONESHOT, .data.u32 = PEERS_WRITABLE };
     p->lazy = 1;
-    if (p->lazy_epfd != ps->lazy_epfd) {
-        int rc = epoll_ctl(ps->lazy_epfd, EPOLL_CTL_ADD, p->fd, &ev);
+    if (p->lazy_epfd != epfd) {
+        int rc = epoll_ctl(epfd, EPOLL_CTL_ADD, p->fd, &ev);
         if (rc < 0 && errno != EEXIST)
             return;  /* not watched: retried each turn all the same */
-        p->lazy_epfd = ps->lazy_epfd;
+        p->lazy_epfd = epfd;
         if (rc == 0)
             return;
     }
-    epoll_ctl(ps->lazy_epfd, EPOLL_CTL_MOD, p->fd, &ev);
+    epoll_ctl(epfd, EPOLL_CTL_MOD, p->fd, &ev);
 }
 
 static void fail(struct nflogd_peers *ps, struct peer *p, int err)
@@ -217,7 +217,7 @@ static int enqueue(struct nflogd_peers *ps, struct peer *p, struct blob *b, uint
     b->refs++;
     ps->queued++;
     if (ps->lazy_epfd >= 0 && !p->armed)
-        arm_lazy(ps, p);
+        arm_lazy(p, ps->lazy_epfd);
     else
         arm(ps, p, 1);
     return 0;
@@ -840,10 +840,8 @@ int peers_flush_lazy(struct nflogd_peers *ps, int give_up)
             arm(ps, p, 1);
         } else if (rc == 0) {
             left++;
-            if (p->lazy_epfd >= 0) {
-                struct epoll_event ev = { .events = EPOLLOUT | EPOLLONESHOT, .data.u32 = PEERS_WRITABLE };
-                epoll_ctl(p->lazy_epfd, EPOLL_CTL_MOD, p->fd, &ev);
-            }
+            if (p->lazy_epfd >= 0)
+                arm_lazy(p, p->lazy_epfd);  /* watched again */
         }
     }
     maybe_trim(ps);
